@@ -1,0 +1,195 @@
+"""The MoE layer: a drop-in replacement for an MLP on tokens, per-sample vectors or feature maps."""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from visionmoe.layers.dispatch import apply_plan
+from visionmoe.layers.experts import Experts
+from visionmoe.layers.routers import Router, RouterOutput, router_class
+from visionmoe.layers.stats import RoutingStats, routing_stats
+
+GROUPINGS = ("sample", "batch")
+
+
+class _RouterDefault:
+    """Marks an argument left to the router's own default (None means dropless, so it can't)."""
+
+    def __repr__(self) -> str:
+        return "<router default>"
+
+
+ROUTER_DEFAULT: Any = _RouterDefault()
+
+
+class MoE(nn.Module):
+    """Mixture-of-Experts MLP: a router, E stacked experts, and a sort-based dispatch.
+
+    Args:
+        dim: model width D (the channel count for feature maps).
+        num_experts: E.
+        hidden_dim: hidden width H of each expert.
+        router: a name in :data:`visionmoe.ROUTERS` or a :class:`Router` subclass.
+        k: experts per token, for token-choice routers. Left out, each router uses its default.
+        capacity_factor: for sparse routers; None = dropless (token choice only).
+        eval_capacity_factor: the factor in eval mode; ``"same"`` keeps the training one.
+        groups: how tokens are grouped for routing (capacity, expert choice and Soft MoE all act
+            within a group):
+            ``"sample"`` (default) — one group per sample: the N tokens of an image, the H·W
+            positions of a feature map, or the single vector of a (B, D) input. No sample's
+            routing depends on another sample.
+            ``"batch"`` — one group holding every token of the batch. Capacity and expert choice
+            then compete across samples, and Soft MoE mixes samples in its slots: the batch-axis
+            dispatch that Sun et al. (2026) show fails on per-sample CNN features. Choose it on
+            purpose (for example a sparse head whose capacity is shared by the batch).
+            an int g — consecutive groups of g tokens of the flattened batch (V-MoE's
+            ``group_size``); g must divide B·N, and groups span samples unless g divides N.
+        activation, bias: of the experts.
+        aux_loss_weights: which aux losses the router adds, by name (see the router's docstring).
+        router_options: further router settings by name (``noise_std``, ``batch_priority``,
+            ``slots_per_expert``, ...); unknown names are rejected with the valid list.
+
+    Shape:
+        (B, N, D) -> (B, N, D); (B, D) -> (B, D); (B, D, H, W) -> (B, D, H, W) with the H·W
+        positions as tokens (channels-last inputs stay channels-last).
+
+    After a forward pass, ``aux_loss`` holds the router's weighted auxiliary loss (a scalar
+    tensor) and ``last_stats`` its :class:`RoutingStats`; :func:`collect_aux_loss` sums the
+    former over a model.
+
+    Example:
+        >>> moe = MoE(64, num_experts=8, hidden_dim=128, router="topk", k=2)
+        >>> y = moe(torch.randn(4, 16, 64))
+        >>> loss = y.square().mean() + moe.aux_loss
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        num_experts: int,
+        hidden_dim: int,
+        *,
+        router: str | type[Router] = "topk",
+        k: int = ROUTER_DEFAULT,
+        capacity_factor: float | None = ROUTER_DEFAULT,
+        eval_capacity_factor: float | str | None = ROUTER_DEFAULT,
+        groups: str | int = "sample",
+        activation: type[nn.Module] | Callable[[Tensor], Tensor] = nn.GELU,
+        bias: bool = True,
+        aux_loss_weights: Mapping[str, float] | None = None,
+        router_options: Mapping[str, Any] | None = None,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        super().__init__()
+        if not (isinstance(num_experts, int) and num_experts >= 1):
+            raise ValueError(f"num_experts must be an int >= 1, got num_experts={num_experts!r}")
+        if not (groups in GROUPINGS or (isinstance(groups, int) and not isinstance(groups, bool) and groups >= 1)):
+            raise ValueError(f"groups must be one of {GROUPINGS} or an int >= 1 (tokens per group), got {groups!r}")
+        cls = router_class(router)
+        options = dict(router_options or {})
+        given = {"k": k, "capacity_factor": capacity_factor, "eval_capacity_factor": eval_capacity_factor}
+        options.update({name: value for name, value in given.items() if value is not ROUTER_DEFAULT})
+        if aux_loss_weights is not None:
+            options["aux_loss_weights"] = aux_loss_weights
+        _check_options(cls, options)
+        if cls.per_sample and groups == "batch":
+            raise ValueError(f"router {cls.name!r} routes per sample; it cannot use groups='batch'")
+        self.dim, self.num_experts, self.hidden_dim, self.groups = dim, num_experts, hidden_dim, groups
+        kw = {"device": device, "dtype": dtype}
+        self.router = cls(dim, num_experts, **options, **kw)
+        self.experts = Experts(num_experts, dim, hidden_dim, activation=activation, bias=bias, **kw)
+        self.aux_loss: Tensor | None = None
+        self.last_stats: RoutingStats | None = None
+        self.last_aux_losses: dict[str, Tensor] = {}
+
+    def extra_repr(self) -> str:
+        return f"dim={self.dim}, num_experts={self.num_experts}, hidden_dim={self.hidden_dim}, groups={self.groups!r}"
+
+    def forward(self, x: Tensor) -> Tensor:
+        tokens, restore = self._to_tokens(x)  # (B, N, D)
+        B, N, D = tokens.shape
+        grouped = self._group(tokens)  # (G, S, D)
+        routed: RouterOutput = self.router(grouped)
+        y = apply_plan(grouped, routed.plan, self.experts)  # (G, S, D)
+        self.aux_loss = routed.aux_loss
+        self.last_aux_losses = routed.aux_losses
+        self.last_stats = routing_stats(routed.plan, routed.gates, grouped.shape[0], grouped.shape[1])
+        return restore(y.reshape(B, N, D))
+
+    def _to_tokens(self, x: Tensor) -> tuple[Tensor, Callable[[Tensor], Tensor]]:
+        """View any supported input as (B, N, D) tokens, and the inverse."""
+        if x.dim() not in (2, 3, 4):
+            raise ValueError(
+                f"MoE takes (B, D), (B, N, D) or (B, D, H, W) inputs, got a {x.dim()}-d tensor of shape {tuple(x.shape)}"
+            )
+        feature_axis = 1 if x.dim() == 4 else -1
+        if x.shape[feature_axis] != self.dim:
+            raise ValueError(
+                f"MoE(dim={self.dim}) got features of size {x.shape[feature_axis]} "
+                f"(axis {feature_axis} of shape {tuple(x.shape)})"
+            )
+        if x.dim() == 2:
+            return x[:, None, :], lambda y: y[:, 0, :]
+        if x.dim() == 3:
+            return x, lambda y: y
+        B, C, H, W = x.shape
+        tokens = x.permute(0, 2, 3, 1).reshape(B, H * W, C)  # a view when x is channels-last
+        return tokens, lambda y: y.reshape(B, H, W, C).permute(0, 3, 1, 2)
+
+    def _group(self, tokens: Tensor) -> Tensor:
+        B, N, D = tokens.shape
+        if self.groups == "sample":
+            return tokens
+        if self.groups == "batch":
+            return tokens.reshape(1, B * N, D)
+        g = self.groups
+        if (B * N) % g:
+            raise ValueError(f"groups={g} tokens per group must divide the {B * N} tokens of the batch (B={B}, N={N})")
+        if self.router.per_sample and N % g:
+            raise ValueError(f"router {self.router.name!r} routes per sample: groups={g} must divide N={N}")
+        return tokens.reshape(B * N // g, g, D)
+
+
+def _accepted_options(cls: type[Router]) -> set[str]:
+    """Keyword arguments a router class accepts, following ``**kwargs`` up its bases."""
+    names: set[str] = set()
+    for klass in cls.__mro__:
+        if "__init__" not in vars(klass):
+            continue
+        params = inspect.signature(klass.__init__).parameters.values()
+        names |= {p.name for p in params if p.kind == p.KEYWORD_ONLY}
+        if not any(p.kind == p.VAR_KEYWORD for p in params):
+            break
+    return names - {"device", "dtype"}
+
+
+def _check_options(cls: type[Router], options: Mapping[str, Any]) -> None:
+    unknown = sorted(set(options) - _accepted_options(cls))
+    if unknown:
+        valid = ", ".join(sorted(_accepted_options(cls)))
+        raise ValueError(f"router {cls.name!r} does not take {', '.join(unknown)}; it takes: {valid}")
+
+
+def moe_layers(model: nn.Module) -> list[tuple[str, MoE]]:
+    """Every MoE layer of a model, with its qualified name."""
+    return [(name, m) for name, m in model.named_modules() if isinstance(m, MoE)]
+
+
+def collect_aux_loss(model: nn.Module) -> Tensor:
+    """Sum of the weighted aux losses of every MoE layer from its latest forward pass."""
+    losses = [m.aux_loss for _, m in moe_layers(model) if m.aux_loss is not None]
+    if not losses:
+        param = next(model.parameters(), None)
+        return torch.zeros((), device=None if param is None else param.device)
+    return torch.stack([loss.float() for loss in losses]).sum()
+
+
+def collect_routing_stats(model: nn.Module) -> dict[str, RoutingStats]:
+    """The latest :class:`RoutingStats` of every MoE layer, by layer name."""
+    return {name: m.last_stats for name, m in moe_layers(model) if m.last_stats is not None}

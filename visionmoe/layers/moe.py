@@ -126,7 +126,7 @@ class MoE(nn.Module):
         """View any supported input as (B, N, D) tokens, and the inverse."""
         if x.dim() not in (2, 3, 4):
             raise ValueError(
-                f"MoE takes (B, D), (B, N, D) or (B, D, H, W) inputs, got a {x.dim()}-d tensor of shape {tuple(x.shape)}"
+                f"MoE takes (B, D), (B, N, D) or (B, D, H, W) inputs, got shape {tuple(x.shape)} ({x.dim()}-d)"
             )
         feature_axis = 1 if x.dim() == 4 else -1
         if x.shape[feature_axis] != self.dim:

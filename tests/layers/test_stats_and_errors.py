@@ -1,0 +1,157 @@
+"""Routing statistics, their accumulation, aux-loss configuration, and one-line errors on bad input."""
+
+import math
+
+import pytest
+import torch
+
+from visionmoe import MoE, RoutingStatsAccumulator
+from visionmoe.layers import ROUTERS, routing_stats
+from visionmoe.routing import token_choice
+
+
+def test_stats_by_hand():
+    # Gates t0 = [0.7, 0.3], t1 = [0.6, 0.4], t2 = [0.2, 0.8], k=1, C=1: t1 is dropped.
+    # Loads [1, 1]: CV 0, max/mean 1. One of three assignments dropped, one token unrouted.
+    gates = torch.tensor([[[0.7, 0.3], [0.6, 0.4], [0.2, 0.8]]])
+    stats = routing_stats(token_choice(gates, 1, 1), gates, 1, 3)
+    assert stats.tokens_per_expert.tolist() == [1.0, 1.0]
+    assert stats.dropped_fraction == pytest.approx(1 / 3)
+    assert stats.unrouted_fraction == pytest.approx(1 / 3)
+    assert stats.load_cv == 0.0 and stats.load_max_over_mean == 1.0
+    # Entropy: mean over tokens of -Σ p ln p.
+    h = [-(a * math.log(a) + b * math.log(b)) for a, b in ((0.7, 0.3), (0.6, 0.4), (0.2, 0.8))]
+    assert stats.router_entropy == pytest.approx(sum(h) / 3, rel=1e-6)
+
+
+def test_accumulator_sums_batches():
+    # Batch 1 loads [1, 1] with 1 of 3 dropped; batch 2 (k=2, dropless) loads [3, 3], none dropped.
+    # Together: loads [4, 4], 1 of 9 assignments dropped, 1 of 6 tokens unrouted.
+    gates = torch.tensor([[[0.7, 0.3], [0.6, 0.4], [0.2, 0.8]]])
+    acc = RoutingStatsAccumulator()
+    acc.update(routing_stats(token_choice(gates, 1, 1), gates, 1, 3))
+    acc.update(routing_stats(token_choice(gates, 2, None), gates, 1, 3))
+    total = acc.compute()
+    assert total.tokens_per_expert.tolist() == [4.0, 4.0]
+    assert total.dropped_fraction == pytest.approx(1 / 9)
+    assert total.unrouted_fraction == pytest.approx(1 / 6)
+    assert set(total.as_dict()) >= {"tokens_per_expert", "dropped_fraction", "load_cv", "router_entropy"}
+    acc.reset()
+    with pytest.raises(RuntimeError, match="before any update"):
+        acc.compute()
+
+
+def test_layer_records_stats_every_forward():
+    moe = MoE(8, 4, 16, router="expert_choice", capacity_factor=1.0)
+    acc = RoutingStatsAccumulator()
+    for _ in range(3):
+        moe(torch.randn(2, 8, 8))
+        acc.update(moe.last_stats)
+    # Expert choice fills every expert: 3 batches × 2 groups × ceil(8/4) = 12 tokens each.
+    assert acc.compute().tokens_per_expert.tolist() == [12.0] * 4
+    assert acc.compute().load_cv == 0.0
+
+
+def test_aux_loss_weights_are_configurable():
+    x = torch.randn(2, 8, 8)
+    torch.manual_seed(0)
+    plain = MoE(8, 4, 16, router="topk", aux_loss_weights={})
+    plain(x)
+    assert float(plain.aux_loss) == 0.0
+    torch.manual_seed(0)
+    moe = MoE(8, 4, 16, router="topk", aux_loss_weights={"z": 0.5, "switch": 2.0, "balance_kl": 1.0})
+    moe(x)
+    parts = moe.last_aux_losses
+    assert set(parts) == {"z", "switch", "balance_kl"}
+    expected = 0.5 * parts["z"] + 2.0 * parts["switch"] + 1.0 * parts["balance_kl"]
+    torch.testing.assert_close(moe.aux_loss.detach(), expected)
+
+
+def one_line(exc_info):
+    message = str(exc_info.value)
+    assert "\n" not in message, message
+    return message
+
+
+@pytest.mark.parametrize("k", [0, 5, -1])
+def test_bad_k(k):
+    with pytest.raises(ValueError) as e:
+        MoE(8, 4, 16, router="topk", k=k)
+    assert f"k={k}" in one_line(e) and "num_experts=4" in one_line(e)
+
+
+@pytest.mark.parametrize("factor", [0, -1.0, float("nan")])
+def test_bad_capacity_factor(factor):
+    for router in ("topk", "expert_choice"):
+        with pytest.raises(ValueError) as e:
+            MoE(8, 4, 16, router=router, capacity_factor=factor)
+        assert f"capacity_factor={factor}" in one_line(e)
+    with pytest.raises(ValueError) as e:
+        MoE(8, 4, 16, router="topk", eval_capacity_factor=factor)
+    assert "eval_capacity_factor" in one_line(e)
+
+
+def test_expert_choice_cannot_be_dropless():
+    with pytest.raises(ValueError) as e:
+        MoE(8, 4, 16, router="expert_choice", capacity_factor=None)
+    assert "needs a capacity_factor" in one_line(e)
+
+
+def test_unknown_router_lists_the_names():
+    with pytest.raises(ValueError) as e:
+        MoE(8, 4, 16, router="top2")
+    message = one_line(e)
+    assert "'top2'" in message and all(name in message for name in ROUTERS)
+
+
+def test_unknown_router_option_lists_valid_ones():
+    with pytest.raises(ValueError) as e:
+        MoE(8, 4, 16, router="expert_choice", k=2)
+    assert "does not take k" in one_line(e) and "capacity_factor" in one_line(e)
+    with pytest.raises(ValueError) as e:
+        MoE(8, 4, 16, router="sinkhorn_topk", router_options={"num_iter": 3})
+    assert "num_iter" in one_line(e) and "num_iters" in one_line(e)
+
+
+def test_unknown_or_unsupported_aux_loss():
+    with pytest.raises(ValueError) as e:
+        MoE(8, 4, 16, router="soft", aux_loss_weights={"importance": 0.1})
+    assert "'importance'" in one_line(e)
+    with pytest.raises(ValueError) as e:
+        MoE(8, 4, 16, router="topk", aux_loss_weights={"load": 0.1}, router_options={"noise_std": 0.0})
+    assert "noise_std=0" in one_line(e)
+
+
+@pytest.mark.parametrize("shape", [(8,), (2, 3, 4, 5, 8)])
+def test_wrong_rank(shape):
+    with pytest.raises(ValueError) as e:
+        MoE(8, 4, 16)(torch.randn(*shape))
+    assert str(tuple(shape)) in one_line(e)
+
+
+@pytest.mark.parametrize("shape", [(2, 7), (2, 3, 7), (2, 7, 3, 3)])
+def test_wrong_feature_size(shape):
+    with pytest.raises(ValueError) as e:
+        MoE(8, 4, 16)(torch.randn(*shape))
+    assert "dim=8" in one_line(e) and "size 7" in one_line(e)
+
+
+@pytest.mark.parametrize("name", [name for name in ROUTERS if name != "dense"])  # dense has no logits
+def test_non_finite_router_logits(name):
+    x = torch.randn(2, 4, 8)
+    x[0, 1, 2] = float("nan")
+    with pytest.raises(FloatingPointError) as e:
+        MoE(8, 4, 16, router=name)(x)
+    assert "not finite" in one_line(e) and name in one_line(e)
+
+
+def test_bad_groups_and_sizes():
+    with pytest.raises(ValueError) as e:
+        MoE(8, 4, 16, groups="image")
+    assert "'image'" in one_line(e)
+    with pytest.raises(ValueError) as e:
+        MoE(8, 0, 16)
+    assert "num_experts=0" in one_line(e)
+    with pytest.raises(ValueError) as e:
+        MoE(8, 4, 0)
+    assert "hidden_dim=0" in one_line(e)

@@ -1,0 +1,254 @@
+"""Every router's dispatch D and combine C on small inputs, against values worked out by hand.
+
+Logits are written as logs of probabilities where that makes the softmax obvious:
+softmax([ln 0.7, ln 0.3]) = [0.7, 0.3].
+"""
+
+import math
+
+import pytest
+import torch
+
+from visionmoe.routing import (
+    DenseRouting,
+    expert_capacity,
+    expert_choice,
+    sinkhorn,
+    soft_per_sample_routing,
+    soft_routing,
+    sparse_ot_plan,
+    sparse_simplex_projection,
+    token_choice,
+)
+
+T = torch.tensor
+
+
+def gates(*rows):
+    """(1, S, E) gates from per-token rows."""
+    return T([list(r) for r in rows], dtype=torch.float32)[None]
+
+
+# Three tokens, two experts: t0 = [0.7, 0.3], t1 = [0.6, 0.4], t2 = [0.2, 0.8].
+G3 = gates([0.7, 0.3], [0.6, 0.4], [0.2, 0.8])
+
+
+def test_capacity_formula():
+    # ceil(k·S·cf/E): ceil(2·16·1.25/8) = ceil(5.0) = 5; rounded up to a multiple of 4 -> 8.
+    assert expert_capacity(16, 8, k=2, capacity_factor=1.25) == 5
+    assert expert_capacity(16, 8, k=2, capacity_factor=1.25, multiple=4) == 8
+    # 2·16·1.1/8 = 4.4 -> 5 (computed on the decimal 1.1, so no float spill to 6 either way).
+    assert expert_capacity(16, 8, k=2, capacity_factor=1.1) == 5
+    # 2·8·1.05/8 = 2.1 -> 3; a tiny factor still leaves one slot.
+    assert expert_capacity(8, 8, k=2, capacity_factor=1.05) == 3
+    assert expert_capacity(8, 8, k=1, capacity_factor=0.01) == 1
+    # A capacity given directly wins over the factor, then gets rounded: 5 -> 8.
+    assert expert_capacity(16, 8, capacity=5, capacity_factor=2.0, multiple=4) == 8
+    assert expert_capacity(16, 8, capacity_factor=None) is None
+
+
+def test_topk_k1_drops_past_capacity():
+    # k=1, C=1. First choices: t0->e0, t1->e0, t2->e1. Token order: t0 takes e0's only slot,
+    # t1 finds e0 full and is dropped (all-zero rows), t2 takes e1's slot.
+    plan = token_choice(G3, k=1, capacity=1)
+    combine = plan.combine_tensor()[0, :, :, 0]  # (S, E) at slot 0
+    assert torch.allclose(combine, T([[0.7, 0.0], [0.0, 0.0], [0.0, 0.8]]))
+    assert torch.equal(plan.dispatch_tensor()[0, :, :, 0], T([[1.0, 0.0], [0.0, 0.0], [0.0, 1.0]]))
+    assert plan.kept.tolist() == [[True, False, True]]
+
+
+def test_topk_k2_first_choices_before_second():
+    # k=2, C=2. Priority: first choices t0->e0 (slot 0), t1->e0 (slot 1), t2->e1 (slot 0); then
+    # second choices t0->e1 (slot 1), t1->e1 (slot 2: full, dropped), t2->e0 (slot 2: dropped).
+    plan = token_choice(G3, k=2, capacity=2)
+    C = plan.combine_tensor()[0]  # (S, E, C)
+    expected = torch.zeros(3, 2, 2)
+    expected[0, 0, 0], expected[0, 1, 1] = 0.7, 0.3
+    expected[1, 0, 1] = 0.6
+    expected[2, 1, 0] = 0.8
+    assert torch.allclose(C, expected)
+    # Renormalised over kept choices: t0 keeps 0.7+0.3 = 1 (unchanged); t1 keeps only 0.6 -> 1;
+    # t2 keeps only 0.8 -> 1.
+    C = token_choice(G3, k=2, capacity=2, renormalize=True).combine_tensor()[0]
+    expected[1, 0, 1] = expected[2, 1, 0] = 1.0
+    assert torch.allclose(C, expected)
+
+
+def test_topk_dropless_capacity_is_largest_load():
+    # Dropless k=1: e0 receives t0 and t1 (slots 0, 1), e1 receives t2: C = 2, nothing dropped.
+    plan = token_choice(G3, k=1, capacity=None)
+    assert plan.capacity == 2 and bool(plan.kept.all())
+    assert torch.allclose(plan.combine_tensor()[0, 1, 0, 1], T(0.6))
+
+
+def test_batch_prioritized_routing():
+    # t0 = [0.6, 0.4], t1 = [0.9, 0.1]: both want e0, which has one slot. In token order t0 wins;
+    # with BPR the more confident t1 (0.9 > 0.6) goes first and t0 is dropped.
+    g = gates([0.6, 0.4], [0.9, 0.1])
+    plain = token_choice(g, k=1, capacity=1).combine_tensor()[0, :, 0, 0]
+    bpr = token_choice(g, k=1, capacity=1, batch_priority=True).combine_tensor()[0, :, 0, 0]
+    assert torch.allclose(plain, T([0.6, 0.0]))
+    assert torch.allclose(bpr, T([0.0, 0.9]))
+
+
+def test_topk_ties_go_to_lower_expert():
+    # [0.25, 0.5, 0.25] with k=2: e1 first, then the tie between e0 and e2 goes to e0.
+    plan = token_choice(gates([0.25, 0.5, 0.25]), k=2, capacity=None)
+    assert plan.expert.tolist() == [[1, 0]]
+
+
+def test_sinkhorn_two_by_two():
+    # logits [[2, 0], [1, 0]], ε = 1: the balanced plan (rows 1, columns S/E = 1) is
+    # [[p, 1-p], [1-p, p]] with cross ratio p²/(1-p)² = e²·e⁰/(e⁰·e¹) = e, so p = √e/(1+√e).
+    logits = T([[[2.0, 0.0], [1.0, 0.0]]])
+    p = math.sqrt(math.e) / (1 + math.sqrt(math.e))  # 0.6225
+    plan = sinkhorn(logits, num_iters=20)
+    assert torch.allclose(plan[0], T([[p, 1 - p], [1 - p, p]]), atol=1e-5)
+
+
+def test_sinkhorn_topk_balances_where_softmax_does_not():
+    # Same logits: softmax token choice sends both tokens to e0; top-1 on the Sinkhorn plan sends
+    # t0 -> e0 (p = 0.62) and t1 -> e1 (p = 0.62). Combine weights stay the softmax gates:
+    # t0: e²/(e²+1) = 0.8808, t1: 1/(e+1) = 0.2689.
+    logits = T([[[2.0, 0.0], [1.0, 0.0]]])
+    g = logits.softmax(-1)
+    assert token_choice(g, k=1, capacity=None).expert.tolist() == [[0, 0]]
+    plan = token_choice(g, k=1, capacity=None, select=sinkhorn(logits))
+    assert plan.expert.tolist() == [[0, 1]]
+    combine = plan.combine_tensor()[0, :, :, 0]
+    e = math.e
+    assert torch.allclose(combine, T([[e * e / (e * e + 1), 0.0], [0.0, 1 / (e + 1)]]), atol=1e-6)
+
+
+def test_expert_choice():
+    # C=1: e0 takes its best token t0 (0.7), e1 takes t2 (0.8); t1 is taken by no expert.
+    C = expert_choice(G3, capacity=1).combine_tensor()[0, :, :, 0]
+    assert torch.allclose(C, T([[0.7, 0.0], [0.0, 0.0], [0.0, 0.8]]))
+    # C=2: e0 takes t0 (0.7, slot 0) then t1 (0.6, slot 1); e1 takes t2 (0.8) then t1 (0.4):
+    # t1 is processed by both experts.
+    C = expert_choice(G3, capacity=2).combine_tensor()[0]
+    expected = torch.zeros(3, 2, 2)
+    expected[0, 0, 0], expected[1, 0, 1] = 0.7, 0.6
+    expected[2, 1, 0], expected[1, 1, 1] = 0.8, 0.4
+    assert torch.allclose(C, expected)
+
+
+def test_sinkhorn_expert_choice():
+    # 3 tokens, 3 experts, C=1; logits t0 = [-3, 0, 1], t1 = [0, 0, 3], t2 = [-3, 2, -3].
+    # Softmax gates per expert column:
+    #   e0: t0 e⁻³/(e⁻³+1+e) = 0.013, t1 1/(2+e³) = 0.045, t2 e⁻³/(2e⁻³+e²) = 0.007  -> t1
+    #   e1: t2 e²/(2e⁻³+e²) = 0.987 is the largest                                   -> t2
+    #   e2: t1 e³/(2+e³) = 0.909 beats t0 e/(e⁻³+1+e) = 0.721                          -> t1
+    # so softmax expert choice gives t1 two experts and t0 none.
+    # The Sinkhorn plan must give every token mass 1 and every expert mass 1: t1 already fills
+    # e0's column, so e2's mass goes to t0, and Sinkhorn expert choice picks t1, t2, t0.
+    logits = T([[[-3.0, 0.0, 1.0], [0.0, 0.0, 3.0], [-3.0, 2.0, -3.0]]])
+    g = logits.softmax(-1)
+    assert expert_choice(g, capacity=1).token.tolist() == [[1, 2, 1]]
+    plan = sinkhorn(logits, num_iters=20)
+    # It is the Sinkhorn plan: marginals (rows 1, columns S/E = 1) and π = diag(u) exp(logits) diag(v),
+    # i.e. log π - logits has no interaction term (its double-centred residual is 0).
+    assert torch.allclose(plan.sum(1), torch.ones(1, 3), atol=1e-6)
+    assert torch.allclose(plan.sum(2), torch.ones(1, 3), atol=1e-3)
+    r = plan.log() - logits
+    r = r - r.mean(1, keepdim=True) - r.mean(2, keepdim=True) + r.mean((1, 2), keepdim=True)
+    assert r.abs().max() < 1e-5
+    routing = expert_choice(g, capacity=1, select=plan)
+    assert routing.token.tolist() == [[1, 2, 0]]
+    # Combine weights are the softmax gates of the chosen pairs: (t1,e0), (t2,e1), (t0,e2).
+    assert torch.allclose(routing.weight[0], torch.stack([g[0, 1, 0], g[0, 2, 1], g[0, 0, 2]]))
+
+
+def test_sparse_simplex_projection():
+    # v = [0.5, 0.2, -0.1], k=2, mass 1: keep [0.5, 0.2]; θ = (0.5+0.2-1)/2 = -0.15, so
+    # [0.65, 0.35, 0]. With k=1 all mass goes to the largest entry.
+    v = T([0.5, 0.2, -0.1])
+    assert torch.allclose(sparse_simplex_projection(v, 2), T([0.65, 0.35, 0.0]))
+    assert torch.allclose(sparse_simplex_projection(v, 1), T([1.0, 0.0, 0.0]))
+    # v = [2, 0, 0], k=3: only j=1 satisfies v_j > (Σ_{i<=j} v_i - 1)/j (2 > 1; 0 < 0.5): [1, 0, 0].
+    assert torch.allclose(sparse_simplex_projection(T([2.0, 0.0, 0.0]), 3), T([1.0, 0.0, 0.0]))
+    # mass 3 over [1, 0, 0], k=2: θ = (1+0-3)/2 = -1 -> [2, 1, 0].
+    assert torch.allclose(sparse_simplex_projection(T([1.0, 0.0, 0.0]), 2, mass=3.0), T([2.0, 1.0, 0.0]))
+
+
+def test_sparse_expert_choice_dual_ascent():
+    # logits [[2, 0], [1, 0]], C=1, γ=1, column mass S/E = 1, step γ/E = 0.5.
+    # Iteration 0 (α = 0): e0's column [2, 1] -> all mass on t0; e1's [0, 0] ties -> t0.
+    # Row sums [2, 0], so α += 0.5·(1 - [2, 0]) = [-0.5, 0.5].
+    # Then e0's column [1.5, 1.5] ties -> t0, e1's [-0.5, 0.5] -> t1. Rows sum to 1: converged.
+    logits = T([[[2.0, 0.0], [1.0, 0.0]]])
+    assert torch.equal(sparse_ot_plan(logits, 1, num_iters=0)[0], T([[1.0, 1.0], [0.0, 0.0]]))
+    plan = sparse_ot_plan(logits, 1, num_iters=5)
+    assert torch.equal(plan[0], T([[1.0, 0.0], [0.0, 1.0]]))
+    routing = expert_choice(logits.softmax(-1), capacity=1, select=plan)
+    e = math.e
+    assert torch.allclose(routing.combine_tensor()[0, :, :, 0], T([[e * e / (e * e + 1), 0.0], [0.0, 1 / (e + 1)]]))
+
+
+def test_sparse_expert_choice_may_take_fewer_than_capacity():
+    # One expert, two tokens with logits [3, 0], C=2, mass S/E = 2, γ=1, no iterations:
+    # projecting [3, 0] onto {t >= 0, Σt = 2}: θ = (3+0-2)/2 = 0.5 -> [2.5, -0.5] clipped ... so
+    # ρ = 1 (0 > (3-2)/2 fails), θ = 1 -> [2, 0]: only t0 is chosen; t1's slot stays empty.
+    logits = T([[[3.0], [0.0]]])
+    plan = sparse_ot_plan(logits, 2, num_iters=0)
+    assert torch.equal(plan[0, :, 0], T([2.0, 0.0]))
+    routing = expert_choice(logits.softmax(-1), capacity=2, select=plan)
+    assert routing.kept.tolist() == [[True, False]]
+    assert torch.equal(routing.dispatch_tensor()[0, :, 0, :], T([[1.0, 0.0], [0.0, 0.0]]))
+
+
+def test_soft_moe_weights():
+    # One expert, P=2 slots, logits t0 = [ln 1, ln 3], t1 = [ln 3, ln 1].
+    # Dispatch: softmax over tokens per slot: slot 0 [1, 3]/4, slot 1 [3, 1]/4.
+    # Combine: softmax over slots per token: t0 [1, 3]/4, t1 [3, 1]/4.
+    logits = T([[1.0, 3.0], [3.0, 1.0]]).log()[None, :, None, :]  # (G=1, S=2, E=1, P=2)
+    plan = soft_routing(logits)
+    assert torch.allclose(plan.dispatch_tensor()[0, :, 0], T([[0.25, 0.75], [0.75, 0.25]]))
+    assert torch.allclose(plan.combine_tensor()[0, :, 0], T([[0.25, 0.75], [0.75, 0.25]]))
+    # Here the dispatch happens to equal the combine; change t1 to [ln 1, ln 1]:
+    # dispatch slot 0 = [1, 1]/2, slot 1 = [3, 1]/4; combine t1 = [1, 1]/2.
+    logits = T([[1.0, 3.0], [1.0, 1.0]]).log()[None, :, None, :]
+    plan = soft_routing(logits)
+    assert torch.allclose(plan.dispatch[0, :, 0], T([[0.5, 0.75], [0.5, 0.25]]))
+    assert torch.allclose(plan.combine[0, :, 0], T([[0.25, 0.75], [0.5, 0.5]]))
+    # Per-sample: dispatch is normalised over each token's slots, like the combine.
+    plan = soft_per_sample_routing(logits)
+    assert torch.allclose(plan.dispatch[0, :, 0], T([[0.25, 0.75], [0.5, 0.5]]))
+    assert torch.allclose(plan.combine[0, :, 0], T([[0.25, 0.75], [0.5, 0.5]]))
+
+
+def test_dense_routing_is_identity_buffers():
+    # Every expert's buffer holds every token in order: D[g, s, e, c] = [s == c], C = D.
+    like = torch.zeros(1, 2, 4)
+    plan = DenseRouting(1, 2, 3, like)
+    D = plan.dispatch_tensor()
+    assert D.shape == (1, 2, 3, 2)
+    assert torch.equal(D[0, :, 1, :], torch.eye(2))
+    assert torch.equal(plan.tokens_per_expert(), T([2.0, 2.0, 2.0]))
+
+
+@pytest.mark.parametrize("k", [1, 2])
+def test_topk_router_module_matches_function(k):
+    # The module is the function on softmax(x Wᵀ) with V-MoE capacity (eval mode: no noise).
+    from visionmoe.layers import TopKRouter
+
+    router = TopKRouter(4, 3, k=k, capacity_factor=1.0).eval()
+    x = torch.randn(2, 6, 4)
+    out = router(x)
+    expected = token_choice((x @ router.weight.T).softmax(-1), k, expert_capacity(6, 3, k=k, capacity_factor=1.0))
+    assert torch.equal(out.plan.combine_tensor(), expected.combine_tensor())
+
+
+def test_soft_router_logits_are_scaled_cosines():
+    # x = [3, 4] normalises to [0.6, 0.8]; Φ's columns [1, 0] and [0, 2] normalise to e1, e2;
+    # scale 2: logits = 2·[0.6, 0.8] = [1.2, 1.6]; one token, so dispatch = 1 for both slots and
+    # combine = softmax([1.2, 1.6]) = [0.4013, 0.5987].
+    from visionmoe.layers import SoftRouter
+
+    router = SoftRouter(2, 2, slots_per_expert=1)
+    with torch.no_grad():
+        router.phi.copy_(T([[1.0, 0.0], [0.0, 2.0]])[:, :, None])
+        router.scale.fill_(2.0)
+    plan = router(T([[[3.0, 4.0]]])).plan
+    assert torch.allclose(plan.dispatch[0, 0, :, 0], T([1.0, 1.0]))
+    assert torch.allclose(plan.combine[0, 0, :, 0], T([1.2, 1.6]).softmax(0))

@@ -1,0 +1,58 @@
+"""Auxiliary losses against values computed by hand."""
+
+import math
+
+import torch
+
+from visionmoe.routing import balance_kl_loss, importance_loss, load_loss, switch_loss, z_loss
+
+T = torch.tensor
+
+
+def test_importance_loss():
+    # Gates t0 = [0.7, 0.3], t1 = [0.5, 0.5]: importance = [1.2, 0.8], mean 1, population std 0.2,
+    # CV² = 0.04. Uniform gates give 0.
+    gates = T([[[0.7, 0.3], [0.5, 0.5]]])
+    assert math.isclose(float(importance_loss(gates)), 0.04, rel_tol=1e-5)
+    assert float(importance_loss(torch.full((1, 4, 2), 0.5))) == 0.0
+
+
+def test_load_loss():
+    # One token, E=2, k=1, σ=1. Clean logits [1, 0]; noisy [1.5, 0.2]: threshold = 1.5 (top-1).
+    # p_e = 1 - Φ(1.5 - logit_e): p_0 = 1 - Φ(0.5) = 0.30854, p_1 = 1 - Φ(1.5) = 0.06681.
+    # Load = p (one token): mean 0.18767, std 0.12087, CV² = 0.41476.
+    logits, noisy = T([[[1.0, 0.0]]]), T([[[1.5, 0.2]]])
+    p = torch.tensor([0.308538, 0.0668072])
+    expected = float(p.var(unbiased=False) / p.mean() ** 2)
+    assert math.isclose(expected, 0.41476, rel_tol=1e-3)
+    assert math.isclose(float(load_loss(logits, noisy, 1.0, 1)), expected, rel_tol=1e-4)
+    # It is differentiable in the clean logits (the point of the smooth estimate).
+    logits.requires_grad_(True)
+    load_loss(logits, noisy, 1.0, 1).backward()
+    assert logits.grad is not None and bool((logits.grad != 0).all())
+
+
+def test_switch_loss():
+    # Two tokens both choosing e0: f = [1, 0]; mean gates P = [0.6, 0.4]; E·Σ f·P = 2·0.6 = 1.2.
+    gates = T([[[0.7, 0.3], [0.5, 0.5]]])
+    assert math.isclose(float(switch_loss(gates, T([[0, 0]]))), 1.2, rel_tol=1e-6)
+    # Perfect balance gives 1: f = [0.5, 0.5], P = [0.5, 0.5] -> 2·(0.25 + 0.25).
+    assert math.isclose(float(switch_loss(torch.full((1, 2, 2), 0.5), T([[0, 1]]))), 1.0, rel_tol=1e-6)
+
+
+def test_z_loss():
+    # logits [0, 0]: logsumexp = ln 2, z = (ln 2)² = 0.480453; [ln 3, 0]: ln 4, (ln 4)² = 1.921812.
+    logits = T([[[0.0, 0.0], [math.log(3.0), 0.0]]])
+    expected = (math.log(2) ** 2 + math.log(4) ** 2) / 2
+    assert math.isclose(float(z_loss(logits)), expected, rel_tol=1e-6)
+
+
+def test_balance_kl_loss():
+    # Mean gate p̄ = [0.6, 0.4]: KL(p̄ ‖ U) = 0.6 ln 1.2 + 0.4 ln 0.8 = 0.109393 - 0.089257 = 0.020136.
+    gates = T([[[0.7, 0.3], [0.5, 0.5]]])
+    expected = 0.6 * math.log(1.2) + 0.4 * math.log(0.8)
+    assert math.isclose(float(balance_kl_loss(gates)), expected, rel_tol=1e-5)
+    # A collapsed router (all mass on one expert of 4): KL = ln 4.
+    collapsed = torch.zeros(1, 3, 4)
+    collapsed[..., 0] = 1
+    assert math.isclose(float(balance_kl_loss(collapsed)), math.log(4), rel_tol=1e-6)

@@ -1,0 +1,38 @@
+"""The command line: `visionmoe demo` runs every router and prints its table."""
+
+import pytest
+
+from visionmoe.cli import main
+from visionmoe.demo import DemoConfig, clustered_tokens, run
+from visionmoe.layers import ROUTERS
+
+
+def test_demo_rows_cover_every_router():
+    cfg = DemoConfig(batch=2, tokens=16, dim=8, num_experts=4, hidden_dim=8, repeats=1, threads=1)
+    rows = run(cfg)
+    assert [r["router"] for r in rows] == list(ROUTERS)
+    for r in rows:
+        # k=2 experts' worth per token: top-k and expert choice process at most 2·2·16 = 64 pairs.
+        if r["router"] not in ("soft", "soft_per_sample", "dense"):
+            assert sum(r["tokens_per_expert"]) <= 64
+        assert r["seconds"] > 0 and 0 <= r["dropped"] <= 1
+    assert next(r for r in rows if r["router"] == "dense")["vs_dense"] == 1.0
+    # Expert choice fills every expert exactly: C = ceil(16·2/4) = 8 per image, 2 images.
+    assert next(r for r in rows if r["router"] == "expert_choice")["tokens_per_expert"] == [16] * 4
+
+
+def test_clustered_tokens_are_seeded():
+    a, b = clustered_tokens(DemoConfig(seed=3)), clustered_tokens(DemoConfig(seed=3))
+    assert a.shape == (8, 256, 128) and bool((a == b).all())
+
+
+def test_demo_command_prints_the_table(capsys):
+    argv = ["demo", "--batch", "2", "--tokens", "16", "--dim", "8", "--hidden-dim", "8", "--num-experts", "4"]
+    assert main([*argv, "--repeats", "1", "--threads", "1"]) == 0
+    out = capsys.readouterr().out
+    assert all(name in out for name in ROUTERS) and "× dense" in out
+
+
+def test_unknown_command_is_rejected():
+    with pytest.raises(SystemExit):
+        main(["fly"])

@@ -1,0 +1,71 @@
+"""``visionmoe`` command line. Subcommands arrive with their issues; ``demo`` is the first."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from dataclasses import fields
+
+from visionmoe.demo import DemoConfig
+
+
+def _demo(args: argparse.Namespace) -> int:
+    import torch
+    from rich.console import Console
+    from rich.table import Table
+
+    from visionmoe.demo import run
+
+    cfg = DemoConfig(**{f.name: getattr(args, f.name) for f in fields(DemoConfig)})
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    console = Console(width=None if sys.stdout.isatty() else 120)
+    console.print(
+        f"[bold]visionmoe demo[/]: {cfg.batch} images × {cfg.tokens} tokens, d={cfg.dim}, "
+        f"E={cfg.num_experts}, expert width {cfg.hidden_dim}, k={cfg.k} experts' compute per token, "
+        f"capacity factor {cfg.capacity_factor}, groups per image, {torch.get_num_threads()} threads"
+    )
+    rows = run(cfg)
+    table = Table(title="one training step per router (same tokens, same initial weights)")
+    columns = ("router", "load min/mean/max", "load CV", "dropped", "unrouted", "entropy", "fwd+bwd ms", "× dense")
+    for col in columns:
+        table.add_column(col, justify="left" if col == "router" else "right", no_wrap=True)
+    for r in rows:
+        load = r["tokens_per_expert"]
+        table.add_row(
+            r["router"],
+            f"{min(load)} / {sum(load) / len(load):.0f} / {max(load)}",
+            f"{r['load_cv']:.2f}",
+            f"{r['dropped']:.1%}",
+            f"{r['unrouted']:.1%}",
+            "—" if r["entropy"] != r["entropy"] else f"{r['entropy']:.2f}",
+            f"{r['seconds'] * 1e3:.1f} ± {r['iqr'] * 1e3:.1f}",
+            f"{r['vs_dense']:.2f}",
+        )
+    console.print(table)
+    console.print(
+        "load = tokens per expert over the batch (Soft MoE: combine mass). dense = one FFN of k × the expert "
+        f"width (equal active FLOPs). Time: median ± IQR of {cfg.repeats} repeats."
+    )
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="visionmoe", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    demo = sub.add_parser("demo", help="route one batch through every router and print loads and speed")
+    defaults = DemoConfig()
+    for f in fields(DemoConfig):
+        kind = float if f.name == "capacity_factor" else int
+        demo.add_argument(f"--{f.name.replace('_', '-')}", type=kind, default=getattr(defaults, f.name))
+    demo.set_defaults(func=_demo)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

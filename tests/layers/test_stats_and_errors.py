@@ -113,6 +113,12 @@ def test_unknown_router_option_lists_valid_ones():
     assert "num_iter" in one_line(e) and "num_iters" in one_line(e)
 
 
+def test_option_given_twice():
+    with pytest.raises(ValueError) as e:
+        MoE(8, 4, 16, router="topk", k=2, router_options={"k": 1})
+    assert "k given both" in one_line(e)
+
+
 def test_unknown_or_unsupported_aux_loss():
     with pytest.raises(ValueError) as e:
         MoE(8, 4, 16, router="soft", aux_loss_weights={"importance": 0.1})

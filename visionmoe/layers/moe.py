@@ -94,7 +94,10 @@ class MoE(nn.Module):
         cls = router_class(router)
         options = dict(router_options or {})
         given = {"k": k, "capacity_factor": capacity_factor, "eval_capacity_factor": eval_capacity_factor}
-        options.update({name: value for name, value in given.items() if value is not ROUTER_DEFAULT})
+        given = {name: value for name, value in given.items() if value is not ROUTER_DEFAULT}
+        if clash := sorted(set(given) & set(options)):
+            raise ValueError(f"{', '.join(clash)} given both as an argument and in router_options; give it once")
+        options.update(given)
         if aux_loss_weights is not None:
             options["aux_loss_weights"] = aux_loss_weights
         _check_options(cls, options)

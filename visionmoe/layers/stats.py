@@ -22,8 +22,10 @@ class RoutingStats:
         tokens_per_expert: (E,) assignments processed by each expert (Soft MoE: combine mass).
         tokens: tokens routed.
         unrouted: tokens processed by no expert (dropped by every choice, or chosen by none).
-        assignments: token-expert assignments requested (K·S per group, E·C for expert choice).
-        dropped: assignments dropped because the expert was full.
+        assignments: token-expert assignments offered (K·S per group for token choice, E·C slots for
+            expert choice).
+        dropped: offered assignments not processed: a token-choice assignment past its expert's
+            capacity, or an expert-choice slot the sparse transport plan left empty.
         entropy_sum: Σ over tokens of the entropy (nats) of the token's routing distribution.
     """
 

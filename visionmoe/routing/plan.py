@@ -54,8 +54,8 @@ class Routing:
 
     def tokens_per_expert(self) -> Tensor:
         """(E,) number of kept assignments per expert, summed over groups."""
-        expert = self.expert[self.kept]
-        return torch.bincount(expert, minlength=self.num_experts).to(self.weight.dtype)
+        counts = self.weight.new_zeros(self.num_experts)  # scatter, not a boolean mask: no host sync
+        return counts.scatter_add_(0, self.expert.reshape(-1), self.kept.reshape(-1).to(counts.dtype))
 
     def _dense(self, values: Tensor) -> Tensor:
         g = torch.arange(self.num_groups, device=self.token.device)[:, None].expand_as(self.token)

@@ -2,7 +2,7 @@
 
 from visionmoe.layers.dispatch import apply_plan, einsum_moe
 from visionmoe.layers.experts import Experts
-from visionmoe.layers.moe import MoE, collect_aux_loss, collect_routing_stats, moe_layers
+from visionmoe.layers.moe import MoE, MoEConfig, collect_aux_loss, collect_routing_stats, moe_layers
 from visionmoe.layers.routers import (
     ROUTERS,
     SAME,
@@ -27,6 +27,7 @@ __all__ = [
     "ExpertChoiceRouter",
     "Experts",
     "MoE",
+    "MoEConfig",
     "Router",
     "RouterOutput",
     "RoutingStats",

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import inspect
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -157,6 +158,59 @@ class MoE(nn.Module):
         if self.router.per_sample and N % g:
             raise ValueError(f"router {self.router.name!r} routes per sample: groups={g} must divide N={N}")
         return tokens.reshape(B * N // g, g, D)
+
+
+@dataclass(frozen=True)
+class MoEConfig:
+    """How to build the MoE layers of a model: everything but the widths, which the model knows.
+
+    Models and :func:`visionmoe.moeify` take one of these (or a dict of its fields) instead of a
+    bag of keyword arguments, and call :meth:`build` for each MoE layer. Fields mirror
+    :class:`MoE`; ``None`` for ``k``/``capacity_factor``/``eval_capacity_factor`` means "the
+    router's default" here, and ``dropless=True`` asks for ``capacity_factor=None``.
+    """
+
+    num_experts: int = 8
+    router: str = "topk"
+    k: int | None = None
+    capacity_factor: float | None = None
+    eval_capacity_factor: float | None = None
+    dropless: bool = False
+    groups: str | int = "sample"
+    router_options: Mapping[str, Any] = field(default_factory=dict)
+    aux_loss_weights: Mapping[str, float] | None = None
+
+    @classmethod
+    def coerce(cls, value: MoEConfig | Mapping[str, Any] | None) -> MoEConfig:
+        """A config from a config, a dict of its fields (unknown keys rejected), or None (defaults)."""
+        if value is None:
+            return cls()
+        if isinstance(value, cls):
+            return value
+        names = set(cls.__dataclass_fields__)
+        if unknown := sorted(set(value) - names):
+            raise ValueError(f"unknown MoE config keys {unknown}; valid keys: {sorted(names)}")
+        return cls(**value)
+
+    def build(self, dim: int, hidden_dim: int, *, activation: Any = nn.GELU, bias: bool = True, **kw) -> MoE:
+        """An :class:`MoE` of width ``dim`` whose experts are ``hidden_dim`` wide."""
+        given = {"k": self.k, "capacity_factor": self.capacity_factor, "eval_capacity_factor": self.eval_capacity_factor}
+        args = {name: value for name, value in given.items() if value is not None}
+        if self.dropless:
+            args["capacity_factor"] = None
+        return MoE(
+            dim,
+            self.num_experts,
+            hidden_dim,
+            router=self.router,
+            groups=self.groups,
+            activation=activation,
+            bias=bias,
+            aux_loss_weights=self.aux_loss_weights,
+            router_options=dict(self.router_options),
+            **args,
+            **kw,
+        )
 
 
 def _accepted_options(cls: type[Router]) -> set[str]:

@@ -194,8 +194,8 @@ class MoEConfig:
 
     def build(self, dim: int, hidden_dim: int, *, activation: Any = nn.GELU, bias: bool = True, **kw) -> MoE:
         """An :class:`MoE` of width ``dim`` whose experts are ``hidden_dim`` wide."""
-        given = {"k": self.k, "capacity_factor": self.capacity_factor, "eval_capacity_factor": self.eval_capacity_factor}
-        args = {name: value for name, value in given.items() if value is not None}
+        names = ("k", "capacity_factor", "eval_capacity_factor")
+        args = {name: getattr(self, name) for name in names if getattr(self, name) is not None}
         if self.dropless:
             args["capacity_factor"] = None
         return MoE(

@@ -47,7 +47,8 @@ def resolve_placement(placement: Placement, num_blocks: int) -> list[int]:
         grid = odd if kind == "last" else list(range(num_blocks))
         if n > len(grid):
             what = "odd blocks" if kind == "last" else "blocks"
-            raise ValueError(f"placement {placement!r} needs {n} {what}, the model has {len(grid)} ({num_blocks} blocks)")
+            have = f"the model has {len(grid)} ({num_blocks} blocks)"
+            raise ValueError(f"placement {placement!r} needs {n} {what}, {have}")
         return grid[-n:]
     indices = []
     for i in placement:

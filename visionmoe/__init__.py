@@ -10,6 +10,7 @@ from visionmoe.layers import (
     ROUTERS,
     Experts,
     MoE,
+    MoEConfig,
     Router,
     RoutingStats,
     RoutingStatsAccumulator,
@@ -20,15 +21,30 @@ from visionmoe.layers import (
 
 __version__ = "0.1.0"
 
+_LAZY = {"create_model", "list_models", "moeify"}  # from visionmoe.models, which imports timm (~2 s)
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        import visionmoe.models
+
+        return getattr(visionmoe.models, name)
+    raise AttributeError(f"module 'visionmoe' has no attribute {name!r}")
+
+
 __all__ = [
     "ROUTERS",
     "Experts",
     "MoE",
+    "MoEConfig",
     "Router",
     "RoutingStats",
     "RoutingStatsAccumulator",
     "__version__",
     "collect_aux_loss",
     "collect_routing_stats",
+    "create_model",
+    "list_models",
     "moe_layers",
+    "moeify",
 ]

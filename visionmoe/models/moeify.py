@@ -1,0 +1,150 @@
+"""``moeify``: turn an existing (timm) model into an MoE model by replacing the MLPs of chosen blocks.
+
+A block is any sub-module with an ``mlp`` attribute that is a two-layer MLP: ``fc1`` and ``fc2``
+(``nn.Linear``, or 1×1 ``nn.Conv2d`` as in timm's ``conv_mlp`` ConvNeXts) around an ``act``. That
+covers timm's ViT / DeiT / BEiT / EVA-style transformers (``blocks.i.mlp``), ConvNeXt
+(``stages.s.blocks.b.mlp``), Swin (``layers.s.blocks.b.mlp``) and visionmoe's own CNN backbones.
+Blocks are numbered in module order, so "last-2" of a ViT-Ti (12 blocks) is blocks 9 and 11, and
+of ConvNeXt-atto (2+2+6+2 = 12 blocks) blocks 9 (stage 2's last) and 11 (stage 3's last).
+timm's ResNets (BasicBlock / Bottleneck) have no MLP to replace; moeify says so.
+
+Sparse upcycling (Komatsuzaki et al. 2023): with ``upcycle=True`` every expert starts as a copy of
+the dense MLP it replaces (optionally plus Gaussian noise of ``upcycle_noise`` × the weight's std),
+so with renormalised top-k weights and no dropped tokens the MoE model computes exactly what the
+dense model did, and training starts from the dense model's function.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from visionmoe.layers.moe import MoE, MoEConfig
+from visionmoe.models.placement import Placement, resolve_placement
+
+# Sub-modules that can hold an ``mlp`` but are not blocks of the trunk (timm's MAP pooling head).
+_NOT_BLOCKS = ("head", "attn_pool")
+
+
+class MoEMlp(nn.Module):
+    """An :class:`MoE` standing where an MLP stood, taking the MLP's input layout.
+
+    Token inputs (B, N, D), vectors (B, D) and NCHW maps (conv MLPs) go to the MoE as they are;
+    NHWC maps (B, H, W, C), what a ConvNeXt block feeds its Linear MLP, are routed as B groups
+    of H·W tokens.
+    """
+
+    def __init__(self, moe: MoE, channels_last_maps: bool) -> None:
+        super().__init__()
+        self.moe = moe
+        self.channels_last_maps = channels_last_maps
+
+    def forward(self, x: Tensor) -> Tensor:
+        if x.dim() == 4 and self.channels_last_maps:
+            B, H, W, C = x.shape
+            return self.moe(x.reshape(B, H * W, C)).reshape(B, H, W, C)
+        return self.moe(x)
+
+
+def mlp_blocks(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """The MoE-able blocks of ``model`` in module order: sub-modules whose ``mlp`` is a two-layer MLP."""
+    blocks = []
+    for name, module in model.named_modules():
+        if name.split(".")[0] in _NOT_BLOCKS:
+            continue
+        mlp = getattr(module, "mlp", None)
+        if isinstance(mlp, (nn.Module)) and _is_two_layer_mlp(mlp):
+            blocks.append((name, module))
+    return blocks
+
+
+def moeify(
+    model: nn.Module,
+    placement: Placement = "last-2",
+    moe: MoEConfig | Mapping[str, Any] | None = None,
+    *,
+    hidden_dim: int | None = None,
+    upcycle: bool = False,
+    upcycle_noise: float = 0.0,
+) -> nn.Module:
+    """Replace the MLP of the blocks chosen by ``placement`` with MoE layers, in place; returns ``model``.
+
+    Args:
+        model: a timm ViT / ConvNeXt / Swin-style model, or any model whose blocks have an ``mlp``
+            with ``fc1``/``act``/``fc2``.
+        placement: see :mod:`visionmoe.models.placement` ("every-2", "last-2", "tail-2", "all",
+            or block indices).
+        moe: the MoE layers' settings (an :class:`MoEConfig` or a dict of its fields).
+        hidden_dim: each expert's hidden width; default the replaced MLP's (``fc1``'s outputs).
+        upcycle: initialise every expert from the replaced MLP's weights.
+        upcycle_noise: with ``upcycle``, add N(0, (upcycle_noise · std(w))²) to each expert's
+            weights independently, so experts can diverge (0 = identical experts).
+
+    Example:
+        >>> vit = timm.create_model("vit_small_patch16_224", pretrained=True)      # doctest: +SKIP
+        >>> moeify(vit, "last-2", {"num_experts": 8, "k": 2}, upcycle=True)        # doctest: +SKIP
+    """
+    config = MoEConfig.coerce(moe)
+    if upcycle_noise < 0:
+        raise ValueError(f"upcycle_noise must be >= 0, got upcycle_noise={upcycle_noise}")
+    blocks = mlp_blocks(model)
+    if not blocks:
+        kinds = sorted({type(m).__name__ for m in model.modules() if m is not model})[:6]
+        raise ValueError(
+            f"moeify found no block with an MLP (an `mlp` with fc1/act/fc2) in {type(model).__name__} "
+            f"(its modules include {', '.join(kinds)}); it supports ViT, ConvNeXt, Swin-style and visionmoe models"
+        )
+    for index in resolve_placement(placement, len(blocks)):
+        _, block = blocks[index]
+        block.mlp = _moe_from_mlp(block.mlp, config, hidden_dim, upcycle, upcycle_noise)
+    return model
+
+
+def _is_two_layer_mlp(mlp: nn.Module) -> bool:
+    fc1, fc2 = getattr(mlp, "fc1", None), getattr(mlp, "fc2", None)
+    return _is_pointwise(fc1) and _is_pointwise(fc2) and hasattr(mlp, "act")
+
+
+def _is_pointwise(layer: Any) -> bool:
+    if isinstance(layer, nn.Linear):
+        return True
+    return isinstance(layer, nn.Conv2d) and layer.kernel_size == (1, 1) and layer.stride == (1, 1) and layer.groups == 1
+
+
+def _weight(layer: nn.Module) -> Tensor:
+    """(in, out) weight of a Linear or 1×1 conv, as the experts store it."""
+    return layer.weight.detach().reshape(layer.weight.shape[0], -1).T
+
+
+def _moe_from_mlp(
+    mlp: nn.Module, config: MoEConfig, hidden_dim: int | None, upcycle: bool, upcycle_noise: float
+) -> MoEMlp:
+    norm = getattr(mlp, "norm", None)
+    if norm is not None and not isinstance(norm, nn.Identity):
+        raise ValueError(f"moeify cannot carry the MLP's hidden norm ({type(norm).__name__}) into the experts")
+    w1, w2 = _weight(mlp.fc1), _weight(mlp.fc2)  # (D, H), (H, D)
+    dim, dense_hidden = w1.shape
+    hidden = dense_hidden if hidden_dim is None else hidden_dim
+    if upcycle and hidden != dense_hidden:
+        raise ValueError(f"upcycling copies the MLP, so hidden_dim must be its width {dense_hidden}, got {hidden}")
+    bias = mlp.fc1.bias is not None
+    if bias != (mlp.fc2.bias is not None):
+        raise ValueError("moeify needs fc1 and fc2 both with or both without bias (the experts share one bias flag)")
+    layer = config.build(
+        dim, hidden, activation=copy.deepcopy(mlp.act), bias=bias, device=w1.device, dtype=mlp.fc1.weight.dtype
+    )
+    if upcycle:
+        experts = layer.experts
+        with torch.no_grad():
+            pairs = [(experts.w1, w1), (experts.w2, w2)]
+            if bias:
+                pairs += [(experts.b1, mlp.fc1.bias.detach()), (experts.b2, mlp.fc2.bias.detach())]
+            for target, source in pairs:
+                target.copy_(source.expand_as(target))
+                if upcycle_noise > 0:
+                    target.add_(torch.randn_like(target) * upcycle_noise * source.float().std().to(target.dtype))
+    return MoEMlp(layer, channels_last_maps=isinstance(mlp.fc1, nn.Linear))

@@ -1,0 +1,81 @@
+"""Vision Transformers with MoE MLPs (V-MoE, Riquelme et al. 2021; Videau et al. 2025).
+
+Each model is timm's ``VisionTransformer`` with the MLPs of the chosen blocks replaced by MoE layers
+through :func:`visionmoe.moeify`, so it keeps timm's whole model API. Defaults follow V-MoE:
+E = 8 experts, top-k with k = 2, placement "last-2" (blocks 9 and 11 of 12), tokens routed per image.
+
+    name                          input  patch  width  depth  heads  (V-MoE / DeiT size)
+    vit_moe_tiny_patch4_32        32     4      192    12     3      Ti, 64 tokens (CIFAR)
+    vit_moe_small_patch4_32       32     4      384    12     6      S,  64 tokens (CIFAR)
+    vit_moe_small_patch16_224     224    16     384    12     6      V-MoE-S/16 (ImageNet-1K)
+    vit_moe_base_patch16_224      224    16     768    12     12     V-MoE-B/16 (ImageNet-1K)
+
+For Tiny-ImageNet pass ``img_size=64`` (S/16 then sees 16 tokens; ``patch_size=8`` gives 64).
+Keyword arguments: ``placement``, ``moe`` (an :class:`MoEConfig` or dict overriding the defaults)
+and anything timm's ``VisionTransformer`` takes (``num_classes``, ``drop_path_rate``, ...).
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from typing import Any
+
+from timm.models.vision_transformer import VisionTransformer
+
+from visionmoe.layers.moe import MoEConfig
+from visionmoe.models.moeify import moeify
+from visionmoe.models.registry import entry_kwargs, register_model
+
+VIT_MOE_DEFAULT = MoEConfig(num_experts=8, router="topk", k=2)
+
+
+def moe_config(overrides: Any, default: MoEConfig) -> MoEConfig:
+    """``default`` with the fields of ``overrides`` (an MoEConfig replaces it; a dict updates it).
+
+    Changing the router drops the family's router-specific defaults (``k``, capacity settings,
+    ``router_options``): a ViT's default k = 2 means nothing to expert choice.
+    """
+    if overrides is None:
+        return default
+    if isinstance(overrides, MoEConfig):
+        return overrides
+    MoEConfig.coerce(overrides)  # validates the keys
+    if overrides.get("router", default.router) != default.router:
+        default = MoEConfig(num_experts=default.num_experts, groups=default.groups)
+    return replace(default, **overrides)
+
+
+def _vit_moe(name: str, pretrained: bool, kwargs: dict[str, Any], **arch: Any) -> VisionTransformer:
+    kwargs = entry_kwargs(name, pretrained, kwargs)
+    placement = kwargs.pop("placement", "last-2")
+    config = moe_config(kwargs.pop("moe", None), VIT_MOE_DEFAULT)
+    model = VisionTransformer(**{**arch, **kwargs})
+    return moeify(model, placement, config)
+
+
+@register_model
+def vit_moe_tiny_patch4_32(pretrained: bool = False, **kwargs: Any) -> VisionTransformer:
+    """ViT-Ti/4 for 32×32 images (CIFAR) with V-MoE MLPs."""
+    arch = {"img_size": 32, "patch_size": 4, "embed_dim": 192, "depth": 12, "num_heads": 3, "num_classes": 10}
+    return _vit_moe("vit_moe_tiny_patch4_32", pretrained, kwargs, **arch)
+
+
+@register_model
+def vit_moe_small_patch4_32(pretrained: bool = False, **kwargs: Any) -> VisionTransformer:
+    """ViT-S/4 for 32×32 images (CIFAR) with V-MoE MLPs."""
+    arch = {"img_size": 32, "patch_size": 4, "embed_dim": 384, "depth": 12, "num_heads": 6, "num_classes": 10}
+    return _vit_moe("vit_moe_small_patch4_32", pretrained, kwargs, **arch)
+
+
+@register_model
+def vit_moe_small_patch16_224(pretrained: bool = False, **kwargs: Any) -> VisionTransformer:
+    """V-MoE-S/16 (ImageNet-1K; ``img_size=64`` for Tiny-ImageNet)."""
+    arch = {"img_size": 224, "patch_size": 16, "embed_dim": 384, "depth": 12, "num_heads": 6}
+    return _vit_moe("vit_moe_small_patch16_224", pretrained, kwargs, **arch)
+
+
+@register_model
+def vit_moe_base_patch16_224(pretrained: bool = False, **kwargs: Any) -> VisionTransformer:
+    """V-MoE-B/16 (ImageNet-1K)."""
+    arch = {"img_size": 224, "patch_size": 16, "embed_dim": 768, "depth": 12, "num_heads": 12}
+    return _vit_moe("vit_moe_base_patch16_224", pretrained, kwargs, **arch)

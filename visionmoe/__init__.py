@@ -19,17 +19,11 @@ from visionmoe.layers import (
     moe_layers,
 )
 
+# Imported eagerly so that `import visionmoe` registers every model with timm's registry
+# (timm.create_model("vit_moe_tiny_patch4_32") must work after it); this costs timm's import time.
+from visionmoe.models import create_model, list_models, moeify
+
 __version__ = "0.1.0"
-
-_LAZY = {"create_model", "list_models", "moeify"}  # from visionmoe.models, which imports timm (~2 s)
-
-
-def __getattr__(name: str):
-    if name in _LAZY:
-        import visionmoe.models
-
-        return getattr(visionmoe.models, name)
-    raise AttributeError(f"module 'visionmoe' has no attribute {name!r}")
 
 
 __all__ = [

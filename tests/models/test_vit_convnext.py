@@ -173,3 +173,13 @@ def test_moeify_generic_model_with_mlp_blocks():
     moeify(model, [1], {"num_experts": 2, "k": 1})
     assert [n for n, _ in moe_layers(model)] == ["1.mlp.moe"]
     assert model(torch.randn(3, 5, 8)).shape == (3, 5, 8)
+
+
+def test_import_visionmoe_registers_models_with_timm():
+    # In a fresh interpreter: `import visionmoe` alone must make timm know the names.
+    import subprocess
+    import sys
+
+    code = "import visionmoe, timm; m = timm.create_model('convnext_moe_atto', num_classes=3); print(m.num_classes)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "3"

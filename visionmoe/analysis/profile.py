@@ -1,0 +1,310 @@
+"""Compute accounting of a model with MoE layers: FLOPs, the expert fraction ρ, total and active parameters.
+
+Sun et al. (2026) compare MoE placements by ρ, the fraction of a model's FLOPs that goes through
+experts: an MoE layer can only help as much as the compute it controls. :func:`profile` measures
+everything from one forward pass with :class:`torch.utils.flop_counter.FlopCounterMode`, so the
+numbers are those of the code that actually runs (no per-layer formulas to keep in sync).
+
+Counting conventions are FlopCounterMode's: a multiply-add is 2 FLOPs; matmuls, convolutions and
+attention are counted; biases, activations, norms, softmaxes and gathers/scatters are not.
+
+Axes as in :mod:`visionmoe.routing.plan`: G groups, S tokens per group, E experts, C capacity.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.utils.flop_counter import FlopCounterMode
+
+from visionmoe.layers.experts import Experts
+from visionmoe.layers.moe import MoE, moe_layers
+from visionmoe.routing.plan import Routing, SoftRouting
+
+_Flops = Callable[[str], float]  # per-sample FLOPs of the module with a given FQN
+
+
+@dataclass(frozen=True)
+class ModuleRow:
+    """One row of :meth:`ComputeProfile.table`: a top-level child module or an MoE layer.
+
+    ``flops`` is per sample and includes the module's children; ``share`` = flops / total FLOPs.
+    """
+
+    name: str
+    kind: str  # "module" (a top-level child), "moe" (an MoE layer), "other" (FLOPs outside every child)
+    flops: float
+    share: float
+    params: int
+
+
+@dataclass(frozen=True)
+class MoELayerProfile:
+    """The accounting of one MoE layer; FLOPs are per sample (see :func:`profile` for definitions)."""
+
+    name: str
+    router: str
+    num_experts: int
+    experts_per_token: float  # average experts that process a token (Soft MoE and dense: E)
+    expert_flops: float  # useful
+    expert_flops_padded: float
+    router_flops: float
+    dispatch_flops: float  # FLOPs of the layer outside its experts and router (Soft MoE's two bmm's)
+    params: int
+    expert_params: int
+    active_params: float
+
+
+@dataclass(frozen=True)
+class ComputeProfile:
+    """What :func:`profile` measured. FLOPs are per sample; parameters are counts.
+
+    Attributes:
+        batch_size: samples in the profiled batch (FLOPs were divided by it).
+        total_flops: every counted FLOP of the forward pass.
+        expert_flops: useful expert FLOPs, what the experts computed.
+        expert_flops_padded: expert FLOPs of a capacity-padded implementation.
+        router_flops: FLOPs of the routers.
+        dispatch_flops: FLOPs inside MoE layers outside experts and routers (Soft MoE dispatch/combine).
+        rho: ρ = expert_flops / total_flops (0 without MoE layers).
+        total_params: all parameters of the model.
+        active_params: parameters used by an average sample (see :func:`profile`).
+        layers: one :class:`MoELayerProfile` per MoE layer.
+        rows: the per-module table, one :class:`ModuleRow` per top-level child (children with neither
+            FLOPs nor parameters left out) and per MoE layer, plus "(other)" for FLOPs of the
+            model's own forward outside every child.
+    """
+
+    batch_size: int
+    total_flops: float
+    expert_flops: float
+    expert_flops_padded: float
+    router_flops: float
+    dispatch_flops: float
+    rho: float
+    total_params: int
+    active_params: float
+    layers: list[MoELayerProfile] = field(default_factory=list)
+    rows: list[ModuleRow] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain Python values (JSON-ready)."""
+        return asdict(self)
+
+    def table(self) -> str:
+        """The per-module table in Markdown, with a total row, to paste into a paper or a README."""
+        lines = ["| Module | Kind | FLOPs / sample | Share | Params |", "|---|---|---:|---:|---:|"]
+        for row in self.rows:
+            lines.append(f"| {row.name} | {row.kind} | {_si(row.flops)} | {100 * row.share:.1f}% | {_si(row.params)} |")
+        lines.append(f"| **total** |  | {_si(self.total_flops)} | 100.0% | {_si(self.total_params)} |")
+        lines.append("")
+        lines.append(
+            f"ρ = {self.rho:.3f} (expert FLOPs {_si(self.expert_flops)} useful, {_si(self.expert_flops_padded)} "
+            f"padded; router {_si(self.router_flops)}); active params {_si(self.active_params)} "
+            f"of {_si(self.total_params)}"
+        )
+        return "\n".join(lines)
+
+
+def profile(model: nn.Module, example_input: Tensor | Sequence[Tensor]) -> ComputeProfile:
+    """Count the FLOPs and parameters of ``model`` on one batch, and split them between experts and the rest.
+
+    One forward pass runs in eval mode (training flags are restored afterwards) under
+    ``torch.no_grad()``, with attention forced through the math SDPA kernel, whose matmuls
+    FlopCounterMode counts (fused kernels may go uncounted). Every FLOP figure is the batch's
+    count divided by the batch size (dim 0 of ``example_input``, or of its first tensor when it is
+    a sequence of positional inputs). Eval mode matters: routers add no noise and use their eval
+    capacity factor. The MoE layers' ``last_stats`` and ``aux_loss`` are those of this forward.
+
+    Definitions, per MoE layer, summed over layers:
+
+    - **useful expert FLOPs**: the FLOPs of the layer's ``experts`` sub-module in this forward, i.e.
+      of the token-expert assignments actually processed: kept assignments for sparse routers
+      (dropped ones cost nothing), the E·P slots of every group for Soft MoE, and the single
+      width-E·H FFN on every token for the dense router.
+    - **padded expert FLOPs**: what a capacity-padded implementation (the (G, S, E, C) einsum form)
+      executes. For a sparse plan with a capacity: G × E × C slots × the FLOPs of one slot through
+      one expert (measured with FlopCounterMode on ``Experts.forward_batched``), empty slots
+      included. For dropless sparse routers (whose C is only the largest load), Soft MoE and dense:
+      equal to the useful FLOPs.
+    - **router FLOPs**: the FLOPs of the layer's ``router`` sub-module (logits, Sinkhorn, slots).
+      The FLOPs of the layer outside its experts and router (Soft MoE's dispatch and combine
+      bmm's) are reported as ``dispatch_flops``; they count in the total, not in ρ.
+    - **ρ** = useful expert FLOPs / total FLOPs.
+    - **active parameters**: all parameters minus, for every MoE layer, the expert parameters an
+      average token does not use: ``non-expert params + Σ_layers (expert params / E) × a``, where
+      ``a`` = sum(``last_stats.tokens_per_expert``) / ``last_stats.tokens`` from this forward (the
+      average experts per token: k for dropless top-k, less when assignments are dropped, E for the
+      dense router), except Soft MoE, where every token mixes with every expert's slots and
+      ``a`` = E. Router parameters are non-expert parameters, always active. A layer called several
+      times is averaged over its calls; a layer not called has ``a`` = 0.
+
+    Args:
+        model: any ``nn.Module``; it may hold no MoE layer (then ρ = 0 and expert FLOPs are 0).
+        example_input: a batch on the model's device, or a sequence of positional inputs.
+
+    Example:
+        >>> p = profile(model, torch.randn(8, 3, 32, 32))
+        >>> print(p.table())
+    """
+    inputs = (example_input,) if isinstance(example_input, Tensor) else tuple(example_input)
+    if not inputs or not isinstance(inputs[0], Tensor) or inputs[0].dim() == 0:
+        raise ValueError(f"example_input must be a batched tensor or a sequence of them, got {type(example_input)}")
+    batch = inputs[0].shape[0]
+    if batch < 1:
+        raise ValueError(f"example_input must hold at least one sample, got batch size {batch}")
+
+    layers = moe_layers(model)
+    calls: dict[str, list[dict[str, Any]]] = {name: [] for name, _ in layers}
+    handles = []
+    for name, moe in layers:
+        handles.append(moe.router.register_forward_hook(_router_hook(moe, calls[name])))
+        handles.append(moe.register_forward_hook(_stats_hook(calls[name])))
+
+    modes = {m: m.training for m in model.modules()}
+    model.eval()
+    counter = FlopCounterMode(display=False)
+    try:
+        with torch.no_grad(), sdpa_kernel(SDPBackend.MATH), counter:
+            model(*inputs)
+    finally:
+        for handle in handles:
+            handle.remove()
+        for m, training in modes.items():
+            m.training = training
+
+    counts = {name: sum(ops.values()) for name, ops in counter.get_flop_counts().items()}
+    root = type(model).__name__
+
+    def flops(name: str) -> float:  # per sample, of the module with this FQN (children included)
+        return counts.get(root if name == "" else f"{root}.{name}", 0) / batch
+
+    total = counts.get("Global", 0) / batch
+    moe_profiles = [_layer_profile(name, moe, calls[name], flops, batch) for name, moe in layers]
+    total_params = sum(p.numel() for p in model.parameters())
+    expert_params = sum(layer.expert_params for layer in moe_profiles)
+    expert_active = sum(layer.active_params - (layer.params - layer.expert_params) for layer in moe_profiles)
+    expert_flops = sum(layer.expert_flops for layer in moe_profiles)
+    return ComputeProfile(
+        batch_size=batch,
+        total_flops=total,
+        expert_flops=expert_flops,
+        expert_flops_padded=sum(layer.expert_flops_padded for layer in moe_profiles),
+        router_flops=sum(layer.router_flops for layer in moe_profiles),
+        dispatch_flops=sum(layer.dispatch_flops for layer in moe_profiles),
+        rho=expert_flops / total if total > 0 else 0.0,
+        total_params=total_params,
+        active_params=total_params - expert_params + expert_active,
+        layers=moe_profiles,
+        rows=_rows(model, layers, flops, total),
+    )
+
+
+def _router_hook(moe: MoE, calls: list[dict[str, Any]]) -> Any:
+    """Records, per call, the group shape and plan, and whether the plan pads to a capacity."""
+
+    def hook(router: nn.Module, args: tuple[Any, ...], output: Any) -> None:
+        G, S = args[0].shape[:2]
+        plan = output.plan
+        padded = isinstance(plan, Routing) and not _dropless(router, S)
+        calls.append({"groups": G, "tokens": S, "plan": plan, "padded": padded})
+
+    return hook
+
+
+def _stats_hook(calls: list[dict[str, Any]]) -> Any:
+    def hook(moe: nn.Module, args: tuple[Any, ...], output: Any) -> None:
+        if calls:
+            calls[-1]["stats"] = moe.last_stats
+
+    return hook
+
+
+def _dropless(router: nn.Module, tokens: int) -> bool:
+    """True when the router's C is not a fixed buffer size (its plan's C is just the largest load)."""
+    capacity = getattr(router, "expert_capacity", None)
+    return capacity is not None and capacity(tokens, getattr(router, "k", 1)) is None
+
+
+def _layer_profile(name: str, moe: MoE, calls: list[dict[str, Any]], flops: _Flops, batch: int) -> MoELayerProfile:
+    E = moe.num_experts
+    prefix = f"{name}." if name else ""
+    layer_flops, router_flops = flops(name), flops(f"{prefix}router")
+    expert_flops = flops(f"{prefix}experts")
+    padded = expert_flops
+    if any(call["padded"] for call in calls):
+        per_slot = _flops_per_slot(moe.experts)
+        padded = 0.0
+        for call in calls:
+            if call["padded"]:
+                padded += call["groups"] * E * call["plan"].capacity * per_slot / batch
+            else:  # a dropless call of the same layer: what it processed
+                padded += float(call["stats"].tokens_per_expert.sum()) * per_slot / batch
+    assigned = sum(float(c["stats"].tokens_per_expert.sum()) for c in calls if "stats" in c)
+    tokens = sum(float(c["stats"].tokens) for c in calls if "stats" in c)
+    per_token = assigned / tokens if tokens > 0 else 0.0
+    if any(isinstance(c["plan"], SoftRouting) for c in calls):
+        per_token = float(E)  # every token mixes with every expert's slots
+    params = sum(p.numel() for p in moe.parameters())
+    expert_params = sum(p.numel() for p in moe.experts.parameters())
+    return MoELayerProfile(
+        name=name,
+        router=getattr(moe.router, "name", type(moe.router).__name__),
+        num_experts=E,
+        experts_per_token=per_token,
+        expert_flops=expert_flops,
+        expert_flops_padded=padded,
+        router_flops=router_flops,
+        dispatch_flops=layer_flops - expert_flops - router_flops,
+        params=params,
+        expert_params=expert_params,
+        active_params=params - expert_params + expert_params / E * per_token,
+    )
+
+
+def _flops_per_slot(experts: Experts) -> float:
+    """FLOPs of one token through one expert, as a padded buffer executes it (measured, not derived)."""
+    w = experts.w1
+    slots = torch.zeros(experts.num_experts, 1, experts.dim, dtype=w.dtype, device=w.device)  # (E, 1, D)
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        experts.forward_batched(slots)
+    return counter.get_total_flops() / experts.num_experts
+
+
+def _rows(model: nn.Module, layers: list[tuple[str, MoE]], flops: _Flops, total: float) -> list[ModuleRow]:
+    """A row per top-level child (those with FLOPs or parameters), each followed by its MoE layers' rows."""
+
+    def row(name: str, module: nn.Module, kind: str) -> ModuleRow:
+        f = flops(name)
+        return ModuleRow(name or "(model)", kind, f, f / total if total else 0.0, _count(module))
+
+    rows, covered = [], 0.0
+    if any(name == "" for name, _ in layers):  # the model itself is an MoE layer
+        return [row("", model, "moe")]
+    for child_name, child in model.named_children():
+        covered += flops(child_name)
+        if flops(child_name) == 0 and _count(child) == 0:
+            continue  # Identity, Dropout, pooling: nothing to report
+        rows.append(row(child_name, child, "moe" if isinstance(child, MoE) else "module"))
+        rows += [row(n, m, "moe") for n, m in layers if n.startswith(f"{child_name}.")]
+    if not math.isclose(covered, total, rel_tol=1e-9, abs_tol=1e-9):  # FLOPs of the model's own forward
+        rows.append(ModuleRow("(other)", "other", total - covered, (total - covered) / total if total else 0.0, 0))
+    return rows
+
+
+def _count(module: nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())
+
+
+def _si(value: float) -> str:
+    """3 significant digits with an SI suffix: 18304 -> '18.3 K'."""
+    for threshold, suffix in ((1e12, "T"), (1e9, "G"), (1e6, "M"), (1e3, "K")):
+        if abs(value) >= threshold:
+            return f"{value / threshold:.3g} {suffix}"
+    return f"{value:.3g}" if value != int(value) else str(int(value))

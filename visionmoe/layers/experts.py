@@ -19,10 +19,14 @@ class Experts(nn.Module):
         activation: a module class (``nn.GELU``) or a callable on tensors.
         bias: whether the two layers have biases.
 
-    Shape:
-        ``forward_batched``: (E, T, D) -> (E, T, D), expert e applied to row block e.
-        ``forward_sorted``: (N, D) rows sorted by expert, with per-expert counts -> (N, D).
-        ``forward_all``: (T, D) -> (T, D), the sum of every expert on every row.
+    Shape (``layout`` of :meth:`forward`; every call goes through ``__call__`` so module hooks,
+    ``FlopCounterMode``'s attribution and profilers see the experts):
+        ``"batched"``: (E, T, D) -> (E, T, D), expert e applied to row block e.
+        ``"sorted"``: (N, D) rows sorted by expert, ``counts[e]`` rows for expert e -> (N, D),
+            one GEMM per expert.
+        ``"grouped"``: the same rows, by ``torch.nn.functional.grouped_mm`` (needs ``expert_ids``,
+            the (N,) expert of each row, for the biases).
+        ``"all"``: (T, D) -> (T, D), the sum of every expert on every row.
 
     Each expert is initialised like ``nn.Linear`` (uniform in ±1/sqrt(fan_in)), so one expert
     with the weights of an ``nn.Linear`` pair is that MLP.
@@ -64,6 +68,23 @@ class Experts(nn.Module):
             f"num_experts={self.num_experts}, dim={self.dim}, hidden_dim={self.hidden_dim}, bias={self.b1 is not None}"
         )
 
+    def forward(
+        self,
+        x: Tensor,
+        layout: str = "batched",
+        counts: Tensor | None = None,
+        expert_ids: Tensor | None = None,
+    ) -> Tensor:
+        if layout == "batched":
+            return self.forward_batched(x)
+        if layout == "sorted":
+            return self.forward_sorted(x, counts.tolist())
+        if layout == "grouped":
+            return self.forward_grouped(x, counts, expert_ids)
+        if layout == "all":
+            return self.forward_all(x)
+        raise ValueError(f"unknown experts layout {layout!r}; expected batched, sorted, grouped or all")
+
     def forward_batched(self, x: Tensor) -> Tensor:
         """(E, T, D) -> (E, T, D): one batched matmul per layer (padded buffers, Soft MoE slots)."""
         h = torch.bmm(x, self.w1)  # (E, T, H)
@@ -92,6 +113,19 @@ class Experts(nn.Module):
             outputs.append(h @ w2[e] if b2[e] is None else torch.addmm(b2[e], h, w2[e]))
         return torch.cat(outputs)
 
+    def forward_grouped(self, x: Tensor, counts: Tensor, expert_ids: Tensor) -> Tensor:
+        """(N, D) rows sorted by expert -> (N, D) with two grouped GEMMs (no loop, no host sync).
+
+        ``torch.nn.functional.grouped_mm`` needs row strides that are multiples of 16 bytes (D and
+        H multiples of 4 in fp32); :func:`grouped_mm_supported` checks. Biases are gathered per row.
+        """
+        offs = counts.cumsum(0).to(torch.int32)  # end row of each expert's block
+        h = _grouped_mm(x, self.w1, offs)  # (N, H)
+        if self.b1 is not None:
+            h = h + self.b1[expert_ids]
+        y = _grouped_mm(self.act(h), self.w2, offs)  # (N, D)
+        return y if self.b2 is None else y + self.b2[expert_ids]
+
     def forward_all(self, x: Tensor) -> Tensor:
         """(T, D) -> (T, D): Σ_e expert_e(x), computed as one FFN of width E·H (two GEMMs)."""
         E, D, H = self.w1.shape
@@ -99,3 +133,16 @@ class Experts(nn.Module):
         h = x @ w1 if self.b1 is None else torch.addmm(self.b1.reshape(E * H), x, w1)
         y = self.act(h) @ self.w2.reshape(E * H, D)  # (T, D): the sum over experts, in one GEMM
         return y if self.b2 is None else y + self.b2.sum(0)
+
+
+def _grouped_mm(a: Tensor, b: Tensor, offs: Tensor) -> Tensor:
+    fn = getattr(torch.nn.functional, "grouped_mm", None) or torch._grouped_mm
+    return fn(a.contiguous(), b, offs=offs)
+
+
+def grouped_mm_supported(experts: Experts, x: Tensor) -> bool:
+    """Whether this torch has grouped_mm and the shapes meet its alignment (16-byte row strides)."""
+    if getattr(torch.nn.functional, "grouped_mm", None) is None and not hasattr(torch, "_grouped_mm"):
+        return False
+    row_multiple = 16 // x.element_size()
+    return experts.dim % row_multiple == 0 and experts.hidden_dim % row_multiple == 0

@@ -10,7 +10,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from visionmoe.layers.dispatch import apply_plan
+from visionmoe.layers.dispatch import BACKENDS, apply_plan
 from visionmoe.layers.experts import Experts
 from visionmoe.layers.routers import Router, RouterOutput, router_class
 from visionmoe.layers.stats import RoutingStats, routing_stats
@@ -54,6 +54,9 @@ class MoE(nn.Module):
         aux_loss_weights: which aux losses the router adds, by name (see the router's docstring).
         router_options: further router settings by name (``noise_std``, ``batch_priority``,
             ``slots_per_expert``, ...); unknown names are rejected with the valid list.
+        backend: how sparse plans run: "auto", "sorted", "grouped" or "padded" (see
+            :mod:`visionmoe.layers.dispatch`); all give the same result.
+        deterministic: combine without atomic scatter-adds (bit-identical runs on CUDA).
 
     Shape:
         (B, N, D) -> (B, N, D); (B, D) -> (B, D); (B, D, H, W) -> (B, D, H, W) with the H·W
@@ -84,10 +87,14 @@ class MoE(nn.Module):
         bias: bool = True,
         aux_loss_weights: Mapping[str, float] | None = None,
         router_options: Mapping[str, Any] | None = None,
+        backend: str = "auto",
+        deterministic: bool = False,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
+        if backend not in BACKENDS:
+            raise ValueError(f"unknown MoE backend {backend!r}; choose one of: {', '.join(BACKENDS)}")
         if not (isinstance(num_experts, int) and num_experts >= 1):
             raise ValueError(f"num_experts must be an int >= 1, got num_experts={num_experts!r}")
         if not (groups in GROUPINGS or (isinstance(groups, int) and not isinstance(groups, bool) and groups >= 1)):
@@ -105,6 +112,7 @@ class MoE(nn.Module):
         if cls.per_sample and groups == "batch":
             raise ValueError(f"router {cls.name!r} routes per sample; it cannot use groups='batch'")
         self.dim, self.num_experts, self.hidden_dim, self.groups = dim, num_experts, hidden_dim, groups
+        self.backend, self.deterministic = backend, deterministic
         kw = {"device": device, "dtype": dtype}
         self.router = cls(dim, num_experts, **options, **kw)
         self.experts = Experts(num_experts, dim, hidden_dim, activation=activation, bias=bias, **kw)
@@ -113,14 +121,17 @@ class MoE(nn.Module):
         self.last_aux_losses: dict[str, Tensor] = {}
 
     def extra_repr(self) -> str:
-        return f"dim={self.dim}, num_experts={self.num_experts}, hidden_dim={self.hidden_dim}, groups={self.groups!r}"
+        return (
+            f"dim={self.dim}, num_experts={self.num_experts}, hidden_dim={self.hidden_dim}, groups={self.groups!r}, "
+            f"backend={self.backend!r}"
+        )
 
     def forward(self, x: Tensor) -> Tensor:
         tokens, restore = self._to_tokens(x)  # (B, N, D)
         B, N, D = tokens.shape
         grouped = self._group(tokens)  # (G, S, D)
         routed: RouterOutput = self.router(grouped)
-        y = apply_plan(grouped, routed.plan, self.experts)  # (G, S, D)
+        y = apply_plan(grouped, routed.plan, self.experts, self.backend, self.deterministic)  # (G, S, D)
         self.aux_loss = routed.aux_loss
         self.last_aux_losses = routed.aux_losses
         self.last_stats = routing_stats(routed.plan, routed.gates, grouped.shape[0], grouped.shape[1])

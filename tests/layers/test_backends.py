@@ -1,0 +1,108 @@
+"""Every dispatch backend equals the one-hot einsum reference, outputs and gradients."""
+
+import pytest
+import torch
+
+from visionmoe import MoE
+from visionmoe.layers import dispatch, einsum_moe
+from visionmoe.layers.dispatch import apply_plan, choose_backend, combine
+from visionmoe.layers.experts import grouped_mm_supported
+
+SPARSE_CASES = [
+    ("topk", {"k": 1, "capacity_factor": 0.5}),  # heavy dropping
+    ("topk", {"k": 2, "capacity_factor": 1.25}),
+    ("topk", {"k": 2, "capacity_factor": None}),  # dropless
+    ("sinkhorn_topk", {"k": 2, "capacity_factor": 1.0}),
+    ("expert_choice", {"capacity_factor": 2.0}),
+    ("sinkhorn_expert_choice", {"capacity_factor": 1.0}),
+    ("sparse_expert_choice", {"capacity_factor": 1.0}),
+]
+# (dim, hidden): aligned for grouped_mm, and odd sizes that defeat alignment.
+SIZES = [(16, 24), (13, 7)]
+
+
+def run_backend(moe, x, plan, backend, deterministic=False):
+    x = x.detach().clone().requires_grad_(True)
+    moe.zero_grad(set_to_none=True)
+    if backend == "reference":
+        y = einsum_moe(x, plan, moe.experts)
+    else:
+        y = apply_plan(x, plan, moe.experts, backend, deterministic)
+    (y * torch.linspace(-1, 1, y.numel()).reshape(y.shape)).sum().backward(retain_graph=True)
+    grads = {n: p.grad.clone() for n, p in moe.named_parameters() if p.grad is not None}
+    return y.detach(), x.grad, grads
+
+
+def backends_for(moe, x):
+    names = ["sorted", "padded"]
+    if grouped_mm_supported(moe.experts, x):
+        names.append("grouped")
+    return names
+
+
+@pytest.mark.parametrize(("name", "opts"), SPARSE_CASES, ids=[f"{n}-{i}" for i, (n, _) in enumerate(SPARSE_CASES)])
+@pytest.mark.parametrize(("dim", "hidden"), SIZES, ids=["aligned", "odd"])
+@pytest.mark.parametrize("experts", [1, 5])
+def test_backends_equal_reference(name, opts, dim, hidden, experts):
+    if name in ("topk", "sinkhorn_topk"):
+        opts = {**opts, "k": min(opts["k"], experts)}
+    torch.manual_seed(0)
+    moe = MoE(dim, experts, hidden, router=name, **opts)
+    x = torch.randn(3, 11, dim)
+    plan = moe.router(x).plan
+    ref_y, ref_dx, ref_grads = run_backend(moe, x, plan, "reference")
+    for backend in backends_for(moe, x):
+        for deterministic in (False, True):
+            y, dx, grads = run_backend(moe, x, plan, backend, deterministic)
+            torch.testing.assert_close(y, ref_y, rtol=1e-5, atol=1e-5, msg=f"{backend} output")
+            torch.testing.assert_close(dx, ref_dx, rtol=1e-4, atol=1e-5, msg=f"{backend} input grad")
+            assert grads.keys() == ref_grads.keys()
+            for key in grads:
+                torch.testing.assert_close(grads[key], ref_grads[key], rtol=1e-4, atol=1e-5, msg=f"{backend} {key}")
+
+
+@pytest.mark.parametrize("backend", ["sorted", "padded", "grouped"])
+def test_empty_experts_get_zero_gradients(backend):
+    # Every token prefers expert 0: experts 1..3 receive nothing on every backend.
+    moe = MoE(16, 4, 8, router="topk", k=1, capacity_factor=1.0, backend=backend, router_options={"noise_std": 0.0})
+    with torch.no_grad():
+        moe.router.weight.zero_()
+        moe.router.weight[0].fill_(1.0)
+    moe(torch.rand(2, 6, 16)).sum().backward()
+    for p in (moe.experts.w1, moe.experts.b1, moe.experts.w2, moe.experts.b2):
+        assert p.grad is not None and bool((p.grad[1:] == 0).all())
+
+
+def test_deterministic_combine_is_the_same_sum():
+    rows = torch.tensor([3, 0, 3, 1, 3])
+    values = torch.arange(10.0).reshape(5, 2)
+    # row 0 <- [2, 3]; row 1 <- [6, 7]; row 2 <- nothing; row 3 <- [0,1] + [4,5] + [8,9] = [12, 15].
+    expected = torch.tensor([[2.0, 3.0], [6.0, 7.0], [0.0, 0.0], [12.0, 15.0]])
+    assert torch.equal(combine(rows, values, 4), expected)
+    assert torch.equal(combine(rows, values, 4, deterministic=True), expected)
+
+
+def test_auto_falls_back_when_grouped_mm_is_absent(monkeypatch):
+    moe = MoE(16, 4, 8, router="topk", k=2)
+    x = torch.randn(2, 5, 16)
+    assert choose_backend(x, moe.experts) == "sorted"  # CPU: grouped measured slower
+    monkeypatch.setattr(torch.nn.functional, "grouped_mm", None, raising=False)
+    monkeypatch.delattr(torch, "_grouped_mm", raising=False)
+    assert not grouped_mm_supported(moe.experts, x)
+    assert choose_backend(x, moe.experts) == "sorted"
+    assert moe(x).shape == x.shape
+
+
+def test_padded_backend_under_torch_compile_like_choice(monkeypatch):
+    # While compiling, auto picks the static-shape padded path.
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    assert choose_backend(torch.randn(1, 2, 16), MoE(16, 2, 8).experts) == "padded"
+
+
+def test_unknown_backend():
+    with pytest.raises(ValueError, match="unknown MoE backend 'fast'; choose one of: auto, sorted, grouped, padded"):
+        MoE(16, 4, 8, backend="fast")
+    moe = MoE(16, 4, 8)
+    plan = moe.router(torch.randn(1, 4, 16)).plan
+    with pytest.raises(ValueError, match="unknown MoE backend 'fast'"):
+        dispatch.sparse_moe(torch.randn(1, 4, 16), plan, moe.experts, "fast")

@@ -161,3 +161,17 @@ def test_bad_groups_and_sizes():
     with pytest.raises(ValueError) as e:
         MoE(8, 4, 0)
     assert "hidden_dim=0" in one_line(e)
+
+
+@pytest.mark.parametrize("groups", ["sample", "batch", 2])
+def test_aux_losses_pool_the_whole_batch_whatever_the_groups(groups):
+    # A (B, D) head: with one group per sample (S = 1), a per-group importance loss would be the
+    # CV² of one sample's gates. The loss is over the batch: CV² of the gate sums over all 6 samples.
+    torch.manual_seed(0)
+    moe = MoE(8, 4, 16, router="topk", k=1, groups=groups, aux_loss_weights={"importance": 1.0})
+    moe.router.noise_std = 0.0
+    x = torch.randn(6, 8)
+    moe(x)
+    importance = (x @ moe.router.weight.T).softmax(-1).sum(0)  # (E,)
+    expected = importance.var(unbiased=False) / importance.mean() ** 2
+    torch.testing.assert_close(moe.aux_loss.detach(), expected)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -70,12 +70,21 @@ class Router(nn.Module):
     def default_aux_loss_weights(self) -> dict[str, float]:
         return {}
 
-    def _aux(self, x: Tensor, **losses_inputs: Tensor | None) -> tuple[Tensor, dict[str, Tensor]]:
-        """Weighted sum of the enabled aux losses; ``losses_inputs`` are computed lazily by name."""
+    def _aux(self, x: Tensor, **losses_inputs: Any) -> tuple[Tensor, dict[str, Tensor]]:
+        """Weighted sum of the enabled aux losses, over all tokens of the batch.
+
+        Balance is a property of the batch, not of a routing group: with one group per sample of
+        a (B, D) head (S = 1), per-group losses would push every sample's gates towards uniform
+        instead of spreading the batch over the experts. So (G, S, E) inputs are pooled into one
+        (1, G·S, E) group before the losses see them.
+        """
+        if not self.aux_loss_weights:
+            return x.new_zeros((), dtype=torch.float32), {}
+        pooled = {k: _pool_groups(v) for k, v in losses_inputs.items()}
         total = x.new_zeros((), dtype=torch.float32)
         logged = {}
         for name, weight in self.aux_loss_weights.items():
-            value = self._aux_loss(name, **losses_inputs)
+            value = self._aux_loss(name, **pooled)
             total = total + weight * value
             logged[name] = value.detach()
         return total, logged
@@ -84,7 +93,18 @@ class Router(nn.Module):
         raise NotImplementedError(name)
 
 
+def _pool_groups(value: Any) -> Any:
+    """(G, S, ...) -> (1, G·S, ...) for tensors; other values pass through."""
+    if isinstance(value, Tensor) and value.dim() >= 2:
+        return value.reshape(1, -1, *value.shape[2:])
+    return value
+
+
 def _check_finite(logits: Tensor, router: str) -> None:
+    # A host sync by design (the error must name the problem before it spreads). Skipped while
+    # torch.compile traces, where a data-dependent branch would break the graph.
+    if torch.compiler.is_compiling():
+        return
     if not bool(torch.isfinite(logits).all()):
         nan, inf = int(torch.isnan(logits).sum()), int(torch.isinf(logits).sum())
         raise FloatingPointError(

@@ -1,7 +1,8 @@
 """Auxiliary routing losses, as pure functions of router outputs.
 
-Each takes per-group tensors (G, S, E) and returns a scalar averaged over groups, because the
-routing decisions (and so the balance they encourage) are made per group.
+Each takes (G, S, E) tensors and returns the loss averaged over the G leading groups. The routers
+pass the whole batch as one group (G = 1, S = all tokens): balance is a batch statistic, whatever
+groups the routing itself uses.
 """
 
 from __future__ import annotations

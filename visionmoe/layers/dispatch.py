@@ -16,6 +16,12 @@ Sparse plans have three backends, all exact (they compute the same sums in a dif
 ``auto`` picks ``padded`` while compiling, ``grouped`` on CUDA when available and aligned,
 ``sorted`` otherwise. Soft MoE uses three batched matmuls; the dense router one FFN of width E·H.
 
+``torch.compile(moe, fullgraph=True)`` traces every router in one graph, forward and backward
+(tested), with these exceptions, which break the graph: dropless token choice (its capacity is the
+largest load, read from the data), the ``sorted`` and ``grouped`` backends when forced (they read
+the per-expert counts on the host), and nothing else; the non-finite-logits check is skipped while
+compiling (it is a host sync).
+
 The combine is a scatter-add (``index_add_``); ``deterministic=True`` replaces it by a segment sum
 over assignments sorted by token (no atomics, so bit-identical on CUDA too; ``index_add_`` on the
 CPU is deterministic already).

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-from fractions import Fraction
 
 
 def expert_capacity(
@@ -20,8 +19,9 @@ def expert_capacity(
     ``C = ceil(k · S · capacity_factor / E)``, or ``capacity`` when given directly; then rounded
     up to a multiple of ``multiple`` (V-MoE rounds to 4, so its published numbers need
     ``multiple=4``). Returns None for dropless routing (``capacity_factor=None`` and no
-    ``capacity``). The product is computed on the decimal value of ``capacity_factor``, so
-    ``ceil(2 · 16 · 1.1 / 8)`` is 5, not 6 from a float rounding error.
+    ``capacity``). The quotient is rounded to 9 decimals before the ceiling, so a float error in a
+    decimal factor cannot add a slot: ``ceil(2 · 16 · 1.1 / 8)`` is 5 (4.4000000000000004 → 4.4).
+    Plain Python arithmetic on static sizes, so ``torch.compile`` folds it to a constant.
     """
     if multiple < 1:
         raise ValueError(f"capacity multiple must be >= 1, got multiple={multiple}")
@@ -33,7 +33,7 @@ def expert_capacity(
         return None
     else:
         check_capacity_factor(capacity_factor)
-        c = math.ceil(Fraction(k * num_tokens) * Fraction(str(capacity_factor)) / num_experts)
+        c = math.ceil(round(k * num_tokens * capacity_factor / num_experts, 9))
         c = max(c, 1)
     return -(-c // multiple) * multiple
 
@@ -41,5 +41,10 @@ def expert_capacity(
 def check_capacity_factor(capacity_factor: float | None, name: str = "capacity_factor") -> None:
     if capacity_factor is None:
         return
-    if not (isinstance(capacity_factor, int | float) and math.isfinite(capacity_factor) and capacity_factor > 0):
+    # Plain comparisons (NaN fails them too) so that torch.compile can fold the check.
+    if (
+        isinstance(capacity_factor, bool)
+        or not isinstance(capacity_factor, (int, float))
+        or not 0 < capacity_factor < math.inf
+    ):
         raise ValueError(f"{name} must be a finite number > 0 or None (dropless), got {name}={capacity_factor!r}")

@@ -1,0 +1,174 @@
+"""CIFAR ResNet-18 with a dense or MoE classifier head, all at matched capacity (Rokah et al. 2026).
+
+The backbone is the usual CIFAR ResNet-18: a 3×3 stride-1 stem conv with 64 channels and no
+max-pool, four stages of two BasicBlocks (64, 128, 256, 512 channels; strides 1, 2, 2, 2), and
+global average pooling to a 512-d feature. The head is
+
+    feature (B, 512) → FFN or MoE, 512 → 512 hidden in all → 512 → Linear(512, num_classes)
+
+Matched capacity: experts × expert width = 512 = the dense FFN's width, so every head holds the
+same ~0.53M FFN parameters (plus a router of 4·512 for the MoE heads).
+
+    name                          head                                      E  width  routing
+    resnet18_cifar_dense_head     dense FFN                                 1  512    every token, weight 1
+    resnet18_cifar_mixture_head   softmax-gated mixture ("their SoftMoE")   4  128    top-k, k=E, dropless, no noise
+    resnet18_cifar_sparse_head    noisy top-k ("SparseMoE")                 4  128    top-2, noise 1/E, dropless
+    resnet18_cifar_soft_head      per-sample Soft MoE (Sun et al. 2026)     4  128    soft_per_sample, 1 slot/expert
+
+Rokah et al.'s "SoftMoE" head runs every expert and mixes them with softmax gates; it is not
+Puigcerver et al.'s Soft MoE, whose slot-mixing form is the per-sample soft head here.
+
+All heads use ``groups="sample"``: the head sees one 512-d vector per image and routes each as
+a group of its own, so no sample's output depends on another sample in the batch (Soft MoE over
+the batch axis would mix images in its slots). One consequence: a router's balance losses are
+computed per group, here per sample, so they push each sample's gates towards uniform rather
+than balancing expert use over the batch. Token choice without capacity routes every token
+independently, so ``moe={"groups": "batch"}`` gives the mixture and sparse heads the same
+outputs (up to float rounding) with the balance losses taken over the batch instead.
+
+Keyword arguments of every entry point: ``num_classes`` (10), ``in_chans`` (3), ``moe`` (an
+:class:`MoEConfig` that replaces the head's default, or a dict of fields that updates it; the
+expert width stays ``head_width // num_experts``), ``head_width`` (512), ``drop_rate``,
+``zero_init_residual``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from torch import Tensor, nn
+
+from visionmoe.layers.moe import MoEConfig
+from visionmoe.models.cnn import CifarClassifier
+from visionmoe.models.registry import entry_kwargs, register_model
+from visionmoe.models.vit import moe_config
+
+DENSE_HEAD = MoEConfig(num_experts=1, router="dense")
+MIXTURE_HEAD = MoEConfig(num_experts=4, router="topk", k=4, dropless=True, router_options={"noise_std": 0.0})
+SPARSE_HEAD = MoEConfig(num_experts=4, router="topk", k=2, dropless=True)
+SOFT_HEAD = MoEConfig(num_experts=4, router="soft_per_sample", router_options={"slots_per_expert": 1})
+
+
+class BasicBlock(nn.Module):
+    """ResNet's two-conv block: conv3×3 → BN → ReLU → conv3×3 → BN, plus the shortcut, → ReLU.
+
+    Shape:
+        (B, in_dim, H, W) -> (B, dim, H / stride, W / stride)
+    """
+
+    def __init__(self, in_dim: int, dim: int, stride: int = 1) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(in_dim, dim, 3, stride=stride, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(dim)
+        self.act1 = nn.ReLU()
+        self.conv2 = nn.Conv2d(dim, dim, 3, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(dim)
+        self.act2 = nn.ReLU()
+        self.shortcut: nn.Module = nn.Identity()
+        if stride != 1 or in_dim != dim:
+            self.shortcut = nn.Sequential(nn.Conv2d(in_dim, dim, 1, stride=stride, bias=False), nn.BatchNorm2d(dim))
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = self.act1(self.bn1(self.conv1(x)))  # (B, dim, H', W')
+        h = self.bn2(self.conv2(h))
+        return self.act2(h + self.shortcut(x))
+
+
+class CifarResNet18(CifarClassifier):
+    """CIFAR ResNet-18 whose classifier head is an FFN or MoE of total hidden width ``head_width``.
+
+    Args:
+        num_classes: classes; 0 for no final Linear (the model returns the head FFN's output).
+        in_chans: input channels.
+        moe: the head's MoE settings (an :class:`MoEConfig` or a dict of its fields); the default
+            is the dense FFN, ``MoEConfig(num_experts=1, router="dense")``. Its ``groups`` should
+            stay "sample" (the default) to keep samples independent; see the module docstring.
+        head_width: total hidden width of the head; each of the E experts is ``head_width // E``
+            wide, so every head has the same capacity.
+        head_act_layer: activation inside the head's FFN / experts.
+        drop_rate: dropout before the final Linear.
+        zero_init_residual: zero the last BN of every block, so each block starts as the identity
+            (Goyal et al. 2017).
+
+    Shape:
+        (B, in_chans, H, W) -> (B, num_classes). ``forward_features`` gives the backbone's final
+        (B, 512, H/8, W/8) map before pooling; ``forward_head`` pools it to (B, 512), applies the
+        head FFN / MoE (B, 512) -> (B, 512), then the Linear; ``pre_logits=True`` stops before it.
+    """
+
+    def __init__(
+        self,
+        num_classes: int = 10,
+        in_chans: int = 3,
+        *,
+        moe: MoEConfig | Mapping[str, Any] | None = DENSE_HEAD,
+        head_width: int = 512,
+        head_act_layer: type[nn.Module] = nn.ReLU,
+        drop_rate: float = 0.0,
+        zero_init_residual: bool = False,
+    ) -> None:
+        super().__init__()
+        config = MoEConfig.coerce(moe)
+        if head_width % config.num_experts:
+            raise ValueError(
+                f"head_width={head_width} must split evenly over num_experts={config.num_experts} (matched capacity)"
+            )
+        self.stem = nn.Sequential(nn.Conv2d(in_chans, 64, 3, padding=1, bias=False), nn.BatchNorm2d(64), nn.ReLU())
+        stages, in_dim = [], 64
+        for dim, stride in ((64, 1), (128, 2), (256, 2), (512, 2)):
+            stages.append(nn.Sequential(BasicBlock(in_dim, dim, stride), BasicBlock(dim, dim)))
+            in_dim = dim
+        self.stages = nn.Sequential(*stages)
+        # The head FFN is an MoE even when dense (E=1, router "dense"), so all four heads share one code path.
+        self.head_ffn = config.build(in_dim, head_width // config.num_experts, activation=head_act_layer)
+        self._init_head(in_dim, num_classes, drop_rate)
+        self._init_convs()
+        if zero_init_residual:
+            for m in self.modules():
+                if isinstance(m, BasicBlock):
+                    nn.init.zeros_(m.bn2.weight)
+
+    def forward_features(self, x: Tensor) -> Tensor:
+        return self.stages(self.stem(x))  # (B, 512, H/8, W/8)
+
+    def forward_head(self, x: Tensor, pre_logits: bool = False) -> Tensor:
+        x = self.head_ffn(self.pool(x))  # (B, 512): one token per sample
+        x = self.head_drop(x)
+        return x if pre_logits else self.fc(x)
+
+
+def _create(name: str, head: MoEConfig, pretrained: bool, kwargs: dict[str, Any]) -> CifarResNet18:
+    kwargs = entry_kwargs(name, pretrained, kwargs)
+    kwargs["moe"] = moe_config(kwargs.get("moe"), head)
+    return CifarResNet18(**kwargs)
+
+
+@register_model
+def resnet18_cifar_dense_head(pretrained: bool = False, **kwargs: Any) -> CifarResNet18:
+    """CIFAR ResNet-18 with a dense FFN head, 512 → 512 → 512 (Rokah et al.'s Dense baseline)."""
+    return _create("resnet18_cifar_dense_head", DENSE_HEAD, pretrained, kwargs)
+
+
+@register_model
+def resnet18_cifar_mixture_head(pretrained: bool = False, **kwargs: Any) -> CifarResNet18:
+    """CIFAR ResNet-18 with a softmax-gated mixture of 4 experts of width 128, all run (Rokah et al.'s SoftMoE).
+
+    Overriding ``num_experts`` through ``moe`` needs ``k`` set to it as well, to keep every expert running.
+    """
+    return _create("resnet18_cifar_mixture_head", MIXTURE_HEAD, pretrained, kwargs)
+
+
+@register_model
+def resnet18_cifar_sparse_head(pretrained: bool = False, **kwargs: Any) -> CifarResNet18:
+    """CIFAR ResNet-18 with a noisy top-2 head of 4 experts of width 128, dropless (Rokah et al.'s SparseMoE)."""
+    return _create("resnet18_cifar_sparse_head", SPARSE_HEAD, pretrained, kwargs)
+
+
+@register_model
+def resnet18_cifar_soft_head(pretrained: bool = False, **kwargs: Any) -> CifarResNet18:
+    """CIFAR ResNet-18 with a per-sample Soft MoE head: 4 experts of width 128, one slot each."""
+    return _create("resnet18_cifar_soft_head", SOFT_HEAD, pretrained, kwargs)
+
+
+__all__ = ["DENSE_HEAD", "MIXTURE_HEAD", "SOFT_HEAD", "SPARSE_HEAD", "BasicBlock", "CifarResNet18"]

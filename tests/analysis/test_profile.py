@@ -180,3 +180,13 @@ def test_one_line_errors():
         dense_twin(model, match="flops")
     assert "\n" not in str(err.value)
     dense_twin(model, match="params")  # the params twin needs no forward
+
+
+def test_dense_router_layers_are_not_routed():
+    # A dense-router "MoE" is a plain FFN (what dense twins are made of): its FLOPs count in the
+    # total but not in ρ, so a dense twin has ρ = 0 while its MoE original does not.
+    moe_model = nn.Sequential(MoE(16, 4, 32, router="topk", k=2, capacity_factor=None), nn.Linear(16, 4))
+    x = torch.randn(3, 5, 16)
+    assert profile(moe_model, x).rho > 0
+    twin = profile(dense_twin(moe_model), x)
+    assert twin.rho == 0.0 and twin.layers[0].routed is False and twin.layers[0].expert_flops > 0

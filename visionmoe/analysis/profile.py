@@ -25,6 +25,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from visionmoe.layers.experts import Experts
 from visionmoe.layers.moe import MoE, moe_layers
+from visionmoe.layers.routers import DenseRouter
 from visionmoe.routing.plan import Routing, SoftRouting
 
 _Flops = Callable[[str], float]  # per-sample FLOPs of the module with a given FQN
@@ -50,6 +51,7 @@ class MoELayerProfile:
 
     name: str
     router: str
+    routed: bool  # False for the dense router: its FLOPs are not routed and stay out of ρ
     num_experts: int
     experts_per_token: float  # average experts that process a token (Soft MoE and dense: E)
     expert_flops: float  # useful
@@ -72,7 +74,8 @@ class ComputeProfile:
         expert_flops_padded: expert FLOPs of a capacity-padded implementation.
         router_flops: FLOPs of the routers.
         dispatch_flops: FLOPs inside MoE layers outside experts and routers (Soft MoE dispatch/combine).
-        rho: ρ = expert_flops / total_flops (0 without MoE layers).
+        rho: ρ = expert FLOPs of *routed* layers / total_flops: 0 without MoE layers, and layers
+            with the ``dense`` router (a dense FFN in MoE clothing, as in a dense twin) count as dense.
         total_params: all parameters of the model.
         active_params: parameters used by an average sample (see :func:`profile`).
         layers: one :class:`MoELayerProfile` per MoE layer.
@@ -198,7 +201,7 @@ def profile(model: nn.Module, example_input: Tensor | Sequence[Tensor]) -> Compu
         expert_flops_padded=sum(layer.expert_flops_padded for layer in moe_profiles),
         router_flops=sum(layer.router_flops for layer in moe_profiles),
         dispatch_flops=sum(layer.dispatch_flops for layer in moe_profiles),
-        rho=expert_flops / total if total > 0 else 0.0,
+        rho=sum(layer.expert_flops for layer in moe_profiles if layer.routed) / total if total > 0 else 0.0,
         total_params=total_params,
         active_params=total_params - expert_params + expert_active,
         layers=moe_profiles,
@@ -256,6 +259,7 @@ def _layer_profile(name: str, moe: MoE, calls: list[dict[str, Any]], flops: _Flo
     return MoELayerProfile(
         name=name,
         router=getattr(moe.router, "name", type(moe.router).__name__),
+        routed=not isinstance(moe.router, DenseRouter),
         num_experts=E,
         experts_per_token=per_token,
         expert_flops=expert_flops,

@@ -1,0 +1,51 @@
+"""Every registered visionmoe model at its default settings: parameters, active parameters, FLOPs, ρ.
+
+    python benchmarks/models_table.py            # prints the Markdown table used in README.md
+
+FLOPs are counted by ``visionmoe.analysis.profile`` (torch's FlopCounterMode, forward, eval mode,
+one random image at the model's native resolution); ρ is the fraction of them done by experts.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import torch
+
+import visionmoe
+from visionmoe.analysis import profile
+
+
+def native_size(name: str) -> int:
+    if name.endswith("_224") or name.startswith("convnext"):
+        return 224
+    return 32
+
+
+def fmt(n: float) -> str:
+    for unit, scale in (("G", 1e9), ("M", 1e6), ("K", 1e3)):
+        if n >= scale:
+            return f"{n / scale:.2f} {unit}"
+    return f"{n:.0f}"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", nargs="*", default=None, help="default: every visionmoe model")
+    args = parser.parse_args()
+    torch.manual_seed(0)
+    print("| model | input | MoE layers | params | active params | FLOPs / image | ρ |")
+    print("|---|---|---:|---:|---:|---:|---:|")
+    for name in args.models or visionmoe.list_models():
+        size = native_size(name)
+        model = visionmoe.create_model(name)
+        p = profile(model, torch.randn(1, 3, size, size))
+        layers = len(visionmoe.moe_layers(model))
+        print(
+            f"| `{name}` | {size}² | {layers} | {fmt(p.total_params)} | {fmt(p.active_params)} | "
+            f"{fmt(p.total_flops)} | {p.rho:.3f} |"
+        )
+
+
+if __name__ == "__main__":
+    main()

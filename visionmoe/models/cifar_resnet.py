@@ -20,11 +20,9 @@ Puigcerver et al.'s Soft MoE, whose slot-mixing form is the per-sample soft head
 
 All heads use ``groups="sample"``: the head sees one 512-d vector per image and routes each as
 a group of its own, so no sample's output depends on another sample in the batch (Soft MoE over
-the batch axis would mix images in its slots). One consequence: a router's balance losses are
-computed per group, here per sample, so they push each sample's gates towards uniform rather
-than balancing expert use over the batch. Token choice without capacity routes every token
-independently, so ``moe={"groups": "batch"}`` gives the mixture and sparse heads the same
-outputs (up to float rounding) with the balance losses taken over the batch instead.
+the batch axis would mix images in its slots). The routers' balance losses are still taken over
+the whole batch (they pool the groups), so they spread the batch over the experts rather than
+pushing each sample's gates towards uniform.
 
 Keyword arguments of every entry point: ``num_classes`` (10), ``in_chans`` (3), ``moe`` (an
 :class:`MoEConfig` that replaces the head's default, or a dict of fields that updates it; the

@@ -50,6 +50,50 @@ def _demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _bench(args: argparse.Namespace) -> int:
+    import torch
+    from rich.console import Console
+    from rich.table import Table
+
+    from visionmoe.analysis.speed import QUICK_SHAPE, TARGET_SHAPE, fmt, layer_benchmark, machine_info
+
+    shape = QUICK_SHAPE if args.quick else TARGET_SHAPE
+    # --quick checks that everything runs: 1 thread, so a shared CPU can't stall OpenMP barriers.
+    threads = args.threads or (1 if args.quick else torch.get_num_threads())
+    images, tokens, d, E, k, cf = shape
+    info = machine_info(threads)
+    console = Console(width=None if sys.stdout.isatty() else 140)
+    console.print(
+        f"[bold]visionmoe bench[/]: {images} images × {tokens} tokens, d={d}, E={E} experts of width {4 * d}, "
+        f"k={k}, capacity factor {cf}, groups per image, {args.mode}; {info['cpu']}, {info['cores']} cores, "
+        f"torch {info['torch']}, threads={threads}"
+    )
+    rows = layer_benchmark([shape], threads=threads, repeats=args.repeats, mode=args.mode)
+    table = Table(title="one MoE layer, same input, timed in one run")
+    columns = ("implementation", "ms", "× dense", "assignments", "expert rows", "C", "per assignment × dense", "note")
+    for col in columns:
+        table.add_column(col, justify="left" if col in ("implementation", "note") else "right", no_wrap=col != "note")
+    for r in rows:
+        ms = "—" if r["median"] is None else f"{r['median'] * 1e3:.2f} ± {r['iqr'] * 1e3:.2f}"
+        table.add_row(
+            r["implementation"],
+            ms,
+            fmt(r["vs_dense"], ".2f"),
+            fmt(r["assignments"]),
+            fmt(r["expert_rows"]),
+            fmt(r["capacity"]),
+            fmt(r["per_assignment_vs_dense"], ".2f"),
+            r["note"],
+        )
+    console.print(table)
+    console.print(
+        f"ms: median ± IQR of {args.repeats} repeats. dense = one FFN of k × the expert width (equal active FLOPs). "
+        "assignments: kept token-expert assignments (Soft MoE: slots); expert rows: what the expert GEMMs execute, "
+        "padding included. Peers that are not installed are skipped (pip install visionmoe\\[bench])."
+    )
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="visionmoe", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -59,6 +103,12 @@ def build_parser() -> argparse.ArgumentParser:
         kind = float if f.name == "capacity_factor" else int
         demo.add_argument(f"--{f.name.replace('_', '-')}", type=kind, default=getattr(defaults, f.name))
     demo.set_defaults(func=_demo)
+    bench = sub.add_parser("bench", help="time the MoE layer against dense, einsum and peer packages")
+    bench.add_argument("--quick", action="store_true", help="a tiny shape: checks that everything runs")
+    bench.add_argument("--threads", type=int, default=None, help="default: torch's thread count (1 with --quick)")
+    bench.add_argument("--repeats", type=int, default=5)
+    bench.add_argument("--mode", choices=("fwd", "fwdbwd"), default="fwdbwd")
+    bench.set_defaults(func=_bench)
     return parser
 
 

@@ -42,7 +42,7 @@ QUICK_SHAPES = [(1, 64, 32, 4, 2, 1.25), (2, 64, 32, 4, 2, 1.25), (4, 64, 32, 4,
 COLUMNS = [
     ("implementation", lambda r: r["implementation"]),
     ("ms (median ± IQR)", lambda r: "—" if r["median"] is None else f"{r['median'] * 1e3:.2f} ± {r['iqr'] * 1e3:.2f}"),
-    ("× dense", lambda r: fmt(r["vs_dense"], ".2f")),
+    ("× dense (median ± IQR of per-repeat ratios)", lambda r: _ratio(r)),
     ("assignments", lambda r: fmt(r["assignments"])),
     ("expert rows", lambda r: fmt(r["expert_rows"])),
     ("C", lambda r: fmt(r["capacity"])),
@@ -77,8 +77,29 @@ def plot(rows: list[dict], path: Path, like: tuple) -> Path | None:
     return path
 
 
+def _shape(text: str) -> tuple:
+    parts = text.split(",")
+    if len(parts) != 6:
+        raise argparse.ArgumentTypeError(f"a shape is images,tokens,d,E,k,cf; got {text!r}")
+    *ints, cf = parts
+    return (*(int(p) for p in ints), None if cf.lower() == "none" else float(cf))
+
+
+def _ratio(r: dict) -> str:
+    if r.get("vs_dense") is None:
+        return "—"
+    return f"{r['vs_dense']:.2f} ± {r.get('vs_dense_iqr') or 0.0:.2f}"
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument(
+        "--shapes",
+        nargs="+",
+        type=_shape,
+        default=None,
+        help="images,tokens,d,E,k,cf (cf 'none' = dropless); default: the sweep in DEFAULT_SHAPES",
+    )
     parser.add_argument("--threads", type=int, help="default: torch's thread count (1 with --quick)")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--quick", action="store_true", help="tiny shapes, seconds: checks the script only")
@@ -87,7 +108,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--implementations", nargs="+", choices=IMPLEMENTATIONS, default=list(IMPLEMENTATIONS))
     parser.add_argument("--min-run-time", type=float, default=0.02, help="seconds per measurement, at least")
     args = parser.parse_args(argv)
-    shapes = QUICK_SHAPES if args.quick else DEFAULT_SHAPES
+    shapes = QUICK_SHAPES if args.quick else (args.shapes or DEFAULT_SHAPES)
     if args.threads is None:  # a quick check on 1 thread: not stalled by OpenMP barriers when the CPU is shared
         args.threads = 1 if args.quick else torch.get_num_threads()
     print(benchmark_header(f"MoE layer speed ({args.mode})", args.threads), flush=True)
@@ -106,8 +127,9 @@ def main(argv: list[str] | None = None) -> int:
         print(markdown_table(shape_rows, COLUMNS), flush=True)
         rows += shape_rows
     print(
-        f"\nTimes: median ± IQR of {args.repeats} repeats. × dense: time / the dense FFN of width k·H in the same "
-        "run. assignments: kept token-expert assignments (Soft MoE: slots). expert rows: rows the expert GEMMs "
+        f"\nTimes: median ± IQR of {args.repeats} repeats, implementations interleaved round-robin. × dense: median "
+        "± IQR over repeats of time / the time of the dense FFN of width k·H in the same repeat. assignments: "
+        "kept token-expert assignments (Soft MoE: slots). expert rows: rows the expert GEMMs "
         "execute, capacity padding included. per assignment × dense: time per assignment / dense time per "
         "token-expert pair (k per token)."
     )

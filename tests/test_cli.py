@@ -36,3 +36,11 @@ def test_demo_command_prints_the_table(capsys):
 def test_unknown_command_is_rejected():
     with pytest.raises(SystemExit):
         main(["fly"])
+
+
+def test_profile_command_prints_a_markdown_table(capsys):
+    assert main(["profile", "cnn_resnet_cifar_moe", "--img-size", "16", "--kwargs", '{"width": 8}']) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("| Module |") and "ρ =" in out
+    with pytest.raises(SystemExit, match="--kwargs must be a JSON object"):
+        main(["profile", "cnn_resnet_cifar_moe", "--kwargs", "[1, 2]"])

@@ -94,6 +94,26 @@ def _bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def _profile(args: argparse.Namespace) -> int:
+    import json
+
+    import torch
+
+    import visionmoe
+    from visionmoe.analysis import profile
+
+    try:
+        overrides = json.loads(args.kwargs) if args.kwargs else {}
+    except json.JSONDecodeError as e:
+        raise SystemExit(f"--kwargs must be a JSON object, got {args.kwargs!r} ({e.msg})") from None
+    if not isinstance(overrides, dict):
+        raise SystemExit(f"--kwargs must be a JSON object, got {args.kwargs!r}")
+    model = visionmoe.create_model(args.model, **overrides)
+    x = torch.randn(args.batch, 3, args.img_size, args.img_size)
+    print(profile(model, x).table())
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="visionmoe", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -109,6 +129,12 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--repeats", type=int, default=5)
     bench.add_argument("--mode", choices=("fwd", "fwdbwd"), default="fwdbwd")
     bench.set_defaults(func=_bench)
+    prof = sub.add_parser("profile", help="FLOPs, rho and active parameters of a model, as a Markdown table")
+    prof.add_argument("model", help="a visionmoe (or timm) model name")
+    prof.add_argument("--img-size", type=int, default=32)
+    prof.add_argument("--batch", type=int, default=1)
+    prof.add_argument("--kwargs", default="", help='model arguments as JSON, e.g. \'{"moe_stages": "all"}\'')
+    prof.set_defaults(func=_profile)
     return parser
 
 

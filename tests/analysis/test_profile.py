@@ -190,3 +190,13 @@ def test_dense_router_layers_are_not_routed():
     assert profile(moe_model, x).rho > 0
     twin = profile(dense_twin(moe_model), x)
     assert twin.rho == 0.0 and twin.layers[0].routed is False and twin.layers[0].expert_flops > 0
+
+
+@pytest.mark.parametrize("backend", ["sorted", "grouped", "padded"])
+def test_expert_flops_counted_on_every_backend(backend):
+    # Dropless top-2: 2 assignments per token, each 2·D·H + 2·H·D FLOPs, whatever kernel runs them
+    # (FlopCounterMode has no formula for grouped_mm of its own; profile registers one).
+    D, H, tokens = 16, 32, 10
+    moe = MoE(D, 4, H, router="topk", k=2, capacity_factor=None, backend=backend)
+    p = profile(moe, torch.randn(1, tokens, D))
+    assert p.expert_flops == 2 * tokens * (2 * D * H + 2 * H * D)

@@ -26,7 +26,7 @@ FAST = {"threads": 1, "repeats": 1, "min_run_time": 0.0}
 KEYS = {
     "images", "tokens_per_image", "tokens", "dim", "hidden", "num_experts", "k", "capacity_factor", "mode",
     "threads", "implementation", "median", "iqr", "assignments", "expert_rows", "capacity", "note", "vs_dense",
-    "per_assignment_vs_dense",
+    "vs_dense_iqr", "per_assignment_vs_dense",
 }  # fmt: skip
 
 

@@ -85,12 +85,29 @@ def test_deterministic_combine_is_the_same_sum():
 def test_auto_falls_back_when_grouped_mm_is_absent(monkeypatch):
     moe = MoE(16, 4, 8, router="topk", k=2)
     x = torch.randn(2, 5, 16)
+    plan = moe.router(x).plan  # 20 assignments over 4 experts: small, so grouped when available
     assert choose_backend(x, moe.experts) == "sorted"  # CPU: grouped measured slower
     monkeypatch.setattr(torch.nn.functional, "grouped_mm", None, raising=False)
     monkeypatch.delattr(torch, "_grouped_mm", raising=False)
     assert not grouped_mm_supported(moe.experts, x)
     assert choose_backend(x, moe.experts) == "sorted"
+    assert choose_backend(x, moe.experts, plan) == "padded"
     assert moe(x).shape == x.shape
+
+
+def test_auto_picks_padded_for_small_experts():
+    # 2 groups × (k=2 · 5 tokens) = 20 assignments over 4 experts: 5 rows each, below 128 ->
+    # grouped_mm where the sizes are aligned (16, 8: multiples of 4 floats), padded where not.
+    moe = MoE(16, 4, 8, router="topk", k=2)
+    x = torch.randn(2, 5, 16)
+    expected = "grouped" if grouped_mm_supported(moe.experts, x) else "padded"
+    assert choose_backend(x, moe.experts, moe.router(x).plan) == expected
+    odd = MoE(15, 4, 7, router="topk", k=2)
+    x = torch.randn(2, 5, 15)
+    assert choose_backend(x, odd.experts, odd.router(x).plan) == "padded"
+    # 2 × 2 · 512 = 2048 assignments over 4 experts: 512 rows each -> sorted.
+    x = torch.randn(2, 512, 16)
+    assert choose_backend(x, moe.experts, moe.router(x).plan) == "sorted"
 
 
 def test_padded_backend_under_torch_compile_like_choice(monkeypatch):

@@ -21,12 +21,29 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.utils import flop_counter
 from torch.utils.flop_counter import FlopCounterMode
 
 from visionmoe.layers.experts import Experts
 from visionmoe.layers.moe import MoE, moe_layers
 from visionmoe.layers.routers import DenseRouter
 from visionmoe.routing.plan import Routing, SoftRouting
+
+
+def _grouped_mm_flops(a_shape, b_shape, *args: Any, out_shape=None, **kwargs: Any) -> int:
+    """FLOPs of ``aten._grouped_mm`` (torch has no formula for it, so it would count as 0).
+
+    2D × 3D (the MoE forward: rows of all experts @ each expert's (K, N)) and 3D × 3D (batched) are
+    2·|out|·K with K = a's last dim; 2D × 2D (the weight gradient: (N, M) @ (M, K) split along M into
+    G groups, out (G, N, K)) is 2·N·K·M.
+    """
+    if len(a_shape) == 2 and len(b_shape) == 2:
+        return 2 * out_shape[-2] * out_shape[-1] * a_shape[-1]
+    return 2 * math.prod(out_shape) * a_shape[-1]
+
+
+if hasattr(torch.ops.aten, "_grouped_mm") and torch.ops.aten._grouped_mm.default not in flop_counter.flop_registry:
+    flop_counter.register_flop_formula(torch.ops.aten._grouped_mm)(_grouped_mm_flops)
 
 _Flops = Callable[[str], float]  # per-sample FLOPs of the module with a given FQN
 
@@ -56,6 +73,7 @@ class MoELayerProfile:
     experts_per_token: float  # average experts that process a token (Soft MoE and dense: E)
     expert_flops: float  # useful
     expert_flops_padded: float
+    expert_flops_executed: float  # counted on the kernels that ran (the padded backend includes padding)
     router_flops: float
     dispatch_flops: float  # FLOPs of the layer outside its experts and router (Soft MoE's two bmm's)
     params: int
@@ -127,10 +145,14 @@ def profile(model: nn.Module, example_input: Tensor | Sequence[Tensor]) -> Compu
 
     Definitions, per MoE layer, summed over layers:
 
-    - **useful expert FLOPs**: the FLOPs of the layer's ``experts`` sub-module in this forward, i.e.
-      of the token-expert assignments actually processed: kept assignments for sparse routers
-      (dropped ones cost nothing), the E·P slots of every group for Soft MoE, and the single
-      width-E·H FFN on every token for the dense router.
+    - **useful expert FLOPs**: the work the experts had to do. For sparse plans: the token-expert
+      assignments actually processed × the FLOPs of one assignment through one expert (measured
+      with FlopCounterMode on ``Experts.forward_batched``), so the figure does not depend on the
+      backend that ran it (dropped assignments cost nothing). For Soft MoE (the E·P slots of every
+      group) and the dense router (one width-E·H FFN on every token): the FLOPs FlopCounterMode
+      counts on the ``experts`` sub-module. Per layer, ``expert_flops_executed`` is always that
+      kernel count (the ``padded`` backend's includes its padding; ``grouped_mm`` is counted
+      through a formula this module registers, since torch has none).
     - **padded expert FLOPs**: what a capacity-padded implementation (the (G, S, E, C) einsum form)
       executes. For a sparse plan with a capacity: G × E × C slots × the FLOPs of one slot through
       one expert (measured with FlopCounterMode on ``Experts.forward_batched``), empty slots
@@ -239,7 +261,12 @@ def _layer_profile(name: str, moe: MoE, calls: list[dict[str, Any]], flops: _Flo
     E = moe.num_experts
     prefix = f"{name}." if name else ""
     layer_flops, router_flops = flops(name), flops(f"{prefix}router")
-    expert_flops = flops(f"{prefix}experts")
+    executed = flops(f"{prefix}experts")  # what the kernels ran: the padded backend includes padding
+    expert_flops = executed
+    sparse = bool(calls) and all(isinstance(c["plan"], Routing) and "stats" in c for c in calls)
+    if sparse:  # useful work, whatever backend ran it: processed assignments × one assignment's FLOPs
+        per_slot = _flops_per_slot(moe.experts)
+        expert_flops = sum(float(c["stats"].tokens_per_expert.sum()) for c in calls) * per_slot / batch
     padded = expert_flops
     if any(call["padded"] for call in calls):
         per_slot = _flops_per_slot(moe.experts)
@@ -264,8 +291,9 @@ def _layer_profile(name: str, moe: MoE, calls: list[dict[str, Any]], flops: _Flo
         experts_per_token=per_token,
         expert_flops=expert_flops,
         expert_flops_padded=padded,
+        expert_flops_executed=executed,
         router_flops=router_flops,
-        dispatch_flops=layer_flops - expert_flops - router_flops,
+        dispatch_flops=layer_flops - executed - router_flops,
         params=params,
         expert_params=expert_params,
         active_params=params - expert_params + expert_params / E * per_token,

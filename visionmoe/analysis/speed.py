@@ -42,6 +42,7 @@ IMPLEMENTATIONS = (
     "visionmoe:auto",
     "visionmoe:sorted",
     "visionmoe:padded",
+    "visionmoe:grouped",
     "einsum",
     "visionmoe:soft",
     *PEERS,
@@ -90,7 +91,7 @@ class EinsumMoE(nn.Module):
         self.last_plan: Routing | None = None  # of the latest forward, to count what it processed
 
     def forward(self, x: Tensor) -> Tensor:
-        grouped = self.moe._group(x)  # (G, S, D)
+        grouped = self.moe.group(x)  # (G, S, D)
         self.last_plan = self.moe.router(grouped).plan
         return einsum_moe(grouped, self.last_plan, self.moe.experts).reshape(x.shape)
 
@@ -133,7 +134,7 @@ def _build(name: str, shape: Shape) -> tuple[nn.Module, Callable[[], dict[str, i
     slots = max(1, k * n // E)  # Soft MoE: E·P slots per image = K·S token-expert pairs' worth of work
     if name == "dense":  # every token through one FFN of width K·H: the active FLOPs of K experts
         return MoE(d, 1, k * H, router="dense"), lambda: {"expert_rows": G * n * k}, "one FFN of width k·H"
-    if name in ("visionmoe:auto", "visionmoe:sorted", "visionmoe:padded"):
+    if name in ("visionmoe:auto", "visionmoe:sorted", "visionmoe:padded", "visionmoe:grouped"):
         backend = name.split(":")[1]
         moe = _topk_moe(shape, backend)
         seen: dict[str, int] = {}  # C of the latest plan (dropless: its largest load, what padded executes)
@@ -214,6 +215,37 @@ def _step(model: nn.Module, x: Tensor, mode: str) -> Callable[[], None]:
     return fwd if mode == "fwd" else fwdbwd
 
 
+def interleaved_times(
+    fns: dict[str, Callable[[], Any]], *, threads: int, repeats: int, min_run_time: float = 0.02
+) -> dict[str, list[float]]:
+    """Seconds per call of each function, measured round-robin: repeat r times every function once.
+
+    Each function gets one warm-up call and a block size (calls per measurement) of about
+    ``min_run_time`` seconds; then the repeats interleave the functions, starting each round one
+    function later, so that a slow moment of the machine hits every function alike.
+    """
+    if repeats < 1 or threads < 1:
+        raise ValueError(f"need repeats >= 1 and threads >= 1, got repeats={repeats}, threads={threads}")
+    timers, numbers = {}, {}
+    for name, fn in fns.items():
+        timers[name] = benchmark.Timer(stmt="fn()", globals={"fn": fn}, num_threads=threads)
+        first = timers[name].timeit(1).median  # warm-up
+        numbers[name] = max(1, math.ceil(min_run_time / max(first, 1e-9)))
+    names = list(fns)
+    times: dict[str, list[float]] = {name: [] for name in names}
+    for r in range(repeats):
+        for name in names[r % len(names) :] + names[: r % len(names)]:
+            times[name].append(timers[name].timeit(numbers[name]).median)
+    return times
+
+
+def _iqr(values: Sequence[float]) -> float:
+    if len(values) < 2:
+        return 0.0
+    q = statistics.quantiles(values, n=4)
+    return q[2] - q[0]
+
+
 def layer_benchmark(
     shapes: Sequence[Shape],
     *,
@@ -226,8 +258,10 @@ def layer_benchmark(
 ) -> list[dict[str, Any]]:
     """Time each implementation on each shape (images, S, D, E, K, cf) with H = 4·D; one row each.
 
-    Rows: the shape, ``implementation``, ``median`` and ``iqr`` seconds (None when skipped, with the
-    reason in ``note``), ``vs_dense`` (time / the dense row's time in this run), ``assignments`` (kept
+    All implementations of a shape are timed round-robin (:func:`interleaved_times`). Rows: the shape,
+    ``implementation``, ``median`` and ``iqr`` seconds (None when skipped, with the reason in
+    ``note``), ``vs_dense`` and ``vs_dense_iqr`` (median and IQR over repeats of time / the dense
+    time of the same repeat), ``assignments`` (kept
     token-expert assignments; Soft MoE: slots), ``expert_rows`` (rows the expert GEMMs execute, capacity
     padding included; dense: K per token), ``capacity`` (C), and ``per_assignment_vs_dense``: time per
     assignment over the dense FFN's time per token-expert pair (K per token). "dense" is always run.
@@ -242,9 +276,9 @@ def layer_benchmark(
         images, n, d, E, k, cf = shape
         base = dict(images=images, tokens_per_image=n, tokens=images * n, dim=d, hidden=4 * d, num_experts=E, k=k)
         base.update(capacity_factor=cf, mode=mode, threads=threads, implementation="", median=None, iqr=None)
-        base.update(assignments=None, expert_rows=None, capacity=None, note="")
+        base.update(assignments=None, expert_rows=None, capacity=None, note="", vs_dense_iqr=None)
         x = torch.randn(images, n, d, generator=torch.Generator().manual_seed(seed))
-        shape_rows = []
+        shape_rows, steps = [], {}
         for name in names:
             row = base | {"implementation": name}
             torch.manual_seed(seed)
@@ -257,17 +291,24 @@ def layer_benchmark(
             with torch.no_grad():
                 model(x)  # one pass in the timed mode, to read what it processes
             row.update(count())
-            timing = time_fn(_step(model, x, mode), threads=threads, repeats=repeats, min_run_time=min_run_time)
-            shape_rows.append(row | {"median": timing.median, "iqr": timing.iqr})
-        dense = shape_rows[0]["median"]
-        per_pair = dense / (images * n * k)  # dense seconds per token-expert pair
+            steps[name] = _step(model, x, mode)
+            shape_rows.append(row)
+        times = interleaved_times(steps, threads=threads, repeats=repeats, min_run_time=min_run_time)
+        per_pair = statistics.median(times["dense"]) / (images * n * k)  # dense seconds per token-expert pair
         for row in shape_rows:
-            timed = row["median"] is not None
-            row["vs_dense"] = row["median"] / dense if timed else None
+            name = row["implementation"]
+            if name not in times:
+                row["vs_dense"] = row["per_assignment_vs_dense"] = None
+                continue
+            # Ratios are taken repeat by repeat (the same moment of the machine for both rows), then
+            # summarised: drift of a shared machine cancels instead of landing on one row.
+            ratios = [t / dense for t, dense in zip(times[name], times["dense"], strict=True)]
+            row.update(median=statistics.median(times[name]), iqr=_iqr(times[name]))
+            row.update(vs_dense=statistics.median(ratios), vs_dense_iqr=_iqr(ratios))
             per_pair_ratio = None  # seconds per processed assignment / dense seconds per token-expert pair
-            if timed and row["assignments"]:
+            if row["assignments"]:
                 per_pair_ratio = row["median"] / row["assignments"] / per_pair
-            row["per_assignment_vs_dense"] = 1.0 if row["implementation"] == "dense" else per_pair_ratio
+            row["per_assignment_vs_dense"] = 1.0 if name == "dense" else per_pair_ratio
         rows += shape_rows
     return rows
 
@@ -295,7 +336,8 @@ def inference_speedup(
     (B, tokens_per_image, block_dim) tokens grouped per image. The reference is the same layer
     running all E experts (the "dense" router with the same E and H). Theoretical speed-up =
     FLOPs(all) / FLOPs(top-1), total model FLOPs from :func:`visionmoe.analysis.profile` (the router
-    and any dropped assignments included); realised = time(all) / time(top-1).
+    and any dropped assignments included); realised = median over interleaved repeats of
+    time(all) / time(top-1).
     """
     cases = [("head", b, (b, head_dim), head_hidden, "batch") for b in batch_sizes]
     cases += [("block", b, (b, tokens_per_image, block_dim), block_hidden, "sample") for b in token_batch_sizes]
@@ -309,9 +351,12 @@ def inference_speedup(
         x = torch.randn(size, generator=torch.Generator().manual_seed(seed))
         flops_top1, flops_all = profile(sparse, x).total_flops, profile(full, x).total_flops
         dropped = sparse.last_stats.dropped_fraction  # of the profiled (eval) forward
-        t_top1 = time_fn(_step(sparse.eval(), x, "fwd"), threads=threads, repeats=repeats, min_run_time=min_run_time)
-        t_all = time_fn(_step(full.eval(), x, "fwd"), threads=threads, repeats=repeats, min_run_time=min_run_time)
-        theoretical, realised = flops_all / flops_top1, t_all.median / t_top1.median
+        steps = {"top1": _step(sparse.eval(), x, "fwd"), "all": _step(full.eval(), x, "fwd")}
+        times = interleaved_times(steps, threads=threads, repeats=repeats, min_run_time=min_run_time)
+        t_top1 = Timing(statistics.median(times["top1"]), _iqr(times["top1"]), times["top1"])
+        t_all = Timing(statistics.median(times["all"]), _iqr(times["all"]), times["all"])
+        theoretical = flops_all / flops_top1
+        realised = statistics.median(a / b for a, b in zip(times["all"], times["top1"], strict=True))
         row = dict(case=case, batch=batch, tokens=math.prod(size[:-1]), dim=d, hidden=hidden, num_experts=num_experts)
         row.update(groups=groups, threads=threads, dropped=dropped, flops_top1=flops_top1, flops_all=flops_all)
         row.update(seconds_top1=t_top1.median, iqr_top1=t_top1.iqr, seconds_all=t_all.median, iqr_all=t_all.iqr)

@@ -7,14 +7,16 @@ Sparse plans have three backends, all exact (they compute the same sums in a dif
                stack, not a full-size gradient per expert), scale by the gates, scatter-add back.
                Work = the assignments actually processed. One host sync (the per-expert counts).
     grouped  — the same sorted rows through ``torch.nn.functional.grouped_mm``: two GEMM calls in
-               all, no loop. Fast on CUDA sm90+ (bf16); on CPU torch has it for 16-byte-aligned
-               sizes but it measured slower than ``sorted`` (BENCHMARKS.md), so ``auto`` skips it.
+               all, no loop. Made for CUDA sm90+ (bf16); on the CPU torch has it for 16-byte-aligned
+               sizes, slower than ``sorted`` for large experts but faster for many small ones.
     padded   — V-MoE style buffers (E, G·C, D) filled by scatter, one batched matmul per layer,
                gathered back. Static shapes and no host sync (``torch.compile`` full graph, CUDA
                graphs); executes the capacity padding.
 
 ``auto`` picks ``padded`` while compiling, ``grouped`` on CUDA when available and aligned,
-``sorted`` otherwise. Soft MoE uses three batched matmuls; the dense router one FFN of width E·H.
+for experts with fewer than 128 rows on average ``grouped`` (aligned sizes) or else ``padded``,
+and ``sorted`` otherwise. Soft MoE uses
+three batched matmuls; the dense router one FFN of width E·H.
 
 ``torch.compile(moe, fullgraph=True)`` traces every router in one graph, forward and backward
 (tested), with these exceptions, which break the graph: dropless token choice (its capacity is the
@@ -42,12 +44,21 @@ from visionmoe.routing.plan import DenseRouting, Plan, Routing, SoftRouting
 BACKENDS = ("auto", "sorted", "grouped", "padded")
 
 
-def choose_backend(x: Tensor, experts: Experts) -> str:
-    """The ``auto`` choice for a sparse plan on this input."""
+SMALL_EXPERT_ROWS = 128
+"""Below this many assignments per expert on average, a loop of small per-expert GEMMs loses on the
+CPU (measured at E = 64, ~63 rows each: grouped 1.6×, padded 2.0×, sorted 2.9× the dense FFN; at
+E = 8, 512 rows each: sorted 1.0×, grouped 1.4×, padded 1.5× — BENCHMARKS.md)."""
+
+
+def choose_backend(x: Tensor, experts: Experts, plan: Routing | None = None) -> str:
+    """The ``auto`` choice for a sparse plan on this input (decided from shapes only: no host sync)."""
     if torch.compiler.is_compiling():
         return "padded"  # static shapes, no data-dependent split
     if x.is_cuda and grouped_mm_supported(experts, x) and torch.cuda.get_device_capability(x.device)[0] >= 9:
         return "grouped"
+    if plan is not None and plan.token.numel() < SMALL_EXPERT_ROWS * plan.num_experts:
+        # G·A assignments offered over E experts: small per-expert GEMMs; one kernel call does better
+        return "grouped" if grouped_mm_supported(experts, x) else "padded"
     return "sorted"
 
 
@@ -66,7 +77,7 @@ def sparse_moe(
 ) -> Tensor:
     """(G, S, D) tokens -> (G, S, D) through a sparse plan."""
     if backend == "auto":
-        backend = choose_backend(x, experts)
+        backend = choose_backend(x, experts, plan)
     if backend == "padded":
         return padded_moe(x, plan, experts, deterministic)
     if backend not in ("sorted", "grouped"):

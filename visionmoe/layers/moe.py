@@ -127,9 +127,9 @@ class MoE(nn.Module):
         )
 
     def forward(self, x: Tensor) -> Tensor:
-        tokens, restore = self._to_tokens(x)  # (B, N, D)
+        tokens, restore = self.to_tokens(x)  # (B, N, D)
         B, N, D = tokens.shape
-        grouped = self._group(tokens)  # (G, S, D)
+        grouped = self.group(tokens)  # (G, S, D)
         routed: RouterOutput = self.router(grouped)
         y = apply_plan(grouped, routed.plan, self.experts, self.backend, self.deterministic)  # (G, S, D)
         self.aux_loss = routed.aux_loss
@@ -137,7 +137,7 @@ class MoE(nn.Module):
         self.last_stats = routing_stats(routed.plan, routed.gates, grouped.shape[0], grouped.shape[1])
         return restore(y.reshape(B, N, D))
 
-    def _to_tokens(self, x: Tensor) -> tuple[Tensor, Callable[[Tensor], Tensor]]:
+    def to_tokens(self, x: Tensor) -> tuple[Tensor, Callable[[Tensor], Tensor]]:
         """View any supported input as (B, N, D) tokens, and the inverse."""
         if x.dim() not in (2, 3, 4):
             raise ValueError(
@@ -157,7 +157,8 @@ class MoE(nn.Module):
         tokens = x.permute(0, 2, 3, 1).reshape(B, H * W, C)  # a view when x is channels-last
         return tokens, lambda y: y.reshape(B, H, W, C).permute(0, 3, 1, 2)
 
-    def _group(self, tokens: Tensor) -> Tensor:
+    def group(self, tokens: Tensor) -> Tensor:
+        """(B, N, D) tokens -> (G, S, D) routing groups, as ``groups`` says."""
         B, N, D = tokens.shape
         if self.groups == "sample":
             return tokens

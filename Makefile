@@ -8,7 +8,7 @@ BIN    := $(VENV)/bin
 $(BIN)/visionmoe: pyproject.toml
 	test -d $(VENV) || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q -e ".[dev]"
+	$(BIN)/pip install -q -e ".[dev,bench]"
 	touch $@
 
 install: $(BIN)/visionmoe

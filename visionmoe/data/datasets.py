@@ -1,0 +1,251 @@
+"""Image classification datasets in their official layouts, decoded once into uint8 tensors.
+
+    CIFAR-10      <root>/cifar-10-batches-py/{data_batch_1..5, test_batch, batches.meta}
+    CIFAR-100     <root>/cifar-100-python/{train, test, meta}
+    Tiny-ImageNet <root>/tiny-imagenet-200/{wnids.txt, train/<wnid>/images/*.JPEG,
+                                           val/images/*.JPEG, val/val_annotations.txt}
+    ImageFolder   <root>/<split>/<class>/<image>   (ImageNet-1K, the JPEG CIFAR-10 copy, any set)
+
+The data root is ``data_dir`` if given, else ``$VISIONMOE_DATA``, else ``~/.cache/visionmoe/data``.
+CIFAR archives are downloaded (and their MD5 checked) with ``download=True`` when a network is
+there; otherwise a one-line error says where to put the files. Small images are decoded once and
+cached next to the data as a ``.pt`` file of uint8 tensors (loaded with ``weights_only=True``), so
+an epoch costs no decoding at all.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import pickle
+import tarfile
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+DATA_ENV = "VISIONMOE_DATA"
+DEFAULT_ROOT = Path("~/.cache/visionmoe/data")
+SPLITS = ("train", "test")
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
+
+
+@dataclass(frozen=True)
+class Archive:
+    url: str
+    filename: str
+    md5: str
+    folder: str
+
+
+CIFAR10 = Archive(
+    "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz",
+    "cifar-10-python.tar.gz",
+    "c58f30108f718f92721af3b95e74349a",
+    "cifar-10-batches-py",
+)
+CIFAR100 = Archive(
+    "https://www.cs.toronto.edu/~kriz/cifar-100-python.tar.gz",
+    "cifar-100-python.tar.gz",
+    "eb9058c3a382ffc7106e4002c42a8d85",
+    "cifar-100-python",
+)
+
+
+@dataclass(frozen=True)
+class ImageTensors:
+    """A whole split in memory: images (N, 3, H, W) uint8, labels (N,) int64, class names."""
+
+    images: Tensor
+    labels: Tensor
+    classes: list[str]
+
+    def __len__(self) -> int:
+        return self.labels.shape[0]
+
+    def __post_init__(self) -> None:
+        if self.images.dtype != torch.uint8 or self.images.dim() != 4 or self.images.shape[1] != 3:
+            raise ValueError(f"images must be uint8 (N, 3, H, W), got {self.images.dtype} {tuple(self.images.shape)}")
+        if self.labels.shape != (self.images.shape[0],):
+            raise ValueError(f"need one label per image, got {tuple(self.labels.shape)} for {self.images.shape[0]}")
+
+
+def data_root(data_dir: str | os.PathLike | None = None) -> Path:
+    """``data_dir``, else ``$VISIONMOE_DATA``, else ``~/.cache/visionmoe/data``."""
+    return Path(data_dir or os.environ.get(DATA_ENV) or DEFAULT_ROOT).expanduser()
+
+
+def md5sum(path: Path) -> str:
+    digest = hashlib.md5()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def download_archive(archive: Archive, root: Path, url: str | None = None) -> Path:
+    """Fetch ``archive`` into ``root``, check its MD5 and extract it; returns the extracted folder."""
+    root.mkdir(parents=True, exist_ok=True)
+    target = root / archive.filename
+    if not target.exists() or md5sum(target) != archive.md5:
+        partial = target.with_suffix(target.suffix + ".part")
+        with urllib.request.urlopen(url or archive.url) as response, open(partial, "wb") as f:
+            while chunk := response.read(1 << 20):
+                f.write(chunk)
+        if (got := md5sum(partial)) != archive.md5:
+            partial.unlink()
+            raise OSError(f"{archive.filename} from {url or archive.url} has MD5 {got}, expected {archive.md5}")
+        partial.replace(target)
+    with tarfile.open(target) as tar:
+        tar.extractall(root, filter="data")
+    return root / archive.folder
+
+
+def _missing(path: Path, layout: str) -> FileNotFoundError:
+    return FileNotFoundError(f"{path} not found; expected the {layout} (or pass download=True when online)")
+
+
+def _unpickle(path: Path, layout: str) -> dict:
+    if not path.is_file():
+        raise _missing(path, layout)
+    try:
+        with open(path, "rb") as f:
+            return pickle.load(f, encoding="bytes")
+    except (pickle.UnpicklingError, EOFError, ValueError) as e:
+        raise ValueError(f"{path} is not a valid {layout} file ({type(e).__name__}: {e})") from None
+
+
+def load_cifar(name: str, split: str, data_dir=None, *, download: bool = False) -> ImageTensors:
+    """CIFAR-10 or CIFAR-100 ("cifar10" / "cifar100") from the official python pickles."""
+    if split not in SPLITS:
+        raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+    archive = {"cifar10": CIFAR10, "cifar100": CIFAR100}.get(name)
+    if archive is None:
+        raise ValueError(f"unknown CIFAR name {name!r}; expected 'cifar10' or 'cifar100'")
+    root = data_root(data_dir)
+    folder = root / archive.folder
+    if not folder.is_dir() and download:
+        download_archive(archive, root)
+    layout = f"official {archive.folder} layout from {archive.filename}"
+    if not folder.is_dir():
+        raise _missing(folder, layout)
+    if name == "cifar10":
+        files = [f"data_batch_{i}" for i in range(1, 6)] if split == "train" else ["test_batch"]
+        meta, label_key, names_key = "batches.meta", b"labels", b"label_names"
+    else:
+        files, meta, label_key, names_key = [split], "meta", b"fine_labels", b"fine_label_names"
+    batches = [_unpickle(folder / f, layout) for f in files]
+    try:
+        data = torch.cat([torch.as_tensor(b[b"data"], dtype=torch.uint8) for b in batches])
+        labels = torch.cat([torch.as_tensor(b[label_key], dtype=torch.long) for b in batches])
+        classes = [c.decode() for c in _unpickle(folder / meta, layout)[names_key]]
+    except KeyError as e:
+        raise ValueError(f"{folder} lacks key {e} of the {layout}") from None
+    return ImageTensors(data.reshape(-1, 3, 32, 32).contiguous(), labels, classes)
+
+
+def _decode(path: Path, size: int | None) -> Tensor:
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as image:
+            image = image.convert("RGB")
+            if size is not None and image.size != (size, size):
+                image = image.resize((size, size), Image.BILINEAR)
+            return torch.frombuffer(bytearray(image.tobytes()), dtype=torch.uint8).reshape(
+                image.size[1], image.size[0], 3
+            )
+    except (UnidentifiedImageError, OSError) as e:
+        raise ValueError(f"cannot decode image {path} ({type(e).__name__}: {e})") from None
+
+
+def _decode_all(
+    files: list[Path], labels: list[int], classes: list[str], size: int | None, cache: Path
+) -> ImageTensors:
+    """Decode ``files`` once into a cached uint8 tensor file keyed by the files' names and sizes."""
+    fingerprint = hashlib.md5(
+        "\n".join(f"{f}:{f.stat().st_size}" for f in files).encode() + f"|{size}".encode()
+    ).hexdigest()[:16]
+    name = f"{cache.name}-{fingerprint}.pt"
+    # Next to the data, or in the user cache when the data folder is read-only (a shared copy).
+    candidates = [cache.with_name(name), data_root() / ".visionmoe-cache" / name]
+    for cached in candidates:
+        if cached.is_file():
+            blob = torch.load(cached, weights_only=True)
+            return ImageTensors(blob["images"], blob["labels"], list(blob["classes"]))
+    if not files:
+        raise FileNotFoundError(f"no images found for {cache.name}")
+    decoded = [_decode(f, size) for f in files]
+    shapes = {tuple(d.shape) for d in decoded}
+    if len(shapes) > 1:
+        raise ValueError(f"images of {cache.name} differ in size ({sorted(shapes)[:2]}); pass image_size to resize")
+    images = torch.stack(decoded).permute(0, 3, 1, 2).contiguous()  # (N, 3, H, W)
+    result = ImageTensors(images, torch.tensor(labels, dtype=torch.long), classes)
+    blob = {"images": result.images, "labels": result.labels, "classes": classes}
+    for cached in candidates:
+        try:
+            cached.parent.mkdir(parents=True, exist_ok=True)
+            tmp = cached.with_suffix(".tmp")
+            torch.save(blob, tmp)
+            tmp.replace(cached)  # atomic: a killed run never leaves half a cache
+            break
+        except OSError:
+            continue  # read-only: try the next place; decoding again next time is the only cost
+    return result
+
+
+def load_image_folder(root: str | os.PathLike, *, image_size: int | None = None) -> ImageTensors:
+    """``root/<class>/<image>`` (classes sorted by name = label order), decoded and cached."""
+    root = Path(root).expanduser()
+    layout = "ImageFolder layout <root>/<class>/<image>"
+    if not root.is_dir():
+        raise FileNotFoundError(f"{root} not found; expected the {layout}")
+    classes = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    if not classes:
+        raise FileNotFoundError(f"{root} has no class folders; expected the {layout}")
+    files, labels = [], []
+    for label, name in enumerate(classes):
+        for f in sorted((root / name).iterdir()):
+            if f.suffix.lower() in IMAGE_SUFFIXES:
+                files.append(f)
+                labels.append(label)
+    cache = root.parent / ".visionmoe-cache" / f"imagefolder-{root.name}"
+    return _decode_all(files, labels, classes, image_size, cache)
+
+
+def load_tiny_imagenet(split: str, data_dir=None, *, image_size: int | None = None) -> ImageTensors:
+    """Tiny-ImageNet-200 in its official layout; ``split`` "train" or "test" (= the labelled val set)."""
+    if split not in SPLITS:
+        raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+    root = data_root(data_dir) / "tiny-imagenet-200"
+    layout = "official tiny-imagenet-200 layout (wnids.txt, train/<wnid>/images, val/val_annotations.txt)"
+    wnids_file = root / "wnids.txt"
+    if not wnids_file.is_file():
+        raise _missing(wnids_file, layout)
+    wnids = wnids_file.read_text().split()
+    index = {w: i for i, w in enumerate(wnids)}
+    files, labels = [], []
+    if split == "train":
+        for wnid in wnids:
+            folder = root / "train" / wnid / "images"
+            if not folder.is_dir():
+                raise _missing(folder, layout)
+            for f in sorted(folder.iterdir()):
+                files.append(f)
+                labels.append(index[wnid])
+    else:
+        annotations = root / "val" / "val_annotations.txt"
+        if not annotations.is_file():
+            raise _missing(annotations, layout)
+        for n, line in enumerate(annotations.read_text().splitlines(), 1):
+            parts = line.split("\t")
+            if len(parts) < 2 or parts[1] not in index:
+                raise ValueError(f"{annotations}:{n}: expected '<file>\\t<wnid>\\t...' with a wnid of wnids.txt")
+            files.append(root / "val" / "images" / parts[0])
+            labels.append(index[parts[1]])
+        if missing := [f for f in files if not f.is_file()][:1]:
+            raise _missing(missing[0], layout)
+    cache = root / ".visionmoe-cache" / f"tiny-imagenet-{split}"
+    return _decode_all(files, labels, wnids, image_size, cache)

@@ -1,9 +1,15 @@
-# Two entry points, each doing its own set-up: `make demo` (the main job) and `make test`.
+# Two entry points, each doing its own set-up: `make train` (the main job) and `make test`.
+# `make train` trains the CIFAR-10 MoE recipe (configs/cifar10_moe.yaml) on the JPEG CIFAR-10 copy when
+# it is there (DATA), else on the official pickles (downloaded); a run already started is resumed.
 PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 
-.PHONY: demo test lint install
+DATA   ?= ../shared/data/cifar10-jpeg
+RUN    ?= runs/cifar10_moe-s0
+ARGS   ?=
+
+.PHONY: train demo test lint install
 
 $(BIN)/visionmoe: pyproject.toml
 	test -d $(VENV) || $(PYTHON) -m venv $(VENV)
@@ -12,6 +18,11 @@ $(BIN)/visionmoe: pyproject.toml
 	touch $@
 
 install: $(BIN)/visionmoe
+
+train: install
+	$(BIN)/visionmoe train --config cifar10_moe \
+		$(if $(wildcard $(RUN)/checkpoint.pt),--resume) \
+		$(if $(wildcard $(DATA)/train),data.dataset=imagefolder data.data_dir=$(DATA),data.download=true) $(ARGS)
 
 demo: install
 	$(BIN)/visionmoe demo

@@ -68,6 +68,8 @@ class TensorLoader:
         return torch.randperm(n, generator=self._generator(epoch)) if self.shuffle else torch.arange(n)
 
     def __iter__(self) -> Iterator[tuple[Tensor, Tensor]]:
+        if self.step >= len(self):  # an epoch whose last batch was taken but whose iterator was left early
+            self.epoch, self.step = self.epoch + 1, 0
         order = self.order(self.epoch)
         while self.step < len(self):
             index = order[self.step * self.batch_size : (self.step + 1) * self.batch_size]

@@ -1,0 +1,378 @@
+"""Typed run configuration: dataclasses, YAML presets and ``key=value`` overrides.
+
+A run is described by one :class:`Config` of five sections::
+
+    data    which dataset, where, batch sizes, augmentation
+    model   which registered model, its keyword arguments, MoE settings, dense twin
+    optim   optimiser, schedule, regularisation, aux-loss scale
+    train   epochs, seed, run directory, devices and speed options, checkpoints, logging
+    eval    test-time options and calibration bins
+
+Presets live in ``configs/*.yaml`` (each opens with the command that runs it and the result to
+expect); :func:`load_config` reads a preset by path or by name, and :func:`apply_overrides` applies
+``section.key=value`` strings from the command line. Every value is checked against its field's type
+and :meth:`Config.validate` checks ranges, so a bad value fails before any data is loaded.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any, Union
+
+import yaml
+
+DATASETS = ("cifar10", "cifar100", "tiny-imagenet", "imagefolder")
+OPTIMIZERS = ("sgd", "adamw")
+SCHEDULES = ("cosine", "step", "linear", "constant")
+DENSE_TWINS = (None, "flops", "params")
+CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs"  # the repository's presets
+
+
+@dataclass
+class DataConfig:
+    """Dataset and input pipeline.
+
+    ``dataset``: cifar10 / cifar100 (official pickles), tiny-imagenet (official layout),
+    imagefolder (``<data_dir>/<train_split>/<class>/*`` and ``<data_dir>/<test_split>/...``, e.g.
+    ImageNet-1K or the JPEG CIFAR-10 copy). ``data_dir``: the data root (default ``$VISIONMOE_DATA``,
+    else ``~/.cache/visionmoe/data``).
+    """
+
+    dataset: str = "cifar10"
+    data_dir: str | None = None
+    download: bool = False
+    train_split: str = "train"
+    test_split: str = "test"
+    image_size: int | None = None  # resize on decode (ImageFolder, Tiny-ImageNet); None keeps the size
+    num_classes: int | None = None  # None: from the dataset
+    batch_size: int = 512
+    eval_batch_size: int = 1024
+    crop_padding: int = 4  # random crop after zero padding; 0 disables
+    flip: bool = True
+    randaugment: int | None = None  # magnitude (0-30) of RandAugment, 2 ops per image; null disables
+    mixup_alpha: float = 0.0  # timm Mixup; 0 disables
+    cutmix_alpha: float = 0.0
+    train_subset: int | None = None  # a fixed random subset of N training images (quick runs, tests)
+    test_subset: int | None = None
+
+
+@dataclass
+class ModelConfig:
+    """``name``: a registered visionmoe model or any timm model; ``kwargs`` go to its constructor.
+
+    ``moe`` updates the model's MoE settings (fields of :class:`visionmoe.MoEConfig`: num_experts,
+    router, k, capacity_factor, eval_capacity_factor, aux_loss_weights, ...). ``moeify`` turns a
+    plain timm model into an MoE model (``placement``, ``upcycle``, ``hidden_dim`` and the MoE
+    settings of ``moe``). ``dense_twin`` trains the model's matched dense twin instead ("flops":
+    equal active FLOPs, "params": equal total parameters).
+    """
+
+    name: str = "cifar_airbench_moe"
+    kwargs: dict[str, Any] = field(default_factory=dict)
+    moe: dict[str, Any] | None = None
+    moeify: dict[str, Any] | None = None
+    dense_twin: str | None = None
+
+
+@dataclass
+class OptimConfig:
+    """Optimiser and schedule. Learning rates are per step; ``warmup_epochs`` may be fractional.
+
+    Weight decay skips biases, norm weights and everything ``model.no_weight_decay()`` names.
+    The loss is cross-entropy (label smoothing) + ``aux_loss_scale`` × the MoE layers' aux losses.
+    """
+
+    name: str = "sgd"
+    lr: float = 0.1
+    momentum: float = 0.9
+    nesterov: bool = True
+    betas: tuple[float, float] = (0.9, 0.999)
+    weight_decay: float = 5e-4
+    schedule: str = "cosine"
+    warmup_epochs: float = 0.0
+    min_lr_ratio: float = 0.0  # the schedule's final lr, as a fraction of ``lr``
+    milestones: tuple[float, ...] = ()  # step schedule: epochs at which lr *= gamma
+    gamma: float = 0.1
+    label_smoothing: float = 0.0
+    grad_clip: float | None = None  # max global gradient norm
+    aux_loss_scale: float = 1.0
+
+
+@dataclass
+class TrainConfig:
+    """The run: length, seed, where it writes, speed options, checkpoints and logging."""
+
+    epochs: float = 10.0  # may be fractional: the last epoch stops part-way
+    seed: int = 0
+    out_dir: str = "runs"
+    run_name: str | None = None  # default: <config name>-s<seed>
+    device: str = "auto"  # auto: cuda if available, else cpu
+    threads: int | None = None  # torch CPU threads; None leaves torch's default
+    channels_last: bool = True
+    compile: bool = False
+    amp: bool = True  # bf16 autocast on CUDA; ignored on the CPU (no fast bf16 there)
+    checkpoint_every_steps: int | None = None  # also checkpoint mid-epoch (each epoch always)
+    eval_every: int = 1  # epochs
+    log_every: int = 50  # steps between progress-bar metric refreshes
+    tensorboard: bool = True
+    progress: bool = True
+    time_limit_minutes: float | None = None  # stop training (and evaluate) once this much time is spent
+
+
+@dataclass
+class EvalConfig:
+    tta_flip: bool = False  # average logits over the image and its mirror
+    calibration_bins: int = 15
+
+
+@dataclass
+class Config:
+    name: str = "custom"
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any], *, source: str = "config") -> Config:
+        """Build from nested dicts; unknown keys and wrongly typed values raise one-line errors."""
+        return _build(cls, values, source)
+
+    def validate(self) -> Config:
+        """Range checks; returns self. Called before any data is loaded."""
+        d, o, t = self.data, self.optim, self.train
+        _one_of("data.dataset", d.dataset, DATASETS)
+        _one_of("optim.name", o.name, OPTIMIZERS)
+        _one_of("optim.schedule", o.schedule, SCHEDULES)
+        _one_of("model.dense_twin", self.model.dense_twin, DENSE_TWINS)
+        checks = [
+            ("data.batch_size", d.batch_size, d.batch_size >= 1, ">= 1"),
+            ("data.eval_batch_size", d.eval_batch_size, d.eval_batch_size >= 1, ">= 1"),
+            ("data.crop_padding", d.crop_padding, d.crop_padding >= 0, ">= 0"),
+            ("data.mixup_alpha", d.mixup_alpha, d.mixup_alpha >= 0, ">= 0"),
+            ("data.cutmix_alpha", d.cutmix_alpha, d.cutmix_alpha >= 0, ">= 0"),
+            ("data.randaugment", d.randaugment, d.randaugment is None or 0 <= d.randaugment <= 30, "0-30 or null"),
+            ("data.image_size", d.image_size, d.image_size is None or d.image_size >= 8, ">= 8 or null"),
+            ("data.train_subset", d.train_subset, d.train_subset is None or d.train_subset >= 1, ">= 1 or null"),
+            ("data.test_subset", d.test_subset, d.test_subset is None or d.test_subset >= 1, ">= 1 or null"),
+            ("optim.lr", o.lr, o.lr > 0, "> 0"),
+            ("optim.momentum", o.momentum, 0 <= o.momentum < 1, "in [0, 1)"),
+            ("optim.weight_decay", o.weight_decay, o.weight_decay >= 0, ">= 0"),
+            ("optim.warmup_epochs", o.warmup_epochs, 0 <= o.warmup_epochs <= t.epochs, "in [0, train.epochs]"),
+            ("optim.min_lr_ratio", o.min_lr_ratio, 0 <= o.min_lr_ratio <= 1, "in [0, 1]"),
+            ("optim.gamma", o.gamma, 0 < o.gamma <= 1, "in (0, 1]"),
+            ("optim.label_smoothing", o.label_smoothing, 0 <= o.label_smoothing < 1, "in [0, 1)"),
+            ("optim.grad_clip", o.grad_clip, o.grad_clip is None or o.grad_clip > 0, "> 0 or null"),
+            ("optim.aux_loss_scale", o.aux_loss_scale, o.aux_loss_scale >= 0, ">= 0"),
+            ("train.epochs", t.epochs, t.epochs > 0, "> 0"),
+            ("train.seed", t.seed, t.seed >= 0, ">= 0"),
+            ("train.threads", t.threads, t.threads is None or t.threads >= 1, ">= 1 or null"),
+            ("train.eval_every", t.eval_every, t.eval_every >= 1, ">= 1"),
+            ("train.log_every", t.log_every, t.log_every >= 1, ">= 1"),
+            ("eval.calibration_bins", self.eval.calibration_bins, self.eval.calibration_bins >= 1, ">= 1"),
+        ]
+        for key, value, ok, expected in checks:
+            if not ok:
+                raise ValueError(f"{key}={value!r} is out of range; expected {expected}")
+        if t.checkpoint_every_steps is not None and t.checkpoint_every_steps < 1:
+            raise ValueError(f"train.checkpoint_every_steps={t.checkpoint_every_steps!r}; expected >= 1 or null")
+        if t.time_limit_minutes is not None and t.time_limit_minutes <= 0:
+            raise ValueError(f"train.time_limit_minutes={t.time_limit_minutes!r}; expected > 0 or null")
+        if t.device not in ("auto", "cpu") and not t.device.startswith("cuda"):
+            raise ValueError(f"train.device={t.device!r}; expected 'auto', 'cpu' or 'cuda[:N]'")
+        if list(o.milestones) != sorted(o.milestones) or any(m <= 0 for m in o.milestones):
+            raise ValueError(f"optim.milestones={o.milestones!r}; expected increasing epochs > 0")
+        return self
+
+
+def _one_of(key: str, value: Any, choices: tuple) -> None:
+    if value not in choices:
+        raise ValueError(f"{key}={value!r} is not one of {list(choices)}")
+
+
+# ---- typed construction ---------------------------------------------------------------------
+
+
+def _hints(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def _coerce(key: str, value: Any, annotation: Any) -> Any:
+    """``value`` as ``annotation`` (int -> float and list -> tuple allowed), else a one-line error."""
+    origin, args = typing.get_origin(annotation), typing.get_args(annotation)
+    if origin in (Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for option in (a for a in args if a is not type(None)):
+            try:
+                return _coerce(key, value, option)
+            except (TypeError, ValueError) as error:
+                errors.append(str(error))
+        raise TypeError(f"{key}={value!r} has the wrong type; expected {_name(annotation)}")
+    if annotation is Any:
+        return value
+    if annotation is bool:
+        if isinstance(value, bool):
+            return value
+    elif annotation is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif annotation is float:
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):  # YAML 1.1 reads "1e-6" (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
+    elif annotation is str:
+        if isinstance(value, str):
+            return value
+    elif origin is tuple:
+        if isinstance(value, list | tuple):
+            if len(args) == 2 and args[1] is Ellipsis:
+                return tuple(_coerce(f"{key}[{i}]", v, args[0]) for i, v in enumerate(value))
+            if len(value) == len(args):
+                return tuple(_coerce(f"{key}[{i}]", v, a) for i, (v, a) in enumerate(zip(value, args, strict=True)))
+    elif origin is dict:
+        if isinstance(value, dict):
+            return dict(value)
+    elif dataclasses.is_dataclass(annotation) and isinstance(value, dict):
+        return _build(annotation, value, key)
+    raise TypeError(f"{key}={value!r} has the wrong type; expected {_name(annotation)}")
+
+
+def _name(annotation: Any) -> str:
+    text = getattr(annotation, "__name__", None) if typing.get_origin(annotation) is None else None
+    return text or str(annotation).replace("typing.", "")
+
+
+def _build(cls: type, values: Any, source: str) -> Any:
+    if not isinstance(values, dict):
+        raise TypeError(f"{source} must be a mapping of {cls.__name__} fields, got {values!r}")
+    hints = _hints(cls)
+    names = [f.name for f in fields(cls)]
+    if unknown := sorted(set(values) - set(names)):
+        raise ValueError(f"unknown key(s) {unknown} in {source}; valid keys: {names}")
+    prefix = "" if source in ("config",) or source.endswith((".yaml", ".yml")) else f"{source}."
+    return cls(**{k: _coerce(f"{prefix}{k}", v, hints[k]) for k, v in values.items()})
+
+
+# ---- presets and overrides ------------------------------------------------------------------
+
+
+def preset_names(config_dir: Path = CONFIG_DIR) -> list[str]:
+    return sorted(p.stem for p in config_dir.glob("*.yaml")) if config_dir.is_dir() else []
+
+
+def find_preset(name_or_path: str | Path, config_dir: Path = CONFIG_DIR) -> Path:
+    """A preset file: an existing path, else ``<config_dir>/<name>.yaml``."""
+    path = Path(name_or_path)
+    if path.is_file():
+        return path
+    candidate = config_dir / f"{path.stem if path.suffix in ('.yaml', '.yml') else path.name}.yaml"
+    if candidate.is_file():
+        return candidate
+    raise FileNotFoundError(f"no config {str(name_or_path)!r}; presets in {config_dir}: {preset_names(config_dir)}")
+
+
+def load_config(name_or_path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """A validated :class:`Config` from a preset (or the defaults) with ``key=value`` overrides applied."""
+    if name_or_path is None:
+        config = Config()
+    else:
+        path = find_preset(name_or_path)
+        values = _read_preset(path, seen=())
+        values.setdefault("name", path.stem)
+        config = _build(Config, values, str(path))
+    return apply_overrides(config, overrides).validate()
+
+
+def _read_preset(path: Path, seen: tuple[Path, ...]) -> dict[str, Any]:
+    """A preset's values; ``base: <preset>`` merges them over another preset's (sections key by key)."""
+    if path.resolve() in seen:
+        raise ValueError(f"preset {path} is its own base (via {[str(p) for p in seen]})")
+    try:
+        values = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as error:
+        raise ValueError(f"cannot parse {path}: {str(error).splitlines()[0]}") from None
+    if not isinstance(values, dict):
+        raise ValueError(f"{path} must hold a mapping of config sections, got {type(values).__name__}")
+    base = values.pop("base", None)
+    if base is None:
+        return values
+    merged = _read_preset(find_preset(base, path.parent), (*seen, path.resolve()))
+    merged.pop("name", None)
+    for key, value in values.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = {**merged[key], **value}
+        else:
+            merged[key] = value
+    return merged
+
+
+def apply_overrides(config: Config, overrides: list[str] | tuple[str, ...]) -> Config:
+    """Apply ``section.key=value`` overrides (values parsed as YAML: 0.1, true, null, [1, 2], {a: 1}).
+
+    A key into a dict field (``model.kwargs.width=64``, ``model.moe.k=1``) sets that entry.
+    """
+    values = config.to_dict()
+    for item in overrides:
+        key, sep, text = item.partition("=")
+        if not sep or not key:
+            raise ValueError(f"override {item!r} is not key=value (e.g. optim.lr=0.05)")
+        try:
+            value = yaml.safe_load(text)
+        except yaml.YAMLError as error:
+            raise ValueError(f"override {item!r}: cannot parse {text!r} ({error.problem})") from None
+        _set(values, key.split("."), value, item)
+    return _build(Config, values, "config")
+
+
+def _set(values: dict, path: list[str], value: Any, item: str) -> None:
+    node, cls = values, Config
+    for depth, part in enumerate(path[:-1]):
+        hints = _hints(cls) if cls is not None else {}
+        if cls is not None and part not in hints:
+            valid = [f.name for f in fields(cls)]
+            raise ValueError(f"unknown key {'.'.join(path[: depth + 1])!r} in override {item!r}; valid keys: {valid}")
+        annotation = hints.get(part)
+        if node.get(part) is None and annotation is not None and _is_dict(annotation):
+            node[part] = {}
+        if not isinstance(node.get(part), dict):
+            raise ValueError(f"override {item!r}: {'.'.join(path[: depth + 1])} is not a section")
+        node = node[part]
+        cls = annotation if annotation is not None and dataclasses.is_dataclass(annotation) else None
+    last = path[-1]
+    if cls is not None and last not in _hints(cls):
+        valid = [f.name for f in fields(cls)]
+        where = ".".join(path[:-1]) or "config"
+        raise ValueError(f"unknown key {'.'.join(path)!r} in override {item!r}; valid keys of {where}: {valid}")
+    node[last] = value
+
+
+def _is_dict(annotation: Any) -> bool:
+    args = typing.get_args(annotation) if typing.get_origin(annotation) in (Union, types.UnionType) else (annotation,)
+    return any(typing.get_origin(a) is dict for a in args)
+
+
+def save_config(config: Config, path: Path) -> None:
+    path.write_text(yaml.safe_dump(_plain(config.to_dict()), sort_keys=False))
+
+
+def _plain(value: Any) -> Any:
+    """Tuples as lists, so YAML and ``weights_only`` checkpoints hold plain types."""
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_plain(v) for v in value]
+    return value

@@ -1,0 +1,154 @@
+"""From a :class:`DataConfig` to loaders: the splits, their normalisation, the augmentation, mixup.
+
+Every random draw is a function of (seed, epoch, step): the loader seeds crop/flip and RandAugment
+per batch, and :class:`BatchMixer` seeds mixup/cutmix per step, so a resumed run sees exactly the
+batches of an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from visionmoe.data import ImageTensors, TensorLoader, load_cifar, load_image_folder, load_tiny_imagenet
+from visionmoe.data.augment import random_crop_flip
+from visionmoe.train.config import DataConfig
+
+
+@dataclass
+class Splits:
+    train: ImageTensors
+    test: ImageTensors
+    num_classes: int
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+
+
+def load_splits(cfg: DataConfig) -> Splits:
+    """The training and test splits of ``cfg.dataset``, subset as asked, with the training set's
+    per-channel mean and std (computed from its uint8 pixels)."""
+    if cfg.dataset in ("cifar10", "cifar100"):
+        train = load_cifar(cfg.dataset, "train", cfg.data_dir, download=cfg.download)
+        test = load_cifar(cfg.dataset, "test", cfg.data_dir, download=cfg.download)
+    elif cfg.dataset == "tiny-imagenet":
+        train = load_tiny_imagenet("train", cfg.data_dir, image_size=cfg.image_size)
+        test = load_tiny_imagenet("test", cfg.data_dir, image_size=cfg.image_size)
+    elif cfg.dataset == "imagefolder":
+        if cfg.data_dir is None:
+            raise ValueError("data.dataset='imagefolder' needs data.data_dir=<folder holding the split folders>")
+        from pathlib import Path
+
+        root = Path(cfg.data_dir).expanduser()
+        train = load_image_folder(root / cfg.train_split, image_size=cfg.image_size)
+        test = load_image_folder(root / cfg.test_split, image_size=cfg.image_size)
+        if train.classes != test.classes:
+            raise ValueError(
+                f"{root / cfg.train_split} and {root / cfg.test_split} have different class folders "
+                f"({len(train.classes)} vs {len(test.classes)})"
+            )
+    else:  # validated before
+        raise ValueError(f"unknown dataset {cfg.dataset!r}")
+    train, test = _subset(train, cfg.train_subset), _subset(test, cfg.test_subset)
+    num_classes = cfg.num_classes or len(train.classes)
+    if int(train.labels.max()) >= num_classes:
+        raise ValueError(f"data.num_classes={num_classes} but labels go up to {int(train.labels.max())}")
+    mean, std = channel_stats(train.images)
+    return Splits(train, test, num_classes, mean, std)
+
+
+def _subset(data: ImageTensors, n: int | None) -> ImageTensors:
+    """A fixed random subset of ``n`` images (the same for every seed; in file order), not the first
+    ``n``: ImageFolder splits are sorted by class, so their first images are all one class."""
+    if n is None or n >= len(data):
+        return data
+    index = torch.randperm(len(data), generator=torch.Generator().manual_seed(0))[:n].sort().values
+    return ImageTensors(data.images[index], data.labels[index], data.classes)
+
+
+def channel_stats(images: Tensor, max_images: int = 10_000) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """Per-channel mean and std in [0, 1] units, from (at most) the first ``max_images`` images."""
+    x = images[:max_images].double().div_(255.0)  # (N, 3, H, W)
+    mean = x.mean(dim=(0, 2, 3))
+    std = x.std(dim=(0, 2, 3)).clamp_min(1e-3)
+    return tuple(round(float(v), 4) for v in mean), tuple(round(float(v), 4) for v in std)
+
+
+class Augment:
+    """Batched random crop (zero padding) and flip, then optionally RandAugment per image.
+
+    RandAugment is torchvision's (2 ops of the given magnitude) on uint8 tensors; its random draws
+    are taken under a forked global RNG seeded from the batch's generator, so they are reproducible
+    and leave the training RNG untouched.
+    """
+
+    def __init__(self, padding: int, flip: bool, randaugment: int | None) -> None:
+        self.padding, self.flip, self.randaugment = padding, flip, randaugment
+        self._rand = None
+        if randaugment is not None:
+            from torchvision.transforms import v2
+
+            self._rand = v2.RandAugment(num_ops=2, magnitude=randaugment)
+
+    def __call__(self, images: Tensor, generator: torch.Generator) -> Tensor:
+        if self.padding or self.flip:
+            images = random_crop_flip(images, self.padding, flip=self.flip, generator=generator)
+        if self._rand is not None:
+            seed = int(torch.randint(0, 2**62, (), generator=generator))
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(seed)
+                images = torch.stack([self._rand(image) for image in images])  # per image: ops differ
+        return images
+
+
+class BatchMixer:
+    """timm's Mixup/CutMix on a normalised batch, seeded by (seed, step) for exact resume.
+
+    Returns the mixed batch and soft targets (label smoothing folded in, as timm does).
+    """
+
+    def __init__(self, mixup_alpha: float, cutmix_alpha: float, label_smoothing: float, num_classes: int) -> None:
+        from timm.data import Mixup
+
+        self.mixup = Mixup(
+            mixup_alpha=mixup_alpha,
+            cutmix_alpha=cutmix_alpha,
+            label_smoothing=label_smoothing,
+            num_classes=num_classes,
+        )
+
+    def __call__(self, x: Tensor, y: Tensor, seed: int) -> tuple[Tensor, Tensor]:
+        state = np.random.get_state()
+        np.random.seed(seed % 2**32)  # timm draws lambda and the box from numpy's global RNG
+        try:
+            return self.mixup(x, y)
+        finally:
+            np.random.set_state(state)
+
+
+def build_loaders(cfg: DataConfig, splits: Splits, seed: int, channels_last: bool) -> tuple[TensorLoader, TensorLoader]:
+    augment = Augment(cfg.crop_padding, cfg.flip, cfg.randaugment)
+    train = TensorLoader(
+        splits.train,
+        cfg.batch_size,
+        shuffle=True,
+        drop_last=len(splits.train) >= cfg.batch_size,
+        augment=augment,
+        mean=splits.mean,
+        std=splits.std,
+        seed=seed,
+        channels_last=channels_last,
+    )
+    test = TensorLoader(
+        splits.test,
+        cfg.eval_batch_size,
+        shuffle=False,
+        drop_last=False,
+        mean=splits.mean,
+        std=splits.std,
+        seed=seed,
+        channels_last=channels_last,
+    )
+    return train, test

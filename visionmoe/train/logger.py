@@ -1,0 +1,68 @@
+"""Per-epoch metrics to ``metrics.jsonl`` (the record), ``metrics.csv`` (pandas) and TensorBoard.
+
+One record per epoch, nested as it is computed (``routing`` holds a dict per MoE layer). The CSV is
+the flattened record (``routing/<layer>/<stat>`` columns), rewritten from the JSONL after every
+epoch so its columns always cover every record. On resume, records after the checkpoint are dropped
+first, so a run killed between logging and checkpointing does not log an epoch twice.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+
+def flatten(record: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Nested dicts to ``a/b/c`` keys; per-expert loads to ``.../load/e<i>`` entries."""
+    out: dict[str, Any] = {}
+    for key, value in record.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            out.update(flatten(value, f"{name}/"))
+        elif key == "tokens_per_expert" and isinstance(value, list):
+            out.update({f"{prefix}load/e{i}": v for i, v in enumerate(value)})
+        else:
+            out[name] = value
+    return out
+
+
+class RunLogger:
+    """Writes the records of one run directory; ``tensorboard=False`` skips TensorBoard."""
+
+    def __init__(self, run_dir: Path, *, tensorboard: bool = True, resume_step: int | None = None) -> None:
+        self.run_dir = Path(run_dir)
+        self.jsonl = self.run_dir / "metrics.jsonl"
+        self.csv = self.run_dir / "metrics.csv"
+        self.records: list[dict[str, Any]] = []
+        if resume_step is not None and self.jsonl.is_file():
+            kept = [json.loads(line) for line in self.jsonl.read_text().splitlines() if line.strip()]
+            self.records = [r for r in kept if r["step"] <= resume_step]
+            self.jsonl.write_text("".join(json.dumps(r) + "\n" for r in self.records))
+        elif self.jsonl.exists():
+            self.jsonl.unlink()
+        self.writer = None
+        if tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.writer = SummaryWriter(str(self.run_dir / "tensorboard"), purge_step=resume_step)
+
+    def log(self, record: dict[str, Any]) -> None:
+        self.records.append(record)
+        with self.jsonl.open("a") as f:
+            f.write(json.dumps(record) + "\n")
+        pd.json_normalize(self.records, sep="/").to_csv(self.csv, index=False)
+        if self.writer is not None:
+            step = record["step"]
+            for key, value in flatten(record).items():
+                number = isinstance(value, int | float) and not isinstance(value, bool)
+                if number and key not in ("step", "epoch") and math.isfinite(value):
+                    self.writer.add_scalar(key, value, step)
+            self.writer.flush()
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()

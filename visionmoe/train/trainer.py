@@ -1,0 +1,597 @@
+"""The training loop: a plain PyTorch loop over a :class:`Config`, resumable bit for bit on the CPU.
+
+    trainer = Trainer(load_config("cifar10_moe", ["train.epochs=2"]))
+    summary = trainer.fit()          # writes <out_dir>/<run_name>/{config.yaml, checkpoint.pt,
+                                     #   metrics.jsonl, metrics.csv, tensorboard/, summary.json}
+
+What makes resume exact: the loader's batches are a function of (seed, epoch, step); mixup is
+seeded per step; the checkpoint holds model, optimiser, scheduler, every RNG state and the partial
+epoch's running sums. A run killed at any point and resumed from its last checkpoint ends with the
+same weights and metrics as an uninterrupted one (tested on the CPU).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from visionmoe.analysis.speed import machine_info
+from visionmoe.data import TensorLoader
+from visionmoe.layers.moe import collect_aux_loss, collect_routing_stats
+from visionmoe.layers.stats import RoutingStats, RoutingStatsAccumulator
+from visionmoe.train.checkpoint import (
+    CHECKPOINT,
+    check_model_matches,
+    code_version,
+    load_checkpoint,
+    rng_state,
+    save_checkpoint,
+    set_rng_state,
+)
+from visionmoe.train.config import Config, ModelConfig, save_config
+from visionmoe.train.data import BatchMixer, Splits, build_loaders, load_splits
+from visionmoe.train.logger import RunLogger
+from visionmoe.train.metrics import ClassificationMeter
+
+# Config keys that may differ between a run and its resumption (they change no result).
+RESUMABLE_CHANGES = ("train.progress", "train.log_every", "train.threads", "train.tensorboard", "data.data_dir")
+
+
+# ---- model, optimiser, schedule ----------------------------------------------------------------
+
+
+def build_model(cfg: ModelConfig, num_classes: int, example_input: Tensor) -> nn.Module:
+    """The configured model: a registered (or timm) model, optionally moeified, optionally its dense twin."""
+    from visionmoe.analysis.twin import dense_twin
+    from visionmoe.models import create_model, moeify
+
+    kwargs = dict(cfg.kwargs)
+    if cfg.moe is not None and cfg.moeify is None:
+        base = kwargs.get("moe") or {}
+        kwargs["moe"] = {**base, **cfg.moe}
+    model = create_model(cfg.name, num_classes=num_classes, **kwargs)
+    if cfg.moeify is not None:
+        options = dict(cfg.moeify)
+        model = moeify(model, moe=cfg.moe, **options)
+    if cfg.dense_twin is not None:
+        model = dense_twin(model, match=cfg.dense_twin, example_input=example_input)
+    return model
+
+
+def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    """Two groups: decayed weights, and biases / norm weights / ``no_weight_decay()`` names undecayed.
+
+    Expert biases are 2-D stacked tensors ((E, H) ``b1``, (E, D) ``b2``), so biases are found by name
+    as well as by dimension.
+    """
+    skip = set(model.no_weight_decay()) if hasattr(model, "no_weight_decay") else set()
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        leaf = name.rsplit(".", 1)[-1]
+        if p.ndim <= 1 or leaf in ("bias", "b1", "b2") or name in skip or leaf in skip:
+            no_decay.append(p)
+        else:
+            decay.append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+class Schedule:
+    """Learning-rate multiplier per step: linear warm-up, then cosine / linear / step / constant.
+
+    A plain object (not a lambda), so ``LambdaLR.state_dict()`` stores it and checkpoints stay
+    ``weights_only``-loadable.
+    """
+
+    def __init__(
+        self,
+        kind: str,
+        total_steps: int,
+        warmup_steps: int,
+        steps_per_epoch: int,
+        min_lr_ratio: float = 0.0,
+        milestones: Sequence[float] = (),
+        gamma: float = 0.1,
+    ) -> None:
+        self.kind, self.total_steps, self.warmup_steps = kind, total_steps, warmup_steps
+        self.steps_per_epoch, self.min_lr_ratio = steps_per_epoch, min_lr_ratio
+        self.milestones, self.gamma = [float(m) for m in milestones], gamma
+
+    def __call__(self, step: int) -> float:
+        if step < self.warmup_steps:
+            return (step + 1) / self.warmup_steps
+        if self.kind == "constant":
+            return 1.0
+        if self.kind == "step":
+            epoch = step / self.steps_per_epoch
+            return self.gamma ** sum(epoch >= m for m in self.milestones)
+        span = max(1, self.total_steps - self.warmup_steps)
+        progress = min(1.0, (step - self.warmup_steps) / span)
+        shape = 0.5 * (1 + math.cos(math.pi * progress)) if self.kind == "cosine" else 1 - progress
+        return self.min_lr_ratio + (1 - self.min_lr_ratio) * shape
+
+
+def build_optimizer(cfg: Config, model: nn.Module) -> torch.optim.Optimizer:
+    o = cfg.optim
+    groups = param_groups(model, o.weight_decay)
+    if o.name == "sgd":
+        return torch.optim.SGD(groups, lr=o.lr, momentum=o.momentum, nesterov=o.nesterov and o.momentum > 0)
+    return torch.optim.AdamW(groups, lr=o.lr, betas=o.betas)
+
+
+# ---- evaluation --------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def evaluate(
+    model: nn.Module,
+    loader: TensorLoader,
+    num_classes: int,
+    *,
+    device: torch.device | str = "cpu",
+    tta_flip: bool = False,
+    bins: int = 15,
+    autocast: Callable[[], Any] | None = None,
+) -> dict[str, Any]:
+    """Top-1/top-5, NLL, calibration error, per-class accuracy and per-layer routing statistics.
+
+    Routing statistics are those of the plain (unflipped) forward passes. The model is left in eval
+    mode; the loader runs one full pass.
+    """
+    model.eval()
+    meter = ClassificationMeter(num_classes, bins)
+    routing: dict[str, RoutingStatsAccumulator] = {}
+    loader.step = 0
+    for x, y in loader:
+        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        with autocast() if autocast is not None else _null():
+            logits = model(x).float()  # (B, classes)
+            for name, stats in collect_routing_stats(model).items():
+                routing.setdefault(name, RoutingStatsAccumulator()).update(stats)
+            if tta_flip:
+                logits = (logits + model(x.flip(-1)).float()) / 2
+        meter.update(logits, y)
+    result: dict[str, Any] = meter.compute()
+    result["routing"] = {name: acc.compute().as_dict() for name, acc in routing.items()}
+    return result
+
+
+class _null:
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, *exc: object) -> None:
+        return None
+
+
+# ---- the trainer -------------------------------------------------------------------------------
+
+
+class Trainer:
+    """Train one configured run; see the module docstring.
+
+    Args:
+        config: the run (validated here again).
+        resume: continue from ``<run_dir>/checkpoint.pt``. Without it, a run directory that already
+            holds a checkpoint is an error (nothing is overwritten).
+        callbacks: called as ``callback(trainer)`` after every optimiser step (tests use it to
+            interrupt a run; tools to watch one).
+    """
+
+    def __init__(self, config: Config, *, resume: bool = False, callbacks: Sequence[Callable] = ()) -> None:
+        self.config = config.validate()
+        t = config.train
+        self.run_dir = Path(t.out_dir).expanduser() / (t.run_name or f"{config.name}-s{t.seed}")
+        self.checkpoint_path = self.run_dir / CHECKPOINT
+        state = None
+        if resume:
+            state = load_checkpoint(self.checkpoint_path)
+            self._check_resumable(state["config"])
+        elif self.checkpoint_path.exists():
+            raise FileExistsError(
+                f"{self.run_dir} already holds a checkpoint; pass --resume to continue it, "
+                "or set train.run_name / train.out_dir for a new run"
+            )
+        self.callbacks = list(callbacks)
+        if t.threads is not None:
+            torch.set_num_threads(t.threads)
+        if t.device == "auto":
+            self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        else:
+            self.device = torch.device(t.device)
+        self.use_amp = t.amp and self.device.type == "cuda"
+
+        self.splits: Splits = load_splits(config.data)
+        self.train_loader, self.test_loader = build_loaders(
+            config.data, self.splits, t.seed, t.channels_last and self.device.type == "cpu"
+        )
+        example = self._example_batch()
+        torch.manual_seed(t.seed)
+        self.model = build_model(config.model, self.splits.num_classes, example)
+        if state is None and hasattr(self.model, "init_from_data"):
+            self.model.init_from_data(self._init_batch())
+        memory = torch.channels_last if t.channels_last else torch.contiguous_format
+        self.model.to(self.device, memory_format=memory)
+        self.forward = torch.compile(self.model) if t.compile else self.model
+
+        self.steps_per_epoch = len(self.train_loader)
+        self.total_steps = max(1, round(t.epochs * self.steps_per_epoch))
+        o = config.optim
+        self.optimizer = build_optimizer(config, self.model)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer,
+            Schedule(
+                o.schedule,
+                self.total_steps,
+                round(o.warmup_epochs * self.steps_per_epoch),
+                self.steps_per_epoch,
+                o.min_lr_ratio,
+                o.milestones,
+                o.gamma,
+            ),
+        )
+        d = config.data
+        self.mixer = None
+        if d.mixup_alpha > 0 or d.cutmix_alpha > 0:
+            if d.batch_size % 2:
+                raise ValueError(f"mixup/cutmix needs an even data.batch_size, got {d.batch_size}")
+            self.mixer = BatchMixer(d.mixup_alpha, d.cutmix_alpha, o.label_smoothing, self.splits.num_classes)
+
+        self.step = 0
+        self.train_seconds = 0.0
+        self.eval_seconds = 0.0
+        self.best_top1 = 0.0
+        self._reset_epoch_sums()
+        if state is not None:
+            self._restore(state)
+        else:
+            torch.manual_seed(t.seed)  # the training RNG stream starts from the seed, whatever init drew
+        self.profile = self._profile(example)
+
+    # -- set-up helpers
+
+    def _example_batch(self) -> Tensor:
+        images = self.splits.train.images[:2]
+        return _normalize(images, self.splits.mean, self.splits.std)
+
+    def _init_batch(self, n: int = 5000) -> Tensor:
+        return _normalize(self.splits.train.images[:n], self.splits.mean, self.splits.std)
+
+    def _profile(self, example: Tensor) -> dict[str, float]:
+        from visionmoe.analysis.profile import profile
+
+        p = profile(self.model, example.to(self.device))
+        return {
+            "total_params": p.total_params,
+            "active_params": p.active_params,
+            "flops_per_image": p.total_flops,
+            "expert_flops_per_image": p.expert_flops,
+            "rho": p.rho,
+        }
+
+    def _check_resumable(self, saved: dict[str, Any]) -> None:
+        from visionmoe.train.logger import flatten
+
+        now, before = flatten(self.config.to_dict()), flatten(Config.from_dict(saved).to_dict())
+        changed = sorted(
+            k.replace("/", ".")
+            for k in set(now) | set(before)
+            if now.get(k) != before.get(k) and k.replace("/", ".") not in RESUMABLE_CHANGES
+        )
+        if changed:
+            raise ValueError(
+                f"cannot resume {self.checkpoint_path}: the config differs in {changed} "
+                "(resume with the run's own config; only progress/logging/threads/data_dir may change)"
+            )
+
+    # -- state
+
+    def _reset_epoch_sums(self) -> None:
+        self.sums = {"loss": 0.0, "aux": 0.0, "correct": 0.0, "seen": 0, "seconds": 0.0}
+        self.routing = {}
+
+    def state_dict(self) -> dict[str, Any]:
+        from visionmoe.train.config import _plain
+
+        return {
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "loader": self.train_loader.state_dict(),
+            "rng": rng_state(),
+            "step": self.step,
+            "train_seconds": self.train_seconds,
+            "eval_seconds": self.eval_seconds,
+            "best_top1": self.best_top1,
+            "sums": dict(self.sums),
+            "routing": {name: _stats_to_dict(acc.total) for name, acc in self.routing.items() if acc.total},
+            "config": _plain(self.config.to_dict()),
+            "code": code_version(),
+        }
+
+    def _restore(self, state: dict[str, Any]) -> None:
+        check_model_matches(state["model"], self.model, str(self.checkpoint_path))
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.train_loader.load_state_dict(state["loader"])
+        self.step = int(state["step"])
+        self.train_seconds, self.eval_seconds = float(state["train_seconds"]), float(state["eval_seconds"])
+        self.best_top1 = float(state["best_top1"])
+        self.sums = dict(state["sums"])
+        self.routing = {}
+        for name, values in state["routing"].items():
+            acc = RoutingStatsAccumulator()
+            acc.update(RoutingStats(**values))
+            self.routing[name] = acc
+        set_rng_state(state["rng"])
+
+    def save(self) -> Path:
+        return save_checkpoint(self.checkpoint_path, self.state_dict())
+
+    # -- the loop
+
+    def train_step(self, x: Tensor, y: Tensor) -> None:
+        o = self.config.optim
+        x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+        target: Tensor = y
+        if self.mixer is not None:
+            x, target = self.mixer(x, y, seed=self.config.train.seed * 1_000_003 + self.step)
+        with self._autocast():
+            logits = self.forward(x).float()  # (B, classes)
+            if self.mixer is not None:
+                task = torch.sum(-target * logits.log_softmax(dim=-1), dim=-1).mean()  # soft targets
+            else:
+                task = F.cross_entropy(logits, target, label_smoothing=o.label_smoothing)
+            aux = collect_aux_loss(self.model)
+            loss = task + o.aux_loss_scale * aux
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f"loss {float(loss)} at step {self.step}; lower optim.lr or set optim.grad_clip")
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if o.grad_clip is not None:
+            nn.utils.clip_grad_norm_(self.model.parameters(), o.grad_clip)
+        self.optimizer.step()
+        self.scheduler.step()
+        n = y.shape[0]
+        self.sums["loss"] += float(task.detach()) * n
+        self.sums["aux"] += float(aux.detach()) * n
+        self.sums["correct"] += float((logits.argmax(dim=-1) == y).sum())
+        self.sums["seen"] += n
+        for name, stats in collect_routing_stats(self.model).items():
+            self.routing.setdefault(name, RoutingStatsAccumulator()).update(stats)
+
+    def _autocast(self):
+        if self.use_amp:
+            return torch.autocast(self.device.type, dtype=torch.bfloat16)
+        return _null()
+
+    def evaluate(self) -> dict[str, Any]:
+        e = self.config.eval
+        return evaluate(
+            self.forward,
+            self.test_loader,
+            self.splits.num_classes,
+            device=self.device,
+            tta_flip=e.tta_flip,
+            bins=e.calibration_bins,
+            autocast=self._autocast,
+        )
+
+    def fit(self) -> dict[str, Any]:
+        """Train to ``train.epochs`` (or the time limit), evaluating and checkpointing each epoch."""
+        from rich.console import Console
+
+        cfg, t = self.config, self.config.train
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, self.run_dir / "config.yaml")
+        console = Console()
+        logger = RunLogger(self.run_dir, tensorboard=t.tensorboard, resume_step=self.step if self.step else None)
+        p = self.profile
+        console.print(
+            f"[bold]{cfg.name}[/]: {cfg.model.name}"
+            + (f" (dense twin, {cfg.model.dense_twin})" if cfg.model.dense_twin else "")
+            + f", {p['total_params'] / 1e6:.2f}M params ({p['active_params'] / 1e6:.2f}M active), "
+            f"{p['flops_per_image'] / 1e6:.1f} MFLOPs/image, ρ={p['rho']:.3f}; {len(self.splits.train)} train / "
+            f"{len(self.splits.test)} test images, {self.splits.num_classes} classes; {self.total_steps} steps on "
+            f"{self.device} ({torch.get_num_threads()} threads) → {self.run_dir}",
+            soft_wrap=True,
+        )
+        stopped = "completed"
+        wall_start = time.perf_counter()
+        with _progress(t.progress) as progress:
+            while self.step < self.total_steps:
+                epoch = self.step // self.steps_per_epoch
+                end = min(self.total_steps, (epoch + 1) * self.steps_per_epoch)
+                task = progress.add_task(
+                    f"epoch {epoch + 1}", total=end - epoch * self.steps_per_epoch, loss=math.nan, acc=math.nan, ips=0.0
+                )
+                progress.update(task, completed=self.step - epoch * self.steps_per_epoch)
+                self.model.train()
+                for x, y in self.train_loader:
+                    start = time.perf_counter()
+                    self.train_step(x, y)
+                    seconds = time.perf_counter() - start
+                    self.train_seconds += seconds
+                    self.sums["seconds"] += seconds
+                    self.step += 1
+                    if self.step % t.log_every == 0 or self.step == end:
+                        s = self.sums
+                        progress.update(
+                            task,
+                            completed=self.step - epoch * self.steps_per_epoch,
+                            loss=s["loss"] / s["seen"],
+                            acc=s["correct"] / s["seen"],
+                            ips=s["seen"] / max(s["seconds"], 1e-9),
+                        )
+                    if t.time_limit_minutes is not None and self.train_seconds >= 60 * t.time_limit_minutes:
+                        stopped = "time_limit"
+                    at_end = self.step == end or stopped != "completed"
+                    if t.checkpoint_every_steps and self.step % t.checkpoint_every_steps == 0 and not at_end:
+                        self.save()
+                    for callback in self.callbacks:
+                        callback(self)
+                    if at_end:
+                        break
+                progress.remove_task(task)
+                record = self._end_epoch(epoch, final=self.step == self.total_steps or stopped != "completed")
+                logger.log(record)
+                console.print(_epoch_line(record), soft_wrap=True)
+                self.save()
+                if stopped != "completed":
+                    break
+        logger.close()
+        summary = self._summary(stopped, logger.records, time.perf_counter() - wall_start)
+        (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+        return summary
+
+    def _end_epoch(self, epoch: int, final: bool) -> dict[str, Any]:
+        s = self.sums
+        record: dict[str, Any] = {
+            "epoch": round(self.step / self.steps_per_epoch, 4),
+            "step": self.step,
+            "lr": self.optimizer.param_groups[0]["lr"],
+            "train_loss": s["loss"] / max(s["seen"], 1),
+            "train_top1": s["correct"] / max(s["seen"], 1),
+            "aux_loss": s["aux"] / max(s["seen"], 1),
+            "images_per_s": s["seen"] / max(s["seconds"], 1e-9),
+            "train_seconds": self.train_seconds,
+        }
+        record["routing"] = {name: acc.compute().as_dict() for name, acc in self.routing.items()}
+        if final or (epoch + 1) % self.config.train.eval_every == 0:
+            start = time.perf_counter()
+            result = self.evaluate()
+            self.eval_seconds += time.perf_counter() - start
+            self.best_top1 = max(self.best_top1, result["top1"])
+            record["test"] = {k: v for k, v in result.items() if k not in ("per_class_accuracy", "routing", "samples")}
+            record["test"]["routing"] = result["routing"]
+            self.last_eval = result
+        record["eval_seconds"] = self.eval_seconds
+        self._reset_epoch_sums()
+        return record
+
+    def _summary(self, stopped: str, records: list[dict[str, Any]], wall: float) -> dict[str, Any]:
+        last_eval = getattr(self, "last_eval", None) or self.evaluate()
+        images = self.step * self.config.data.batch_size
+        return {
+            "name": self.config.name,
+            "model": self.config.model.name,
+            "dense_twin": self.config.model.dense_twin,
+            "stopped": stopped,
+            "epochs": round(self.step / self.steps_per_epoch, 4),
+            "steps": self.step,
+            "seed": self.config.train.seed,
+            "test": {k: v for k, v in last_eval.items() if k != "routing"},
+            "test_routing": last_eval["routing"],
+            "best_top1": self.best_top1,
+            "train_seconds": self.train_seconds,
+            "eval_seconds": self.eval_seconds,
+            "wall_seconds_this_session": wall,
+            "images_per_s": images / max(self.train_seconds, 1e-9),
+            **self.profile,
+            "device": str(self.device),
+            "threads": torch.get_num_threads(),
+            "machine": machine_info(torch.get_num_threads())["cpu"],
+            "code": code_version(),
+            "run_dir": str(self.run_dir),
+        }
+
+
+def _stats_to_dict(stats: RoutingStats) -> dict[str, Tensor]:
+    from dataclasses import fields
+
+    return {f.name: getattr(stats, f.name) for f in fields(stats)}
+
+
+def _normalize(images: Tensor, mean: Sequence[float], std: Sequence[float]) -> Tensor:
+    from visionmoe.data import normalize
+
+    return normalize(images, tuple(mean), tuple(std))
+
+
+def _epoch_line(record: dict[str, Any]) -> str:
+    line = (
+        f"epoch {record['epoch']:g} step {record['step']}: train loss {record['train_loss']:.3f} "
+        f"top-1 {record['train_top1']:.1%}, {record['images_per_s']:.0f} img/s"
+    )
+    if "test" in record:
+        t = record["test"]
+        line += f" | test top-1 {t['top1']:.2%} top-5 {t['top5']:.2%} nll {t['nll']:.3f} ece {t['ece']:.3f}"
+    for name, r in record["routing"].items():
+        line += f" | {name}: drop {r['dropped_fraction']:.1%} H {r['router_entropy']:.2f}"
+        break  # the first layer only; every layer is in metrics.jsonl
+    return line
+
+
+def _progress(enabled: bool):
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    return Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("loss {task.fields[loss]:.3f} acc {task.fields[acc]:.1%} {task.fields[ips]:.0f} img/s"),
+        TimeElapsedColumn(),
+        disable=not enabled,
+        transient=True,
+    )
+
+
+def evaluate_checkpoint(
+    checkpoint: str | Path,
+    *,
+    data_dir: str | None = None,
+    split: str = "test",
+    batch_size: int | None = None,
+    tta_flip: bool | None = None,
+    device: str = "auto",
+) -> dict[str, Any]:
+    """Evaluate a training checkpoint on its dataset's ``split`` ("test" or "train", no augmentation).
+
+    The model is rebuilt from the config stored in the checkpoint, so only the checkpoint is needed
+    (and the data). Returns :func:`evaluate`'s metrics plus the checkpoint's step and config name.
+    """
+    if split not in ("test", "train"):
+        raise ValueError(f"split must be 'test' or 'train', got {split!r}")
+    state = load_checkpoint(checkpoint)
+    config = Config.from_dict(state["config"], source=str(checkpoint))
+    if data_dir is not None:
+        config.data.data_dir = data_dir
+    if batch_size is not None:
+        config.data.eval_batch_size = batch_size
+    if tta_flip is not None:
+        config.eval.tta_flip = tta_flip
+    config.validate()
+    dev = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device)
+    splits = load_splits(config.data)
+    data = splits.test if split == "test" else splits.train
+    loader = TensorLoader(
+        data,
+        config.data.eval_batch_size,
+        shuffle=False,
+        drop_last=False,
+        mean=splits.mean,
+        std=splits.std,
+        channels_last=config.train.channels_last and dev.type == "cpu",
+    )
+    example = _normalize(splits.train.images[:2], splits.mean, splits.std)
+    model = build_model(config.model, splits.num_classes, example)
+    check_model_matches(state["model"], model, str(checkpoint))
+    model.load_state_dict(state["model"])
+    memory = torch.channels_last if config.train.channels_last else torch.contiguous_format
+    model.to(dev, memory_format=memory)
+    result = evaluate(
+        model, loader, splits.num_classes, device=dev, tta_flip=config.eval.tta_flip, bins=config.eval.calibration_bins
+    )
+    result.update({"name": config.name, "model": config.model.name, "step": int(state["step"]), "split": split})
+    result["classes"] = list(data.classes)
+    return result

@@ -108,6 +108,12 @@ def test_auto_picks_padded_for_small_experts():
     # 2 × 2 · 512 = 2048 assignments over 4 experts: 512 rows each -> sorted.
     x = torch.randn(2, 512, 16)
     assert choose_backend(x, moe.experts, moe.router(x).plan) == "sorted"
+    # grouped_mm has no float64 kernel: a float64 layer with small experts takes padded, and runs.
+    double = MoE(16, 4, 8, router="topk", k=2).double()
+    x = torch.randn(2, 5, 16, dtype=torch.float64)
+    assert not grouped_mm_supported(double.experts, x)
+    assert choose_backend(x, double.experts, double.router(x).plan) == "padded"
+    assert double(x).dtype == torch.float64
 
 
 def test_padded_backend_under_torch_compile_like_choice(monkeypatch):

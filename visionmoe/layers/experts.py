@@ -141,8 +141,14 @@ def _grouped_mm(a: Tensor, b: Tensor, offs: Tensor) -> Tensor:
 
 
 def grouped_mm_supported(experts: Experts, x: Tensor) -> bool:
-    """Whether this torch has grouped_mm and the shapes meet its alignment (16-byte row strides)."""
+    """Whether this torch has grouped_mm, for this dtype, and the shapes meet its alignment (16-byte rows).
+
+    grouped_mm takes float32, bfloat16 and float16 only (a float64 model, e.g. for exact Hessians,
+    must take another backend).
+    """
     if getattr(torch.nn.functional, "grouped_mm", None) is None and not hasattr(torch, "_grouped_mm"):
+        return False
+    if x.dtype not in (torch.float32, torch.bfloat16, torch.float16):
         return False
     row_multiple = 16 // x.element_size()
     return experts.dim % row_multiple == 0 and experts.hidden_dim % row_multiple == 0

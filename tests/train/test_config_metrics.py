@@ -127,3 +127,29 @@ def test_weight_decay_skips_biases_norms_and_expert_biases():
     assert any(n.endswith("norm.weight") for n in undecayed)
     assert any(n.endswith("experts.w1") for n in decayed) and "fc.weight" in decayed
     assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0
+
+
+def test_augment_and_mixup_are_reproducible_and_leave_the_global_rng_alone():
+    from visionmoe.train.data import Augment, BatchMixer
+
+    images = torch.randint(0, 256, (6, 3, 16, 16), dtype=torch.uint8)
+    augment = Augment(padding=2, flip=True, randaugment=9)
+    torch.manual_seed(123)
+    before = torch.get_rng_state()
+    a = augment(images, torch.Generator().manual_seed(7))
+    assert torch.equal(torch.get_rng_state(), before)  # RandAugment drew from a forked RNG
+    b = augment(images, torch.Generator().manual_seed(7))
+    c = augment(images, torch.Generator().manual_seed(8))
+    assert torch.equal(a, b) and not torch.equal(a, c) and a.dtype == torch.uint8 and a.shape == images.shape
+
+    import numpy as np
+
+    mixer = BatchMixer(0.8, 1.0, 0.1, num_classes=4)
+    x, y = torch.randn(4, 3, 8, 8), torch.tensor([0, 1, 2, 3])
+    state = np.random.get_state()[1].copy()
+    (x1, t1), (x2, t2) = mixer(x.clone(), y, seed=5), mixer(x.clone(), y, seed=5)
+    (x3, _) = mixer(x.clone(), y, seed=6)
+    assert not torch.equal(x1, x3)  # another step, another mix
+    assert torch.equal(x1, x2) and torch.equal(t1, t2)
+    assert np.array_equal(np.random.get_state()[1], state)
+    assert torch.allclose(t1.sum(dim=1), torch.ones(4))  # soft targets are distributions

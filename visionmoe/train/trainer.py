@@ -42,7 +42,14 @@ from visionmoe.train.logger import RunLogger
 from visionmoe.train.metrics import ClassificationMeter
 
 # Config keys that may differ between a run and its resumption (they change no result).
-RESUMABLE_CHANGES = ("train.progress", "train.log_every", "train.threads", "train.tensorboard", "data.data_dir")
+RESUMABLE_CHANGES = (
+    "train.progress",
+    "train.log_every",
+    "train.threads",
+    "train.tensorboard",
+    "train.time_limit_minutes",
+    "data.data_dir",
+)
 
 
 # ---- model, optimiser, schedule ----------------------------------------------------------------
@@ -290,13 +297,13 @@ class Trainer:
         if changed:
             raise ValueError(
                 f"cannot resume {self.checkpoint_path}: the config differs in {changed} "
-                "(resume with the run's own config; only progress/logging/threads/data_dir may change)"
+                f"(resume with the run's own config; only {', '.join(RESUMABLE_CHANGES)} may change)"
             )
 
     # -- state
 
     def _reset_epoch_sums(self) -> None:
-        self.sums = {"loss": 0.0, "aux": 0.0, "correct": 0.0, "seen": 0, "seconds": 0.0}
+        self.sums = {"loss": 0.0, "aux": 0.0, "correct": 0.0, "seen": 0, "seconds": 0.0, "data_seconds": 0.0}
         self.routing = {}
 
     def state_dict(self) -> dict[str, Any]:
@@ -327,7 +334,8 @@ class Trainer:
         self.step = int(state["step"])
         self.train_seconds, self.eval_seconds = float(state["train_seconds"]), float(state["eval_seconds"])
         self.best_top1 = float(state["best_top1"])
-        self.sums = dict(state["sums"])
+        self._reset_epoch_sums()
+        self.sums.update(state["sums"])
         self.routing = {}
         for name, values in state["routing"].items():
             acc = RoutingStatsAccumulator()
@@ -417,12 +425,14 @@ class Trainer:
                 )
                 progress.update(task, completed=self.step - epoch * self.steps_per_epoch)
                 self.model.train()
-                for x, y in self.train_loader:
+                fetch = time.perf_counter()
+                for x, y in self.train_loader:  # the batch is built (index, augment, normalise) here
                     start = time.perf_counter()
                     self.train_step(x, y)
-                    seconds = time.perf_counter() - start
+                    seconds = time.perf_counter() - fetch  # training time includes building the batch
                     self.train_seconds += seconds
                     self.sums["seconds"] += seconds
+                    self.sums["data_seconds"] += start - fetch
                     self.step += 1
                     if self.step % t.log_every == 0 or self.step == end:
                         s = self.sums
@@ -442,6 +452,7 @@ class Trainer:
                         callback(self)
                     if at_end:
                         break
+                    fetch = time.perf_counter()  # checkpoints and callbacks are not training time
                 progress.remove_task(task)
                 record = self._end_epoch(epoch, final=self.step == self.total_steps or stopped != "completed")
                 logger.log(record)
@@ -464,6 +475,7 @@ class Trainer:
             "train_top1": s["correct"] / max(s["seen"], 1),
             "aux_loss": s["aux"] / max(s["seen"], 1),
             "images_per_s": s["seen"] / max(s["seconds"], 1e-9),
+            "data_share": s["data_seconds"] / max(s["seconds"], 1e-9),  # of training time spent building batches
             "train_seconds": self.train_seconds,
         }
         record["routing"] = {name: acc.compute().as_dict() for name, acc in self.routing.items()}

@@ -1,4 +1,4 @@
-"""Compute accounting (FLOPs, ρ, active parameters), dense twins, Hessian analysis and routing analytics."""
+"""Compute accounting (FLOPs, ρ, active parameters), dense twins, Hessian, loss surface, routing analytics."""
 
 from visionmoe.analysis.hessian import (
     PARAM_GROUPS,
@@ -13,6 +13,14 @@ from visionmoe.analysis.hessian import (
     power_iteration,
     spectral_density,
     top_eigenvalues,
+)
+from visionmoe.analysis.landscape import (
+    LossLandscape,
+    hessian_direction,
+    loss_line,
+    loss_plane,
+    plot_landscape,
+    random_direction,
 )
 from visionmoe.analysis.profile import ComputeProfile, ModuleRow, MoELayerProfile, profile
 from visionmoe.analysis.routing import (
@@ -37,6 +45,7 @@ __all__ = [
     "HessianOperator",
     "HessianSummary",
     "LayerRouting",
+    "LossLandscape",
     "MoELayerProfile",
     "ModuleRow",
     "RoutingReport",
@@ -44,14 +53,19 @@ __all__ = [
     "TraceEstimate",
     "collapsed_experts",
     "dense_twin",
+    "hessian_direction",
     "hessian_params",
     "hessian_summary",
     "hutchinson_trace",
     "load_history",
+    "loss_line",
+    "loss_plane",
     "mutual_information",
     "plot_class_expert",
+    "plot_landscape",
     "plot_load_history",
     "power_iteration",
+    "random_direction",
     "profile",
     "routing_report",
     "spectral_density",

@@ -1,4 +1,4 @@
-"""``visionmoe`` command line: train, eval, demo, bench, profile."""
+"""``visionmoe`` command line: train, eval, analyze, demo, bench, profile."""
 
 from __future__ import annotations
 
@@ -188,6 +188,27 @@ def _eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def _analyze(args: argparse.Namespace) -> int:
+    from visionmoe.analyze import analyze_run
+
+    what = [w.strip() for w in args.what.split(",") if w.strip()]
+    try:
+        analyze_run(
+            args.checkpoint,
+            what,
+            data_dir=args.data_dir,
+            out=args.out,
+            samples=args.samples,
+            params=args.params,
+            top_k=args.top_k,
+            trace_probes=args.trace_probes,
+            seed=args.seed,
+        )
+    except (ValueError, TypeError, FileNotFoundError, FloatingPointError) as error:
+        raise SystemExit(f"visionmoe analyze: {error}") from None
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="visionmoe", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -210,6 +231,17 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--device", default="auto")
     evaluate.add_argument("--out", default=None, help="where to write the JSON (default: next to the checkpoint)")
     evaluate.set_defaults(func=_eval)
+    analyze = sub.add_parser("analyze", help="routing, Hessian sharpness, loss surface and efficiency of a trained run")
+    analyze.add_argument("--checkpoint", required=True, help="checkpoint.pt, or the run directory holding it")
+    analyze.add_argument("--what", default="routing,hessian,landscape,efficiency", help="comma-separated sections")
+    analyze.add_argument("--samples", type=int, default=1000, help="images in each of the train and test subsets")
+    analyze.add_argument("--params", default="all", help="Hessian/landscape parameters: all, router, experts, backbone")
+    analyze.add_argument("--top-k", type=int, default=3, help="Hessian eigenvalues to compute")
+    analyze.add_argument("--trace-probes", type=int, default=50)
+    analyze.add_argument("--seed", type=int, default=0)
+    analyze.add_argument("--data-dir", default=None)
+    analyze.add_argument("--out", default=None, help="default: the run directory")
+    analyze.set_defaults(func=_analyze)
     demo = sub.add_parser("demo", help="route one batch through every router and print loads and speed")
     defaults = DemoConfig()
     for f in fields(DemoConfig):

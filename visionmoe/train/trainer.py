@@ -558,6 +558,30 @@ def _progress(enabled: bool):
     )
 
 
+def load_run(
+    checkpoint: str | Path, *, data_dir: str | None = None, device: str = "auto"
+) -> tuple[Config, nn.Module, Splits, dict[str, Any]]:
+    """A trained run from its checkpoint: (config, model with the weights, data splits, checkpoint state).
+
+    The model is rebuilt from the config stored in the checkpoint and put in eval mode on ``device``
+    ("auto": CUDA if available); ``data_dir`` replaces the stored data root (if the data moved).
+    """
+    state = load_checkpoint(checkpoint)
+    config = Config.from_dict(state["config"], source=str(checkpoint))
+    if data_dir is not None:
+        config.data.data_dir = data_dir
+    config.validate()
+    dev = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device)
+    splits = load_splits(config.data)
+    example = _normalize(splits.train.images[:2], splits.mean, splits.std)
+    model = build_model(config.model, splits.num_classes, example)
+    check_model_matches(state["model"], model, str(checkpoint))
+    model.load_state_dict(state["model"])
+    memory = torch.channels_last if config.train.channels_last else torch.contiguous_format
+    model.to(dev, memory_format=memory).eval()
+    return config, model, splits, state
+
+
 def evaluate_checkpoint(
     checkpoint: str | Path,
     *,
@@ -574,36 +598,20 @@ def evaluate_checkpoint(
     """
     if split not in ("test", "train"):
         raise ValueError(f"split must be 'test' or 'train', got {split!r}")
-    state = load_checkpoint(checkpoint)
-    config = Config.from_dict(state["config"], source=str(checkpoint))
-    if data_dir is not None:
-        config.data.data_dir = data_dir
-    if batch_size is not None:
-        config.data.eval_batch_size = batch_size
-    if tta_flip is not None:
-        config.eval.tta_flip = tta_flip
-    config.validate()
-    dev = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device)
-    splits = load_splits(config.data)
+    config, model, splits, state = load_run(checkpoint, data_dir=data_dir, device=device)
+    dev = next(model.parameters()).device
     data = splits.test if split == "test" else splits.train
     loader = TensorLoader(
         data,
-        config.data.eval_batch_size,
+        batch_size or config.data.eval_batch_size,
         shuffle=False,
         drop_last=False,
         mean=splits.mean,
         std=splits.std,
         channels_last=config.train.channels_last and dev.type == "cpu",
     )
-    example = _normalize(splits.train.images[:2], splits.mean, splits.std)
-    model = build_model(config.model, splits.num_classes, example)
-    check_model_matches(state["model"], model, str(checkpoint))
-    model.load_state_dict(state["model"])
-    memory = torch.channels_last if config.train.channels_last else torch.contiguous_format
-    model.to(dev, memory_format=memory)
-    result = evaluate(
-        model, loader, splits.num_classes, device=dev, tta_flip=config.eval.tta_flip, bins=config.eval.calibration_bins
-    )
+    flip = config.eval.tta_flip if tta_flip is None else tta_flip
+    result = evaluate(model, loader, splits.num_classes, device=dev, tta_flip=flip, bins=config.eval.calibration_bins)
     result.update({"name": config.name, "model": config.model.name, "step": int(state["step"]), "split": split})
     result["classes"] = list(data.classes)
     return result

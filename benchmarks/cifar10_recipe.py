@@ -28,7 +28,7 @@ PRESETS = ("cifar10_moe", "cifar10_dense")
 def run_all(args: argparse.Namespace) -> list[dict]:
     summaries = []
     for seed in args.seeds:
-        for preset in PRESETS:
+        for preset in args.presets:
             overrides = [
                 "data.dataset=imagefolder",
                 f"data.data_dir={args.data_dir}",
@@ -55,6 +55,8 @@ def report(summaries: list[dict], args: argparse.Namespace) -> str:
     rows = []
     for preset in PRESETS:
         runs = [s for s in summaries if s["name"] == preset]
+        if not runs:
+            continue
         top1 = [100 * s["test"]["top1"] for s in runs]
         minutes = [s["train_seconds"] / 60 for s in runs]
         ips = [s["images_per_s"] for s in runs]
@@ -63,7 +65,8 @@ def report(summaries: list[dict], args: argparse.Namespace) -> str:
         rows.append(
             f"| {preset} | {r['model']} | {r['total_params'] / 1e6:.2f}M | {r['active_params'] / 1e6:.2f}M | "
             f"{r['flops_per_image'] / 1e6:.0f}M | {r['rho']:.3f} | {statistics.mean(top1):.2f} ± {std:.2f} | "
-            f"{', '.join(f'{v:.2f}' for v in top1)} | {statistics.mean(minutes):.1f} | {statistics.mean(ips):.0f} | "
+            f"{', '.join(f'{v:.2f}' for v in top1)} | {', '.join(f'{m:.1f}' for m in minutes)} | "
+            f"{', '.join(f'{v:.0f}' for v in ips)} | "
             f"{r['epochs']:g} |"
         )
     command = "python benchmarks/cifar10_recipe.py " + " ".join(sys.argv[1:])
@@ -74,8 +77,8 @@ def report(summaries: list[dict], args: argparse.Namespace) -> str:
             f"Command: `{command}`",
             f"Machine: {machine}.",
             "",
-            "| preset | model | params | active | FLOPs/img | ρ | test top-1 % (mean ± std) | per seed | train min | "
-            "img/s | epochs |",
+            "| preset | model | params | active | FLOPs/img | ρ | test top-1 % (mean ± std) | per seed | "
+            "train min per seed | img/s per seed | epochs |",
             "|---|---|---|---|---|---|---|---|---|---|---|",
             *rows,
         ]
@@ -94,6 +97,8 @@ def plot(out: Path, seeds: list[int]) -> Path | None:
     for color, preset in zip(("tab:orange", "tab:blue"), PRESETS, strict=True):
         for i, seed in enumerate(seeds):
             path = out / f"{preset}-s{seed}" / "metrics.jsonl"
+            if not path.is_file():
+                continue
             records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
             points = [(r["train_seconds"] / 60, 100 * r["test"]["top1"]) for r in records if "test" in r]
             if points:
@@ -116,6 +121,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     parser.add_argument("--out", type=Path, default=Path("runs/cifar10_recipe"))
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument(
+        "--presets", nargs="+", choices=PRESETS, default=list(PRESETS), help="run only these (e.g. one per process)"
+    )
     parser.add_argument("--quick", action="store_true", help="1 epoch on 1024 images: checks the script only")
     parser.add_argument("--no-progress", action="store_true")
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="applied to both presets")

@@ -20,14 +20,7 @@ from visionmoe.analysis.routing import (
     routing_report,
 )
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny tensors: one thread is fastest, and leaves the others to whatever runs beside the tests."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 LN3 = math.log(3)

@@ -21,13 +21,7 @@ NAMES = ["cifar_airbench_moe", "cifar_airbench"]
 NARROW = {"widths": (16, 32, 32)}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # Small tensors on a busy 2-core machine: intra-op threads only add synchronisation.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def create(name: str, seed: int = 0, **kwargs) -> CifarAirbench:

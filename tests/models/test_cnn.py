@@ -31,14 +31,7 @@ SPARSE = ("resnet18_cifar_sparse_head", "cnn_resnet_cifar_moe", "cnn_dw_cifar_mo
 TINY_BACKBONE = {"width": 8, "depths": (1, 1, 1)}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # The tensors here are tiny: intra-op threads only add synchronisation, which on a busy 2-core
-    # machine made this file 3-4x slower. Restored afterwards for the other test files.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny(name: str, **kwargs) -> nn.Module:

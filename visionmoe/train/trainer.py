@@ -209,6 +209,7 @@ class Trainer:
                 "or set train.run_name / train.out_dir for a new run"
             )
         self.callbacks = list(callbacks)
+        self.code = code_version()  # at start: the code that trains, even if the checkout changes meanwhile
         if t.threads is not None:
             torch.set_num_threads(t.threads)
         if t.device == "auto":
@@ -322,7 +323,7 @@ class Trainer:
             "sums": dict(self.sums),
             "routing": {name: _stats_to_dict(acc.total) for name, acc in self.routing.items() if acc.total},
             "config": _plain(self.config.to_dict()),
-            "code": code_version(),
+            "code": self.code,
         }
 
     def _restore(self, state: dict[str, Any]) -> None:
@@ -513,7 +514,7 @@ class Trainer:
             "device": str(self.device),
             "threads": torch.get_num_threads(),
             "machine": machine_info(torch.get_num_threads())["cpu"],
-            "code": code_version(),
+            "code": self.code,
             "run_dir": str(self.run_dir),
         }
 

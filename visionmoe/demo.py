@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import torch
 from torch.utils import benchmark
 
+from visionmoe.analysis.speed import iqr
 from visionmoe.layers import ROUTERS, MoE
 
 
@@ -92,17 +93,10 @@ def run(cfg: DemoConfig) -> list[dict]:
                 "unrouted": stats.unrouted_fraction,
                 "entropy": stats.router_entropy,
                 "seconds": statistics.median(times),
-                "iqr": _iqr(times),
+                "iqr": iqr(times),
             }
         )
     dense = next(r["seconds"] for r in rows if r["router"] == "dense")
     for r in rows:
         r["vs_dense"] = r["seconds"] / dense
     return rows
-
-
-def _iqr(values: list[float]) -> float:
-    if len(values) < 2:
-        return 0.0
-    q = statistics.quantiles(values, n=4)
-    return q[2] - q[0]

@@ -239,7 +239,8 @@ def interleaved_times(
     return times
 
 
-def _iqr(values: Sequence[float]) -> float:
+def iqr(values: Sequence[float]) -> float:
+    """Interquartile range (0 for fewer than two values)."""
     if len(values) < 2:
         return 0.0
     q = statistics.quantiles(values, n=4)
@@ -303,8 +304,8 @@ def layer_benchmark(
             # Ratios are taken repeat by repeat (the same moment of the machine for both rows), then
             # summarised: drift of a shared machine cancels instead of landing on one row.
             ratios = [t / dense for t, dense in zip(times[name], times["dense"], strict=True)]
-            row.update(median=statistics.median(times[name]), iqr=_iqr(times[name]))
-            row.update(vs_dense=statistics.median(ratios), vs_dense_iqr=_iqr(ratios))
+            row.update(median=statistics.median(times[name]), iqr=iqr(times[name]))
+            row.update(vs_dense=statistics.median(ratios), vs_dense_iqr=iqr(ratios))
             per_pair_ratio = None  # seconds per processed assignment / dense seconds per token-expert pair
             if row["assignments"]:
                 per_pair_ratio = row["median"] / row["assignments"] / per_pair
@@ -353,8 +354,8 @@ def inference_speedup(
         dropped = sparse.last_stats.dropped_fraction  # of the profiled (eval) forward
         steps = {"top1": _step(sparse.eval(), x, "fwd"), "all": _step(full.eval(), x, "fwd")}
         times = interleaved_times(steps, threads=threads, repeats=repeats, min_run_time=min_run_time)
-        t_top1 = Timing(statistics.median(times["top1"]), _iqr(times["top1"]), times["top1"])
-        t_all = Timing(statistics.median(times["all"]), _iqr(times["all"]), times["all"])
+        t_top1 = Timing(statistics.median(times["top1"]), iqr(times["top1"]), times["top1"])
+        t_all = Timing(statistics.median(times["all"]), iqr(times["all"]), times["all"])
         theoretical = flops_all / flops_top1
         realised = statistics.median(a / b for a, b in zip(times["all"], times["top1"], strict=True))
         row = dict(case=case, batch=batch, tokens=math.prod(size[:-1]), dim=d, hidden=hidden, num_experts=num_experts)

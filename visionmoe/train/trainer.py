@@ -16,6 +16,7 @@ import json
 import math
 import time
 from collections.abc import Callable, Sequence
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -160,7 +161,7 @@ def evaluate(
     loader.step = 0
     for x, y in loader:
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-        with autocast() if autocast is not None else _null():
+        with autocast() if autocast is not None else nullcontext():
             logits = model(x).float()  # (B, classes)
             for name, stats in collect_routing_stats(model).items():
                 routing.setdefault(name, RoutingStatsAccumulator()).update(stats)
@@ -170,14 +171,6 @@ def evaluate(
     result: dict[str, Any] = meter.compute()
     result["routing"] = {name: acc.compute().as_dict() for name, acc in routing.items()}
     return result
-
-
-class _null:
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, *exc: object) -> None:
-        return None
 
 
 # ---- the trainer -------------------------------------------------------------------------------
@@ -382,7 +375,7 @@ class Trainer:
     def _autocast(self):
         if self.use_amp:
             return torch.autocast(self.device.type, dtype=torch.bfloat16)
-        return _null()
+        return nullcontext()
 
     def evaluate(self) -> dict[str, Any]:
         e = self.config.eval

@@ -1,0 +1,45 @@
+"""Data and expert parallelism on torch.distributed, launched with ``torchrun``.
+
+    env             ranks from torchrun's environment; the (replica, ep) mesh carved out of DP ranks
+    expert_parallel ExpertShard: E/P experts per rank, tokens swapped by a differentiable all-to-all
+    data_parallel   DDP without EP; with EP, dense grads over every rank, expert grads per replica group
+    data            each rank's rows of the deterministic global batch; metrics summed across ranks
+    checkpoint      DCP checkpoints (expert shards as DTensors) that load on any number of processes
+
+``visionmoe train`` turns all of this on by itself when ``WORLD_SIZE`` > 1 (see the README section
+"Multi-GPU and multi-node").
+"""
+
+from visionmoe.distributed.checkpoint import (
+    SHARDED_CHECKPOINT,
+    is_sharded_checkpoint,
+    load_sharded,
+    localize,
+    read_checkpoint,
+    save_sharded,
+)
+from visionmoe.distributed.data import ShardedLoader, shard_rows
+from visionmoe.distributed.data_parallel import Parallel, parallelize
+from visionmoe.distributed.env import ParallelEnv, init_parallel, launched_distributed, shutdown
+from visionmoe.distributed.expert_parallel import ExpertShard, all_to_all, expert_shards, shard_experts
+
+__all__ = [
+    "SHARDED_CHECKPOINT",
+    "ExpertShard",
+    "Parallel",
+    "ParallelEnv",
+    "ShardedLoader",
+    "all_to_all",
+    "expert_shards",
+    "init_parallel",
+    "is_sharded_checkpoint",
+    "launched_distributed",
+    "load_sharded",
+    "localize",
+    "parallelize",
+    "read_checkpoint",
+    "save_sharded",
+    "shard_experts",
+    "shard_rows",
+    "shutdown",
+]

@@ -1,0 +1,198 @@
+"""Checkpoints through ``torch.distributed.checkpoint`` (DCP) that load on any number of processes.
+
+A checkpoint is a directory: DCP's files for every tensor (model weights and optimiser state), plus
+``extra.pt``, a ``weights_only`` file that rank 0 writes with the rest of the training state (step,
+loader position, schedule, running sums, config, each rank's RNG state, and the optimiser's param
+groups with parameter *names* instead of indices).
+
+Why DTensor for the expert shards, rather than gathering them or writing (offset, shard) pairs by
+hand: DCP stores a DTensor as its pieces, each tagged with its offset in the logical tensor, and
+loading into *any* other layout reads the overlapping pieces. So an expert weight is saved as what it
+is logically — the full stacked (E, D, H) tensor — described as ``[Replicate(), Shard(0)]`` on the
+``("replica", "ep")`` mesh: each shard written once (replicas are deduplicated), nothing gathered on
+one rank (the memory of a big model is never needed in one place), and the resharding logic is
+DCP's, not ours. Dense tensors are plain tensors, identical on every rank, written once.
+
+The guarantee, tested: a checkpoint saved by W processes with expert parallelism P loads on W'
+processes with any P' (that divides E), including one process with no process group
+(:func:`read_checkpoint`, which also gives the ``checkpoint.pt`` layout that ``visionmoe eval`` and
+``analyze`` read), and a single-process ``checkpoint.pt`` loads on W' processes (:func:`localize`).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch import Tensor, nn
+from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+from torch.distributed.tensor import DTensor, Replicate, Shard
+
+from visionmoe.distributed.env import ParallelEnv
+from visionmoe.distributed.expert_parallel import ExpertShard, expert_shards
+
+SHARDED_CHECKPOINT = "checkpoint.dcp"
+EXTRA = "extra.pt"
+
+
+def is_sharded_checkpoint(path: str | os.PathLike) -> bool:
+    """Whether ``path`` is a directory written by :func:`save_sharded`."""
+    return (Path(path) / EXTRA).is_file() and (Path(path) / ".metadata").is_file()
+
+
+def optimizer_names(optimizer: torch.optim.Optimizer, model: nn.Module) -> list[list[str]]:
+    """Each param group's parameters by qualified name (the order that numbers them in ``state_dict``)."""
+    names = {id(p): n for n, p in model.named_parameters()}
+    return [[names[id(p)] for p in group["params"]] for group in optimizer.param_groups]
+
+
+def save_sharded(
+    path: str | os.PathLike,
+    state: dict[str, Any],
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    env: ParallelEnv | None,
+) -> Path:
+    """Write ``state`` (``model``: this rank's state dict, ``optimizer``: its ``state_dict()``, anything else).
+
+    Called by every rank with its own state (``env`` None: one process, no process group). Written to
+    ``<path>.tmp`` and renamed by rank 0 once every rank has finished, so an interrupted save leaves
+    the previous checkpoint whole.
+    """
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    main = env is None or env.is_main
+    if main and tmp.exists():
+        shutil.rmtree(tmp)
+    _barrier(env)
+    tensors, extra = _split(state, model, optimizer, env)
+    dcp.save(tensors, checkpoint_id=tmp, no_dist=env is None)
+    if env is not None:
+        ranks: list[Any] = [None] * env.world_size
+        dist.all_gather_object(ranks, state.get("rng"))
+        extra["rng_per_rank"] = ranks
+    if main:
+        torch.save(extra, tmp / EXTRA)
+        if path.exists():
+            shutil.rmtree(path)
+        os.replace(tmp, path)
+    _barrier(env)
+    return path
+
+
+def _split(state, model, optimizer, env) -> tuple[dict[str, Tensor], dict[str, Any]]:
+    """DCP's tensors (expert shards as DTensors) and the rest of ``state``."""
+    shards = expert_shards(model)
+    names = optimizer_names(optimizer, model)
+    flat_names = [n for group in names for n in group]
+    tensors = {f"model.{k}": _logical(v, shards.get(k), env) for k, v in state["model"].items()}
+    opt = state["optimizer"]
+    other: dict[str, dict[str, Any]] = {}
+    for index, values in opt["state"].items():
+        name = flat_names[index]
+        for key, value in values.items():
+            if isinstance(value, Tensor):
+                tensors[f"optim.{name}.{key}"] = _logical(value, shards.get(name) if value.dim() else None, env)
+            else:
+                other.setdefault(name, {})[key] = value
+    groups = [{**g, "params": n} for g, n in zip(opt["param_groups"], names, strict=True)]
+    extra = {k: v for k, v in state.items() if k not in ("model", "optimizer")}
+    extra["optimizer"] = {"param_groups": groups, "other_state": other}
+    return tensors, extra
+
+
+def _logical(tensor: Tensor, shard: ExpertShard | None, env: ParallelEnv | None) -> Tensor:
+    if shard is None or env is None:
+        return tensor
+    return DTensor.from_local(tensor, env.mesh, [Replicate(), Shard(0)], run_check=False)
+
+
+def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
+    """The whole checkpoint in one process, in the layout of a single-process ``checkpoint.pt``.
+
+    Needs no process group; every tensor is read at its full logical size.
+    """
+    path = Path(path)
+    metadata = dcp.FileSystemReader(path).read_metadata().state_dict_metadata
+    tensors = {
+        key: torch.empty(meta.size, dtype=meta.properties.dtype)
+        for key, meta in metadata.items()
+        if isinstance(meta, TensorStorageMetadata)
+    }
+    dcp.load(tensors, checkpoint_id=path, no_dist=True)
+    return _join(tensors, torch.load(path / EXTRA, weights_only=True))
+
+
+def load_sharded(path: str | os.PathLike, model: nn.Module, env: ParallelEnv | None) -> dict[str, Any]:
+    """This rank's part of a checkpoint saved on any number of processes, in ``Trainer.state_dict`` layout.
+
+    ``model`` says what this rank holds (its expert shards); its weights are not changed here. RNG
+    states: this rank's own when the checkpoint was written by as many processes, else rank 0's.
+    """
+    path = Path(path)
+    metadata = dcp.FileSystemReader(path).read_metadata().state_dict_metadata
+    shards = expert_shards(model)
+    tensors: dict[str, Tensor] = {}
+    for key, meta in metadata.items():
+        if not isinstance(meta, TensorStorageMetadata):
+            continue
+        full = torch.empty(meta.size, dtype=meta.properties.dtype)
+        name = key.split(".", 1)[1] if key.startswith("model.") else key.split(".", 1)[1].rsplit(".", 1)[0]
+        shard = shards.get(name) if full.dim() else None
+        tensors[key] = _logical(_slice(full, shard), shard, env)
+    dcp.load(tensors, checkpoint_id=path, no_dist=env is None)
+    local = {k: v.to_local() if isinstance(v, DTensor) else v for k, v in tensors.items()}
+    extra = torch.load(path / EXTRA, weights_only=True)
+    ranks = extra.pop("rng_per_rank", None)
+    if env is not None and ranks is not None and len(ranks) == env.world_size:
+        extra["rng"] = ranks[env.rank]
+    return _join(local, extra)
+
+
+def _slice(full: Tensor, shard: ExpertShard | None) -> Tensor:
+    return full if shard is None else full[shard.offset : shard.offset + shard.num_experts]
+
+
+def _join(tensors: dict[str, Tensor], extra: dict[str, Any]) -> dict[str, Any]:
+    """DCP tensors + extra -> ``{"model": state_dict, "optimizer": index-based state_dict, ...}``."""
+    opt = extra.pop("optimizer")
+    index = {name: i for i, name in enumerate(n for g in opt["param_groups"] for n in g["params"])}
+    state: dict[int, dict[str, Any]] = {}
+    for name, values in opt["other_state"].items():
+        state.setdefault(index[name], {}).update(values)
+    model = {}
+    for key, value in tensors.items():
+        if key.startswith("model."):
+            model[key[len("model.") :]] = value
+        else:
+            name, field = key[len("optim.") :].rsplit(".", 1)
+            state.setdefault(index[name], {})[field] = value
+    groups, start = [], 0
+    for g in opt["param_groups"]:
+        groups.append({**g, "params": list(range(start, start + len(g["params"])))})
+        start += len(g["params"])
+    return {**extra, "model": model, "optimizer": {"state": dict(sorted(state.items())), "param_groups": groups}}
+
+
+def localize(state: dict[str, Any], model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+    """A full single-process state (``checkpoint.pt``) cut down to this rank's expert shards."""
+    shards = expert_shards(model)
+    if not shards:
+        return state
+    flat = [n for group in optimizer_names(optimizer, model) for n in group]
+    weights = {k: _slice(v, shards.get(k)) for k, v in state["model"].items()}
+    opt_state = {
+        i: {k: _slice(v, shards.get(flat[i])) if isinstance(v, Tensor) and v.dim() else v for k, v in s.items()}
+        for i, s in state["optimizer"]["state"].items()
+    }
+    return {**state, "model": weights, "optimizer": {**state["optimizer"], "state": opt_state}}
+
+
+def _barrier(env: ParallelEnv | None) -> None:
+    if env is not None:
+        dist.barrier()

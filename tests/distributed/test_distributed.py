@@ -1,10 +1,13 @@
 """Data and expert parallelism on 2 CPU processes (gloo), checked against one process."""
 
+import json
 import time
 
 import pytest
 import torch
 from harness import WorkerFailed, run_workers
+
+from visionmoe.train import Trainer, load_checkpoint, load_config
 
 pytestmark = pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed not built")
 
@@ -62,3 +65,56 @@ def test_a_failing_worker_is_reported_and_nothing_hangs(tmp_path):
     with pytest.raises(WorkerFailed, match="failed on purpose"):
         run_workers("raises", 2, tmp_path, timeout=30)
     assert time.monotonic() - start < 30
+
+
+# A tiny ViT (LayerNorm: no batch statistics, which would be per rank) with MoE MLPs in both blocks:
+# 4 experts, top-2 with capacity, no router noise or aux loss (per rank by design). Mixup pairs rows
+# across the global batch, grad clipping sums the norm over expert shards: both must match too.
+# 120 images / batch 16 = 7 steps per epoch; 2.86 epochs = 20 steps.
+TINY_VIT = [
+    "model.name=vit_moe_tiny_patch4_32",
+    "model.kwargs={depth: 2, embed_dim: 16, num_heads: 2, placement: all}",
+    "model.moe={num_experts: 4, capacity_factor: 1.0, aux_loss_weights: {}, router_options: {noise_std: 0.0}}",
+    "data.batch_size=16",
+    "data.eval_batch_size=15",  # 40 test images: a last batch of 10, split 5 / 5; every batch cut 8 / 7
+    "data.mixup_alpha=0.4",
+    "optim.lr=0.05",
+    "optim.grad_clip=1.0",
+    "train.epochs=2.86",
+    "train.progress=false",
+    "train.tensorboard=false",
+    "train.threads=1",
+]
+
+
+def records(run):
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_twenty_steps_on_two_processes_equal_one_process(cifar10_root, tmp_path, one_thread):
+    common = [*TINY_VIT, f"data.data_dir={cifar10_root}", f"train.out_dir={tmp_path}"]
+    run_workers("train", 2, tmp_path, [*common, "train.run_name=two", "train.expert_parallel=2"], timeout=90)
+    one = Trainer(load_config(None, [*common, "train.run_name=one"]))
+    one.fit()
+
+    two_records, one_records = records(tmp_path / "two"), records(tmp_path / "one")
+    assert [r["step"] for r in two_records] == [r["step"] for r in one_records] == [7, 14, 20]
+    for a, b in zip(two_records, one_records, strict=True):
+        assert a["train_loss"] == pytest.approx(b["train_loss"], abs=1e-5)
+        assert a["test"]["nll"] == pytest.approx(b["test"]["nll"], abs=1e-5)
+        assert a["test"]["top1"] == b["test"]["top1"]
+        assert a["routing"].keys() == b["routing"].keys()
+        for layer in a["routing"]:  # summed over ranks: the same loads as one process
+            assert a["routing"][layer]["tokens_per_expert"] == pytest.approx(b["routing"][layer]["tokens_per_expert"])
+    summary = json.loads((tmp_path / "two" / "summary.json").read_text())  # rank 0's; all 40 test images scored
+    assert summary["test"]["samples"] == 40 and summary["total_params"] == one.profile["total_params"]
+    # 2 -> 1: the sharded checkpoint, read whole in this process, holds one process's weights.
+    assert (tmp_path / "two" / "checkpoint.dcp").is_dir() and not (tmp_path / "two" / "checkpoint.pt").exists()
+    two = load_checkpoint(tmp_path / "two")
+    assert two["step"] == 20 and two["config"]["train"]["expert_parallel"] == 2
+    reference = one.state_dict()
+    for key, value in reference["model"].items():
+        assert torch.allclose(two["model"][key], value, atol=1e-5), key
+    for i, state in reference["optimizer"]["state"].items():
+        assert torch.allclose(two["optimizer"]["state"][i]["momentum_buffer"], state["momentum_buffer"], atol=1e-5)
+    assert two["optimizer"]["param_groups"] == reference["optimizer"]["param_groups"]

@@ -52,6 +52,13 @@ def moe_layer(out: str, cases: list[dict]) -> None:
     shutdown()
 
 
+def train(out: str, overrides: list[str]) -> None:
+    """``visionmoe train`` exactly as torchrun would start it (the harness set RANK, WORLD_SIZE, ...)."""
+    from visionmoe.cli import main
+
+    main(["train", *overrides])
+
+
 def raises(out: str) -> None:
     """Rank 1 raises before the first collective; rank 0 waits in it (plain torch: no visionmoe import to wait for)."""
     import torch.distributed as dist

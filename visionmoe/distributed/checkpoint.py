@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -43,6 +44,11 @@ EXTRA = "extra.pt"
 def is_sharded_checkpoint(path: str | os.PathLike) -> bool:
     """Whether ``path`` is a directory written by :func:`save_sharded`."""
     return (Path(path) / EXTRA).is_file() and (Path(path) / ".metadata").is_file()
+
+
+def read_extra(path: str | os.PathLike) -> dict[str, Any]:
+    """The non-tensor part of a sharded checkpoint (config, step, ...), without reading any tensor."""
+    return torch.load(Path(path) / EXTRA, weights_only=True)
 
 
 def optimizer_names(optimizer: torch.optim.Optimizer, model: nn.Module) -> list[list[str]]:
@@ -124,7 +130,9 @@ def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
         for key, meta in metadata.items()
         if isinstance(meta, TensorStorageMetadata)
     }
-    dcp.load(tensors, checkpoint_id=path, no_dist=True)
+    with warnings.catch_warnings():  # "torch.distributed is ... uninitialized": loading in one process is the point
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        dcp.load(tensors, checkpoint_id=path, no_dist=True)
     return _join(tensors, torch.load(path / EXTRA, weights_only=True))
 
 

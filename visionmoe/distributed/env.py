@@ -16,6 +16,7 @@ With P = 1 every rank holds every expert, the replica group is the world and thi
 
 from __future__ import annotations
 
+import atexit
 import os
 from dataclasses import dataclass
 from datetime import timedelta
@@ -93,6 +94,7 @@ def init_parallel(ep_size: int = 1, *, backend: str | None = None, timeout_s: fl
             raise RuntimeError("init_parallel needs RANK and WORLD_SIZE in the environment; launch with torchrun")
         backend = backend or ("nccl" if torch.cuda.is_available() else "gloo")
         dist.init_process_group(backend, timeout=timedelta(seconds=timeout_s))
+        atexit.register(shutdown)  # we made the group, so we leave it when the process ends
     world, rank = dist.get_world_size(), dist.get_rank()
     check_ep_size(ep_size, world)
     local_rank = int(os.environ.get("LOCAL_RANK", rank))

@@ -86,10 +86,19 @@ def save_checkpoint(path: Path, state: dict[str, Any]) -> Path:
 
 
 def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> dict[str, Any]:
-    """Load with ``weights_only=True``; a missing or unreadable file is a one-line error naming it."""
+    """Load with ``weights_only=True``; a missing or unreadable file is a one-line error naming it.
+
+    A run trained under torchrun has a ``checkpoint.dcp`` directory instead of ``checkpoint.pt``; it is
+    read whole, into the same layout (:func:`visionmoe.distributed.read_checkpoint`).
+    """
+    from visionmoe.distributed.checkpoint import SHARDED_CHECKPOINT, is_sharded_checkpoint, read_checkpoint
+
     path = Path(path)
-    if path.is_dir():
+    if path.is_dir() and not is_sharded_checkpoint(path):
         path = path / CHECKPOINT
+    sharded = path if is_sharded_checkpoint(path) else path.with_name(SHARDED_CHECKPOINT)
+    if not path.is_file() and is_sharded_checkpoint(sharded):
+        return read_checkpoint(sharded)
     if not path.is_file():
         raise FileNotFoundError(f"no checkpoint at {path}; expected a file written by `visionmoe train`")
     try:

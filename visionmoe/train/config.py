@@ -121,6 +121,7 @@ class TrainConfig:
     tensorboard: bool = True
     progress: bool = True
     time_limit_minutes: float | None = None  # stop training (and evaluate) once this much time is spent
+    expert_parallel: int = 1  # under torchrun: processes each MoE layer's experts are spread over (divides E)
 
 
 @dataclass
@@ -177,6 +178,7 @@ class Config:
             ("train.threads", t.threads, t.threads is None or t.threads >= 1, ">= 1 or null"),
             ("train.eval_every", t.eval_every, t.eval_every >= 1, ">= 1"),
             ("train.log_every", t.log_every, t.log_every >= 1, ">= 1"),
+            ("train.expert_parallel", t.expert_parallel, t.expert_parallel >= 1, ">= 1 (1: no expert parallelism)"),
             ("eval.calibration_bins", self.eval.calibration_bins, self.eval.calibration_bins >= 1, ">= 1"),
         ]
         for key, value, ok, expected in checks:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 import time
 from collections.abc import Callable, Sequence
 from contextlib import nullcontext
@@ -24,6 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from visionmoe import distributed
 from visionmoe.analysis.speed import machine_info
 from visionmoe.data import TensorLoader
 from visionmoe.layers.moe import collect_aux_loss, collect_routing_stats
@@ -49,8 +51,10 @@ RESUMABLE_CHANGES = (
     "train.threads",
     "train.tensorboard",
     "train.time_limit_minutes",
+    "train.expert_parallel",  # checkpoints reshard (visionmoe.distributed.checkpoint)
     "data.data_dir",
 )
+RANK_SEED_STRIDE = 1_000_003  # rank r's training RNG stream starts at seed + r·stride (rank 0: the seed)
 
 
 # ---- model, optimiser, schedule ----------------------------------------------------------------
@@ -149,11 +153,14 @@ def evaluate(
     tta_flip: bool = False,
     bins: int = 15,
     autocast: Callable[[], Any] | None = None,
+    reduce: Callable[[ClassificationMeter, dict], dict] | None = None,
 ) -> dict[str, Any]:
     """Top-1/top-5, NLL, calibration error, per-class accuracy and per-layer routing statistics.
 
     Routing statistics are those of the plain (unflipped) forward passes. The model is left in eval
-    mode; the loader runs one full pass.
+    mode; the loader runs one full pass. A batch may hold more inputs than labels (a rank's stand-in
+    row, :class:`visionmoe.distributed.ShardedLoader`): only the first ``len(labels)`` rows are scored.
+    ``reduce(meter, routing)`` sums both across processes before the metrics are computed.
     """
     model.eval()
     meter = ClassificationMeter(num_classes, bins)
@@ -162,12 +169,14 @@ def evaluate(
     for x, y in loader:
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
         with autocast() if autocast is not None else nullcontext():
-            logits = model(x).float()  # (B, classes)
-            for name, stats in collect_routing_stats(model).items():
+            logits = model(x).float()[: len(y)]  # (B, classes)
+            for name, stats in collect_routing_stats(model).items() if len(y) else ():
                 routing.setdefault(name, RoutingStatsAccumulator()).update(stats)
             if tta_flip:
-                logits = (logits + model(x.flip(-1)).float()) / 2
+                logits = (logits + model(x.flip(-1)).float()[: len(y)]) / 2
         meter.update(logits, y)
+    if reduce is not None:
+        routing = reduce(meter, routing)
     result: dict[str, Any] = meter.compute()
     result["routing"] = {name: acc.compute().as_dict() for name, acc in routing.items()}
     return result
@@ -185,6 +194,11 @@ class Trainer:
             holds a checkpoint is an error (nothing is overwritten).
         callbacks: called as ``callback(trainer)`` after every optimiser step (tests use it to
             interrupt a run; tools to watch one).
+
+    Under ``torchrun`` (``WORLD_SIZE`` > 1) the same run is data parallel, and expert parallel with
+    ``train.expert_parallel`` > 1 (:mod:`visionmoe.distributed`): each rank takes its rows of the same
+    global batch, gradients and metrics are reduced across ranks, rank 0 alone writes logs and
+    summaries, and checkpoints are ``checkpoint.dcp`` directories that load on any number of processes.
     """
 
     def __init__(self, config: Config, *, resume: bool = False, callbacks: Sequence[Callable] = ()) -> None:
@@ -192,11 +206,16 @@ class Trainer:
         t = config.train
         self.run_dir = Path(t.out_dir).expanduser() / (t.run_name or f"{config.name}-s{t.seed}")
         self.checkpoint_path = self.run_dir / CHECKPOINT
+        self.sharded_path = self.run_dir / distributed.SHARDED_CHECKPOINT
+        self.parallel_env = _init_parallel(config)  # None in one process
         state = None
         if resume:
-            state = load_checkpoint(self.checkpoint_path)
+            if self.parallel_env is not None and distributed.is_sharded_checkpoint(self.sharded_path):
+                state = {"config": distributed.checkpoint.read_extra(self.sharded_path)["config"], "sharded": True}
+            else:
+                state = load_checkpoint(self.checkpoint_path)
             self._check_resumable(state["config"])
-        elif self.checkpoint_path.exists():
+        elif self.checkpoint_path.exists() or self.sharded_path.exists():
             raise FileExistsError(
                 f"{self.run_dir} already holds a checkpoint; pass --resume to continue it, "
                 "or set train.run_name / train.out_dir for a new run"
@@ -209,12 +228,18 @@ class Trainer:
             self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         else:
             self.device = torch.device(t.device)
+        if self.parallel_env is not None and self.parallel_env.device.type == "cuda":
+            self.device = self.parallel_env.device  # cuda:<LOCAL_RANK>
         self.use_amp = t.amp and self.device.type == "cuda"
 
         self.splits: Splits = load_splits(config.data)
         self.train_loader, self.test_loader = build_loaders(
             config.data, self.splits, t.seed, t.channels_last and self.device.type == "cpu"
         )
+        if self.parallel_env is not None:  # each rank keeps its rows of every global batch
+            rank, world = self.parallel_env.rank, self.parallel_env.world_size
+            self.train_loader = distributed.ShardedLoader(self.train_loader, rank, world)
+            self.test_loader = distributed.ShardedLoader(self.test_loader, rank, world)
         example = self._example_batch()
         torch.manual_seed(t.seed)
         self.model = build_model(config.model, self.splits.num_classes, example)
@@ -222,7 +247,14 @@ class Trainer:
             self.model.init_from_data(self._init_batch())
         memory = torch.channels_last if t.channels_last else torch.contiguous_format
         self.model.to(self.device, memory_format=memory)
+        self.parallel: distributed.Parallel | None = None
+        if self.parallel_env is not None:
+            self.profile = self._profile(example)  # of the whole model: measured before its experts are sharded
+            self.parallel = distributed.parallelize(self.model, self.parallel_env)
         self.forward = torch.compile(self.model) if t.compile else self.model
+        self.eval_forward = self.forward  # without DDP: evaluation needs no gradient hooks
+        if self.parallel is not None:
+            self.forward = self.parallel.wrap(self.forward)
 
         self.steps_per_epoch = len(self.train_loader)
         self.total_steps = max(1, round(t.epochs * self.steps_per_epoch))
@@ -253,10 +285,19 @@ class Trainer:
         self.best_top1 = 0.0
         self._reset_epoch_sums()
         if state is not None:
+            if self.parallel is not None:  # this rank's part, from a checkpoint of any number of processes
+                if state.get("sharded"):
+                    state = distributed.load_sharded(self.sharded_path, self.model, self.parallel_env)
+                else:
+                    state = distributed.localize(state, self.model, self.optimizer)
             self._restore(state)
+            if self.parallel is not None and not self.parallel_env.is_main:
+                self._reset_epoch_sums()  # the partial epoch's sums were folded into rank 0's
         else:
-            torch.manual_seed(t.seed)  # the training RNG stream starts from the seed, whatever init drew
-        self.profile = self._profile(example)
+            rank = 0 if self.parallel_env is None else self.parallel_env.rank
+            torch.manual_seed(t.seed + RANK_SEED_STRIDE * rank)  # the training RNG stream starts from the seed
+        if self.parallel is None:
+            self.profile = self._profile(example)
 
     # -- set-up helpers
 
@@ -338,7 +379,35 @@ class Trainer:
         set_rng_state(state["rng"])
 
     def save(self) -> Path:
-        return save_checkpoint(self.checkpoint_path, self.state_dict())
+        """Write the checkpoint: ``checkpoint.pt`` in one process, ``checkpoint.dcp/`` under torchrun.
+
+        Only the newest format is kept, so a run resumed on another number of processes reads its
+        latest state.
+        """
+        if self.parallel is not None:
+            self._fold_sums()
+            path = distributed.save_sharded(
+                self.sharded_path, self.state_dict(), self.model, self.optimizer, self.parallel_env
+            )
+            if self.parallel_env.is_main:
+                self.checkpoint_path.unlink(missing_ok=True)
+            return path
+        path = save_checkpoint(self.checkpoint_path, self.state_dict())
+        if self.sharded_path.exists():
+            shutil.rmtree(self.sharded_path)
+        return path
+
+    def _fold_sums(self) -> None:
+        """Sum the partial epoch's running sums over ranks into rank 0's (the others restart from zero)."""
+        keys = ("loss", "aux", "correct", "seen")
+        total = distributed.data.sum_across_ranks({k: self.sums[k] for k in keys})
+        routing = distributed.data.sum_routing_across_ranks(self.routing)
+        if self.parallel_env.is_main:
+            self.sums.update(total, seen=int(total["seen"]))
+            self.routing = routing
+        else:
+            self.sums.update(dict.fromkeys(keys, 0.0), seen=0)
+            self.routing = {}
 
     # -- the loop
 
@@ -360,8 +429,13 @@ class Trainer:
             raise FloatingPointError(f"loss {float(loss)} at step {self.step}; lower optim.lr or set optim.grad_clip")
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
+        if self.parallel is not None:
+            self.parallel.reduce_gradients()  # a no-op under DDP, which reduced during backward
         if o.grad_clip is not None:
-            nn.utils.clip_grad_norm_(self.model.parameters(), o.grad_clip)
+            if self.parallel is not None:
+                self.parallel.clip_grad_norm_(o.grad_clip)  # the norm over every rank's expert shards
+            else:
+                nn.utils.clip_grad_norm_(self.model.parameters(), o.grad_clip)
         self.optimizer.step()
         self.scheduler.step()
         n = y.shape[0]
@@ -380,13 +454,14 @@ class Trainer:
     def evaluate(self) -> dict[str, Any]:
         e = self.config.eval
         return evaluate(
-            self.forward,
+            self.eval_forward,
             self.test_loader,
             self.splits.num_classes,
             device=self.device,
             tta_flip=e.tta_flip,
             bins=e.calibration_bins,
             autocast=self._autocast,
+            reduce=None if self.parallel is None else _sum_eval_across_ranks,
         )
 
     def fit(self) -> dict[str, Any]:
@@ -394,10 +469,13 @@ class Trainer:
         from rich.console import Console
 
         cfg, t = self.config, self.config.train
+        main = self.parallel_env is None or self.parallel_env.is_main  # only rank 0 writes logs and summaries
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        save_config(cfg, self.run_dir / "config.yaml")
-        console = Console()
-        logger = RunLogger(self.run_dir, tensorboard=t.tensorboard, resume_step=self.step if self.step else None)
+        if main:
+            save_config(cfg, self.run_dir / "config.yaml")
+        console = Console(quiet=not main)
+        resume_step = self.step if self.step else None
+        logger = RunLogger(self.run_dir, tensorboard=t.tensorboard, resume_step=resume_step) if main else None
         p = self.profile
         console.print(
             f"[bold]{cfg.name}[/]: {cfg.model.name}"
@@ -410,7 +488,7 @@ class Trainer:
         )
         stopped = "completed"
         wall_start = time.perf_counter()
-        with _progress(t.progress) as progress:
+        with _progress(t.progress and main) as progress:
             while self.step < self.total_steps:
                 epoch = self.step // self.steps_per_epoch
                 end = min(self.total_steps, (epoch + 1) * self.steps_per_epoch)
@@ -437,7 +515,9 @@ class Trainer:
                             acc=s["correct"] / s["seen"],
                             ips=s["seen"] / max(s["seconds"], 1e-9),
                         )
-                    if t.time_limit_minutes is not None and self.train_seconds >= 60 * t.time_limit_minutes:
+                    if t.time_limit_minutes is not None and self._time_is_up(
+                        self.train_seconds >= 60 * t.time_limit_minutes
+                    ):
                         stopped = "time_limit"
                     at_end = self.step == end or stopped != "completed"
                     if t.checkpoint_every_steps and self.step % t.checkpoint_every_steps == 0 and not at_end:
@@ -449,17 +529,28 @@ class Trainer:
                     fetch = time.perf_counter()  # checkpoints and callbacks are not training time
                 progress.remove_task(task)
                 record = self._end_epoch(epoch, final=self.step == self.total_steps or stopped != "completed")
-                logger.log(record)
+                if logger is not None:
+                    logger.log(record)
                 console.print(_epoch_line(record), soft_wrap=True)
                 self.save()
                 if stopped != "completed":
                     break
-        logger.close()
-        summary = self._summary(stopped, logger.records, time.perf_counter() - wall_start)
-        (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+        if logger is not None:
+            logger.close()
+        summary = self._summary(stopped, logger.records if logger else [], time.perf_counter() - wall_start)
+        if main:
+            (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
         return summary
 
+    def _time_is_up(self, local: bool) -> bool:
+        """Rank 0's clock decides for every rank (they must stop at the same step)."""
+        if self.parallel_env is None:
+            return local
+        return distributed.data.sum_across_ranks({"up": local and self.parallel_env.is_main})["up"] > 0
+
     def _end_epoch(self, epoch: int, final: bool) -> dict[str, Any]:
+        if self.parallel is not None:
+            self._fold_sums()
         s = self.sums
         record: dict[str, Any] = {
             "epoch": round(self.step / self.steps_per_epoch, 4),
@@ -510,6 +601,26 @@ class Trainer:
             "code": self.code,
             "run_dir": str(self.run_dir),
         }
+
+
+def _init_parallel(config: Config) -> distributed.ParallelEnv | None:
+    """Join torchrun's process group when there is one (WORLD_SIZE > 1); None in one process."""
+    t, d = config.train, config.data
+    if not distributed.launched_distributed():
+        if t.expert_parallel != 1:
+            raise ValueError(
+                f"train.expert_parallel={t.expert_parallel!r} needs as many processes (or a multiple); "
+                "launch with torchrun --nproc_per_node N, or set train.expert_parallel=1"
+            )
+        return None
+    env = distributed.init_parallel(t.expert_parallel, backend="gloo" if t.device == "cpu" else None)
+    distributed.data_parallel.check_batch_size(d.batch_size, env.world_size, d.mixup_alpha > 0 or d.cutmix_alpha > 0)
+    return env
+
+
+def _sum_eval_across_ranks(meter: ClassificationMeter, routing: dict) -> dict:
+    distributed.data.sum_meter_across_ranks(meter)
+    return distributed.data.sum_routing_across_ranks(routing)
 
 
 def _stats_to_dict(stats: RoutingStats) -> dict[str, Tensor]:

@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).parents[1] / "train"))
-from standins import write_cifar  # noqa: E402
+from standins import write_cifar
 
 
 @pytest.fixture

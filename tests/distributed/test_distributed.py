@@ -7,6 +7,7 @@ import pytest
 import torch
 from harness import WorkerFailed, run_workers
 
+from visionmoe.distributed import read_checkpoint, save_sharded
 from visionmoe.train import Trainer, load_checkpoint, load_config
 
 pytestmark = pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed not built")
@@ -46,6 +47,11 @@ CASES = [
     {"name": "expert choice", "moe": {"router": "expert_choice", "capacity_factor": 1.0}},
     {"name": "expert choice padded", "moe": {"router": "expert_choice", "capacity_factor": 2.0, "backend": "padded"}},
     {"name": "soft", "moe": {"router": "soft", "router_options": {"slots_per_expert": 2}}},
+    {
+        "name": "topk, DDP (no EP)",
+        "ep_size": 1,
+        "moe": {"router": "topk", "k": 2, "router_options": {"noise_std": 0.0}},
+    },
 ]
 
 
@@ -58,6 +64,43 @@ def test_expert_parallel_layer_equals_one_process(tmp_path):
             assert {"output", "input grad", "grad experts.w1", "grad experts.b2"} <= set(values)
             bad = {k: v for k, v in values.items() if not v <= 1e-5}
             assert not bad, f"rank {rank}, {case}: {bad}"
+
+
+def test_checkpoints_reshard_both_ways(tmp_path):
+    import workers
+
+    # One process, no process group: a model after one SGD step (momentum buffers exist), saved with DCP.
+    model = workers.tiny_model(seed=0)
+    optimizer = workers.sgd_step(model, seed=0)
+    one = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "step": 3, "rng": torch.get_rng_state()}
+    save_sharded(tmp_path / "one.dcp", one, model, optimizer, None)
+    torch.save(one, tmp_path / "one.pt")
+    run_workers("checkpoints", 2, tmp_path)
+
+    expert = "1.experts.w1"  # (E=4, D, H): experts 0-1 on rank 0, 2-3 on rank 1
+    index = list(one["model"]).index(expert)  # its number in the optimizer state
+    for rank in range(2):  # 1 -> 2: each rank holds its slice of the full tensors, dense ones whole
+        rows = slice(2 * rank, 2 * rank + 2)
+        for how in ("loaded", "localized"):
+            state = torch.load(tmp_path / f"loaded{rank}.pt")[how]
+            assert torch.equal(state["model"][expert], one["model"][expert][rows])
+            assert torch.equal(state["model"]["0.weight"], one["model"]["0.weight"])
+            momentum = state["optimizer"]["state"][index]["momentum_buffer"]
+            assert torch.equal(momentum, one["optimizer"]["state"][index]["momentum_buffer"][rows])
+            assert state["step"] == 3 and state["optimizer"]["param_groups"] == one["optimizer"]["param_groups"]
+
+    # 2 -> 1: read whole in this process: the shards side by side, the dense tensors of rank 0 (= rank 1's).
+    saved = [torch.load(tmp_path / f"saved{rank}.pt") for rank in range(2)]
+    whole = read_checkpoint(tmp_path / "two.dcp")
+    assert torch.equal(whole["model"][expert], torch.cat([s["model"][expert] for s in saved]))
+    assert whole["model"][expert].shape == one["model"][expert].shape
+    for key in ("0.weight", "1.router.weight"):
+        assert torch.equal(whole["model"][key], saved[0]["model"][key])
+        assert torch.equal(saved[0]["model"][key], saved[1]["model"][key])  # reduced gradients: still replicas
+    momentum = [s["optimizer"]["state"][index]["momentum_buffer"] for s in saved]
+    assert torch.equal(whole["optimizer"]["state"][index]["momentum_buffer"], torch.cat(momentum))
+    assert whole["step"] == 4
+    model.load_state_dict(whole["model"])  # the single-process model takes it as it is
 
 
 def test_a_failing_worker_is_reported_and_nothing_hangs(tmp_path):

@@ -22,10 +22,10 @@ def moe_layer(out: str, cases: list[dict]) -> None:
     from visionmoe.distributed import init_parallel, parallelize, shard_rows, shutdown
     from visionmoe.layers.moe import MoE
 
-    env = init_parallel(ep_size=2)
-    W = env.world_size
     diffs = {}
     for case in cases:
+        env = init_parallel(ep_size=case.get("ep_size", 2))  # ep_size 1: DDP
+        W = env.world_size
         torch.manual_seed(0)
         moe = MoE(8, 4, 16, aux_loss_weights={}, **case["moe"])
         local = copy.deepcopy(moe)
@@ -37,18 +37,63 @@ def moe_layer(out: str, cases: list[dict]) -> None:
         rows = shard_rows(4, env.rank, W)
         parallel = parallelize(local, env)
         xl = x.detach()[rows].clone().requires_grad_(True)
-        yl = local(xl)
+        forward = parallel.wrap(local)  # DDP around it for ep_size 1 (kept alive until backward)
+        yl = forward(xl)
         (yl * weight[rows]).sum().div(len(rows)).backward()
         parallel.reduce_gradients()
         d = {"output": (yl - y[rows]).abs().max(), "input grad": (xl.grad / W - x.grad[rows]).abs().max()}
-        shard = local.experts
+        lo, n = getattr(local.experts, "offset", 0), local.experts.num_experts  # this rank's experts
         for name, p in local.named_parameters():
             ref = moe.get_parameter(name).grad
             if name.startswith("experts."):
-                ref = ref[shard.offset : shard.offset + shard.num_experts]
+                ref = ref[lo : lo + n]
             d[f"grad {name}"] = (p.grad - ref).abs().max()
         diffs[case["name"]] = {k: float(v) for k, v in d.items()}
     torch.save(diffs, Path(out) / f"rank{env.rank}.pt")
+    shutdown()
+
+
+def tiny_model(seed: int) -> torch.nn.Module:
+    from visionmoe.layers.moe import MoE
+
+    torch.manual_seed(seed)
+    return torch.nn.Sequential(torch.nn.Linear(8, 8), MoE(8, 4, 16, router="topk", k=2, capacity_factor=None))
+
+
+def sgd_step(model: torch.nn.Module, seed: int, parallel=None) -> torch.optim.Optimizer:
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    torch.manual_seed(seed)
+    model(torch.randn(2, 6, 8)).square().mean().backward()
+    if parallel is not None:
+        parallel.reduce_gradients()
+    optimizer.step()
+    return optimizer
+
+
+def checkpoints(out: str) -> None:
+    """1 -> 2: load ``one.dcp`` (saved by one process) into expert shards, directly and via ``localize``
+    of the full state. 2 -> 1: take a step and save ``two.dcp``. Dumps every rank's local state."""
+    from visionmoe.distributed import init_parallel, load_sharded, localize, parallelize, save_sharded, shutdown
+
+    env = init_parallel(ep_size=2)
+    model = tiny_model(seed=1)  # other weights: everything must come from the checkpoint
+    parallel = parallelize(model, env)
+    optimizer = sgd_step(model, seed=env.rank, parallel=parallel)
+    state = load_sharded(Path(out) / "one.dcp", model, env)
+    full = torch.load(Path(out) / "one.pt")
+    sliced = localize(full, model, optimizer)
+    model.load_state_dict(state["model"])
+    optimizer.load_state_dict(state["optimizer"])
+    torch.save({"loaded": state, "localized": sliced}, Path(out) / f"loaded{env.rank}.pt")
+
+    optimizer.zero_grad()
+    torch.manual_seed(10 + env.rank)
+    model(torch.randn(2, 6, 8)).square().mean().backward()
+    parallel.reduce_gradients()
+    optimizer.step()
+    local = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "step": 4, "rng": torch.get_rng_state()}
+    save_sharded(Path(out) / "two.dcp", local, model, optimizer, env)
+    torch.save(local, Path(out) / f"saved{env.rank}.pt")
     shutdown()
 
 

@@ -77,7 +77,9 @@ def save_sharded(
         shutil.rmtree(tmp)
     _barrier(env)
     tensors, extra = _split(state, model, optimizer, env)
-    dcp.save(tensors, checkpoint_id=tmp, no_dist=env is None)
+    with warnings.catch_warnings():  # one process without a process group is a supported case, not a mistake
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        dcp.save(tensors, checkpoint_id=tmp, no_dist=env is None)
     if env is not None:
         ranks: list[Any] = [None] * env.world_size
         dist.all_gather_object(ranks, state.get("rng"))
@@ -130,7 +132,7 @@ def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
         for key, meta in metadata.items()
         if isinstance(meta, TensorStorageMetadata)
     }
-    with warnings.catch_warnings():  # "torch.distributed is ... uninitialized": loading in one process is the point
+    with warnings.catch_warnings():  # loading in one process is the point
         warnings.filterwarnings("ignore", message="torch.distributed is disabled")
         dcp.load(tensors, checkpoint_id=path, no_dist=True)
     return _join(tensors, torch.load(path / EXTRA, weights_only=True))

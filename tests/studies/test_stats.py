@@ -1,0 +1,110 @@
+"""Statistics against values computed by hand on a small table of fake runs."""
+
+import json
+import math
+
+import pytest
+
+from visionmoe.studies import gap_tests, load_runs, paired_gaps, summarize, t_interval
+
+
+def fake_run(root, study, key, seed, top1, *, reference=None, twin=False, axes=None, rho=0.1):
+    run_dir = root / f"{key}-s{seed}"
+    run_dir.mkdir(parents=True)
+    summary = {
+        "name": study,
+        "model": "m",
+        "dense_twin": "flops" if twin else None,
+        "seed": seed,
+        "epochs": 1,
+        "test": {"top1": top1 / 100, "top5": 1.0, "nll": 1.0, "ece": 0.1},
+        "best_top1": top1 / 100,
+        "rho": 0.0 if twin else rho,
+        "total_params": 1000,
+        "active_params": 500,
+        "flops_per_image": 2e6,
+        "train_seconds": 60.0,
+        "images_per_s": 100.0,
+        "stopped": "completed",
+    }
+    (run_dir / "summary.json").write_text(json.dumps(summary))
+    spec = {"study": study, "key": key, "seed": seed, "axes": axes or {}, "reference": reference}
+    (run_dir / "sweep_run.json").write_text(json.dumps(spec))
+    return run_dir
+
+
+@pytest.fixture
+def table(tmp_path):
+    # Config A against its twin B, seeds 0-2: A = 81, 83, 80; B = 80, 80, 82 -> gaps +1, +3, -2.
+    # A also has a seed 3 whose twin never finished.
+    for seed, a, b in [(0, 81, 80), (1, 83, 80), (2, 80, 82)]:
+        fake_run(tmp_path, "s", "k=1", seed, a, reference="k=1,twin=flops", axes={"k": "1"})
+        fake_run(tmp_path, "s", "k=1,twin=flops", seed, b, twin=True, axes={"k": "1"})
+    fake_run(tmp_path, "s", "k=1", 3, 85, reference="k=1,twin=flops", axes={"k": "1"})
+    return load_runs([tmp_path])
+
+
+def test_long_table(table):
+    assert len(table) == 7
+    assert table.attrs["axes"] == ["k"]
+    row = table[(table["config"] == "k=1") & (table["seed"] == 0)].iloc[0]
+    assert row["top1"] == pytest.approx(81) and row["reference"] == "k=1,twin=flops" and not row["is_twin"]
+    assert row["k"] == "1" and row["train_minutes"] == 1.0 and row["study"] == "s"
+
+
+def test_per_configuration(table):
+    configs = summarize(table).set_index("config")
+    # twin: 80, 80, 82 -> mean 80.6667; deviations -2/3, -2/3, 4/3; s² = (4/9 + 4/9 + 16/9) / 2 = 4/3, s = 1.1547;
+    # t(0.975, 2) = 4.302653, half-width = 4.302653 · 1.1547 / √3 = 2.8684
+    twin = configs.loc["k=1,twin=flops"]
+    assert twin["n"] == 3
+    assert twin["mean"] == pytest.approx(80.6667, abs=1e-4)
+    assert twin["std"] == pytest.approx(1.1547, abs=1e-4)
+    assert twin["ci_low"] == pytest.approx(80.6667 - 2.8684, abs=1e-3)
+    assert twin["ci_high"] == pytest.approx(80.6667 + 2.8684, abs=1e-3)
+    assert configs.loc["k=1", "n"] == 4  # 81, 83, 80, 85
+
+
+def test_pairs_by_hand(table):
+    per_seed, pairs = paired_gaps(table)
+    assert per_seed["gap"].tolist() == pytest.approx([1, 3, -2])
+    p = pairs.iloc[0]
+    # gaps +1, +3, -2: mean 2/3; deviations 1/3, 7/3, -8/3; s² = (1 + 49 + 64) / 9 / 2 = 6.3333, s = 2.5166;
+    # standard error s/√3 = 1.4530; t = 0.6667 / 1.4530 = 0.4588; with 2 degrees of freedom the two-sided
+    # p-value is 1 − t/√(2 + t²) = 1 − 0.4588/1.4868 = 0.6914; CI = 2/3 ± 4.302653 · 1.4530 = 2/3 ± 6.2518.
+    assert p["n"] == 3 and p["reference"] == "k=1,twin=flops"
+    assert p["mean_gap"] == pytest.approx(2 / 3)
+    assert p["std_gap"] == pytest.approx(2.5166, abs=1e-4)
+    assert p["ci_low"] == pytest.approx(2 / 3 - 6.2518, abs=1e-3)
+    assert p["ci_high"] == pytest.approx(2 / 3 + 6.2518, abs=1e-3)
+    assert p["t_stat"] == pytest.approx(0.4588, abs=1e-4)
+    assert p["t_p"] == pytest.approx(0.6914, abs=1e-4)
+    # Two of three gaps (+1, +3) share the sign of the mean (+).
+    assert p["same_sign"] == 2
+    # Wilcoxon: |gaps| 1, 3, 2 rank 1, 3, 2; W+ = 1 + 3 = 4, W− = 2, statistic min = 2. Exactly, W+ over the 8
+    # sign patterns takes 0, 1, 2, 3, 3, 4, 5, 6, so P(W ≤ 2) = 3/8 and the two-sided p = 0.75.
+    assert p["w_stat"] == 2 and p["w_p"] == pytest.approx(0.75)
+    # seed 3 has no twin; with 3 non-zero gaps the smallest possible Wilcoxon p is 2/2³ = 0.25.
+    assert "1 seed(s) without a reference run" in p["note"]
+    assert "smallest p = 0.25" in p["note"]
+
+
+def test_degenerate_gaps_give_nan_and_a_note():
+    one = gap_tests([81.0], [80.0])
+    assert one["n"] == 1 and one["mean_gap"] == 1 and math.isnan(one["t_p"]) and math.isnan(one["w_p"])
+    assert "n=1 < 2" in one["note"]
+    zero = gap_tests([80.0, 81.0, 82.0], [80.0, 81.0, 82.0])
+    assert zero["mean_gap"] == 0 and zero["same_sign"] == 0 and math.isnan(zero["t_p"]) and math.isnan(zero["w_p"])
+    assert "all gaps zero" in zero["note"]
+    equal = gap_tests([81.0, 82.0, 83.0], [80.0, 81.0, 82.0])  # +1 each: s = 0, t undefined
+    assert math.isnan(equal["t_p"]) and "all gaps equal" in equal["note"]
+    # Wilcoxon on +1, +1, +1: W− = 0; exactly, P(W+ = 6) = 1/8, two-sided p = 2/8.
+    assert equal["w_stat"] == 0 and equal["w_p"] == pytest.approx(0.25)
+
+
+def test_t_interval_by_hand():
+    # 1, 2, 3, 4: mean 2.5, s = √(5/3) = 1.2910; t(0.975, 3) = 3.182446; half = 3.182446 · 1.2910 / 2 = 2.0543
+    mean, std, low, high = t_interval([1, 2, 3, 4])
+    assert (mean, std) == pytest.approx((2.5, 1.2910), abs=1e-4)
+    assert (low, high) == pytest.approx((2.5 - 2.0543, 2.5 + 2.0543), abs=1e-4)
+    assert math.isnan(t_interval([5.0])[1])

@@ -1,0 +1,188 @@
+"""Sweeps: expansion and names, resume after a killed run, failures recorded without losing other runs."""
+
+import json
+import sys
+import types
+
+import pytest
+import torch
+
+import visionmoe.train.trainer as trainer_module
+from visionmoe.studies import Sweep, parse_axis, parse_seeds, run_sweep
+from visionmoe.studies.presets import TINY
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def test_parse_axis_and_seeds():
+    assert parse_axis("model.moe.k=1,2") == ("model.moe.k", [1, 2])
+    assert parse_axis("model.kwargs.moe_stages=-1,[1, 2],all") == ("model.kwargs.moe_stages", [-1, [1, 2], "all"])
+    assert parse_axis("model.kwargs.depths=[2,2,2]") is None  # one value: a fixed override
+    assert parse_axis("model.moe={k: 1, router: topk}") is None
+    assert parse_seeds("0-4") == (0, 1, 2, 3, 4) and parse_seeds("0-1,7") == (0, 1, 7)
+    with pytest.raises(ValueError, match="seeds"):
+        parse_seeds("0-1,1")
+
+
+def test_expansion_names_and_pairs(tmp_path):
+    bundles = {"standard": ["model.name=cnn_resnet_cifar_moe"], "depthwise": ["model.name=cnn_dw_cifar_moe"]}
+    sweep = Sweep(
+        "s",
+        "cifar10_moe",
+        grids=[{"backbone": bundles, "model.kwargs.width": [8, 16]}, {"backbone": bundles, "model.moe.k": [2, 1]}],
+        seeds=(0, 1),
+    )
+    # Grid 1: 2 × 2 cells at the default k=2; grid 2 adds k=1 per backbone (its k=2 cells are grid 1's, at width 8).
+    keys = [c for c in dict.fromkeys(r.key for r in sweep.runs(tmp_path)) if "twin" not in c]
+    assert keys == [
+        "backbone=standard,width=8,k=2",
+        "backbone=standard,width=16,k=2",
+        "backbone=depthwise,width=8,k=2",
+        "backbone=depthwise,width=16,k=2",
+        "backbone=standard,width=8,k=1",
+        "backbone=depthwise,width=8,k=1",
+    ]
+    runs = sweep.runs(tmp_path)
+    assert len(runs) == 6 * 2 * 2  # configurations × (MoE, twin) × seeds, seed 0 first
+    moe, twin = runs[0], runs[1]
+    assert moe.name == "backbone=standard,width=8,k=2-s0" and moe.reference == twin.key
+    assert twin.key == "backbone=standard,width=8,k=2,twin=flops" and twin.twin == "flops"
+    assert "model.dense_twin=flops" in twin.overrides and "model.dense_twin=flops" not in moe.overrides
+    assert twin.config().model.kwargs == moe.config().model.kwargs == {"width": 8}
+    assert moe.config().train.seed == 0 and moe.config().train.run_name == moe.name
+    assert [r.seed for r in runs] == [0] * 12 + [1] * 12
+    # Names are stable: the same sweep expands to the same directories.
+    assert [r.name for r in sweep.runs(tmp_path)] == [r.name for r in runs]
+
+
+def test_baseline_and_name_collisions(tmp_path):
+    heads = {"dense": ["model.name=a"], "sparse": ["model.name=b"]}
+    runs = Sweep("h", "cifar10_moe", grids=[{"head": heads}], twins=False, baseline={"head": "dense"}).runs(tmp_path)
+    assert [(r.key, r.reference) for r in runs] == [("head=dense", None), ("head=sparse", "head=dense")]
+    clash = Sweep("c", "cifar10_moe", grids=[{"model.kwargs.x": ["a/b", "a:b"]}])
+    with pytest.raises(ValueError, match="same directory name"):
+        clash.runs(tmp_path)
+
+
+def test_twin_shares_data_and_initialisation_of_shared_parts():
+    # What the sweep docstring claims, checked the way the Trainer seeds a run: every non-MoE weight of the
+    # twin equals the MoE model's at initialisation.
+    from visionmoe.train.config import load_config
+    from visionmoe.train.trainer import build_model
+
+    config = load_config("cifar10_moe", ["model.name=cnn_resnet_cifar_moe", "model.kwargs.width=8"])
+    example = torch.randn(2, 3, 32, 32)
+    torch.manual_seed(0)
+    moe = build_model(config.model, 10, example)
+    config.model.dense_twin = "flops"
+    torch.manual_seed(0)
+    twin = build_model(config.model, 10, example)
+    moe_state, twin_state = moe.state_dict(), twin.state_dict()
+    shared = [k for k in moe_state if k in twin_state and ".mlp." not in k]
+    assert len(shared) > 20 and all(torch.equal(moe_state[k], twin_state[k]) for k in shared)
+
+
+def tiny_sweep(data, **kwargs):
+    overrides = (*TINY, f"data.data_dir={data}", "model.name=cnn_resnet_cifar_moe", "model.kwargs.width=8")
+    return Sweep("t", "cifar10_moe", overrides=overrides, **kwargs)
+
+
+def test_resume_after_a_killed_run_and_skip_finished(tmp_path, standin_data, monkeypatch):
+    sweep = tiny_sweep(standin_data, grids=[{"model.moe.k": [2]}])
+    sweep.overrides = (*sweep.overrides, "data.batch_size=32", "train.checkpoint_every_steps=1")  # 3 steps
+    moe = sweep.runs(tmp_path)[0]
+
+    # Kill the MoE run after its second step (checkpointed), as a killed worker would leave it: no summary.
+    def kill(trainer):
+        if trainer.step == 2:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        trainer_module.Trainer(moe.config(["train.progress=false"]), callbacks=[kill]).fit()
+    assert (moe.run_dir / "checkpoint.pt").is_file() and not (moe.run_dir / "summary.json").exists()
+
+    resumed = []
+
+    class Spy(trainer_module.Trainer):
+        def __init__(self, config, *, resume=False, **kwargs):
+            resumed.append((config.train.run_name, resume))
+            super().__init__(config, resume=resume, **kwargs)
+
+    monkeypatch.setattr(trainer_module, "Trainer", Spy)
+    manifest = run_sweep(sweep, tmp_path, executor="inline", echo=lambda line: None)
+    assert resumed == [(moe.name, True), ("k=2,twin=flops-s0", False)]
+    assert manifest["status"].tolist() == ["done", "done"] and manifest["attempts"].tolist() == [1, 1]
+    summary = json.loads((moe.run_dir / "summary.json").read_text())
+    assert summary["steps"] == 3  # resumed at step 2 and finished the epoch
+
+    resumed.clear()
+    again = run_sweep(sweep, tmp_path, executor="inline", echo=lambda line: None)
+    assert resumed == [] and again["status"].tolist() == ["skipped", "skipped"]
+
+
+def test_failures_are_recorded_and_cost_no_other_run(tmp_path, standin_data):
+    # Three cells: a good one; a model kwarg the model rejects (fails while training, retried once);
+    # a learning rate the config rejects (invalid: recorded, never run).
+    sweep = tiny_sweep(
+        standin_data, grids=[{"model.kwargs.width": [8, "eight"]}, {"optim.lr": [0.4, -1.0]}], twins=False
+    )
+    manifest = run_sweep(sweep, tmp_path, executor="inline", retries=1, echo=lambda line: None).set_index("key")
+    assert manifest.loc["width=8,lr=0.4", "status"] == "done"
+    assert manifest.loc["width=8,lr=0.4", "top1"] is not None
+    failed = manifest.loc["width=eight,lr=0.4"]
+    assert failed["status"] == "failed" and failed["attempts"] == 2 and "TypeError" in failed["error"]
+    invalid = manifest.loc["width=8,lr=-1.0"]
+    assert invalid["status"] == "invalid" and invalid["attempts"] == 0 and "optim.lr" in invalid["error"]
+    on_disk = json.loads((tmp_path / "manifest.json").read_text())
+    assert {r["status"] for r in on_disk} == {"done", "failed", "invalid"}
+    assert (tmp_path / "manifest.csv").is_file() and (tmp_path / "sweep.json").is_file()
+
+
+def test_local_workers_record_a_crash(tmp_path, standin_data):
+    # Real worker processes: one run trains, the other crashes in its worker; both are recorded.
+    sweep = tiny_sweep(standin_data, grids=[{"model.kwargs.width": [8, "eight"]}], twins=False)
+    manifest = run_sweep(sweep, tmp_path, executor="local", jobs=2, retries=0, echo=lambda line: None)
+    status = dict(zip(manifest["key"], manifest["status"], strict=True))
+    assert status == {"width=8": "done", "width=eight": "failed"}
+    error = manifest.set_index("key").loc["width=eight", "error"]
+    assert "worker exited with 1" in error and "TypeError" in error
+    assert "TypeError" in (tmp_path / "width=eight-s0" / "sweep.log").read_text()
+
+
+def test_slurm_executor(tmp_path, standin_data, monkeypatch):
+    sweep = tiny_sweep(standin_data, grids=[{"model.kwargs.width": ["eight"]}], twins=False)
+    monkeypatch.setitem(sys.modules, "submitit", None)  # not installed
+    with pytest.raises(ImportError, match=r"pip install 'visionmoe\[slurm\]'"):
+        run_sweep(sweep, tmp_path, executor="slurm", echo=lambda line: None)
+
+    submitted = []
+
+    class Job:  # runs at once, like a cluster that is very fast
+        def __init__(self, fn, args):
+            try:
+                self.value, self.error = fn(*args), None
+            except Exception as error:
+                self.value, self.error = None, error
+
+        def done(self):
+            return True
+
+        def result(self):
+            if self.error:
+                raise self.error
+            return self.value
+
+    class AutoExecutor:
+        def __init__(self, folder):
+            self.folder = folder
+
+        def update_parameters(self, **params):
+            self.params = params
+
+        def submit(self, fn, *args):
+            submitted.append(args[0].name)
+            return Job(fn, args)
+
+    monkeypatch.setitem(sys.modules, "submitit", types.SimpleNamespace(AutoExecutor=AutoExecutor))
+    manifest = run_sweep(sweep, tmp_path, executor="slurm", retries=1, slurm={"cpus_per_task": 1}, echo=print)
+    assert submitted == ["width=eight-s0"] * 2 and manifest["status"].tolist() == ["failed"]

@@ -1,0 +1,31 @@
+"""Studies: multi-seed sweeps with matched dense twins, the seed studies as presets, statistics and reports.
+
+from visionmoe.studies import get_study, run_sweep, write_report
+
+sweep = get_study("topk").build(tiny=True, overrides=["data.data_dir=..."])
+run_sweep(sweep, "runs/topk-tiny", jobs=1)
+write_report(["runs/topk-tiny"], "runs/topk-tiny/report")
+"""
+
+from visionmoe.studies.presets import STUDIES, Study, get_study
+from visionmoe.studies.report import write_report
+from visionmoe.studies.stats import gap_tests, load_runs, paired_gaps, summarize, t_interval
+from visionmoe.studies.sweep import Run, Sweep, parse_axis, parse_seeds, run_one, run_sweep
+
+__all__ = [
+    "STUDIES",
+    "Run",
+    "Study",
+    "Sweep",
+    "gap_tests",
+    "get_study",
+    "load_runs",
+    "paired_gaps",
+    "parse_axis",
+    "parse_seeds",
+    "run_one",
+    "run_sweep",
+    "summarize",
+    "t_interval",
+    "write_report",
+]

@@ -1,0 +1,310 @@
+"""``visionmoe report``: a study's tables (Markdown, CSV, LaTeX) and plots from its run directories.
+
+    write_report(["runs/topk", "runs/hidden"], "reports/cifar10")
+
+Writes into ``out``:
+
+- ``report.md``: per study, the configurations (top-1 mean ± std over seeds, 95% t-interval, ρ,
+  parameters, FLOPs, training time), the pairs (gap to the reference per seed, its mean and 95%
+  interval, how many seeds share its sign, paired t-test and Wilcoxon p-values, notes), λmax / tr(H)
+  where runs were analysed, failed runs from the sweep manifests, and the plots;
+- ``runs.csv`` (one row per run), ``configs.csv``, ``pairs.csv``, ``gaps.csv`` (one row per pair and
+  seed) and ``tables.tex`` (the configuration and pair tables of each study, booktabs);
+- plots ``<study>_<plot>.png``, each where the study has what it needs: ``gap_vs_rho`` (the
+  compute-leverage plot: gap against the routed FLOP share) wherever there are pairs, and one
+  comparison per axis the study varies — ``gap_vs_hidden`` (width / hidden size, one line per
+  backbone), ``gap_vs_k``, ``placement``, ``router``, ``experts`` (num_experts), and ``<axis>`` for
+  any other axis; ``sharpness`` where runs carry Hessian results. Comparisons show the gap to the
+  reference with its 95% interval, or top-1 itself in a study without pairs.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from visionmoe.studies.stats import axis_columns, load_runs, paired_gaps, summarize
+
+PLOTS = {  # plot name -> the axis names it is drawn for
+    "gap_vs_hidden": ("width", "hidden_ratio", "hidden_dim", "hidden_size", "head_width", "embed_dim"),
+    "gap_vs_k": ("k",),
+    "placement": ("placement", "moe_stages", "moe_groups"),
+    "router": ("router",),
+    "experts": ("num_experts",),
+}
+HUES = ("backbone",)  # axes drawn as separate lines rather than along x
+
+
+def write_report(paths: Iterable[str | Path], out: str | Path, *, metric: str = "top1") -> dict[str, Any]:
+    """Tables and plots of every finished run under ``paths``; returns the written files by kind."""
+    paths = [Path(p) for p in paths]
+    table = load_runs(paths)
+    if table.empty:
+        raise ValueError(f"no finished runs (summary.json) under {[str(p) for p in paths]}")
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    configs = summarize(table, metric)
+    per_seed, pairs = paired_gaps(table, metric)
+    files: dict[str, Any] = {"csv": [], "plots": []}
+    for name, frame in (("runs", table), ("configs", configs), ("pairs", pairs), ("gaps", per_seed)):
+        frame.to_csv(out / f"{name}.csv", index=False)
+        files["csv"].append(out / f"{name}.csv")
+    sweeps = _sweeps(paths)
+    sections, latex = [], []
+    for study in dict.fromkeys(table["study"]):
+        rows = table[table["study"] == study]
+        cfg = configs[configs["study"] == study]
+        prs = pairs[pairs["study"] == study] if not pairs.empty else pairs
+        gaps = per_seed[per_seed["study"] == study] if not per_seed.empty else per_seed
+        plots = _plots(study, rows, cfg, prs, out)
+        files["plots"] += plots
+        sections.append(_markdown_study(study, rows, cfg, prs, gaps, plots, sweeps.get(study, {}), metric))
+        latex.append(_latex_study(study, cfg, prs))
+    text = "\n\n".join([f"# Study report ({metric})", _preamble(table), *sections]) + "\n"
+    (out / "report.md").write_text(text)
+    (out / "tables.tex").write_text("\n\n".join(latex) + "\n")
+    files["markdown"], files["latex"] = out / "report.md", out / "tables.tex"
+    return files
+
+
+def _sweeps(paths: Sequence[Path]) -> dict[str, dict[str, Any]]:
+    """study -> {"sweep": spec, "failed": [manifest rows]} from the sweep folders among ``paths``."""
+    found: dict[str, dict[str, Any]] = {}
+    for path in paths:
+        for plan in [path / "sweep.json", *path.glob("*/sweep.json")] if path.is_dir() else []:
+            if not plan.is_file():
+                continue
+            spec = json.loads(plan.read_text())["sweep"]
+            entry = found.setdefault(spec["name"], {"sweep": spec, "failed": []})
+            manifest = plan.parent / "manifest.json"
+            if manifest.is_file():
+                entry["failed"] += [r for r in json.loads(manifest.read_text()) if r["status"] in ("failed", "invalid")]
+    return found
+
+
+def _preamble(table: pd.DataFrame) -> str:
+    seeds = sorted(table["seed"].dropna().unique())
+    return (
+        f"{len(table)} runs in {table['study'].nunique()} studies; seeds {', '.join(str(int(s)) for s in seeds)}. "
+        "Top-1 in %, gaps in points (configuration − reference under the same seed); intervals are 95% "
+        "Student-t over seeds; 'same sign' counts the seeds whose gap has the sign of the mean gap."
+    )
+
+
+# ---- tables ------------------------------------------------------------------------------------
+
+
+def _fmt(value: Any, spec: str = ".2f") -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "—"
+    return format(value, spec) if isinstance(value, int | float) else str(value)
+
+
+def _markdown(frame: pd.DataFrame) -> str:
+    """A GitHub table of an all-string frame."""
+    lines = ["| " + " | ".join(frame.columns) + " |", "|" + "---|" * len(frame.columns)]
+    lines += [
+        "| " + " | ".join(str(v).replace("|", "\\|") for v in row) + " |" for row in frame.itertuples(index=False)
+    ]
+    return "\n".join(lines)
+
+
+def _config_table(cfg: pd.DataFrame) -> pd.DataFrame:
+    return pd.DataFrame(
+        {
+            "configuration": cfg["config"],
+            "n": cfg["n"],
+            "top-1 (mean ± std)": [f"{_fmt(m)} ± {_fmt(s)}" for m, s in zip(cfg["mean"], cfg["std"], strict=True)],
+            "95% CI": [f"[{_fmt(lo)}, {_fmt(hi)}]" for lo, hi in zip(cfg["ci_low"], cfg["ci_high"], strict=True)],
+            "ρ": [_fmt(v, ".3f") for v in cfg["rho"]],
+            "params (M)": [_fmt(v / 1e6, ".3f") for v in cfg["params"]],
+            "active (M)": [_fmt(v / 1e6, ".3f") for v in cfg["active_params"]],
+            "MFLOPs/img": [_fmt(v / 1e6, ".1f") for v in cfg["flops"]],
+            "train min": [_fmt(v, ".1f") for v in cfg["train_minutes"]],
+        }
+    )
+
+
+def _pair_table(prs: pd.DataFrame, gaps: pd.DataFrame) -> pd.DataFrame:
+    per_seed = {
+        config: ", ".join(f"{g:+.2f}" for g in group.sort_values("seed")["gap"])
+        for config, group in (gaps.groupby("config") if not gaps.empty else [])
+    }
+    return pd.DataFrame(
+        {
+            "configuration": prs["config"],
+            "reference": prs["reference"],
+            "n": prs["n"],
+            "gap": [_fmt(v, "+.2f") for v in prs["mean_gap"]],
+            "95% CI": [
+                f"[{_fmt(a, '+.2f')}, {_fmt(b, '+.2f')}]" for a, b in zip(prs["ci_low"], prs["ci_high"], strict=True)
+            ],
+            "same sign": [f"{s}/{n}" for s, n in zip(prs["same_sign"], prs["n"], strict=True)],
+            "t-test p": [_fmt(v, ".3g") for v in prs["t_p"]],
+            "Wilcoxon p": [_fmt(v, ".3g") for v in prs["w_p"]],
+            "per seed": [per_seed.get(c, "") for c in prs["config"]],
+            "note": prs["note"],
+        }
+    )
+
+
+def _markdown_study(study, rows, cfg, prs, gaps, plots, sweep, metric) -> str:
+    models = ", ".join(dict.fromkeys(str(m) for m in rows["model"]))
+    datasets = ", ".join(dict.fromkeys(str(d) for d in rows["dataset"]))
+    epochs = ", ".join(dict.fromkeys(f"{e:g}" for e in rows["epochs"].dropna()))
+    parts = [f"## {study}", f"Data: {datasets}. Models: {models}. Epochs: {epochs}."]
+    if notes := sweep.get("sweep", {}).get("notes"):
+        parts.append(notes)
+    parts += [f"### Configurations ({metric})", _markdown(_config_table(cfg))]
+    if not prs.empty:
+        parts += ["### Pairs: configuration − reference (same seed)", _markdown(_pair_table(prs, gaps))]
+    sharp = [c for c in ("lambda_max_train", "lambda_max_test", "trace_train", "trace_test") if c in cfg]
+    if sharp:
+        frame = pd.DataFrame({"configuration": cfg["config"], **{c: [_fmt(v, ".4g") for v in cfg[c]] for c in sharp}})
+        parts += ["### Sharpness (mean over seeds; Hessian of the training loss on subsets)", _markdown(frame)]
+    if failed := sweep.get("failed"):
+        lines = [
+            f"- `{r['name']}` ({r['status']}, {r['attempts']} attempt(s)): {r['error'].splitlines()[-1]}"
+            for r in failed
+        ]
+        parts += ["### Runs that did not finish", "\n".join(lines)]
+    parts += [f"![{p.stem}]({p.name})" for p in plots]
+    return "\n\n".join(parts)
+
+
+def _latex_study(study: str, cfg: pd.DataFrame, prs: pd.DataFrame) -> str:
+    """Booktabs tables (pandas ``to_latex``, which renders through jinja2)."""
+    frame = _config_table(cfg)
+    blocks = [f"% study {study}: configurations", frame.to_latex(index=False, caption=f"{study}: configurations")]
+    if not prs.empty:
+        pair = _pair_table(prs, pd.DataFrame()).drop(columns=["per seed"])
+        blocks += [f"% study {study}: pairs", pair.to_latex(index=False, caption=f"{study}: gap to the reference")]
+    return "\n".join(blocks)
+
+
+# ---- plots -------------------------------------------------------------------------------------
+
+
+def _varying(rows: pd.DataFrame) -> list[str]:
+    return [a for a in axis_columns(rows) if a in rows and rows[a].nunique(dropna=True) > 1]
+
+
+def _order(values: Iterable[Any]) -> list[Any]:
+    values = list(dict.fromkeys(values))
+    numbers = pd.to_numeric(pd.Series(values, dtype=object), errors="coerce")
+    if numbers.notna().all():
+        return [v for _, v in sorted(zip(numbers, values, strict=True))]
+    return values
+
+
+def _plots(study: str, rows: pd.DataFrame, cfg: pd.DataFrame, prs: pd.DataFrame, out: Path) -> list[Path]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    varying = _varying(rows)
+    has_pairs = not prs.empty
+    data = prs if has_pairs else cfg[~cfg["is_twin"]]
+    y, lo, hi = ("mean_gap", "ci_low", "ci_high") if has_pairs else ("mean", "ci_low", "ci_high")
+    ylabel = "top-1 gap to reference (points)" if has_pairs else "top-1 (%)"
+    written = []
+    if has_pairs:
+        written.append(_rho_plot(study, data, varying, out))
+    claimed = set()
+    for name, axes in PLOTS.items():
+        for axis in (a for a in varying if a in axes and a not in claimed):
+            claimed.add(axis)
+            written.append(_compare(study, name, axis, data, varying, y, lo, hi, ylabel, has_pairs, out))
+            break
+    for axis in (a for a in varying if a not in claimed and a not in HUES):
+        written.append(_compare(study, axis, axis, data, varying, y, lo, hi, ylabel, has_pairs, out))
+    if "lambda_max_train" in cfg:
+        written.append(_sharpness_plot(study, cfg, out))
+    return written
+
+
+def _label(row: pd.Series, axes: Sequence[str]) -> str:
+    return ", ".join(f"{a}={row[a]}" for a in axes) or str(row["config"])
+
+
+def _rho_plot(study: str, prs: pd.DataFrame, varying: list[str], out: Path) -> Path:
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    hue = next((h for h in HUES if h in varying), None)
+    groups = prs.groupby(hue, sort=False) if hue else [(None, prs)]
+    for value, group in groups:
+        group = group.sort_values("rho")
+        err = [group["mean_gap"] - group["ci_low"], group["ci_high"] - group["mean_gap"]]
+        ax.errorbar(group["rho"], group["mean_gap"], yerr=err, fmt="o-", capsize=3, label=value)
+        for _, r in group.iterrows():
+            ax.annotate(
+                _label(r, [a for a in varying if a != hue]),
+                (r["rho"], r["mean_gap"]),
+                fontsize=7,
+                xytext=(3, 3),
+                textcoords="offset points",
+            )
+    ax.axhline(0, color="grey", lw=0.8)
+    ax.set(
+        xlabel="ρ (share of FLOPs through experts)",
+        ylabel="top-1 gap to reference (points)",
+        title=f"{study}: gap vs ρ (mean, 95% CI over seeds)",
+    )
+    if hue:
+        ax.legend(title=hue)
+    return _save(fig, out / f"{study}_gap_vs_rho.png")
+
+
+def _compare(study, name, axis, data, varying, y, lo, hi, ylabel, has_pairs, out) -> Path:
+    """``y`` with its interval against ``axis``; one line per combination of the other varying axes
+    (combinations with a single point, i.e. other grids of a one-factor-at-a-time study, left out)."""
+    import matplotlib.pyplot as plt
+
+    others = [a for a in varying if a != axis]
+    order = _order(data[axis])
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    groups = list(data.groupby(others, sort=False)) if others else [((), data)]
+    if any(len(g) > 1 for _, g in groups):
+        groups = [(k, g) for k, g in groups if len(g) > 1]
+    for key, group in groups:
+        group = group.set_index(axis).reindex([v for v in order if v in set(group[axis])])
+        x = [order.index(v) for v in group.index]
+        err = [group[y] - group[lo], group[hi] - group[y]]
+        key = key if isinstance(key, tuple) else (key,)
+        label = ", ".join(f"{a}={v}" for a, v in zip(others, key, strict=True)) or None
+        ax.errorbar(x, group[y], yerr=err, fmt="o-", capsize=3, label=label)
+    ax.set_xticks(range(len(order)), [str(v) for v in order], rotation=20 if len(order) > 4 else 0)
+    if has_pairs:
+        ax.axhline(0, color="grey", lw=0.8)
+    ax.set(xlabel=axis, ylabel=ylabel, title=f"{study}: {ylabel.split(' (')[0]} by {axis} (95% CI)")
+    if others:
+        ax.legend(fontsize=8)
+    return _save(fig, out / f"{study}_{name}.png")
+
+
+def _sharpness_plot(study: str, cfg: pd.DataFrame, out: Path) -> Path:
+    import matplotlib.pyplot as plt
+
+    cols = [c for c in ("lambda_max_train", "lambda_max_test") if c in cfg]
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    width = 0.8 / len(cols)
+    for i, col in enumerate(cols):
+        ax.bar([j + i * width for j in range(len(cfg))], cfg[col], width, label=col.replace("lambda_max_", "λmax "))
+    ax.set_xticks([j + width * (len(cols) - 1) / 2 for j in range(len(cfg))], list(cfg["config"]), fontsize=8)
+    ax.set(ylabel="λmax of the loss Hessian", title=f"{study}: sharpness (mean over seeds)")
+    ax.legend()
+    return _save(fig, out / f"{study}_sharpness.png")
+
+
+def _save(fig, path: Path) -> Path:
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path

@@ -1,0 +1,237 @@
+"""A study's statistics: one row per run, per-configuration means with t-intervals, paired gaps with tests.
+
+    table = load_runs(["runs/topk"])             # long format, one row per run (summary.json + sweep_run.json)
+    configs = summarize(table)                    # per configuration: n, mean, std, 95% t-interval
+    per_seed, pairs = paired_gaps(table)          # per pair: MoE − reference per seed; mean, CI, sign, tests
+
+A *pair* is a configuration and its reference (its dense twin of equal active FLOPs, or a study's
+baseline configuration) trained under the same seed. Seeds are the unit of replication: the gap of
+seed s is ``metric(config, s) − metric(reference, s)``, and the tests are paired over seeds (a seed
+without its partner run is left out and counted in the note). Accuracies are in percent.
+
+The interval is Student's t: mean ± t(0.975, n−1)·s/√n. The paired t-test is
+``scipy.stats.ttest_rel``; the Wilcoxon signed-rank test is ``scipy.stats.wilcoxon`` on the
+non-zero gaps (exact for small n). Where a test cannot say anything (n < 2, all gaps zero, all gaps
+equal) its statistic and p-value are NaN and ``note`` says why; with n non-zero gaps the two-sided
+Wilcoxon p-value cannot go below 2/2ⁿ, so n ≤ 5 can never reach p < 0.05 — the note says that too.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import yaml
+from scipy import stats
+
+RUN_COLUMNS = [
+    "study",
+    "config",
+    "reference",
+    "is_twin",
+    "seed",
+    "model",
+    "dataset",
+    "top1",
+    "top5",
+    "nll",
+    "ece",
+    "best_top1",
+    "rho",
+    "params",
+    "active_params",
+    "flops",
+    "epochs",
+    "train_minutes",
+    "images_per_s",
+    "stopped",
+    "run",
+]
+SHARPNESS = ["lambda_max_train", "lambda_max_test", "trace_train", "trace_test"]
+MEANS = ["rho", "params", "active_params", "flops", "train_minutes", *SHARPNESS]  # averaged per configuration
+
+
+def load_runs(paths: Iterable[str | Path]) -> pd.DataFrame:
+    """The long table of every finished run under ``paths`` (run directories or folders holding them).
+
+    One row per run: study, config (the sweep's key, or the directory name without its ``-s<seed>``),
+    reference (the config it is compared against, if any), is_twin, seed, one column per axis of the
+    study (value labels as strings), metrics (top1/top5/best_top1 in %, nll, ece), compute (rho,
+    params, active_params, flops per image), train_minutes, images_per_s and, where ``analysis.json``
+    holds a Hessian section, λmax and tr(H) on the train and test subsets. ``table.attrs["axes"]``
+    lists the axis columns.
+    """
+    found: list[Path] = []
+    for path in map(Path, paths):
+        if (path / "summary.json").is_file():
+            found.append(path)
+        elif path.is_dir():
+            found += sorted(p.parent for p in path.rglob("summary.json"))
+        else:
+            raise FileNotFoundError(f"{path} is neither a run directory (with summary.json) nor a folder of runs")
+    rows, axes = [], []
+    for run_dir in dict.fromkeys(found):
+        row = _row(run_dir)
+        for name in row.pop("_axes"):
+            if name not in axes:
+                axes.append(name)
+        rows.append(row)
+    table = pd.DataFrame(rows, columns=[*RUN_COLUMNS, *axes, *SHARPNESS])
+    table = table.drop(columns=[c for c in SHARPNESS if table[c].isna().all()])
+    table.attrs["axes"] = axes
+    return table
+
+
+def _row(run_dir: Path) -> dict[str, Any]:
+    summary = json.loads((run_dir / "summary.json").read_text())
+    spec = json.loads((run_dir / "sweep_run.json").read_text()) if (run_dir / "sweep_run.json").is_file() else {}
+    config = yaml.safe_load((run_dir / "config.yaml").read_text()) if (run_dir / "config.yaml").is_file() else {}
+    data = config.get("data", {})
+    dataset = data.get("dataset")
+    if dataset == "imagefolder" and data.get("data_dir"):
+        dataset = f"imagefolder:{Path(data['data_dir']).name}"
+    test = summary.get("test", {})
+    row: dict[str, Any] = {
+        "study": spec.get("study", "runs"),
+        "config": spec.get("key", re.sub(r"-s\d+$", "", run_dir.name)),
+        "reference": spec.get("reference"),
+        "is_twin": summary.get("dense_twin") is not None,
+        "seed": summary.get("seed"),
+        "model": summary.get("model"),
+        "dataset": dataset,
+        "top1": 100 * test["top1"],
+        "top5": 100 * test["top5"] if "top5" in test else math.nan,
+        "nll": test.get("nll", math.nan),
+        "ece": test.get("ece", math.nan),
+        "best_top1": 100 * summary.get("best_top1", math.nan),
+        "rho": summary.get("rho"),
+        "params": summary.get("total_params"),
+        "active_params": summary.get("active_params"),
+        "flops": summary.get("flops_per_image"),
+        "epochs": summary.get("epochs"),
+        "train_minutes": summary.get("train_seconds", math.nan) / 60,
+        "images_per_s": summary.get("images_per_s"),
+        "stopped": summary.get("stopped"),
+        "run": str(run_dir),
+    }
+    axes = {}
+    for name, label in spec.get("axes", {}).items():
+        axes[name if name not in row else f"axis_{name}"] = label
+    row.update(axes)
+    row["_axes"] = list(axes)
+    analysis = run_dir / "analysis.json"
+    if analysis.is_file():
+        hessian = json.loads(analysis.read_text()).get("hessian") or {}
+        for split in ("train", "test"):
+            if isinstance(hessian.get(split), dict):
+                row[f"lambda_max_{split}"] = hessian[split].get("lambda_max")
+                row[f"trace_{split}"] = hessian[split].get("trace")
+    return row
+
+
+def axis_columns(table: pd.DataFrame) -> list[str]:
+    """The axis columns of a :func:`load_runs` table (those that vary in at least one study first)."""
+    return [c for c in table.attrs.get("axes", []) if c in table.columns]
+
+
+def t_interval(values: Sequence[float], confidence: float = 0.95) -> tuple[float, float, float, float]:
+    """(mean, std, low, high): sample std (n − 1) and the Student-t interval of the mean; NaN spread for n < 2."""
+    x = np.asarray(values, dtype=float)
+    x = x[~np.isnan(x)]
+    if x.size == 0:
+        return (math.nan,) * 4
+    mean = float(x.mean())
+    if x.size < 2:
+        return mean, math.nan, math.nan, math.nan
+    std = float(x.std(ddof=1))
+    half = float(stats.t.ppf(0.5 + confidence / 2, x.size - 1)) * std / math.sqrt(x.size)
+    return mean, std, mean - half, mean + half
+
+
+def summarize(table: pd.DataFrame, metric: str = "top1") -> pd.DataFrame:
+    """Per configuration (study, config): n seeds, mean, std, 95% t-interval of ``metric``, compute means."""
+    rows = []
+    for (study, config), group in table.groupby(["study", "config"], sort=False):
+        mean, std, low, high = t_interval(group[metric])
+        first = group.iloc[0]
+        row = {"study": study, "config": config, "is_twin": bool(first["is_twin"]), "reference": first["reference"]}
+        row.update({a: first[a] for a in axis_columns(table)})
+        row.update({"n": int(group[metric].notna().sum()), "mean": mean, "std": std, "ci_low": low, "ci_high": high})
+        row.update({c: group[c].mean() for c in MEANS if c in group})
+        row["seeds"] = ",".join(str(s) for s in sorted(group["seed"]))
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def paired_gaps(table: pd.DataFrame, metric: str = "top1") -> tuple[pd.DataFrame, pd.DataFrame]:
+    """(per_seed, pairs): the gap ``metric(config) − metric(reference)`` of each seed, and per pair its summary.
+
+    ``pairs`` columns: study, config, reference, axes, n, mean_gap, std_gap, ci_low, ci_high,
+    same_sign (seeds whose gap has the sign of the mean gap; a zero gap shares no sign), t_stat,
+    t_p (paired t-test), w_stat, w_p (Wilcoxon signed-rank), rho and flops of the configuration,
+    note.
+    """
+    axes = axis_columns(table)
+    per_seed, pairs = [], []
+    for (study, config), group in table[table["reference"].notna()].groupby(["study", "config"], sort=False):
+        reference = group["reference"].iloc[0]
+        ref = table[(table["study"] == study) & (table["config"] == reference)]
+        merged = group.merge(ref[["seed", metric]], on="seed", suffixes=("", "_ref")).sort_values("seed")
+        a, b = merged[metric].to_numpy(float), merged[f"{metric}_ref"].to_numpy(float)
+        for _, r in merged.iterrows():
+            per_seed.append(
+                {
+                    "study": study,
+                    "config": config,
+                    "reference": reference,
+                    **{x: r[x] for x in axes},
+                    "seed": r["seed"],
+                    metric: r[metric],
+                    f"{metric}_ref": r[f"{metric}_ref"],
+                    "gap": r[metric] - r[f"{metric}_ref"],
+                }
+            )
+        row = {"study": study, "config": config, "reference": reference, **{x: group[x].iloc[0] for x in axes}}
+        row.update(gap_tests(a, b))
+        if missing := len(group) - len(merged):
+            row["note"] = "; ".join(filter(None, [f"{missing} seed(s) without a reference run", row["note"]]))
+        row["rho"] = group["rho"].mean()
+        row["flops"] = group["flops"].mean()
+        pairs.append(row)
+    per_seed_frame = pd.DataFrame(per_seed)
+    return per_seed_frame, pd.DataFrame(pairs)
+
+
+def gap_tests(a: Sequence[float], b: Sequence[float], confidence: float = 0.95) -> dict[str, Any]:
+    """Paired summary of a − b: n, mean/std/interval of the gap, seeds sharing its sign, t and Wilcoxon tests."""
+    a, b = np.asarray(a, dtype=float), np.asarray(b, dtype=float)
+    gaps = a - b
+    n = int(gaps.size)
+    mean, std, low, high = t_interval(gaps, confidence)
+    same = int(np.sum(np.sign(gaps) == np.sign(mean))) if n and mean != 0 else 0
+    out: dict[str, Any] = {"n": n, "mean_gap": mean, "std_gap": std, "ci_low": low, "ci_high": high}
+    out.update({"same_sign": same, "t_stat": math.nan, "t_p": math.nan, "w_stat": math.nan, "w_p": math.nan})
+    notes = []
+    nonzero = int(np.count_nonzero(gaps))
+    if n < 2:
+        notes.append(f"n={n} < 2: no test")
+    elif nonzero == 0:
+        notes.append("all gaps zero: no test")
+    else:
+        if np.all(gaps == gaps[0]):
+            notes.append("all gaps equal: t undefined")
+        else:
+            t = stats.ttest_rel(a, b)
+            out["t_stat"], out["t_p"] = float(t.statistic), float(t.pvalue)
+        w = stats.wilcoxon(gaps[gaps != 0])
+        out["w_stat"], out["w_p"] = float(w.statistic), float(w.pvalue)
+        if (floor := 2 / 2**nonzero) > 0.05:
+            notes.append(f"Wilcoxon on {nonzero} non-zero gap(s) cannot reach p < 0.05 (smallest p = {floor:.3g})")
+    out["note"] = "; ".join(notes)
+    return out

@@ -1,4 +1,4 @@
-"""``visionmoe`` command line: train, eval, analyze, demo, bench, profile."""
+"""``visionmoe`` command line: train, eval, analyze, sweep, report, demo, bench, profile."""
 
 from __future__ import annotations
 
@@ -209,6 +209,51 @@ def _analyze(args: argparse.Namespace) -> int:
     return 0
 
 
+def _sweep(args: argparse.Namespace) -> int:
+    from visionmoe.studies import STUDIES, Sweep, get_study, parse_seeds, run_sweep
+    from visionmoe.studies.presets import extend
+
+    try:
+        slurm = dict(_key_values(args.slurm))
+        seeds = parse_seeds(args.seeds) if args.seeds else None
+        if args.preset in STUDIES:
+            sweep = get_study(args.preset).build(tiny=args.tiny, overrides=args.overrides, seeds=seeds)
+        elif args.tiny:
+            raise ValueError(f"--tiny is for the study presets ({', '.join(STUDIES)}), not {args.preset!r}")
+        else:  # a training preset with axes from the overrides
+            sweep = extend(
+                Sweep(args.preset, args.preset, seeds=seeds or (0,), twins=not args.no_twins), args.overrides
+            )
+        out = args.out or f"runs/{sweep.name}{'-tiny' if args.tiny else ''}"
+        manifest = run_sweep(sweep, out, jobs=args.jobs, retries=args.retries, executor=args.executor, slurm=slurm)
+    except (ValueError, TypeError, FileNotFoundError, ImportError) as error:
+        raise SystemExit(f"visionmoe sweep: {error}") from None
+    return int(manifest["status"].isin(["failed", "invalid"]).any())
+
+
+def _key_values(items: list[str]):
+    import yaml
+
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise ValueError(f"--slurm takes key=value, got {item!r}")
+        yield key, yaml.safe_load(value)
+
+
+def _report(args: argparse.Namespace) -> int:
+    from visionmoe.studies import write_report
+
+    try:
+        files = write_report(args.runs, args.out, metric=args.metric)
+    except (ValueError, FileNotFoundError) as error:
+        raise SystemExit(f"visionmoe report: {error}") from None
+    print(
+        f"wrote {files['markdown']}, {len(files['csv'])} CSV tables, {files['latex']} and {len(files['plots'])} plots"
+    )
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="visionmoe", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -260,6 +305,28 @@ def build_parser() -> argparse.ArgumentParser:
     prof.add_argument("--batch", type=int, default=1)
     prof.add_argument("--kwargs", default="", help='model arguments as JSON, e.g. \'{"moe_stages": "all"}\'')
     prof.set_defaults(func=_profile)
+    sweep = sub.add_parser(
+        "sweep",
+        help="a study preset (or training preset × key=a,b axes) × seeds, each with its dense twin; resumable",
+        description="Run a sweep. Overrides are key=value; key=a,b,c makes an axis of the grid. Finished runs are "
+        "skipped, killed ones resumed. Study presets: rho, hidden, topk, soft, heads, placement, routers.",
+    )
+    sweep.add_argument("--preset", required=True, help="a study preset, or a training preset in configs/")
+    sweep.add_argument("--seeds", default=None, help="e.g. 0-4 or 0,1,2 (default: the preset's)")
+    sweep.add_argument("--jobs", type=int, default=1, help="runs at once; each gets cores // jobs threads")
+    sweep.add_argument("--retries", type=int, default=1, help="further attempts of a failed run")
+    sweep.add_argument("--tiny", action="store_true", help="the study's tiny form: minutes on 2 CPU cores")
+    sweep.add_argument("--out", default=None, help="the sweep directory (default: runs/<preset>[-tiny])")
+    sweep.add_argument("--executor", choices=("local", "inline", "slurm"), default="local")
+    sweep.add_argument("--slurm", action="append", default=[], metavar="KEY=VALUE", help="submitit parameter")
+    sweep.add_argument("--no-twins", action="store_true", help="training presets: no dense twins")
+    sweep.add_argument("overrides", nargs="*", metavar="key=value")
+    sweep.set_defaults(func=_sweep)
+    report = sub.add_parser("report", help="tables (Markdown, CSV, LaTeX) and plots of sweeps or runs")
+    report.add_argument("runs", nargs="+", help="sweep directories or run directories")
+    report.add_argument("--out", default="report", help="where the report goes")
+    report.add_argument("--metric", default="top1", help="a column of the runs table: top1, top5, nll, ece, ...")
+    report.set_defaults(func=_report)
     return parser
 
 

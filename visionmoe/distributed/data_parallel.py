@@ -43,6 +43,8 @@ class Parallel:
         self.expert_params = [p for n, p in named if n in self.expert_names]
         self.dense_params = [p for n, p in named if n not in self.expert_names]
         self.uses_ddp = not self.expert_names
+        if not self.uses_ddp:  # what DDP does when it wraps a model: every replica starts from rank 0's
+            _broadcast(self.dense_params + list(module.buffers()))
 
     def wrap(self, forward: nn.Module) -> nn.Module:
         """The module to call in training: DDP around ``forward`` when no parameter is sharded."""
@@ -60,6 +62,7 @@ class Parallel:
             return
         _all_reduce_mean(self.dense_params, None, self.env.world_size)
         _all_reduce_mean(self.expert_params, self.env.replica_group, self.env.world_size)
+        _broadcast(list(self.module.buffers()))  # BatchNorm statistics: rank 0's everywhere, as DDP does
 
     @torch.no_grad()
     def clip_grad_norm_(self, max_norm: float) -> Tensor:
@@ -99,6 +102,19 @@ def _all_reduce_mean(params: Iterable[nn.Parameter], group: dist.ProcessGroup | 
     flat.div_(world_size)
     for p, chunk in zip(params, flat.split([g.numel() for g in grads]), strict=True):
         p.grad = chunk.view_as(p).clone() if p.grad is None else p.grad.copy_(chunk.view_as(p))
+
+
+def _broadcast(tensors: list[Tensor]) -> None:
+    """Rank 0's values of ``tensors`` on every rank, one broadcast per dtype."""
+    by_dtype: dict[torch.dtype, list[Tensor]] = {}
+    for t in tensors:
+        by_dtype.setdefault(t.dtype, []).append(t)
+    for group in by_dtype.values():
+        flat = torch.cat([t.detach().reshape(-1) for t in group])
+        dist.broadcast(flat, src=0)
+        with torch.no_grad():
+            for t, chunk in zip(group, flat.split([t.numel() for t in group]), strict=True):
+                t.copy_(chunk.view_as(t))
 
 
 def _square_sum(params: list[nn.Parameter]) -> Tensor:

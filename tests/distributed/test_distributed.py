@@ -161,3 +161,5 @@ def test_twenty_steps_on_two_processes_equal_one_process(cifar10_root, tmp_path,
     for i, state in reference["optimizer"]["state"].items():
         assert torch.allclose(two["optimizer"]["state"][i]["momentum_buffer"], state["momentum_buffer"], atol=1e-5)
     assert two["optimizer"]["param_groups"] == reference["optimizer"]["param_groups"]
+    resumed = Trainer(load_config(None, [*common, "train.run_name=two"]), resume=True)  # on one process
+    assert resumed.step == 20 and torch.equal(resumed.model.state_dict()[key], two["model"][key])

@@ -199,7 +199,7 @@ def test_parameter_groups():
     sizes = {group: HessianOperator(model, batches, group).n for group in ("router", "experts", "backbone", "all")}
     assert sizes == {"router": 18, "experts": 174, "backbone": 30 + 21, "all": 243}
     assert HessianOperator(model, batches, ["2.bias", "0.weight"]).names == ["0.weight", "2.bias"]  # model order
-    groups = "all, router, experts, backbone"
+    groups = "all, router, experts, backbone, head"
     with pytest.raises(
         ValueError, match=f"unknown parameter group 'gate'; choose one of: {groups}, or a list of names"
     ):
@@ -212,6 +212,65 @@ def test_parameter_groups():
     padded[30:48] = v
     router_hv = HessianOperator(model, batches, "router").hvp(v)
     assert torch.allclose(router_hv, HessianOperator(model, batches).hvp(padded)[30:48], rtol=0, atol=1e-10)
+
+
+class SplitClassifier(nn.Module):
+    """timm's split: features = tanh(Linear(4, 6)); head = MoE(D=6, E=3, H=4) → Linear(6, 3).
+
+    Head params: router 18 + experts 174 + fc 21 = 213; the stem's 30 are the backbone.
+    """
+
+    def __init__(self, odd_forward: bool = False) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.stem = nn.Linear(4, 6)
+        self.moe = MoE(6, 3, 4, router="topk", k=2, capacity_factor=None, router_options=NO_NOISE, backend="sorted")
+        self.fc = nn.Linear(6, 3)
+        self.odd_forward = odd_forward
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.tanh(self.stem(x))
+
+    def forward_head(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.moe(x))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.forward_head(self.forward_features(x))
+        return out + 1.0 if self.odd_forward else out  # odd: forward is not head(features)
+
+
+def test_head_group_runs_on_cached_features_and_matches_the_exact_hessian():
+    model = SplitClassifier().double()
+    x, y, batches = data()
+    head = ["moe.router.weight", *(f"moe.experts.{n}" for n in ("w1", "w2", "b1", "b2")), "fc.weight", "fc.bias"]
+    assert hessian_params(model, "head", example=x) == head
+    cached = HessianOperator(model, batches, "head")
+    plain = HessianOperator(model, batches, "head", cache_features=False)
+    assert cached.cached and not plain.cached and cached.n == plain.n == 213
+    assert cached.batches[0][0].shape == (5, 6)  # the features, not the images
+    v = torch.randn(213, generator=torch.Generator().manual_seed(7), dtype=F64)
+    H = exact_hessian(model, head, x, y)
+    assert torch.allclose(cached.hvp(v), plain.hvp(v), rtol=0, atol=1e-12)
+    assert torch.linalg.norm(cached.hvp(v) - H @ v) <= 1e-6 * torch.linalg.norm(H @ v)
+    assert cached.loss() == pytest.approx(plain.loss(), rel=1e-12)
+    # Anything that reaches the features cannot be cached; asking for it anyway is an error.
+    assert not HessianOperator(model, batches, "all").cached
+    with pytest.raises(ValueError, match="impossible here: some selected parameters are used by forward_features"):
+        HessianOperator(model, batches, "all", cache_features=True)
+    # A forward that is not forward_head(forward_features(x)) is noticed, and nothing is cached.
+    assert not HessianOperator(SplitClassifier(odd_forward=True).double(), batches, "head").cached
+    with pytest.raises(ValueError, match="needs an example input"):
+        hessian_params(model, "head")
+    with pytest.raises(ValueError, match=r"needs forward_features / forward_head .* Sequential lacks them"):
+        HessianOperator(moe_model(), batches, "head")
+
+
+def test_matvec_callback_counts_products(moe_case):
+    model, _, _ = moe_case
+    seen = []
+    op = HessianOperator(model, data()[2], "router", on_matvec=seen.append)
+    hutchinson_trace(op, 3)
+    assert seen == [1, 2, 3] and op.matvecs == 3
 
 
 def test_model_without_moe_layers():

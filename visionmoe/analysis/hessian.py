@@ -13,6 +13,9 @@ data subset, computed by double backward (Pearlmutter 1994) without ever forming
   Ghorbani et al. 2019).
 - :func:`hessian_summary`: λmax, top-k, trace ± stderr of a model on a few batches, as a JSON-ready dict.
 
+For the "head" group of a timm-style classifier the backbone's features are computed once and every
+HVP runs through the head alone (``cache_features``), which turns minutes into milliseconds.
+
 Why not PyHessian: its power iteration returns the eigenvalue of largest *magnitude* (−2.50 where
 λmax was 1.54), its trace loop stops at the first negative probe and calls the removed ``torch.eig``,
 and it crashes when an expert receives no token (its gradient is None). Here a parameter the loss does
@@ -35,6 +38,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -49,15 +53,75 @@ from visionmoe.layers.moe import collect_aux_loss, moe_layers
 if TYPE_CHECKING:
     from scipy.sparse.linalg import LinearOperator
 
-PARAM_GROUPS = ("all", "router", "experts", "backbone")
-"""Named parameter sets: everything; the routers of MoE layers; their experts; all outside MoE layers."""
+PARAM_GROUPS = ("all", "router", "experts", "backbone", "head")
+"""Named parameter sets: everything; the routers of MoE layers; their experts; all outside MoE layers;
+the classifier head (every parameter that ``forward_features`` does not reach)."""
 
 
-def hessian_params(model: nn.Module, params: str | Sequence[str] = "all") -> list[str]:
+class _Method(nn.Module):
+    """``module.<method>`` as a module's forward, so :func:`functional_call` can run it (names get ``inner.``)."""
+
+    def __init__(self, module: nn.Module, method: str) -> None:
+        super().__init__()
+        self.inner, self.method = module, method
+
+    def forward(self, *args: Any) -> Tensor:
+        return getattr(self.inner, self.method)(*args)
+
+
+def _has_head_split(model: nn.Module) -> bool:
+    return callable(getattr(model, "forward_features", None)) and callable(getattr(model, "forward_head", None))
+
+
+def head_params(model: nn.Module, example: Tensor) -> list[str]:
+    """The parameters ``forward_head`` uses and ``forward_features`` does not (timm's split of a classifier).
+
+    Found, not guessed: ``forward_features(example)`` runs in eval mode with every parameter a fresh
+    leaf, and the parameters its output does not depend on are the head's. Only the structure
+    matters, so two images are plenty.
+    """
+    if not _has_head_split(model):
+        raise ValueError(
+            f"params='head' needs forward_features / forward_head (timm's convention), "
+            f"and {type(model).__name__} lacks them"
+        )
+    reached = _feature_params(model, example)
+    head = [name for name, _ in model.named_parameters() if name not in reached]
+    if not head:
+        raise ValueError(f"forward_features of {type(model).__name__} reaches every parameter: no head to select")
+    return head
+
+
+def _feature_params(model: nn.Module, example: Tensor) -> set[str]:
+    """The names of the parameters that ``forward_features(example[:2])`` depends on (eval mode)."""
+    names = [name for name, _ in model.named_parameters()]
+    leaves = {name: p.detach().requires_grad_(True) for name, p in model.named_parameters()}
+    modes = {m: m.training for m in model.modules()}
+    model.eval()
+    try:
+        with torch.enable_grad(), sdpa_kernel(SDPBackend.MATH):  # callers may run under no_grad
+            features = functional_call(_Method(model, "forward_features"), _prefixed(leaves), (example[:2],))
+            if not features.requires_grad:
+                return set()
+            grads = torch.autograd.grad(features.float().sum(), list(leaves.values()), allow_unused=True)
+    finally:
+        for m, training in modes.items():
+            m.training = training
+    return {name for name, g in zip(names, grads, strict=True) if g is not None}
+
+
+def _prefixed(leaves: dict[str, Tensor]) -> dict[str, Tensor]:
+    return {f"inner.{name}": t for name, t in leaves.items()}
+
+
+def hessian_params(
+    model: nn.Module, params: str | Sequence[str] = "all", *, example: Tensor | None = None
+) -> list[str]:
     """The names of the parameters that ``params`` selects, in ``named_parameters()`` order.
 
     ``params`` is a group of :data:`PARAM_GROUPS` or a list of parameter names. Parameters are
-    selected whether or not they require grad.
+    selected whether or not they require grad. The "head" group needs an ``example`` input (see
+    :func:`head_params`).
     """
     names = [name for name, _ in model.named_parameters()]
     if not isinstance(params, str):
@@ -72,6 +136,10 @@ def hessian_params(model: nn.Module, params: str | Sequence[str] = "all") -> lis
             f"unknown parameter group {params!r}; choose one of: {', '.join(PARAM_GROUPS)}, or a list of names"
         )
     layers = [f"{name}." if name else "" for name, _ in moe_layers(model)]  # prefixes; "" if the model is an MoE
+    if params == "head":
+        if example is None:
+            raise ValueError("params='head' needs an example input to find which parameters forward_features uses")
+        return head_params(model, example)
     if params in ("router", "experts") and not layers:
         raise ValueError(f"params={params!r} needs MoE layers, and {type(model).__name__} has none")
     inside = {
@@ -102,9 +170,15 @@ class HessianOperator:
         params: a group of :data:`PARAM_GROUPS` or a list of parameter names.
         aux_loss: add :func:`collect_aux_loss` (the routers' weighted aux losses) to the loss.
         dtype: of the flat vectors, and of the sum of the per-batch products.
+        cache_features: when no selected parameter reaches ``forward_features`` (the "head" group of
+            a timm-style classifier), run the backbone once here and every HVP on the head alone.
+            Exact, since the backbone is a fixed function in eval mode; checked on the first batch
+            against the full forward. ``None`` (default) caches whenever possible.
+        on_matvec: called with the HVP count after every product (progress bars).
 
     Attributes:
-        names, shapes, n (parameters selected, the size of every vector), num_samples, matvecs (HVPs so far).
+        names, shapes, n (parameters selected, the size of every vector), num_samples, matvecs (HVPs so
+        far), cached (whether the HVPs run on cached features).
 
     Example:
         >>> op = HessianOperator(model, [(x, y)], params="experts")
@@ -120,21 +194,27 @@ class HessianOperator:
         *,
         aux_loss: bool = False,
         dtype: torch.dtype = torch.float64,
+        cache_features: bool | None = None,
+        on_matvec: Callable[[int], None] | None = None,
     ) -> None:
-        self.model, self.aux_loss, self.dtype = model, aux_loss, dtype
-        self.names = hessian_params(model, params)
+        self.model, self.aux_loss, self.dtype, self.on_matvec = model, aux_loss, dtype, on_matvec
         all_params = dict(model.named_parameters())
+        device = next(iter(all_params.values())).device
+        if isinstance(batches, tuple) and len(batches) == 2 and isinstance(batches[0], Tensor):
+            batches = [batches]
+        self.batches = [(x.to(device), y.to(device)) for x, y in batches]
+        if not self.batches:
+            raise ValueError("HessianOperator needs at least one (x, y) batch")
+        self.names = hessian_params(model, params, example=self.batches[0][0])
         self.shapes = [all_params[name].shape for name in self.names]
         self.sizes = [all_params[name].numel() for name in self.names]
         self.n = sum(self.sizes)
         self.device = all_params[self.names[0]].device
-        if isinstance(batches, tuple) and len(batches) == 2 and isinstance(batches[0], Tensor):
-            batches = [batches]
-        self.batches = [(x.to(self.device), y.to(self.device)) for x, y in batches]
-        if not self.batches:
-            raise ValueError("HessianOperator needs at least one (x, y) batch")
         self.num_samples = sum(len(y) for _, y in self.batches)
         self.matvecs = 0
+        self.cached = False
+        if cache_features is not False:
+            self._cache_features(required=bool(cache_features))
 
     def __repr__(self) -> str:
         return f"HessianOperator(n={self.n}, tensors={len(self.names)}, samples={self.num_samples}, dtype={self.dtype})"
@@ -146,9 +226,43 @@ class HessianOperator:
             for name, block, shape in zip(self.names, v.split(self.sizes), self.shapes, strict=True)
         }
 
+    def _cache_features(self, required: bool) -> None:
+        """Swap each batch's x for ``forward_features(x)`` when no selected parameter reaches it."""
+        why = None
+        if not _has_head_split(self.model):
+            why = f"{type(self.model).__name__} has no forward_features / forward_head"
+        elif set(self.names) & _feature_params(self.model, self.batches[0][0]):
+            why = "some selected parameters are used by forward_features"
+        if why is None:
+            features = self._run_plain(lambda x: self.model.forward_features(x))
+            x0 = self.batches[0][0]
+            full = self._run_plain(lambda _: self.model(x0), batches=[(x0, None)])[0]
+            split = self._run_plain(lambda f: self.model.forward_head(f), batches=[(features[0], None)])[0]
+            if not torch.allclose(full, split, rtol=1e-4, atol=1e-5):
+                why = "forward_head(forward_features(x)) differs from forward(x)"
+            else:
+                self.batches = [(f, y) for f, (_, y) in zip(features, self.batches, strict=True)]
+                self.cached = True
+        if why is not None and required:
+            raise ValueError(f"cache_features=True is impossible here: {why}")
+
+    def _run_plain(self, fn: Callable[[Tensor], Tensor], batches: list | None = None) -> list[Tensor]:
+        """``fn(x)`` for every batch, in eval mode without gradients; restores the training flags."""
+        modes = {m: m.training for m in self.model.modules()}
+        self.model.eval()
+        try:
+            with torch.no_grad():
+                return [fn(x) for x, _ in (batches if batches is not None else self.batches)]
+        finally:
+            for m, training in modes.items():
+                m.training = training
+
     def _loss(self, leaves: dict[str, Tensor], x: Tensor, y: Tensor) -> Tensor:
         """Size-weighted batch loss: the batch mean × B / (all samples), so the batches sum to the mean."""
-        logits = functional_call(self.model, leaves, (x,))
+        if self.cached:  # x holds the backbone's features; only the head runs
+            logits = functional_call(_Method(self.model, "forward_head"), _prefixed(leaves), (x,))
+        else:
+            logits = functional_call(self.model, leaves, (x,))
         loss = F.cross_entropy(logits.float() if logits.dtype in (torch.float16, torch.bfloat16) else logits, y)
         if self.aux_loss:
             loss = loss + collect_aux_loss(self.model).to(loss.dtype)
@@ -207,6 +321,8 @@ class HessianOperator:
 
         out = self._run(batch_hvp)
         self.matvecs += 1
+        if self.on_matvec is not None:
+            self.on_matvec(self.matvecs)
         if not bool(torch.isfinite(out).all()):
             bad = [name for name, block in self.unflatten(out).items() if not bool(torch.isfinite(block).all())]
             _check_finite(out, f"the Hessian-vector product (in {', '.join(bad[:3])}{', ...' if len(bad) > 3 else ''})")
@@ -427,6 +543,35 @@ def spectral_density(op: HessianOperator, probes: int = 1, steps: int = 80, *, s
     return SpectralDensity(nodes, weights, op.n)
 
 
+def plot_spectral_density(
+    density: SpectralDensity, path: str | Path, *, title: str | None = None, dpi: int = 120
+) -> Path:
+    """A PNG of the smoothed eigenvalue density on a log scale, with the quadrature nodes marked.
+
+    Needs matplotlib (imported here only). Returns the path.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    grid, phi = density.density()
+    fig, ax = plt.subplots(figsize=(5.5, 3.6))
+    ax.semilogy(grid.numpy(), phi.clamp_min(1e-12).numpy())
+    nodes = density.nodes[density.weights > 0]
+    ax.plot(nodes.numpy(), [phi.max().item()] * len(nodes), "|", color="tab:red", markersize=8, label="Ritz values")
+    ax.set_xlabel("eigenvalue")
+    ax.set_ylabel("density")
+    ax.set_ylim(bottom=max(1e-8, float(phi.max()) * 1e-8))
+    ax.legend(fontsize=8)
+    ax.set_title(f"Hessian spectral density (SLQ){': ' + title if title else ''}")
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path, dpi=dpi)
+    plt.close(fig)
+    return path
+
+
 @dataclass(frozen=True)
 class HessianSummary:
     """What :func:`hessian_summary` reports (``to_dict`` gives plain JSON values)."""
@@ -444,6 +589,24 @@ class HessianSummary:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+    @classmethod
+    def from_parts(
+        cls, op: HessianOperator, params: str | Sequence[str], eig: Eigenpairs, trace: TraceEstimate
+    ) -> HessianSummary:
+        """The summary of the eigenpairs and the trace estimate computed on ``op``."""
+        return cls(
+            params=params if isinstance(params, str) else list(params),
+            num_params=op.n,
+            num_samples=op.num_samples,
+            loss=op.loss(),
+            lambda_max=eig.values[0],
+            top_eigenvalues=eig.values,
+            trace=trace.mean,
+            trace_stderr=trace.stderr,
+            trace_probes=trace.probes,
+            matvecs=op.matvecs,
+        )
 
 
 def hessian_summary(
@@ -466,16 +629,4 @@ def hessian_summary(
     op = HessianOperator(model, batches, params, aux_loss=aux_loss)
     eig = top_eigenvalues(op, top_k, tol=tol, seed=seed)
     trace = hutchinson_trace(op, trace_probes, seed=seed)
-    summary = HessianSummary(
-        params=params if isinstance(params, str) else list(params),
-        num_params=op.n,
-        num_samples=op.num_samples,
-        loss=op.loss(),
-        lambda_max=eig.values[0],
-        top_eigenvalues=eig.values,
-        trace=trace.mean,
-        trace_stderr=trace.stderr,
-        trace_probes=trace.probes,
-        matvecs=op.matvecs,
-    )
-    return summary.to_dict()
+    return HessianSummary.from_parts(op, params, eig, trace).to_dict()

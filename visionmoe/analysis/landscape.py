@@ -86,6 +86,7 @@ def random_direction(
     *,
     seed: int | torch.Generator = 0,
     include_bias_norm: bool = False,
+    example: Tensor | None = None,
 ) -> Direction:
     """A filter-normalised Gaussian direction over a parameter group (Li et al. 2018, eq. 1).
 
@@ -99,10 +100,10 @@ def random_direction(
     selected or not, so a group's direction is the same block of the "all" direction for one seed.
 
     Returns {name: tensor} for every parameter of the group (zeros included), in the parameters'
-    dtype and device.
+    dtype and device. The "head" group needs an ``example`` input (see :func:`hessian_params`).
     """
     generator = seed if isinstance(seed, torch.Generator) else torch.Generator().manual_seed(seed)
-    chosen = set(hessian_params(model, params))
+    chosen = set(hessian_params(model, params, example=example))
     dims = _filter_dims(model)
     direction: Direction = {}
     for name, p in model.named_parameters():

@@ -8,16 +8,21 @@ Sections (each optional):
   entropy, class × expert matrix and its mutual information) and the load history of the run's
   ``metrics.jsonl``; plots ``routing_classes.png`` and ``routing_history.png``.
 - **hessian**: λmax and the top eigenvalues (Lanczos) and tr(H) ± stderr (Hutchinson) of the loss on
-  the train and on the test subset (Rokah et al. 2026's sharpness measures).
-- **landscape**: the loss, accuracy and routing-flip rate along one filter-normalised random
-  direction (Li et al. 2018) on both subsets; ``landscape_{train,test}.png``.
+  the train and on the test subset (Rokah et al. 2026's sharpness measures), over a parameter group
+  (all / router / experts / backbone / head); optionally the eigenvalue density (stochastic Lanczos
+  quadrature), ``hessian_density_{train,test}.png``.
+- **landscape**: the loss, accuracy and routing-flip rate along a filter-normalised random direction
+  (Li et al. 2018) and/or the top Hessian eigenvector, on both subsets
+  (``landscape[_hessian]_{train,test}.png``), and optionally on a 2D plane of two random directions
+  (``landscape_plane_{train,test}.png``). The perturbation moves only the chosen parameter group.
 - **efficiency**: forward time of the model against its dense twin of equal total parameters (what
   sparsity should beat) and of equal active FLOPs (what it should match), per batch size:
   theoretical speed-up (FLOP ratio, from :func:`~visionmoe.analysis.profile`) against realised
   (time ratio, interleaved repeats).
 
 A model without MoE layers gets the sections that make sense for it (no routing, no twins). Results
-go to ``analysis.json`` and ``analysis.md`` in ``--out`` (default: the run directory).
+go to ``analysis.json`` (with the settings that produced them) and ``analysis.md`` in ``--out``
+(default: the run directory). The long parts show rich progress bars counting HVPs and points.
 """
 
 from __future__ import annotations
@@ -89,6 +94,9 @@ def _forward(model: nn.Module, x: Tensor):
     return run
 
 
+DIRECTIONS = ("random", "hessian")
+
+
 def analyze_run(
     checkpoint: str | Path,
     what: Sequence[str] = SECTIONS,
@@ -101,12 +109,31 @@ def analyze_run(
     top_k: int = 3,
     trace_probes: int = 50,
     tol: float = 1e-3,
+    density_steps: int = 0,
+    directions: Sequence[str] = ("random",),
+    plane: int = 0,
     alphas: Sequence[float] = tuple(i / 10 for i in range(-10, 11)),
     batch_sizes: Sequence[int] = (1, 16, 256),
     seed: int = 0,
     progress: bool = True,
 ) -> dict[str, Any]:
-    """Run the ``what`` sections on the run of ``checkpoint``; returns (and writes) the results."""
+    """Run the ``what`` sections on the run of ``checkpoint``; returns (and writes) the results.
+
+    Args:
+        samples, batch_size: the fixed random train and test subsets (from ``seed``) every section uses.
+        params: the parameter group of the Hessian and of the perturbations (see
+            :data:`~visionmoe.analysis.PARAM_GROUPS`): "all", "router", "experts", "backbone" or "head".
+            With "head" the backbone runs once and every HVP on the head alone.
+        top_k, trace_probes, tol: Lanczos eigenvalues, Hutchinson probes, Lanczos relative accuracy.
+        density_steps: > 0 adds the spectral density by stochastic Lanczos quadrature (one probe of
+            that many steps per subset; ``hessian_density_{train,test}.png``).
+        directions: 1D perturbation directions: "random" (filter-normalised) and/or "hessian" (the
+            unit top eigenvector of H over ``params`` on the train subset; α is then in parameter units).
+        plane: > 0 adds a 2D plane of two random directions on a ``plane`` × ``plane`` grid spanning
+            the range of ``alphas`` (``landscape_plane_{train,test}.png``).
+        alphas: the 1D grid; batch_sizes: of the efficiency timing.
+        progress: rich progress bars for the long parts (HVPs and perturbation points counted).
+    """
     from rich.console import Console
 
     from visionmoe.train.trainer import load_run
@@ -114,6 +141,12 @@ def analyze_run(
     unknown = sorted(set(what) - set(SECTIONS))
     if unknown or not what:
         raise ValueError(f"unknown analysis section(s) {unknown or list(what)}; choose from {list(SECTIONS)}")
+    if bad := sorted(set(directions) - set(DIRECTIONS)):
+        raise ValueError(f"unknown perturbation direction(s) {bad}; choose from {list(DIRECTIONS)}")
+    if plane < 0 or plane == 1 or density_steps < 0:
+        raise ValueError(
+            f"need plane = 0 or >= 2 and density_steps >= 0, got plane={plane}, density_steps={density_steps}"
+        )
     checkpoint = Path(checkpoint)
     run_dir = checkpoint if checkpoint.is_dir() else checkpoint.parent
     out = Path(out) if out is not None else run_dir
@@ -126,55 +159,161 @@ def analyze_run(
         split: subset_batches(getattr(splits, split), splits.mean, splits.std, samples, batch_size, seed=seed)
         for split in ("train", "test")
     }
+    settings = {
+        "params": params,
+        "samples": samples,
+        "top_k": top_k,
+        "trace_probes": trace_probes,
+        "tol": tol,
+        "density_steps": density_steps,
+        "directions": list(directions),
+        "plane": plane,
+        "seed": seed,
+    }
     result: dict[str, Any] = {
         "run": str(run_dir),
         "name": config.name,
         "model": config.model.name,
         "step": int(state["step"]),
+        "settings": settings,
         "samples": {k: sum(len(y) for _, y in v) for k, v in subsets.items()},
         "moe_layers": [name for name, _ in moe_layers(model)],
     }
-    if "routing" in what:
-        result["routing"] = _routing(model, subsets["test"], splits, run_dir, out, has_moe, console)
-    if "hessian" in what:
-        from visionmoe.analysis import hessian_summary
-
-        result["hessian"] = {}
-        for split, batches in subsets.items():
-            with console.status(f"Hessian on the {split} subset (Lanczos top-{top_k}, {trace_probes} probes)"):
-                result["hessian"][split] = hessian_summary(
-                    model, batches, params, top_k=top_k, trace_probes=trace_probes, seed=seed, tol=tol
-                )
-    if "landscape" in what:
-        from visionmoe.analysis import loss_line, plot_landscape, random_direction
-
-        direction = random_direction(model, params, seed=seed)
-        result["landscape"] = {}
-        for split, batches in subsets.items():
-            with console.status(f"loss surface on the {split} subset ({len(alphas)} points)"):
-                line = loss_line(model, batches, direction, list(alphas))
-            plot_landscape(line, out / f"landscape_{split}.png", title=f"{config.name}: {split} subset")
-            result["landscape"][split] = line.to_dict()
-    if "efficiency" in what:
-        if has_moe:
-            example = subsets["test"][0][0]
-            with console.status("timing against the dense twins"):
-                result["efficiency"] = efficiency(model, example, batch_sizes)
-        else:
-            result["efficiency"] = "no MoE layer: nothing to compare with a dense twin"
+    bars = _progress(console)
+    with bars:
+        if "routing" in what:
+            result["routing"] = _routing(model, subsets["test"], splits, run_dir, out, has_moe, bars)
+        eigenpairs = None
+        if "hessian" in what:
+            result["hessian"], eigenpairs = _hessian(model, subsets, settings, out, bars)
+        if "landscape" in what:
+            result["landscape"] = _landscape(model, subsets, settings, alphas, eigenpairs, out, config.name, bars)
+        if "efficiency" in what:
+            if has_moe:
+                task = bars.add_task("timing against the dense twins", total=None)
+                result["efficiency"] = efficiency(model, subsets["test"][0][0], batch_sizes)
+                bars.update(task, total=1, completed=1)
+            else:
+                result["efficiency"] = "no MoE layer: nothing to compare with a dense twin"
     (out / "analysis.json").write_text(json.dumps(result, indent=2, default=_json) + "\n")
     (out / "analysis.md").write_text(markdown(result) + "\n")
     console.print(markdown(result))
     return result
 
 
-def _routing(model, batches, splits, run_dir: Path, out: Path, has_moe: bool, console) -> Any:
+def _progress(console):
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+
+    return Progress(
+        SpinnerColumn(),
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        console=console,
+        disable=console.quiet,
+    )
+
+
+def _hessian(model, subsets, settings, out: Path, bars) -> tuple[dict[str, Any], Any]:
+    """λmax / top-k (Lanczos), trace (Hutchinson) and optionally the SLQ density on each subset.
+
+    Returns the section and the train subset's eigenpairs (for the eigenvector direction).
+    """
+    from visionmoe.analysis import (
+        HessianOperator,
+        HessianSummary,
+        hutchinson_trace,
+        plot_spectral_density,
+        spectral_density,
+        top_eigenvalues,
+    )
+
+    section: dict[str, Any] = {}
+    train_eig = None
+    seed = settings["seed"]
+    for split, batches in subsets.items():
+        op = HessianOperator(model, batches, settings["params"])
+        task = bars.add_task(f"Hessian ({split}): Lanczos top-{settings['top_k']}, HVPs", total=None)
+        op.on_matvec = lambda _, task=task: bars.advance(task)
+        eig = top_eigenvalues(op, settings["top_k"], tol=settings["tol"], seed=seed)
+        bars.update(task, total=eig.matvecs, completed=eig.matvecs)
+        task = bars.add_task(f"Hessian ({split}): Hutchinson trace, probes", total=settings["trace_probes"])
+        op.on_matvec = lambda _, task=task: bars.advance(task)
+        trace = hutchinson_trace(op, settings["trace_probes"], seed=seed)
+        summary = HessianSummary.from_parts(op, settings["params"], eig, trace).to_dict()
+        summary["cached_features"] = op.cached
+        if settings["density_steps"]:
+            steps = min(settings["density_steps"], op.n)
+            task = bars.add_task(f"Hessian ({split}): spectral density, Lanczos steps", total=steps)
+            op.on_matvec = lambda _, task=task: bars.advance(task)
+            density = spectral_density(op, probes=1, steps=steps, seed=seed)
+            plot_spectral_density(density, out / f"hessian_density_{split}.png", title=f"{split} subset")
+            summary["density"] = {
+                "nodes": density.nodes[0].tolist(),
+                "weights": density.weights[0].tolist(),
+                "trace": density.trace(),
+                "negative_mass": float(density.weights[density.nodes < 0].sum() / len(density.nodes)),
+            }
+        section[split] = summary
+        if split == "train":
+            train_eig = (op, eig)
+    return section, train_eig
+
+
+def _landscape(model, subsets, settings, alphas, eigenpairs, out: Path, name: str, bars) -> dict[str, Any]:
+    """1D lines along each of ``settings["directions"]`` and the optional 2D plane, on both subsets."""
+    from visionmoe.analysis import (
+        HessianOperator,
+        hessian_direction,
+        loss_line,
+        loss_plane,
+        plot_landscape,
+        random_direction,
+        top_eigenvalues,
+    )
+
+    params, seed = settings["params"], settings["seed"]
+    example = subsets["train"][0][0]
+    section: dict[str, Any] = {}
+    for kind in settings["directions"]:
+        if kind == "random":
+            direction = random_direction(model, params, seed=seed, example=example)
+        else:
+            if eigenpairs is None:
+                op = HessianOperator(model, subsets["train"], params)
+                task = bars.add_task("top Hessian eigenvector (train): Lanczos, HVPs", total=None)
+                op.on_matvec = lambda _, task=task: bars.advance(task)
+                eigenpairs = (op, top_eigenvalues(op, 1, tol=settings["tol"], seed=seed))
+            direction = hessian_direction(*eigenpairs)
+        section[kind] = {}
+        for split, batches in subsets.items():
+            task = bars.add_task(f"loss along the {kind} direction ({split}), points", total=len(alphas))
+            line = loss_line(model, batches, direction, list(alphas), callback=lambda *_, task=task: bars.advance(task))
+            suffix = "" if kind == "random" else f"_{kind}"
+            plot_landscape(line, out / f"landscape{suffix}_{split}.png", title=f"{name}: {kind} direction, {split}")
+            section[kind][split] = line.to_dict()
+    if settings["plane"]:
+        generator = torch.Generator().manual_seed(seed)
+        pair = tuple(random_direction(model, params, seed=generator, example=example) for _ in range(2))
+        grid = torch.linspace(min(alphas), max(alphas), settings["plane"]).tolist()
+        section["plane"] = {}
+        for split, batches in subsets.items():
+            task = bars.add_task(f"loss plane, two random directions ({split}), points", total=len(grid) ** 2)
+            plane = loss_plane(model, batches, pair, grid, grid, callback=lambda *_, task=task: bars.advance(task))
+            plot_landscape(plane, out / f"landscape_plane_{split}.png", title=f"{name}: random plane, {split}")
+            section["plane"][split] = plane.to_dict()
+    return section
+
+
+def _routing(model, batches, splits, run_dir: Path, out: Path, has_moe: bool, bars) -> Any:
     from visionmoe.analysis import load_history, plot_class_expert, plot_load_history, routing_report
 
     if not has_moe:
         return "no MoE layer"
-    with console.status("routing on the test subset"):
-        report = routing_report(model, batches, splits.num_classes)
+    task = bars.add_task("routing on the test subset", total=None)
+    report = routing_report(model, batches, splits.num_classes)
+    bars.update(task, total=1, completed=1)
     plot_class_expert(report, out / "routing_classes.png", class_names=splits.test.classes)
     section: dict[str, Any] = {"test": report.to_dict()}
     if (run_dir / "metrics.jsonl").is_file():
@@ -220,23 +359,39 @@ def markdown(result: dict[str, Any]) -> str:
     elif routing is not None:
         lines += ["", f"## Routing: {routing}"]
     if "hessian" in result:
-        lines += ["", "## Hessian", "", "| subset | loss | λmax | top eigenvalues | trace ± stderr |"]
-        lines += ["|---|---|---|---|---|"]
+        first = next(iter(result["hessian"].values()))
+        lines += ["", f"## Hessian over {first['params']} ({first['num_params']:,} parameters)", ""]
+        lines += ["| subset | loss | λmax | top eigenvalues | trace ± stderr | SLQ trace | negative mass | HVPs |"]
+        lines += ["|---|---|---|---|---|---|---|---|"]
         for split, h in result["hessian"].items():
             top = ", ".join(f"{v:.4g}" for v in h["top_eigenvalues"])
             trace = f"{h['trace']:.4g} ± {h['trace_stderr']:.2g}"
-            lines.append(f"| {split} | {h['loss']:.4f} | {h['lambda_max']:.4g} | {top} | {trace} |")
+            d = h.get("density")
+            slq = (f"{d['trace']:.4g}", f"{d['negative_mass']:.1%}") if d else ("—", "—")
+            lines.append(
+                f"| {split} | {h['loss']:.4f} | {h['lambda_max']:.4g} | {top} | {trace} | {slq[0]} | {slq[1]} | "
+                f"{h['matvecs']} |"
+            )
     if "landscape" in result:
-        lines += ["", "## Loss surface (filter-normalised random direction)", ""]
-        lines += ["| subset | α | loss | accuracy | routing-flip rate |", "|---|---|---|---|---|"]
-        for split, land in result["landscape"].items():
-            alphas = land["alphas"]
-            for i in sorted({0, len(alphas) // 4, len(alphas) // 2, 3 * len(alphas) // 4, len(alphas) - 1}):
-                flip = land["flip_rate"][i]
-                lines.append(
-                    f"| {split} | {alphas[i]:+.2f} | {land['loss'][i]:.4f} | {land['accuracy'][i]:.2%} | "
-                    f"{'—' if flip is None else f'{flip:.2%}'} |"
-                )
+        for kind, lines_by_split in result["landscape"].items():
+            if kind == "plane":
+                lines += ["", "## Loss plane (two filter-normalised random directions)", ""]
+                lines += ["| subset | loss at (0, 0) | min / max loss on the grid |", "|---|---|---|"]
+                for split, plane in lines_by_split.items():
+                    flat = [v for row in plane["loss"] for v in row if v is not None]
+                    lines.append(f"| {split} | {plane['base_loss']:.4f} | {min(flat):.4f} / {max(flat):.4f} |")
+                continue
+            title = "filter-normalised random direction" if kind == "random" else "top Hessian eigenvector (unit)"
+            lines += ["", f"## Loss surface ({title})", ""]
+            lines += ["| subset | α | loss | accuracy | routing-flip rate |", "|---|---|---|---|---|"]
+            for split, land in lines_by_split.items():
+                alphas = land["alphas"]
+                for i in sorted({0, len(alphas) // 4, len(alphas) // 2, 3 * len(alphas) // 4, len(alphas) - 1}):
+                    flip = land["flip_rate"][i]
+                    lines.append(
+                        f"| {split} | {alphas[i]:+.2f} | {land['loss'][i]:.4f} | {land['accuracy'][i]:.2%} | "
+                        f"{'—' if flip is None else f'{flip:.2%}'} |"
+                    )
     eff = result.get("efficiency")
     if isinstance(eff, list):
         lines += ["", "## Efficiency (forward, this machine)", ""]

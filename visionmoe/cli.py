@@ -202,6 +202,10 @@ def _analyze(args: argparse.Namespace) -> int:
             params=args.params,
             top_k=args.top_k,
             trace_probes=args.trace_probes,
+            tol=args.tol,
+            density_steps=args.density_steps,
+            directions=[d.strip() for d in args.directions.split(",") if d.strip()],
+            plane=args.plane,
             seed=args.seed,
         )
     except (ValueError, TypeError, FileNotFoundError, FloatingPointError) as error:
@@ -280,9 +284,17 @@ def build_parser() -> argparse.ArgumentParser:
     analyze.add_argument("--checkpoint", required=True, help="checkpoint.pt, or the run directory holding it")
     analyze.add_argument("--what", default="routing,hessian,landscape,efficiency", help="comma-separated sections")
     analyze.add_argument("--samples", type=int, default=1000, help="images in each of the train and test subsets")
-    analyze.add_argument("--params", default="all", help="Hessian/landscape parameters: all, router, experts, backbone")
+    analyze.add_argument(
+        "--params", default="all", help="Hessian/landscape parameters: all, router, experts, backbone, head"
+    )
     analyze.add_argument("--top-k", type=int, default=3, help="Hessian eigenvalues to compute")
     analyze.add_argument("--trace-probes", type=int, default=50)
+    analyze.add_argument("--tol", type=float, default=1e-3, help="Lanczos relative accuracy of the eigenvalues")
+    analyze.add_argument("--density-steps", type=int, default=0, help="> 0: SLQ spectral density with that many steps")
+    analyze.add_argument(
+        "--directions", default="random", help="1D perturbation directions, comma-separated: random, hessian"
+    )
+    analyze.add_argument("--plane", type=int, default=0, help="> 0: a 2D random plane on a PLANE × PLANE grid")
     analyze.add_argument("--seed", type=int, default=0)
     analyze.add_argument("--data-dir", default=None)
     analyze.add_argument("--out", default=None, help="default: the run directory")

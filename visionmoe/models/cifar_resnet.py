@@ -26,8 +26,8 @@ pushing each sample's gates towards uniform.
 
 Keyword arguments of every entry point: ``num_classes`` (10), ``in_chans`` (3), ``moe`` (an
 :class:`MoEConfig` that replaces the head's default, or a dict of fields that updates it; the
-expert width stays ``head_width // num_experts``), ``head_width`` (512), ``drop_rate``,
-``zero_init_residual``.
+expert width stays ``head_width // num_experts``), ``head_width`` (512), ``width`` (64, the first
+stage's channels), ``drop_rate``, ``zero_init_residual``.
 """
 
 from __future__ import annotations
@@ -84,6 +84,9 @@ class CifarResNet18(CifarClassifier):
             stay "sample" (the default) to keep samples independent; see the module docstring.
         head_width: total hidden width of the head; each of the E experts is ``head_width // E``
             wide, so every head has the same capacity.
+        width: channels of the first stage (64 in ResNet-18); the stages have width, 2·width,
+            4·width, 8·width channels and the feature is 8·width wide. Narrower backbones (16, 32)
+            make the Rokah et al. protocol affordable on a CPU; the head keeps its ``head_width``.
         head_act_layer: activation inside the head's FFN / experts.
         drop_rate: dropout before the final Linear.
         zero_init_residual: zero the last BN of every block, so each block starts as the identity
@@ -102,6 +105,7 @@ class CifarResNet18(CifarClassifier):
         *,
         moe: MoEConfig | Mapping[str, Any] | None = DENSE_HEAD,
         head_width: int = 512,
+        width: int = 64,
         head_act_layer: type[nn.Module] = nn.ReLU,
         drop_rate: float = 0.0,
         zero_init_residual: bool = False,
@@ -112,9 +116,13 @@ class CifarResNet18(CifarClassifier):
             raise ValueError(
                 f"head_width={head_width} must split evenly over num_experts={config.num_experts} (matched capacity)"
             )
-        self.stem = nn.Sequential(nn.Conv2d(in_chans, 64, 3, padding=1, bias=False), nn.BatchNorm2d(64), nn.ReLU())
-        stages, in_dim = [], 64
-        for dim, stride in ((64, 1), (128, 2), (256, 2), (512, 2)):
+        if width < 1:
+            raise ValueError(f"need width >= 1 (channels of the first stage), got width={width}")
+        self.stem = nn.Sequential(
+            nn.Conv2d(in_chans, width, 3, padding=1, bias=False), nn.BatchNorm2d(width), nn.ReLU()
+        )
+        stages, in_dim = [], width
+        for dim, stride in ((width, 1), (2 * width, 2), (4 * width, 2), (8 * width, 2)):
             stages.append(nn.Sequential(BasicBlock(in_dim, dim, stride), BasicBlock(dim, dim)))
             in_dim = dim
         self.stages = nn.Sequential(*stages)
@@ -128,10 +136,10 @@ class CifarResNet18(CifarClassifier):
                     nn.init.zeros_(m.bn2.weight)
 
     def forward_features(self, x: Tensor) -> Tensor:
-        return self.stages(self.stem(x))  # (B, 512, H/8, W/8)
+        return self.stages(self.stem(x))  # (B, 8·width, H/8, W/8)
 
     def forward_head(self, x: Tensor, pre_logits: bool = False) -> Tensor:
-        x = self.head_ffn(self.pool(x))  # (B, 512): one token per sample
+        x = self.head_ffn(self.pool(x))  # (B, 8·width): one token per sample
         x = self.head_drop(x)
         return x if pre_logits else self.fc(x)
 

@@ -3,7 +3,9 @@
     visionmoe sweep --preset topk --seeds 0-2 data.dataset=imagefolder data.data_dir=../shared/data/cifar10-jpeg
     visionmoe sweep --preset topk --tiny --out runs/topk-tiny ...        # minutes on 2 CPU cores
 
-Every CIFAR CNN study trains by the recipe of ``configs/cifar10_moe.yaml`` (SGD + Nesterov, batch
+Every CIFAR CNN study but ``heads`` (which uses ``configs/rokah_dense_head.yaml``, the standard
+ResNet-18 recipe; ``benchmarks/rokah_heads.py`` is its CPU-budget form) trains by the recipe of
+``configs/cifar10_moe.yaml`` (SGD + Nesterov, batch
 512, lr 0.4 with a 1-epoch warm-up and linear decay, label smoothing 0.2, crop ±2 and flip, flip
 TTA, 5 epochs); only the model changes. MoE layers default to that preset's E = 8, top-2, capacity
 factor 1.25 (2.0 at test). The full forms' times are estimates for 2 CPU cores (one job, 2 threads),
@@ -16,7 +18,7 @@ they check that a study runs end to end through the report, not its result.
     2  hidden     width 8/16/32, standard and depthwise backbones          12            ~9 h per seed
     3  topk       k = 1 vs 2, same architecture and initialisation         4             ~1.5 h per seed
     4  soft       per-sample vs batch-axis Soft MoE vs dense, CIFAR-100    4             ~2 h per seed
-    5  heads      ResNet-18 dense / mixture / sparse heads + sharpness     3             ~15 h per seed
+    5  heads      ResNet-18 dense / mixture / sparse heads + sharpness     3             GPU (~40 h per run)
     6  placement  ViT / ConvNeXt: Last-2, Every-2, all; E = 4, 8, 16        20            GPU (~days on CPU)
     7  routers    six routers at equal active FLOPs and a dense reference  7             ~3 h per seed
 """
@@ -206,16 +208,22 @@ _add(
         "dense vs mixture vs sparse heads on ResNet-18, with sharpness (Rokah et al.)",
         Sweep(
             "heads",
-            BASE,
+            "rokah_dense_head",  # the standard ResNet-18 recipe (SGD 0.1, batch 128, cosine, 100 epochs), no smoothing
             grids=[{"head": HEADS}],
             overrides=("model.moe=null",),
             twins=False,
             baseline={"head": "dense"},
-            analyze={"what": ["hessian", "landscape"], "samples": 1000, "top_k": 3, "trace_probes": 50},
+            analyze={
+                "what": ["hessian", "landscape"],
+                "samples": 1000,
+                "top_k": 3,
+                "trace_probes": 50,
+                "directions": ["random", "hessian"],
+            },
         ),
-        full_time="~15 h per seed (ResNet-18, 0.56 GFLOPs per image; ~5 h per run)",
+        full_time="a GPU job: 100 epochs of ResNet-18 (0.56 GFLOPs per image) are ~40 h per run on 2 CPU cores",
         tiny_overrides=("model.kwargs.width=8", "model.kwargs.head_width=64"),
-        # tiny: the Hessian of the head's weights only (the MoE / FFN experts), on 32 images: seconds, not a minute
+        # tiny: the Hessian of the head alone (its HVPs run on cached backbone features), on 32 images
         tiny_analyze={
             "what": ["hessian", "landscape"],
             "samples": 32,
@@ -223,7 +231,7 @@ _add(
             "top_k": 1,
             "trace_probes": 2,
             "alphas": [-0.5, 0.0, 0.5],
-            "params": "experts",
+            "params": "head",
         },
         notes="The heads hold the same FFN capacity (E × width = 512); the dense head is each seed's reference. "
         "After training, visionmoe.analyze computes λmax, the top eigenvalues and tr(H) of the loss on train and "

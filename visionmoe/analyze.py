@@ -113,6 +113,7 @@ def analyze_run(
     directions: Sequence[str] = ("random",),
     plane: int = 0,
     alphas: Sequence[float] = tuple(i / 10 for i in range(-10, 11)),
+    eigen_alphas: Sequence[float] | None = None,
     batch_sizes: Sequence[int] = (1, 16, 256),
     seed: int = 0,
     progress: bool = True,
@@ -131,7 +132,10 @@ def analyze_run(
             unit top eigenvector of H over ``params`` on the train subset; α is then in parameter units).
         plane: > 0 adds a 2D plane of two random directions on a ``plane`` × ``plane`` grid spanning
             the range of ``alphas`` (``landscape_plane_{train,test}.png``).
-        alphas: the 1D grid; batch_sizes: of the efficiency timing.
+        alphas: the grid of the random directions (α = 1 moves every filter by its own norm).
+        eigen_alphas: the grid along the unit eigenvector, in parameter units; default ``alphas`` / 10,
+            since a unit step along the sharpest direction raises the loss by about λmax / 2.
+        batch_sizes: of the efficiency timing.
         progress: rich progress bars for the long parts (HVPs and perturbation points counted).
     """
     from rich.console import Console
@@ -187,7 +191,9 @@ def analyze_run(
         if "hessian" in what:
             result["hessian"], eigenpairs = _hessian(model, subsets, settings, out, bars)
         if "landscape" in what:
-            result["landscape"] = _landscape(model, subsets, settings, alphas, eigenpairs, out, config.name, bars)
+            eigen_alphas = eigen_alphas if eigen_alphas is not None else [a / 10 for a in alphas]
+            grids = {"random": list(alphas), "hessian": list(eigen_alphas)}
+            result["landscape"] = _landscape(model, subsets, settings, grids, eigenpairs, out, config.name, bars)
         if "efficiency" in what:
             if has_moe:
                 task = bars.add_task("timing against the dense twins", total=None)
@@ -261,7 +267,7 @@ def _hessian(model, subsets, settings, out: Path, bars) -> tuple[dict[str, Any],
     return section, train_eig
 
 
-def _landscape(model, subsets, settings, alphas, eigenpairs, out: Path, name: str, bars) -> dict[str, Any]:
+def _landscape(model, subsets, settings, grids, eigenpairs, out: Path, name: str, bars) -> dict[str, Any]:
     """1D lines along each of ``settings["directions"]`` and the optional 2D plane, on both subsets."""
     from visionmoe.analysis import (
         HessianOperator,
@@ -288,15 +294,16 @@ def _landscape(model, subsets, settings, alphas, eigenpairs, out: Path, name: st
             direction = hessian_direction(*eigenpairs)
         section[kind] = {}
         for split, batches in subsets.items():
-            task = bars.add_task(f"loss along the {kind} direction ({split}), points", total=len(alphas))
-            line = loss_line(model, batches, direction, list(alphas), callback=lambda *_, task=task: bars.advance(task))
+            task = bars.add_task(f"loss along the {kind} direction ({split}), points", total=len(grids[kind]))
+            advance = lambda *_, task=task: bars.advance(task)  # noqa: E731
+            line = loss_line(model, batches, direction, grids[kind], callback=advance)
             suffix = "" if kind == "random" else f"_{kind}"
             plot_landscape(line, out / f"landscape{suffix}_{split}.png", title=f"{name}: {kind} direction, {split}")
             section[kind][split] = line.to_dict()
     if settings["plane"]:
         generator = torch.Generator().manual_seed(seed)
         pair = tuple(random_direction(model, params, seed=generator, example=example) for _ in range(2))
-        grid = torch.linspace(min(alphas), max(alphas), settings["plane"]).tolist()
+        grid = torch.linspace(min(grids["random"]), max(grids["random"]), settings["plane"]).tolist()
         section["plane"] = {}
         for split, batches in subsets.items():
             task = bars.add_task(f"loss plane, two random directions ({split}), points", total=len(grid) ** 2)

@@ -644,7 +644,8 @@ def _epoch_line(record: dict[str, Any]) -> str:
         t = record["test"]
         line += f" | test top-1 {t['top1']:.2%} top-5 {t['top5']:.2%} nll {t['nll']:.3f} ece {t['ece']:.3f}"
     for name, r in record["routing"].items():
-        line += f" | {name}: drop {r['dropped_fraction']:.1%} H {r['router_entropy']:.2f}"
+        entropy = r["router_entropy"]  # NaN for a dense "router", which has no choice to make
+        line += f" | {name}: drop {r['dropped_fraction']:.1%} H {'—' if math.isnan(entropy) else f'{entropy:.2f}'}"
         break  # the first layer only; every layer is in metrics.jsonl
     return line
 

@@ -124,6 +124,8 @@ def _train(args: argparse.Namespace) -> int:
     except (ValueError, TypeError, FileNotFoundError, FileExistsError) as error:
         raise SystemExit(f"visionmoe train: {error}") from None
     summary = trainer.fit()
+    if trainer.parallel_env is not None and not trainer.parallel_env.is_main:
+        return 0  # under torchrun, rank 0 reports for every rank
     t = summary["test"]
     print(
         f"{summary['name']}: test top-1 {t['top1']:.2%} (top-5 {t['top5']:.2%}, NLL {t['nll']:.3f}, "

@@ -22,6 +22,8 @@ CASES = [
     ("soft", {"router_options": {"slots_per_expert": 2}}),
     ("soft_per_sample", {"router_options": {"slots_per_expert": 3}}),
     ("dense", {}),
+    ("topk", {"k": 2, "capacity_factor": 1.0, "router_options": {"mlp_hidden_dim": 6}}),  # MLP gates
+    ("sinkhorn_expert_choice", {"capacity_factor": 1.0, "router_options": {"mlp_hidden_dim": 6}}),
 ]
 IDS = [f"{name}-{i}" for i, (name, _) in enumerate(CASES)]
 
@@ -209,3 +211,22 @@ def test_collect_aux_loss_sums_layers():
     assert float(expected.detach()) > 0  # importance + load are on by default for topk
     assert set(visionmoe.collect_routing_stats(model)) == {"0", "2"}
     assert float(visionmoe.collect_aux_loss(nn.Linear(2, 2))) == 0.0
+
+
+def test_mlp_gate_computes_gelu_mlp_logits():
+    # D=3 → M=2 → E=2 with hand-set weights: h = gelu(W1 x + b1), logits = W2 h.
+    # x = (1, 0, -1): W1 x + b1 = (x0 - x2, x1) = (2, 0); gelu(2) = 2·Φ(2) = 1.9545, gelu(0) = 0; W2 = I.
+    router = visionmoe.layers.ROUTERS["topk"](3, 2, k=1, noise_std=0.0, mlp_hidden_dim=2)
+    with torch.no_grad():
+        router.hidden.weight.copy_(torch.tensor([[1.0, 0.0, -1.0], [0.0, 1.0, 0.0]]))  # rows: x0 - x2, x1
+        router.hidden.bias.copy_(torch.tensor([0.0, 0.0]))
+        router.weight.copy_(torch.tensor([[1.0, 0.0], [0.0, 1.0]]))
+    x = torch.tensor([[[1.0, 0.0, -1.0]]])  # (G=1, S=1, D=3): pre-activations (2, 0)
+    logits = router.logits(x)
+    assert torch.allclose(logits, torch.tensor([[[1.9545, 0.0]]]), atol=1e-4)
+    assert [name for name, _ in router.named_parameters()] == ["weight", "hidden.weight", "hidden.bias"]
+    assert router.weight.shape == (2, 2)  # the gate reads the MLP's hidden units
+    with pytest.raises(ValueError, match="mlp_hidden_dim must be a positive int or None, got mlp_hidden_dim=0"):
+        MoE(3, 2, 4, router="topk", router_options={"mlp_hidden_dim": 0})
+    with pytest.raises(ValueError, match="mlp_hidden_dim"):  # Soft MoE has no gate to make an MLP of
+        MoE(3, 2, 4, router="soft", router_options={"mlp_hidden_dim": 4})

@@ -113,20 +113,44 @@ def _check_finite(logits: Tensor, router: str) -> None:
 
 
 class _LinearRouter(Router):
-    """Routers whose logits are a bias-free linear map of the token, computed in fp32."""
+    """Routers whose logits are a bias-free linear map of the token, computed in fp32.
+
+    ``mlp_hidden_dim`` (an int) makes the map an MLP instead: Linear(D, M) → GELU → Linear(M, E),
+    the "MLP router" Videau et al. (2025) compare with the plain linear one (which they find best).
+    The output layer keeps the name ``weight`` (E, M), so code that reads a router's gate finds it.
+    """
 
     supported_aux_losses = ("importance", "switch", "z", "balance_kl")
 
-    def __init__(self, dim: int, num_experts: int, *, aux_loss_weights=None, device=None, dtype=None) -> None:
+    def __init__(
+        self,
+        dim: int,
+        num_experts: int,
+        *,
+        aux_loss_weights=None,
+        mlp_hidden_dim: int | None = None,
+        device=None,
+        dtype=None,
+    ) -> None:
         super().__init__(dim, num_experts, aux_loss_weights=aux_loss_weights)
-        self.weight = nn.Parameter(torch.empty(num_experts, dim, device=device, dtype=dtype))
+        if mlp_hidden_dim is not None and not (isinstance(mlp_hidden_dim, int) and mlp_hidden_dim >= 1):
+            raise ValueError(f"mlp_hidden_dim must be a positive int or None, got mlp_hidden_dim={mlp_hidden_dim!r}")
+        self.mlp_hidden_dim = mlp_hidden_dim
+        self.hidden = None if mlp_hidden_dim is None else nn.Linear(dim, mlp_hidden_dim, device=device, dtype=dtype)
+        gate_in = dim if mlp_hidden_dim is None else mlp_hidden_dim
+        self.weight = nn.Parameter(torch.empty(num_experts, gate_in, device=device, dtype=dtype))
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
         nn.init.kaiming_uniform_(self.weight, a=5**0.5)  # nn.Linear's default
+        if self.hidden is not None:
+            self.hidden.reset_parameters()
 
     def logits(self, x: Tensor) -> Tensor:
-        logits = F.linear(x.float(), self.weight.float())  # (G, S, E), fp32 as V-MoE
+        x = x.float()
+        if self.hidden is not None:  # (G, S, D) -> (G, S, M)
+            x = F.gelu(F.linear(x, self.hidden.weight.float(), self.hidden.bias.float()))
+        logits = F.linear(x, self.weight.float())  # (G, S, E), fp32 as V-MoE
         _check_finite(logits, self.name)
         return logits
 
@@ -184,6 +208,7 @@ class TopKRouter(_Capacity, _LinearRouter):
         batch_priority: Batch Prioritized Routing (drop the least confident tokens first).
         renormalize: renormalise each token's kept gates to sum to 1.
         aux_loss_weights: by default importance 0.005 and load 0.005 (load only with noise).
+        mlp_hidden_dim: None for the linear gate; an int M for an MLP gate D → M → E.
     """
 
     name = "topk"
@@ -203,6 +228,7 @@ class TopKRouter(_Capacity, _LinearRouter):
         batch_priority: bool = False,
         renormalize: bool = False,
         aux_loss_weights: Mapping[str, float] | None = None,
+        mlp_hidden_dim: int | None = None,
         device=None,
         dtype=None,
     ) -> None:
@@ -212,7 +238,14 @@ class TopKRouter(_Capacity, _LinearRouter):
         self.noise_std = 1.0 / num_experts if noise_std is None else float(noise_std)
         if self.noise_std < 0:
             raise ValueError(f"noise_std must be >= 0, got noise_std={noise_std}")
-        super().__init__(dim, num_experts, aux_loss_weights=aux_loss_weights, device=device, dtype=dtype)
+        super().__init__(
+            dim,
+            num_experts,
+            aux_loss_weights=aux_loss_weights,
+            mlp_hidden_dim=mlp_hidden_dim,
+            device=device,
+            dtype=dtype,
+        )
         if "load" in self.aux_loss_weights and self.noise_std == 0:
             raise ValueError("the load aux loss needs router noise, got noise_std=0")
         self._init_capacity(capacity_factor, eval_capacity_factor, capacity, capacity_multiple, dropless_ok=True)
@@ -283,7 +316,7 @@ class ExpertChoiceRouter(_Capacity, _LinearRouter):
 
     Args:
         capacity_factor: C = ceil(S·capacity_factor/E), the average number of experts per token.
-        eval_capacity_factor, capacity, capacity_multiple: as for :class:`TopKRouter`.
+        eval_capacity_factor, capacity, capacity_multiple, mlp_hidden_dim: as for :class:`TopKRouter`.
     """
 
     name = "expert_choice"
@@ -298,10 +331,18 @@ class ExpertChoiceRouter(_Capacity, _LinearRouter):
         capacity: int | None = None,
         capacity_multiple: int = 1,
         aux_loss_weights: Mapping[str, float] | None = None,
+        mlp_hidden_dim: int | None = None,
         device=None,
         dtype=None,
     ) -> None:
-        super().__init__(dim, num_experts, aux_loss_weights=aux_loss_weights, device=device, dtype=dtype)
+        super().__init__(
+            dim,
+            num_experts,
+            aux_loss_weights=aux_loss_weights,
+            mlp_hidden_dim=mlp_hidden_dim,
+            device=device,
+            dtype=dtype,
+        )
         self._init_capacity(capacity_factor, eval_capacity_factor, capacity, capacity_multiple, dropless_ok=False)
 
     def extra_repr(self) -> str:

@@ -19,7 +19,8 @@ they check that a study runs end to end through the report, not its result.
     3  topk       k = 1 vs 2, same architecture and initialisation         4             ~1.5 h per seed
     4  soft       per-sample vs batch-axis Soft MoE vs dense, CIFAR-100    4             ~2 h per seed
     5  heads      ResNet-18 dense / mixture / sparse heads + sharpness     3             GPU (~40 h per run)
-    6  placement  ViT / ConvNeXt: Last-2, Every-2, all; E = 4, 8, 16        20            GPU (~days on CPU)
+    6  placement  ViT / ConvNeXt: Last-2, Every-2, all; E = 4, 8, 16;      24            GPU (~days on CPU)
+                  linear vs MLP router gate
     7  routers    six routers at equal active FLOPs and a dense reference  7             ~3 h per seed
 """
 
@@ -251,6 +252,8 @@ TINY_CONVNEXT = [
     "model.kwargs.dims=[8, 8, 16, 16]",
     "model.kwargs.depths=[1, 1, 2, 2]",
 ]
+MLP_GATE = "model.moe.router_options={mlp_hidden_dim: %d}"
+ROUTER_GATES = {"linear": [], "mlp": [MLP_GATE % 128]}  # Videau et al.: the plain linear gate is best
 TRANSFORMER_RECIPE = (
     "optim.name=adamw",
     "optim.lr=0.001",
@@ -274,19 +277,21 @@ _add(
             grids=[
                 {**VIDEAU, "model.kwargs.placement": ["last-2", "every-2", "all"]},
                 {**VIDEAU, "model.moe.num_experts": [8, 4, 16]},
+                {**VIDEAU, "gate": ROUTER_GATES},
             ],
             overrides=TRANSFORMER_RECIPE,
         ),
-        full_time="a GPU job: 20 runs per seed of ViT-Ti/4 (0.8 GFLOPs/image) and ConvNeXt-atto at 32 px, 30 epochs; "
+        full_time="a GPU job: 24 runs per seed of ViT-Ti/4 (0.8 GFLOPs/image) and ConvNeXt-atto at 32 px, 30 epochs; "
         "on 2 CPU cores ~2 days per run",
         tiny_grids=[
             {"backbone": {"vit": TINY_VIT}, "model.kwargs.placement": ["last-2", "all"]},
             {"backbone": {"vit": TINY_VIT}, "model.moe.num_experts": [8, 4]},
+            {"backbone": {"vit": TINY_VIT}, "gate": {"linear": [], "mlp": [MLP_GATE % 16]}},
             {"backbone": {"convnext": TINY_CONVNEXT}},
         ],
-        notes="One factor at a time around ViT-Ti/4 (Last-2, E=8, top-2) and ConvNeXt-atto with patch 1; each "
-        "configuration against its dense twin of equal active FLOPs. Not done: the linear vs MLP router "
-        "comparison, as visionmoe has no MLP router yet.",
+        notes="One factor at a time around ViT-Ti/4 (Last-2, E=8, top-2) and ConvNeXt-atto with patch 1: "
+        "placement, expert count, and the router's gate (linear, or an MLP D → 128 → E); each configuration "
+        "against its dense twin of equal active FLOPs.",
     )
 )
 

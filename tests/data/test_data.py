@@ -238,3 +238,16 @@ def test_cache_falls_back_when_the_data_folder_is_read_only(tmp_path, monkeypatc
     ds = load_image_folder(root)
     assert len(list((tmp_path / "user" / ".visionmoe-cache").glob("*.pt"))) == 1
     assert torch.equal(load_image_folder(root).images, ds.images)
+
+
+def test_random_crop_flip_of_some_rows_is_those_rows_of_the_batch():
+    g = torch.Generator().manual_seed(1)
+    images = torch.randint(0, 256, (6, 3, 5, 5), dtype=torch.uint8, generator=g)
+    whole = random_crop_flip(images, 2, generator=torch.Generator().manual_seed(4))
+    rows = torch.tensor([4, 1])
+    some = random_crop_flip(images[rows], 2, generator=torch.Generator().manual_seed(4), rows=rows, batch_size=6)
+    assert torch.equal(some, whole[rows])
+    with pytest.raises(ValueError, match="rows and batch_size go together"):
+        random_crop_flip(images, 2, rows=rows)
+    with pytest.raises(ValueError, match="got 6 images for 2 rows"):
+        random_crop_flip(images, 2, rows=rows, batch_size=6)

@@ -163,3 +163,27 @@ def test_twenty_steps_on_two_processes_equal_one_process(cifar10_root, tmp_path,
     assert two["optimizer"]["param_groups"] == reference["optimizer"]["param_groups"]
     resumed = Trainer(load_config(None, [*common, "train.run_name=two"]), resume=True)  # on one process
     assert resumed.step == 20 and torch.equal(resumed.model.state_dict()[key], two["model"][key])
+
+
+@pytest.mark.parametrize("world_size", [2, 4])
+def test_ranks_augment_only_their_rows_and_reassemble_one_process_batch(world_size):
+    # No process group: ShardedLoader only slices. Each rank augments its own rows (crop, flip and
+    # RandAugment with per-image seeds); together they are exactly the batch one process builds.
+    from visionmoe.data.datasets import ImageTensors
+    from visionmoe.data.loader import TensorLoader
+    from visionmoe.distributed import ShardedLoader, shard_rows
+    from visionmoe.train.data import Augment
+
+    g = torch.Generator().manual_seed(0)
+    images = torch.randint(0, 256, (40, 3, 8, 8), dtype=torch.uint8, generator=g)
+    data = ImageTensors(images, torch.arange(40) % 10, [str(i) for i in range(10)])
+    augment = Augment(padding=2, flip=True, randaugment=9)
+    ranks = [ShardedLoader(TensorLoader(data, 16, augment=augment, seed=3), r, world_size) for r in range(world_size)]
+    reference = list(TensorLoader(data, 16, augment=augment, seed=3))
+    per_rank = [list(loader) for loader in ranks]
+    assert all(len(batches) == len(reference) == 2 for batches in per_rank)
+    for step, (x, y) in enumerate(reference):
+        for r in range(world_size):
+            rows = shard_rows(16, r, world_size)
+            rx, ry = per_rank[r][step]
+            assert torch.equal(rx, x[rows]) and torch.equal(ry, y[rows])

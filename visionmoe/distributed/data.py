@@ -3,8 +3,9 @@
 The loader's batches are a function of (seed, epoch, step) (:mod:`visionmoe.data.loader`), so every
 rank can build the *global* batch's indices and augmentation draws without talking to the others and
 keep its own rows: the global batch is exactly one process's batch, whatever the number of ranks, and
-resume stays exact. The price is that every rank draws the whole batch's crops and flips (cheap,
-batched) — and RandAugment, which is per image, on the whole batch too.
+resume stays exact. Every rank draws the whole batch's random numbers (a few per image: cheap), but
+an augmentation that ``supports_rows`` (:class:`visionmoe.train.data.Augment`) applies them to the
+rank's own rows only, so the per-image work — crops, flips and RandAugment — shrinks with the ranks.
 
 Which rows a rank keeps: with B = 2·W·h, rank r takes rows ``[r·h, (r+1)·h)`` and their mirrors
 ``[B-(r+1)·h, B-r·h)``. Mixup and CutMix (timm, batch mode) pair row i with row B-1-i, and in this
@@ -64,14 +65,20 @@ class ShardedLoader(TensorLoader):
         order = self.order(self.epoch)
         while self.step < len(self):
             index = order[self.step * self.batch_size : (self.step + 1) * self.batch_size]
-            images = self.data.images[index]  # the global batch: its augmentation draws are one process's
-            if self.augment is not None:
-                images = self.augment(images, self._generator(self.epoch, self.step + 1))
             rows = self._rows(len(index))
             labels = self.data.labels[index[rows]]
-            if len(rows) == 0:
-                rows = torch.zeros(1, dtype=torch.long)  # a stand-in row to forward; it has no label
-            x = normalize(images[rows], self.mean, self.std, channels_last=self.channels_last)
+            generator = self._generator(self.epoch, self.step + 1)
+            if self.augment is not None and getattr(self.augment, "supports_rows", False) and len(rows):
+                # this rank's rows only, with the draws they get in the global batch
+                images = self.augment(self.data.images[index[rows]], generator, rows=rows, batch_size=len(index))
+            else:
+                images = self.data.images[index]  # the global batch: its augmentation draws are one process's
+                if self.augment is not None:
+                    images = self.augment(images, generator)
+                if len(rows) == 0:
+                    rows = torch.zeros(1, dtype=torch.long)  # a stand-in row to forward; it has no label
+                images = images[rows]
+            x = normalize(images, self.mean, self.std, channels_last=self.channels_last)
             self.step += 1
             yield x, labels
         self.epoch, self.step = self.epoch + 1, 0

@@ -79,10 +79,14 @@ def channel_stats(images: Tensor, max_images: int = 10_000) -> tuple[tuple[float
 class Augment:
     """Batched random crop (zero padding) and flip, then optionally RandAugment per image.
 
-    RandAugment is torchvision's (2 ops of the given magnitude) on uint8 tensors; its random draws
-    are taken under a forked global RNG seeded from the batch's generator, so they are reproducible
-    and leave the training RNG untouched.
+    RandAugment is torchvision's (2 ops of the given magnitude) on uint8 tensors. Each image gets its
+    own seed, drawn from the batch's generator, and its ops are drawn under a forked global RNG seeded
+    with it: reproducible, the training RNG untouched, and an image's augmentation does not depend on
+    which other images are augmented with it. So a data-parallel rank can augment only its own
+    ``rows`` of the global batch and get exactly what one process would (``supports_rows``).
     """
+
+    supports_rows = True
 
     def __init__(self, padding: int, flip: bool, randaugment: int | None) -> None:
         self.padding, self.flip, self.randaugment = padding, flip, randaugment
@@ -92,14 +96,23 @@ class Augment:
 
             self._rand = v2.RandAugment(num_ops=2, magnitude=randaugment)
 
-    def __call__(self, images: Tensor, generator: torch.Generator) -> Tensor:
+    def __call__(
+        self, images: Tensor, generator: torch.Generator, *, rows: Tensor | None = None, batch_size: int | None = None
+    ) -> Tensor:
+        """Augment a batch, or (``rows``, ``batch_size``) only rows ``rows`` of a batch, given as ``images``."""
         if self.padding or self.flip:
-            images = random_crop_flip(images, self.padding, flip=self.flip, generator=generator)
+            images = random_crop_flip(
+                images, self.padding, flip=self.flip, generator=generator, rows=rows, batch_size=batch_size
+            )
         if self._rand is not None:
-            seed = int(torch.randint(0, 2**62, (), generator=generator))
+            seeds = torch.randint(0, 2**62, (batch_size or len(images),), generator=generator)
+            seeds = seeds if rows is None else seeds[rows]
+            out = []
             with torch.random.fork_rng(devices=[]):
-                torch.manual_seed(seed)
-                images = torch.stack([self._rand(image) for image in images])  # per image: ops differ
+                for image, seed in zip(images, seeds.tolist(), strict=True):
+                    torch.manual_seed(seed)
+                    out.append(self._rand(image))  # per image: its own ops and magnitudes
+            images = torch.stack(out)
         return images
 
 

@@ -53,7 +53,8 @@ def test_analyze_every_section(cifar10_root, tmp_path):
 
 def test_analyze_a_dense_model_and_the_cli(cifar10_root, tmp_path, capsys):
     run = trained(cifar10_root, tmp_path, "cnn_resnet_cifar")
-    args = ["analyze", "--checkpoint", str(run), "--samples", "10", "--trace-probes", "3", "--top-k", "1", "--tol", "1e-2"]
+    args = ["analyze", "--checkpoint", str(run), "--samples", "10", "--trace-probes", "3", "--top-k", "1"]
+    args += ["--tol", "1e-2"]
     assert main([*args, "--what", "routing,hessian,efficiency"]) == 0
     result = json.loads((run / "analysis.json").read_text())
     assert result["moe_layers"] == [] and result["routing"] == "no MoE layer"

@@ -48,6 +48,7 @@ from torch import Tensor, nn
 from torch.func import functional_call
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from visionmoe.analysis.modes import eval_mode
 from visionmoe.layers.moe import collect_aux_loss, moe_layers
 
 if TYPE_CHECKING:
@@ -96,17 +97,11 @@ def _feature_params(model: nn.Module, example: Tensor) -> set[str]:
     """The names of the parameters that ``forward_features(example[:2])`` depends on (eval mode)."""
     names = [name for name, _ in model.named_parameters()]
     leaves = {name: p.detach().requires_grad_(True) for name, p in model.named_parameters()}
-    modes = {m: m.training for m in model.modules()}
-    model.eval()
-    try:
-        with torch.enable_grad(), sdpa_kernel(SDPBackend.MATH):  # callers may run under no_grad
-            features = functional_call(_Method(model, "forward_features"), _prefixed(leaves), (example[:2],))
-            if not features.requires_grad:
-                return set()
-            grads = torch.autograd.grad(features.float().sum(), list(leaves.values()), allow_unused=True)
-    finally:
-        for m, training in modes.items():
-            m.training = training
+    with eval_mode(model), torch.enable_grad(), sdpa_kernel(SDPBackend.MATH):  # callers may run under no_grad
+        features = functional_call(_Method(model, "forward_features"), _prefixed(leaves), (example[:2],))
+        if not features.requires_grad:
+            return set()
+        grads = torch.autograd.grad(features.float().sum(), list(leaves.values()), allow_unused=True)
     return {name for name, g in zip(names, grads, strict=True) if g is not None}
 
 
@@ -214,7 +209,7 @@ class HessianOperator:
         self.matvecs = 0
         self.cached = False
         if cache_features is not False:
-            self._cache_features(required=bool(cache_features))
+            self._cache_features(required=bool(cache_features), head=params == "head")
 
     def __repr__(self) -> str:
         return f"HessianOperator(n={self.n}, tensors={len(self.names)}, samples={self.num_samples}, dtype={self.dtype})"
@@ -226,36 +221,28 @@ class HessianOperator:
             for name, block, shape in zip(self.names, v.split(self.sizes), self.shapes, strict=True)
         }
 
-    def _cache_features(self, required: bool) -> None:
-        """Swap each batch's x for ``forward_features(x)`` when no selected parameter reaches it."""
+    def _cache_features(self, required: bool, head: bool) -> None:
+        """Swap each batch's x for ``forward_features(x)`` when no selected parameter reaches it.
+
+        ``head``: the selection is the "head" group, which reaches no feature by construction.
+        """
         why = None
         if not _has_head_split(self.model):
             why = f"{type(self.model).__name__} has no forward_features / forward_head"
-        elif set(self.names) & _feature_params(self.model, self.batches[0][0]):
+        elif not head and set(self.names) & _feature_params(self.model, self.batches[0][0]):
             why = "some selected parameters are used by forward_features"
         if why is None:
-            features = self._run_plain(lambda x: self.model.forward_features(x))
-            x0 = self.batches[0][0]
-            full = self._run_plain(lambda _: self.model(x0), batches=[(x0, None)])[0]
-            split = self._run_plain(lambda f: self.model.forward_head(f), batches=[(features[0], None)])[0]
-            if not torch.allclose(full, split, rtol=1e-4, atol=1e-5):
-                why = "forward_head(forward_features(x)) differs from forward(x)"
-            else:
+            with eval_mode(self.model), torch.no_grad():
+                features = [self.model.forward_features(x) for x, _ in self.batches]
+                x0 = self.batches[0][0]
+                same = torch.allclose(self.model(x0), self.model.forward_head(features[0]), rtol=1e-4, atol=1e-5)
+            if same:
                 self.batches = [(f, y) for f, (_, y) in zip(features, self.batches, strict=True)]
                 self.cached = True
+            else:
+                why = "forward_head(forward_features(x)) differs from forward(x)"
         if why is not None and required:
             raise ValueError(f"cache_features=True is impossible here: {why}")
-
-    def _run_plain(self, fn: Callable[[Tensor], Tensor], batches: list | None = None) -> list[Tensor]:
-        """``fn(x)`` for every batch, in eval mode without gradients; restores the training flags."""
-        modes = {m: m.training for m in self.model.modules()}
-        self.model.eval()
-        try:
-            with torch.no_grad():
-                return [fn(x) for x, _ in (batches if batches is not None else self.batches)]
-        finally:
-            for m, training in modes.items():
-                m.training = training
 
     def _loss(self, leaves: dict[str, Tensor], x: Tensor, y: Tensor) -> Tensor:
         """Size-weighted batch loss: the batch mean × B / (all samples), so the batches sum to the mean."""
@@ -272,21 +259,15 @@ class HessianOperator:
     def _run(self, fn: Callable[[dict[str, Tensor], Tensor, Tensor], Tensor]) -> Tensor:
         """Eval mode, math attention, fresh leaves for the selected parameters; restores the training flags."""
         params = dict(self.model.named_parameters())
-        modes = {m: m.training for m in self.model.modules()}
-        self.model.eval()
-        try:
-            with torch.enable_grad(), sdpa_kernel(SDPBackend.MATH):
-                leaves = {name: p.detach() for name, p in params.items()}  # new tensors, same storage
-                for name in self.names:  # only the selected ones build a graph
-                    leaves[name].requires_grad_(True)
-                total = None
-                for x, y in self.batches:
-                    out = fn(leaves, x, y)
-                    total = out if total is None else total + out
-                return total
-        finally:
-            for m, training in modes.items():
-                m.training = training
+        with eval_mode(self.model), torch.enable_grad(), sdpa_kernel(SDPBackend.MATH):
+            leaves = {name: p.detach() for name, p in params.items()}  # new tensors, same storage
+            for name in self.names:  # only the selected ones build a graph
+                leaves[name].requires_grad_(True)
+            total = None
+            for x, y in self.batches:
+                out = fn(leaves, x, y)
+                total = out if total is None else total + out
+            return total
 
     def loss(self) -> float:
         """The loss on the whole subset (eval mode)."""

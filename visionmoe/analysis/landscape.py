@@ -51,6 +51,7 @@ from torch import Tensor, nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from visionmoe.analysis.hessian import Eigenpairs, HessianOperator, hessian_params, top_eigenvalues
+from visionmoe.analysis.modes import eval_mode
 from visionmoe.layers.experts import Experts
 from visionmoe.layers.moe import collect_aux_loss, moe_layers
 from visionmoe.layers.routers import SoftRouter
@@ -310,15 +311,13 @@ def _scan(
         raise ValueError("the loss surface needs at least one (x, y) batch")
     names = [name for name in params if any(name in d for d in dirs)]
     saved = {name: params[name].detach().clone() for name in names}
-    modes = {m: m.training for m in model.modules()}
     plans: list[tuple[str, Any]] = []  # (MoE layer name, plan) of each router call of the current batch
     hooks = [
         moe.router.register_forward_hook(lambda mod, args, out, name=name: plans.append((name, out.plan)))
         for name, moe in moe_layers(model)
     ]
-    model.eval()
     try:
-        with torch.no_grad(), sdpa_kernel(SDPBackend.MATH):
+        with eval_mode(model), torch.no_grad(), sdpa_kernel(SDPBackend.MATH):
             base_masks: list[dict[tuple[str, int], Tensor]] = []
             base = _evaluate(model, batches, plans, aux_loss, base_masks, None)
             if not math.isfinite(base["loss"]):
@@ -346,8 +345,6 @@ def _scan(
         with torch.no_grad():
             for name, value in saved.items():
                 params[name].copy_(value)
-        for m, training in modes.items():
-            m.training = training
     base["names"] = names
     return values, base
 

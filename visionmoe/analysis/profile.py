@@ -24,6 +24,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils import flop_counter
 from torch.utils.flop_counter import FlopCounterMode
 
+from visionmoe.analysis.modes import eval_mode
 from visionmoe.layers.experts import Experts
 from visionmoe.layers.moe import MoE, moe_layers
 from visionmoe.layers.routers import DenseRouter
@@ -192,17 +193,13 @@ def profile(model: nn.Module, example_input: Tensor | Sequence[Tensor]) -> Compu
         handles.append(moe.router.register_forward_hook(_router_hook(moe, calls[name])))
         handles.append(moe.register_forward_hook(_stats_hook(calls[name])))
 
-    modes = {m: m.training for m in model.modules()}
-    model.eval()
     counter = FlopCounterMode(display=False)
     try:
-        with torch.no_grad(), sdpa_kernel(SDPBackend.MATH), counter:
+        with eval_mode(model), torch.no_grad(), sdpa_kernel(SDPBackend.MATH), counter:
             model(*inputs)
     finally:
         for handle in handles:
             handle.remove()
-        for m, training in modes.items():
-            m.training = training
 
     counts = {name: sum(ops.values()) for name, ops in counter.get_flop_counts().items()}
     root = type(model).__name__

@@ -32,6 +32,7 @@ import pandas as pd
 import torch
 from torch import Tensor, nn
 
+from visionmoe.analysis.modes import eval_mode
 from visionmoe.layers.moe import MoE, moe_layers
 from visionmoe.layers.stats import RoutingStatsAccumulator
 from visionmoe.routing.plan import Plan, Routing, SoftRouting
@@ -297,28 +298,25 @@ def routing_report(
         device = param.device if param is not None else torch.device("cpu")
     tallies = [_Tally(name, moe, num_classes, torch.device(device)) for name, moe in moe_layers(model)]
     handles = [h for tally in tallies for h in tally.attach()]
-    modes = {m: m.training for m in model.modules()}
-    model.eval()
     samples = 0
     try:
-        for x, y in batches:
-            y = torch.as_tensor(y)
-            if y.dim() != 1 or y.dtype.is_floating_point or y.dtype == torch.bool:
-                raise ValueError(f"labels must be (B,) class indices, got {y.dtype} of shape {tuple(y.shape)}")
-            if y.numel() and not 0 <= int(y.min()) <= int(y.max()) < num_classes:
-                raise ValueError(f"labels must lie in [0, {num_classes}), got {int(y.min())}..{int(y.max())}")
-            samples += y.numel()
-            if not tallies:
-                continue  # nothing to measure: no forward pass
-            y = y.to(device, torch.long)
-            for tally in tallies:
-                tally.labels = y
-            model(x.to(device))
+        with eval_mode(model):
+            for x, y in batches:
+                y = torch.as_tensor(y)
+                if y.dim() != 1 or y.dtype.is_floating_point or y.dtype == torch.bool:
+                    raise ValueError(f"labels must be (B,) class indices, got {y.dtype} of shape {tuple(y.shape)}")
+                if y.numel() and not 0 <= int(y.min()) <= int(y.max()) < num_classes:
+                    raise ValueError(f"labels must lie in [0, {num_classes}), got {int(y.min())}..{int(y.max())}")
+                samples += y.numel()
+                if not tallies:
+                    continue  # nothing to measure: no forward pass
+                y = y.to(device, torch.long)
+                for tally in tallies:
+                    tally.labels = y
+                model(x.to(device))
     finally:
         for handle in handles:
             handle.remove()
-        for module, training in modes.items():
-            module.train(training)
     layers = {t.name: t.result(threshold, top) for t in tallies if t.stats.total is not None}
     return RoutingReport(num_classes, samples, threshold, layers)
 

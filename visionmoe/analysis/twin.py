@@ -15,6 +15,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from visionmoe.analysis.modes import eval_mode
 from visionmoe.layers.moe import MoE, moe_layers
 from visionmoe.layers.routers import DenseRouter, SoftRouter
 from visionmoe.routing.capacity import expert_capacity
@@ -152,16 +153,12 @@ def _tokens_per_group(
         return hook
 
     handles = [moe.router.register_forward_hook(record(name)) for name, moe in needed]
-    modes = {m: m.training for m in twin.modules()}
-    twin.eval()
     try:
-        with torch.no_grad():
+        with eval_mode(twin), torch.no_grad():
             twin(*inputs)
     finally:
         for handle in handles:
             handle.remove()
-        for m, training in modes.items():
-            m.training = training
     if missing := [name for name, _ in needed if name not in tokens]:
         raise ValueError(f"MoE layer(s) {missing} did not run in the forward pass of example_input")
     return tokens

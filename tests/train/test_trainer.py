@@ -1,6 +1,7 @@
 """End to end on tiny data written here: training learns, eval reports everything, resume is exact."""
 
 import json
+import math
 
 import pytest
 import torch
@@ -136,3 +137,20 @@ def test_missing_dataset_is_a_one_line_error(tmp_path):
         Trainer(config(tmp_path / "empty", tmp_path))
     message = str(e.value)
     assert "\n" not in message and "cifar-10-batches-py" in message
+
+
+@pytest.mark.parametrize("eager", [True, False], ids=["eager", "deferred"])
+def test_a_non_finite_loss_stops_the_run_before_a_checkpoint_holds_it(cifar10_root, tmp_path, eager):
+    # deferred is the accelerator path (no host sync per step), forced here on the CPU. The dense
+    # model has no router, whose own check would raise first on the CPU.
+    extra = ["model.name=cnn_resnet_cifar", "optim.lr=1e30", "optim.warmup_epochs=0", "train.checkpoint_every_steps=1"]
+    trainer = Trainer(config(cifar10_root, tmp_path, *extra))
+    trainer.eager_finite_check = eager
+    with pytest.raises(FloatingPointError) as e:
+        trainer.fit()
+    message = str(e.value)
+    assert ("not finite" in message) != eager and ("loss nan" in message or "loss inf" in message) == eager
+    bad = int(message.split("at step ")[1].split(";")[0])
+    saved = load_checkpoint(tmp_path / "custom-s0")
+    assert saved["step"] <= bad and all(torch.isfinite(v).all() for v in saved["model"].values())
+    assert all(isinstance(saved["sums"][k], float) and math.isfinite(saved["sums"][k]) for k in ("loss", "aux"))

@@ -101,9 +101,12 @@ def _pool_groups(value: Any) -> Any:
 
 
 def _check_finite(logits: Tensor, router: str) -> None:
-    # A host sync by design (the error must name the problem before it spreads). Skipped while
-    # torch.compile traces, where a data-dependent branch would break the graph.
-    if torch.compiler.is_compiling():
+    # On the CPU the check is free and names the problem before it spreads. On an accelerator it
+    # would be a host sync per MoE layer per step, so it runs only under torch.autograd's anomaly
+    # mode (torch.autograd.set_detect_anomaly(True)), PyTorch's own switch for hunting NaNs; there
+    # the Trainer still catches the non-finite loss that follows, at its next log point. Skipped
+    # while torch.compile traces, where a data-dependent branch would break the graph.
+    if torch.compiler.is_compiling() or (logits.device.type != "cpu" and not torch.is_anomaly_enabled()):
         return
     if not bool(torch.isfinite(logits).all()):
         nan, inf = int(torch.isnan(logits).sum()), int(torch.isinf(logits).sum())

@@ -54,6 +54,7 @@ RESUMABLE_CHANGES = (
     "train.expert_parallel",  # checkpoints reshard (visionmoe.distributed.checkpoint)
     "data.data_dir",
 )
+DEVICE_SUMS = ("loss", "aux", "correct")  # running sums kept on the device (see Trainer._reset_epoch_sums)
 RANK_SEED_STRIDE = 1_000_003  # rank r's training RNG stream starts at seed + r·stride (rank 0: the seed)
 
 
@@ -231,6 +232,8 @@ class Trainer:
         if self.parallel_env is not None and self.parallel_env.device.type == "cuda":
             self.device = self.parallel_env.device  # cuda:<LOCAL_RANK>
         self.use_amp = t.amp and self.device.type == "cuda"
+        # Check each step's loss at once (the CPU), or without a host sync at the next log point or save.
+        self.eager_finite_check = self.device.type == "cpu"
 
         self.splits: Splits = load_splits(config.data)
         self.train_loader, self.test_loader = build_loaders(
@@ -338,8 +341,27 @@ class Trainer:
     # -- state
 
     def _reset_epoch_sums(self) -> None:
-        self.sums = {"loss": 0.0, "aux": 0.0, "correct": 0.0, "seen": 0, "seconds": 0.0, "data_seconds": 0.0}
+        # loss·n, aux·n and correct stay on the device (float64, summed in step order exactly as Python
+        # floats would be) so a step needs no host sync; they are read at log points and epoch ends.
+        zero = torch.zeros((), dtype=torch.float64, device=self.device)
+        self.sums = {"seen": 0, "seconds": 0.0, "data_seconds": 0.0}
+        self.sums.update({key: zero.clone() for key in DEVICE_SUMS})
         self.routing = {}
+        # First step whose loss was not finite (-1: none); checked without a sync, see train_step.
+        self._nonfinite_step = torch.full((), -1, dtype=torch.long, device=self.device)
+
+    def _host_sums(self) -> dict[str, float]:
+        """The running sums as Python numbers (a host sync on an accelerator)."""
+        self._check_finite_loss()
+        return {key: float(value) if key in DEVICE_SUMS else value for key, value in self.sums.items()}
+
+    def _check_finite_loss(self) -> None:
+        step = int(self._nonfinite_step)
+        if step >= 0:
+            raise FloatingPointError(
+                f"loss not finite at step {step}; lower optim.lr or set optim.grad_clip "
+                "(checked at log points and before each checkpoint, so no checkpoint holds the bad step)"
+            )
 
     def state_dict(self) -> dict[str, Any]:
         from visionmoe.train.config import _plain
@@ -354,7 +376,7 @@ class Trainer:
             "train_seconds": self.train_seconds,
             "eval_seconds": self.eval_seconds,
             "best_top1": self.best_top1,
-            "sums": dict(self.sums),
+            "sums": self._host_sums(),
             "routing": {name: _stats_to_dict(acc.total) for name, acc in self.routing.items() if acc.total},
             "config": _plain(self.config.to_dict()),
             "code": self.code,
@@ -370,7 +392,9 @@ class Trainer:
         self.train_seconds, self.eval_seconds = float(state["train_seconds"]), float(state["eval_seconds"])
         self.best_top1 = float(state["best_top1"])
         self._reset_epoch_sums()
-        self.sums.update(state["sums"])
+        for key, value in state["sums"].items():
+            on_device = key in DEVICE_SUMS
+            self.sums[key] = torch.tensor(value, dtype=torch.float64, device=self.device) if on_device else value
         self.routing = {}
         for name, values in state["routing"].items():
             acc = RoutingStatsAccumulator()
@@ -399,15 +423,15 @@ class Trainer:
 
     def _fold_sums(self) -> None:
         """Sum the partial epoch's running sums over ranks into rank 0's (the others restart from zero)."""
-        keys = ("loss", "aux", "correct", "seen")
-        total = distributed.data.sum_across_ranks({k: self.sums[k] for k in keys})
+        keys = (*DEVICE_SUMS, "seen")
+        sums = self._host_sums()
+        total = distributed.data.sum_across_ranks({k: sums[k] for k in keys})
         routing = distributed.data.sum_routing_across_ranks(self.routing)
-        if self.parallel_env.is_main:
-            self.sums.update(total, seen=int(total["seen"]))
-            self.routing = routing
-        else:
-            self.sums.update(dict.fromkeys(keys, 0.0), seen=0)
-            self.routing = {}
+        main = self.parallel_env.is_main
+        for key in DEVICE_SUMS:
+            self.sums[key] = torch.tensor(total[key] if main else 0.0, dtype=torch.float64, device=self.device)
+        self.sums["seen"] = int(total["seen"]) if main else 0
+        self.routing = routing if main else {}
 
     # -- the loop
 
@@ -425,8 +449,15 @@ class Trainer:
                 task = F.cross_entropy(logits, target, label_smoothing=o.label_smoothing)
             aux = collect_aux_loss(self.model)
             loss = task + o.aux_loss_scale * aux
-        if not torch.isfinite(loss):
-            raise FloatingPointError(f"loss {float(loss)} at step {self.step}; lower optim.lr or set optim.grad_clip")
+        finite = torch.isfinite(loss.detach())
+        if self.eager_finite_check:  # free on the CPU: stop before the bad step reaches the weights
+            if not finite:
+                raise FloatingPointError(
+                    f"loss {float(loss.detach())} at step {self.step}; lower optim.lr or set optim.grad_clip"
+                )
+        else:  # no host sync per step: remember the first bad step, raised at the next log point or save
+            first = (self._nonfinite_step < 0) & ~finite
+            self._nonfinite_step = torch.where(first, self.step, self._nonfinite_step)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         if self.parallel is not None:
@@ -439,9 +470,9 @@ class Trainer:
         self.optimizer.step()
         self.scheduler.step()
         n = y.shape[0]
-        self.sums["loss"] += float(task.detach()) * n
-        self.sums["aux"] += float(aux.detach()) * n
-        self.sums["correct"] += float((logits.argmax(dim=-1) == y).sum())
+        self.sums["loss"] += task.detach().double() * n
+        self.sums["aux"] += aux.detach().double() * n
+        self.sums["correct"] += (logits.detach().argmax(dim=-1) == y).sum().double()
         self.sums["seen"] += n
         for name, stats in collect_routing_stats(self.model).items():
             self.routing.setdefault(name, RoutingStatsAccumulator()).update(stats)
@@ -507,7 +538,7 @@ class Trainer:
                     self.sums["data_seconds"] += start - fetch
                     self.step += 1
                     if self.step % t.log_every == 0 or self.step == end:
-                        s = self.sums
+                        s = self._host_sums()
                         progress.update(
                             task,
                             completed=self.step - epoch * self.steps_per_epoch,
@@ -551,7 +582,7 @@ class Trainer:
     def _end_epoch(self, epoch: int, final: bool) -> dict[str, Any]:
         if self.parallel is not None:
             self._fold_sums()
-        s = self.sums
+        s = self._host_sums()
         record: dict[str, Any] = {
             "epoch": round(self.step / self.steps_per_epoch, 4),
             "step": self.step,

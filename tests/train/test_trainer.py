@@ -83,6 +83,9 @@ def test_resume_after_a_kill_is_bit_identical(cifar10_root, tmp_path):
         return [{k: v for k, v in r.items() if k not in drop} for r in records]
 
     assert results("full") == results("cut")  # same metrics, and epoch 2 logged once
+    summaries = [json.loads((tmp_path / name / "summary.json").read_text()) for name in ("full", "cut")]
+    profile = ("total_params", "active_params", "flops_per_image", "expert_flops_per_image", "rho")
+    assert [{k: s[k] for k in profile} for s in summaries[:1]] == [{k: s[k] for k in profile} for s in summaries[1:]]
 
 
 def test_resume_refuses_another_config_and_another_model(cifar10_root, tmp_path):

@@ -246,13 +246,16 @@ class Trainer:
         example = self._example_batch()
         torch.manual_seed(t.seed)
         self.model = build_model(config.model, self.splits.num_classes, example)
-        if state is None and hasattr(self.model, "init_from_data"):
+        if hasattr(self.model, "init_from_data"):  # also on resume: the profile below sees the initial weights
             self.model.init_from_data(self._init_batch())
         memory = torch.channels_last if t.channels_last else torch.contiguous_format
         self.model.to(self.device, memory_format=memory)
+        # FLOPs, ρ and active parameters count the assignments the routers make, so they are measured on
+        # the initial weights (before a checkpoint is restored, and before experts are sharded): a
+        # resumed run reports the same profile as an uninterrupted one.
+        self.profile = self._profile(example)
         self.parallel: distributed.Parallel | None = None
         if self.parallel_env is not None:
-            self.profile = self._profile(example)  # of the whole model: measured before its experts are sharded
             self.parallel = distributed.parallelize(self.model, self.parallel_env)
         self.forward = torch.compile(self.model) if t.compile else self.model
         self.eval_forward = self.forward  # without DDP: evaluation needs no gradient hooks
@@ -299,8 +302,6 @@ class Trainer:
         else:
             rank = 0 if self.parallel_env is None else self.parallel_env.rank
             torch.manual_seed(t.seed + RANK_SEED_STRIDE * rank)  # the training RNG stream starts from the seed
-        if self.parallel is None:
-            self.profile = self._profile(example)
 
     # -- set-up helpers
 

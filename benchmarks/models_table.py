@@ -4,7 +4,9 @@
     python benchmarks/models_table.py --rho-sweep   # ρ of the CNN backbones as moe_stages grows
 
 FLOPs are counted by ``visionmoe.analysis.profile`` (torch's FlopCounterMode, forward, eval mode,
-one random image at the model's native resolution); ρ is the fraction of them done by experts.
+one random image at the model's native resolution); ρ is the fraction of them done by experts on that
+image (dropped assignments cost nothing), ρ nominal the fraction with no assignment dropped (a property
+of the architecture and its routers' k and capacity, not of the weights).
 """
 
 from __future__ import annotations
@@ -39,8 +41,8 @@ def main() -> None:
     if args.rho_sweep:
         rho_sweep()
         return
-    print("| model | input | MoE layers | params | active params | FLOPs / image | ρ |")
-    print("|---|---|---:|---:|---:|---:|---:|")
+    print("| model | input | MoE layers | params | active params | FLOPs / image | ρ | ρ nominal |")
+    print("|---|---|---:|---:|---:|---:|---:|---:|")
     for name in args.models or visionmoe.list_models():
         size = native_size(name)
         model = visionmoe.create_model(name)
@@ -48,20 +50,20 @@ def main() -> None:
         layers = len(visionmoe.moe_layers(model))
         print(
             f"| `{name}` | {size}² | {layers} | {fmt(p.total_params)} | {fmt(p.active_params)} | "
-            f"{fmt(p.total_flops)} | {p.rho:.3f} |"
+            f"{fmt(p.total_flops)} | {p.rho:.3f} | {p.rho_nominal:.3f} |"
         )
 
 
 def rho_sweep() -> None:
-    print("| model | moe_stages | params | active params | FLOPs / image | ρ |")
-    print("|---|---|---:|---:|---:|---:|")
+    print("| model | moe_stages | params | active params | FLOPs / image | ρ | ρ nominal |")
+    print("|---|---|---:|---:|---:|---:|---:|")
     for name in ("cnn_resnet_cifar_moe", "cnn_dw_cifar_moe"):
         for stages in ("none", (2,), (1, 2), "all"):
             model = visionmoe.create_model(name, moe_stages=stages)
             p = profile(model, torch.randn(1, 3, 32, 32))
             print(
                 f"| `{name}` | {stages} | {fmt(p.total_params)} | {fmt(p.active_params)} | "
-                f"{fmt(p.total_flops)} | {p.rho:.3f} |"
+                f"{fmt(p.total_flops)} | {p.rho:.3f} | {p.rho_nominal:.3f} |"
             )
 
 

@@ -30,6 +30,7 @@ def test_dropless_topk_flops_rho_and_active_params_by_hand():
     assert p.router_flops == 256
     assert p.dispatch_flops == 0
     assert p.rho == pytest.approx(16384 / 18304)
+    assert p.expert_flops_nominal == 16384 and p.rho_nominal == p.rho  # dropless: nothing to drop
     # Params: Linear(16, 32) 16·32+32 = 544; Linear(32, 10) 32·10+10 = 330; router 4·32 = 128;
     #   one expert 32·64 + 64 + 64·32 + 32 = 4192, four = 16768. Total 544+330+128+16768 = 17770.
     #   Active: 544 + 330 + 128 + 2 experts per token · 4192 = 9386.
@@ -58,9 +59,29 @@ def test_capacity_padding_costs_more_than_useful_flops():
     assert p.router_flops == 8 * 256
     assert p.total_flops == 31744
     assert p.rho == pytest.approx(16384 / 31744)
+    # Nominal: all 8 offered assignments processed, 8 × 8192 = 65536, in the total instead of the
+    # 16384 that ran: 15360 + 65536 = 80896.
+    assert p.expert_flops_nominal == 65536
+    assert p.rho_nominal == pytest.approx(65536 / 80896)
     # 2 assignments for 8 tokens: 0.25 experts per token. Active = 544 + 330 + 128 + 0.25 · 4192 = 2050.
     assert p.layers[0].experts_per_token == 0.25
     assert p.active_params == 2050
+
+
+@pytest.mark.parametrize("router", ["topk", "expert_choice", "sparse_expert_choice"])
+def test_nominal_rho_does_not_depend_on_where_the_tokens_went(router):
+    options = NO_NOISE if router == "topk" else {}  # expert choice draws no noise
+    moe = MoE(32, 4, 64, router=router, capacity_factor=1.0, router_options=options)
+    model, x = sandwich(moe), torch.randn(2, 8, 16)
+    random_gate = profile(model, x)
+    nn.init.zeros_(moe.router.weight)  # equal logits: top-k sends every token to expert 0
+    tied = profile(model, x)
+    assert tied.expert_flops_nominal == random_gate.expert_flops_nominal
+    assert tied.rho_nominal == random_gate.rho_nominal
+    if router == "topk":  # k=1, C = 2 per expert: 8 offered assignments per sample, 2 kept once tied
+        assert tied.expert_flops == 2 * 8192 < random_gate.expert_flops <= tied.expert_flops_nominal == 8 * 8192
+    else:  # E·C = 4 · 2 slots per group, all offered
+        assert tied.expert_flops_nominal == 8 * 8192 >= tied.expert_flops
 
 
 def test_dense_and_soft_count_every_expert_as_active():
@@ -70,7 +91,8 @@ def test_dense_and_soft_count_every_expert_as_active():
     assert dense.active_params == dense.total_params == 544 + 330 + 4 * 4192
     assert soft.active_params == soft.total_params == 544 + 330 + 129 + 4 * 4192
     assert dense.expert_flops == dense.expert_flops_padded == 4 * 8192  # one FFN of width E·H = 256
-    assert soft.expert_flops == soft.expert_flops_padded
+    assert soft.expert_flops == soft.expert_flops_padded == soft.expert_flops_nominal
+    assert dense.expert_flops_nominal == dense.expert_flops and soft.rho_nominal == soft.rho
     # Soft, per sample, S = 5 tokens, E·P = 4 slots: experts 4 slots × 8192 = 32768;
     # dispatch and combine bmm's 2 × 2·5·4·32 = 2560; router logits 2·5·32·4 = 1280.
     assert (soft.expert_flops, soft.dispatch_flops, soft.router_flops) == (32768, 2560, 1280)

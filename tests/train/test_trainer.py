@@ -84,7 +84,7 @@ def test_resume_after_a_kill_is_bit_identical(cifar10_root, tmp_path):
 
     assert results("full") == results("cut")  # same metrics, and epoch 2 logged once
     summaries = [json.loads((tmp_path / name / "summary.json").read_text()) for name in ("full", "cut")]
-    profile = ("total_params", "active_params", "flops_per_image", "expert_flops_per_image", "rho")
+    profile = ("total_params", "active_params", "flops_per_image", "expert_flops_per_image", "rho", "rho_nominal")
     assert [{k: s[k] for k in profile} for s in summaries[:1]] == [{k: s[k] for k in profile} for s in summaries[1:]]
 
 

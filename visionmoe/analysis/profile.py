@@ -75,6 +75,7 @@ class MoELayerProfile:
     expert_flops: float  # useful
     expert_flops_padded: float
     expert_flops_executed: float  # counted on the kernels that ran (the padded backend includes padding)
+    expert_flops_nominal: float  # every offered assignment processed: no capacity drops
     router_flops: float
     dispatch_flops: float  # FLOPs of the layer outside its experts and router (Soft MoE's two bmm's)
     params: int
@@ -91,10 +92,13 @@ class ComputeProfile:
         total_flops: every counted FLOP of the forward pass.
         expert_flops: useful expert FLOPs, what the experts computed.
         expert_flops_padded: expert FLOPs of a capacity-padded implementation.
+        expert_flops_nominal: expert FLOPs with no assignment dropped (see :func:`profile`).
         router_flops: FLOPs of the routers.
         dispatch_flops: FLOPs inside MoE layers outside experts and routers (Soft MoE dispatch/combine).
         rho: ρ = expert FLOPs of *routed* layers / total_flops: 0 without MoE layers, and layers
             with the ``dense`` router (a dense FFN in MoE clothing, as in a dense twin) count as dense.
+        rho_nominal: ρ with nominal expert FLOPs (in the total too): a property of the architecture,
+            not of where the routers sent this batch's tokens.
         total_params: all parameters of the model.
         active_params: parameters used by an average sample (see :func:`profile`).
         layers: one :class:`MoELayerProfile` per MoE layer.
@@ -107,9 +111,11 @@ class ComputeProfile:
     total_flops: float
     expert_flops: float
     expert_flops_padded: float
+    expert_flops_nominal: float
     router_flops: float
     dispatch_flops: float
     rho: float
+    rho_nominal: float
     total_params: int
     active_params: float
     layers: list[MoELayerProfile] = field(default_factory=list)
@@ -127,8 +133,9 @@ class ComputeProfile:
         lines.append(f"| **total** |  | {_si(self.total_flops)} | 100.0% | {_si(self.total_params)} |")
         lines.append("")
         lines.append(
-            f"ρ = {self.rho:.3f} (expert FLOPs {_si(self.expert_flops)} useful, {_si(self.expert_flops_padded)} "
-            f"padded; router {_si(self.router_flops)}); active params {_si(self.active_params)} "
+            f"ρ = {self.rho:.3f}, nominal {self.rho_nominal:.3f} (expert FLOPs {_si(self.expert_flops)} useful, "
+            f"{_si(self.expert_flops_nominal)} nominal, {_si(self.expert_flops_padded)} padded; router "
+            f"{_si(self.router_flops)}); active params {_si(self.active_params)} "
             f"of {_si(self.total_params)}"
         )
         return "\n".join(lines)
@@ -159,6 +166,12 @@ def profile(model: nn.Module, example_input: Tensor | Sequence[Tensor]) -> Compu
       one expert (measured with FlopCounterMode on ``Experts.forward_batched``), empty slots
       included. For dropless sparse routers (whose C is only the largest load), Soft MoE and dense:
       equal to the useful FLOPs.
+    - **nominal expert FLOPs**: every offered assignment processed, none dropped: K·S per group for
+      token choice, E·C for expert choice (× one assignment's FLOPs); for Soft MoE and dense, the
+      useful FLOPs. It depends on the architecture and the routers' k and capacity, not on the weights
+      or the batch, which the useful figure does (at initialisation a top-1 router may drop most of
+      its tokens). ``rho_nominal`` is ρ computed with it, in the total too; it is the ρ of Sun et
+      al.'s compute-leverage argument (the share of FLOPs an MoE layer controls).
     - **router FLOPs**: the FLOPs of the layer's ``router`` sub-module (logits, Sinkhorn, slots).
       The FLOPs of the layer outside its experts and router (Soft MoE's dispatch and combine
       bmm's) are reported as ``dispatch_flops``; they count in the total, not in ρ.
@@ -213,14 +226,19 @@ def profile(model: nn.Module, example_input: Tensor | Sequence[Tensor]) -> Compu
     expert_params = sum(layer.expert_params for layer in moe_profiles)
     expert_active = sum(layer.active_params - (layer.params - layer.expert_params) for layer in moe_profiles)
     expert_flops = sum(layer.expert_flops for layer in moe_profiles)
+    nominal = sum(layer.expert_flops_nominal for layer in moe_profiles)
+    total_nominal = total - sum(layer.expert_flops_executed for layer in moe_profiles) + nominal
+    routed_nominal = sum(layer.expert_flops_nominal for layer in moe_profiles if layer.routed)
     return ComputeProfile(
         batch_size=batch,
         total_flops=total,
         expert_flops=expert_flops,
         expert_flops_padded=sum(layer.expert_flops_padded for layer in moe_profiles),
+        expert_flops_nominal=nominal,
         router_flops=sum(layer.router_flops for layer in moe_profiles),
         dispatch_flops=sum(layer.dispatch_flops for layer in moe_profiles),
         rho=sum(layer.expert_flops for layer in moe_profiles if layer.routed) / total if total > 0 else 0.0,
+        rho_nominal=routed_nominal / total_nominal if total_nominal > 0 else 0.0,
         total_params=total_params,
         active_params=total_params - expert_params + expert_active,
         layers=moe_profiles,
@@ -261,9 +279,11 @@ def _layer_profile(name: str, moe: MoE, calls: list[dict[str, Any]], flops: _Flo
     executed = flops(f"{prefix}experts")  # what the kernels ran: the padded backend includes padding
     expert_flops = executed
     sparse = bool(calls) and all(isinstance(c["plan"], Routing) and "stats" in c for c in calls)
+    nominal = expert_flops
     if sparse:  # useful work, whatever backend ran it: processed assignments × one assignment's FLOPs
         per_slot = _flops_per_slot(moe.experts)
         expert_flops = sum(float(c["stats"].tokens_per_expert.sum()) for c in calls) * per_slot / batch
+        nominal = sum(float(c["stats"].assignments) for c in calls) * per_slot / batch
     padded = expert_flops
     if any(call["padded"] for call in calls):
         per_slot = _flops_per_slot(moe.experts)
@@ -289,6 +309,7 @@ def _layer_profile(name: str, moe: MoE, calls: list[dict[str, Any]], flops: _Flo
         expert_flops=expert_flops,
         expert_flops_padded=padded,
         expert_flops_executed=executed,
+        expert_flops_nominal=nominal,
         router_flops=router_flops,
         dispatch_flops=layer_flops - executed - router_flops,
         params=params,

@@ -171,7 +171,7 @@ _add(
         full_time="~1 h per seed (measured: 14 min per run, 5 epochs at ~350 img/s, on a quiet 2-core machine)",
         tiny_overrides=("model.kwargs.width=8",),
         notes="Same E=8 experts of the same width in the same (last) stage, so under one seed k=1 and k=2 start from "
-        "identical weights; only the tokens' number of experts changes. ρ (the measured FLOP share of experts) "
+        "identical weights; only the tokens' number of experts changes. ρ (the experts' nominal FLOP share) "
         "follows k, so each k is judged against its own dense twin of equal active FLOPs (width k·H).",
     )
 )

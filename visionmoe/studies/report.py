@@ -121,7 +121,7 @@ def _config_table(cfg: pd.DataFrame) -> pd.DataFrame:
             "n": cfg["n"],
             "top-1 (mean ± std)": [f"{_fmt(m)} ± {_fmt(s)}" for m, s in zip(cfg["mean"], cfg["std"], strict=True)],
             "95% CI": [f"[{_fmt(lo)}, {_fmt(hi)}]" for lo, hi in zip(cfg["ci_low"], cfg["ci_high"], strict=True)],
-            "ρ": [_fmt(v, ".3f") for v in cfg["rho"]],
+            "ρ (nominal)": [_fmt(v, ".3f") for v in cfg["rho"]],
             "params (M)": [_fmt(v / 1e6, ".3f") for v in cfg["params"]],
             "active (M)": [_fmt(v / 1e6, ".3f") for v in cfg["active_params"]],
             "MFLOPs/img": [_fmt(v / 1e6, ".1f") for v in cfg["flops"]],
@@ -251,7 +251,7 @@ def _rho_plot(study: str, prs: pd.DataFrame, varying: list[str], out: Path) -> P
             )
     ax.axhline(0, color="grey", lw=0.8)
     ax.set(
-        xlabel="ρ (share of FLOPs through experts)",
+        xlabel="ρ (nominal share of FLOPs through experts)",
         ylabel="top-1 gap to reference (points)",
         title=f"{study}: gap vs ρ (mean, 95% CI over seeds)",
     )

@@ -44,6 +44,7 @@ RUN_COLUMNS = [
     "ece",
     "best_top1",
     "rho",
+    "rho_measured",
     "params",
     "active_params",
     "flops",
@@ -54,7 +55,7 @@ RUN_COLUMNS = [
     "run",
 ]
 SHARPNESS = ["lambda_max_train", "lambda_max_test", "trace_train", "trace_test"]
-MEANS = ["rho", "params", "active_params", "flops", "train_minutes", *SHARPNESS]  # averaged per configuration
+MEANS = ["rho", "rho_measured", "params", "active_params", "flops", "train_minutes", *SHARPNESS]  # per configuration
 
 
 def load_runs(paths: Iterable[str | Path]) -> pd.DataFrame:
@@ -62,8 +63,10 @@ def load_runs(paths: Iterable[str | Path]) -> pd.DataFrame:
 
     One row per run: study, config (the sweep's key, or the directory name without its ``-s<seed>``),
     reference (the config it is compared against, if any), is_twin, seed, one column per axis of the
-    study (value labels as strings), metrics (top1/top5/best_top1 in %, nll, ece), compute (rho,
-    params, active_params, flops per image), train_minutes, images_per_s and, where ``analysis.json``
+    study (value labels as strings), metrics (top1/top5/best_top1 in %, nll, ece), compute (rho: the
+    nominal ρ, the share of FLOPs the experts control with no assignment dropped; rho_measured: the
+    useful share on the run's first two training images at initialisation; params, active_params,
+    flops per image), train_minutes, images_per_s and, where ``analysis.json``
     holds a Hessian section, λmax and tr(H) on the train and test subsets. ``table.attrs["axes"]``
     lists the axis columns.
     """
@@ -110,7 +113,8 @@ def _row(run_dir: Path) -> dict[str, Any]:
         "nll": test.get("nll", math.nan),
         "ece": test.get("ece", math.nan),
         "best_top1": 100 * summary.get("best_top1", math.nan),
-        "rho": summary.get("rho"),
+        "rho": summary.get("rho_nominal", summary.get("rho")),  # the architecture's share (see profile)
+        "rho_measured": summary.get("rho"),
         "params": summary.get("total_params"),
         "active_params": summary.get("active_params"),
         "flops": summary.get("flops_per_image"),

@@ -322,6 +322,7 @@ class Trainer:
             "flops_per_image": p.total_flops,
             "expert_flops_per_image": p.expert_flops,
             "rho": p.rho,
+            "rho_nominal": p.rho_nominal,
         }
 
     def _check_resumable(self, saved: dict[str, Any]) -> None:

@@ -231,7 +231,9 @@ def _sweep(args: argparse.Namespace) -> int:
                 Sweep(args.preset, args.preset, seeds=seeds or (0,), twins=not args.no_twins), args.overrides
             )
         out = args.out or f"runs/{sweep.name}{'-tiny' if args.tiny else ''}"
-        manifest = run_sweep(sweep, out, jobs=args.jobs, retries=args.retries, executor=args.executor, slurm=slurm)
+        manifest = run_sweep(
+            sweep, out, jobs=args.jobs, retries=args.retries, executor=args.executor, slurm=slurm, reuse=args.reuse
+        )
     except (ValueError, TypeError, FileNotFoundError, ImportError) as error:
         raise SystemExit(f"visionmoe sweep: {error}") from None
     return int(manifest["status"].isin(["failed", "invalid"]).any())
@@ -334,6 +336,13 @@ def build_parser() -> argparse.ArgumentParser:
     sweep.add_argument("--executor", choices=("local", "inline", "slurm"), default="local")
     sweep.add_argument("--slurm", action="append", default=[], metavar="KEY=VALUE", help="submitit parameter")
     sweep.add_argument("--no-twins", action="store_true", help="training presets: no dense twins")
+    sweep.add_argument(
+        "--reuse",
+        action="append",
+        default=[],
+        metavar="DIR",
+        help="a sweep (or run) directory whose finished runs of the same config are copied in, not retrained",
+    )
     sweep.add_argument("overrides", nargs="*", metavar="key=value")
     sweep.set_defaults(func=_sweep)
     report = sub.add_parser("report", help="tables (Markdown, CSV, LaTeX) and plots of sweeps or runs")

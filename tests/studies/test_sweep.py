@@ -120,6 +120,37 @@ def test_resume_after_a_killed_run_and_skip_finished(tmp_path, standin_data, mon
     assert resumed == [] and again["status"].tolist() == ["skipped", "skipped"]
 
 
+def test_reuse_copies_finished_runs_of_the_same_config_from_another_sweep(tmp_path, standin_data, monkeypatch):
+    first = tiny_sweep(standin_data, grids=[{"model.moe.k": [2]}])
+    run_sweep(first, tmp_path / "first", executor="inline", echo=lambda line: None)
+    trained = []
+
+    class Spy(trainer_module.Trainer):
+        def __init__(self, config, **kwargs):
+            trained.append(config.train.run_name)
+            super().__init__(config, **kwargs)
+
+    monkeypatch.setattr(trainer_module, "Trainer", Spy)
+    second = tiny_sweep(standin_data, grids=[{"model.moe.k": [1, 2]}])
+    second.name = "second"
+    second.overrides = (*second.overrides, "train.threads=1")  # changes no result: still the same config
+    manifest = run_sweep(second, tmp_path / "second", executor="inline", reuse=[tmp_path / "first"], echo=print)
+    assert trained == ["k=1-s0", "k=1,twin=flops-s0"]  # k=2 and its twin are the first sweep's
+    status = dict(zip(manifest["name"], manifest["status"], strict=True))
+    assert status == {"k=1-s0": "done", "k=1,twin=flops-s0": "done", "k=2-s0": "reused", "k=2,twin=flops-s0": "reused"}
+    for name in ("k=2-s0", "k=2,twin=flops-s0"):
+        source, copy = tmp_path / "first" / name, tmp_path / "second" / name
+        a, b = (json.loads((d / "summary.json").read_text()) for d in (source, copy))
+        assert b["test"] == a["test"] and b["reused_from"] == str(source) and b["run_dir"] == str(copy)
+        assert json.loads((copy / "sweep_run.json").read_text())["study"] == "second"
+        assert manifest.set_index("name").loc[name, "source"] == str(source)
+    trained.clear()
+    again = run_sweep(second, tmp_path / "second", executor="inline", echo=lambda line: None)
+    assert trained == [] and set(again["status"]) == {"skipped"}  # the copies' configs are theirs: not stale
+    with pytest.raises(FileNotFoundError, match="--reuse"):
+        run_sweep(second, tmp_path / "third", executor="inline", reuse=[tmp_path / "nowhere"], echo=lambda line: None)
+
+
 def test_failures_are_recorded_and_cost_no_other_run(tmp_path, standin_data):
     # Three cells: a good one; a model kwarg the model rejects (fails while training, retried once);
     # a learning rate the config rejects (invalid: recorded, never run).

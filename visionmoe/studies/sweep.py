@@ -53,6 +53,7 @@ import itertools
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 import time
@@ -330,24 +331,68 @@ def run_one(run: Run, runtime: Sequence[str] = ()) -> dict[str, Any]:
     return json.loads((run_dir / "summary.json").read_text())
 
 
-def check_not_stale(run_dir: Path, config) -> None:
-    """Raise if ``run_dir`` holds a run of a different config (e.g. a sweep re-run with other fixed overrides)."""
+def _saved_config(run_dir: Path):
     from visionmoe.train.config import Config
+
+    saved = run_dir / "config.yaml"
+    return Config.from_dict(yaml.safe_load(saved.read_text()), source=str(saved))
+
+
+def _config_changes(before, now, ignore: Sequence[str] = ()) -> list[str]:
+    """The dotted keys in which two configs differ, leaving out those that change no result."""
     from visionmoe.train.logger import flatten
     from visionmoe.train.trainer import RESUMABLE_CHANGES
 
-    saved = run_dir / "config.yaml"
-    if not saved.is_file():
-        return
-    before = flatten(Config.from_dict(yaml.safe_load(saved.read_text()), source=str(saved)).to_dict())
-    now = flatten(config.to_dict())
-    changed = sorted(
-        k.replace("/", ".")
-        for k in set(now) | set(before)
-        if now.get(k) != before.get(k) and k.replace("/", ".") not in RESUMABLE_CHANGES
+    a, b = flatten(before.to_dict()), flatten(now.to_dict())
+    skip = {*RESUMABLE_CHANGES, *ignore}
+    return sorted(
+        k.replace("/", ".") for k in set(a) | set(b) if a.get(k) != b.get(k) and k.replace("/", ".") not in skip
     )
+
+
+def check_not_stale(run_dir: Path, config) -> None:
+    """Raise if ``run_dir`` holds a run of a different config (e.g. a sweep re-run with other fixed overrides)."""
+    if not (run_dir / "config.yaml").is_file():
+        return
+    changed = _config_changes(_saved_config(run_dir), config)
     if changed:
         raise ValueError(f"{run_dir} holds a run of another config (differs in {changed}); use another --out")
+
+
+# ---- reuse of finished runs from other sweeps ---------------------------------------------------
+
+WHERE = ("train.out_dir", "train.run_name")  # where a run lives, no part of what it computes
+NOT_REUSED = (RUN_FILE, "sweep.log", "analysis.json", "analysis.md", "*.png")  # the new sweep's own
+
+
+def reusable_runs(sources: Sequence[str | Path]) -> list[tuple[Path, Any]]:
+    """Finished runs (``summary.json``) under ``sources``, each a run directory or a folder of them, with configs."""
+    found = []
+    for source in map(Path, sources):
+        if not source.is_dir():
+            raise FileNotFoundError(f"--reuse {source}: no such directory")
+        candidates = [source] if (source / "summary.json").is_file() else sorted(source.iterdir())
+        for run_dir in candidates:
+            if (run_dir / "summary.json").is_file() and (run_dir / "config.yaml").is_file():
+                found.append((run_dir, _saved_config(run_dir)))
+    return found
+
+
+def adopt(run: Run, source: Path, config) -> None:
+    """Copy the finished run ``source`` (trained with ``config`` up to where it lives) in as ``run``.
+
+    CPU training is deterministic, so its results are what ``run`` would compute. The copy gets its own
+    ``config.yaml`` and ``sweep_run.json``; its summary records ``reused_from``. Analyses are not copied:
+    the new sweep runs its own, with its own settings.
+    """
+    from visionmoe.train.config import save_config
+
+    shutil.copytree(source, run.run_dir, ignore=shutil.ignore_patterns(*NOT_REUSED))
+    save_config(config, run.run_dir / "config.yaml")
+    summary = json.loads((run.run_dir / "summary.json").read_text())
+    summary.update(run_dir=str(run.run_dir), reused_from=str(source))
+    _write(run.run_dir / "summary.json", json.dumps(summary, indent=2) + "\n")
+    _write(run.run_dir / RUN_FILE, json.dumps(run.to_dict(), indent=2) + "\n")
 
 
 # ---- the sweep ---------------------------------------------------------------------------------
@@ -360,11 +405,12 @@ class _Record:
     seed: int
     twin: str | None
     run_dir: str
-    status: str = "pending"  # pending, done, skipped (finished before), failed, invalid
+    status: str = "pending"  # pending, done, skipped (finished before), reused, failed, invalid
     attempts: int = 0
     seconds: float = 0.0
     top1: float | None = None
     error: str = ""
+    source: str = ""  # the run it was copied from (status "reused")
     extra: dict[str, Any] = field(default_factory=dict, repr=False)
 
 
@@ -385,6 +431,7 @@ def run_sweep(
     executor: str = "local",
     cores: int | None = None,
     slurm: Mapping[str, Any] | None = None,
+    reuse: Sequence[str | Path] = (),
     echo: Callable[[str], Any] = print,
 ) -> pd.DataFrame:
     """Run every run of ``sweep`` not finished yet; returns the manifest (one row per run).
@@ -399,6 +446,11 @@ def run_sweep(
         cores: the cores to share (default: those this process may use).
         slurm: submitit parameters for the slurm executor (``timeout_min``, ``slurm_partition``,
             ``cpus_per_task``, ``gpus_per_node``, ...).
+        reuse: sweep or run directories whose finished runs are copied in (:func:`adopt`) for every
+            run not started yet that has the same config up to where it lives and what changes no
+            result (threads, progress bar, data_dir...), instead of training it again: two studies
+            that share a configuration (the hidden-size sweep's w=16 pair is the top-k study's k=2
+            pair) train it once.
         echo: where progress lines go.
     """
     if executor not in EXECUTORS:
@@ -429,11 +481,23 @@ def run_sweep(
             record.top1 = _top1(run.run_dir)
         else:
             todo.append(run)
+    if reuse:
+        candidates = reusable_runs(reuse)
+        for run in list(todo):
+            if (run.run_dir / "config.yaml").exists():
+                continue  # started here: resumed, not replaced
+            config = run.config(runtime)
+            source = next((d for d, c in candidates if not _config_changes(c, config, ignore=WHERE)), None)
+            if source is not None:
+                adopt(run, source, config)
+                record = records[run.name]
+                record.status, record.source, record.top1 = "reused", str(source), _top1(run.run_dir)
+                todo.remove(run)
     _save_manifest(out, records)
-    count = {s: sum(r.status == s for r in records.values()) for s in ("skipped", "invalid")}
+    count = {s: sum(r.status == s for r in records.values()) for s in ("skipped", "reused", "invalid")}
     echo(
         f"sweep {sweep.name}: {len(runs)} runs ({len(todo)} to run, {count['skipped']} finished before, "
-        f"{count['invalid']} invalid) in {out}; "
+        f"{count['reused']} reused, {count['invalid']} invalid) in {out}; "
         f"{executor} executor, {jobs} job(s) × {threads} thread(s)"
     )
 

@@ -44,6 +44,10 @@ is retried ``retries`` times (resuming from its last checkpoint), then recorded 
 invalid grid cell (a bad override) is recorded without being run. Nothing a run does reaches
 another run's directory, so a failure costs no other run its result. ``<out>/manifest.json`` and
 ``manifest.csv`` list every run with its status, attempts, time and error.
+
+**Reuse.** ``reuse=[dirs]`` (``visionmoe sweep --reuse DIR``) copies in a finished run of another
+sweep whose config equals a pending run's up to where it lives and settings that change no result
+(:func:`adopt`), so studies that share a configuration train it once.
 """
 
 from __future__ import annotations

@@ -231,6 +231,12 @@ def _sweep(args: argparse.Namespace) -> int:
                 Sweep(args.preset, args.preset, seeds=seeds or (0,), twins=not args.no_twins), args.overrides
             )
         out = args.out or f"runs/{sweep.name}{'-tiny' if args.tiny else ''}"
+        if args.estimate:
+            from visionmoe.studies.estimate import estimate_markdown, estimate_sweep
+
+            table = estimate_sweep(sweep, seeds=seeds, jobs=args.jobs, steps=args.estimate_steps, out=out)
+            print(estimate_markdown(table, f"sweep {sweep.name}"))
+            return 0
         manifest = run_sweep(
             sweep, out, jobs=args.jobs, retries=args.retries, executor=args.executor, slurm=slurm, reuse=args.reuse
         )
@@ -336,6 +342,12 @@ def build_parser() -> argparse.ArgumentParser:
     sweep.add_argument("--executor", choices=("local", "inline", "slurm"), default="local")
     sweep.add_argument("--slurm", action="append", default=[], metavar="KEY=VALUE", help="submitit parameter")
     sweep.add_argument("--no-twins", action="store_true", help="training presets: no dense twins")
+    sweep.add_argument(
+        "--estimate",
+        action="store_true",
+        help="train nothing: time a few steps of each configuration and print how long the sweep takes here",
+    )
+    sweep.add_argument("--estimate-steps", type=int, default=3, help="timed training steps per configuration")
     sweep.add_argument(
         "--reuse",
         action="append",

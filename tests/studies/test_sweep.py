@@ -217,3 +217,40 @@ def test_slurm_executor(tmp_path, standin_data, monkeypatch):
     monkeypatch.setitem(sys.modules, "submitit", types.SimpleNamespace(AutoExecutor=AutoExecutor))
     manifest = run_sweep(sweep, tmp_path, executor="slurm", retries=1, slurm={"cpus_per_task": 1}, echo=print)
     assert submitted == ["width=eight-s0"] * 2 and manifest["status"].tolist() == ["failed"]
+
+
+def test_estimate_times_every_configuration_and_trains_nothing(tmp_path, standin_data, capsys):
+    from visionmoe.cli import main
+    from visionmoe.studies import estimate_sweep
+
+    sweep = tiny_sweep(standin_data, grids=[{"model.moe.k": [1, 2]}], seeds=(0, 1, 2))
+    table = estimate_sweep(sweep, jobs=2, cores=2, steps=1, out=str(tmp_path), echo=lambda line: None)
+    assert table["config"].tolist() == ["k=1", "k=1,twin=flops", "k=2", "k=2,twin=flops"]
+    assert (table["seconds_per_step"] > 0).all() and (table["eval_minutes"] > 0).all()
+    # TINY: 1 epoch of 256 stand-in images (120 here) at batch 64 → 1 step with drop_last, 1 evaluation
+    assert table["steps"].tolist() == [1, 1, 1, 1]
+    a = table.attrs
+    assert a["threads"] == 1 and a["minutes_per_seed"] == pytest.approx(table["minutes"].sum())
+    assert a["hours"] == pytest.approx(a["minutes_per_seed"] * 3 / 2 / 60)
+    assert not any(tmp_path.iterdir())  # nothing trained, nothing written
+
+    overrides = [f"data.data_dir={standin_data}", "model.kwargs.width=8"]
+    assert (
+        main(
+            [
+                "sweep",
+                "--preset",
+                "topk",
+                "--tiny",
+                "--estimate",
+                "--estimate-steps",
+                "1",
+                "--out",
+                str(tmp_path),
+                *overrides,
+            ]
+        )
+        == 0
+    )
+    out = capsys.readouterr().out
+    assert "| k=1,twin=flops |" in out and "min per seed" in out

@@ -3,10 +3,12 @@
 from visionmoe.studies import get_study, run_sweep, write_report
 
 sweep = get_study("topk").build(tiny=True, overrides=["data.data_dir=..."])
+print(estimate_sweep(sweep).attrs["hours"])     # how long it will take here
 run_sweep(sweep, "runs/topk-tiny", jobs=1)
 write_report(["runs/topk-tiny"], "runs/topk-tiny/report")
 """
 
+from visionmoe.studies.estimate import estimate_sweep
 from visionmoe.studies.presets import STUDIES, Study, get_study
 from visionmoe.studies.report import write_report
 from visionmoe.studies.stats import gap_tests, load_runs, paired_gaps, summarize, t_interval
@@ -17,6 +19,7 @@ __all__ = [
     "Run",
     "Study",
     "Sweep",
+    "estimate_sweep",
     "gap_tests",
     "get_study",
     "load_runs",

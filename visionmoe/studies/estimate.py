@@ -1,0 +1,149 @@
+"""How long a sweep will take here, before it runs: training steps timed per configuration.
+
+    visionmoe sweep --preset hidden --estimate data.dataset=imagefolder data.data_dir=...
+    estimate = estimate_sweep(sweep, jobs=1, steps=3)      # a DataFrame, one row per configuration
+
+Each distinct configuration (seed 0's runs: the MoE model and its twin) is built as its run would
+build it (same config, model, optimiser, memory format and ``train.threads`` = cores // jobs) and
+trained for ``steps`` timed steps on one batch of its own training images after one untimed warm-up
+step; the median step time × the run's steps is its training time. Evaluation is timed the same way
+(a forward pass in eval mode, per image) × test images × evaluations (one per ``eval_every`` epochs
+and one at the end; twice with flip TTA). Data loading and augmentation are left out: they are about
+1% of a step for the in-memory CIFAR pipeline (``data_share`` in a run's metrics).
+
+Seeds cost alike, so the sweep's time is the per-seed total × seeds, divided by ``jobs`` (the ideal;
+jobs that share cores also share memory bandwidth). The figure is for this machine in its current
+state: time a sweep on a quiet machine, as its runs would be.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import pandas as pd
+import torch
+import torch.nn.functional as F
+
+from visionmoe.studies.sweep import Sweep, available_cores
+
+
+def _time(fn, repeats: int) -> float:
+    fn()  # warm-up: allocator, oneDNN primitive caches
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def estimate_run(config, splits, steps: int = 3) -> dict[str, Any]:
+    """Seconds per training step and per evaluated image of ``config``'s model, and the run's minutes."""
+    from visionmoe.layers.moe import collect_aux_loss
+    from visionmoe.train.data import build_loaders
+    from visionmoe.train.trainer import _normalize, build_model, build_optimizer
+
+    t, d = config.train, config.data
+    batch = min(d.batch_size, len(splits.train))
+    memory = torch.channels_last if t.channels_last else torch.contiguous_format
+    x = _normalize(splits.train.images[:batch], splits.mean, splits.std).contiguous(memory_format=memory)
+    y = splits.train.labels[:batch]
+    torch.manual_seed(t.seed)
+    model = build_model(config.model, splits.num_classes, x[:2]).to(memory_format=memory)
+    optimizer = build_optimizer(config, model)
+
+    def train_step() -> None:
+        loss = F.cross_entropy(model(x), y, label_smoothing=config.optim.label_smoothing)
+        loss = loss + config.optim.aux_loss_scale * collect_aux_loss(model)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+
+    model.train()
+    step_seconds = _time(train_step, steps)
+    model.eval()
+    with torch.no_grad():
+        eval_seconds = _time(lambda: model(x), steps) / batch  # per image
+
+    train_loader, _ = build_loaders(d, splits, t.seed, channels_last=False)
+    steps_per_epoch = len(train_loader)  # as the Trainer counts them
+    total_steps = max(1, round(t.epochs * steps_per_epoch))
+    epochs = -(-total_steps // steps_per_epoch)
+    evaluations = epochs // t.eval_every + (epochs % t.eval_every != 0)  # every eval_every epochs, and the last
+    eval_images = len(splits.test) * evaluations * (2 if config.eval.tta_flip else 1)
+    train_minutes = step_seconds * total_steps / 60
+    eval_minutes = eval_seconds * eval_images / 60
+    return {
+        "seconds_per_step": step_seconds,
+        "steps": total_steps,
+        "train_minutes": train_minutes,
+        "eval_minutes": eval_minutes,
+        "minutes": train_minutes + eval_minutes,
+    }
+
+
+def estimate_sweep(
+    sweep: Sweep,
+    *,
+    seeds: Sequence[int] | None = None,
+    jobs: int = 1,
+    cores: int | None = None,
+    steps: int = 3,
+    out: str = "runs/estimate",
+    echo=print,
+) -> pd.DataFrame:
+    """One row per configuration of ``sweep``: step time, steps, minutes; ``attrs`` hold the totals.
+
+    ``attrs``: ``threads`` per run, ``minutes_per_seed`` (one seed's runs end to end), ``seeds``,
+    ``jobs`` and ``hours`` = minutes_per_seed × seeds / jobs / 60.
+    """
+    from visionmoe.train.data import load_splits
+
+    if steps < 1 or jobs < 1:
+        raise ValueError(f"need steps >= 1 and jobs >= 1, got steps={steps}, jobs={jobs}")
+    threads = max(1, (cores or available_cores()) // jobs)
+    seeds = tuple(seeds or sweep.seeds)
+    runs = [run for run in sweep.runs(out, seeds[:1])]
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    splits_by_data: dict[str, Any] = {}
+    rows = []
+    try:
+        for run in runs:
+            config = run.config((f"train.threads={threads}", "train.progress=false"))
+            key = repr(config.data)
+            if key not in splits_by_data:
+                splits_by_data[key] = load_splits(config.data)
+            row = {"config": run.key, "twin": run.twin or "", **estimate_run(config, splits_by_data[key], steps)}
+            echo(f"{run.key}: {row['seconds_per_step']:.2f} s/step × {row['steps']} steps ≈ {row['minutes']:.1f} min")
+            rows.append(row)
+    finally:
+        torch.set_num_threads(previous)
+    table = pd.DataFrame(rows)
+    per_seed = float(table["minutes"].sum())
+    table.attrs.update(
+        threads=threads, minutes_per_seed=per_seed, seeds=len(seeds), jobs=jobs, hours=per_seed * len(seeds) / jobs / 60
+    )
+    return table
+
+
+def estimate_markdown(table: pd.DataFrame, name: str) -> str:
+    a = table.attrs
+    lines = [
+        "| configuration | s / step | steps | train min | eval min | min per run |",
+        "|---|---:|---:|---:|---:|---:|",
+    ]
+    for r in table.itertuples(index=False):
+        lines.append(
+            f"| {r.config} | {r.seconds_per_step:.2f} | {r.steps} | {r.train_minutes:.1f} | {r.eval_minutes:.1f} | "
+            f"{r.minutes:.1f} |"
+        )
+    lines.append("")
+    lines.append(
+        f"{name}: {a['minutes_per_seed']:.0f} min per seed × {a['seeds']} seed(s) / {a['jobs']} job(s) "
+        f"× {a['threads']} thread(s) ≈ {a['hours']:.1f} h"
+    )
+    return "\n".join(lines)

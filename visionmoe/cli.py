@@ -255,11 +255,19 @@ def _key_values(items: list[str]):
         yield key, yaml.safe_load(value)
 
 
+def _contrast(text: str) -> tuple[str, str]:
+    config, sep, reference = text.partition(":")
+    if not (sep and config and reference):
+        raise SystemExit(f"visionmoe report: --contrast {text!r}: expected CONFIG:REFERENCE, e.g. k=2:k=1")
+    return config, reference
+
+
 def _report(args: argparse.Namespace) -> int:
     from visionmoe.studies import write_report
 
     try:
-        files = write_report(args.runs, args.out, metric=args.metric)
+        contrasts = [_contrast(text) for text in args.contrast]
+        files = write_report(args.runs, args.out, metric=args.metric, contrasts=contrasts)
     except (ValueError, FileNotFoundError) as error:
         raise SystemExit(f"visionmoe report: {error}") from None
     print(
@@ -361,6 +369,13 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("runs", nargs="+", help="sweep directories or run directories")
     report.add_argument("--out", default="report", help="where the report goes")
     report.add_argument("--metric", default="top1", help="a column of the runs table: top1, top5, nll, ece, ...")
+    report.add_argument(
+        "--contrast",
+        action="append",
+        default=[],
+        metavar="CONFIG:REFERENCE",
+        help="also compare two configurations of a study seed by seed, e.g. k=2:k=1 (repeatable)",
+    )
     report.set_defaults(func=_report)
     return parser
 

@@ -2,6 +2,7 @@
 
 import json
 
+import pandas as pd
 import pytest
 
 from visionmoe.cli import main
@@ -73,8 +74,14 @@ def test_cli_resumes_a_finished_sweep_and_reports(tiny_sweeps, tmp_path, standin
     ]
     assert main(args) == 0
     assert "4 skipped" in capsys.readouterr().out  # everything finished before: nothing trains again
-    assert main(["report", str(out), "--out", str(tmp_path)]) == 0
+    assert main(["report", str(out), "--out", str(tmp_path), "--contrast", "k=2:k=1"]) == 0
     assert (tmp_path / "topk_gap_vs_k.png").is_file()
+    text = (tmp_path / "report.md").read_text()
+    assert "### Contrasts: configuration − configuration (same seed)" in text and "| k=2 | k=1 | 1 |" in text
+    assert "% study topk: contrasts" in (tmp_path / "tables.tex").read_text()
+    assert len(pd.read_csv(tmp_path / "contrast_gaps.csv")) == 1  # one seed in the tiny sweep
+    with pytest.raises(SystemExit, match="expected CONFIG:REFERENCE"):
+        main(["report", str(out), "--out", str(tmp_path), "--contrast", "k=2"])
 
 
 def test_presets_are_well_formed(tmp_path):

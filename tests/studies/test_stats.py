@@ -5,7 +5,7 @@ import math
 
 import pytest
 
-from visionmoe.studies import gap_tests, load_runs, paired_gaps, summarize, t_interval
+from visionmoe.studies import contrast_gaps, gap_tests, load_runs, paired_gaps, summarize, t_interval
 
 
 def fake_run(root, study, key, seed, top1, *, reference=None, twin=False, axes=None, rho=0.1):
@@ -87,6 +87,27 @@ def test_pairs_by_hand(table):
     # seed 3 has no twin; with 3 non-zero gaps the smallest possible Wilcoxon p is 2/2³ = 0.25.
     assert "1 seed(s) without a reference run" in p["note"]
     assert "smallest p = 0.25" in p["note"]
+
+
+def test_contrast_compares_two_configurations_seed_by_seed(table, tmp_path):
+    # k=2 (seeds 0-2: 84, 82, 83) against k=1 (81, 83, 80): gaps +3, -1, +3; mean 5/3; deviations 4/3, -8/3, 4/3;
+    # s² = (16 + 64 + 16) / 9 / 2 = 16/3, s = 2.3094; standard error 4/3; t = (5/3) / (4/3) = 1.25;
+    # two-sided p with 2 degrees of freedom = 1 − t/√(2 + t²) = 1 − 1.25/1.8875 = 0.3377.
+    for seed, top1 in [(0, 84), (1, 82), (2, 83)]:
+        fake_run(tmp_path, "s", "k=2", seed, top1, reference="k=2,twin=flops", axes={"k": "2"})
+    both = load_runs([tmp_path])  # the fixture's runs and these
+    per_seed, pairs = contrast_gaps(both, [("k=2", "k=1")])
+    assert per_seed["gap"].tolist() == pytest.approx([3, -1, 3])  # seed 3 of k=1 has no k=2 run
+    p = pairs.iloc[0]
+    assert (p["config"], p["reference"], p["n"], p["same_sign"]) == ("k=2", "k=1", 3, 2)
+    assert p["mean_gap"] == pytest.approx(5 / 3)
+    assert p["std_gap"] == pytest.approx(2.3094, abs=1e-4)
+    assert p["t_stat"] == pytest.approx(1.25) and p["t_p"] == pytest.approx(0.3377, abs=1e-4)
+    # The sweep's own pairs are untouched: k=1 against its twin as before; k=2's twin never ran.
+    pairs = paired_gaps(both)[1].set_index("config")
+    assert pairs.loc["k=1", "mean_gap"] == pytest.approx(2 / 3) and pairs.loc["k=2", "n"] == 0
+    with pytest.raises(ValueError, match="contrast k=3:k=1: no study has both"):
+        contrast_gaps(both, [("k=3", "k=1")])
 
 
 def test_degenerate_gaps_give_nan_and_a_note():

@@ -10,6 +10,8 @@ Writes into ``out``:
   where runs were analysed, failed runs from the sweep manifests, and the plots;
 - ``runs.csv`` (one row per run), ``configs.csv``, ``pairs.csv``, ``gaps.csv`` (one row per pair and
   seed) and ``tables.tex`` (the configuration and pair tables of each study, booktabs);
+- with ``contrasts`` (``--contrast k=2:k=1``), the same paired statistics for two configurations of
+  a study compared directly, in ``contrasts.csv``, ``contrast_gaps.csv`` and a table of their own;
 - plots ``<study>_<plot>.png``, each where the study has what it needs: ``gap_vs_rho`` (the
   compute-leverage plot: gap against the routed FLOP share) wherever there are pairs, and one
   comparison per axis the study varies — ``gap_vs_hidden`` (width / hidden size, one line per
@@ -28,7 +30,7 @@ from typing import Any
 
 import pandas as pd
 
-from visionmoe.studies.stats import axis_columns, load_runs, paired_gaps, summarize
+from visionmoe.studies.stats import axis_columns, contrast_gaps, load_runs, paired_gaps, summarize
 
 PLOTS = {  # plot name -> the axis names it is drawn for
     "gap_vs_hidden": ("width", "hidden_ratio", "hidden_dim", "hidden_size", "head_width", "embed_dim"),
@@ -40,8 +42,18 @@ PLOTS = {  # plot name -> the axis names it is drawn for
 HUES = ("backbone",)  # axes drawn as separate lines rather than along x
 
 
-def write_report(paths: Iterable[str | Path], out: str | Path, *, metric: str = "top1") -> dict[str, Any]:
-    """Tables and plots of every finished run under ``paths``; returns the written files by kind."""
+def write_report(
+    paths: Iterable[str | Path],
+    out: str | Path,
+    *,
+    metric: str = "top1",
+    contrasts: Sequence[tuple[str, str]] = (),
+) -> dict[str, Any]:
+    """Tables and plots of every finished run under ``paths``; returns the written files by kind.
+
+    ``contrasts``: ``(config, reference)`` keys compared seed by seed within each study that has both
+    (:func:`~visionmoe.studies.stats.contrast_gaps`), beside the pairs each sweep made.
+    """
     paths = [Path(p) for p in paths]
     table = load_runs(paths)
     if table.empty:
@@ -50,8 +62,12 @@ def write_report(paths: Iterable[str | Path], out: str | Path, *, metric: str = 
     out.mkdir(parents=True, exist_ok=True)
     configs = summarize(table, metric)
     per_seed, pairs = paired_gaps(table, metric)
+    contrast_seed, contrast = contrast_gaps(table, contrasts, metric)
     files: dict[str, Any] = {"csv": [], "plots": []}
-    for name, frame in (("runs", table), ("configs", configs), ("pairs", pairs), ("gaps", per_seed)):
+    frames = [("runs", table), ("configs", configs), ("pairs", pairs), ("gaps", per_seed)]
+    if contrasts:
+        frames += [("contrasts", contrast), ("contrast_gaps", contrast_seed)]
+    for name, frame in frames:
         frame.to_csv(out / f"{name}.csv", index=False)
         files["csv"].append(out / f"{name}.csv")
     sweeps = _sweeps(paths)
@@ -61,15 +77,20 @@ def write_report(paths: Iterable[str | Path], out: str | Path, *, metric: str = 
         cfg = configs[configs["study"] == study]
         prs = pairs[pairs["study"] == study] if not pairs.empty else pairs
         gaps = per_seed[per_seed["study"] == study] if not per_seed.empty else per_seed
+        con = _of(contrast, study), _of(contrast_seed, study)
         plots = _plots(study, rows, cfg, prs, out)
         files["plots"] += plots
-        sections.append(_markdown_study(study, rows, cfg, prs, gaps, plots, sweeps.get(study, {}), metric))
-        latex.append(_latex_study(study, cfg, prs))
+        sections.append(_markdown_study(study, rows, cfg, prs, gaps, con, plots, sweeps.get(study, {}), metric))
+        latex.append(_latex_study(study, cfg, prs, con[0]))
     text = "\n\n".join([f"# Study report ({metric})", _preamble(table), *sections]) + "\n"
     (out / "report.md").write_text(text)
     (out / "tables.tex").write_text("\n\n".join(latex) + "\n")
     files["markdown"], files["latex"] = out / "report.md", out / "tables.tex"
     return files
+
+
+def _of(frame: pd.DataFrame, study: str) -> pd.DataFrame:
+    return frame[frame["study"] == study] if not frame.empty else frame
 
 
 def _sweeps(paths: Sequence[Path]) -> dict[str, dict[str, Any]]:
@@ -132,8 +153,8 @@ def _config_table(cfg: pd.DataFrame) -> pd.DataFrame:
 
 def _pair_table(prs: pd.DataFrame, gaps: pd.DataFrame) -> pd.DataFrame:
     per_seed = {
-        config: ", ".join(f"{g:+.2f}" for g in group.sort_values("seed")["gap"])
-        for config, group in (gaps.groupby("config") if not gaps.empty else [])
+        pair: ", ".join(f"{g:+.2f}" for g in group.sort_values("seed")["gap"])
+        for pair, group in (gaps.groupby(["config", "reference"]) if not gaps.empty else [])
     }
     return pd.DataFrame(
         {
@@ -147,13 +168,13 @@ def _pair_table(prs: pd.DataFrame, gaps: pd.DataFrame) -> pd.DataFrame:
             "same sign": [f"{s}/{n}" for s, n in zip(prs["same_sign"], prs["n"], strict=True)],
             "t-test p": [_fmt(v, ".3g") for v in prs["t_p"]],
             "Wilcoxon p": [_fmt(v, ".3g") for v in prs["w_p"]],
-            "per seed": [per_seed.get(c, "") for c in prs["config"]],
+            "per seed": [per_seed.get(pair, "") for pair in zip(prs["config"], prs["reference"], strict=True)],
             "note": prs["note"],
         }
     )
 
 
-def _markdown_study(study, rows, cfg, prs, gaps, plots, sweep, metric) -> str:
+def _markdown_study(study, rows, cfg, prs, gaps, contrast, plots, sweep, metric) -> str:
     models = ", ".join(dict.fromkeys(str(m) for m in rows["model"]))
     datasets = ", ".join(dict.fromkeys(str(d) for d in rows["dataset"]))
     epochs = ", ".join(dict.fromkeys(f"{e:g}" for e in rows["epochs"].dropna()))
@@ -163,6 +184,8 @@ def _markdown_study(study, rows, cfg, prs, gaps, plots, sweep, metric) -> str:
     parts += [f"### Configurations ({metric})", _markdown(_config_table(cfg))]
     if not prs.empty:
         parts += ["### Pairs: configuration − reference (same seed)", _markdown(_pair_table(prs, gaps))]
+    if not contrast[0].empty:
+        parts += ["### Contrasts: configuration − configuration (same seed)", _markdown(_pair_table(*contrast))]
     sharp = [c for c in ("lambda_max_train", "lambda_max_test", "trace_train", "trace_test") if c in cfg]
     if sharp:
         frame = pd.DataFrame({"configuration": cfg["config"], **{c: [_fmt(v, ".4g") for v in cfg[c]] for c in sharp}})
@@ -177,13 +200,16 @@ def _markdown_study(study, rows, cfg, prs, gaps, plots, sweep, metric) -> str:
     return "\n\n".join(parts)
 
 
-def _latex_study(study: str, cfg: pd.DataFrame, prs: pd.DataFrame) -> str:
+def _latex_study(study: str, cfg: pd.DataFrame, prs: pd.DataFrame, contrast: pd.DataFrame) -> str:
     """Booktabs tables (pandas ``to_latex``, which renders through jinja2)."""
     frame = _config_table(cfg)
     blocks = [f"% study {study}: configurations", frame.to_latex(index=False, caption=f"{study}: configurations")]
     if not prs.empty:
         pair = _pair_table(prs, pd.DataFrame()).drop(columns=["per seed"])
         blocks += [f"% study {study}: pairs", pair.to_latex(index=False, caption=f"{study}: gap to the reference")]
+    if not contrast.empty:
+        table = _pair_table(contrast, pd.DataFrame()).drop(columns=["per seed"])
+        blocks += [f"% study {study}: contrasts", table.to_latex(index=False, caption=f"{study}: contrasts")]
     return "\n".join(blocks)
 
 

@@ -181,35 +181,65 @@ def paired_gaps(table: pd.DataFrame, metric: str = "top1") -> tuple[pd.DataFrame
     t_p (paired t-test), w_stat, w_p (Wilcoxon signed-rank), rho and flops of the configuration,
     note.
     """
-    axes = axis_columns(table)
     per_seed, pairs = [], []
     for (study, config), group in table[table["reference"].notna()].groupby(["study", "config"], sort=False):
-        reference = group["reference"].iloc[0]
-        ref = table[(table["study"] == study) & (table["config"] == reference)]
-        merged = group.merge(ref[["seed", metric]], on="seed", suffixes=("", "_ref")).sort_values("seed")
-        a, b = merged[metric].to_numpy(float), merged[f"{metric}_ref"].to_numpy(float)
-        for _, r in merged.iterrows():
-            per_seed.append(
-                {
-                    "study": study,
-                    "config": config,
-                    "reference": reference,
-                    **{x: r[x] for x in axes},
-                    "seed": r["seed"],
-                    metric: r[metric],
-                    f"{metric}_ref": r[f"{metric}_ref"],
-                    "gap": r[metric] - r[f"{metric}_ref"],
-                }
-            )
-        row = {"study": study, "config": config, "reference": reference, **{x: group[x].iloc[0] for x in axes}}
-        row.update(gap_tests(a, b))
-        if missing := len(group) - len(merged):
-            row["note"] = "; ".join(filter(None, [f"{missing} seed(s) without a reference run", row["note"]]))
-        row["rho"] = group["rho"].mean()
-        row["flops"] = group["flops"].mean()
+        seeds, row = _pair(table, study, config, group["reference"].iloc[0], metric)
+        per_seed += seeds
         pairs.append(row)
-    per_seed_frame = pd.DataFrame(per_seed)
-    return per_seed_frame, pd.DataFrame(pairs)
+    return pd.DataFrame(per_seed), pd.DataFrame(pairs)
+
+
+def contrast_gaps(
+    table: pd.DataFrame, contrasts: Sequence[tuple[str, str]], metric: str = "top1"
+) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """:func:`paired_gaps` for pairs named by hand: ``(config, reference)`` keys of one study's runs.
+
+    A contrast compares two configurations of a study directly under the same seed — ``("k=2", "k=1")``
+    asks whether top-2 beats top-1 at equal initialisation, where the pairs ask how each does against
+    its own dense twin. It applies to every study that has both configurations and must apply to one.
+    """
+    per_seed, pairs = [], []
+    for config, reference in contrasts:
+        studies = [
+            study for study, rows in table.groupby("study", sort=False) if {config, reference} <= set(rows["config"])
+        ]
+        if not studies:
+            known = ", ".join(dict.fromkeys(table["config"]))
+            raise ValueError(f"contrast {config}:{reference}: no study has both configurations; there are: {known}")
+        for study in studies:
+            seeds, row = _pair(table, study, config, reference, metric)
+            per_seed += seeds
+            pairs.append(row)
+    return pd.DataFrame(per_seed), pd.DataFrame(pairs)
+
+
+def _pair(table: pd.DataFrame, study: str, config: str, reference: str, metric: str) -> tuple[list[dict], dict]:
+    """Per-seed gaps of ``config`` − ``reference`` within ``study``, and their summary row."""
+    axes = axis_columns(table)
+    group = table[(table["study"] == study) & (table["config"] == config)]
+    ref = table[(table["study"] == study) & (table["config"] == reference)]
+    merged = group.merge(ref[["seed", metric]], on="seed", suffixes=("", "_ref")).sort_values("seed")
+    a, b = merged[metric].to_numpy(float), merged[f"{metric}_ref"].to_numpy(float)
+    per_seed = [
+        {
+            "study": study,
+            "config": config,
+            "reference": reference,
+            **{x: r[x] for x in axes},
+            "seed": r["seed"],
+            metric: r[metric],
+            f"{metric}_ref": r[f"{metric}_ref"],
+            "gap": r[metric] - r[f"{metric}_ref"],
+        }
+        for _, r in merged.iterrows()
+    ]
+    row = {"study": study, "config": config, "reference": reference, **{x: group[x].iloc[0] for x in axes}}
+    row.update(gap_tests(a, b))
+    if missing := len(group) - len(merged):
+        row["note"] = "; ".join(filter(None, [f"{missing} seed(s) without a reference run", row["note"]]))
+    row["rho"] = group["rho"].mean()
+    row["flops"] = group["flops"].mean()
+    return per_seed, row
 
 
 def gap_tests(a: Sequence[float], b: Sequence[float], confidence: float = 0.95) -> dict[str, Any]:

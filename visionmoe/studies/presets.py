@@ -8,15 +8,15 @@ ResNet-18 recipe; ``benchmarks/rokah_heads.py`` is its CPU-budget form) trains b
 ``configs/cifar10_moe.yaml`` (SGD + Nesterov, batch
 512, lr 0.4 with a 1-epoch warm-up and linear decay, label smoothing 0.2, crop ±2 and flip, flip
 TTA, 5 epochs); only the model changes. MoE layers default to that preset's E = 8, top-2, capacity
-factor 1.25 (2.0 at test). The full forms' times are estimates for 2 CPU cores (one job, 2 threads),
-from the training throughput of each model measured on this machine (a shared 2-core VM); a GPU
-needs minutes per run. The tiny forms train each run for one epoch on 256 images at small widths:
-they check that a study runs end to end through the report, not its result.
+factor 1.25 (2.0 at test). The full forms' times are for 2 CPU cores (one job, 2 threads): topk
+measured, hidden by ``--estimate``, the others from the training throughput of each model measured
+on this machine (a shared 2-core VM); a GPU needs minutes per run. The tiny forms train each run for
+one epoch on 256 images at small widths: they check that a study runs end to end through the report, not its result.
 
     #  name       study                                                   runs per seed  2-core estimate
     1  rho        ρ sweep: MoE in the last block / stage / 2 stages / all  8             ~6 h per seed
-    2  hidden     width 8/16/32, standard and depthwise backbones          12            ~9 h per seed
-    3  topk       k = 1 vs 2, same architecture and initialisation         4             ~1 h per seed
+    2  hidden     width 8/16/32, standard and depthwise backbones          12            ~3.1 h per seed
+    3  topk       k = 1 vs 2, same architecture and initialisation         4             35 min per seed
     4  soft       per-sample vs batch-axis Soft MoE vs dense, CIFAR-100    4             ~2 h per seed
     5  heads      ResNet-18 dense / mixture / sparse heads + sharpness     3             GPU (~40 h per run)
     6  placement  ViT / ConvNeXt: Last-2, Every-2, all; E = 4, 8, 16;      24            GPU (~days on CPU)
@@ -147,7 +147,8 @@ _add(
                 }
             ],
         ),
-        full_time="~9 h per seed (the depthwise w=32 pair alone ~4 h)",
+        full_time="~3.1 h per seed by --estimate (the depthwise w=32 pair alone ~80 min); "
+        "the standard w=16 pair is topk's k=2 pair (--reuse)",
         tiny_grids=[
             {
                 "backbone": {
@@ -168,7 +169,7 @@ _add(
         "topk",
         "top-k ablation: k = 1 vs k = 2 with architecture and initialisation fixed (Sun et al.)",
         Sweep("topk", BASE, grids=[{"model.moe.k": [1, 2]}], overrides=_cnn(16)),
-        full_time="~1 h per seed (measured: 14 min per run, 5 epochs at ~350 img/s, on a quiet 2-core machine)",
+        full_time="35 min per seed (measured: 6.5–9.3 min per run, 1.7 h for 3 seeds, on a quiet 2-core machine)",
         tiny_overrides=("model.kwargs.width=8",),
         notes="Same E=8 experts of the same width in the same (last) stage, so under one seed k=1 and k=2 start from "
         "identical weights; only the tokens' number of experts changes. ρ (the experts' nominal FLOP share) "

@@ -75,8 +75,7 @@ def write_report(
     for study in dict.fromkeys(table["study"]):
         rows = table[table["study"] == study]
         cfg = configs[configs["study"] == study]
-        prs = pairs[pairs["study"] == study] if not pairs.empty else pairs
-        gaps = per_seed[per_seed["study"] == study] if not per_seed.empty else per_seed
+        prs, gaps = _of(pairs, study), _of(per_seed, study)
         con = _of(contrast, study), _of(contrast_seed, study)
         plots = _plots(study, rows, cfg, prs, out)
         files["plots"] += plots

@@ -6,6 +6,7 @@ import time
 import pytest
 import torch
 from harness import WorkerFailed, run_workers
+from standins import write_cifar
 
 from visionmoe.distributed import read_checkpoint, save_sharded
 from visionmoe.train import Trainer, load_checkpoint, load_config
@@ -66,7 +67,8 @@ def test_expert_parallel_layer_equals_one_process(tmp_path):
             assert not bad, f"rank {rank}, {case}: {bad}"
 
 
-def test_checkpoints_reshard_both_ways(tmp_path):
+@pytest.mark.parametrize(("ep_size", "fsdp"), [(2, False), (2, True), (1, True)], ids=["ep", "fsdp+ep", "fsdp"])
+def test_checkpoints_reshard_both_ways(ep_size, fsdp, tmp_path):
     import workers
 
     # One process, no process group: a model after one SGD step (momentum buffers exist), saved with DCP.
@@ -75,30 +77,42 @@ def test_checkpoints_reshard_both_ways(tmp_path):
     one = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "step": 3, "rng": torch.get_rng_state()}
     save_sharded(tmp_path / "one.dcp", one, model, optimizer, None)
     torch.save(one, tmp_path / "one.pt")
-    run_workers("checkpoints", 2, tmp_path)
+    run_workers("checkpoints", 2, tmp_path, ep_size, fsdp)
+    tag = f"ep{ep_size}{'-fsdp' if fsdp else ''}"
 
-    expert = "1.experts.w1"  # (E=4, D, H): experts 0-1 on rank 0, 2-3 on rank 1
+    expert = "1.experts.w1"  # (E=4, D, H): with EP experts 0-1 on rank 0, 2-3 on rank 1; FSDP slices gathered
     index = list(one["model"]).index(expert)  # its number in the optimizer state
-    for rank in range(2):  # 1 -> 2: each rank holds its slice of the full tensors, dense ones whole
-        rows = slice(2 * rank, 2 * rank + 2)
+    for rank in range(2):  # 1 -> 2: each rank holds its experts, dense tensors whole (FSDP: its slice)
+        rows = slice(2 * rank, 2 * rank + 2) if ep_size == 2 else slice(None)
+        dump = torch.load(tmp_path / f"loaded{rank}-{tag}.pt")
         for how in ("loaded", "localized"):
-            state = torch.load(tmp_path / f"loaded{rank}.pt")[how]
+            state = dump[how]
             assert torch.equal(state["model"][expert], one["model"][expert][rows])
             assert torch.equal(state["model"]["0.weight"], one["model"]["0.weight"])
             momentum = state["optimizer"]["state"][index]["momentum_buffer"]
             assert torch.equal(momentum, one["optimizer"]["state"][index]["momentum_buffer"][rows])
             assert state["step"] == 3 and state["optimizer"]["param_groups"] == one["optimizer"]["param_groups"]
+        sharded = sorted(k for k in one["model"] if fsdp and (ep_size == 1 or not k.startswith("1.experts.")))
+        assert dump["sharded"] == {
+            "loaded": sharded,
+            "localized": sharded,
+            "model": sharded,
+        }  # FSDP: EP shards stay whole
+        for key, value in dump["model"].items():  # and the model took them
+            assert torch.equal(value, one["model"][key][rows] if key.startswith("1.experts.") else one["model"][key])
 
     # 2 -> 1: read whole in this process: the shards side by side, the dense tensors of rank 0 (= rank 1's).
-    saved = [torch.load(tmp_path / f"saved{rank}.pt") for rank in range(2)]
-    whole = read_checkpoint(tmp_path / "two.dcp")
-    assert torch.equal(whole["model"][expert], torch.cat([s["model"][expert] for s in saved]))
+    saved = [torch.load(tmp_path / f"saved{rank}-{tag}.pt") for rank in range(2)]
+    whole = read_checkpoint(tmp_path / f"two-{tag}.dcp")
+    experts = torch.cat([s["model"][expert] for s in saved]) if ep_size == 2 else saved[0]["model"][expert]
+    assert torch.equal(whole["model"][expert], experts)
     assert whole["model"][expert].shape == one["model"][expert].shape
     for key in ("0.weight", "1.router.weight"):
         assert torch.equal(whole["model"][key], saved[0]["model"][key])
         assert torch.equal(saved[0]["model"][key], saved[1]["model"][key])  # reduced gradients: still replicas
     momentum = [s["optimizer"]["state"][index]["momentum_buffer"] for s in saved]
-    assert torch.equal(whole["optimizer"]["state"][index]["momentum_buffer"], torch.cat(momentum))
+    expected = torch.cat(momentum) if ep_size == 2 else momentum[0]
+    assert torch.equal(whole["optimizer"]["state"][index]["momentum_buffer"], expected)
     assert whole["step"] == 4
     model.load_state_dict(whole["model"])  # the single-process model takes it as it is
 
@@ -134,13 +148,34 @@ def records(run):
     return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
 
 
-def test_twenty_steps_on_two_processes_equal_one_process(cifar10_root, tmp_path, one_thread):
-    common = [*TINY_VIT, f"data.data_dir={cifar10_root}", f"train.out_dir={tmp_path}"]
-    run_workers("train", 2, tmp_path, [*common, "train.run_name=two", "train.expert_parallel=2"], timeout=90)
+# How the two processes hold the model: experts split over them; dense weights sharded by FSDP (units
+# of 100 parameters, so each block is one), the experts too (no EP) or not (EP keeps them whole).
+LAYOUTS = {
+    "ep": ["train.expert_parallel=2"],
+    "fsdp": ["train.fsdp=true", "train.fsdp_unit_params=100"],
+    "fsdp+ep": ["train.fsdp=true", "train.fsdp_unit_params=100", "train.expert_parallel=2"],
+}
+
+
+@pytest.fixture(scope="module")
+def one_process(tmp_path_factory):
+    """The single-process reference run, trained once for every layout: (its config overrides, Trainer)."""
+    root = tmp_path_factory.mktemp("one")
+    common = [*TINY_VIT, f"data.data_dir={write_cifar(root / 'data')}", f"train.out_dir={root}"]
+    threads = torch.get_num_threads()
     one = Trainer(load_config(None, [*common, "train.run_name=one"]))
     one.fit()
+    torch.set_num_threads(threads)  # train.threads=1 set it for the process
+    return common, one
 
-    two_records, one_records = records(tmp_path / "two"), records(tmp_path / "one")
+
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+def test_twenty_steps_on_two_processes_equal_one_process(layout, one_process, tmp_path, one_thread):
+    common, one = one_process
+    common = [*common, f"train.out_dir={tmp_path}"]  # the last word wins: the 2-process run writes here
+    run_workers("train", 2, tmp_path, [*common, "train.run_name=two", *LAYOUTS[layout]], timeout=90)
+
+    two_records, one_records = records(tmp_path / "two"), records(one.run_dir)
     assert [r["step"] for r in two_records] == [r["step"] for r in one_records] == [7, 14, 20]
     for a, b in zip(two_records, one_records, strict=True):
         assert a["train_loss"] == pytest.approx(b["train_loss"], abs=1e-5)
@@ -151,10 +186,12 @@ def test_twenty_steps_on_two_processes_equal_one_process(cifar10_root, tmp_path,
             assert a["routing"][layer]["tokens_per_expert"] == pytest.approx(b["routing"][layer]["tokens_per_expert"])
     summary = json.loads((tmp_path / "two" / "summary.json").read_text())  # rank 0's; all 40 test images scored
     assert summary["test"]["samples"] == 40 and summary["total_params"] == one.profile["total_params"]
+    assert summary["processes"] == 2
+    assert summary["fsdp_units"] == (["blocks.0", "blocks.1"] if "fsdp" in layout else None)  # then the root
     # 2 -> 1: the sharded checkpoint, read whole in this process, holds one process's weights.
     assert (tmp_path / "two" / "checkpoint.dcp").is_dir() and not (tmp_path / "two" / "checkpoint.pt").exists()
     two = load_checkpoint(tmp_path / "two")
-    assert two["step"] == 20 and two["config"]["train"]["expert_parallel"] == 2
+    assert two["step"] == 20 and two["config"]["train"]["expert_parallel"] == (2 if "ep" in layout else 1)
     reference = one.state_dict()
     for key, value in reference["model"].items():
         assert torch.allclose(two["model"][key], value, atol=1e-5), key

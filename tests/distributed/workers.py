@@ -70,21 +70,44 @@ def sgd_step(model: torch.nn.Module, seed: int, parallel=None) -> torch.optim.Op
     return optimizer
 
 
-def checkpoints(out: str) -> None:
-    """1 -> 2: load ``one.dcp`` (saved by one process) into expert shards, directly and via ``localize``
-    of the full state. 2 -> 1: take a step and save ``two.dcp``. Dumps every rank's local state."""
+def _full(value):
+    """Whole tensors in place of FSDP's DTensors (a collective: every rank calls it alike), recursively."""
+    from torch.distributed.tensor import DTensor
+
+    if isinstance(value, DTensor):
+        return value.full_tensor()
+    if isinstance(value, dict):
+        return {k: _full(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_full(v) for v in value]
+    return value
+
+
+def checkpoints(out: str, ep_size: int = 2, fsdp: bool = False) -> None:
+    """1 -> 2: load ``one.dcp`` (saved by one process) into expert shards (and FSDP slices), directly and
+    via ``localize`` of the full state. 2 -> 1: take a step and save ``two.dcp``. Dumps every rank's
+    state, FSDP slices gathered whole."""
     from visionmoe.distributed import init_parallel, load_sharded, localize, parallelize, save_sharded, shutdown
 
-    env = init_parallel(ep_size=2)
+    env = init_parallel(ep_size=ep_size)
     model = tiny_model(seed=1)  # other weights: everything must come from the checkpoint
-    parallel = parallelize(model, env)
+    parallel = parallelize(model, env, fsdp=fsdp, fsdp_unit_params=1)  # with FSDP: both layers are units
     optimizer = sgd_step(model, seed=env.rank, parallel=parallel)
     state = load_sharded(Path(out) / "one.dcp", model, env)
     full = torch.load(Path(out) / "one.pt")
     sliced = localize(full, model, optimizer)
     model.load_state_dict(state["model"])
     optimizer.load_state_dict(state["optimizer"])
-    torch.save({"loaded": state, "localized": sliced}, Path(out) / f"loaded{env.rank}.pt")
+    tag = f"ep{ep_size}{'-fsdp' if fsdp else ''}"
+    from torch.distributed.tensor import DTensor
+
+    dump = {"loaded": _full(state), "localized": _full(sliced), "model": _full(model.state_dict())}
+    dump["sharded"] = {  # which tensors each way gave as FSDP slices
+        how: sorted(k for k, v in s["model"].items() if isinstance(v, DTensor))
+        for how, s in (("loaded", state), ("localized", sliced))
+    }
+    dump["sharded"]["model"] = sorted(n for n, p in model.named_parameters() if isinstance(p, DTensor))
+    torch.save(dump, Path(out) / f"loaded{env.rank}-{tag}.pt")
 
     optimizer.zero_grad()
     torch.manual_seed(10 + env.rank)
@@ -92,8 +115,8 @@ def checkpoints(out: str) -> None:
     parallel.reduce_gradients()
     optimizer.step()
     local = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "step": 4, "rng": torch.get_rng_state()}
-    save_sharded(Path(out) / "two.dcp", local, model, optimizer, env)
-    torch.save(local, Path(out) / f"saved{env.rank}.pt")
+    save_sharded(Path(out) / f"two-{tag}.dcp", local, model, optimizer, env)
+    torch.save(_full(local), Path(out) / f"saved{env.rank}-{tag}.pt")
     shutdown()
 
 

@@ -3,6 +3,7 @@
     env             ranks from torchrun's environment; the (replica, ep) mesh carved out of DP ranks
     expert_parallel ExpertShard: E/P experts per rank, tokens swapped by a differentiable all-to-all
     data_parallel   DDP without EP; with EP, dense grads over every rank, expert grads per replica group
+    fsdp            FSDP2 (``train.fsdp``): what is not expert-parallel sharded over every rank
     data            each rank's rows of the deterministic global batch; metrics summed across ranks
     checkpoint      DCP checkpoints (expert shards as DTensors) that load on any number of processes
 
@@ -22,6 +23,7 @@ from visionmoe.distributed.data import ShardedLoader, shard_rows
 from visionmoe.distributed.data_parallel import Parallel, parallelize
 from visionmoe.distributed.env import ParallelEnv, init_parallel, launched_distributed, shutdown
 from visionmoe.distributed.expert_parallel import ExpertShard, all_to_all, expert_shards, shard_experts
+from visionmoe.distributed.fsdp import apply_fsdp, fsdp_units
 
 __all__ = [
     "SHARDED_CHECKPOINT",
@@ -30,7 +32,9 @@ __all__ = [
     "ParallelEnv",
     "ShardedLoader",
     "all_to_all",
+    "apply_fsdp",
     "expert_shards",
+    "fsdp_units",
     "init_parallel",
     "is_sharded_checkpoint",
     "launched_distributed",

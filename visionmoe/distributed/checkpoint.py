@@ -11,7 +11,9 @@ loading into *any* other layout reads the overlapping pieces. So an expert weigh
 is logically — the full stacked (E, D, H) tensor — described as ``[Replicate(), Shard(0)]`` on the
 ``("replica", "ep")`` mesh: each shard written once (replicas are deduplicated), nothing gathered on
 one rank (the memory of a big model is never needed in one place), and the resharding logic is
-DCP's, not ours. Dense tensors are plain tensors, identical on every rank, written once.
+DCP's, not ours. Dense tensors are plain tensors, identical on every rank, written once — or, with
+FSDP (:mod:`visionmoe.distributed.fsdp`), the DTensors FSDP made of them, written as each rank's slice
+and loaded into whatever slices the loading ranks hold.
 
 The guarantee, tested: a checkpoint saved by W processes with expert parallelism P loads on W'
 processes with any P' (that divides E), including one process with no process group
@@ -32,7 +34,7 @@ import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch import Tensor, nn
 from torch.distributed.checkpoint.metadata import TensorStorageMetadata
-from torch.distributed.tensor import DTensor, Replicate, Shard
+from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_tensor
 
 from visionmoe.distributed.env import ParallelEnv
 from visionmoe.distributed.expert_parallel import ExpertShard, expert_shards
@@ -115,7 +117,7 @@ def _split(state, model, optimizer, env) -> tuple[dict[str, Tensor], dict[str, A
 
 
 def _logical(tensor: Tensor, shard: ExpertShard | None, env: ParallelEnv | None) -> Tensor:
-    if shard is None or env is None:
+    if shard is None or env is None or isinstance(tensor, DTensor):  # FSDP's DTensors are logical already
         return tensor
     return DTensor.from_local(tensor, env.mesh, [Replicate(), Shard(0)], run_check=False)
 
@@ -141,22 +143,37 @@ def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
 def load_sharded(path: str | os.PathLike, model: nn.Module, env: ParallelEnv | None) -> dict[str, Any]:
     """This rank's part of a checkpoint saved on any number of processes, in ``Trainer.state_dict`` layout.
 
-    ``model`` says what this rank holds (its expert shards); its weights are not changed here. RNG
-    states: this rank's own when the checkpoint was written by as many processes, else rank 0's.
+    ``model`` says what this rank holds (its expert shards, its FSDP slices); its weights are not
+    changed here. Only what this rank holds is read: expert shards come back as plain local tensors,
+    FSDP-sharded weights and their optimiser state as DTensors like the model's own. RNG states: this
+    rank's own when the checkpoint was written by as many processes, else rank 0's.
     """
     path = Path(path)
     metadata = dcp.FileSystemReader(path).read_metadata().state_dict_metadata
     shards = expert_shards(model)
+    weights, params = model.state_dict(), dict(model.named_parameters())
     tensors: dict[str, Tensor] = {}
+    fsdp: set[str] = set()  # keys that stay DTensors
     for key, meta in metadata.items():
         if not isinstance(meta, TensorStorageMetadata):
             continue
-        full = torch.empty(meta.size, dtype=meta.properties.dtype)
-        name = key.split(".", 1)[1] if key.startswith("model.") else key.split(".", 1)[1].rsplit(".", 1)[0]
-        shard = shards.get(name) if full.dim() else None
-        tensors[key] = _logical(_slice(full, shard), shard, env)
+        kind, rest = key.split(".", 1)
+        name = rest if kind == "model" else rest.rsplit(".", 1)[0]
+        like = weights.get(name) if kind == "model" else params.get(name)
+        size, dtype = tuple(meta.size), meta.properties.dtype
+        if isinstance(like, DTensor) and tuple(like.shape) == size:  # an FSDP slice: read into one like it
+            local = torch.empty(like.to_local().shape, dtype=dtype, device=like.device)
+            tensors[key] = DTensor.from_local(
+                local, like.device_mesh, like.placements, shape=like.shape, stride=like.stride(), run_check=False
+            )
+            fsdp.add(key)
+        elif name in shards and size:  # an expert shard: only this rank's experts
+            shard = shards[name]
+            tensors[key] = _logical(torch.empty((shard.num_experts, *size[1:]), dtype=dtype), shard, env)
+        else:
+            tensors[key] = torch.empty(size, dtype=dtype)
     dcp.load(tensors, checkpoint_id=path, no_dist=env is None)
-    local = {k: v.to_local() if isinstance(v, DTensor) else v for k, v in tensors.items()}
+    local = {k: v.to_local() if isinstance(v, DTensor) and k not in fsdp else v for k, v in tensors.items()}
     extra = torch.load(path / EXTRA, weights_only=True)
     ranks = extra.pop("rng_per_rank", None)
     if env is not None and ranks is not None and len(ranks) == env.world_size:
@@ -190,14 +207,24 @@ def _join(tensors: dict[str, Tensor], extra: dict[str, Any]) -> dict[str, Any]:
 
 
 def localize(state: dict[str, Any], model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
-    """A full single-process state (``checkpoint.pt``) cut down to this rank's expert shards."""
+    """A full single-process state (``checkpoint.pt``) cut down to what this rank holds: its expert
+    shards, and its slices (DTensors) of FSDP-sharded weights and their optimiser state."""
     shards = expert_shards(model)
-    if not shards:
+    own, params = model.state_dict(), dict(model.named_parameters())
+    if not shards and not any(isinstance(v, DTensor) for v in own.values()):
         return state
     flat = [n for group in optimizer_names(optimizer, model) for n in group]
-    weights = {k: _slice(v, shards.get(k)) for k, v in state["model"].items()}
+
+    def cut(value: Any, name: str, like: Tensor | None) -> Any:
+        if not isinstance(value, Tensor) or not value.dim():
+            return value
+        if isinstance(like, DTensor) and like.shape == value.shape:  # every rank has the whole: no traffic
+            return distribute_tensor(value.to(like.device), like.device_mesh, like.placements, src_data_rank=None)
+        return _slice(value, shards.get(name))
+
+    weights = {k: cut(v, k, own.get(k)) for k, v in state["model"].items()}
     opt_state = {
-        i: {k: _slice(v, shards.get(flat[i])) if isinstance(v, Tensor) and v.dim() else v for k, v in s.items()}
+        i: {k: cut(v, flat[i], params.get(flat[i])) for k, v in s.items()}
         for i, s in state["optimizer"]["state"].items()
     }
     return {**state, "model": weights, "optimizer": {**state["optimizer"], "state": opt_state}}

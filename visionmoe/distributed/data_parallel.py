@@ -12,6 +12,10 @@ from the all-reduce; an expert shard already received, through the backward all-
 gradients of the tokens that the P ranks of its EP group routed to it, and the replica all-reduce
 adds the other W/P EP groups. Without expert parallelism this is exactly what DDP does, so DDP (with
 its bucketed, overlapped all-reduce) is used there.
+
+With FSDP (``fsdp=True``, :mod:`visionmoe.distributed.fsdp`) the dense parameters are not replicated
+but sharded over every rank, and FSDP's reduce-scatter averages their gradients over the W ranks
+during backward; expert shards are left out of it and reduced over their replica group as above.
 """
 
 from __future__ import annotations
@@ -21,30 +25,39 @@ from collections.abc import Iterable
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
+from torch.distributed.tensor import DTensor
 from torch.nn.parallel import DistributedDataParallel
 
 from visionmoe.distributed.env import ParallelEnv
 from visionmoe.distributed.expert_parallel import expert_shards, shard_experts
+from visionmoe.distributed.fsdp import DEFAULT_UNIT_PARAMS, apply_fsdp
 
 
 class Parallel:
     """A model made data (and expert) parallel: what to call, and the reductions a step needs.
 
-    Build it with :func:`parallelize`. ``module`` is the model itself (expert shards in place; its
-    ``state_dict`` is the local one), ``wrap(forward)`` gives the callable to train with (DDP around
-    it without expert parallelism, itself with it), and after ``loss.backward()``
-    :meth:`reduce_gradients` must run (a no-op under DDP, which reduces during backward).
+    Build it with :func:`parallelize`. ``module`` is the model itself (expert shards in place, dense
+    weights sharded with FSDP; its ``state_dict`` is the local one), ``wrap(forward)`` gives the
+    callable to train with (DDP around it without expert parallelism or FSDP, itself otherwise), and
+    after ``loss.backward()`` :meth:`reduce_gradients` must run (a no-op under DDP, which reduces
+    during backward).
     """
 
-    def __init__(self, module: nn.Module, env: ParallelEnv) -> None:
-        self.module, self.env = module, env
+    def __init__(
+        self, module: nn.Module, env: ParallelEnv, *, fsdp: bool = False, fsdp_unit_params: int = DEFAULT_UNIT_PARAMS
+    ) -> None:
+        self.module, self.env, self.fsdp = module, env, fsdp
         self.expert_names = set(expert_shards(module))
-        named = list(module.named_parameters())
+        self.uses_ddp = not self.expert_names and not fsdp
+        self.fsdp_units: list[str] = []
+        if not self.uses_ddp:  # what DDP does when it wraps a model: every replica starts from rank 0's
+            _broadcast([p for n, p in module.named_parameters() if n not in self.expert_names] + list(module.buffers()))
+        if fsdp:
+            ignored = [p for n, p in module.named_parameters() if n in self.expert_names]
+            self.fsdp_units = apply_fsdp(module, env, ignored=ignored, min_params=fsdp_unit_params)
+        named = list(module.named_parameters())  # after FSDP: its DTensor parameters
         self.expert_params = [p for n, p in named if n in self.expert_names]
         self.dense_params = [p for n, p in named if n not in self.expert_names]
-        self.uses_ddp = not self.expert_names
-        if not self.uses_ddp:  # what DDP does when it wraps a model: every replica starts from rank 0's
-            _broadcast(self.dense_params + list(module.buffers()))
 
     def wrap(self, forward: nn.Module) -> nn.Module:
         """The module to call in training: DDP around ``forward`` when no parameter is sharded."""
@@ -60,7 +73,8 @@ class Parallel:
         """Average gradients as one process on the global batch would have them (see the module docstring)."""
         if self.uses_ddp:
             return
-        _all_reduce_mean(self.dense_params, None, self.env.world_size)
+        if not self.fsdp:  # FSDP reduce-scattered the dense gradients (mean over W) during backward
+            _all_reduce_mean(self.dense_params, None, self.env.world_size)
         _all_reduce_mean(self.expert_params, self.env.replica_group, self.env.world_size)
         _broadcast(list(self.module.buffers()))  # BatchNorm statistics: rank 0's everywhere, as DDP does
 
@@ -68,6 +82,8 @@ class Parallel:
     def clip_grad_norm_(self, max_norm: float) -> Tensor:
         """``nn.utils.clip_grad_norm_`` with the global norm: dense grads counted once, every shard once."""
         dense = _square_sum(self.dense_params)
+        if self.fsdp:
+            dist.all_reduce(dense)  # every rank holds its own slice of each dense gradient
         experts = _square_sum(self.expert_params)
         if self.expert_params:
             dist.all_reduce(experts, group=self.env.ep_group)  # the EP group together holds every expert once
@@ -75,19 +91,23 @@ class Parallel:
         scale = (max_norm / (total + 1e-6)).clamp(max=1.0)
         for p in self.dense_params + self.expert_params:
             if p.grad is not None:
-                p.grad.mul_(scale.to(p.grad.dtype))
+                _local(p.grad).mul_(scale.to(p.grad.dtype))
         return total
 
 
-def parallelize(model: nn.Module, env: ParallelEnv) -> Parallel:
-    """Shard the experts of ``model`` over the EP group when ``env.ep_size`` > 1, in place.
+def parallelize(
+    model: nn.Module, env: ParallelEnv, *, fsdp: bool = False, fsdp_unit_params: int = DEFAULT_UNIT_PARAMS
+) -> Parallel:
+    """Shard the experts of ``model`` over the EP group when ``env.ep_size`` > 1, in place, and with
+    ``fsdp`` the rest over every rank (:func:`visionmoe.distributed.fsdp.apply_fsdp`).
 
-    Every rank must have built the same model from the same seed; DDP (without EP) also broadcasts
-    rank 0's parameters and buffers when it wraps the model.
+    Every rank must have built the same model from the same seed; rank 0's parameters and buffers
+    are broadcast to the others first (DDP, without EP or FSDP, does it when it wraps the model).
+    Build the optimiser after this: FSDP replaces the parameters.
     """
     if env.ep_size > 1:
         shard_experts(model, env.ep_rank, env.ep_size, env.ep_group)
-    return Parallel(model, env)
+    return Parallel(model, env, fsdp=fsdp, fsdp_unit_params=fsdp_unit_params)
 
 
 def _all_reduce_mean(params: Iterable[nn.Parameter], group: dist.ProcessGroup | None, world_size: int) -> None:
@@ -117,8 +137,13 @@ def _broadcast(tensors: list[Tensor]) -> None:
                 t.copy_(chunk.view_as(t))
 
 
+def _local(t: Tensor) -> Tensor:
+    """This rank's part of ``t``: the local slice of an FSDP DTensor, else ``t`` itself."""
+    return t.to_local() if isinstance(t, DTensor) else t
+
+
 def _square_sum(params: list[nn.Parameter]) -> Tensor:
-    grads = [p.grad.detach().double().square().sum() for p in params if p.grad is not None]
+    grads = [_local(p.grad).detach().double().square().sum() for p in params if p.grad is not None]
     return torch.stack(grads).sum() if grads else torch.zeros((), dtype=torch.float64, device=_device(params))
 
 

@@ -122,6 +122,10 @@ class TrainConfig:
     progress: bool = True
     time_limit_minutes: float | None = None  # stop training (and evaluate) once this much time is spent
     expert_parallel: int = 1  # under torchrun: processes each MoE layer's experts are spread over (divides E)
+    # Under torchrun: shard what is not expert-parallel (weights, gradients, optimiser state) over the
+    # ranks with FSDP2 instead of replicating it (DDP); nothing to shard in one process, where it is moot.
+    fsdp: bool = False
+    fsdp_unit_params: int = 1_000_000  # a block (element of a Sequential/ModuleList) this big is its own unit
 
 
 @dataclass
@@ -179,6 +183,7 @@ class Config:
             ("train.eval_every", t.eval_every, t.eval_every >= 1, ">= 1"),
             ("train.log_every", t.log_every, t.log_every >= 1, ">= 1"),
             ("train.expert_parallel", t.expert_parallel, t.expert_parallel >= 1, ">= 1 (1: no expert parallelism)"),
+            ("train.fsdp_unit_params", t.fsdp_unit_params, t.fsdp_unit_params >= 1, ">= 1 parameters"),
             ("eval.calibration_bins", self.eval.calibration_bins, self.eval.calibration_bins >= 1, ">= 1"),
         ]
         for key, value, ok, expected in checks:

@@ -52,6 +52,8 @@ RESUMABLE_CHANGES = (
     "train.tensorboard",
     "train.time_limit_minutes",
     "train.expert_parallel",  # checkpoints reshard (visionmoe.distributed.checkpoint)
+    "train.fsdp",  # so do FSDP's slices
+    "train.fsdp_unit_params",
     "data.data_dir",
 )
 DEVICE_SUMS = ("loss", "aux", "correct")  # running sums kept on the device (see Trainer._reset_epoch_sums)
@@ -256,7 +258,9 @@ class Trainer:
         self.profile = self._profile(example)
         self.parallel: distributed.Parallel | None = None
         if self.parallel_env is not None:
-            self.parallel = distributed.parallelize(self.model, self.parallel_env)
+            self.parallel = distributed.parallelize(
+                self.model, self.parallel_env, fsdp=t.fsdp, fsdp_unit_params=t.fsdp_unit_params
+            )
         self.forward = torch.compile(self.model) if t.compile else self.model
         self.eval_forward = self.forward  # without DDP: evaluation needs no gradient hooks
         if self.parallel is not None:
@@ -629,6 +633,9 @@ class Trainer:
             "images_per_s": images / max(self.train_seconds, 1e-9),
             **self.profile,
             "device": str(self.device),
+            "processes": 1 if self.parallel_env is None else self.parallel_env.world_size,
+            # the modules FSDP gathers one at a time, besides the root (None: not sharded with FSDP)
+            "fsdp_units": self.parallel.fsdp_units if self.parallel is not None and self.parallel.fsdp else None,
             "threads": torch.get_num_threads(),
             "machine": machine_info(torch.get_num_threads())["cpu"],
             "code": self.code,

@@ -14,8 +14,10 @@ from visionmoe.train import Trainer, load_checkpoint, load_config
 pytestmark = pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed not built")
 
 # Every sparse router family, through both exchanges: "auto" picks grouped/sorted rows here (variable
-# splits), "padded" sends the (E, G·C, D) capacity buffers (equal splits). Noise off and no aux loss:
-# both are per-rank by design (see the README), everything else must match one process.
+# splits), "padded" sends the (E, G·C, D) capacity buffers (equal splits). Noise off: it is per rank by
+# design (see the README); everything else must match one process, aux losses included (they see the
+# global batch).
+ALL_AUX = {"importance": 0.5, "switch": 0.5, "z": 0.1, "balance_kl": 0.5}
 CASES = [
     {
         "name": "topk k=2 cf=1.0",
@@ -53,6 +55,15 @@ CASES = [
         "ep_size": 1,
         "moe": {"router": "topk", "k": 2, "router_options": {"noise_std": 0.0}},
     },
+    {
+        "name": "topk, every aux loss",
+        "moe": {"router": "topk", "k": 2, "aux_loss_weights": ALL_AUX, "router_options": {"noise_std": 0.0}},
+    },
+    {
+        "name": "expert choice, every aux loss, DDP",
+        "ep_size": 1,
+        "moe": {"router": "expert_choice", "capacity_factor": 1.0, "aux_loss_weights": ALL_AUX},
+    },
 ]
 
 
@@ -62,7 +73,8 @@ def test_expert_parallel_layer_equals_one_process(tmp_path):
         diffs = torch.load(tmp_path / f"rank{rank}.pt")
         assert set(diffs) == {c["name"] for c in CASES}
         for case, values in diffs.items():
-            assert {"output", "input grad", "grad experts.w1", "grad experts.b2"} <= set(values)
+            assert {"output", "input grad", "aux loss", "grad experts.w1"} <= set(values)
+            assert any(key.startswith("grad router.") for key in values)  # the router's gradient is compared
             bad = {k: v for k, v in values.items() if not v <= 1e-5}
             assert not bad, f"rank {rank}, {case}: {bad}"
 
@@ -125,13 +137,15 @@ def test_a_failing_worker_is_reported_and_nothing_hangs(tmp_path):
 
 
 # A tiny ViT (LayerNorm: no batch statistics, which would be per rank) with MoE MLPs in both blocks:
-# 4 experts, top-2 with capacity, no router noise or aux loss (per rank by design). Mixup pairs rows
-# across the global batch, grad clipping sums the norm over expert shards: both must match too.
+# 4 experts, top-2 with capacity, no router noise (per rank by design), aux losses of the global batch.
+# Mixup pairs rows across the global batch, grad clipping sums the norm over expert shards: both must
+# match too.
 # 120 images / batch 16 = 7 steps per epoch; 2.86 epochs = 20 steps.
 TINY_VIT = [
     "model.name=vit_moe_tiny_patch4_32",
     "model.kwargs={depth: 2, embed_dim: 16, num_heads: 2, placement: all}",
-    "model.moe={num_experts: 4, capacity_factor: 1.0, aux_loss_weights: {}, router_options: {noise_std: 0.0}}",
+    "model.moe={num_experts: 4, capacity_factor: 1.0, aux_loss_weights: {importance: 0.1, switch: 0.1}, "
+    "router_options: {noise_std: 0.0}}",
     "data.batch_size=16",
     "data.eval_batch_size=15",  # 40 test images: a last batch of 10, split 5 / 5; every batch cut 8 / 7
     "data.mixup_alpha=0.4",

@@ -27,21 +27,22 @@ def moe_layer(out: str, cases: list[dict]) -> None:
         env = init_parallel(ep_size=case.get("ep_size", 2))  # ep_size 1: DDP
         W = env.world_size
         torch.manual_seed(0)
-        moe = MoE(8, 4, 16, aux_loss_weights={}, **case["moe"])
+        moe = MoE(8, 4, 16, **{"aux_loss_weights": {}, **case["moe"]})
         local = copy.deepcopy(moe)
         x = torch.randn(4, 6, 8, requires_grad=True)  # (B, N, D): the global batch
         weight = torch.randn(4, 6, 8)
         y = moe(x)
-        (y * weight).sum().div(4).backward()  # mean over the batch of a per-sample loss
+        ((y * weight).sum().div(4) + moe.aux_loss).backward()  # mean over the batch of a per-sample loss
 
         rows = shard_rows(4, env.rank, W)
         parallel = parallelize(local, env)
         xl = x.detach()[rows].clone().requires_grad_(True)
         forward = parallel.wrap(local)  # DDP around it for ep_size 1 (kept alive until backward)
         yl = forward(xl)
-        (yl * weight[rows]).sum().div(len(rows)).backward()
+        ((yl * weight[rows]).sum().div(len(rows)) + local.aux_loss).backward()  # aux: the global batch's
         parallel.reduce_gradients()
         d = {"output": (yl - y[rows]).abs().max(), "input grad": (xl.grad / W - x.grad[rows]).abs().max()}
+        d["aux loss"] = (local.aux_loss - moe.aux_loss).abs()
         lo, n = getattr(local.experts, "offset", 0), local.experts.num_experts  # this rank's experts
         for name, p in local.named_parameters():
             ref = moe.get_parameter(name).grad

@@ -2,6 +2,7 @@
 
 import math
 
+import pytest
 import torch
 
 from visionmoe.routing import balance_kl_loss, importance_loss, load_loss, switch_loss, z_loss
@@ -56,3 +57,36 @@ def test_balance_kl_loss():
     collapsed = torch.zeros(1, 3, 4)
     collapsed[..., 0] = 1
     assert math.isclose(float(balance_kl_loss(collapsed)), math.log(4), rel_tol=1e-6)
+
+
+@pytest.mark.parametrize("name", ["importance", "load", "switch", "z", "balance_kl"])
+def test_a_loss_over_two_shards_joined_by_reduce_is_the_whole_batch_loss(name):
+    # Two "processes" of 6 and 4 tokens: the second's sums are recorded, then added to the first's by
+    # its reduce. The value must be the whole batch's loss, and the gradient on the first shard's
+    # tokens the whole-batch gradient there (the distributed tests check the real all-reduce).
+    torch.manual_seed(0)
+    logits = torch.randn(1, 10, 4, requires_grad=True)
+    noisy = logits + 0.3 * torch.randn(1, 10, 4)
+
+    def loss(rows, reduce=None):
+        lg, nz = logits[:, rows], noisy[:, rows]
+        gates = nz.softmax(dim=-1)
+        if name == "importance":
+            return importance_loss(gates, reduce)
+        if name == "load":
+            return load_loss(lg, nz, 0.3, 2, reduce)
+        if name == "switch":
+            return switch_loss(gates, gates.argmax(dim=-1), reduce)
+        if name == "z":
+            return z_loss(lg, reduce)
+        return balance_kl_loss(gates, reduce)
+
+    recorded = []
+    loss(slice(6, 10), lambda t: recorded.append(t.detach()) or t)
+    part = loss(slice(0, 6), lambda t: t + recorded.pop(0))
+    whole = loss(slice(None))
+    assert not recorded and math.isclose(float(part.detach()), float(whole.detach()), rel_tol=1e-6)
+    (grad_part,) = torch.autograd.grad(part, logits)
+    (grad_whole,) = torch.autograd.grad(whole, logits)
+    assert grad_part[:, 6:].abs().max() == 0  # the other shard's tokens are the other process's to differentiate
+    torch.testing.assert_close(grad_part[:, :6], grad_whole[:, :6], rtol=1e-5, atol=1e-7)

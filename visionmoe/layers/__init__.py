@@ -17,6 +17,7 @@ from visionmoe.layers.routers import (
     SparseExpertChoiceRouter,
     TopKRouter,
     router_class,
+    set_aux_loss_group,
 )
 from visionmoe.layers.stats import RoutingStats, RoutingStatsAccumulator, routing_stats
 
@@ -45,4 +46,5 @@ __all__ = [
     "moe_layers",
     "router_class",
     "routing_stats",
+    "set_aux_loss_group",
 ]

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
@@ -66,6 +67,7 @@ class Router(nn.Module):
             if not value >= 0:
                 raise ValueError(f"aux loss weight must be >= 0, got {key}={value}")
         self.aux_loss_weights = weights
+        self.aux_group: dist.ProcessGroup | None = None  # set_aux_loss_group: losses over these ranks' batches
 
     def default_aux_loss_weights(self) -> dict[str, float]:
         return {}
@@ -81,16 +83,37 @@ class Router(nn.Module):
         if not self.aux_loss_weights:
             return x.new_zeros((), dtype=torch.float32), {}
         pooled = {k: _pool_groups(v) for k, v in losses_inputs.items()}
+        reduce = None
+        if self.aux_group is not None and self.training:  # the global batch's losses (set_aux_loss_group)
+            from torch.distributed.nn.functional import all_reduce  # differentiable: its backward sums too
+
+            group = self.aux_group
+            reduce = lambda t: all_reduce(t, group=group)  # noqa: E731
         total = x.new_zeros((), dtype=torch.float32)
         logged = {}
         for name, weight in self.aux_loss_weights.items():
-            value = self._aux_loss(name, **pooled)
+            value = self._aux_loss(name, reduce=reduce, **pooled)
             total = total + weight * value
             logged[name] = value.detach()
         return total, logged
 
-    def _aux_loss(self, name: str, **inputs: Tensor | None) -> Tensor:
+    def _aux_loss(self, name: str, *, reduce, **inputs: Tensor | None) -> Tensor:
         raise NotImplementedError(name)
+
+
+def set_aux_loss_group(model: nn.Module, group: dist.ProcessGroup | None) -> int:
+    """Make every router of ``model`` compute its aux losses on the batch of all ranks of ``group``.
+
+    In training mode each router then sums its per-expert statistics over ``group`` (one small
+    differentiable all-reduce per router and step; every rank must run the same forwards) before
+    forming its losses, so data-parallel ranks optimise the global batch's balance — what one
+    process on that batch would — instead of each its own share. ``None`` restores per-batch losses.
+    Evaluation never communicates. Returns the number of routers set.
+    """
+    routers = [m for m in model.modules() if isinstance(m, Router)]
+    for router in routers:
+        router.aux_group = group
+    return len(routers)
 
 
 def _pool_groups(value: Any) -> Any:
@@ -157,17 +180,17 @@ class _LinearRouter(Router):
         _check_finite(logits, self.name)
         return logits
 
-    def _aux_loss(self, name, *, logits, gates, noisy_logits=None, expert=None, k=1, noise_std=0.0):
+    def _aux_loss(self, name, *, reduce, logits, gates, noisy_logits=None, expert=None, k=1, noise_std=0.0):
         if name == "importance":
-            return importance_loss(gates)
+            return importance_loss(gates, reduce)
         if name == "load":
-            return load_loss(logits, noisy_logits, noise_std, k)
+            return load_loss(logits, noisy_logits, noise_std, k, reduce)
         if name == "switch":
             first = expert if expert is not None else gates.argmax(dim=-1)
-            return switch_loss(gates, first)
+            return switch_loss(gates, first, reduce)
         if name == "z":
-            return z_loss(logits)
-        return balance_kl_loss(gates)
+            return z_loss(logits, reduce)
+        return balance_kl_loss(gates, reduce)
 
 
 class _Capacity:

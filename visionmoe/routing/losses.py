@@ -3,14 +3,35 @@
 Each takes (G, S, E) tensors and returns the loss averaged over the G leading groups. The routers
 pass the whole batch as one group (G = 1, S = all tokens): balance is a batch statistic, whatever
 groups the routing itself uses.
+
+Each loss is a function of per-expert sums over the tokens (and of their count), so it can see a
+batch spread over processes: ``reduce`` (a differentiable all-reduce, sum) adds up those sums
+across processes before the loss is formed, and every process then computes the loss of the global
+batch — the value one process would compute on it, with the gradient that, averaged over processes
+like any data-parallel gradient, is that process's (:mod:`visionmoe.distributed`). Without
+``reduce`` the loss is the batch's own.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
+
+Reduce = Callable[[Tensor], Tensor]
+
+
+def _token_sums(x: Tensor, reduce: Reduce | None) -> tuple[Tensor, Tensor]:
+    """(G, S, E) -> Σ_s x (G, E) and the token count (G, 1), both summed over processes by ``reduce``."""
+    total = x.sum(dim=1)
+    count = torch.full_like(total[..., :1], x.shape[1])
+    if reduce is not None:  # one collective for both
+        both = reduce(torch.cat([total, count], dim=-1))
+        total, count = both[..., :-1], both[..., -1:]
+    return total, count
 
 
 def _cv_squared(x: Tensor) -> Tensor:
@@ -18,16 +39,16 @@ def _cv_squared(x: Tensor) -> Tensor:
     return (x.var(dim=-1, unbiased=False) / x.mean(dim=-1).square().clamp_min(1e-20)).mean()
 
 
-def importance_loss(gates: Tensor) -> Tensor:
+def importance_loss(gates: Tensor, reduce: Reduce | None = None) -> Tensor:
     """Importance loss (Shazeer et al. 2017, eq. 6; V-MoE, Riquelme et al. 2021, eq. 3).
 
     Imp_e = Σ_s gate_{s,e} (the gates before top-k), loss = CV(Imp)² = (std(Imp) / mean(Imp))².
     gates: (G, S, E).
     """
-    return _cv_squared(gates.sum(dim=1))
+    return _cv_squared(gates.sum(dim=1) if reduce is None else reduce(gates.sum(dim=1)))
 
 
-def load_loss(logits: Tensor, noisy_logits: Tensor, noise_std: float, k: int) -> Tensor:
+def load_loss(logits: Tensor, noisy_logits: Tensor, noise_std: float, k: int, reduce: Reduce | None = None) -> Tensor:
     """Load loss (V-MoE, Riquelme et al. 2021, Appendix A, eqs. 4-6; after Shazeer et al. 2017).
 
     The probability that expert e stays among a token's top-k if only its own noise were redrawn:
@@ -40,34 +61,40 @@ def load_loss(logits: Tensor, noisy_logits: Tensor, noise_std: float, k: int) ->
     threshold = noisy_logits.detach().topk(k, dim=-1).values[..., -1:]  # (G, S, 1)
     z = (threshold - logits) / noise_std
     p = 0.5 * torch.erfc(z / math.sqrt(2.0))  # 1 - Φ(z), accurate in the tail
-    return _cv_squared(p.sum(dim=1))
+    return _cv_squared(p.sum(dim=1) if reduce is None else reduce(p.sum(dim=1)))
 
 
-def switch_loss(gates: Tensor, first_choice: Tensor) -> Tensor:
+def switch_loss(gates: Tensor, first_choice: Tensor, reduce: Reduce | None = None) -> Tensor:
     """Switch Transformer balance loss (Fedus et al. 2022, eq. 4): E · Σ_e f_e · P_e.
 
     f_e: fraction of the group's tokens whose first choice is e (not differentiable);
     P_e: mean gate of expert e. Equals 1 at perfect balance. gates: (G, S, E); first_choice: (G, S).
     """
     E = gates.shape[-1]
-    f = torch.zeros_like(gates[:, 0, :]).scatter_add_(1, first_choice, torch.ones_like(first_choice, dtype=gates.dtype))
-    f = f / gates.shape[1]  # (G, E)
-    return (E * (f * gates.mean(dim=1)).sum(dim=-1)).mean()
+    chosen = F.one_hot(first_choice, E).to(gates.dtype)  # (G, S, E)
+    total, count = _token_sums(torch.cat([chosen, gates], dim=-1), reduce)
+    f, p = (total / count).split(E, dim=-1)  # (G, E) each
+    return (E * (f * p).sum(dim=-1)).mean()
 
 
-def z_loss(logits: Tensor) -> Tensor:
+def z_loss(logits: Tensor, reduce: Reduce | None = None) -> Tensor:
     """Router z-loss (ST-MoE, Zoph et al. 2022, eq. 5): mean over tokens of logsumexp(logits)²."""
-    return torch.logsumexp(logits.float(), dim=-1).square().mean()
+    squares = torch.logsumexp(logits.float(), dim=-1).square()  # (G, S)
+    if reduce is None:
+        return squares.mean()
+    total, count = _token_sums(squares.reshape(1, -1, 1), reduce)
+    return (total / count).squeeze()
 
 
-def balance_kl_loss(gates: Tensor) -> Tensor:
+def balance_kl_loss(gates: Tensor, reduce: Reduce | None = None) -> Tensor:
     """KL divergence of the mean routing distribution from uniform (Rokah et al. 2026).
 
     p̄_e = mean_s gate_{s,e}; loss = KL(p̄ ‖ U) = Σ_e p̄_e log(E p̄_e). Zero exactly when the
     average token spreads its gate evenly over the experts. gates: (G, S, E), rows sum to 1.
     """
     E = gates.shape[-1]
-    mean = gates.mean(dim=1)  # (G, E)
+    total, count = _token_sums(gates, reduce)
+    mean = total / count  # (G, E)
     return torch.xlogy(mean, mean * E).sum(dim=-1).mean()
 
 

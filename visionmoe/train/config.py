@@ -126,6 +126,9 @@ class TrainConfig:
     # ranks with FSDP2 instead of replicating it (DDP); nothing to shard in one process, where it is moot.
     fsdp: bool = False
     fsdp_unit_params: int = 1_000_000  # a block (element of a Sequential/ModuleList) this big is its own unit
+    # Under torchrun: the routers' aux losses balance the global batch (their per-expert sums all-reduced,
+    # as one process computes them) rather than each rank's share.
+    global_aux_loss: bool = True
 
 
 @dataclass

@@ -259,7 +259,11 @@ class Trainer:
         self.parallel: distributed.Parallel | None = None
         if self.parallel_env is not None:
             self.parallel = distributed.parallelize(
-                self.model, self.parallel_env, fsdp=t.fsdp, fsdp_unit_params=t.fsdp_unit_params
+                self.model,
+                self.parallel_env,
+                fsdp=t.fsdp,
+                fsdp_unit_params=t.fsdp_unit_params,
+                global_aux_loss=t.global_aux_loss,
             )
         self.forward = torch.compile(self.model) if t.compile else self.model
         self.eval_forward = self.forward  # without DDP: evaluation needs no gradient hooks

@@ -73,7 +73,8 @@ def test_cli_resumes_a_finished_sweep_and_reports(tiny_sweeps, tmp_path, standin
         f"data.data_dir={standin_data}",
     ]
     assert main(args) == 0
-    assert "4 skipped" in capsys.readouterr().out  # everything finished before: nothing trains again
+    printed = capsys.readouterr().out
+    assert "(0 to run, 4 finished before" in printed and "4 done" in printed  # nothing trains again
     assert main(["report", str(out), "--out", str(tmp_path), "--contrast", "k=2:k=1"]) == 0
     assert (tmp_path / "topk_gap_vs_k.png").is_file()
     text = (tmp_path / "report.md").read_text()

@@ -117,7 +117,17 @@ def test_resume_after_a_killed_run_and_skip_finished(tmp_path, standin_data, mon
 
     resumed.clear()
     again = run_sweep(sweep, tmp_path, executor="inline", echo=lambda line: None)
-    assert resumed == [] and again["status"].tolist() == ["skipped", "skipped"]
+    assert resumed == []  # nothing runs again, and the manifest is still the whole sweep's: what the first recorded
+    columns = ["status", "attempts", "seconds", "top1"]
+    assert again[columns].to_dict("records") == manifest[columns].to_dict("records")
+
+    # Without the manifest (lost, or written by an older visionmoe) the record comes from summary.json.
+    (tmp_path / "manifest.json").unlink()
+    rebuilt = run_sweep(sweep, tmp_path, executor="inline", echo=lambda line: None)
+    assert rebuilt["status"].tolist() == ["done", "done"] and rebuilt["attempts"].tolist() == [1, 1]
+    summary = json.loads((moe.run_dir / "summary.json").read_text())
+    assert rebuilt["seconds"][0] == pytest.approx(summary["train_seconds"] + summary["eval_seconds"])
+    assert rebuilt["top1"].tolist() == manifest["top1"].tolist()
 
 
 def test_reuse_copies_finished_runs_of_the_same_config_from_another_sweep(tmp_path, standin_data, monkeypatch):
@@ -146,7 +156,11 @@ def test_reuse_copies_finished_runs_of_the_same_config_from_another_sweep(tmp_pa
         assert manifest.set_index("name").loc[name, "source"] == str(source)
     trained.clear()
     again = run_sweep(second, tmp_path / "second", executor="inline", echo=lambda line: None)
-    assert trained == [] and set(again["status"]) == {"skipped"}  # the copies' configs are theirs: not stale
+    assert trained == []  # the copies' configs are theirs: not stale
+    assert again[["name", "status", "source"]].equals(manifest[["name", "status", "source"]])
+    (tmp_path / "second" / "manifest.json").unlink()  # rebuilt from the summaries: still reused, from where
+    rebuilt = run_sweep(second, tmp_path / "second", executor="inline", echo=lambda line: None)
+    assert rebuilt[["name", "status", "source"]].equals(manifest[["name", "status", "source"]])
     with pytest.raises(FileNotFoundError, match="--reuse"):
         run_sweep(second, tmp_path / "third", executor="inline", reuse=[tmp_path / "nowhere"], echo=lambda line: None)
 

@@ -43,7 +43,9 @@ sweep analyses runs, ``analysis.json``) is skipped; one with a checkpoint is res
 is retried ``retries`` times (resuming from its last checkpoint), then recorded as failed. An
 invalid grid cell (a bad override) is recorded without being run. Nothing a run does reaches
 another run's directory, so a failure costs no other run its result. ``<out>/manifest.json`` and
-``manifest.csv`` list every run with its status, attempts, time and error.
+``manifest.csv`` list every run with its status, attempts, time and error; a run finished by an
+earlier invocation keeps what that one recorded (or, with no manifest, what its ``summary.json``
+says), so the manifest of a sweep run in several sittings is that of the whole sweep.
 
 **Reuse.** ``reuse=[dirs]`` (``visionmoe sweep --reuse DIR``) copies in a finished run of another
 sweep whose config equals a pending run's up to where it lives and settings that change no result
@@ -409,9 +411,9 @@ class _Record:
     seed: int
     twin: str | None
     run_dir: str
-    status: str = "pending"  # pending, done, skipped (finished before), reused, failed, invalid
+    status: str = "pending"  # pending, done, reused, failed, invalid
     attempts: int = 0
-    seconds: float = 0.0
+    seconds: float = 0.0  # the worker's wall time over all attempts, in every invocation
     top1: float | None = None
     error: str = ""
     source: str = ""  # the run it was copied from (status "reused")
@@ -471,7 +473,8 @@ def run_sweep(
         threads = int((slurm or {}).get("cpus_per_task", 1))
     runtime = (f"train.threads={threads}", "train.progress=false")
     records = {r.name: _Record(r.name, r.key, r.seed, r.twin, str(r.run_dir)) for r in runs}
-    todo = []
+    before = _previous_manifest(out)
+    todo, finished_before = [], 0
     for run in runs:
         record = records[run.name]
         try:
@@ -481,10 +484,11 @@ def run_sweep(
             record.status, record.error = "invalid", f"{type(error).__name__}: {error}"
             continue
         if run.finished():
-            record.status = "skipped"
-            record.top1 = _top1(run.run_dir)
+            _finished_before(record, before.get(run.name), run.run_dir)
+            finished_before += 1
         else:
             todo.append(run)
+    reused = 0
     if reuse:
         candidates = reusable_runs(reuse)
         for run in list(todo):
@@ -497,11 +501,12 @@ def run_sweep(
                 record = records[run.name]
                 record.status, record.source, record.top1 = "reused", str(source), _top1(run.run_dir)
                 todo.remove(run)
+                reused += 1
     _save_manifest(out, records)
-    count = {s: sum(r.status == s for r in records.values()) for s in ("skipped", "reused", "invalid")}
+    invalid = sum(r.status == "invalid" for r in records.values())
     echo(
-        f"sweep {sweep.name}: {len(runs)} runs ({len(todo)} to run, {count['skipped']} finished before, "
-        f"{count['reused']} reused, {count['invalid']} invalid) in {out}; "
+        f"sweep {sweep.name}: {len(runs)} runs ({len(todo)} to run, {finished_before} finished before, "
+        f"{reused} reused, {invalid} invalid) in {out}; "
         f"{executor} executor, {jobs} job(s) × {threads} thread(s)"
     )
 
@@ -614,6 +619,34 @@ def _execute_slurm(todo: list[Run], runtime: Sequence[str], finish: Callable, ou
                 submit(run)
         if jobs:
             time.sleep(5)
+
+
+def _previous_manifest(out: Path) -> dict[str, dict[str, Any]]:
+    """The rows of an earlier invocation's manifest by run name ({} when there is none or it is unreadable)."""
+    try:
+        return {row["name"]: row for row in json.loads((out / MANIFEST).read_text())}
+    except (OSError, ValueError, KeyError, TypeError):
+        return {}
+
+
+def _finished_before(record: _Record, row: Mapping[str, Any] | None, run_dir: Path) -> None:
+    """Fill the record of a run an earlier invocation finished: from that invocation's manifest row when
+    it recorded the finish, else from the run's ``summary.json``: copied in (``reused_from``), or
+    trained in (at least) one attempt taking its train + eval time."""
+    record.top1 = _top1(run_dir)
+    if row is not None and row.get("status") in ("done", "reused"):
+        record.status, record.source = row["status"], row.get("source") or ""
+        record.attempts, record.seconds = int(row.get("attempts") or 0), float(row.get("seconds") or 0.0)
+        return
+    try:
+        summary = json.loads((run_dir / "summary.json").read_text())
+    except (OSError, ValueError):
+        summary = {}
+    record.source = str(summary.get("reused_from") or "")
+    record.status = "reused" if record.source else "done"
+    if not record.source:
+        record.attempts = 1
+        record.seconds = float(summary.get("train_seconds") or 0.0) + float(summary.get("eval_seconds") or 0.0)
 
 
 def _top1(run_dir: Path) -> float | None:

@@ -54,6 +54,67 @@ def moe_layer(out: str, cases: list[dict]) -> None:
     shutdown()
 
 
+def sync_bn(out: str) -> None:
+    """A small BatchNorm CNN, one process on the global batch of 6 against DDP with sync_bn on 3 rows per rank.
+
+    Two training steps (outputs, input and parameter gradients, running statistics), then evaluation;
+    channels-last and BatchNorm1d on (N, C) and (N, C, L) inputs included. Also records how far plain
+    per-rank BatchNorm is from one process, which the test requires to be large.
+    """
+    from visionmoe.distributed import SyncBatchNorm, init_parallel, parallelize, shard_rows, shutdown
+
+    env = init_parallel(ep_size=1)
+    W = env.world_size
+    nn = torch.nn
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Conv2d(4, 5, 3))
+            self.bn_seq, self.bn_vec = nn.BatchNorm1d(5, momentum=None), nn.BatchNorm1d(5, affine=False)
+            self.fc = nn.Linear(5, 3)
+
+        def forward(self, x):
+            h = self.bn_seq(self.conv(x).flatten(2))  # (N, C, L): the cumulative-average kind
+            return self.fc(self.bn_vec(h.mean(dim=2)).relu())  # (N, C), no affine
+
+    torch.manual_seed(0)
+    reference = Net().to(memory_format=torch.channels_last)
+    local, plain = copy.deepcopy(reference), copy.deepcopy(reference)
+    parallel = parallelize(local, env, sync_bn=True)
+    forward = parallel.wrap(local)
+    parallel_plain = parallelize(plain, env)  # per-rank statistics
+    forward_plain = parallel_plain.wrap(plain)
+    d = {"converted": float(sum(isinstance(m, SyncBatchNorm) for m in local.modules()))}
+    rows = shard_rows(6, env.rank, W)
+    for step in range(2):
+        x = torch.randn(6, 3, 8, 8).contiguous(memory_format=torch.channels_last).requires_grad_(True)
+        target = torch.randn(6, 3)
+        for m in (reference, local, plain):
+            m.zero_grad()
+        y = reference(x)
+        (y - target).square().sum(dim=1).mean().backward()
+        xl = x.detach()[rows].clone().requires_grad_(True)
+        yl = forward(xl)
+        (yl - target[rows]).square().sum(dim=1).mean().backward()
+        parallel.reduce_gradients()
+        d[f"output {step}"] = (yl - y[rows]).abs().max()
+        d[f"input grad {step}"] = (xl.grad / W - x.grad[rows]).abs().max()
+        for name, p in local.named_parameters():
+            d[f"grad {name} {step}"] = (p.grad - reference.get_parameter(name).grad).abs().max()
+        d["plain output"] = max(
+            d.get("plain output", 0.0), float((forward_plain(x.detach()[rows]) - y[rows]).abs().max())
+        )
+    for name, buffer in local.named_buffers():
+        d[f"buffer {name}"] = (buffer.double() - reference.get_buffer(name).double()).abs().max()
+    local.eval(), reference.eval()
+    x = torch.randn(6, 3, 8, 8)
+    with torch.no_grad():
+        d["eval output"] = (local(x[rows]) - reference(x)[rows]).abs().max()  # running statistics, no collective
+    torch.save({k: float(v) for k, v in d.items()}, Path(out) / f"rank{env.rank}.pt")
+    shutdown()
+
+
 def tiny_model(seed: int) -> torch.nn.Module:
     from visionmoe.layers.moe import MoE
 

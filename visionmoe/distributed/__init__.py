@@ -4,6 +4,7 @@
     expert_parallel ExpertShard: E/P experts per rank, tokens swapped by a differentiable all-to-all
     data_parallel   DDP without EP; with EP, dense grads over every rank, expert grads per replica group
     fsdp            FSDP2 (``train.fsdp``): what is not expert-parallel sharded over every rank
+    sync_bn         BatchNorm over the global batch (``train.sync_bn``), on the CPU too
     data            each rank's rows of the deterministic global batch; metrics summed across ranks
     checkpoint      DCP checkpoints (expert shards as DTensors) that load on any number of processes
 
@@ -24,6 +25,7 @@ from visionmoe.distributed.data_parallel import Parallel, parallelize
 from visionmoe.distributed.env import ParallelEnv, init_parallel, launched_distributed, shutdown
 from visionmoe.distributed.expert_parallel import ExpertShard, all_to_all, expert_shards, shard_experts
 from visionmoe.distributed.fsdp import apply_fsdp, fsdp_units
+from visionmoe.distributed.sync_bn import SyncBatchNorm, convert_sync_batchnorm
 
 __all__ = [
     "SHARDED_CHECKPOINT",
@@ -31,8 +33,10 @@ __all__ = [
     "Parallel",
     "ParallelEnv",
     "ShardedLoader",
+    "SyncBatchNorm",
     "all_to_all",
     "apply_fsdp",
+    "convert_sync_batchnorm",
     "expert_shards",
     "fsdp_units",
     "init_parallel",

@@ -31,6 +31,7 @@ from torch.nn.parallel import DistributedDataParallel
 from visionmoe.distributed.env import ParallelEnv
 from visionmoe.distributed.expert_parallel import expert_shards, shard_experts
 from visionmoe.distributed.fsdp import DEFAULT_UNIT_PARAMS, apply_fsdp
+from visionmoe.distributed.sync_bn import convert_sync_batchnorm
 from visionmoe.layers.routers import set_aux_loss_group
 
 
@@ -52,10 +53,13 @@ class Parallel:
         fsdp: bool = False,
         fsdp_unit_params: int = DEFAULT_UNIT_PARAMS,
         global_aux_loss: bool = True,
+        sync_bn: bool = False,
     ) -> None:
         self.module, self.env, self.fsdp = module, env, fsdp
         # the routers' aux losses over the global batch, as one process computes them (or each rank's own)
         set_aux_loss_group(module, dist.group.WORLD if global_aux_loss else None)
+        if sync_bn:  # BatchNorm's batch statistics too (before DDP or FSDP wrap the model)
+            convert_sync_batchnorm(module, dist.group.WORLD)
         self.expert_names = set(expert_shards(module))
         self.uses_ddp = not self.expert_names and not fsdp
         self.fsdp_units: list[str] = []
@@ -111,11 +115,13 @@ def parallelize(
     fsdp: bool = False,
     fsdp_unit_params: int = DEFAULT_UNIT_PARAMS,
     global_aux_loss: bool = True,
+    sync_bn: bool = False,
 ) -> Parallel:
     """Shard the experts of ``model`` over the EP group when ``env.ep_size`` > 1, in place, and with
     ``fsdp`` the rest over every rank (:func:`visionmoe.distributed.fsdp.apply_fsdp`). With
     ``global_aux_loss`` the routers' aux losses see the global batch
-    (:func:`visionmoe.layers.routers.set_aux_loss_group`), else each rank's share.
+    (:func:`visionmoe.layers.routers.set_aux_loss_group`), else each rank's share; with ``sync_bn``
+    so does every BatchNorm (:mod:`visionmoe.distributed.sync_bn`), else each normalises by its rank's rows.
 
     Every rank must have built the same model from the same seed; rank 0's parameters and buffers
     are broadcast to the others first (DDP, without EP or FSDP, does it when it wraps the model).
@@ -123,7 +129,14 @@ def parallelize(
     """
     if env.ep_size > 1:
         shard_experts(model, env.ep_rank, env.ep_size, env.ep_group)
-    return Parallel(model, env, fsdp=fsdp, fsdp_unit_params=fsdp_unit_params, global_aux_loss=global_aux_loss)
+    return Parallel(
+        model,
+        env,
+        fsdp=fsdp,
+        fsdp_unit_params=fsdp_unit_params,
+        global_aux_loss=global_aux_loss,
+        sync_bn=sync_bn,
+    )
 
 
 def _all_reduce_mean(params: Iterable[nn.Parameter], group: dist.ProcessGroup | None, world_size: int) -> None:

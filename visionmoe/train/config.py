@@ -129,6 +129,9 @@ class TrainConfig:
     # Under torchrun: the routers' aux losses balance the global batch (their per-expert sums all-reduced,
     # as one process computes them) rather than each rank's share.
     global_aux_loss: bool = True
+    # Under torchrun: BatchNorm normalises with the global batch's statistics (SyncBatchNorm; on the CPU
+    # visionmoe's own) rather than each rank's rows. Off by default, as in timm: it costs a collective per layer.
+    sync_bn: bool = False
 
 
 @dataclass

@@ -264,6 +264,7 @@ class Trainer:
                 fsdp=t.fsdp,
                 fsdp_unit_params=t.fsdp_unit_params,
                 global_aux_loss=t.global_aux_loss,
+                sync_bn=t.sync_bn,
             )
         self.forward = torch.compile(self.model) if t.compile else self.model
         self.eval_forward = self.forward  # without DDP: evaluation needs no gradient hooks

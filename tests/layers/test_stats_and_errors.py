@@ -152,7 +152,7 @@ def test_non_finite_router_logits(name):
 
 
 def test_router_finite_check_costs_no_host_sync_off_the_cpu():
-    from visionmoe.layers.routers import _check_finite
+    from visionmoe.layers.router_base import _check_finite
 
     off_cpu = torch.full((2, 4), float("nan"), device="meta")  # stands in for an accelerator: cannot sync
     _check_finite(off_cpu, "topk")  # skipped: no host sync per layer per step

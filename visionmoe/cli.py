@@ -217,6 +217,7 @@ def _analyze(args: argparse.Namespace) -> int:
 
 def _sweep(args: argparse.Namespace) -> int:
     from visionmoe.studies import STUDIES, Sweep, get_study, parse_seeds, run_sweep
+    from visionmoe.studies.lock import SweepBusy
     from visionmoe.studies.presets import extend
 
     try:
@@ -237,10 +238,15 @@ def _sweep(args: argparse.Namespace) -> int:
             table = estimate_sweep(sweep, seeds=seeds, jobs=args.jobs, steps=args.estimate_steps, out=out)
             print(estimate_markdown(table, f"sweep {sweep.name}"))
             return 0
+        if args.status:
+            from visionmoe.studies.status import status_markdown, sweep_status
+
+            print(status_markdown(sweep_status(sweep, out, seeds), f"sweep {sweep.name} in {out}"))
+            return 0
         manifest = run_sweep(
             sweep, out, jobs=args.jobs, retries=args.retries, executor=args.executor, slurm=slurm, reuse=args.reuse
         )
-    except (ValueError, TypeError, FileNotFoundError, ImportError) as error:
+    except (ValueError, TypeError, FileNotFoundError, ImportError, SweepBusy) as error:
         raise SystemExit(f"visionmoe sweep: {error}") from None
     return int(manifest["status"].isin(["failed", "invalid"]).any())
 
@@ -356,6 +362,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="train nothing: time a few steps of each configuration and print how long the sweep takes here",
     )
     sweep.add_argument("--estimate-steps", type=int, default=3, help="timed training steps per configuration")
+    sweep.add_argument(
+        "--status",
+        action="store_true",
+        help="train nothing: print each run's state, the time left by the finished seeds, and whether a sweep runs",
+    )
     sweep.add_argument(
         "--reuse",
         action="append",

@@ -45,7 +45,9 @@ invalid grid cell (a bad override) is recorded without being run. Nothing a run 
 another run's directory, so a failure costs no other run its result. ``<out>/manifest.json`` and
 ``manifest.csv`` list every run with its status, attempts, time and error; a run finished by an
 earlier invocation keeps what that one recorded (or, with no manifest, what its ``summary.json``
-says), so the manifest of a sweep run in several sittings is that of the whole sweep.
+says), so the manifest of a sweep run in several sittings is that of the whole sweep. One sweep at a
+time per directory (:mod:`visionmoe.studies.lock`): a second stops at once, naming the first;
+:func:`visionmoe.studies.status.sweep_status` (``visionmoe sweep --status``) says where one stands.
 
 **Reuse.** ``reuse=[dirs]`` (``visionmoe sweep --reuse DIR``) copies in a finished run of another
 sweep whose config equals a pending run's up to where it lives and settings that change no result
@@ -71,6 +73,8 @@ from typing import Any
 
 import pandas as pd
 import yaml
+
+from visionmoe.studies.lock import sweep_lock
 
 TWIN = "flops"  # the twin of a pair: equal active FLOPs
 RUN_FILE = "sweep_run.json"
@@ -465,7 +469,11 @@ def run_sweep(
         raise ValueError(f"need jobs >= 1 and retries >= 0, got jobs={jobs}, retries={retries}")
     out = Path(out)
     runs = sweep.runs(out, seeds)
-    out.mkdir(parents=True, exist_ok=True)
+    with sweep_lock(out):  # SweepBusy when another sweep runs here
+        return _run_sweep(sweep, out, runs, seeds, jobs, retries, executor, cores, slurm, reuse, echo)
+
+
+def _run_sweep(sweep, out, runs, seeds, jobs, retries, executor, cores, slurm, reuse, echo) -> pd.DataFrame:
     plan = {"sweep": sweep.to_dict(), "seeds": list(seeds or sweep.seeds), "runs": [r.name for r in runs]}
     _write(out / SWEEP_FILE, json.dumps(plan, indent=2) + "\n")
     threads = max(1, (cores or available_cores()) // jobs)

@@ -266,12 +266,15 @@ def _rho_plot(study: str, prs: pd.DataFrame, varying: list[str], out: Path) -> P
         group = group.sort_values("rho")
         err = [group["mean_gap"] - group["ci_low"], group["ci_high"] - group["mean_gap"]]
         ax.errorbar(group["rho"], group["mean_gap"], yerr=err, fmt="o-", capsize=3, label=value)
-        for _, r in group.iterrows():
+        # a label sits above its point when the line rises into it, else below: points with close ρ
+        # (widths of one backbone) keep their labels apart
+        rises = group["mean_gap"].diff().fillna(-1.0) > 0
+        for (_, r), up in zip(group.iterrows(), rises, strict=True):
             ax.annotate(
                 _label(r, [a for a in varying if a != hue]),
                 (r["rho"], r["mean_gap"]),
                 fontsize=7,
-                xytext=(3, 3),
+                xytext=(4, 4 if up else -11),
                 textcoords="offset points",
             )
     ax.axhline(0, color="grey", lw=0.8)

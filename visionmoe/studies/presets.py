@@ -147,7 +147,7 @@ _add(
                 }
             ],
         ),
-        full_time="~3.1 h per seed by --estimate (the depthwise w=32 pair alone ~80 min); "
+        full_time="10.3 h for 3 seeds (measured: 194 min for seed 0, the depthwise w=32 pair alone ~75 min); "
         "the standard w=16 pair is topk's k=2 pair (--reuse)",
         tiny_grids=[
             {

@@ -52,6 +52,15 @@ def test_long_table(table):
     assert row["k"] == "1" and row["train_minutes"] == 1.0 and row["study"] == "s"
 
 
+def test_runs_are_listed_in_numeric_order(tmp_path):
+    for width in (32, 8, 16):
+        for seed in (10, 2):
+            fake_run(tmp_path, "s", f"width={width}", seed, 80.0, axes={"width": str(width)})
+    table = load_runs([tmp_path])
+    assert list(table["config"].drop_duplicates()) == ["width=8", "width=16", "width=32"]
+    assert list(table[table["config"] == "width=8"]["seed"]) == [2, 10]
+
+
 def test_per_configuration(table):
     configs = summarize(table).set_index("config")
     # twin: 80, 80, 82 -> mean 80.6667; deviations -2/3, -2/3, 4/3; s² = (4/9 + 4/9 + 16/9) / 2 = 4/3, s = 1.1547;

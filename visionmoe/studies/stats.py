@@ -75,7 +75,7 @@ def load_runs(paths: Iterable[str | Path]) -> pd.DataFrame:
         if (path / "summary.json").is_file():
             found.append(path)
         elif path.is_dir():
-            found += sorted(p.parent for p in path.rglob("summary.json"))
+            found += sorted((p.parent for p in path.rglob("summary.json")), key=_natural)
         else:
             raise FileNotFoundError(f"{path} is neither a run directory (with summary.json) nor a folder of runs")
     rows, axes = [], []
@@ -89,6 +89,12 @@ def load_runs(paths: Iterable[str | Path]) -> pd.DataFrame:
     table = table.drop(columns=[c for c in SHARPNESS if table[c].isna().all()])
     table.attrs["axes"] = axes
     return table
+
+
+def _natural(path: Path) -> list[str | int]:
+    """Sort key that reads the numbers in a run's name as numbers: ``width=8`` before ``width=16``, ``-s2``
+    before ``-s10`` (so tables list configurations in axis order, not character order)."""
+    return [int(part) if i % 2 else part for i, part in enumerate(re.split(r"(\d+)", path.as_posix()))]
 
 
 def _row(run_dir: Path) -> dict[str, Any]:

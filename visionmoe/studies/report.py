@@ -1,6 +1,6 @@
 """``visionmoe report``: a study's tables (Markdown, CSV, LaTeX) and plots from its run directories.
 
-    write_report(["runs/topk", "runs/hidden"], "reports/cifar10")
+    write_report(["runs/topk", "runs/width"], "reports/cifar10")
 
 Writes into ``out``:
 
@@ -15,10 +15,11 @@ Writes into ``out``:
   a study compared directly, in ``contrasts.csv``, ``contrast_gaps.csv`` and a table of their own;
 - plots ``<study>_<plot>.png``, each where the study has what it needs: ``gap_vs_rho`` (the
   compute-leverage plot: gap against the routed FLOP share) wherever there are pairs, and one
-  comparison per axis the study varies — ``gap_vs_hidden`` (width / hidden size, one line per
-  backbone), ``gap_vs_k``, ``placement``, ``router``, ``experts`` (num_experts), and ``<axis>`` for
-  any other axis; ``sharpness`` where runs carry Hessian results. Comparisons show the gap to the
-  reference with its 95% interval, or top-1 itself in a study without pairs.
+  comparison per axis the study varies — ``gap_vs_width`` (backbone width), ``gap_vs_hidden``
+  (the FFN / experts' hidden size; one line per backbone and MoE stages), ``gap_vs_k``,
+  ``placement``, ``router``, ``experts`` (num_experts), and ``<axis>`` for any other axis;
+  ``sharpness`` where runs carry Hessian results. Comparisons show the gap to the reference with its
+  95% interval, or top-1 itself in a study without pairs.
 """
 
 from __future__ import annotations
@@ -34,7 +35,8 @@ import pandas as pd
 from visionmoe.studies.stats import BY_BATCH_SIZE, axis_columns, contrast_gaps, load_runs, paired_gaps, summarize
 
 PLOTS = {  # plot name -> the axis names it is drawn for
-    "gap_vs_hidden": ("width", "hidden_ratio", "hidden_dim", "hidden_size", "head_width", "embed_dim"),
+    "gap_vs_width": ("width", "embed_dim"),
+    "gap_vs_hidden": ("hidden_ratio", "hidden_dim", "hidden_size", "head_width", "head_hidden"),
     "gap_vs_k": ("k",),
     "placement": ("placement", "moe_stages", "moe_groups"),
     "router": ("router",),

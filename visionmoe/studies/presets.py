@@ -14,14 +14,14 @@ throughput of each model measured on this machine (a shared 2-core VM); a GPU ne
 The tiny forms train each run for one epoch on 256 images at small widths: they check that a study
 runs end to end through the report, not its result.
 
-    #  name         study                                                    runs per seed  2-core estimate
-    1  rho          ρ by placement: MoE in the last block / stage / 2 stages / all  8          ~1.2 h per seed
-    2  hidden       expert hidden size at width 8, standard and depthwise      20             ~3 h per seed
-    3  hidden_long  hidden's highest-ρ depthwise pair at 15 epochs, 2 seeds    2              ~2 h per seed
-    4  width        backbone width 8/16/32, standard and depthwise (was hidden) 12            ~3.4 h per seed
-    5  topk         k = 1 vs 2, same architecture and initialisation           4              35 min per seed
-    6  soft         dense / batch-axis Soft MoE / per-sample Soft MoE / top-2   4             ~20 min per seed
-                    on the pooled feature (one token per sample)
+    #  name         study                                                  runs per seed  2-core time, all seeds
+    1  rho          ρ by placement: last block / stage / 2 stages / all      8              ~2.2 h (--jobs 2)
+    2  hidden       expert hidden size at width 8, standard and depthwise    20             ~7.5 h (--jobs 2)
+    3  hidden_long  hidden's highest-ρ depthwise pair at 15 epochs, 2 seeds  2              ~2.9 h (--jobs 2)
+    4  width        backbone width 8/16/32, standard and depthwise           12             10.3 h (measured)
+    5  topk         k = 1 vs 2, same architecture and initialisation         4              1.7 h (measured)
+    6  soft         dense / batch-axis Soft MoE / per-sample Soft MoE /      4              ~2 h (--jobs 2)
+                    top-2 on the pooled feature (one token per sample)
     7  heads        ResNet-18 dense / mixture / sparse heads + sharpness       3              GPU (~40 h per run)
     8  placement    ViT / ConvNeXt: Last-2, Every-2, all; E = 4, 8, 16;        24             GPU (~days on CPU)
                     linear vs MLP router gate
@@ -193,8 +193,8 @@ _add(
             grids=[{"model.moeify.placement": ["tail-1", "tail-2", "tail-4", "all"]}],
             overrides=("model.name=cnn_resnet_cifar", f"model.kwargs.width={STUDY_WIDTH}"),
         ),
-        full_time="~1.2 h per seed (--estimate, today's MoE speed; the all-blocks MoE routes 1024 positions per "
-        "image in stage 1)",
+        full_time="~2.2 h for 3 seeds with --jobs 2 (--estimate, today's MoE speed; the all-blocks MoE routes 1024 "
+        "positions per image in stage 1)",
         notes=f"The standard CIFAR CNN (w={STUDY_WIDTH}, hidden's width) made MoE by moeify in its last block "
         "(tail-1), last stage (tail-2), last two stages (tail-4) or every block: ρ grows from a few % to most of "
         "the network. The CNN has no classifier-head MoE, so its last block stands in for 'head only'.",
@@ -212,7 +212,7 @@ _add(
             grids=_hidden_grids(HIDDEN_POINTS),
             overrides=(f"model.kwargs.width={STUDY_WIDTH}",),
         ),
-        full_time="~9 h for 3 seeds (--estimate, today's MoE speed; see BENCHMARKS.md 'Planned: issue 23')",
+        full_time="~7.5 h for 3 seeds with --jobs 2 (--estimate, today's MoE speed; BENCHMARKS.md 'Planned: issue 23')",
         tiny_grids=_hidden_grids([("standard", "1-2", 1), ("depthwise", "all", 2)]),
         notes=f"Width {STUDY_WIDTH} fixed; the hidden size of the MoE blocks' experts (hidden_ratio r: each expert "
         "r·dim wide, E=8, top-2) is swept, the dense twin's FFNs at 2·r·dim (equal active FLOPs). MoE in stages "
@@ -233,7 +233,7 @@ _add(
             grids=_hidden_grids([LONG_POINT], **{"train.epochs": [LONG_EPOCHS]}),
             overrides=(f"model.kwargs.width={STUDY_WIDTH}",),
         ),
-        full_time="~4 h for 2 seeds (--estimate, today's MoE speed)",
+        full_time="~2.9 h for 2 seeds with --jobs 2 (--estimate, today's MoE speed)",
         seeds=(0, 1),
         tiny_grids=_hidden_grids([("depthwise", "all", 2)], **{"train.epochs": [2]}),
         notes=f"hidden's highest-ρ depthwise pair ({LONG_POINT[1]} stages, r={LONG_POINT[2]:g}, nominal ρ "
@@ -293,7 +293,7 @@ _add(
             twins=False,
             baseline={"head": "dense"},
         ),
-        full_time="~1 h for 3 seeds (--estimate)",
+        full_time="~2 h for 3 seeds with --jobs 2 (--estimate)",
         tiny_overrides=("model.kwargs.width=8", "data.eval_batch_size=64"),
         tiny_grids=[{"head": _soft_arms(64, 8)}],  # batch 64: 8 experts × 8 slots, one per sample
         notes=f"The standard CIFAR CNN (w={SOFT_WIDTH}, every block dense) with its pooled 64-d feature through a "

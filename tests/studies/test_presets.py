@@ -1,12 +1,17 @@
 """Every study preset's tiny form runs end to end on stand-in data, through the statistics and the report."""
 
 import json
+from pathlib import Path
 
 import pandas as pd
 import pytest
+import torch
 
+from visionmoe.analysis.profile import profile
 from visionmoe.cli import main
+from visionmoe.models import create_model
 from visionmoe.studies import STUDIES, get_study, run_sweep, write_report
+from visionmoe.studies.presets import BACKBONES, HIDDEN_POINTS, LONG_POINT, STUDY_WIDTH
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -14,8 +19,10 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 EXPECTED_PLOTS = {
     "rho": ["placement"],
     "hidden": ["gap_vs_hidden"],
+    "hidden_long": [],
+    "width": ["gap_vs_width"],
     "topk": ["gap_vs_k"],
-    "soft": ["router"],
+    "soft": ["head"],
     "heads": ["head", "sharpness"],
     "placement": ["placement", "experts"],
     "routers": ["router"],
@@ -24,7 +31,7 @@ EXPECTED_PLOTS = {
 
 @pytest.fixture(scope="module")
 def tiny_sweeps(tmp_path_factory, standin_data):
-    """All seven tiny studies, one seed each, inline, in one folder (shared by the tests below)."""
+    """Every tiny study, one seed each, inline, in one folder (shared by the tests below)."""
     root = tmp_path_factory.mktemp("studies")
     manifests = {}
     for name, study in STUDIES.items():
@@ -90,5 +97,57 @@ def test_presets_are_well_formed(tmp_path):
         for tiny in (False, True):
             runs = study.build(tiny=tiny).runs(tmp_path)
             assert runs and all(r.config() for r in runs)  # every cell is a valid config
-    full = get_study("hidden").build().runs(tmp_path)
-    assert len(full) == 6 * 2 * 3  # 2 backbones × 3 widths, each with its twin, seeds 0-2
+    runs = {name: get_study(name).build().runs(tmp_path) for name in ("width", "hidden", "hidden_long", "soft")}
+    assert len(runs["width"]) == 6 * 2 * 3  # 2 backbones × 3 widths, each with its twin, seeds 0-2
+    assert len(runs["hidden"]) == 10 * 2 * 3  # 5 hidden sizes × 2 backbones, each with its twin, seeds 0-2
+    assert len(runs["hidden_long"]) == 2 * 2  # one pair, seeds 0-1
+    assert len(runs["soft"]) == 4 * 3  # dense, Soft MoE over the batch, per sample, top-2; seeds 0-2
+    long = runs["hidden_long"][0].config()
+    assert long.train.epochs == 3 * get_study("hidden").build().runs(tmp_path)[0].config().train.epochs
+    assert long.model.kwargs["moe_stages"] == "all" and long.model.kwargs["hidden_ratio"] == 4
+
+
+def test_width_keeps_the_run_names_of_its_results():
+    """The width sweep was run as 'hidden' (issue 7): its committed runs are the runs its preset names."""
+    results = Path(__file__).resolve().parents[2] / "results" / "width"
+    names = {r.name for r in get_study("width").build().runs(results)}
+    assert names == {p.name for p in results.iterdir() if p.is_dir()}
+    assert all(json.loads((results / n / "sweep_run.json").read_text())["study"] == "width" for n in names)
+
+
+def test_hidden_points_reach_the_issue_rho_ranges_and_state_their_rho():
+    """Each point's nominal ρ as stated in the preset is the one profile measures on its model (width 8)."""
+    by_backbone = {}
+    for (backbone, stages, ratio), stated in HIDDEN_POINTS.items():
+        model = create_model(
+            BACKBONES[backbone][0].split("=")[1],
+            width=STUDY_WIDTH,
+            hidden_ratio=ratio,
+            moe_stages=[1, 2] if stages == "1-2" else stages,
+        )
+        measured = profile(model, torch.randn(2, 3, 32, 32)).rho_nominal
+        assert abs(measured - stated) < 5e-4, (backbone, stages, ratio, measured)
+        by_backbone.setdefault(backbone, []).append(stated)
+    # the issue: >= 5 hidden sizes per backbone, ρ spanning at least 0.15 -> 0.60 (standard), 0.25 -> 0.85 (depthwise)
+    assert len(by_backbone["standard"]) >= 5 and len(by_backbone["depthwise"]) >= 5
+    assert min(by_backbone["standard"]) <= 0.15 and max(by_backbone["standard"]) >= 0.60
+    assert min(by_backbone["depthwise"]) <= 0.25 and max(by_backbone["depthwise"]) >= 0.85
+    assert HIDDEN_POINTS[LONG_POINT] == max(by_backbone["depthwise"])
+
+
+def test_tiny_soft_records_accuracy_per_eval_batch_size_and_equal_expert_flops(tiny_sweeps, tmp_path):
+    root, _ = tiny_sweeps
+    flops = {}
+    for arm in ("dense", "soft_batch", "soft_per_sample", "top2"):
+        summary = json.loads((root / "soft" / f"head={arm}-s0" / "summary.json").read_text())
+        sizes = summary["test_by_batch_size"]
+        assert list(sizes) == ["1", "32", "512"]
+        assert all(0 <= m["top1"] <= 1 for m in sizes.values())
+        assert summary["test"]["top1"] == pytest.approx(sizes["512"]["top1"])  # eval batch 64 >= the 40 test images
+        flops[arm] = summary["expert_flops_per_image"]
+    # every head at 64 active hidden units on a 32-d feature: 2 · 2 · 32 · 64 FLOPs per image; the batch-axis
+    # arm is profiled at its training batch (64 images, 8 × 8 slots), not at two images
+    assert flops == dict.fromkeys(flops, 8192)
+    write_report([root / "soft"], tmp_path)
+    text = (tmp_path / "report.md").read_text()
+    assert "### Test top1 by evaluation batch size" in text and "| batch 1 | batch 32 | batch 512 |" in text

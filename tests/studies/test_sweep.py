@@ -246,7 +246,14 @@ def test_estimate_times_every_configuration_and_trains_nothing(tmp_path, standin
     a = table.attrs
     assert a["threads"] == 1 and a["minutes_per_seed"] == pytest.approx(table["minutes"].sum())
     assert a["hours"] == pytest.approx(a["minutes_per_seed"] * 3 / 2 / 60)
+    # CPU time: the process's, while it ran (one thread here: at most the wall time, plus clock granularity)
+    assert (table["cpu_seconds_per_step"] > 0).all() and (table["cpu_minutes"] > 0).all()
+    assert a["cpu_hours"] == pytest.approx(table["cpu_minutes"].sum() * 3 / 2 / 60)
     assert not any(tmp_path.iterdir())  # nothing trained, nothing written
+    sized = tiny_sweep(standin_data, grids=[{"model.moe.k": [2]}])  # eval.batch_sizes: one more test pass per size
+    sized.overrides = (*sized.overrides, "eval.batch_sizes=[1, 32]")
+    sized = estimate_sweep(sized, jobs=2, cores=2, steps=1, out=str(tmp_path), echo=lambda line: None)
+    assert (sized["eval_minutes"] > 0).all() and (sized["cpu_minutes"] > 0).all()
 
     overrides = [f"data.data_dir={standin_data}", "model.kwargs.width=8"]
     assert (

@@ -1,6 +1,6 @@
 """Models: MoE vision backbones registered with timm, ``moeify`` for existing models, placement."""
 
-from visionmoe.models import airbench, cifar_resnet, cnn, convnext, vit  # noqa: F401  (registers the models with timm)
+from visionmoe.models import airbench, cifar_resnet, cnn, cnn_head, convnext, vit  # noqa: F401  (registers the models with timm)
 from visionmoe.models.moeify import MoEMlp, mlp_blocks, moeify
 from visionmoe.models.placement import PLACEMENTS, resolve_placement
 from visionmoe.models.registry import create_model, list_models, register_model

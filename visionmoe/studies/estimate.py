@@ -13,7 +13,10 @@ and one at the end; twice with flip TTA). Data loading and augmentation are left
 
 Seeds cost alike, so the sweep's time is the per-seed total × seeds, divided by ``jobs`` (the ideal;
 jobs that share cores also share memory bandwidth). The figure is for this machine in its current
-state: time a sweep on a quiet machine, as its runs would be.
+state: time a sweep on a quiet machine, as its runs would be. On a busy one, read the CPU columns: the
+process's CPU time (all its threads) counts only while it runs, so it moves far less with other
+people's load. With one thread per run (``--jobs 2`` on 2 cores) a run's CPU minutes are about its
+minutes on a quiet core; with more threads they are the sum over its threads.
 """
 
 from __future__ import annotations
@@ -30,14 +33,16 @@ import torch.nn.functional as F
 from visionmoe.studies.sweep import Sweep, available_cores
 
 
-def _time(fn, repeats: int) -> float:
+def _time(fn, repeats: int) -> tuple[float, float]:
+    """Median (wall, CPU) seconds of ``fn``; CPU time is the process's, summed over its threads."""
     fn()  # warm-up: allocator, oneDNN primitive caches
-    times = []
+    walls, cpus = [], []
     for _ in range(repeats):
-        start = time.perf_counter()
+        start, cpu = time.perf_counter(), time.process_time()
         fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+        walls.append(time.perf_counter() - start)
+        cpus.append(time.process_time() - cpu)
+    return statistics.median(walls), statistics.median(cpus)
 
 
 def estimate_run(config, splits, steps: int = 3) -> dict[str, Any]:
@@ -63,25 +68,35 @@ def estimate_run(config, splits, steps: int = 3) -> dict[str, Any]:
         optimizer.step()
 
     model.train()
-    step_seconds = _time(train_step, steps)
+    step_seconds, step_cpu = _time(train_step, steps)
     model.eval()
     with torch.no_grad():
-        eval_seconds = _time(lambda: model(x), steps) / batch  # per image
+        eval_seconds, eval_cpu = (t / batch for t in _time(lambda: model(x), steps))  # per image
+        # eval.batch_sizes: the test set once more per size, at that size's cost per image
+        sized = [
+            tuple(t / min(b, batch) for t in _time(lambda b=b: model(x[:b]), steps)) for b in config.eval.batch_sizes
+        ]
 
     train_loader, _ = build_loaders(d, splits, t.seed, channels_last=False)
     steps_per_epoch = len(train_loader)  # as the Trainer counts them
     total_steps = max(1, round(t.epochs * steps_per_epoch))
     epochs = -(-total_steps // steps_per_epoch)
     evaluations = epochs // t.eval_every + (epochs % t.eval_every != 0)  # every eval_every epochs, and the last
-    eval_images = len(splits.test) * evaluations * (2 if config.eval.tta_flip else 1)
+    flips = 2 if config.eval.tta_flip else 1
+    eval_images = len(splits.test) * evaluations * flips
     train_minutes = step_seconds * total_steps / 60
-    eval_minutes = eval_seconds * eval_images / 60
+    eval_minutes = (eval_seconds * eval_images + sum(w for w, _ in sized) * len(splits.test) * flips) / 60
+    cpu_minutes = (
+        step_cpu * total_steps + eval_cpu * eval_images + sum(c for _, c in sized) * len(splits.test) * flips
+    ) / 60
     return {
         "seconds_per_step": step_seconds,
+        "cpu_seconds_per_step": step_cpu,
         "steps": total_steps,
         "train_minutes": train_minutes,
         "eval_minutes": eval_minutes,
         "minutes": train_minutes + eval_minutes,
+        "cpu_minutes": cpu_minutes,
     }
 
 
@@ -118,32 +133,37 @@ def estimate_sweep(
             if key not in splits_by_data:
                 splits_by_data[key] = load_splits(config.data)
             row = {"config": run.key, "twin": run.twin or "", **estimate_run(config, splits_by_data[key], steps)}
-            echo(f"{run.key}: {row['seconds_per_step']:.2f} s/step × {row['steps']} steps ≈ {row['minutes']:.1f} min")
+            echo(
+                f"{run.key}: {row['seconds_per_step']:.2f} s/step × {row['steps']} steps ≈ {row['minutes']:.1f} min "
+                f"(CPU {row['cpu_seconds_per_step']:.2f} s/step, {row['cpu_minutes']:.1f} min)"
+            )
             rows.append(row)
     finally:
         torch.set_num_threads(previous)
     table = pd.DataFrame(rows)
-    per_seed = float(table["minutes"].sum())
+    per_seed, cpu_per_seed = float(table["minutes"].sum()), float(table["cpu_minutes"].sum())
     table.attrs.update(
         threads=threads, minutes_per_seed=per_seed, seeds=len(seeds), jobs=jobs, hours=per_seed * len(seeds) / jobs / 60
     )
+    table.attrs.update(cpu_minutes_per_seed=cpu_per_seed, cpu_hours=cpu_per_seed * len(seeds) / jobs / 60)
     return table
 
 
 def estimate_markdown(table: pd.DataFrame, name: str) -> str:
     a = table.attrs
     lines = [
-        "| configuration | s / step | steps | train min | eval min | min per run |",
-        "|---|---:|---:|---:|---:|---:|",
+        "| configuration | s / step | CPU s / step | steps | train min | eval min | min per run | CPU min per run |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in table.itertuples(index=False):
         lines.append(
-            f"| {r.config} | {r.seconds_per_step:.2f} | {r.steps} | {r.train_minutes:.1f} | {r.eval_minutes:.1f} | "
-            f"{r.minutes:.1f} |"
+            f"| {r.config} | {r.seconds_per_step:.2f} | {r.cpu_seconds_per_step:.2f} | {r.steps} | "
+            f"{r.train_minutes:.1f} | {r.eval_minutes:.1f} | {r.minutes:.1f} | {r.cpu_minutes:.1f} |"
         )
     lines.append("")
     lines.append(
         f"{name}: {a['minutes_per_seed']:.0f} min per seed × {a['seeds']} seed(s) / {a['jobs']} job(s) "
-        f"× {a['threads']} thread(s) ≈ {a['hours']:.1f} h"
+        f"× {a['threads']} thread(s) ≈ {a['hours']:.1f} h; in CPU time {a['cpu_minutes_per_seed']:.0f} min per "
+        f"seed ≈ {a['cpu_hours']:.1f} h"
     )
     return "\n".join(lines)

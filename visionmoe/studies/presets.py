@@ -8,20 +8,27 @@ ResNet-18 recipe; ``benchmarks/rokah_heads.py`` is its CPU-budget form) trains b
 ``configs/cifar10_moe.yaml`` (SGD + Nesterov, batch
 512, lr 0.4 with a 1-epoch warm-up and linear decay, label smoothing 0.2, crop ±2 and flip, flip
 TTA, 5 epochs); only the model changes. MoE layers default to that preset's E = 8, top-2, capacity
-factor 1.25 (2.0 at test). The full forms' times are for 2 CPU cores (one job, 2 threads): topk
-measured, hidden by ``--estimate``, the others from the training throughput of each model measured
-on this machine (a shared 2-core VM); a GPU needs minutes per run. The tiny forms train each run for
-one epoch on 256 images at small widths: they check that a study runs end to end through the report, not its result.
+factor 1.25 (2.0 at test). The full forms' times are for 2 CPU cores (one job, 2 threads): topk and
+width measured, hidden, hidden_long, rho and soft by ``--estimate``, the others from the training
+throughput of each model measured on this machine (a shared 2-core VM); a GPU needs minutes per run.
+The tiny forms train each run for one epoch on 256 images at small widths: they check that a study
+runs end to end through the report, not its result.
 
-    #  name       study                                                   runs per seed  2-core estimate
-    1  rho        ρ sweep: MoE in the last block / stage / 2 stages / all  8             ~6 h per seed
-    2  hidden     width 8/16/32, standard and depthwise backbones          12            ~3.1 h per seed
-    3  topk       k = 1 vs 2, same architecture and initialisation         4             35 min per seed
-    4  soft       per-sample vs batch-axis Soft MoE vs dense, CIFAR-100    4             ~2 h per seed
-    5  heads      ResNet-18 dense / mixture / sparse heads + sharpness     3             GPU (~40 h per run)
-    6  placement  ViT / ConvNeXt: Last-2, Every-2, all; E = 4, 8, 16;      24            GPU (~days on CPU)
-                  linear vs MLP router gate
-    7  routers    six routers at equal active FLOPs and a dense reference  7             ~3 h per seed
+    #  name         study                                                  runs per seed  2-core time, all seeds
+    1  rho          ρ by placement: last block / stage / 2 stages / all      8              ~2.2 h (--jobs 2)
+    2  hidden       expert hidden size at width 8, standard and depthwise    20             ~7.5 h (--jobs 2)
+    3  hidden_long  hidden's highest-ρ depthwise pair at 15 epochs, 2 seeds  2              ~2.9 h (--jobs 2)
+    4  width        backbone width 8/16/32, standard and depthwise           12             10.3 h (measured)
+    5  topk         k = 1 vs 2, same architecture and initialisation         4              1.7 h (measured)
+    6  soft         dense / batch-axis Soft MoE / per-sample Soft MoE /      4              ~2 h (--jobs 2)
+                    top-2 on the pooled feature (one token per sample)
+    7  heads        ResNet-18 dense / mixture / sparse heads + sharpness       3              GPU (~40 h per run)
+    8  placement    ViT / ConvNeXt: Last-2, Every-2, all; E = 4, 8, 16;        24             GPU (~days on CPU)
+                    linear vs MLP router gate
+    9  routers      six routers at equal active FLOPs and a dense reference    7              ~3 h per seed
+
+The hidden, hidden_long, rho and soft estimates assume today's MoE layer, up to 2.4× its twin's step time
+with MoE in every stage (issue 22); BENCHMARKS.md "Planned: issue 23" has the tables and launch commands.
 """
 
 from __future__ import annotations
@@ -97,11 +104,76 @@ def _cnn(width: int) -> tuple[str, ...]:
     return ("model.name=cnn_resnet_cifar_moe", f"model.kwargs.width={width}")
 
 
+STUDY_WIDTH = 8  # backbone width w of hidden, hidden_long and rho: what fits their runs in ~24 h on 2 cores
+BACKBONES = {"standard": ["model.name=cnn_resnet_cifar_moe"], "depthwise": ["model.name=cnn_dw_cifar_moe"]}
+STAGES = {"1-2": ["model.kwargs.moe_stages=[1, 2]"], "all": ["model.kwargs.moe_stages=all"]}
+
+HIDDEN_POINTS: dict[tuple[str, str, float], float] = {
+    # (backbone, MoE stages, hidden ratio r) -> nominal ρ at width 8: the experts' share of the FLOPs with
+    # every top-2 assignment processed (visionmoe.analysis.profile; tests/studies/test_presets.py checks it).
+    # Each expert is r·dim wide, the dense twin's FFN 2·r·dim (equal active FLOPs).
+    ("standard", "1-2", 0.5): 0.131,
+    ("standard", "1-2", 1): 0.226,
+    ("standard", "1-2", 2): 0.352,
+    ("standard", "1-2", 4): 0.489,
+    ("standard", "1-2", 8): 0.607,
+    ("depthwise", "1-2", 0.25): 0.224,
+    ("depthwise", "1-2", 1): 0.488,
+    ("depthwise", "1-2", 4): 0.690,  # the issue's probe (MoE 65.15% vs twin 70.77%, seed 0)
+    ("depthwise", "all", 2): 0.764,
+    ("depthwise", "all", 4): 0.866,
+}
+LONG_EPOCHS = 15  # hidden_long: 3 × the recipe's 5 epochs
+
+
+def _hidden_grids(points, **extra: list[Any]) -> list[dict[str, Any]]:
+    """One grid per (backbone, stages) of ``points``, its hidden ratios as the ``hidden_ratio`` axis."""
+    groups: dict[tuple[str, str], list[float]] = {}
+    for backbone, stages, ratio in points:
+        groups.setdefault((backbone, stages), []).append(ratio)
+    return [
+        {
+            "backbone": {backbone: BACKBONES[backbone]},
+            "stages": {stages: STAGES[stages]},
+            "model.kwargs.hidden_ratio": ratios,
+            **extra,
+        }
+        for (backbone, stages), ratios in groups.items()
+    ]
+
+
+def _rho_table() -> str:
+    return "\n".join(f"    {b:9s}  {s:4s}  r={r:<4g}  ρ={rho:.3f}" for (b, s, r), rho in HIDDEN_POINTS.items())
+
+
+# Soft MoE on the pooled feature (one token per sample), every head at A = 2·D = 128 active hidden units per
+# sample (D = 4w = 64 at w = 16): dense FFN of width A; top-2 of 8 experts of width A/2; per-sample Soft MoE,
+# 8 experts × 1 slot, each A/8 wide (a token runs every slot); Soft MoE over the batch, 8 experts × 64
+# slots of width A, so at the training batch of 512 there is one slot per sample (E·P = B, the original
+# Soft MoE's slots = tokens) and each sample costs one expert: A. SOFT_SLOTS must equal data.batch_size / 8.
+SOFT_WIDTH, SOFT_ACTIVE, SOFT_SLOTS = 16, 128, 64
+SOFT_EVAL_BATCH_SIZES = "eval.batch_sizes=[1, 32, 512]"
+
+
+def _soft_arms(active: int, slots: int) -> dict[str, list[str]]:
+    return {
+        "dense": ["model.moe={num_experts: 1, router: dense}", f"model.kwargs.head_hidden={active}"],
+        "soft_batch": [
+            f"model.moe={{num_experts: 8, router: soft, groups: batch, router_options: {{slots_per_expert: {slots}}}}}",
+            f"model.kwargs.head_hidden={active}",
+        ],
+        "soft_per_sample": [
+            "model.moe={num_experts: 8, router: soft_per_sample, router_options: {slots_per_expert: 1}}",
+            f"model.kwargs.head_hidden={active // 8}",
+        ],
+        "top2": [
+            "model.moe={num_experts: 8, router: topk, k: 2, capacity_factor: 1.25, eval_capacity_factor: 2.0}",
+            f"model.kwargs.head_hidden={active // 2}",
+        ],
+    }
+
+
 SOFT_PER_SAMPLE = "model.moe={num_experts: 8, router: soft_per_sample, router_options: {slots_per_expert: %d}}"
-# Batch-axis Soft MoE over groups of 2 images (128 positions of the 8×8 map): the same slots per token
-# as per sample (E·P = S), and groups small enough for the (S, E·P) dispatch; 128 must divide the
-# tokens of every batch, so batch sizes stay even.
-SOFT_BATCH = "model.moe={num_experts: 8, router: soft, groups: 128, router_options: {slots_per_expert: %d}}"
 
 STUDIES: dict[str, Study] = {}
 
@@ -119,13 +191,13 @@ _add(
             "rho",
             BASE,
             grids=[{"model.moeify.placement": ["tail-1", "tail-2", "tail-4", "all"]}],
-            overrides=("model.name=cnn_resnet_cifar", "model.kwargs.width=16"),
+            overrides=("model.name=cnn_resnet_cifar", f"model.kwargs.width={STUDY_WIDTH}"),
         ),
-        full_time="~6 h per seed (the all-blocks MoE routes 1024 positions per image in stage 1)",
-        tiny_overrides=("model.kwargs.width=8",),
-        notes="The standard CIFAR CNN (w=16) made MoE by moeify in its last block (tail-1), last stage (tail-2), "
-        "last two stages (tail-4) or every block: ρ grows from a few % to most of the network. The CNN has no "
-        "classifier-head MoE, so its last block stands in for 'head only'.",
+        full_time="~2.2 h for 3 seeds with --jobs 2 (--estimate, today's MoE speed; the all-blocks MoE routes 1024 "
+        "positions per image in stage 1)",
+        notes=f"The standard CIFAR CNN (w={STUDY_WIDTH}, hidden's width) made MoE by moeify in its last block "
+        "(tail-1), last stage (tail-2), last two stages (tail-4) or every block: ρ grows from a few % to most of "
+        "the network. The CNN has no classifier-head MoE, so its last block stands in for 'head only'.",
     )
 )
 
@@ -133,39 +205,65 @@ _add(
     Study(
         2,
         "hidden",
-        "hidden-size sweep on standard and depthwise backbones: where the gap changes sign (Sun et al.)",
+        "hidden-size sweep at fixed width, standard and depthwise: where the gap changes sign (Sun et al.)",
         Sweep(
             "hidden",
             BASE,
-            grids=[
-                {
-                    "backbone": {
-                        "standard": ["model.name=cnn_resnet_cifar_moe"],
-                        "depthwise": ["model.name=cnn_dw_cifar_moe"],
-                    },
-                    "model.kwargs.width": [8, 16, 32],
-                }
-            ],
+            grids=_hidden_grids(HIDDEN_POINTS),
+            overrides=(f"model.kwargs.width={STUDY_WIDTH}",),
         ),
-        full_time="10.3 h for 3 seeds (measured: 194 min for seed 0, the depthwise w=32 pair alone ~75 min); "
-        "the standard w=16 pair is topk's k=2 pair (--reuse)",
-        tiny_grids=[
-            {
-                "backbone": {
-                    "standard": ["model.name=cnn_resnet_cifar_moe"],
-                    "depthwise": ["model.name=cnn_dw_cifar_moe"],
-                },
-                "model.kwargs.width": [8, 16],
-            }
-        ],
-        notes="Hidden size = the backbone width w (stages w, 2w, 4w; FFN and expert width hidden_ratio·dim scale with "
-        "it). MoE in the last stage, E=8, top-2; each against its dense twin of equal active FLOPs.",
+        full_time="~7.5 h for 3 seeds with --jobs 2 (--estimate, today's MoE speed; BENCHMARKS.md 'Planned: issue 23')",
+        tiny_grids=_hidden_grids([("standard", "1-2", 1), ("depthwise", "all", 2)]),
+        notes=f"Width {STUDY_WIDTH} fixed; the hidden size of the MoE blocks' experts (hidden_ratio r: each expert "
+        "r·dim wide, E=8, top-2) is swept, the dense twin's FFNs at 2·r·dim (equal active FLOPs). MoE in stages "
+        "1-2 (standard: all five points; depthwise: the three lower points) or in every stage (depthwise: the two "
+        "highest), so nominal ρ spans 0.13-0.61 (standard) and 0.22-0.87 (depthwise):\n" + _rho_table(),
+    )
+)
+
+LONG_POINT = max((p for p in HIDDEN_POINTS if p[0] == "depthwise"), key=HIDDEN_POINTS.__getitem__)
+_add(
+    Study(
+        3,
+        "hidden_long",
+        f"budget control: hidden's highest-ρ depthwise pair at {LONG_EPOCHS} epochs (3× the budget)",
+        Sweep(
+            "hidden_long",
+            BASE,
+            grids=_hidden_grids([LONG_POINT], **{"train.epochs": [LONG_EPOCHS]}),
+            overrides=(f"model.kwargs.width={STUDY_WIDTH}",),
+        ),
+        full_time="~2.9 h for 2 seeds with --jobs 2 (--estimate, today's MoE speed)",
+        seeds=(0, 1),
+        tiny_grids=_hidden_grids([("depthwise", "all", 2)], **{"train.epochs": [2]}),
+        notes=f"hidden's highest-ρ depthwise pair ({LONG_POINT[1]} stages, r={LONG_POINT[2]:g}, nominal ρ "
+        f"{HIDDEN_POINTS[LONG_POINT]:.3f}) trained {LONG_EPOCHS} epochs instead of 5 (same recipe, warm-up 1 "
+        "epoch, linear decay over the whole run), seeds 0-1: does the sign of MoE − twin depend on the budget?",
     )
 )
 
 _add(
     Study(
-        3,
+        4,
+        "width",
+        "width sweep (backbone width 8/16/32) on standard and depthwise backbones (Sun et al.)",
+        Sweep(
+            "width",
+            BASE,
+            grids=[{"backbone": BACKBONES, "model.kwargs.width": [8, 16, 32]}],
+        ),
+        full_time="10.3 h for 3 seeds (measured: 194 min for seed 0, the depthwise w=32 pair alone ~75 min); "
+        "the standard w=16 pair is topk's k=2 pair (--reuse)",
+        tiny_grids=[{"backbone": BACKBONES, "model.kwargs.width": [8, 16]}],
+        notes="The backbone width w is swept (stages w, 2w, 4w; FFN and expert width hidden_ratio·dim scale with "
+        "it), so nominal ρ stays nearly flat (0.20 standard, 0.42-0.46 depthwise). MoE in the last stage, E=8, "
+        "top-2; each against its dense twin of equal active FLOPs. (Run as 'hidden' in issue 7.)",
+    )
+)
+
+_add(
+    Study(
+        5,
         "topk",
         "top-k ablation: k = 1 vs k = 2 with architecture and initialisation fixed (Sun et al.)",
         Sweep("topk", BASE, grids=[{"model.moe.k": [1, 2]}], overrides=_cnn(16)),
@@ -179,25 +277,36 @@ _add(
 
 _add(
     Study(
-        4,
+        6,
         "soft",
-        "per-sample vs batch-axis Soft MoE vs dense on CIFAR-100 (Sun et al.)",
+        "per-sample vs batch-axis Soft MoE vs top-2 vs dense on the pooled feature, one token per sample (Sun et al.)",
         Sweep(
             "soft",
             BASE,
-            grids=[{"router": {"soft_per_sample": [SOFT_PER_SAMPLE % 8], "soft_batch": [SOFT_BATCH % 16]}}],
-            overrides=("data.dataset=cifar100", *_cnn(16)),
+            grids=[{"head": _soft_arms(SOFT_ACTIVE, SOFT_SLOTS)}],
+            overrides=(
+                "model.name=cnn_resnet_cifar_head",
+                f"model.kwargs.width={SOFT_WIDTH}",
+                "data.eval_batch_size=512",
+                SOFT_EVAL_BATCH_SIZES,
+            ),
+            twins=False,
+            baseline={"head": "dense"},
         ),
-        full_time="~2 h per seed",
-        tiny_overrides=("model.kwargs.width=8",),
-        notes="Soft MoE in the last stage (8×8 map): per sample, 64 tokens into 8 experts × 8 slots; over the batch "
-        "axis, groups of 2 images (128 tokens) into 8 × 16 slots, so a prediction depends on the image it is "
-        "grouped with. Both do one expert's FLOPs per token; the dense twin (equal active FLOPs) is the dense "
-        "model. Only CIFAR-10 is at hand here: run it with data.dataset=imagefolder "
-        "data.data_dir=../shared/data/cifar10-jpeg and say so.",
+        full_time="~2 h for 3 seeds with --jobs 2 (--estimate)",
+        tiny_overrides=("model.kwargs.width=8", "data.eval_batch_size=64"),
+        tiny_grids=[{"head": _soft_arms(64, 8)}],  # batch 64: 8 experts × 8 slots, one per sample
+        notes=f"The standard CIFAR CNN (w={SOFT_WIDTH}, every block dense) with its pooled 64-d feature through a "
+        f"head of {SOFT_ACTIVE} active hidden units per sample: dense FFN; Soft MoE with batch-axis dispatch (8 "
+        f"experts × {SOFT_SLOTS} slots of width {SOFT_ACTIVE}: at batch 512 one slot per sample, each slot a "
+        f"softmax mixture of the batch's samples); per-sample Soft MoE (8 experts × 1 slot of width "
+        f"{SOFT_ACTIVE // 8}, softmax over a sample's own slots); top-2 of 8 experts of width {SOFT_ACTIVE // 2}. "
+        "Under one seed all four start from the same backbone and classifier. Evaluation: the test set in fixed, "
+        "unshuffled batches of the training batch size (512, the last one 272 images on CIFAR-10's 10,000), so "
+        "the batch-axis arm sees test batches like its training ones; then again in batches of 1, 32 and 512 "
+        "(eval.batch_sizes), for every arm. CIFAR-100 where present: data.dataset=cifar100.",
     )
 )
-
 HEADS = {
     "dense": ["model.name=resnet18_cifar_dense_head"],
     "mixture": ["model.name=resnet18_cifar_mixture_head"],
@@ -205,7 +314,7 @@ HEADS = {
 }
 _add(
     Study(
-        5,
+        7,
         "heads",
         "dense vs mixture vs sparse heads on ResNet-18, with sharpness (Rokah et al.)",
         Sweep(
@@ -269,7 +378,7 @@ TRANSFORMER_RECIPE = (
 )
 _add(
     Study(
-        6,
+        8,
         "placement",
         "placement Last-2 / Every-2 / all and 4 / 8 / 16 experts on ViT and ConvNeXt (Videau et al.)",
         Sweep(
@@ -309,7 +418,7 @@ ROUTERS = {
 }
 _add(
     Study(
-        7,
+        9,
         "routers",
         "six routers head to head at equal active FLOPs (Liu et al.)",
         Sweep(

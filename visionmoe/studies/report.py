@@ -1,23 +1,25 @@
 """``visionmoe report``: a study's tables (Markdown, CSV, LaTeX) and plots from its run directories.
 
-    write_report(["runs/topk", "runs/hidden"], "reports/cifar10")
+    write_report(["runs/topk", "runs/width"], "reports/cifar10")
 
 Writes into ``out``:
 
 - ``report.md``: per study, the configurations (top-1 mean ± std over seeds, 95% t-interval, ρ,
   parameters, FLOPs, training time), the pairs (gap to the reference per seed, its mean and 95%
   interval, how many seeds share its sign, paired t-test and Wilcoxon p-values, notes), λmax / tr(H)
-  where runs were analysed, failed runs from the sweep manifests, and the plots;
+  where runs were analysed, test top-1 at each evaluation batch size where runs measured it
+  (``eval.batch_sizes``), failed runs from the sweep manifests, and the plots;
 - ``runs.csv`` (one row per run), ``configs.csv``, ``pairs.csv``, ``gaps.csv`` (one row per pair and
   seed) and ``tables.tex`` (the configuration and pair tables of each study, booktabs);
 - with ``contrasts`` (``--contrast k=2:k=1``), the same paired statistics for two configurations of
   a study compared directly, in ``contrasts.csv``, ``contrast_gaps.csv`` and a table of their own;
 - plots ``<study>_<plot>.png``, each where the study has what it needs: ``gap_vs_rho`` (the
   compute-leverage plot: gap against the routed FLOP share) wherever there are pairs, and one
-  comparison per axis the study varies — ``gap_vs_hidden`` (width / hidden size, one line per
-  backbone), ``gap_vs_k``, ``placement``, ``router``, ``experts`` (num_experts), and ``<axis>`` for
-  any other axis; ``sharpness`` where runs carry Hessian results. Comparisons show the gap to the
-  reference with its 95% interval, or top-1 itself in a study without pairs.
+  comparison per axis the study varies — ``gap_vs_width`` (backbone width), ``gap_vs_hidden``
+  (the FFN / experts' hidden size; one line per backbone and MoE stages), ``gap_vs_k``,
+  ``placement``, ``router``, ``experts`` (num_experts), and ``<axis>`` for any other axis;
+  ``sharpness`` where runs carry Hessian results. Comparisons show the gap to the reference with its
+  95% interval, or top-1 itself in a study without pairs.
 """
 
 from __future__ import annotations
@@ -30,10 +32,11 @@ from typing import Any
 
 import pandas as pd
 
-from visionmoe.studies.stats import axis_columns, contrast_gaps, load_runs, paired_gaps, summarize
+from visionmoe.studies.stats import BY_BATCH_SIZE, axis_columns, contrast_gaps, load_runs, paired_gaps, summarize
 
 PLOTS = {  # plot name -> the axis names it is drawn for
-    "gap_vs_hidden": ("width", "hidden_ratio", "hidden_dim", "hidden_size", "head_width", "embed_dim"),
+    "gap_vs_width": ("width", "embed_dim"),
+    "gap_vs_hidden": ("hidden_ratio", "hidden_dim", "hidden_size", "head_width", "head_hidden"),
     "gap_vs_k": ("k",),
     "placement": ("placement", "moe_stages", "moe_groups"),
     "router": ("router",),
@@ -185,6 +188,23 @@ def _markdown_study(study, rows, cfg, prs, gaps, contrast, plots, sweep, metric)
         parts += ["### Pairs: configuration − reference (same seed)", _markdown(_pair_table(prs, gaps))]
     if not contrast[0].empty:
         parts += ["### Contrasts: configuration − configuration (same seed)", _markdown(_pair_table(*contrast))]
+    sizes = [c for c in cfg if c.startswith(BY_BATCH_SIZE) and not c.endswith("_std") and cfg[c].notna().any()]
+    if sizes:
+        frame = pd.DataFrame(
+            {
+                "configuration": cfg["config"],
+                **{
+                    f"batch {c.removeprefix(BY_BATCH_SIZE)}": [
+                        f"{_fmt(m)} ± {_fmt(s)}" for m, s in zip(cfg[c], cfg[f"{c}_std"], strict=True)
+                    ]
+                    for c in sizes
+                },
+            }
+        )
+        parts += [
+            f"### Test {metric} by evaluation batch size (mean ± std over seeds; fixed, unshuffled test batches)",
+            _markdown(frame),
+        ]
     sharp = [c for c in ("lambda_max_train", "lambda_max_test", "trace_train", "trace_test") if c in cfg]
     if sharp:
         frame = pd.DataFrame({"configuration": cfg["config"], **{c: [_fmt(v, ".4g") for v in cfg[c]] for c in sharp}})

@@ -55,6 +55,7 @@ RUN_COLUMNS = [
     "run",
 ]
 SHARPNESS = ["lambda_max_train", "lambda_max_test", "trace_train", "trace_test"]
+BY_BATCH_SIZE = "top1_bs"  # + the size: test top-1 (%) with the test set in batches of that size (eval.batch_sizes)
 MEANS = ["rho", "rho_measured", "params", "active_params", "flops", "train_minutes", *SHARPNESS]  # per configuration
 
 
@@ -67,7 +68,8 @@ def load_runs(paths: Iterable[str | Path]) -> pd.DataFrame:
     nominal ρ, the share of FLOPs the experts control with no assignment dropped; rho_measured: the
     useful share on the run's first two training images at initialisation; params, active_params,
     flops per image), train_minutes, images_per_s and, where ``analysis.json``
-    holds a Hessian section, λmax and tr(H) on the train and test subsets. ``table.attrs["axes"]``
+    holds a Hessian section, λmax and tr(H) on the train and test subsets; where the run evaluated the
+    test set at several batch sizes (``eval.batch_sizes``), ``top1_bs<size>`` for each. ``table.attrs["axes"]``
     lists the axis columns.
     """
     found: list[Path] = []
@@ -78,14 +80,16 @@ def load_runs(paths: Iterable[str | Path]) -> pd.DataFrame:
             found += sorted((p.parent for p in path.rglob("summary.json")), key=_natural)
         else:
             raise FileNotFoundError(f"{path} is neither a run directory (with summary.json) nor a folder of runs")
-    rows, axes = [], []
+    rows, axes, by_size = [], [], []
     for run_dir in dict.fromkeys(found):
         row = _row(run_dir)
         for name in row.pop("_axes"):
             if name not in axes:
                 axes.append(name)
+        by_size += [c for c in row if c.startswith(BY_BATCH_SIZE) and c not in by_size]
         rows.append(row)
-    table = pd.DataFrame(rows, columns=[*RUN_COLUMNS, *axes, *SHARPNESS])
+    by_size.sort(key=lambda c: int(c.removeprefix(BY_BATCH_SIZE)))
+    table = pd.DataFrame(rows, columns=[*RUN_COLUMNS, *axes, *SHARPNESS, *by_size])
     table = table.drop(columns=[c for c in SHARPNESS if table[c].isna().all()])
     table.attrs["axes"] = axes
     return table
@@ -135,6 +139,8 @@ def _row(run_dir: Path) -> dict[str, Any]:
         axes[name if name not in row else f"axis_{name}"] = label
     row.update(axes)
     row["_axes"] = list(axes)
+    for size, metrics in summary.get("test_by_batch_size", {}).items():
+        row[f"{BY_BATCH_SIZE}{size}"] = 100 * metrics["top1"]
     analysis = run_dir / "analysis.json"
     if analysis.is_file():
         hessian = json.loads(analysis.read_text()).get("hessian") or {}
@@ -174,6 +180,8 @@ def summarize(table: pd.DataFrame, metric: str = "top1") -> pd.DataFrame:
         row.update({a: first[a] for a in axis_columns(table)})
         row.update({"n": int(group[metric].notna().sum()), "mean": mean, "std": std, "ci_low": low, "ci_high": high})
         row.update({c: group[c].mean() for c in MEANS if c in group})
+        for column in (c for c in group if c.startswith(BY_BATCH_SIZE)):  # mean and std over seeds
+            row[column], row[f"{column}_std"] = group[column].mean(), group[column].std()
         row["seeds"] = ",".join(str(s) for s in sorted(group["seed"]))
         rows.append(row)
     return pd.DataFrame(rows)

@@ -138,6 +138,9 @@ class TrainConfig:
 class EvalConfig:
     tta_flip: bool = False  # average logits over the image and its mirror
     calibration_bins: int = 15
+    # After training, the test set again in fixed batches of each of these sizes (summary.json's
+    # "test_by_batch_size"): a model whose routing mixes samples (Soft MoE over the batch) depends on them.
+    batch_sizes: tuple[int, ...] = ()
 
 
 @dataclass
@@ -195,6 +198,8 @@ class Config:
         for key, value, ok, expected in checks:
             if not ok:
                 raise ValueError(f"{key}={value!r} is out of range; expected {expected}")
+        if any(not isinstance(b, int) or b < 1 for b in self.eval.batch_sizes):
+            raise ValueError(f"eval.batch_sizes={self.eval.batch_sizes!r}; expected a list of ints >= 1")
         if t.checkpoint_every_steps is not None and t.checkpoint_every_steps < 1:
             raise ValueError(f"train.checkpoint_every_steps={t.checkpoint_every_steps!r}; expected >= 1 or null")
         if t.time_limit_minutes is not None and t.time_limit_minutes <= 0:

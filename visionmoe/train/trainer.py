@@ -28,7 +28,7 @@ from torch import Tensor, nn
 from visionmoe import distributed
 from visionmoe.analysis.speed import machine_info
 from visionmoe.data import TensorLoader
-from visionmoe.layers.moe import collect_aux_loss, collect_routing_stats
+from visionmoe.layers.moe import collect_aux_loss, collect_routing_stats, moe_layers
 from visionmoe.layers.stats import RoutingStats, RoutingStatsAccumulator
 from visionmoe.train.checkpoint import (
     CHECKPOINT,
@@ -255,7 +255,7 @@ class Trainer:
         # FLOPs, ρ and active parameters count the assignments the routers make, so they are measured on
         # the initial weights (before a checkpoint is restored, and before experts are sharded): a
         # resumed run reports the same profile as an uninterrupted one.
-        self.profile = self._profile(example)
+        self.profile = self._profile(self._profile_batch(example))
         self.parallel: distributed.Parallel | None = None
         if self.parallel_env is not None:
             self.parallel = distributed.parallelize(
@@ -320,6 +320,47 @@ class Trainer:
 
     def _init_batch(self, n: int = 5000) -> Tensor:
         return _normalize(self.splits.train.images[:n], self.splits.mean, self.splits.std)
+
+    def _profile_batch(self, example: Tensor) -> Tensor:
+        """The batch FLOPs are counted on: ``example`` (two images), or a training batch where an MoE layer's
+        groups span samples. Soft MoE over the batch runs its E·P slots once per group, so its FLOPs per image
+        are those of the batch size it trains at, not of two images."""
+        if all(moe.groups == "sample" for _, moe in moe_layers(self.model)):
+            return example
+        n = min(self.config.data.batch_size, len(self.splits.train))
+        return _normalize(self.splits.train.images[:n], self.splits.mean, self.splits.std)
+
+    def evaluate_batch_sizes(self) -> dict[str, dict[str, float]]:
+        """Test metrics with the test set in fixed, unshuffled batches of each ``eval.batch_sizes`` size.
+
+        Same images, order and flip TTA as :meth:`evaluate`; only the batch size changes, so a model
+        whose samples never meet (per-sample routing, BatchNorm in eval mode) scores the same at every
+        size up to float rounding, and one whose routing mixes the batch may not.
+        """
+        if self.parallel is not None:
+            raise ValueError("eval.batch_sizes is evaluated in one process; unset it under torchrun")
+        e, results = self.config.eval, {}
+        for size in e.batch_sizes:
+            loader = TensorLoader(
+                self.splits.test,
+                size,
+                shuffle=False,
+                drop_last=False,
+                mean=self.splits.mean,
+                std=self.splits.std,
+                channels_last=self.config.train.channels_last and self.device.type == "cpu",
+            )
+            metrics = evaluate(
+                self.eval_forward,
+                loader,
+                self.splits.num_classes,
+                device=self.device,
+                tta_flip=e.tta_flip,
+                bins=e.calibration_bins,
+                autocast=self._autocast,
+            )
+            results[str(size)] = {k: metrics[k] for k in ("top1", "top5", "nll", "ece") if k in metrics}
+        return results
 
     def _profile(self, example: Tensor) -> dict[str, float]:
         from visionmoe.analysis.profile import profile
@@ -621,6 +662,11 @@ class Trainer:
     def _summary(self, stopped: str, records: list[dict[str, Any]], wall: float) -> dict[str, Any]:
         last_eval = getattr(self, "last_eval", None) or self.evaluate()
         images = self.step * self.config.data.batch_size
+        by_batch_size = {}
+        if self.config.eval.batch_sizes:
+            start = time.perf_counter()
+            by_batch_size = self.evaluate_batch_sizes()
+            self.eval_seconds += time.perf_counter() - start
         return {
             "name": self.config.name,
             "model": self.config.model.name,
@@ -631,6 +677,7 @@ class Trainer:
             "seed": self.config.train.seed,
             "test": {k: v for k, v in last_eval.items() if k != "routing"},
             "test_routing": last_eval["routing"],
+            **({"test_by_batch_size": by_batch_size} if by_batch_size else {}),
             "best_top1": self.best_top1,
             "train_seconds": self.train_seconds,
             "eval_seconds": self.eval_seconds,

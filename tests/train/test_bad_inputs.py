@@ -1,0 +1,54 @@
+"""Bad inputs a user meets fail at once in one line naming the value (issue 18): config values, YAML."""
+
+import pytest
+
+from visionmoe.train.config import load_config
+
+
+def one_line(exc_info):
+    message = str(exc_info.value)
+    assert "\n" not in message, message
+    return message
+
+
+@pytest.mark.parametrize(
+    ("override", "words"),
+    [
+        ("optim.lr=inf", ["optim.lr='inf'", "finite"]),  # YAML reads "inf" as a string, float() takes it
+        ("optim.lr=.inf", ["optim.lr=inf", "finite"]),
+        ("optim.lr=.nan", ["optim.lr=nan", "finite"]),
+        ("train.epochs=.inf", ["train.epochs=inf", "finite"]),
+        ("optim.grad_clip=.inf", ["optim.grad_clip=inf", "finite"]),  # float | None: not "wrong type"
+        ("optim.betas=[0.9, .nan]", ["optim.betas[1]=nan", "finite"]),
+        ("train.time_limit_minutes=.inf", ["train.time_limit_minutes=inf", "finite"]),
+    ],
+)
+def test_float_fields_refuse_inf_and_nan(override, words):
+    with pytest.raises(ValueError) as e:
+        load_config(None, [override])
+    message = one_line(e)
+    for word in words:
+        assert word in message, message
+
+
+def test_malformed_yaml_names_line_and_column(tmp_path):
+    # Line 3 holds the unclosed "[sgd"; the parser stops at line 4, column 6 (the ':' after "epochs").
+    (tmp_path / "bad.yaml").write_text("optim:\n  lr: 0.1\n  name: [sgd\ntrain:\n  epochs: 1\n")
+    with pytest.raises(ValueError) as e:
+        load_config(tmp_path / "bad.yaml")
+    message = one_line(e)
+    assert "bad.yaml" in message and "line 4, column 6" in message, message
+    with pytest.raises(ValueError) as e:
+        load_config(None, ["optim.milestones=[1, 2"])
+    assert "line 1, column 6" in one_line(e)  # the end of the 5 characters "[1, 2"
+
+
+def test_a_key_given_twice_in_yaml_is_an_error_not_the_last_one_silently(tmp_path):
+    # PyYAML keeps the second "optim" and drops lr=0.01 without a word.
+    (tmp_path / "dup.yaml").write_text("optim:\n  lr: 0.01\ntrain:\n  epochs: 1\noptim:\n  name: adamw\n")
+    with pytest.raises(ValueError) as e:
+        load_config(tmp_path / "dup.yaml")
+    message = one_line(e)
+    assert "'optim' appears twice" in message and "line 5, column 1" in message, message
+    with pytest.raises(ValueError, match="'width' appears twice"):
+        load_config(None, ["model.kwargs={width: 8, width: 16}"])

@@ -417,7 +417,9 @@ def _is_dict(annotation: Any) -> bool:
 
 
 def save_config(config: Config, path: Path) -> None:
-    path.write_text(yaml.safe_dump(_plain(config.to_dict()), sort_keys=False))
+    from visionmoe.jsonl import write_atomic
+
+    write_atomic(path, yaml.safe_dump(_plain(config.to_dict()), sort_keys=False))
 
 
 def _plain(value: Any) -> Any:

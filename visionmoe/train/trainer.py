@@ -28,6 +28,7 @@ from torch import Tensor, nn
 from visionmoe import distributed
 from visionmoe.analysis.speed import machine_info
 from visionmoe.data import TensorLoader
+from visionmoe.jsonl import write_atomic
 from visionmoe.layers.moe import collect_aux_loss, collect_routing_stats
 from visionmoe.layers.stats import RoutingStats, RoutingStatsAccumulator
 from visionmoe.train.checkpoint import (
@@ -581,7 +582,8 @@ class Trainer:
             logger.close()
         summary = self._summary(stopped, logger.records if logger else [], time.perf_counter() - wall_start)
         if main:
-            (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+            # whole or absent (a sweep takes summary.json as "finished"): a temporary file, then a rename
+            write_atomic(self.run_dir / "summary.json", json.dumps(summary, indent=2) + "\n")
         return summary
 
     def _time_is_up(self, local: bool) -> bool:

@@ -52,3 +52,31 @@ def test_a_key_given_twice_in_yaml_is_an_error_not_the_last_one_silently(tmp_pat
     assert "'optim' appears twice" in message and "line 5, column 1" in message, message
     with pytest.raises(ValueError, match="'width' appears twice"):
         load_config(None, ["model.kwargs={width: 8, width: 16}"])
+
+
+@pytest.mark.parametrize(
+    ("overrides", "words"),
+    [
+        # No space after the colon: YAML reads one key "width:8" with the value None, which timm drops.
+        (["model.kwargs={width:8}"], ["'width:8'", "None", "'widths'"]),
+        (["model.kwargs={nosuchkwarg: null}"], ["'nosuchkwarg'", "None", "'widths'"]),
+        (["model.kwargs.width=8"], ["unknown model.kwargs ['width']", "cifar_airbench_moe takes", "'widths'"]),
+        (["model.name=vit_moe_tiny_patch4_32", "model.kwargs.depht=2"], ["'depht'", "'depth'", "'placement'"]),
+        (["model.moe.capacity_factor=0"], ["capacity_factor=0", "cifar_airbench_moe"]),  # issue 18's sweep cell
+        (["model.moe.router_options={epsilon: 0.5}"], ["'topk' does not take epsilon"]),
+        (["model.name=resnet18", "model.moe=null", "model.kwargs.nosuch=1"], ["'nosuch'", "'drop_rate'"]),  # timm
+    ],
+)
+def test_model_settings_are_checked_against_the_constructor_before_anything_is_built(overrides, words):
+    with pytest.raises(ValueError) as e:
+        load_config("cifar10_moe", overrides)
+    message = one_line(e)
+    for word in words:
+        assert word in message, message
+
+
+def test_valid_model_settings_pass():
+    assert load_config("cifar10_moe", ["model.kwargs.widths=[8, 16, 16]"]).model.kwargs == {"widths": [8, 16, 16]}
+    vit = ["model.name=vit_moe_tiny_patch4_32", "model.moe=null", "model.kwargs={placement: every-2, depth: 2}"]
+    assert load_config("cifar10_moe", vit).model.kwargs["placement"] == "every-2"
+    assert load_config("cifar10_moe", ["model.name=resnet18", "model.moe=null"]).model.name == "resnet18"

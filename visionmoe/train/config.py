@@ -205,6 +205,9 @@ class Config:
             raise ValueError(f"train.device={t.device!r}; expected 'auto', 'cpu' or 'cuda[:N]'")
         if list(o.milestones) != sorted(o.milestones) or any(m <= 0 for m in o.milestones):
             raise ValueError(f"optim.milestones={o.milestones!r}; expected increasing epochs > 0")
+        from visionmoe.train.trainer import check_model_config  # the model section: built on the meta device
+
+        check_model_config(self.model, d.num_classes or {"cifar100": 100, "tiny-imagenet": 200}.get(d.dataset, 10))
         return self
 
 

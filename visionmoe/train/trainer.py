@@ -82,6 +82,44 @@ def build_model(cfg: ModelConfig, num_classes: int, example_input: Tensor) -> nn
     return model
 
 
+def check_model_config(cfg: ModelConfig, num_classes: int) -> None:
+    """Fail now, in one line, if ``cfg`` cannot build its model: the model built on the meta device.
+
+    Unknown and None-valued ``model.kwargs`` (:func:`visionmoe.models.registry.check_model_kwargs`),
+    and whatever the constructors refuse (``model.moe.capacity_factor=0``, a router option of another
+    router, ``model.moeify`` keys), are found before any data is loaded and before a sweep starts a run.
+    The meta device allocates nothing; an error of the meta device itself is left to the real build.
+    The dense twin, which needs an example input, is not built here.
+    """
+    from dataclasses import replace
+
+    from visionmoe.models.registry import check_model_kwargs, model_kwargs
+
+    key = repr((cfg.name, cfg.kwargs, cfg.moe, cfg.moeify, num_classes))
+    if key in _CHECKED_MODELS:  # a sweep validates many cells of few models
+        return
+    check_model_kwargs(cfg.name, cfg.kwargs)
+    if cfg.kwargs.get("pretrained"):
+        return  # building it would download the weights
+    try:
+        with torch.device("meta"):
+            build_model(replace(cfg, dense_twin=None), num_classes, torch.empty(0))
+    except (TypeError, ValueError, AssertionError, KeyError) as error:
+        reason = (str(error).strip().splitlines() or [type(error).__name__])[0]
+        given = ", ".join(f"model.{k}={v!r}" for k in ("kwargs", "moe", "moeify") if (v := getattr(cfg, k)))
+        valid = model_kwargs(cfg.name) if isinstance(error, TypeError) else None  # a keyword it does not take
+        takes = f"; {cfg.name} takes {list(valid)}" if valid is not None else ""
+        raise ValueError(
+            f"model {cfg.name!r} cannot be built from {given or 'its defaults'}: {reason}{takes}"
+        ) from None
+    except Exception:  # an operation the meta device lacks: the real build will say what is wrong
+        return
+    _CHECKED_MODELS.add(key)
+
+
+_CHECKED_MODELS: set[str] = set()
+
+
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
     """Two groups: decayed weights, and biases / norm weights / ``no_weight_decay()`` names undecayed.
 

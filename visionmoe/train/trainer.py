@@ -13,6 +13,7 @@ same weights and metrics as an uninterrupted one (tested on the CPU).
 from __future__ import annotations
 
 import json
+import logging
 import math
 import shutil
 import time
@@ -58,6 +59,7 @@ RESUMABLE_CHANGES = (
     "data.data_dir",
 )
 DEVICE_SUMS = ("loss", "aux", "correct")  # running sums kept on the device (see Trainer._reset_epoch_sums)
+log = logging.getLogger(__name__)
 RANK_SEED_STRIDE = 1_000_003  # rank r's training RNG stream starts at seed + r·stride (rank 0: the seed)
 
 
@@ -430,9 +432,11 @@ class Trainer:
             "routing": {name: _stats_to_dict(acc.total) for name, acc in self.routing.items() if acc.total},
             "config": _plain(self.config.to_dict()),
             "code": self.code,
+            "classes": list(self.splits.train.classes),  # label i is classes[i]: eval refuses data named otherwise
         }
 
     def _restore(self, state: dict[str, Any]) -> None:
+        check_classes(state, self.splits, self.checkpoint_path, self.config.data)
         check_model_matches(state["model"], self.model, str(self.checkpoint_path))
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
@@ -669,6 +673,7 @@ class Trainer:
             "epochs": round(self.step / self.steps_per_epoch, 4),
             "steps": self.step,
             "seed": self.config.train.seed,
+            "classes": list(self.splits.train.classes),
             "test": {k: v for k, v in last_eval.items() if k != "routing"},
             "test_routing": last_eval["routing"],
             "best_top1": self.best_top1,
@@ -749,6 +754,32 @@ def _progress(enabled: bool):
     )
 
 
+def check_classes(state: dict[str, Any], splits: Splits, checkpoint: str | Path, data: Any) -> None:
+    """Refuse data whose classes are not those the checkpoint was trained on (its labels would be permuted).
+
+    A checkpoint written before class names were recorded (no ``classes`` entry) cannot be checked: it
+    loads, with a warning that the data's own class order is taken on trust.
+    """
+    from visionmoe.train.data import class_difference
+
+    where = data.data_dir or data.dataset
+    saved = state.get("classes")
+    if saved is None:
+        log.warning(
+            "%s records no class names (written before they were): cannot check that %s has the classes "
+            "it was trained on; its labels are taken in the data's own order",
+            checkpoint,
+            where,
+        )
+        return
+    found = list(splits.train.classes)
+    if list(saved) != found:
+        raise ValueError(
+            f"{where} does not have the classes {checkpoint} was trained on ({class_difference(list(saved), found)}); "
+            "its labels would not mean what the model learnt"
+        )
+
+
 def load_run(
     checkpoint: str | Path, *, data_dir: str | None = None, device: str = "auto"
 ) -> tuple[Config, nn.Module, Splits, dict[str, Any]]:
@@ -764,6 +795,7 @@ def load_run(
     config.validate()
     dev = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device)
     splits = load_splits(config.data)
+    check_classes(state, splits, checkpoint, config.data)
     example = _normalize(splits.train.images[:2], splits.mean, splits.std)
     model = build_model(config.model, splits.num_classes, example)
     check_model_matches(state["model"], model, str(checkpoint))
@@ -805,4 +837,5 @@ def evaluate_checkpoint(
     result = evaluate(model, loader, splits.num_classes, device=dev, tta_flip=flip, bins=config.eval.calibration_bins)
     result.update({"name": config.name, "model": config.model.name, "step": int(state["step"]), "split": split})
     result["classes"] = list(data.classes)
+    result["classes_checked"] = "classes" in state  # False: a checkpoint older than recorded class names
     return result

@@ -80,3 +80,21 @@ def test_valid_model_settings_pass():
     vit = ["model.name=vit_moe_tiny_patch4_32", "model.moe=null", "model.kwargs={placement: every-2, depth: 2}"]
     assert load_config("cifar10_moe", vit).model.kwargs["placement"] == "every-2"
     assert load_config("cifar10_moe", ["model.name=resnet18", "model.moe=null"]).model.name == "resnet18"
+
+
+@pytest.mark.parametrize(
+    ("overrides", "words"),
+    [
+        (["data.image_size=64"], ["data.image_size=64", "ignored", "'cifar10'"]),  # CIFAR is never resized
+        (["data.dataset=tiny-imagenet", "data.download=true"], ["data.download=True", "ignored"]),
+        (["data.test_split=val"], ["data.test_split='val'", "ignored"]),  # only ImageFolder has split folders
+        (["optim.milestones=[5]"], ["optim.milestones=[5.0]", "optim.schedule='cosine'"]),  # only "step" reads them
+    ],
+)
+def test_settings_the_run_would_ignore_are_errors(overrides, words):
+    with pytest.raises(ValueError) as e:
+        load_config(None, overrides)
+    message = one_line(e)
+    for word in words:
+        assert word in message, message
+    assert load_config(None, ["optim.schedule=step", "optim.milestones=[5]"]).optim.milestones == (5.0,)

@@ -205,6 +205,25 @@ class Config:
             raise ValueError(f"train.device={t.device!r}; expected 'auto', 'cpu' or 'cuda[:N]'")
         if list(o.milestones) != sorted(o.milestones) or any(m <= 0 for m in o.milestones):
             raise ValueError(f"optim.milestones={o.milestones!r}; expected increasing epochs > 0")
+        # Settings that one dataset or schedule reads and the others would drop without a word.
+        ignored = [
+            ("data.image_size", d.image_size is not None and d.dataset in ("cifar10", "cifar100"), "is 32 px; null"),
+            ("data.download", d.download and d.dataset not in ("cifar10", "cifar100"), "cannot download it; false"),
+            ("data.train_split", d.train_split != "train" and d.dataset != "imagefolder", "has fixed splits; 'train'"),
+            ("data.test_split", d.test_split != "test" and d.dataset != "imagefolder", "has fixed splits; 'test'"),
+        ]
+        for key, dropped, why in ignored:
+            if dropped:
+                value = getattr(d, key.split(".")[1])
+                reason, expected = why.split("; ")
+                raise ValueError(
+                    f"{key}={value!r} would be ignored: data.dataset={d.dataset!r} {reason}; expected {expected}"
+                )
+        if o.milestones and o.schedule != "step":
+            raise ValueError(
+                f"optim.milestones={list(o.milestones)!r} would be ignored by optim.schedule={o.schedule!r}; "
+                "set optim.schedule=step, or optim.milestones=[]"
+            )
         from visionmoe.train.trainer import check_model_config  # the model section: built on the meta device
 
         check_model_config(self.model, d.num_classes or {"cifar100": 100, "tiny-imagenet": 200}.get(d.dataset, 10))

@@ -40,8 +40,11 @@ def model_kwargs(name: str) -> tuple[str, ...] | None:
     A visionmoe entry point that wraps a timm class (ViT, ConvNeXt) takes ``moe`` and ``placement``
     itself. For timm's own models the list is the class's; its entry points may take a few more.
     """
-    with torch.device("meta"):  # no memory, no initialisation cost worth the name
-        cls = type(timm.create_model(name))
+    try:
+        with torch.device("meta"):  # no memory, no initialisation cost worth the name
+            cls = type(timm.create_model(name))
+    except Exception:  # a model the meta device cannot build: its keys are not known here
+        return None
     params = inspect.signature(cls.__init__).parameters.values()
     if any(p.kind == p.VAR_KEYWORD for p in params):
         return None

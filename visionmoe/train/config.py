@@ -159,8 +159,14 @@ class Config:
         """Build from nested dicts; unknown keys and wrongly typed values raise one-line errors."""
         return _build(cls, values, source)
 
-    def validate(self) -> Config:
-        """Range checks; returns self. Called before any data is loaded."""
+    def validate(self, *, saved: bool = False) -> Config:
+        """Range checks; returns self. Called before any data is loaded.
+
+        A new run's config is also refused for settings it would ignore and for a model section that
+        cannot build its model (built on the meta device). ``saved=True`` (a trained run's own config,
+        read back for eval or resume) skips those two: they were the run's settings when it trained,
+        and rebuilding it must not depend on checks added since.
+        """
         d, o, t = self.data, self.optim, self.train
         _one_of("data.dataset", d.dataset, DATASETS)
         _one_of("optim.name", o.name, OPTIMIZERS)
@@ -205,6 +211,8 @@ class Config:
             raise ValueError(f"train.device={t.device!r}; expected 'auto', 'cpu' or 'cuda[:N]'")
         if list(o.milestones) != sorted(o.milestones) or any(m <= 0 for m in o.milestones):
             raise ValueError(f"optim.milestones={o.milestones!r}; expected increasing epochs > 0")
+        if saved:
+            return self
         # Settings that one dataset or schedule reads and the others would drop without a word.
         ignored = [
             ("data.image_size", d.image_size is not None and d.dataset in ("cifar10", "cifar100"), "is 32 px; null"),

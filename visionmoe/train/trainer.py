@@ -246,7 +246,7 @@ class Trainer:
     """
 
     def __init__(self, config: Config, *, resume: bool = False, callbacks: Sequence[Callable] = ()) -> None:
-        self.config = config.validate()
+        self.config = config.validate(saved=resume)  # resuming: the run's own config, as it trained
         t = config.train
         self.run_dir = Path(t.out_dir).expanduser() / (t.run_name or f"{config.name}-s{t.seed}")
         self.checkpoint_path = self.run_dir / CHECKPOINT
@@ -792,7 +792,7 @@ def load_run(
     config = Config.from_dict(state["config"], source=str(checkpoint))
     if data_dir is not None:
         config.data.data_dir = data_dir
-    config.validate()
+    config.validate(saved=True)  # the run's own config: rebuilt as it was, even if a new run would be refused
     dev = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device)
     splits = load_splits(config.data)
     check_classes(state, splits, checkpoint, config.data)

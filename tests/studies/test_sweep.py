@@ -206,7 +206,7 @@ def test_local_workers_record_a_crash(tmp_path, standin_data):
 
 
 def test_slurm_executor(tmp_path, standin_data, monkeypatch):
-    sweep = tiny_sweep(standin_data, grids=[{"model.kwargs.width": ["eight"]}], twins=False)
+    sweep = tiny_sweep(standin_data, grids=[{"data.num_classes": [2]}], twins=False)  # fails once its data loads
     monkeypatch.setitem(sys.modules, "submitit", None)  # not installed
     with pytest.raises(ImportError, match=r"pip install 'visionmoe\[slurm\]'"):
         run_sweep(sweep, tmp_path, executor="slurm", echo=lambda line: None)
@@ -241,7 +241,7 @@ def test_slurm_executor(tmp_path, standin_data, monkeypatch):
 
     monkeypatch.setitem(sys.modules, "submitit", types.SimpleNamespace(AutoExecutor=AutoExecutor))
     manifest = run_sweep(sweep, tmp_path, executor="slurm", retries=1, slurm={"cpus_per_task": 1}, echo=print)
-    assert submitted == ["width=eight-s0"] * 2 and manifest["status"].tolist() == ["failed"]
+    assert submitted == ["num_classes=2-s0"] * 2 and manifest["status"].tolist() == ["failed"]
 
 
 def test_estimate_times_every_configuration_and_trains_nothing(tmp_path, standin_data, capsys):

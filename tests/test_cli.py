@@ -44,3 +44,11 @@ def test_profile_command_prints_a_markdown_table(capsys):
     assert out.startswith("| Module |") and "ρ =" in out
     with pytest.raises(SystemExit, match="--kwargs must be a JSON object"):
         main(["profile", "cnn_resnet_cifar_moe", "--kwargs", "[1, 2]"])
+
+
+def test_profile_refuses_kwargs_the_model_would_drop_or_not_take():
+    # timm drops None-valued kwargs: {"width": null} profiled the default-width model without a word.
+    with pytest.raises(SystemExit, match=r"\['width'\] set to None.*'depths'"):
+        main(["profile", "cnn_resnet_cifar_moe", "--kwargs", '{"width": null}'])
+    with pytest.raises(SystemExit, match=r"unknown model.kwargs \['widht'\]"):
+        main(["profile", "cnn_resnet_cifar_moe", "--kwargs", '{"widht": 8}'])

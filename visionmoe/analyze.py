@@ -36,6 +36,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from visionmoe.jsonl import write_atomic
 from visionmoe.layers.moe import moe_layers
 
 SECTIONS = ("routing", "hessian", "landscape", "efficiency")
@@ -203,8 +204,9 @@ def analyze_run(
                 bars.update(task, total=1, completed=1)
             else:
                 result["efficiency"] = "no MoE layer: nothing to compare with a dense twin"
-    (out / "analysis.json").write_text(json.dumps(result, indent=2, default=_json) + "\n")
-    (out / "analysis.md").write_text(markdown(result) + "\n")
+    # analysis.md first: a sweep takes analysis.json as "analysed", so it is written last and whole
+    write_atomic(out / "analysis.md", markdown(result) + "\n")
+    write_atomic(out / "analysis.json", json.dumps(result, indent=2, default=_json) + "\n")
     console.print(markdown(result))
     return result
 

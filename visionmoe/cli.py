@@ -108,6 +108,12 @@ def _profile(args: argparse.Namespace) -> int:
         raise SystemExit(f"--kwargs must be a JSON object, got {args.kwargs!r} ({e.msg})") from None
     if not isinstance(overrides, dict):
         raise SystemExit(f"--kwargs must be a JSON object, got {args.kwargs!r}")
+    from visionmoe.models.registry import check_model_kwargs
+
+    try:
+        check_model_kwargs(args.model, overrides)  # timm would drop a null silently and profile the default
+    except ValueError as error:
+        raise SystemExit(f"visionmoe profile: {error}") from None
     model = visionmoe.create_model(args.model, **overrides)
     x = torch.randn(args.batch, 3, args.img_size, args.img_size)
     print(profile(model, x).table())

@@ -230,3 +230,28 @@ def test_mlp_gate_computes_gelu_mlp_logits():
         MoE(3, 2, 4, router="topk", router_options={"mlp_hidden_dim": 0})
     with pytest.raises(ValueError, match="mlp_hidden_dim"):  # Soft MoE has no gate to make an MLP of
         MoE(3, 2, 4, router="soft", router_options={"mlp_hidden_dim": 4})
+
+
+@pytest.mark.parametrize("router", list(ROUTERS))
+@pytest.mark.parametrize("training", [True, False])
+def test_zero_tokens_give_the_empty_output_with_gradients(router, training):
+    # (B, 0, D) in, (B, 0, D) out, as nn.Linear does: no error (the Sinkhorn routers took log(0 / E),
+    # sparse expert choice indexed a 0-wide top-C), and every parameter gets a (zero) gradient.
+    torch.manual_seed(0)
+    moe = MoE(8, 4, 16, router=router).train(training)
+    x = torch.randn(2, 0, 8, requires_grad=True)
+    y = moe(x)
+    assert y.shape == (2, 0, 8)
+    (y.sum() + visionmoe.collect_aux_loss(moe)).backward()
+    assert x.grad.shape == (2, 0, 8)
+    for name, p in moe.named_parameters():
+        assert p.grad is not None and torch.equal(p.grad, torch.zeros_like(p)), name
+
+
+def test_transport_plans_of_zero_tokens_are_empty():
+    from visionmoe.routing.sinkhorn import sinkhorn
+    from visionmoe.routing.sparse_ot import sparse_ot_plan, sparse_simplex_projection
+
+    assert sinkhorn(torch.zeros(3, 0, 4)).shape == (3, 0, 4)
+    assert sparse_ot_plan(torch.zeros(3, 0, 4), capacity=0).shape == (3, 0, 4)
+    assert torch.equal(sparse_simplex_projection(torch.ones(2, 5), 0), torch.zeros(2, 5))

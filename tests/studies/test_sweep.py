@@ -166,18 +166,29 @@ def test_reuse_copies_finished_runs_of_the_same_config_from_another_sweep(tmp_pa
 
 
 def test_failures_are_recorded_and_cost_no_other_run(tmp_path, standin_data):
-    # Three cells: a good one; a model kwarg the model rejects (fails while training, retried once);
-    # a learning rate the config rejects (invalid: recorded, never run).
+    # Four cells (each grid varies one axis from the first values): a good one; a class count the data
+    # contradicts (found only once the data is loaded: fails while running, retried once); a capacity
+    # factor the MoE layer refuses and a learning rate the config refuses (invalid: found before
+    # anything trains, recorded, never run).
     sweep = tiny_sweep(
-        standin_data, grids=[{"model.kwargs.width": [8, "eight"]}, {"optim.lr": [0.4, -1.0]}], twins=False
+        standin_data,
+        grids=[{"data.num_classes": [10, 2]}, {"optim.lr": [0.4, -1.0]}, {"model.moe.capacity_factor": [1.25, 0]}],
+        twins=False,
     )
-    manifest = run_sweep(sweep, tmp_path, executor="inline", retries=1, echo=lambda line: None).set_index("key")
-    assert manifest.loc["width=8,lr=0.4", "status"] == "done"
-    assert manifest.loc["width=8,lr=0.4", "top1"] is not None
-    failed = manifest.loc["width=eight,lr=0.4"]
-    assert failed["status"] == "failed" and failed["attempts"] == 2 and "TypeError" in failed["error"]
-    invalid = manifest.loc["width=8,lr=-1.0"]
+    lines = []
+    manifest = run_sweep(sweep, tmp_path, executor="inline", retries=1, echo=lines.append).set_index("key")
+    assert manifest.loc["num_classes=10,lr=0.4,capacity_factor=1.25", "status"] == "done"
+    assert manifest.loc["num_classes=10,lr=0.4,capacity_factor=1.25", "top1"] is not None
+    failed = manifest.loc["num_classes=2,lr=0.4,capacity_factor=1.25"]
+    assert failed["status"] == "failed" and failed["attempts"] == 2 and "num_classes=2" in failed["error"]
+    invalid = manifest.loc["num_classes=10,lr=-1.0,capacity_factor=1.25"]
     assert invalid["status"] == "invalid" and invalid["attempts"] == 0 and "optim.lr" in invalid["error"]
+    invalid = manifest.loc["num_classes=10,lr=0.4,capacity_factor=0"]
+    assert invalid["status"] == "invalid" and invalid["attempts"] == 0 and "capacity_factor=0" in invalid["error"]
+    assert (manifest["status"] == "invalid").sum() == 2
+    # Reported before the first run trains (its line, "...: top-1 ...", comes later).
+    first_run = next(i for i, line in enumerate(lines) if "attempt 1" in line)
+    assert sum("invalid, not run" in line for line in lines[:first_run]) == 2, lines
     on_disk = json.loads((tmp_path / "manifest.json").read_text())
     assert {r["status"] for r in on_disk} == {"done", "failed", "invalid"}
     assert (tmp_path / "manifest.csv").is_file() and (tmp_path / "sweep.json").is_file()
@@ -185,17 +196,17 @@ def test_failures_are_recorded_and_cost_no_other_run(tmp_path, standin_data):
 
 def test_local_workers_record_a_crash(tmp_path, standin_data):
     # Real worker processes: one run trains, the other crashes in its worker; both are recorded.
-    sweep = tiny_sweep(standin_data, grids=[{"model.kwargs.width": [8, "eight"]}], twins=False)
+    sweep = tiny_sweep(standin_data, grids=[{"data.num_classes": [10, 2]}], twins=False)
     manifest = run_sweep(sweep, tmp_path, executor="local", jobs=2, retries=0, echo=lambda line: None)
     status = dict(zip(manifest["key"], manifest["status"], strict=True))
-    assert status == {"width=8": "done", "width=eight": "failed"}
-    error = manifest.set_index("key").loc["width=eight", "error"]
-    assert "worker exited with 1" in error and "TypeError" in error
-    assert "TypeError" in (tmp_path / "width=eight-s0" / "sweep.log").read_text()
+    assert status == {"num_classes=10": "done", "num_classes=2": "failed"}
+    error = manifest.set_index("key").loc["num_classes=2", "error"]
+    assert "worker exited with 1" in error and "ValueError" in error
+    assert "num_classes=2" in (tmp_path / "num_classes=2-s0" / "sweep.log").read_text()
 
 
 def test_slurm_executor(tmp_path, standin_data, monkeypatch):
-    sweep = tiny_sweep(standin_data, grids=[{"model.kwargs.width": ["eight"]}], twins=False)
+    sweep = tiny_sweep(standin_data, grids=[{"data.num_classes": [2]}], twins=False)  # fails once its data loads
     monkeypatch.setitem(sys.modules, "submitit", None)  # not installed
     with pytest.raises(ImportError, match=r"pip install 'visionmoe\[slurm\]'"):
         run_sweep(sweep, tmp_path, executor="slurm", echo=lambda line: None)
@@ -230,7 +241,7 @@ def test_slurm_executor(tmp_path, standin_data, monkeypatch):
 
     monkeypatch.setitem(sys.modules, "submitit", types.SimpleNamespace(AutoExecutor=AutoExecutor))
     manifest = run_sweep(sweep, tmp_path, executor="slurm", retries=1, slurm={"cpus_per_task": 1}, echo=print)
-    assert submitted == ["width=eight-s0"] * 2 and manifest["status"].tolist() == ["failed"]
+    assert submitted == ["num_classes=2-s0"] * 2 and manifest["status"].tolist() == ["failed"]
 
 
 def test_estimate_times_every_configuration_and_trains_nothing(tmp_path, standin_data, capsys):

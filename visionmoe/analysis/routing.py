@@ -21,7 +21,6 @@ balanced router would give it).
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -33,6 +32,7 @@ import torch
 from torch import Tensor, nn
 
 from visionmoe.analysis.modes import eval_mode
+from visionmoe.jsonl import read_jsonl
 from visionmoe.layers.moe import MoE, moe_layers
 from visionmoe.layers.stats import RoutingStatsAccumulator
 from visionmoe.routing.plan import Plan, Routing, SoftRouting
@@ -342,10 +342,7 @@ def load_history(run: str | Path, *, threshold: float = COLLAPSE_THRESHOLD) -> p
     if not path.is_file():
         raise FileNotFoundError(f"no metrics log at {path} (a run directory holds metrics.jsonl)")
     rows = []
-    for line in path.read_text().splitlines():
-        if not line.strip():
-            continue
-        record = json.loads(line)
+    for record in read_jsonl(path):  # a torn last line (a crash mid-write) dropped with a warning
         splits = {"train": record.get("routing") or {}, "test": (record.get("test") or {}).get("routing") or {}}
         for split, layers in splits.items():
             for layer, stats in layers.items():

@@ -10,12 +10,16 @@ The data root is ``data_dir`` if given, else ``$VISIONMOE_DATA``, else ``~/.cach
 CIFAR archives are downloaded (and their MD5 checked) with ``download=True`` when a network is
 there; otherwise a one-line error says where to put the files. Small images are decoded once and
 cached next to the data as a ``.pt`` file of uint8 tensors (loaded with ``weights_only=True``), so
-an epoch costs no decoding at all.
+an epoch costs no decoding at all. A cache is used only while every image file is as it was when
+the cache was written (same size and mtime_ns, and the same bytes when the whole set is under
+:data:`CONTENT_DIGEST_BYTES`); otherwise it is rebuilt, and the log says so. The CIFAR pickles are
+read admitting only numpy arrays (:mod:`visionmoe.safeload`): a data folder cannot run code.
 """
 
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 import pickle
 import tarfile
@@ -26,10 +30,15 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from visionmoe.safeload import RefusedPickle, admits_numpy_arrays, restricted_load
+
+log = logging.getLogger(__name__)
+
 DATA_ENV = "VISIONMOE_DATA"
 DEFAULT_ROOT = Path("~/.cache/visionmoe/data")
 SPLITS = ("train", "test")
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
+CONTENT_DIGEST_BYTES = 256 << 20  # hash the image bytes into the cache key up to this total (~0.2 s/GB)
 
 
 @dataclass(frozen=True)
@@ -112,7 +121,9 @@ def _unpickle(path: Path, layout: str) -> dict:
         raise _missing(path, layout)
     try:
         with open(path, "rb") as f:
-            return pickle.load(f, encoding="bytes")
+            return restricted_load(f, admits_numpy_arrays, source=str(path), what=layout, encoding="bytes")
+    except RefusedPickle as e:
+        raise ValueError(str(e)) from None
     except (pickle.UnpicklingError, EOFError, ValueError) as e:
         raise ValueError(f"{path} is not a valid {layout} file ({type(e).__name__}: {e})") from None
 
@@ -164,17 +175,19 @@ def _decode(path: Path, size: int | None) -> Tensor:
 def _decode_all(
     files: list[Path], labels: list[int], classes: list[str], size: int | None, cache: Path
 ) -> ImageTensors:
-    """Decode ``files`` once into a cached uint8 tensor file keyed by the files' names and sizes."""
-    fingerprint = hashlib.md5(
-        "\n".join(f"{f}:{f.stat().st_size}" for f in files).encode() + f"|{size}".encode()
-    ).hexdigest()[:16]
+    """Decode ``files`` once into a cached uint8 tensor file, named by the file list and ``size``
+    and used only while the files are unchanged (:func:`_files_state`)."""
+    fingerprint = hashlib.md5("\n".join(str(f) for f in files).encode() + f"|{size}".encode()).hexdigest()[:16]
     name = f"{cache.name}-{fingerprint}.pt"
+    state = _files_state(files, labels, classes)
     # Next to the data, or in the user cache when the data folder is read-only (a shared copy).
     candidates = [cache.with_name(name), data_root() / ".visionmoe-cache" / name]
     for cached in candidates:
         if cached.is_file():
             blob = torch.load(cached, weights_only=True)
-            return ImageTensors(blob["images"], blob["labels"], list(blob["classes"]))
+            if blob.get("state") == state:
+                return ImageTensors(blob["images"], blob["labels"], list(blob["classes"]))
+            log.warning("rebuilding the decode cache %s: its images changed since it was written", cached)
     if not files:
         raise FileNotFoundError(f"no images found for {cache.name}")
     decoded = [_decode(f, size) for f in files]
@@ -183,7 +196,7 @@ def _decode_all(
         raise ValueError(f"images of {cache.name} differ in size ({sorted(shapes)[:2]}); pass image_size to resize")
     images = torch.stack(decoded).permute(0, 3, 1, 2).contiguous()  # (N, 3, H, W)
     result = ImageTensors(images, torch.tensor(labels, dtype=torch.long), classes)
-    blob = {"images": result.images, "labels": result.labels, "classes": classes}
+    blob = {"images": result.images, "labels": result.labels, "classes": classes, "state": state}
     for cached in candidates:
         try:
             cached.parent.mkdir(parents=True, exist_ok=True)
@@ -194,6 +207,20 @@ def _decode_all(
         except OSError:
             continue  # read-only: try the next place; decoding again next time is the only cost
     return result
+
+
+def _files_state(files: list[Path], labels: list[int], classes: list[str]) -> str:
+    """A digest of everything a decode depends on: each file's size and mtime_ns, and its bytes when
+    the whole set is at most :data:`CONTENT_DIGEST_BYTES` (a same-size rewrite with an old mtime)."""
+    stats = [f.stat() for f in files]
+    digest = hashlib.blake2b(digest_size=16)
+    digest.update(repr((labels, classes)).encode())
+    for f, st in zip(files, stats, strict=True):
+        digest.update(f"{f}:{st.st_size}:{st.st_mtime_ns}\n".encode())
+    if sum(st.st_size for st in stats) <= CONTENT_DIGEST_BYTES:
+        for f in files:
+            digest.update(f.read_bytes())
+    return digest.hexdigest()
 
 
 def load_image_folder(root: str | os.PathLike, *, image_size: int | None = None) -> ImageTensors:

@@ -33,11 +33,13 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch import Tensor, nn
-from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
+from torch.distributed.checkpoint.metadata import Metadata, StorageMeta, TensorStorageMetadata
 from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_tensor
 
 from visionmoe.distributed.env import ParallelEnv
 from visionmoe.distributed.expert_parallel import ExpertShard, expert_shards
+from visionmoe.safeload import RefusedPickle, restricted_load
 
 SHARDED_CHECKPOINT = "checkpoint.dcp"
 EXTRA = "extra.pt"
@@ -50,7 +52,99 @@ def is_sharded_checkpoint(path: str | os.PathLike) -> bool:
 
 def read_extra(path: str | os.PathLike) -> dict[str, Any]:
     """The non-tensor part of a sharded checkpoint (config, step, ...), without reading any tensor."""
-    return torch.load(Path(path) / EXTRA, weights_only=True)
+    file = Path(path) / EXTRA
+    try:
+        return torch.load(file, weights_only=True)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"no {EXTRA} in {path}; expected a directory written by save_sharded") from None
+    except Exception as error:  # truncated files, foreign pickles (weights_only refuses their globals)
+        lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+        reason = next((line for line in lines if "Unsupported global" in line), lines[0] if lines else "")
+        raise ValueError(f"cannot load {file}: {reason or type(error).__name__}") from None
+
+
+# ---- reading DCP without running its pickles -------------------------------------------------------
+#
+# torch's FileSystemReader unpickles ``.metadata`` with plain ``pickle`` and its planner reads
+# non-tensor entries with ``torch.load(weights_only=False)``: a crafted run directory would run code
+# on ``visionmoe eval`` or ``train --resume``. The metadata is read here admitting only the classes
+# torch writes into it, and non-tensor entries (visionmoe writes none: they go to extra.pt) are refused.
+
+_METADATA_CLASSES = frozenset(
+    [
+        *(
+            ("torch.distributed.checkpoint.metadata", name)
+            for name in (
+                "Metadata",
+                "TensorStorageMetadata",
+                "BytesStorageMetadata",
+                "TensorProperties",
+                "ChunkStorageMetadata",
+                "MetadataIndex",
+                "StorageMeta",
+                "_MEM_FORMAT_ENCODING",
+            )
+        ),
+        ("torch.distributed.checkpoint.filesystem", "_StorageInfo"),
+        ("torch", "Size"),
+        ("torch.serialization", "_get_layout"),  # a layout by name (torch.strided)
+        ("collections", "OrderedDict"),
+        *(("pathlib", name) for name in ("Path", "PosixPath", "WindowsPath", "PurePosixPath", "PureWindowsPath")),
+    ]
+)
+
+
+def _admits_metadata(module: str, name: str) -> bool:
+    if (module, name) in _METADATA_CLASSES:
+        return True
+    return module == "torch" and isinstance(getattr(torch, name, None), torch.dtype | torch.layout)
+
+
+def read_metadata(path: str | os.PathLike) -> Metadata:
+    """A DCP directory's ``.metadata``, unpickled admitting only the classes torch writes there.
+
+    Anything else (a global that could run code) is a one-line ``ValueError`` naming the file.
+    """
+    return _read_metadata_file(Path(path) / ".metadata")
+
+
+def _read_metadata_file(file: Path) -> Metadata:
+    try:
+        with open(file, "rb") as f:
+            metadata = restricted_load(f, _admits_metadata, source=str(file), what="DCP checkpoint metadata")
+    except FileNotFoundError:
+        raise FileNotFoundError(f"no checkpoint metadata at {file}; expected a directory written by DCP") from None
+    except RefusedPickle as error:
+        raise ValueError(str(error)) from None
+    except Exception as error:  # truncated or foreign files fail in several ways
+        raise ValueError(f"cannot read checkpoint metadata {file}: {type(error).__name__}: {error}") from None
+    if not isinstance(metadata, Metadata):
+        raise ValueError(f"{file} holds a {type(metadata).__name__}, not DCP checkpoint metadata")
+    return metadata
+
+
+class _SafeReader(dcp.FileSystemReader):
+    """torch's FileSystemReader, reading ``.metadata`` as :func:`read_metadata` does."""
+
+    def read_metadata(self, *args: Any, **kwargs: Any) -> Metadata:
+        metadata = _read_metadata_file(Path(self._get_metadata_path(kwargs.get("rank"))))
+        if getattr(metadata, "storage_meta", None) is None:
+            metadata.storage_meta = StorageMeta()
+        metadata.storage_meta.load_id = self.load_id
+        return metadata
+
+
+class _TensorsOnlyPlanner(DefaultLoadPlanner):
+    """The default planner, refusing non-tensor entries (torch reads those with ``weights_only=False``)."""
+
+    def load_bytes(self, read_item: Any, value: Any) -> None:
+        raise ValueError(
+            f"checkpoint entry {read_item.dest_index.fqn!r} is a pickled object; visionmoe reads tensors only"
+        )
+
+
+def _dcp_load(tensors: dict[str, Tensor], path: Path, *, no_dist: bool) -> None:
+    dcp.load(tensors, storage_reader=_SafeReader(path), planner=_TensorsOnlyPlanner(), no_dist=no_dist)
 
 
 def optimizer_names(optimizer: torch.optim.Optimizer, model: nn.Module) -> list[list[str]]:
@@ -128,7 +222,7 @@ def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
     Needs no process group; every tensor is read at its full logical size.
     """
     path = Path(path)
-    metadata = dcp.FileSystemReader(path).read_metadata().state_dict_metadata
+    metadata = read_metadata(path).state_dict_metadata
     tensors = {
         key: torch.empty(meta.size, dtype=meta.properties.dtype)
         for key, meta in metadata.items()
@@ -136,8 +230,8 @@ def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
     }
     with warnings.catch_warnings():  # loading in one process is the point
         warnings.filterwarnings("ignore", message="torch.distributed is disabled")
-        dcp.load(tensors, checkpoint_id=path, no_dist=True)
-    return _join(tensors, torch.load(path / EXTRA, weights_only=True))
+        _dcp_load(tensors, path, no_dist=True)
+    return _join(tensors, read_extra(path))
 
 
 def load_sharded(path: str | os.PathLike, model: nn.Module, env: ParallelEnv | None) -> dict[str, Any]:
@@ -149,7 +243,7 @@ def load_sharded(path: str | os.PathLike, model: nn.Module, env: ParallelEnv | N
     rank's own when the checkpoint was written by as many processes, else rank 0's.
     """
     path = Path(path)
-    metadata = dcp.FileSystemReader(path).read_metadata().state_dict_metadata
+    metadata = read_metadata(path).state_dict_metadata
     shards = expert_shards(model)
     weights, params = model.state_dict(), dict(model.named_parameters())
     tensors: dict[str, Tensor] = {}
@@ -172,9 +266,9 @@ def load_sharded(path: str | os.PathLike, model: nn.Module, env: ParallelEnv | N
             tensors[key] = _logical(torch.empty((shard.num_experts, *size[1:]), dtype=dtype), shard, env)
         else:
             tensors[key] = torch.empty(size, dtype=dtype)
-    dcp.load(tensors, checkpoint_id=path, no_dist=env is None)
+    _dcp_load(tensors, path, no_dist=env is None)
     local = {k: v.to_local() if isinstance(v, DTensor) and k not in fsdp else v for k, v in tensors.items()}
-    extra = torch.load(path / EXTRA, weights_only=True)
+    extra = read_extra(path)
     ranks = extra.pop("rng_per_rank", None)
     if env is not None and ranks is not None and len(ranks) == env.world_size:
         extra["rng"] = ranks[env.rank]

@@ -30,6 +30,8 @@ def sinkhorn(logits: Tensor, num_iters: int = 20, epsilon: float = 1.0) -> Tenso
         raise ValueError(f"sinkhorn needs epsilon > 0, got epsilon={epsilon}")
     log_k = logits.float() / epsilon  # (G, S, E): log of the Gibbs kernel exp(-cost / ε)
     _, S, E = log_k.shape
+    if S == 0:  # no tokens: nothing to transport (and log(S / E) is undefined)
+        return torch.zeros_like(log_k)
     log_a = 0.0  # log of the row marginal, 1 per token
     log_b = math.log(S / E)  # log of the column marginal, S/E per expert
     log_u = torch.zeros_like(log_k[:, :, 0])  # (G, S)

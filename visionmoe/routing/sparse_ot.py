@@ -34,6 +34,8 @@ def sparse_simplex_projection(v: Tensor, k: int, mass: float = 1.0) -> Tensor:
     simplex of total ``mass`` by the sort-and-threshold rule (Held et al. 1974); the rest are 0.
     """
     k = min(k, v.shape[-1])
+    if k == 0:  # no entry to keep (no tokens, or capacity 0): the empty projection
+        return torch.zeros_like(v)
     top, index = torch.sort(v, dim=-1, descending=True, stable=True)
     top, index = top[..., :k], index[..., :k]  # (..., k), descending
     ranks = torch.arange(1, k + 1, dtype=v.dtype, device=v.device)

@@ -20,6 +20,7 @@ from typing import Any
 
 import pandas as pd
 
+from visionmoe.jsonl import read_jsonl
 from visionmoe.studies.lock import lock_holder
 from visionmoe.studies.sweep import MANIFEST, Sweep
 
@@ -34,8 +35,8 @@ def _read_json(path: Path) -> Any:
 def _logged_epochs(run_dir: Path) -> float:
     """The last epoch ``metrics.jsonl`` logged (0 when it logged none)."""
     try:
-        lines = [line for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
-        return float(json.loads(lines[-1])["epoch"]) if lines else 0.0
+        records = read_jsonl(run_dir / "metrics.jsonl")  # a torn last line is dropped, not "0 epochs"
+        return float(records[-1]["epoch"]) if records else 0.0
     except (OSError, ValueError, KeyError, IndexError):
         return 0.0
 

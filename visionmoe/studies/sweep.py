@@ -517,6 +517,9 @@ def _run_sweep(sweep, out, runs, seeds, jobs, retries, executor, cores, slurm, r
         f"{reused} reused, {invalid} invalid) in {out}; "
         f"{executor} executor, {jobs} job(s) × {threads} thread(s)"
     )
+    for record in records.values():  # every cell was validated (its model built on the meta device) before any runs
+        if record.status == "invalid":
+            echo(f"{record.name}: invalid, not run ({record.error})")
 
     def finish(run: Run, ok: bool, seconds: float, error: str) -> bool:
         """Record an attempt; True when the run should be tried again."""

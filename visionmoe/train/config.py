@@ -16,7 +16,9 @@ and :meth:`Config.validate` checks ranges, so a bad value fails before any data 
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import math
 import types
 import typing
 from dataclasses import asdict, dataclass, field, fields
@@ -160,8 +162,14 @@ class Config:
         """Build from nested dicts; unknown keys and wrongly typed values raise one-line errors."""
         return _build(cls, values, source)
 
-    def validate(self) -> Config:
-        """Range checks; returns self. Called before any data is loaded."""
+    def validate(self, *, saved: bool = False) -> Config:
+        """Range checks; returns self. Called before any data is loaded.
+
+        A new run's config is also refused for settings it would ignore and for a model section that
+        cannot build its model (built on the meta device). ``saved=True`` (a trained run's own config,
+        read back for eval or resume) skips those two: they were the run's settings when it trained,
+        and rebuilding it must not depend on checks added since.
+        """
         d, o, t = self.data, self.optim, self.train
         _one_of("data.dataset", d.dataset, DATASETS)
         _one_of("optim.name", o.name, OPTIMIZERS)
@@ -208,6 +216,30 @@ class Config:
             raise ValueError(f"train.device={t.device!r}; expected 'auto', 'cpu' or 'cuda[:N]'")
         if list(o.milestones) != sorted(o.milestones) or any(m <= 0 for m in o.milestones):
             raise ValueError(f"optim.milestones={o.milestones!r}; expected increasing epochs > 0")
+        if saved:
+            return self
+        # Settings that one dataset or schedule reads and the others would drop without a word.
+        ignored = [
+            ("data.image_size", d.image_size is not None and d.dataset in ("cifar10", "cifar100"), "is 32 px; null"),
+            ("data.download", d.download and d.dataset not in ("cifar10", "cifar100"), "cannot download it; false"),
+            ("data.train_split", d.train_split != "train" and d.dataset != "imagefolder", "has fixed splits; 'train'"),
+            ("data.test_split", d.test_split != "test" and d.dataset != "imagefolder", "has fixed splits; 'test'"),
+        ]
+        for key, dropped, why in ignored:
+            if dropped:
+                value = getattr(d, key.split(".")[1])
+                reason, expected = why.split("; ")
+                raise ValueError(
+                    f"{key}={value!r} would be ignored: data.dataset={d.dataset!r} {reason}; expected {expected}"
+                )
+        if o.milestones and o.schedule != "step":
+            raise ValueError(
+                f"optim.milestones={list(o.milestones)!r} would be ignored by optim.schedule={o.schedule!r}; "
+                "set optim.schedule=step, or optim.milestones=[]"
+            )
+        from visionmoe.train.trainer import check_model_config  # the model section: built on the meta device
+
+        check_model_config(self.model, d.num_classes or {"cifar100": 100, "tiny-imagenet": 200}.get(d.dataset, 10))
         return self
 
 
@@ -229,12 +261,13 @@ def _coerce(key: str, value: Any, annotation: Any) -> Any:
     if origin in (Union, types.UnionType):
         if value is None and type(None) in args:
             return None
-        errors = []
         for option in (a for a in args if a is not type(None)):
             try:
                 return _coerce(key, value, option)
-            except (TypeError, ValueError) as error:
-                errors.append(str(error))
+            except _BadValue:
+                raise  # the right type, a wrong value: say so rather than "wrong type"
+            except (TypeError, ValueError):
+                continue
         raise TypeError(f"{key}={value!r} has the wrong type; expected {_name(annotation)}")
     if annotation is Any:
         return value
@@ -245,13 +278,16 @@ def _coerce(key: str, value: Any, annotation: Any) -> Any:
         if isinstance(value, int) and not isinstance(value, bool):
             return value
     elif annotation is float:
+        number = None
         if isinstance(value, int | float) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):  # YAML 1.1 reads "1e-6" (no dot) as a string
-            try:
-                return float(value)
-            except ValueError:
-                pass
+            number = float(value)
+        elif isinstance(value, str):  # YAML 1.1 reads "1e-6" (no dot) as a string
+            with contextlib.suppress(ValueError):
+                number = float(value)
+        if number is not None:
+            if not math.isfinite(number):  # no float setting means anything at inf or nan (null means "none")
+                raise _BadValue(f"{key}={value!r} is not a finite number; expected a finite float")
+            return number
     elif annotation is str:
         if isinstance(value, str):
             return value
@@ -267,6 +303,10 @@ def _coerce(key: str, value: Any, annotation: Any) -> Any:
     elif dataclasses.is_dataclass(annotation) and isinstance(value, dict):
         return _build(annotation, value, key)
     raise TypeError(f"{key}={value!r} has the wrong type; expected {_name(annotation)}")
+
+
+class _BadValue(ValueError):
+    """A value of the right type that no field accepts (inf, nan)."""
 
 
 def _name(annotation: Any) -> str:
@@ -320,9 +360,9 @@ def _read_preset(path: Path, seen: tuple[Path, ...]) -> dict[str, Any]:
     if path.resolve() in seen:
         raise ValueError(f"preset {path} is its own base (via {[str(p) for p in seen]})")
     try:
-        values = yaml.safe_load(path.read_text()) or {}
+        values = _parse_yaml(path.read_text()) or {}
     except yaml.YAMLError as error:
-        raise ValueError(f"cannot parse {path}: {str(error).splitlines()[0]}") from None
+        raise ValueError(f"cannot parse {path}: {_yaml_problem(error)}") from None
     if not isinstance(values, dict):
         raise ValueError(f"{path} must hold a mapping of config sections, got {type(values).__name__}")
     base = values.pop("base", None)
@@ -338,6 +378,34 @@ def _read_preset(path: Path, seen: tuple[Path, ...]) -> dict[str, Any]:
     return merged
 
 
+class _StrictLoader(yaml.SafeLoader):
+    """``yaml.SafeLoader`` that refuses a key given twice in one mapping (PyYAML keeps the last silently)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: set[Any] = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if isinstance(key, typing.Hashable) and key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"key {key!r} appears twice in one mapping", key_node.start_mark
+                )
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+
+def _parse_yaml(text: str) -> Any:
+    return yaml.load(text, Loader=_StrictLoader)  # a SafeLoader: no arbitrary objects
+
+
+def _yaml_problem(error: yaml.YAMLError) -> str:
+    """The parser's complaint with its line and column (1-based), in one line."""
+    mark = getattr(error, "problem_mark", None) or getattr(error, "context_mark", None)
+    problem = getattr(error, "problem", None) or str(error).splitlines()[0]
+    context = getattr(error, "context", None)
+    text = f"{problem} ({context})" if context else problem
+    return f"line {mark.line + 1}, column {mark.column + 1}: {text}" if mark is not None else text
+
+
 def apply_overrides(config: Config, overrides: list[str] | tuple[str, ...]) -> Config:
     """Apply ``section.key=value`` overrides (values parsed as YAML: 0.1, true, null, [1, 2], {a: 1}).
 
@@ -349,9 +417,9 @@ def apply_overrides(config: Config, overrides: list[str] | tuple[str, ...]) -> C
         if not sep or not key:
             raise ValueError(f"override {item!r} is not key=value (e.g. optim.lr=0.05)")
         try:
-            value = yaml.safe_load(text)
+            value = _parse_yaml(text)
         except yaml.YAMLError as error:
-            raise ValueError(f"override {item!r}: cannot parse {text!r} ({error.problem})") from None
+            raise ValueError(f"override {item!r}: cannot parse {text!r} ({_yaml_problem(error)})") from None
         _set(values, key.split("."), value, item)
     return _build(Config, values, "config")
 
@@ -384,7 +452,9 @@ def _is_dict(annotation: Any) -> bool:
 
 
 def save_config(config: Config, path: Path) -> None:
-    path.write_text(yaml.safe_dump(_plain(config.to_dict()), sort_keys=False))
+    from visionmoe.jsonl import write_atomic
+
+    write_atomic(path, yaml.safe_dump(_plain(config.to_dict()), sort_keys=False))
 
 
 def _plain(value: Any) -> Any:

@@ -46,8 +46,8 @@ def load_splits(cfg: DataConfig) -> Splits:
         test = load_image_folder(root / cfg.test_split, image_size=cfg.image_size)
         if train.classes != test.classes:
             raise ValueError(
-                f"{root / cfg.train_split} and {root / cfg.test_split} have different class folders "
-                f"({len(train.classes)} vs {len(test.classes)})"
+                f"{root / cfg.train_split} and {root / cfg.test_split} have different class folders: "
+                + class_difference(train.classes, test.classes, "the second")
             )
     else:  # validated before
         raise ValueError(f"unknown dataset {cfg.dataset!r}")
@@ -57,6 +57,22 @@ def load_splits(cfg: DataConfig) -> Splits:
         raise ValueError(f"data.num_classes={num_classes} but labels go up to {int(train.labels.max())}")
     mean, std = channel_stats(train.images)
     return Splits(train, test, num_classes, mean, std)
+
+
+def class_difference(expected: list[str], found: list[str], where: str = "the data") -> str:
+    """``expected`` vs ``found`` class names in one line: which are missing from ``where``, which are extra."""
+
+    def few(names: list[str]) -> str:
+        return repr(names[:5])[:-1] + (f", ... ({len(names)} in all)]" if len(names) > 5 else "]")
+
+    missing = [c for c in expected if c not in set(found)]
+    extra = [c for c in found if c not in set(expected)]
+    parts = [f"missing from {where} {few(missing)}"] if missing else []
+    parts += [f"extra in {where} {few(extra)}"] if extra else []
+    if not parts:  # the same names, so another order: labels would be permuted
+        first = next(i for i, (a, b) in enumerate(zip(expected, found, strict=True)) if a != b)
+        parts = [f"the same names in another order (label {first} is {found[first]!r}, not {expected[first]!r})"]
+    return f"{len(expected)} vs {len(found)} classes, " + "; ".join(parts)
 
 
 def _subset(data: ImageTensors, n: int | None) -> ImageTensors:

@@ -3,17 +3,20 @@
 One record per epoch, nested as it is computed (``routing`` holds a dict per MoE layer). The CSV is
 the flattened record (``routing/<layer>/<stat>`` columns), rewritten from the JSONL after every
 epoch so its columns always cover every record. On resume, records after the checkpoint are dropped
-first, so a run killed between logging and checkpointing does not log an epoch twice.
+first, so a run killed between logging and checkpointing does not log an epoch twice. A record is
+appended in one write and flushed, and the other files are replaced atomically, so a crash tears at
+most the last line of ``metrics.jsonl``, which resume drops with a warning (:mod:`visionmoe.jsonl`).
 """
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
+
+from visionmoe.jsonl import append_jsonl, read_jsonl, write_atomic, write_jsonl
 
 
 def flatten(record: dict[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -39,9 +42,8 @@ class RunLogger:
         self.csv = self.run_dir / "metrics.csv"
         self.records: list[dict[str, Any]] = []
         if resume_step is not None and self.jsonl.is_file():
-            kept = [json.loads(line) for line in self.jsonl.read_text().splitlines() if line.strip()]
-            self.records = [r for r in kept if r["step"] <= resume_step]
-            self.jsonl.write_text("".join(json.dumps(r) + "\n" for r in self.records))
+            self.records = [r for r in read_jsonl(self.jsonl) if r["step"] <= resume_step]
+            write_jsonl(self.jsonl, self.records)
         elif self.jsonl.exists():
             self.jsonl.unlink()
         self.writer = None
@@ -52,9 +54,8 @@ class RunLogger:
 
     def log(self, record: dict[str, Any]) -> None:
         self.records.append(record)
-        with self.jsonl.open("a") as f:
-            f.write(json.dumps(record) + "\n")
-        pd.json_normalize(self.records, sep="/").to_csv(self.csv, index=False)
+        append_jsonl(self.jsonl, record)
+        write_atomic(self.csv, pd.json_normalize(self.records, sep="/").to_csv(index=False))
         if self.writer is not None:
             step = record["step"]
             for key, value in flatten(record).items():

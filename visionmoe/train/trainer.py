@@ -13,6 +13,7 @@ same weights and metrics as an uninterrupted one (tested on the CPU).
 from __future__ import annotations
 
 import json
+import logging
 import math
 import shutil
 import time
@@ -28,6 +29,7 @@ from torch import Tensor, nn
 from visionmoe import distributed
 from visionmoe.analysis.speed import machine_info
 from visionmoe.data import TensorLoader
+from visionmoe.jsonl import write_atomic
 from visionmoe.layers.moe import collect_aux_loss, collect_routing_stats, moe_layers
 from visionmoe.layers.stats import RoutingStats, RoutingStatsAccumulator
 from visionmoe.train.checkpoint import (
@@ -57,6 +59,7 @@ RESUMABLE_CHANGES = (
     "data.data_dir",
 )
 DEVICE_SUMS = ("loss", "aux", "correct")  # running sums kept on the device (see Trainer._reset_epoch_sums)
+log = logging.getLogger(__name__)
 RANK_SEED_STRIDE = 1_000_003  # rank r's training RNG stream starts at seed + r·stride (rank 0: the seed)
 
 
@@ -79,6 +82,44 @@ def build_model(cfg: ModelConfig, num_classes: int, example_input: Tensor) -> nn
     if cfg.dense_twin is not None:
         model = dense_twin(model, match=cfg.dense_twin, example_input=example_input)
     return model
+
+
+def check_model_config(cfg: ModelConfig, num_classes: int) -> None:
+    """Fail now, in one line, if ``cfg`` cannot build its model: the model built on the meta device.
+
+    Unknown and None-valued ``model.kwargs`` (:func:`visionmoe.models.registry.check_model_kwargs`),
+    and whatever the constructors refuse (``model.moe.capacity_factor=0``, a router option of another
+    router, ``model.moeify`` keys), are found before any data is loaded and before a sweep starts a run.
+    The meta device allocates nothing; an error of the meta device itself is left to the real build.
+    The dense twin, which needs an example input, is not built here.
+    """
+    from dataclasses import replace
+
+    from visionmoe.models.registry import check_model_kwargs, model_kwargs
+
+    key = repr((cfg.name, cfg.kwargs, cfg.moe, cfg.moeify, num_classes))
+    if key in _CHECKED_MODELS:  # a sweep validates many cells of few models
+        return
+    check_model_kwargs(cfg.name, cfg.kwargs)
+    if cfg.kwargs.get("pretrained"):
+        return  # building it would download the weights
+    try:
+        with torch.device("meta"):
+            build_model(replace(cfg, dense_twin=None), num_classes, torch.empty(0))
+    except (TypeError, ValueError, AssertionError, KeyError) as error:
+        reason = (str(error).strip().splitlines() or [type(error).__name__])[0]
+        given = ", ".join(f"model.{k}={v!r}" for k in ("kwargs", "moe", "moeify") if (v := getattr(cfg, k)))
+        valid = model_kwargs(cfg.name) if isinstance(error, TypeError) else None  # a keyword it does not take
+        takes = f"; {cfg.name} takes {list(valid)}" if valid is not None else ""
+        raise ValueError(
+            f"model {cfg.name!r} cannot be built from {given or 'its defaults'}: {reason}{takes}"
+        ) from None
+    except Exception:  # an operation the meta device lacks: the real build will say what is wrong
+        return
+    _CHECKED_MODELS.add(key)
+
+
+_CHECKED_MODELS: set[str] = set()
 
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
@@ -205,7 +246,7 @@ class Trainer:
     """
 
     def __init__(self, config: Config, *, resume: bool = False, callbacks: Sequence[Callable] = ()) -> None:
-        self.config = config.validate()
+        self.config = config.validate(saved=resume)  # resuming: the run's own config, as it trained
         t = config.train
         self.run_dir = Path(t.out_dir).expanduser() / (t.run_name or f"{config.name}-s{t.seed}")
         self.checkpoint_path = self.run_dir / CHECKPOINT
@@ -432,9 +473,11 @@ class Trainer:
             "routing": {name: _stats_to_dict(acc.total) for name, acc in self.routing.items() if acc.total},
             "config": _plain(self.config.to_dict()),
             "code": self.code,
+            "classes": list(self.splits.train.classes),  # label i is classes[i]: eval refuses data named otherwise
         }
 
     def _restore(self, state: dict[str, Any]) -> None:
+        check_classes(state, self.splits, self.checkpoint_path, self.config.data)
         check_model_matches(state["model"], self.model, str(self.checkpoint_path))
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
@@ -622,7 +665,8 @@ class Trainer:
             logger.close()
         summary = self._summary(stopped, logger.records if logger else [], time.perf_counter() - wall_start)
         if main:
-            (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+            # whole or absent (a sweep takes summary.json as "finished"): a temporary file, then a rename
+            write_atomic(self.run_dir / "summary.json", json.dumps(summary, indent=2) + "\n")
         return summary
 
     def _time_is_up(self, local: bool) -> bool:
@@ -675,6 +719,7 @@ class Trainer:
             "epochs": round(self.step / self.steps_per_epoch, 4),
             "steps": self.step,
             "seed": self.config.train.seed,
+            "classes": list(self.splits.train.classes),
             "test": {k: v for k, v in last_eval.items() if k != "routing"},
             "test_routing": last_eval["routing"],
             **({"test_by_batch_size": by_batch_size} if by_batch_size else {}),
@@ -756,6 +801,32 @@ def _progress(enabled: bool):
     )
 
 
+def check_classes(state: dict[str, Any], splits: Splits, checkpoint: str | Path, data: Any) -> None:
+    """Refuse data whose classes are not those the checkpoint was trained on (its labels would be permuted).
+
+    A checkpoint written before class names were recorded (no ``classes`` entry) cannot be checked: it
+    loads, with a warning that the data's own class order is taken on trust.
+    """
+    from visionmoe.train.data import class_difference
+
+    where = data.data_dir or data.dataset
+    saved = state.get("classes")
+    if saved is None:
+        log.warning(
+            "%s records no class names (written before they were): cannot check that %s has the classes "
+            "it was trained on; its labels are taken in the data's own order",
+            checkpoint,
+            where,
+        )
+        return
+    found = list(splits.train.classes)
+    if list(saved) != found:
+        raise ValueError(
+            f"{where} does not have the classes {checkpoint} was trained on ({class_difference(list(saved), found)}); "
+            "its labels would not mean what the model learnt"
+        )
+
+
 def load_run(
     checkpoint: str | Path, *, data_dir: str | None = None, device: str = "auto"
 ) -> tuple[Config, nn.Module, Splits, dict[str, Any]]:
@@ -768,9 +839,10 @@ def load_run(
     config = Config.from_dict(state["config"], source=str(checkpoint))
     if data_dir is not None:
         config.data.data_dir = data_dir
-    config.validate()
+    config.validate(saved=True)  # the run's own config: rebuilt as it was, even if a new run would be refused
     dev = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device)
     splits = load_splits(config.data)
+    check_classes(state, splits, checkpoint, config.data)
     example = _normalize(splits.train.images[:2], splits.mean, splits.std)
     model = build_model(config.model, splits.num_classes, example)
     check_model_matches(state["model"], model, str(checkpoint))
@@ -812,4 +884,5 @@ def evaluate_checkpoint(
     result = evaluate(model, loader, splits.num_classes, device=dev, tta_flip=flip, bins=config.eval.calibration_bins)
     result.update({"name": config.name, "model": config.model.name, "step": int(state["step"]), "split": split})
     result["classes"] = list(data.classes)
+    result["classes_checked"] = "classes" in state  # False: a checkpoint older than recorded class names
     return result

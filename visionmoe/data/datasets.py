@@ -147,6 +147,7 @@ def load_cifar(name: str, split: str, data_dir=None, *, download: bool = False) 
 
 
 def _decode(path: Path, size: int | None) -> Tensor:
+    """One image as an (H, W, 3) uint8 tensor, resized to ``size`` × ``size`` if given."""
     from PIL import Image, UnidentifiedImageError
 
     try:
@@ -154,11 +155,30 @@ def _decode(path: Path, size: int | None) -> Tensor:
             image = image.convert("RGB")
             if size is not None and image.size != (size, size):
                 image = image.resize((size, size), Image.BILINEAR)
-            return torch.frombuffer(bytearray(image.tobytes()), dtype=torch.uint8).reshape(
-                image.size[1], image.size[0], 3
-            )
+            pixels = bytearray(image.tobytes())  # one image: the only transient copy
+            return torch.frombuffer(pixels, dtype=torch.uint8).reshape(image.size[1], image.size[0], 3)
     except (UnidentifiedImageError, OSError) as e:
         raise ValueError(f"cannot decode image {path} ({type(e).__name__}: {e})") from None
+
+
+def decode_into(files: list[Path], size: int | None, name: str) -> Tensor:
+    """Decode ``files`` straight into one preallocated (N, 3, H, W) uint8 tensor.
+
+    The first image fixes (H, W); every image is written into its row as it is decoded, so the peak
+    is the split's pixels plus one image (no list of decoded images, no stacked or permuted copy).
+    """
+    first = _decode(files[0], size)  # (H, W, 3)
+    H, W, _ = first.shape
+    images = torch.empty(len(files), 3, H, W, dtype=torch.uint8)  # (N, 3, H, W)
+    for i, f in enumerate(files):
+        image = first if i == 0 else _decode(f, size)
+        if image.shape != first.shape:
+            raise ValueError(
+                f"images of {name} differ in size ({f}: {tuple(image.shape[:2])}, {files[0]}: {(H, W)}); "
+                "pass image_size to resize"
+            )
+        images[i].copy_(image.permute(2, 0, 1))  # HWC -> CHW, into the row
+    return images
 
 
 def _decode_all(
@@ -177,11 +197,7 @@ def _decode_all(
             return ImageTensors(blob["images"], blob["labels"], list(blob["classes"]))
     if not files:
         raise FileNotFoundError(f"no images found for {cache.name}")
-    decoded = [_decode(f, size) for f in files]
-    shapes = {tuple(d.shape) for d in decoded}
-    if len(shapes) > 1:
-        raise ValueError(f"images of {cache.name} differ in size ({sorted(shapes)[:2]}); pass image_size to resize")
-    images = torch.stack(decoded).permute(0, 3, 1, 2).contiguous()  # (N, 3, H, W)
+    images = decode_into(files, size, cache.name)  # (N, 3, H, W)
     result = ImageTensors(images, torch.tensor(labels, dtype=torch.long), classes)
     blob = {"images": result.images, "labels": result.labels, "classes": classes}
     for cached in candidates:

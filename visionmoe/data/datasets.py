@@ -212,8 +212,8 @@ def _decode_all(
     return result
 
 
-def load_image_folder(root: str | os.PathLike, *, image_size: int | None = None) -> ImageTensors:
-    """``root/<class>/<image>`` (classes sorted by name = label order), decoded and cached."""
+def list_image_folder(root: str | os.PathLike) -> tuple[list[Path], list[int], list[str]]:
+    """The files, labels and classes of ``root/<class>/<image>`` (classes sorted by name = label order)."""
     root = Path(root).expanduser()
     layout = "ImageFolder layout <root>/<class>/<image>"
     if not root.is_dir():
@@ -227,12 +227,26 @@ def load_image_folder(root: str | os.PathLike, *, image_size: int | None = None)
             if f.suffix.lower() in IMAGE_SUFFIXES:
                 files.append(f)
                 labels.append(label)
+    return files, labels, classes
+
+
+def load_image_folder(root: str | os.PathLike, *, image_size: int | None = None) -> ImageTensors:
+    """``root/<class>/<image>`` (classes sorted by name = label order), decoded and cached."""
+    root = Path(root).expanduser()
+    files, labels, classes = list_image_folder(root)
     cache = root.parent / ".visionmoe-cache" / f"imagefolder-{root.name}"
     return _decode_all(files, labels, classes, image_size, cache)
 
 
 def load_tiny_imagenet(split: str, data_dir=None, *, image_size: int | None = None) -> ImageTensors:
     """Tiny-ImageNet-200 in its official layout; ``split`` "train" or "test" (= the labelled val set)."""
+    files, labels, wnids = list_tiny_imagenet(split, data_dir)
+    cache = data_root(data_dir) / "tiny-imagenet-200" / ".visionmoe-cache" / f"tiny-imagenet-{split}"
+    return _decode_all(files, labels, wnids, image_size, cache)
+
+
+def list_tiny_imagenet(split: str, data_dir=None) -> tuple[list[Path], list[int], list[str]]:
+    """The files, labels and wnids (= classes) of Tiny-ImageNet-200's ``split`` ("train" or "test")."""
     if split not in SPLITS:
         raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
     root = data_root(data_dir) / "tiny-imagenet-200"
@@ -263,5 +277,4 @@ def load_tiny_imagenet(split: str, data_dir=None, *, image_size: int | None = No
             labels.append(index[parts[1]])
         if missing := [f for f in files if not f.is_file()][:1]:
             raise _missing(missing[0], layout)
-    cache = root / ".visionmoe-cache" / f"tiny-imagenet-{split}"
-    return _decode_all(files, labels, wnids, image_size, cache)
+    return files, labels, wnids

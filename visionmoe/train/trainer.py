@@ -40,7 +40,7 @@ from visionmoe.train.checkpoint import (
     set_rng_state,
 )
 from visionmoe.train.config import Config, ModelConfig, save_config
-from visionmoe.train.data import BatchMixer, Splits, build_loaders, load_splits
+from visionmoe.train.data import BatchMixer, Splits, build_loaders, eval_loader, load_splits
 from visionmoe.train.logger import RunLogger
 from visionmoe.train.metrics import ClassificationMeter
 
@@ -243,8 +243,8 @@ class Trainer:
         )
         if self.parallel_env is not None:  # each rank keeps its rows of every global batch
             rank, world = self.parallel_env.rank, self.parallel_env.world_size
-            self.train_loader = distributed.ShardedLoader(self.train_loader, rank, world)
-            self.test_loader = distributed.ShardedLoader(self.test_loader, rank, world)
+            self.train_loader = distributed.shard_loader(self.train_loader, rank, world)
+            self.test_loader = distributed.shard_loader(self.test_loader, rank, world)
         example = self._example_batch()
         torch.manual_seed(t.seed)
         self.model = build_model(config.model, self.splits.num_classes, example)
@@ -315,11 +315,10 @@ class Trainer:
     # -- set-up helpers
 
     def _example_batch(self) -> Tensor:
-        images = self.splits.train.images[:2]
-        return _normalize(images, self.splits.mean, self.splits.std)
+        return _normalize(self.splits.first_images(2), self.splits.mean, self.splits.std)
 
     def _init_batch(self, n: int = 5000) -> Tensor:
-        return _normalize(self.splits.train.images[:n], self.splits.mean, self.splits.std)
+        return _normalize(self.splits.first_images(n), self.splits.mean, self.splits.std)
 
     def _profile(self, example: Tensor) -> dict[str, float]:
         from visionmoe.analysis.profile import profile
@@ -724,7 +723,7 @@ def load_run(
     config.validate()
     dev = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device)
     splits = load_splits(config.data)
-    example = _normalize(splits.train.images[:2], splits.mean, splits.std)
+    example = _normalize(splits.first_images(2), splits.mean, splits.std)
     model = build_model(config.model, splits.num_classes, example)
     check_model_matches(state["model"], model, str(checkpoint))
     model.load_state_dict(state["model"])
@@ -752,15 +751,9 @@ def evaluate_checkpoint(
     config, model, splits, state = load_run(checkpoint, data_dir=data_dir, device=device)
     dev = next(model.parameters()).device
     data = splits.test if split == "test" else splits.train
-    loader = TensorLoader(
-        data,
-        batch_size or config.data.eval_batch_size,
-        shuffle=False,
-        drop_last=False,
-        mean=splits.mean,
-        std=splits.std,
-        channels_last=config.train.channels_last and dev.type == "cpu",
-    )
+    channels_last = config.train.channels_last and dev.type == "cpu"
+    batch_size = batch_size or config.data.eval_batch_size
+    loader = eval_loader(config.data, splits, data, batch_size, config.train.seed, channels_last)
     flip = config.eval.tta_flip if tta_flip is None else tta_flip
     result = evaluate(model, loader, splits.num_classes, device=dev, tta_flip=flip, bins=config.eval.calibration_bins)
     result.update({"name": config.name, "model": config.model.name, "step": int(state["step"]), "split": split})

@@ -163,3 +163,22 @@ def test_streaming_peak_memory_does_not_grow_with_the_data(tmp_path):
 
     growth = peak_mb(1500) - peak_mb(500)
     assert abs(growth) < 8, f"peak RSS grew {growth} MB for 77 MB more pixels"
+
+
+def test_cli_writes_shards_and_the_config_refuses_what_cannot_stream(tmp_path, capsys):
+    pytest.importorskip("webdataset")
+    from visionmoe.cli import main
+    from visionmoe.train import load_config
+    from visionmoe.train.data import load_splits
+
+    write_folder(tmp_path / "train", 5)
+    write_folder(tmp_path / "test", 3)
+    assert main(["shards", str(tmp_path / "train"), str(tmp_path / "shards" / "train"), "--shard-size", "2"]) == 0
+    assert "5 images of 3 classes -> 3 shards" in capsys.readouterr().out
+    with pytest.raises(ValueError, match=r"data\.loader=.fast. is not one of"):
+        load_config(None, ["data.loader=fast"]).validate()
+    with pytest.raises(ValueError, match=r"cifar10 is pickles, use data\.loader=memory"):
+        load_splits(load_config(None, ["data.loader=stream"]).data)
+    with pytest.raises(ValueError, match=r"needs data\.image_size"):
+        cfg = load_config(None, ["data.dataset=imagefolder", f"data.data_dir={tmp_path}", "data.loader=stream"])
+        load_splits(cfg.data)

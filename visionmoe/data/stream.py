@@ -190,18 +190,19 @@ def eval_transform(size: int, crop_pct: float = 0.875) -> Transform:
 
 @contextmanager
 def _seeded(seed: int):
-    """Python's, numpy's and torch's global RNGs seeded with ``seed``, and restored afterwards (the
-    transforms draw from all three; the caller's streams — the training RNG — stay untouched)."""
-    state = random.getstate(), np.random.get_state()
-    with torch.random.fork_rng(devices=[]):
-        random.seed(seed)
-        np.random.seed(seed % 2**32)
-        torch.manual_seed(seed)
-        try:
-            yield
-        finally:
-            random.setstate(state[0])
-            np.random.set_state(state[1])
+    """Python's, numpy's and torch's (CPU) global RNGs seeded with ``seed``, and restored afterwards
+    (the transforms draw from all three; the caller's streams — the training RNG — stay untouched).
+    The CPU generator is set directly: ``torch.manual_seed`` also seeds every accelerator, per image."""
+    state = random.getstate(), np.random.get_state(), torch.default_generator.get_state()
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.default_generator.manual_seed(seed)
+    try:
+        yield
+    finally:
+        random.setstate(state[0])
+        np.random.set_state(state[1])
+        torch.default_generator.set_state(state[2])
 
 
 def sample_seed(seed: int, epoch: int, index: int) -> int:
@@ -325,6 +326,7 @@ class StreamLoader(TensorLoader):
             num_workers=self.workers,
             collate_fn=_collate,
             prefetch_factor=self.prefetch if self.workers else None,
+            generator=torch.Generator().manual_seed(self.seed),  # not the global RNG: training's stream stays
         )
         for items in loader:
             self.step += 1

@@ -55,6 +55,8 @@ RESUMABLE_CHANGES = (
     "train.fsdp",  # so do FSDP's slices
     "train.fsdp_unit_params",
     "data.data_dir",
+    "data.workers",  # batches do not depend on the number of decoding processes (visionmoe.data.stream)
+    "data.prefetch",
 )
 DEVICE_SUMS = ("loss", "aux", "correct")  # running sums kept on the device (see Trainer._reset_epoch_sums)
 RANK_SEED_STRIDE = 1_000_003  # rank r's training RNG stream starts at seed + r·stride (rank 0: the seed)

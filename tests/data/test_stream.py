@@ -182,3 +182,37 @@ def test_cli_writes_shards_and_the_config_refuses_what_cannot_stream(tmp_path, c
     with pytest.raises(ValueError, match=r"needs data\.image_size"):
         cfg = load_config(None, ["data.dataset=imagefolder", f"data.data_dir={tmp_path}", "data.loader=stream"])
         load_splits(cfg.data)
+
+
+def test_under_torchrun_each_rank_reads_only_its_rows_of_the_global_batch(tmp_path, monkeypatch):
+    from visionmoe.distributed import shard_loader, shard_rows
+
+    files = write_folder(tmp_path / "train", 10)
+    transform = train_transform(16, randaugment=9)
+    reference = list(StreamLoader(files, 4, transform, seed=5))  # 2 batches of 4 (drop_last)
+    reads = []
+    real_read = ImageFiles.read
+    monkeypatch.setattr(ImageFiles, "read", lambda self, i: reads.append(i) or real_read(self, i))
+    order = StreamLoader(files, 4, transform, seed=5).order(0)
+    for rank in range(2):
+        reads.clear()
+        mine = list(shard_loader(StreamLoader(files, 4, transform, seed=5), rank, 2))
+        rows = shard_rows(4, rank, 2)  # batch 4 over 2 ranks, mirrored: rank 0 rows [0, 3], rank 1 rows [1, 2]
+        assert rows.tolist() == ([0, 3] if rank == 0 else [1, 2])
+        for (x, y), (gx, gy) in zip(mine, reference, strict=True):
+            assert torch.equal(x, gx[rows]) and torch.equal(y, gy[rows])
+        assert sorted(reads) == sorted(order[:8].view(2, 4)[:, rows].flatten().tolist())  # its 4 images only
+    # Evaluation over 4 ranks: 10 images in batches of 4, 4, 2; the last batch's pieces are 1, 1, 0, 0
+    # images, so ranks 2 and 3 forward one unlabelled stand-in row there.
+    test = StreamLoader(files, 4, eval_transform(16), shuffle=False, drop_last=False)
+    pieces = [[len(y) for _, y in shard_loader(test, r, 4)] for r in range(4)]
+    assert pieces == [[1, 1, 1], [1, 1, 1], [1, 1, 0], [1, 1, 0]]
+
+
+def test_analyze_subsets_decode_a_streamed_split(tmp_path):
+    from visionmoe.analyze import subset_batches
+
+    files = write_folder(tmp_path / "train", 9)
+    batches = subset_batches(files, (0.5,) * 3, (0.5,) * 3, 5, 2, transform=eval_transform(16))
+    assert [tuple(x.shape) for x, _ in batches] == [(2, 3, 16, 16), (2, 3, 16, 16), (1, 3, 16, 16)]
+    assert sum(len(y) for _, y in batches) == 5

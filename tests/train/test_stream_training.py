@@ -57,3 +57,30 @@ def test_streamed_tiny_imagenet_run_resumes_bit_identically_on_any_number_of_wor
         return [(r["step"], r["train_loss"]) for r in map(json.loads, lines)]
 
     assert losses("full") == losses("cut")
+
+
+def test_a_corrupt_image_stops_the_run_in_one_line_or_is_skipped_and_counted(tmp_path):
+    root = write_tiny_imagenet(tmp_path / "data", num_classes=3, per_class=6, size=16)
+    bad = sorted((root / "tiny-imagenet-200" / "train" / "n00000000" / "images").iterdir())[0]  # the first file
+    bad.write_bytes(b"not an image")
+    base = [
+        "data.dataset=tiny-imagenet",
+        f"data.data_dir={root}",
+        "data.loader=stream",
+        "data.image_size=16",
+        "data.workers=1",
+        "data.mixup_alpha=0.4",
+        "data.batch_size=6",
+        "model.name=cnn_resnet_cifar_moe",
+        "model.kwargs={width: 8}",
+        "train.epochs=1",
+        f"train.out_dir={tmp_path / 'runs'}",
+        "train.progress=false",
+        "train.tensorboard=false",
+    ]
+    with pytest.raises(ValueError) as e:
+        Trainer(load_config(None, [*base, "train.run_name=stop"])).fit()
+    assert bad.name in str(e.value) and "\n" not in str(e.value)
+    with pytest.warns(UserWarning, match=bad.name):
+        summary = Trainer(load_config(None, [*base, "train.run_name=skip", "data.skip_corrupt=true"])).fit()
+    assert summary["skipped_images_this_session"] == 1 and summary["steps"] == 3  # 18 // 6; one batch of 5

@@ -262,14 +262,22 @@ class _Batches:
 
 
 def first_images(files: ImageFiles, n: int, transform: Transform) -> Tensor:
-    """The first ``n`` images of ``files`` (file order) through ``transform``: (n, 3, S, S) uint8."""
+    """The first ``n`` readable images of ``files`` (file order) through ``transform``: (n, 3, S, S) uint8.
+
+    For example batches (shapes, FLOPs, data-dependent init): an unreadable image is passed over here
+    and reported (or skipped) by the loader that reaches it in training."""
     dataset = _Decode(files, transform, seed=0)
-    out = []
-    for i in range(min(n, len(files))):
+    out, errors = [], []
+    for i in range(len(files)):
         image, _, error = dataset[(i, 0, True)]
-        if error is not None:
-            raise ValueError(error)
-        out.append(image)
+        if error is None:
+            out.append(image)
+        else:
+            errors.append(error)
+        if len(out) == n:
+            break
+    if not out:
+        raise ValueError(errors[0] if errors else "no images to decode")
     return torch.stack(out)
 
 

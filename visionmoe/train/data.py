@@ -234,8 +234,6 @@ class BatchMixer:
         )
 
     def __call__(self, x: Tensor, y: Tensor, seed: int) -> tuple[Tensor, Tensor]:
-        if len(x) % 2:  # a streamed batch that lost an unreadable image (data.skip_corrupt): pairs need an even count
-            x, y = x[:-1], y[:-1]
         state = np.random.get_state()
         np.random.seed(seed % 2**32)  # timm draws lambda and the box from numpy's global RNG
         try:

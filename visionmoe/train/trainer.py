@@ -450,6 +450,8 @@ class Trainer:
     def train_step(self, x: Tensor, y: Tensor) -> None:
         o = self.config.optim
         x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+        if self.mixer is not None and len(y) % 2:  # a streamed batch lost an unreadable image (data.skip_corrupt)
+            x, y = x[:-1], y[:-1]  # mixup pairs rows: keep an even count
         target: Tensor = y
         if self.mixer is not None:
             x, target = self.mixer(x, y, seed=self.config.train.seed * 1_000_003 + self.step)
@@ -636,6 +638,7 @@ class Trainer:
             "train_seconds": self.train_seconds,
             "eval_seconds": self.eval_seconds,
             "wall_seconds_this_session": wall,
+            "skipped_images_this_session": self.train_loader.skipped + self.test_loader.skipped,  # data.skip_corrupt
             "images_per_s": images / max(self.train_seconds, 1e-9),
             **self.profile,
             "device": str(self.device),

@@ -16,7 +16,7 @@ The pieces are the field's: PIL decodes (libjpeg-turbo, as fast as ``torchvision
 the CPU here); timm's ``RandomResizedCropAndInterpolation`` and eval ``create_transform`` (resize +
 centre crop); torchvision's ``RandAugment`` (the same op as the in-memory path; timm's rand-augment
 asks Pillow >= 13 to posterize to 0 bits, which it refuses); tar shards written by ``webdataset``.
-See BENCHMARKS.md ("Data: streaming pipeline") for the comparison behind these choices.
+BENCHMARKS.md, section "Data", compares the candidates behind these choices.
 """
 
 from __future__ import annotations

@@ -3,6 +3,7 @@ and peak resident memory against the number of images.
 
     python benchmarks/data_pipeline.py throughput --folder /tmp/sf64 --size 64 --images 512
     python benchmarks/data_pipeline.py memory --folders /tmp/sf160-500 /tmp/sf160-1000 ... --plot docs/x.png
+    python benchmarks/data_pipeline.py trainer --folders /tmp/sf160-400 /tmp/sf160-2400
 
 Stand-in folders come from benchmarks/data_standins.py. ``throughput`` times one epoch over the first
 ``--images`` training images, batch 64: the stream loader (random-resized crop, flip, RandAugment
@@ -11,7 +12,8 @@ loader over the decoded split (pad-crop, flip, RandAugment m=9: its own recipe),
 float batches. Median of ``--repeats``, the settings interleaved within each repeat; also the CPU
 time per image of the process and its workers, which a busy shared machine disturbs less than images/s. ``memory`` runs
 one subprocess per (folder, loader) that builds the loader and iterates one epoch, and reports its
-peak RSS (ru_maxrss of the process and of its largest worker).
+peak RSS (ru_maxrss of the process and of its largest worker). ``trainer`` reports the peak RSS of a
+process that builds a Trainer on each folder (in memory: both splits decoded, channel statistics).
 """
 
 from __future__ import annotations
@@ -133,6 +135,32 @@ def memory(args: argparse.Namespace) -> None:
         print(f"\nwrote {args.plot}")
 
 
+TRAINER = """
+import resource, sys, tempfile
+from visionmoe.train import Trainer, load_config
+with tempfile.TemporaryDirectory() as out:
+    Trainer(load_config("cifar10_moe", [
+        "data.dataset=imagefolder", f"data.data_dir={sys.argv[1]}", "data.test_split=test",
+        "model.name=cnn_dw_cifar_moe", "model.kwargs.width=8", "data.batch_size=32", "train.epochs=0.01",
+        "optim.warmup_epochs=0", f"train.out_dir={out}", "train.progress=false", "train.tensorboard=false",
+    ]))
+print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024)
+"""
+
+
+def trainer(args: argparse.Namespace) -> None:
+    """Peak RSS of building a Trainer (decode both splits, channel statistics) on each folder."""
+    import shutil
+
+    print("\n| folder | peak RSS building the Trainer (MB) |\n|---|---:|")
+    for folder in args.folders:
+        shutil.rmtree(folder / ".visionmoe-cache", ignore_errors=True)
+        out = subprocess.run([sys.executable, "-c", TRAINER, str(folder)], capture_output=True, text=True)
+        if out.returncode:
+            raise SystemExit(out.stderr)
+        print(f"| {folder.name} | {int(out.stdout.split()[-1])} |")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="command", required=True)
@@ -148,6 +176,9 @@ def main() -> None:
     m.add_argument("--folders", type=Path, nargs="+", required=True)
     m.add_argument("--plot", type=Path, default=None)
     m.set_defaults(func=memory)
+    b = sub.add_parser("trainer")
+    b.add_argument("--folders", type=Path, nargs="+", required=True)
+    b.set_defaults(func=trainer)
     args = p.parse_args()
     print(f"command: python benchmarks/data_pipeline.py {' '.join(sys.argv[1:])}")
     print(f"machine: {torch.get_num_threads()} torch threads available, shared with other jobs")

@@ -42,13 +42,21 @@ from visionmoe.layers.moe import moe_layers
 SECTIONS = ("routing", "hessian", "landscape", "efficiency")
 
 
-def subset_batches(data, mean, std, samples: int, batch_size: int, *, seed: int = 0) -> list[tuple[Tensor, Tensor]]:
-    """A fixed random subset of ``samples`` images as normalised (x, y) batches (no augmentation)."""
+def subset_batches(
+    data, mean, std, samples: int, batch_size: int, *, seed: int = 0, transform=None
+) -> list[tuple[Tensor, Tensor]]:
+    """A fixed random subset of ``samples`` images as normalised (x, y) batches (no augmentation).
+
+    ``data``: an in-memory split, or a streamed one (:class:`~visionmoe.data.stream.ImageFiles`)
+    whose images are decoded here with ``transform`` (the evaluation transform)."""
     from visionmoe.data import normalize
+    from visionmoe.data.stream import ImageFiles, first_images
 
     n = min(samples, len(data))
     index = torch.randperm(len(data), generator=torch.Generator().manual_seed(seed))[:n].sort().values
-    x = normalize(data.images[index], tuple(mean), tuple(std))
+    streamed = isinstance(data, ImageFiles)
+    images = first_images(data.subset(index), n, transform) if streamed else data.images[index]
+    x = normalize(images, tuple(mean), tuple(std))
     y = data.labels[index]
     return list(zip(x.split(batch_size), y.split(batch_size), strict=True))
 
@@ -163,7 +171,15 @@ def analyze_run(
     model = model.to(memory_format=torch.contiguous_format).float()
     has_moe = bool(moe_layers(model))
     subsets = {
-        split: subset_batches(getattr(splits, split), splits.mean, splits.std, samples, batch_size, seed=seed)
+        split: subset_batches(
+            getattr(splits, split),
+            splits.mean,
+            splits.std,
+            samples,
+            batch_size,
+            seed=seed,
+            transform=splits.eval_transform,
+        )
         for split in ("train", "test")
     }
     settings = {

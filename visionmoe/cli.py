@@ -94,6 +94,16 @@ def _bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def _shards(args: argparse.Namespace) -> int:
+    from visionmoe.data.datasets import list_image_folder
+    from visionmoe.data.stream import ImageFiles, write_shards
+
+    files = ImageFiles.from_files(*list_image_folder(args.folder))
+    shards = write_shards(files, args.out, args.shard_size)
+    print(f"{len(files)} images of {len(files.classes)} classes -> {len(shards)} shards in {args.out}")
+    return 0
+
+
 def _profile(args: argparse.Namespace) -> int:
     import json
 
@@ -341,6 +351,13 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--repeats", type=int, default=5)
     bench.add_argument("--mode", choices=("fwd", "fwdbwd"), default="fwdbwd")
     bench.set_defaults(func=_bench)
+    shards = sub.add_parser(
+        "shards", help="write an ImageFolder split as tar shards (WebDataset layout) for data.dataset=shards"
+    )
+    shards.add_argument("folder", help="an ImageFolder split: <folder>/<class>/<image>")
+    shards.add_argument("out", help="the shard folder, e.g. <data_dir>/train for data.train_split=train")
+    shards.add_argument("--shard-size", type=int, default=1000, help="images per shard")
+    shards.set_defaults(func=_shards)
     prof = sub.add_parser("profile", help="FLOPs, rho and active parameters of a model, as a Markdown table")
     prof.add_argument("model", help="a visionmoe (or timm) model name")
     prof.add_argument("--img-size", type=int, default=32)

@@ -251,3 +251,24 @@ def test_random_crop_flip_of_some_rows_is_those_rows_of_the_batch():
         random_crop_flip(images, 2, rows=rows)
     with pytest.raises(ValueError, match="got 6 images for 2 rows"):
         random_crop_flip(images, 2, rows=rows, batch_size=6)
+
+
+def test_channel_stats_by_hand_from_histograms():
+    from visionmoe.train.data import channel_stats
+
+    # 2 images of 1 pixel: red 0 and 255 -> mean 0.5, unbiased std sqrt((0.5² + 0.5²) / 1) = 0.7071;
+    # green 51 in both (0.2, std 0 -> clamped to 1e-3); blue 0 and 51 -> mean 0.1, std sqrt(2·0.1²) = 0.1414.
+    images = torch.tensor([[0, 51, 0], [255, 51, 51]], dtype=torch.uint8).reshape(2, 3, 1, 1)
+    assert channel_stats(images) == ((0.5, 0.2, 0.1), (0.7071, 0.001, 0.1414))
+
+
+def test_decode_into_fills_rows_and_names_a_mismatched_file(tmp_path):
+    from visionmoe.data.datasets import decode_into
+
+    write_image(tmp_path / "a.png", (10, 20, 30))
+    write_image(tmp_path / "b.png", (40, 50, 60))
+    images = decode_into([tmp_path / "a.png", tmp_path / "b.png"], None, "t")
+    assert images.shape == (2, 3, 8, 8) and images[:, :, 3, 5].tolist() == [[10, 20, 30], [40, 50, 60]]
+    write_image(tmp_path / "c.png", (0, 0, 0), size=(4, 4))
+    with pytest.raises(ValueError, match=r"c\.png: \(4, 4\)"):
+        decode_into([tmp_path / "a.png", tmp_path / "c.png"], None, "t")

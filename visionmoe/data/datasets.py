@@ -158,6 +158,7 @@ def load_cifar(name: str, split: str, data_dir=None, *, download: bool = False) 
 
 
 def _decode(path: Path, size: int | None) -> Tensor:
+    """One image as an (H, W, 3) uint8 tensor, resized to ``size`` × ``size`` if given."""
     from PIL import Image, UnidentifiedImageError
 
     try:
@@ -165,11 +166,30 @@ def _decode(path: Path, size: int | None) -> Tensor:
             image = image.convert("RGB")
             if size is not None and image.size != (size, size):
                 image = image.resize((size, size), Image.BILINEAR)
-            return torch.frombuffer(bytearray(image.tobytes()), dtype=torch.uint8).reshape(
-                image.size[1], image.size[0], 3
-            )
+            pixels = bytearray(image.tobytes())  # one image: the only transient copy
+            return torch.frombuffer(pixels, dtype=torch.uint8).reshape(image.size[1], image.size[0], 3)
     except (UnidentifiedImageError, OSError) as e:
         raise ValueError(f"cannot decode image {path} ({type(e).__name__}: {e})") from None
+
+
+def decode_into(files: list[Path], size: int | None, name: str) -> Tensor:
+    """Decode ``files`` straight into one preallocated (N, 3, H, W) uint8 tensor.
+
+    The first image fixes (H, W); every image is written into its row as it is decoded, so the peak
+    is the split's pixels plus one image (no list of decoded images, no stacked or permuted copy).
+    """
+    first = _decode(files[0], size)  # (H, W, 3)
+    H, W, _ = first.shape
+    images = torch.empty(len(files), 3, H, W, dtype=torch.uint8)  # (N, 3, H, W)
+    for i, f in enumerate(files):
+        image = first if i == 0 else _decode(f, size)
+        if image.shape != first.shape:
+            raise ValueError(
+                f"images of {name} differ in size ({f}: {tuple(image.shape[:2])}, {files[0]}: {(H, W)}); "
+                "pass image_size to resize"
+            )
+        images[i].copy_(image.permute(2, 0, 1))  # HWC -> CHW, into the row
+    return images
 
 
 def _decode_all(
@@ -190,11 +210,7 @@ def _decode_all(
             log.warning("rebuilding the decode cache %s: its images changed since it was written", cached)
     if not files:
         raise FileNotFoundError(f"no images found for {cache.name}")
-    decoded = [_decode(f, size) for f in files]
-    shapes = {tuple(d.shape) for d in decoded}
-    if len(shapes) > 1:
-        raise ValueError(f"images of {cache.name} differ in size ({sorted(shapes)[:2]}); pass image_size to resize")
-    images = torch.stack(decoded).permute(0, 3, 1, 2).contiguous()  # (N, 3, H, W)
+    images = decode_into(files, size, cache.name)  # (N, 3, H, W)
     result = ImageTensors(images, torch.tensor(labels, dtype=torch.long), classes)
     blob = {"images": result.images, "labels": result.labels, "classes": classes, "state": state}
     for cached in candidates:
@@ -223,8 +239,8 @@ def _files_state(files: list[Path], labels: list[int], classes: list[str]) -> st
     return digest.hexdigest()
 
 
-def load_image_folder(root: str | os.PathLike, *, image_size: int | None = None) -> ImageTensors:
-    """``root/<class>/<image>`` (classes sorted by name = label order), decoded and cached."""
+def list_image_folder(root: str | os.PathLike) -> tuple[list[Path], list[int], list[str]]:
+    """The files, labels and classes of ``root/<class>/<image>`` (classes sorted by name = label order)."""
     root = Path(root).expanduser()
     layout = "ImageFolder layout <root>/<class>/<image>"
     if not root.is_dir():
@@ -238,12 +254,26 @@ def load_image_folder(root: str | os.PathLike, *, image_size: int | None = None)
             if f.suffix.lower() in IMAGE_SUFFIXES:
                 files.append(f)
                 labels.append(label)
+    return files, labels, classes
+
+
+def load_image_folder(root: str | os.PathLike, *, image_size: int | None = None) -> ImageTensors:
+    """``root/<class>/<image>`` (classes sorted by name = label order), decoded and cached."""
+    root = Path(root).expanduser()
+    files, labels, classes = list_image_folder(root)
     cache = root.parent / ".visionmoe-cache" / f"imagefolder-{root.name}"
     return _decode_all(files, labels, classes, image_size, cache)
 
 
 def load_tiny_imagenet(split: str, data_dir=None, *, image_size: int | None = None) -> ImageTensors:
     """Tiny-ImageNet-200 in its official layout; ``split`` "train" or "test" (= the labelled val set)."""
+    files, labels, wnids = list_tiny_imagenet(split, data_dir)
+    cache = data_root(data_dir) / "tiny-imagenet-200" / ".visionmoe-cache" / f"tiny-imagenet-{split}"
+    return _decode_all(files, labels, wnids, image_size, cache)
+
+
+def list_tiny_imagenet(split: str, data_dir=None) -> tuple[list[Path], list[int], list[str]]:
+    """The files, labels and wnids (= classes) of Tiny-ImageNet-200's ``split`` ("train" or "test")."""
     if split not in SPLITS:
         raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
     root = data_root(data_dir) / "tiny-imagenet-200"
@@ -274,5 +304,4 @@ def load_tiny_imagenet(split: str, data_dir=None, *, image_size: int | None = No
             labels.append(index[parts[1]])
         if missing := [f for f in files if not f.is_file()][:1]:
             raise _missing(missing[0], layout)
-    cache = root / ".visionmoe-cache" / f"tiny-imagenet-{split}"
-    return _decode_all(files, labels, wnids, image_size, cache)
+    return files, labels, wnids

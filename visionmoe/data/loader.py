@@ -33,6 +33,8 @@ class TensorLoader:
         channels_last: return channels-last float batches (faster CNNs on the CPU).
     """
 
+    skipped = 0  # unreadable images dropped from batches (a streamed loader's data.skip_corrupt); none here
+
     def __init__(
         self,
         data: ImageTensors,

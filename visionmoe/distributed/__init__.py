@@ -20,7 +20,7 @@ from visionmoe.distributed.checkpoint import (
     read_checkpoint,
     save_sharded,
 )
-from visionmoe.distributed.data import ShardedLoader, shard_rows
+from visionmoe.distributed.data import ShardedLoader, shard_loader, shard_rows
 from visionmoe.distributed.data_parallel import Parallel, parallelize
 from visionmoe.distributed.env import ParallelEnv, init_parallel, launched_distributed, shutdown
 from visionmoe.distributed.expert_parallel import ExpertShard, all_to_all, expert_shards, shard_experts
@@ -48,6 +48,7 @@ __all__ = [
     "read_checkpoint",
     "save_sharded",
     "shard_experts",
+    "shard_loader",
     "shard_rows",
     "shutdown",
 ]

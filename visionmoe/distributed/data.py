@@ -16,6 +16,7 @@ W contiguous pieces of sizes differing by at most one.
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Iterator
 from typing import Any
 
@@ -25,6 +26,7 @@ from torch import Tensor
 
 from visionmoe.data.augment import normalize
 from visionmoe.data.loader import TensorLoader
+from visionmoe.data.stream import StreamLoader
 from visionmoe.layers.stats import RoutingStats, RoutingStatsAccumulator
 
 
@@ -82,6 +84,16 @@ class ShardedLoader(TensorLoader):
             self.step += 1
             yield x, labels
         self.epoch, self.step = self.epoch + 1, 0
+
+
+def shard_loader(loader: TensorLoader, rank: int, world_size: int) -> TensorLoader:
+    """This rank's view of ``loader``: a :class:`StreamLoader` that reads only the rank's rows, or a
+    :class:`ShardedLoader` over an in-memory split. Rows are those of :class:`ShardedLoader`."""
+    if isinstance(loader, StreamLoader):
+        sharded = copy.copy(loader)
+        sharded.rows = ShardedLoader(loader, rank, world_size)._rows
+        return sharded
+    return ShardedLoader(loader, rank, world_size)
 
 
 def sum_across_ranks(values: dict[str, float]) -> dict[str, float]:

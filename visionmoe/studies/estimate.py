@@ -54,7 +54,7 @@ def estimate_run(config, splits, steps: int = 3) -> dict[str, Any]:
     t, d = config.train, config.data
     batch = min(d.batch_size, len(splits.train))
     memory = torch.channels_last if t.channels_last else torch.contiguous_format
-    x = _normalize(splits.train.images[:batch], splits.mean, splits.std).contiguous(memory_format=memory)
+    x = _normalize(splits.first_images(batch), splits.mean, splits.std).contiguous(memory_format=memory)
     y = splits.train.labels[:batch]
     torch.manual_seed(t.seed)
     model = build_model(config.model, splits.num_classes, x[:2]).to(memory_format=memory)

@@ -27,7 +27,8 @@ from typing import Any, Union
 
 import yaml
 
-DATASETS = ("cifar10", "cifar100", "tiny-imagenet", "imagefolder")
+DATASETS = ("cifar10", "cifar100", "tiny-imagenet", "imagefolder", "shards")
+LOADERS = ("auto", "memory", "stream")
 OPTIMIZERS = ("sgd", "adamw")
 SCHEDULES = ("cosine", "step", "linear", "constant")
 DENSE_TWINS = (None, "flops", "params")
@@ -40,8 +41,16 @@ class DataConfig:
 
     ``dataset``: cifar10 / cifar100 (official pickles), tiny-imagenet (official layout),
     imagefolder (``<data_dir>/<train_split>/<class>/*`` and ``<data_dir>/<test_split>/...``, e.g.
-    ImageNet-1K or the JPEG CIFAR-10 copy). ``data_dir``: the data root (default ``$VISIONMOE_DATA``,
+    ImageNet-1K or the JPEG CIFAR-10 copy), shards (``<data_dir>/<split>/*.tar`` in the WebDataset
+    layout, written by ``visionmoe shards``). ``data_dir``: the data root (default ``$VISIONMOE_DATA``,
     else ``~/.cache/visionmoe/data``).
+
+    ``loader``: ``memory`` decodes each split once into uint8 tensors (fast; CIFAR- and Tiny-ImageNet
+    sized data); ``stream`` reads and decodes files per batch in ``workers`` processes (ImageNet
+    scale; :mod:`visionmoe.data.stream`), with random-resized crops (``crop_scale``), flip and
+    RandAugment for training, resize + centre crop (``crop_pct``) for evaluation, ImageNet's
+    normalisation, and no ``crop_padding``; ``auto`` streams shards, and an ImageFolder whose decoded
+    pixels would take over a quarter of this machine's memory.
     """
 
     dataset: str = "cifar10"
@@ -60,6 +69,12 @@ class DataConfig:
     cutmix_alpha: float = 0.0
     train_subset: int | None = None  # a fixed random subset of N training images (quick runs, tests)
     test_subset: int | None = None
+    loader: str = "auto"  # memory | stream | auto (see above)
+    workers: int = 2  # stream: decoding processes (0: in the training process)
+    prefetch: int = 2  # stream: batches each worker keeps ready (memory: workers × prefetch batches)
+    crop_scale: tuple[float, float] = (0.08, 1.0)  # stream: random-resized crop's area range
+    crop_pct: float = 0.875  # stream: evaluation centre crop = image_size / crop_pct resized, then cropped
+    skip_corrupt: bool = False  # stream: drop unreadable images (counted, warned) instead of stopping
 
 
 @dataclass
@@ -172,6 +187,7 @@ class Config:
         """
         d, o, t = self.data, self.optim, self.train
         _one_of("data.dataset", d.dataset, DATASETS)
+        _one_of("data.loader", d.loader, LOADERS)
         _one_of("optim.name", o.name, OPTIMIZERS)
         _one_of("optim.schedule", o.schedule, SCHEDULES)
         _one_of("model.dense_twin", self.model.dense_twin, DENSE_TWINS)
@@ -185,6 +201,10 @@ class Config:
             ("data.image_size", d.image_size, d.image_size is None or d.image_size >= 8, ">= 8 or null"),
             ("data.train_subset", d.train_subset, d.train_subset is None or d.train_subset >= 1, ">= 1 or null"),
             ("data.test_subset", d.test_subset, d.test_subset is None or d.test_subset >= 1, ">= 1 or null"),
+            ("data.workers", d.workers, d.workers >= 0, ">= 0"),
+            ("data.prefetch", d.prefetch, d.prefetch >= 1, ">= 1"),
+            ("data.crop_scale", d.crop_scale, 0 < d.crop_scale[0] <= d.crop_scale[1] <= 1, "0 < min <= max <= 1"),
+            ("data.crop_pct", d.crop_pct, 0 < d.crop_pct <= 1, "in (0, 1]"),
             ("optim.lr", o.lr, o.lr > 0, "> 0"),
             ("optim.momentum", o.momentum, 0 <= o.momentum < 1, "in [0, 1)"),
             ("optim.weight_decay", o.weight_decay, o.weight_decay >= 0, ">= 0"),

@@ -42,7 +42,7 @@ from visionmoe.train.checkpoint import (
     set_rng_state,
 )
 from visionmoe.train.config import Config, ModelConfig, save_config
-from visionmoe.train.data import BatchMixer, Splits, build_loaders, load_splits
+from visionmoe.train.data import BatchMixer, Splits, build_loaders, eval_loader, load_splits
 from visionmoe.train.logger import RunLogger
 from visionmoe.train.metrics import ClassificationMeter
 
@@ -57,6 +57,8 @@ RESUMABLE_CHANGES = (
     "train.fsdp",  # so do FSDP's slices
     "train.fsdp_unit_params",
     "data.data_dir",
+    "data.workers",  # batches do not depend on the number of decoding processes (visionmoe.data.stream)
+    "data.prefetch",
 )
 DEVICE_SUMS = ("loss", "aux", "correct")  # running sums kept on the device (see Trainer._reset_epoch_sums)
 log = logging.getLogger(__name__)
@@ -284,8 +286,8 @@ class Trainer:
         )
         if self.parallel_env is not None:  # each rank keeps its rows of every global batch
             rank, world = self.parallel_env.rank, self.parallel_env.world_size
-            self.train_loader = distributed.ShardedLoader(self.train_loader, rank, world)
-            self.test_loader = distributed.ShardedLoader(self.test_loader, rank, world)
+            self.train_loader = distributed.shard_loader(self.train_loader, rank, world)
+            self.test_loader = distributed.shard_loader(self.test_loader, rank, world)
         example = self._example_batch()
         torch.manual_seed(t.seed)
         self.model = build_model(config.model, self.splits.num_classes, example)
@@ -356,11 +358,10 @@ class Trainer:
     # -- set-up helpers
 
     def _example_batch(self) -> Tensor:
-        images = self.splits.train.images[:2]
-        return _normalize(images, self.splits.mean, self.splits.std)
+        return _normalize(self.splits.first_images(2), self.splits.mean, self.splits.std)
 
     def _init_batch(self, n: int = 5000) -> Tensor:
-        return _normalize(self.splits.train.images[:n], self.splits.mean, self.splits.std)
+        return _normalize(self.splits.first_images(n), self.splits.mean, self.splits.std)
 
     def _profile_batch(self, example: Tensor) -> Tensor:
         """The batch FLOPs are counted on: ``example`` (two images), or a training batch where an MoE layer's
@@ -369,7 +370,7 @@ class Trainer:
         if all(moe.groups == "sample" for _, moe in moe_layers(self.model)):
             return example
         n = min(self.config.data.batch_size, len(self.splits.train))
-        return _normalize(self.splits.train.images[:n], self.splits.mean, self.splits.std)
+        return _normalize(self.splits.first_images(n), self.splits.mean, self.splits.std)
 
     def evaluate_batch_sizes(self) -> dict[str, dict[str, float]]:
         """Test metrics with the test set in fixed, unshuffled batches of each ``eval.batch_sizes`` size.
@@ -382,14 +383,9 @@ class Trainer:
             raise ValueError("eval.batch_sizes is evaluated in one process; unset it under torchrun")
         e, results = self.config.eval, {}
         for size in e.batch_sizes:
-            loader = TensorLoader(
-                self.splits.test,
-                size,
-                shuffle=False,
-                drop_last=False,
-                mean=self.splits.mean,
-                std=self.splits.std,
-                channels_last=self.config.train.channels_last and self.device.type == "cpu",
+            channels_last = self.config.train.channels_last and self.device.type == "cpu"
+            loader = eval_loader(
+                self.config.data, self.splits, self.splits.test, size, self.config.train.seed, channels_last
             )
             metrics = evaluate(
                 self.eval_forward,
@@ -533,6 +529,8 @@ class Trainer:
     def train_step(self, x: Tensor, y: Tensor) -> None:
         o = self.config.optim
         x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+        if self.mixer is not None and len(y) % 2:  # a streamed batch lost an unreadable image (data.skip_corrupt)
+            x, y = x[:-1], y[:-1]  # mixup pairs rows: keep an even count
         target: Tensor = y
         if self.mixer is not None:
             x, target = self.mixer(x, y, seed=self.config.train.seed * 1_000_003 + self.step)
@@ -727,6 +725,7 @@ class Trainer:
             "train_seconds": self.train_seconds,
             "eval_seconds": self.eval_seconds,
             "wall_seconds_this_session": wall,
+            "skipped_images_this_session": self.train_loader.skipped + self.test_loader.skipped,  # data.skip_corrupt
             "images_per_s": images / max(self.train_seconds, 1e-9),
             **self.profile,
             "device": str(self.device),
@@ -843,7 +842,7 @@ def load_run(
     dev = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device)
     splits = load_splits(config.data)
     check_classes(state, splits, checkpoint, config.data)
-    example = _normalize(splits.train.images[:2], splits.mean, splits.std)
+    example = _normalize(splits.first_images(2), splits.mean, splits.std)
     model = build_model(config.model, splits.num_classes, example)
     check_model_matches(state["model"], model, str(checkpoint))
     model.load_state_dict(state["model"])
@@ -871,15 +870,9 @@ def evaluate_checkpoint(
     config, model, splits, state = load_run(checkpoint, data_dir=data_dir, device=device)
     dev = next(model.parameters()).device
     data = splits.test if split == "test" else splits.train
-    loader = TensorLoader(
-        data,
-        batch_size or config.data.eval_batch_size,
-        shuffle=False,
-        drop_last=False,
-        mean=splits.mean,
-        std=splits.std,
-        channels_last=config.train.channels_last and dev.type == "cpu",
-    )
+    channels_last = config.train.channels_last and dev.type == "cpu"
+    batch_size = batch_size or config.data.eval_batch_size
+    loader = eval_loader(config.data, splits, data, batch_size, config.train.seed, channels_last)
     flip = config.eval.tta_flip if tta_flip is None else tta_flip
     result = evaluate(model, loader, splits.num_classes, device=dev, tta_flip=flip, bins=config.eval.calibration_bins)
     result.update({"name": config.name, "model": config.model.name, "step": int(state["step"]), "split": split})

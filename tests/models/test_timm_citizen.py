@@ -4,8 +4,8 @@ Parametrised over ``visionmoe.list_models()``: forward/backward with a gradient 
 (test_model_backward), grad checkpointing leaves the output unchanged (test_model_forward), the
 default_cfg keys and the classifier / pooling API (test_model_default_cfgs), ``features_only=True``
 (test_model_forward_features) and ``forward_intermediates`` (test_model_forward_intermediates), plus
-the parameter count's stability. Small: CIFAR models at their 32 px, the 224-px models at 64 px
-(ConvNeXt) or 32 px (ViT), with their smallest depths (ViTs of 3 blocks, the last 2 MoE).
+the parameter count's stability. Small: every model at 32 px with its smallest depths (ViTs of 3
+blocks, the last 2 MoE; ConvNeXts of one block per stage, blocks 1 and 3 MoE).
 
 Not held to timm's TorchScript and torch.fx checks: MoE routing reads dataclass plans and takes
 data-dependent shapes, which neither can trace; ``torch.export`` is the supported trace
@@ -17,6 +17,7 @@ import math
 import pytest
 import timm
 import torch
+from model_sizes import SMALL
 from timm.data import resolve_data_config
 
 import visionmoe
@@ -24,28 +25,6 @@ from visionmoe.data import CIFAR_MEAN, CIFAR_STD
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-# (model kwargs, input size): small but real.
-SMALL = {
-    "vit_moe_tiny_patch4_32": ({"depth": 3, "placement": "tail-2"}, 32),
-    "vit_moe_small_patch4_32": ({"depth": 3, "placement": "tail-2"}, 32),
-    "vit_moe_small_patch16_224": ({"depth": 3, "placement": "tail-2", "img_size": 32}, 32),
-    "vit_moe_base_patch16_224": ({"depth": 3, "placement": "tail-2", "img_size": 32}, 32),
-    "convnext_moe_atto": ({}, 64),
-    "convnext_moe_femto": ({}, 64),
-    "convnext_moe_pico": ({}, 64),
-    "convnext_moe_nano": ({"depths": (1, 1, 4, 1)}, 64),
-    "convnext_moe_tiny": ({"depths": (1, 1, 4, 1)}, 64),
-    "cnn_resnet_cifar": ({"width": 8}, 32),
-    "cnn_resnet_cifar_moe": ({"width": 8}, 32),
-    "cnn_dw_cifar": ({"width": 8}, 32),
-    "cnn_dw_cifar_moe": ({"width": 8}, 32),
-    "cifar_airbench": ({"widths": (16, 32, 32)}, 32),
-    "cifar_airbench_moe": ({"widths": (16, 32, 32)}, 32),
-    "resnet18_cifar_dense_head": ({"width": 8}, 32),
-    "resnet18_cifar_mixture_head": ({"width": 8}, 32),
-    "resnet18_cifar_sparse_head": ({"width": 8}, 32),
-    "resnet18_cifar_soft_head": ({"width": 8}, 32),
-}
 MODELS = sorted(SMALL)
 TRANSFORMERS = {n for n in MODELS if n.startswith("vit_")}  # timm's "non-standard" models: (B, N, D) features
 EARLY_POOL = {n for n in MODELS if n.startswith("resnet18_cifar_")}  # a head FFN after the pool, as timm's early-pool

@@ -132,6 +132,8 @@ class MoE(nn.Module):
         grouped = self.group(tokens)  # (G, S, D)
         routed: RouterOutput = self.router(grouped)
         y = apply_plan(grouped, routed.plan, self.experts, self.backend, self.deterministic)  # (G, S, D)
+        if torch.compiler.is_exporting():  # an exported program keeps no module state: no aux loss, no stats
+            return restore(y.reshape(B, N, D))
         self.aux_loss = routed.aux_loss
         self.last_aux_losses = routed.aux_losses
         self.last_stats = routing_stats(routed.plan, routed.gates, grouped.shape[0], grouped.shape[1])

@@ -114,6 +114,12 @@ def _pool_groups(value: Any) -> Any:
     return value
 
 
+def _is_exporting() -> bool:
+    """Whether ``torch.export`` is tracing (torch < 2.5 has no such flag: never)."""
+    is_exporting = getattr(torch.compiler, "is_exporting", None)
+    return bool(is_exporting is not None and is_exporting())
+
+
 def _check_finite(logits: Tensor, router: str) -> None:
     # On the CPU the check is free and names the problem before it spreads. On an accelerator it
     # would be a host sync per MoE layer per step, so it runs only under torch.autograd's anomaly
@@ -219,6 +225,6 @@ class _Capacity:
             capacity=self.capacity,
             multiple=self.capacity_multiple,
         )
-        if capacity is None and (self.static_shapes or torch.compiler.is_exporting()):
+        if capacity is None and (self.static_shapes or _is_exporting()):
             return num_tokens  # dropless, bounded by the group's size instead of read from the data
         return capacity

@@ -177,3 +177,14 @@ def test_weight_file_errors(tmp_path):
         timm.create_model(
             "vit_moe_tiny_patch4_32", pretrained_file=tmp_path / "w.pth", embed_dim=64, depth=4, num_heads=2
         )
+
+
+def test_cnn_models_load_their_own_weights_file(tmp_path):
+    # The CNN families have no dense counterpart to upcycle from: pretrained_file loads the model's own weights.
+    torch.manual_seed(0)
+    trained = timm.create_model("resnet18_cifar_sparse_head", width=8)
+    torch.save(trained.state_dict(), tmp_path / "head.pth")
+    torch.manual_seed(1)
+    loaded = timm.create_model("resnet18_cifar_sparse_head", width=8, pretrained_file=tmp_path / "head.pth")
+    for (name, a), (_, b) in zip(trained.state_dict().items(), loaded.state_dict().items(), strict=True):
+        assert torch.equal(a, b), name

@@ -114,6 +114,12 @@ def _pool_groups(value: Any) -> Any:
     return value
 
 
+def _is_exporting() -> bool:
+    """Whether ``torch.export`` is tracing (torch < 2.5 has no such flag: never)."""
+    is_exporting = getattr(torch.compiler, "is_exporting", None)
+    return bool(is_exporting is not None and is_exporting())
+
+
 def _check_finite(logits: Tensor, router: str) -> None:
     # On the CPU the check is free and names the problem before it spreads. On an accelerator it
     # would be a host sync per MoE layer per step, so it runs only under torch.autograd's anomaly
@@ -185,7 +191,16 @@ class _LinearRouter(Router):
 
 
 class _Capacity:
-    """Train and eval capacity settings shared by the sparse routers."""
+    """Train and eval capacity settings shared by the sparse routers.
+
+    ``static_shapes`` (set by :func:`visionmoe.export.static_shapes`, and in effect while
+    ``torch.export`` traces): dropless routing takes C = S, the most a group can send one expert
+    (a token picks an expert at most once), instead of the largest load read from the data. Every
+    assignment is still kept, so the plan's tokens, experts and weights are the same; only the
+    padded buffers are larger, and no shape depends on the data.
+    """
+
+    static_shapes: bool = False
 
     def _init_capacity(self, capacity_factor, eval_capacity_factor, capacity, capacity_multiple, dropless_ok):
         check_capacity_factor(capacity_factor)
@@ -202,7 +217,7 @@ class _Capacity:
         factor = self.capacity_factor
         if not self.training and self.eval_capacity_factor != SAME:
             factor = self.eval_capacity_factor
-        return expert_capacity(
+        capacity = expert_capacity(
             num_tokens,
             self.num_experts,
             k=k,
@@ -210,3 +225,6 @@ class _Capacity:
             capacity=self.capacity,
             multiple=self.capacity_multiple,
         )
+        if capacity is None and (self.static_shapes or _is_exporting()):
+            return num_tokens  # dropless, bounded by the group's size instead of read from the data
+        return capacity

@@ -48,12 +48,13 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from timm.models import generate_default_cfgs
 from torch import Tensor, nn
 
 from visionmoe.layers.moe import MoE, MoEConfig
 from visionmoe.layers.routers import DenseRouter
-from visionmoe.models.cnn import CNN_MOE_DEFAULT, CifarClassifier, ConvFFN, MoEStages, resolve_stages
-from visionmoe.models.registry import entry_kwargs, register_model
+from visionmoe.models.cnn import CNN_FEATURES, CNN_MOE_DEFAULT, CifarClassifier, ConvFFN, MoEStages, resolve_stages
+from visionmoe.models.registry import build_model, cifar_cfg, register_model
 from visionmoe.models.vit import moe_config
 
 BN_MOMENTUM = 0.4
@@ -231,9 +232,12 @@ class CifarAirbench(CifarClassifier):
             ``moe``) · ``hidden_ratio · dim``, the same FLOPs as the MoE's experts.
         drop_rate: dropout before the classifier.
 
+        global_pool: "max", or "" for none (with ``num_classes=0``: the model returns the map).
+
     Shape:
         (B, in_chans, 32, 32) -> (B, num_classes); ``forward_features`` gives the final
-        (B, widths[-1], 3, 3) map (before pooling).
+        (B, widths[-1], 3, 3) map (before pooling); ``forward_intermediates`` /
+        ``features_only=True`` give each conv group's map (15×15, 7×7, 3×3 for 32×32 inputs).
 
     Example:
         >>> model = CifarAirbench(10)
@@ -251,6 +255,7 @@ class CifarAirbench(CifarClassifier):
         moe: MoEConfig | Mapping[str, Any] | None = CNN_MOE_DEFAULT,
         dense: bool = False,
         drop_rate: float = 0.0,
+        global_pool: str = "max",
     ) -> None:
         super().__init__()
         if not (isinstance(widths, Sequence) and widths and all(isinstance(w, int) and w >= 1 for w in widths)):
@@ -269,7 +274,12 @@ class CifarAirbench(CifarClassifier):
         self.groups = nn.Sequential(*groups)
         for group in self.groups:
             group.reset_parameters()
-        self._init_head(in_dim, num_classes, drop_rate)
+        self.norm = nn.Identity()  # each group ends in BN → GELU
+        # a 32-px image is 31×31 after the 2×2 stem, then 15, 7, 3 after the groups: reductions 2, 4, 8 (floored)
+        self.feature_info = [
+            {"num_chs": w, "reduction": 2 ** (i + 1), "module": f"groups.{i}"} for i, w in enumerate(widths)
+        ]
+        self._init_head(in_dim, num_classes, drop_rate, global_pool)
         for i in self.moe_groups:  # last, so that dense and MoE twins seeded alike share every other weight
             dim = widths[i]
             hidden = max(1, round(hidden_ratio * dim))
@@ -288,18 +298,24 @@ class CifarAirbench(CifarClassifier):
         """
         self.stem.init_from_data(images, eps)
 
+    default_pool = "max"  # airbench's MaxPool2d(3) over the final 3×3 map, at any input size
+
     def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
         """Replace the final bias-free Linear (``num_classes=0``: none, the model returns pooled features)."""
-        if global_pool not in (None, "max"):
-            raise ValueError(f"{type(self).__name__} pools by max only; got global_pool={global_pool!r}")
-        self.num_classes = num_classes
+        super().reset_classifier(num_classes, global_pool)
         self.fc = nn.Linear(self.num_features, num_classes, bias=False) if num_classes > 0 else nn.Identity()
 
-    def pool(self, x: Tensor) -> Tensor:
-        return x.amax(dim=(2, 3))  # (B, C, 3, 3) -> (B, C): airbench's MaxPool2d(3), at any input size
+    def forward_stem(self, x: Tensor) -> Tensor:
+        return self.stem_act(self.stem(x))  # (B, 24, H - 1, W - 1)
 
-    def forward_features(self, x: Tensor) -> Tensor:
-        return self.groups(self.stem_act(self.stem(x)))  # (B, widths[-1], 3, 3) for 32×32 inputs
+    def trunk(self) -> nn.Sequential:
+        return self.groups
+
+    def _set_trunk(self, stages: nn.Sequential) -> None:
+        self.groups = stages
+
+    def group_matcher(self, coarse: bool = False) -> dict[str, Any]:
+        return {"stem": r"^stem", "blocks": r"^groups\.(\d+)"}
 
     def forward_head(self, x: Tensor, pre_logits: bool = False) -> Tensor:
         x = self.head_drop(self.pool(x))  # (B, C)
@@ -318,10 +334,17 @@ def _resolve_groups(moe_groups: MoEStages, num_groups: int) -> tuple[int, ...]:
         ) from None
 
 
+_AIRBENCH = {"first_conv": "stem", "classifier": "fc", "pool_size": (3, 3)}
+default_cfgs = generate_default_cfgs(
+    {name: cifar_cfg(**_AIRBENCH) for name in ("cifar_airbench_moe", "cifar_airbench")}
+)
+
+
 def _create(name: str, pretrained: bool, kwargs: dict[str, Any], **defaults: Any) -> CifarAirbench:
-    kwargs = {**defaults, **entry_kwargs(name, pretrained, kwargs)}
+    kwargs = {**defaults, **kwargs}
     kwargs["moe"] = moe_config(kwargs.get("moe"), CNN_MOE_DEFAULT)
-    return CifarAirbench(**kwargs)
+    features = {**CNN_FEATURES, "out_indices": tuple(range(len(kwargs.get("widths", DEFAULT_WIDTHS))))}
+    return build_model(CifarAirbench, name, pretrained, kwargs, feature_cfg=features)
 
 
 @register_model

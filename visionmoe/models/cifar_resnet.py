@@ -35,11 +35,12 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
+from timm.models import generate_default_cfgs
 from torch import Tensor, nn
 
 from visionmoe.layers.moe import MoEConfig
-from visionmoe.models.cnn import CifarClassifier
-from visionmoe.models.registry import entry_kwargs, register_model
+from visionmoe.models.cnn import CNN_FEATURES, CifarClassifier, stage_info
+from visionmoe.models.registry import build_model, cifar_cfg, register_model
 from visionmoe.models.vit import moe_config
 
 DENSE_HEAD = MoEConfig(num_experts=1, router="dense")
@@ -96,7 +97,12 @@ class CifarResNet18(CifarClassifier):
         (B, in_chans, H, W) -> (B, num_classes). ``forward_features`` gives the backbone's final
         (B, 512, H/8, W/8) map before pooling; ``forward_head`` pools it to (B, 512), applies the
         head FFN / MoE (B, 512) -> (B, 512), then the Linear; ``pre_logits=True`` stops before it.
+        The head's FFN works on the pooled vector, so ``global_pool`` is "avg" only (timm's
+        "early pool" models). ``forward_intermediates`` / ``features_only=True`` give the four
+        stage maps, at strides 1, 2, 4, 8.
     """
+
+    unpooled_ok = False
 
     def __init__(
         self,
@@ -126,6 +132,8 @@ class CifarResNet18(CifarClassifier):
             stages.append(nn.Sequential(BasicBlock(in_dim, dim, stride), BasicBlock(dim, dim)))
             in_dim = dim
         self.stages = nn.Sequential(*stages)
+        self.norm = nn.Identity()  # BasicBlocks end in BN → ReLU already
+        self.feature_info = stage_info([width * 2**i for i in range(4)], [1, 2, 4, 8])
         # The head FFN is an MoE even when dense (E=1, router "dense"), so all four heads share one code path.
         self.head_ffn = config.build(in_dim, head_width // config.num_experts, activation=head_act_layer)
         self._init_head(in_dim, num_classes, drop_rate)
@@ -135,8 +143,9 @@ class CifarResNet18(CifarClassifier):
                 if isinstance(m, BasicBlock):
                     nn.init.zeros_(m.bn2.weight)
 
-    def forward_features(self, x: Tensor) -> Tensor:
-        return self.stages(self.stem(x))  # (B, 8·width, H/8, W/8)
+    def _drop_head(self) -> None:
+        self.head_ffn = nn.Identity()
+        self.reset_classifier(0)
 
     def forward_head(self, x: Tensor, pre_logits: bool = False) -> Tensor:
         x = self.head_ffn(self.pool(x))  # (B, 8·width): one token per sample
@@ -144,10 +153,17 @@ class CifarResNet18(CifarClassifier):
         return x if pre_logits else self.fc(x)
 
 
+_RESNET = {"first_conv": "stem.0", "classifier": "fc", "pool_size": (4, 4)}  # 32 px / 8
+default_cfgs = generate_default_cfgs(
+    {f"resnet18_cifar_{head}_head": cifar_cfg(**_RESNET) for head in ("dense", "mixture", "sparse", "soft")}
+)
+
+
 def _create(name: str, head: MoEConfig, pretrained: bool, kwargs: dict[str, Any]) -> CifarResNet18:
-    kwargs = entry_kwargs(name, pretrained, kwargs)
+    kwargs = dict(kwargs)
     kwargs["moe"] = moe_config(kwargs.get("moe"), head)
-    return CifarResNet18(**kwargs)
+    features = {**CNN_FEATURES, "out_indices": (0, 1, 2, 3)}
+    return build_model(CifarResNet18, name, pretrained, kwargs, feature_cfg=features)
 
 
 @register_model

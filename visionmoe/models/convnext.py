@@ -14,19 +14,20 @@ the last of stages 2 and 3; "tail-2" puts both in stage 3).
 
 The atto..nano sizes use 1×1-conv MLPs (``conv_mlp=True``) as timm does; tiny uses Linear MLPs
 on channels-last maps. For 32×32 or 64×64 inputs pass ``patch_size=1`` or ``2`` (the stem's
-stride), so the last stage still sees a few positions.
+stride), so the last stage still sees a few positions. ``pretrained_file`` takes a dense timm
+ConvNeXt checkpoint of the same shape and upcycles it (see
+:func:`visionmoe.models.registry.build_moe_model`); ``features_only=True`` gives the four stage maps.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-from timm.models.convnext import ConvNeXt
+from timm.models import generate_default_cfgs
+from timm.models.convnext import ConvNeXt, checkpoint_filter_fn
 
 from visionmoe.layers.moe import MoEConfig
-from visionmoe.models.moeify import moeify
-from visionmoe.models.registry import entry_kwargs, register_model
-from visionmoe.models.vit import moe_config
+from visionmoe.models.registry import build_moe_model, imagenet_cfg, register_model
 
 CONVNEXT_MOE_DEFAULT = MoEConfig(num_experts=8, router="topk", k=2)
 
@@ -40,12 +41,25 @@ class ConvNeXtMoE(ConvNeXt):
         return set()
 
 
+_CONVNEXT = {"first_conv": "stem.0", "classifier": "head.fc", "pool_size": (7, 7)}
+default_cfgs = generate_default_cfgs(
+    {f"convnext_moe_{size}": imagenet_cfg(**_CONVNEXT) for size in ("atto", "femto", "pico", "nano", "tiny")}
+)
+
+
 def _convnext_moe(name: str, pretrained: bool, kwargs: dict[str, Any], **arch: Any) -> ConvNeXt:
-    kwargs = entry_kwargs(name, pretrained, kwargs)
-    placement = kwargs.pop("placement", "last-2")
-    config = moe_config(kwargs.pop("moe", None), CONVNEXT_MOE_DEFAULT)
-    model = ConvNeXtMoE(**{**arch, **kwargs})
-    return moeify(model, placement, config)
+    # timm's own ConvNeXt features: the four stage outputs, walked as a flattened module list
+    features = {"out_indices": (0, 1, 2, 3), "flatten_sequential": True}
+    return build_moe_model(
+        ConvNeXtMoE,
+        name,
+        pretrained,
+        kwargs,
+        moe_default=CONVNEXT_MOE_DEFAULT,
+        feature_cfg=features,
+        checkpoint_filter=checkpoint_filter_fn,
+        **arch,
+    )
 
 
 @register_model

@@ -9,9 +9,28 @@ of ConvNeXt-atto (2+2+6+2 = 12 blocks) blocks 9 (stage 2's last) and 11 (stage 3
 timm's ResNets (BasicBlock / Bottleneck) have no MLP to replace; moeify says so.
 
 Sparse upcycling (Komatsuzaki et al. 2023): with ``upcycle=True`` every expert starts as a copy of
-the dense MLP it replaces (optionally plus Gaussian noise of ``upcycle_noise`` × the weight's std),
-so with renormalised top-k weights and no dropped tokens the MoE model computes exactly what the
-dense model did, and training starts from the dense model's function.
+the dense MLP f it replaces (optionally plus Gaussian noise of ``upcycle_noise`` × the weight's std).
+The MoE then computes Σ_e w_e f(x) = (Σ_e w_e) f(x): the dense model's function exactly when every
+token's combine weights sum to one and none of its assignments is dropped. Which settings guarantee
+it (tests/models/test_upcycle.py checks each, in float64):
+
+    router, settings                                         Σ_e w_e per token       upcycled = dense
+    topk, renormalize=True, no drops, any k (k = 1 too)      1                       yes
+    sinkhorn_topk, renormalize=True, no drops                1                       yes
+    topk with k = E (every expert, the whole softmax)        1                       yes
+    topk, renormalize=False, k < E                           < 1                     no
+    any top-k with drops (capacity_factor < E / k)           0 for a dropped token   no
+    expert_choice and its Sinkhorn / sparse variants         0 .. E                  no
+    soft                                                     1, but a slot's input   only with one token
+                                                             mixes the group's       per group (S = 1)
+    soft_per_sample                                          1, slot inputs scaled   no
+    dense                                                    E                       only E = 1
+
+"No drops": ``capacity_factor=None`` (dropless), or a factor of at least E / k, since then
+C = ceil(k·S·factor / E) >= S, the most one expert can receive. Router noise (training only) changes
+which experts are chosen, not that renormalised weights sum to one. Exactness is to the router's
+float32 gates: top-1 renormalises to w / w = 1.0 exactly; top-2's two weights sum to one within
+float32 rounding (~1e-7 relative).
 """
 
 from __future__ import annotations
@@ -80,7 +99,8 @@ def moeify(
             or block indices).
         moe: the MoE layers' settings (an :class:`MoEConfig` or a dict of its fields).
         hidden_dim: each expert's hidden width; default the replaced MLP's (``fc1``'s outputs).
-        upcycle: initialise every expert from the replaced MLP's weights.
+        upcycle: initialise every expert from the replaced MLP's weights (the settings under which the
+            MoE then equals the dense model are tabled in the module docstring).
         upcycle_noise: with ``upcycle``, add N(0, (upcycle_noise · std(w))²) to each expert's
             weights independently, so experts can diverge (0 = identical experts).
 

@@ -11,8 +11,11 @@ E = 8 experts, top-k with k = 2, placement "last-2" (blocks 9 and 11 of 12), tok
     vit_moe_base_patch16_224      224    16     768    12     12     V-MoE-B/16 (ImageNet-1K)
 
 For Tiny-ImageNet pass ``img_size=64`` (S/16 then sees 16 tokens; ``patch_size=8`` gives 64).
-Keyword arguments: ``placement``, ``moe`` (an :class:`MoEConfig` or dict overriding the defaults)
-and anything timm's ``VisionTransformer`` takes (``num_classes``, ``drop_path_rate``, ...).
+Keyword arguments: ``placement``, ``moe`` (an :class:`MoEConfig` or dict overriding the defaults),
+``pretrained_file`` (a dense timm ViT checkpoint of the same shape, upcycled into the MoE: see
+:func:`visionmoe.models.registry.build_moe_model`) and anything timm's ``VisionTransformer`` takes
+(``num_classes``, ``drop_path_rate``, ...). Built by timm's ``build_model_with_cfg``, so
+``features_only=True`` (block outputs as NCHW maps, timm's getter) and ``forward_intermediates`` work.
 """
 
 from __future__ import annotations
@@ -20,11 +23,11 @@ from __future__ import annotations
 from dataclasses import replace
 from typing import Any
 
-from timm.models.vision_transformer import VisionTransformer
+from timm.models import generate_default_cfgs
+from timm.models.vision_transformer import VisionTransformer, checkpoint_filter_fn
 
 from visionmoe.layers.moe import MoEConfig
-from visionmoe.models.moeify import moeify
-from visionmoe.models.registry import entry_kwargs, register_model
+from visionmoe.models.registry import build_moe_model, cifar_cfg, imagenet_cfg, register_model
 
 VIT_MOE_DEFAULT = MoEConfig(num_experts=8, router="topk", k=2)
 
@@ -45,12 +48,30 @@ def moe_config(overrides: Any, default: MoEConfig) -> MoEConfig:
     return replace(default, **overrides)
 
 
+_VIT = {"first_conv": "patch_embed.proj", "classifier": "head", "pool_size": None, "fixed_input_size": True}
+default_cfgs = generate_default_cfgs(
+    {
+        "vit_moe_tiny_patch4_32": cifar_cfg(**_VIT),
+        "vit_moe_small_patch4_32": cifar_cfg(**_VIT),
+        "vit_moe_small_patch16_224": imagenet_cfg(**_VIT),
+        "vit_moe_base_patch16_224": imagenet_cfg(**_VIT),
+    }
+)
+
+
 def _vit_moe(name: str, pretrained: bool, kwargs: dict[str, Any], **arch: Any) -> VisionTransformer:
-    kwargs = entry_kwargs(name, pretrained, kwargs)
-    placement = kwargs.pop("placement", "last-2")
-    config = moe_config(kwargs.pop("moe", None), VIT_MOE_DEFAULT)
-    model = VisionTransformer(**{**arch, **kwargs})
-    return moeify(model, placement, config)
+    # timm's own ViT features: the block outputs through forward_intermediates (the "getter"), last 3 by default
+    features = {"out_indices": kwargs.pop("out_indices", 3), "feature_cls": "getter"}
+    return build_moe_model(
+        VisionTransformer,
+        name,
+        pretrained,
+        kwargs,
+        moe_default=VIT_MOE_DEFAULT,
+        feature_cfg=features,
+        checkpoint_filter=checkpoint_filter_fn,
+        **arch,
+    )
 
 
 @register_model

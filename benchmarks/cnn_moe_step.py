@@ -1,0 +1,142 @@
+"""One training step of a CIFAR CNN with MoE in every stage against its dense twin (issue 22).
+
+Each cell builds ``cnn_resnet_cifar_moe`` or ``cnn_dw_cifar_moe`` (E = 8, top-2, capacity factor 1.25,
+per-image groups, the default V-MoE losses) with ``moe_stages="all"`` at one width and hidden ratio,
+and its dense twin of equal active FLOPs (:func:`visionmoe.analysis.dense_twin`, FFNs of width 2·H).
+A step is forward, backward and SGD on a random channels-last batch, fp32, as the trainer runs it.
+The MoE model is timed once per backend given (the same weights; only ``MoE.backend`` changes), all
+of them interleaved round-robin with the twin in one process; each cell reports the median over
+repeats of (MoE step / twin step in the same repeat).
+
+    python benchmarks/cnn_moe_step.py --threads 2 --repeats 9 --batch 128
+
+``--profile`` instead prints the torch.profiler table of one MoE step of the first cell, its time
+broken down by operator. ``--quick`` runs one tiny cell to check the script, measuring nothing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+
+import torch
+import torch.nn.functional as F
+
+from visionmoe.analysis.speed import benchmark_header, interleaved_times, iqr
+from visionmoe.analysis.twin import dense_twin
+from visionmoe.layers.dispatch import BACKENDS
+from visionmoe.layers.moe import collect_aux_loss, moe_layers
+from visionmoe.models import create_model
+
+BACKBONES = {"standard": "cnn_resnet_cifar_moe", "depthwise": "cnn_dw_cifar_moe"}
+GOAL = 1.15
+
+
+def build(backbone: str, width: int, ratio: float, batch: int, seed: int = 0):
+    """The MoE model, its twin and a step function for each: (moe, twin, step(model))."""
+    torch.manual_seed(seed)
+    moe = create_model(BACKBONES[backbone], width=width, hidden_ratio=ratio, moe_stages="all")
+    twin = dense_twin(moe, match="flops")
+    x = torch.randn(batch, 3, 32, 32).contiguous(memory_format=torch.channels_last)
+    y = torch.randint(0, 10, (batch,))
+
+    def stepper(model: torch.nn.Module):
+        model = model.to(memory_format=torch.channels_last).train()
+        optim = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+
+        def step() -> None:
+            optim.zero_grad(set_to_none=True)
+            loss = F.cross_entropy(model(x), y) + collect_aux_loss(model)
+            loss.backward()
+            optim.step()
+
+        return step
+
+    return moe, twin, stepper
+
+
+def set_backend(model: torch.nn.Module, backend: str) -> None:
+    for _, layer in moe_layers(model):
+        layer.backend = backend
+
+
+def measure(backbone: str, width: int, ratio: float, args: argparse.Namespace) -> dict[str, list[float]]:
+    moe, twin, stepper = build(backbone, width, ratio, args.batch)
+    steps = {"twin": stepper(twin)}
+    moe_step = stepper(moe)
+    for backend in args.backends:
+
+        def step(backend: str = backend) -> None:
+            set_backend(moe, backend)
+            moe_step()
+
+        steps[backend] = step
+    times = interleaved_times(steps, threads=args.threads, repeats=args.repeats, min_run_time=args.min_run_time)
+    return {name: [t / tw for t, tw in zip(ts, times["twin"], strict=True)] for name, ts in times.items()} | {
+        "twin_seconds": times["twin"]
+    }
+
+
+def profile_step(backbone: str, width: int, ratio: float, args: argparse.Namespace) -> None:
+    from torch.profiler import ProfilerActivity, profile
+
+    moe, twin, stepper = build(backbone, width, ratio, args.batch)
+    set_backend(moe, args.backends[0])
+    for name, model in (("MoE", moe), ("twin", twin)):
+        step = stepper(model)
+        for _ in range(2):
+            step()
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            for _ in range(args.repeats):
+                step()
+        print(f"\n### {name}: {backbone}, width {width}, hidden ratio {ratio}, backend {args.backends[0]}\n")
+        print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=args.rows, max_name_column_width=40))
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--backbones", nargs="+", choices=list(BACKBONES), default=list(BACKBONES))
+    parser.add_argument("--widths", nargs="+", type=int, default=[8, 16, 32])
+    parser.add_argument("--ratios", nargs="+", type=float, default=[1.0, 2.0, 4.0])
+    parser.add_argument("--backends", nargs="+", choices=BACKENDS, default=["auto"])
+    parser.add_argument("--batch", type=int, default=128)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=9)
+    parser.add_argument("--min-run-time", type=float, default=0.0, help="seconds per measurement, at least")
+    parser.add_argument("--profile", action="store_true", help="profile the first cell instead of timing")
+    parser.add_argument("--rows", type=int, default=30, help="operators shown by --profile")
+    parser.add_argument("--quick", action="store_true", help="one tiny cell: checks the script only")
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.backbones, args.widths, args.ratios, args.batch, args.repeats = ["depthwise"], [8], [1.0], 2, 1
+    torch.set_num_threads(args.threads)
+    if args.profile:
+        profile_step(args.backbones[0], args.widths[0], args.ratios[0], args)
+        return 0
+    print(benchmark_header("CNN training step: MoE in every stage vs the dense twin", args.threads), flush=True)
+    header = "| backbone | width | hidden ratio | twin step ms | " + " | ".join(
+        f"MoE/twin ({b})" for b in args.backends
+    )
+    print(f"\n{header} |\n|" + "---|" * (4 + len(args.backends)), flush=True)
+    worst = 0.0
+    for backbone in args.backbones:
+        for width in args.widths:
+            for ratio in args.ratios:
+                ratios = measure(backbone, width, ratio, args)
+                cells = []
+                for backend in args.backends:
+                    med = statistics.median(ratios[backend])
+                    worst = max(worst, med) if backend == args.backends[0] else worst
+                    cells.append(f"{med:.2f} ± {iqr(ratios[backend]):.2f}")
+                twin_ms = statistics.median(ratios["twin_seconds"]) * 1e3
+                print(f"| {backbone} | {width} | {ratio:g} | {twin_ms:.0f} | " + " | ".join(cells) + " |", flush=True)
+    print(
+        f"\nBatch {args.batch}, channels-last, fp32, SGD step; median ± IQR over {args.repeats} interleaved repeats "
+        f"of MoE step / twin step in the same repeat. Worst cell ({args.backends[0]}): {worst:.2f} (goal ≤ {GOAL})."
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

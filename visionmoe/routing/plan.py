@@ -37,6 +37,11 @@ class Routing:
         num_tokens: S.
         num_experts: E.
         capacity: C, the buffer size of each expert in each group.
+        choices: K for a token-choice plan, None otherwise. Set, it promises the token-choice layout
+            that lets the layer dispatch without a global sort: A = K·S assignments, choice-major
+            (assignment j·S + i is the j-th choice of the i-th token in priority order, so
+            ``token[:, j·S + i]`` is the same token for every j), and the kept assignments of each
+            expert and group hold positions 0, 1, ... without gaps.
     """
 
     token: Tensor
@@ -47,6 +52,7 @@ class Routing:
     num_tokens: int
     num_experts: int
     capacity: int
+    choices: int | None = None
 
     @property
     def num_groups(self) -> int:

@@ -10,6 +10,15 @@ repeats of (MoE step / twin step in the same repeat).
 
     python benchmarks/cnn_moe_step.py --threads 2 --repeats 9 --batch 128
 
+``--before`` adds a column for the code before issue 22, run in the same process on the same weights:
+plans without ``Routing.choices`` (the argsort + ``index_add_`` dispatch, and ``auto``'s earlier choice),
+a full sort for the top-k and ``topk`` for the load loss's threshold. Every path is exact, so only the
+speed differs.
+
+``--vit`` instead re-runs ViT-sized shapes of the layer benchmark (benchmarks/layer_speed.py: images ×
+1024 tokens, d = 512, H = 2048, E = 8, top-2, capacity factor 1.25, no router noise, forward + backward)
+with the layer as it is (``auto``) and as it was (``before``), against the dense FFN of width 2·H.
+
 ``--profile`` instead prints the torch.profiler table of one MoE step of the first cell, its time
 broken down by operator. ``--quick`` runs one tiny cell to check the script, measuring nothing.
 """
@@ -17,15 +26,21 @@ broken down by operator. ``--quick`` runs one tiny cell to check the script, mea
 from __future__ import annotations
 
 import argparse
+import contextlib
+import dataclasses
 import statistics
 import sys
+from collections.abc import Iterator
 
 import torch
 import torch.nn.functional as F
 
+import visionmoe.layers.moe
+import visionmoe.routing.losses
+import visionmoe.routing.plan
 from visionmoe.analysis.speed import benchmark_header, interleaved_times, iqr
 from visionmoe.analysis.twin import dense_twin
-from visionmoe.layers.dispatch import BACKENDS
+from visionmoe.layers.dispatch import BACKENDS, apply_plan
 from visionmoe.layers.moe import collect_aux_loss, moe_layers
 from visionmoe.models import create_model
 
@@ -56,6 +71,25 @@ def build(backbone: str, width: int, ratio: float, batch: int, seed: int = 0):
     return moe, twin, stepper
 
 
+@contextlib.contextmanager
+def before_issue_22() -> Iterator[None]:
+    """The layer as it ran before issue 22 (same results): argsort dispatch, sort top-k, topk threshold."""
+
+    def old_apply_plan(x, plan, experts, backend="auto", deterministic=False):
+        if isinstance(plan, visionmoe.routing.plan.Routing):
+            plan = dataclasses.replace(plan, choices=None)  # auto then decides as it did
+        return apply_plan(x, plan, experts, backend, deterministic)
+
+    saved = (visionmoe.layers.moe.apply_plan, visionmoe.routing.plan.SMALL_K, visionmoe.routing.losses._kth_largest)
+    visionmoe.layers.moe.apply_plan = old_apply_plan
+    visionmoe.routing.plan.SMALL_K = 0
+    visionmoe.routing.losses._kth_largest = lambda x, k: x.topk(k, dim=-1).values[..., -1:]
+    try:
+        yield
+    finally:
+        visionmoe.layers.moe.apply_plan, visionmoe.routing.plan.SMALL_K, visionmoe.routing.losses._kth_largest = saved
+
+
 def set_backend(model: torch.nn.Module, backend: str) -> None:
     for _, layer in moe_layers(model):
         layer.backend = backend
@@ -72,10 +106,44 @@ def measure(backbone: str, width: int, ratio: float, args: argparse.Namespace) -
             moe_step()
 
         steps[backend] = step
+    if args.before:
+
+        def old_step() -> None:
+            set_backend(moe, "auto")
+            with before_issue_22():
+                moe_step()
+
+        steps["before"] = old_step
     times = interleaved_times(steps, threads=args.threads, repeats=args.repeats, min_run_time=args.min_run_time)
     return {name: [t / tw for t, tw in zip(ts, times["twin"], strict=True)] for name, ts in times.items()} | {
         "twin_seconds": times["twin"]
     }
+
+
+def vit_row(images: int, args: argparse.Namespace) -> str:
+    """One ViT-sized shape: auto now and before issue 22, each over the dense FFN of the same repeat."""
+    from visionmoe.analysis.speed import NO_NOISE
+    from visionmoe.layers.moe import MoE
+
+    torch.manual_seed(0)
+    d, E, k = 512, 8, 2
+    moe = MoE(d, E, 4 * d, router="topk", k=k, capacity_factor=1.25, router_options=NO_NOISE, aux_loss_weights={})
+    dense = MoE(d, 1, k * 4 * d, router="dense")
+    x = torch.randn(images, 1024, d)
+
+    def fwdbwd(model: torch.nn.Module) -> None:
+        model.zero_grad(set_to_none=True)
+        model(x).sum().backward()
+
+    def before() -> None:
+        with before_issue_22():
+            fwdbwd(moe)
+
+    steps = {"dense": lambda: fwdbwd(dense), "auto": lambda: fwdbwd(moe), "before": before}
+    times = interleaved_times(steps, threads=args.threads, repeats=args.repeats)
+    ratio = {n: [t / tw for t, tw in zip(ts, times["dense"], strict=True)] for n, ts in times.items()}
+    cells = [f"{statistics.median(ratio[n]):.2f} ± {iqr(ratio[n]):.2f}" for n in ("auto", "before")]
+    return f"| {images} × 1024 | {statistics.median(times['dense']) * 1e3:.0f} | " + " | ".join(cells) + " |"
 
 
 def profile_step(backbone: str, width: int, ratio: float, args: argparse.Namespace) -> None:
@@ -100,10 +168,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--widths", nargs="+", type=int, default=[8, 16, 32])
     parser.add_argument("--ratios", nargs="+", type=float, default=[1.0, 2.0, 4.0])
     parser.add_argument("--backends", nargs="+", choices=BACKENDS, default=["auto"])
+    parser.add_argument("--before", action="store_true", help="add the code before issue 22 (see above)")
     parser.add_argument("--batch", type=int, default=128)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=9)
     parser.add_argument("--min-run-time", type=float, default=0.0, help="seconds per measurement, at least")
+    parser.add_argument("--vit", action="store_true", help="the ViT-shape regression check instead (see above)")
+    parser.add_argument("--vit-images", nargs="+", type=int, default=[1, 4, 8])
     parser.add_argument("--profile", action="store_true", help="profile the first cell instead of timing")
     parser.add_argument("--rows", type=int, default=30, help="operators shown by --profile")
     parser.add_argument("--quick", action="store_true", help="one tiny cell: checks the script only")
@@ -114,18 +185,23 @@ def main(argv: list[str] | None = None) -> int:
     if args.profile:
         profile_step(args.backbones[0], args.widths[0], args.ratios[0], args)
         return 0
+    if args.vit:
+        print(benchmark_header("MoE layer at ViT shapes: after vs before issue 22", args.threads), flush=True)
+        print("\n| images × tokens | dense ms | auto / dense | before / dense |\n|---|---|---|---|", flush=True)
+        for images in args.vit_images:
+            print(vit_row(images, args), flush=True)
+        return 0
     print(benchmark_header("CNN training step: MoE in every stage vs the dense twin", args.threads), flush=True)
-    header = "| backbone | width | hidden ratio | twin step ms | " + " | ".join(
-        f"MoE/twin ({b})" for b in args.backends
-    )
-    print(f"\n{header} |\n|" + "---|" * (4 + len(args.backends)), flush=True)
+    columns = [*args.backends, *(["before"] if args.before else [])]
+    header = "| backbone | width | hidden ratio | twin step ms | " + " | ".join(f"MoE/twin ({b})" for b in columns)
+    print(f"\n{header} |\n|" + "---|" * (4 + len(columns)), flush=True)
     worst = 0.0
     for backbone in args.backbones:
         for width in args.widths:
             for ratio in args.ratios:
                 ratios = measure(backbone, width, ratio, args)
                 cells = []
-                for backend in args.backends:
+                for backend in columns:
                     med = statistics.median(ratios[backend])
                     worst = max(worst, med) if backend == args.backends[0] else worst
                     cells.append(f"{med:.2f} ± {iqr(ratios[backend]):.2f}")

@@ -97,7 +97,7 @@ def test_auto_falls_back_when_grouped_mm_is_absent(monkeypatch):
 
 
 def test_auto_picks_padded_for_small_experts():
-    # ViT-sized experts (D·H > 128·512): 2 groups × (k=2 · 5 tokens) = 20 assignments over 4 experts,
+    # ViT-sized experts (D·H > 128·128): 2 groups × (k=2 · 5 tokens) = 20 assignments over 4 experts,
     # 5 rows each, below 128 -> grouped_mm where the sizes are aligned, padded where not.
     moe = MoE(256, 4, 512, router="topk", k=2)
     x = torch.randn(2, 5, 256)
@@ -109,7 +109,7 @@ def test_auto_picks_padded_for_small_experts():
     # 2 × 2 · 512 = 2048 assignments over 4 experts: 512 rows each -> sorted.
     x = torch.randn(2, 512, 256)
     assert choose_backend(x, moe.experts, moe.router(x).plan) == "sorted"
-    # Small experts (CNN feature maps, D·H <= 128·512) under token choice: padded at any row count;
+    # Small experts (CNN feature maps, D·H <= 128·128) under token choice: padded at any row count;
     # expert choice plans keep the row rule.
     small = MoE(16, 4, 64, router="topk", k=2)
     x = torch.randn(2, 512, 16)

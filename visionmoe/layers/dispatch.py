@@ -19,7 +19,7 @@ counting (:func:`counting_sort`), and rows move by gathers forward and backward 
 The other plans (expert choice) keep the argsort and ``index_add_``.
 
 ``auto`` picks ``padded`` while compiling, ``grouped`` on CUDA when available and aligned,
-``padded`` for token choice with small experts (D·H ≤ 128·512, the CNN feature-map regime, where
+``padded`` for token choice with small experts (D·H ≤ 128·128, the CNN feature-map regime, where
 one batched matmul beats E small GEMMs even with the capacity padding: BENCHMARKS.md, issue 22),
 for experts with fewer than 128 rows on average ``grouped`` (aligned sizes) or else ``padded``,
 and ``sorted`` otherwise. Soft MoE uses
@@ -57,10 +57,11 @@ CPU (measured at E = 64, ~63 rows each: grouped 1.6×, padded 2.0×, sorted 2.9�
 E = 8, 512 rows each: sorted 1.0×, grouped 1.4×, padded 1.5× — BENCHMARKS.md)."""
 
 
-SMALL_EXPERT_WEIGHTS = 128 * 512
-"""Token-choice experts with D·H at most this run ``padded`` under ``auto``: on CNN feature maps (D = 8-128,
-H = D-4D, 64-1024 tokens per image) one batched matmul over the capacity buffers beat a GEMM per expert
-(BENCHMARKS.md, issue 22); ViT-sized experts (512 × 2048) keep ``sorted``."""
+SMALL_EXPERT_WEIGHTS = 128 * 128
+"""Token-choice experts with D·H at most this run ``padded`` under ``auto``: on CNN feature maps with small
+experts (D = 8-32, H = D-4D) one batched matmul over the capacity buffers beat a GEMM per expert despite
+the padding; from D·H ≈ 128·256 on the padding costs more than the loop (BENCHMARKS.md, issue 22).
+ViT-sized experts (512 × 2048) keep ``sorted``."""
 
 
 def choose_backend(x: Tensor, experts: Experts, plan: Routing | None = None) -> str:

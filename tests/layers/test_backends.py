@@ -114,6 +114,12 @@ def test_auto_picks_padded_for_small_experts():
     small = MoE(16, 4, 64, router="topk", k=2)
     x = torch.randn(2, 512, 16)
     assert choose_backend(x, small.experts, small.router(x).plan) == "padded"
+    # ... but not for tiny groups (S < 8·E: 5 tokens, 4 experts), nor in forward-only passes.
+    x_small = torch.randn(2, 5, 16)
+    expected = "grouped" if grouped_mm_supported(small.experts, x_small) else "padded"
+    assert choose_backend(x_small, small.experts, small.router(x_small).plan) == expected
+    with torch.no_grad():
+        assert choose_backend(x, small.experts, small.router(x).plan) == "sorted"
     chooser = MoE(16, 4, 64, router="expert_choice", capacity_factor=2.0)
     assert choose_backend(x, chooser.experts, chooser.router(x).plan) == "sorted"
     # grouped_mm has no float64 kernel: a float64 layer with small experts takes padded, and runs.

@@ -19,11 +19,11 @@ counting (:func:`counting_sort`), and rows move by gathers forward and backward 
 The other plans (expert choice) keep the argsort and ``index_add_``.
 
 ``auto`` picks ``padded`` while compiling, ``grouped`` on CUDA when available and aligned,
-``padded`` for token choice with small experts (D·H ≤ 128·128, the CNN feature-map regime, where
-one batched matmul beats E small GEMMs even with the capacity padding: BENCHMARKS.md, issue 22),
-for experts with fewer than 128 rows on average ``grouped`` (aligned sizes) or else ``padded``,
-and ``sorted`` otherwise. Soft MoE uses
-three batched matmuls; the dense router one FFN of width E·H.
+``padded`` in training (grad enabled) for token choice with small experts (D·H ≤ 128·128, S ≥ 8·E:
+the CNN feature-map regime, where one batched matmul mostly beat E small GEMMs despite the capacity
+padding: BENCHMARKS.md, issue 22), for experts with fewer than 128 rows on average ``grouped``
+(aligned sizes) or else ``padded``, and ``sorted`` otherwise. Soft MoE uses three batched matmuls; the
+dense router one FFN of width E·H.
 
 ``torch.compile(moe, fullgraph=True)`` traces every router in one graph, forward and backward
 (tested), with these exceptions, which break the graph: dropless token choice (its capacity is the
@@ -58,10 +58,19 @@ E = 8, 512 rows each: sorted 1.0×, grouped 1.4×, padded 1.5× — BENCHMARKS.m
 
 
 SMALL_EXPERT_WEIGHTS = 128 * 128
-"""Token-choice experts with D·H at most this run ``padded`` under ``auto``: on CNN feature maps with small
-experts (D = 8-32, H = D-4D) one batched matmul over the capacity buffers beat a GEMM per expert despite
-the padding; from D·H ≈ 128·256 on the padding costs more than the loop (BENCHMARKS.md, issue 22).
-ViT-sized experts (512 × 2048) keep ``sorted``."""
+"""Token-choice experts with D·H at most this run ``padded`` under ``auto``. Measured on CIFAR CNNs with
+MoE in every stage (D = 8-128, H = D-4D; BENCHMARKS.md, issue 22): on the depthwise backbone one batched
+matmul over the capacity buffers beat a GEMM per expert in 8 of 9 width × ratio cells (by 10-25%), on the
+standard backbone (the same layer shapes, ReLU experts) the loop was 5-20% faster in 7 of 9, within the
+noise of a shared machine; the threshold keeps the largest CNN experts and every ViT-sized one
+(512 × 2048) on ``sorted``."""
+
+
+MIN_TOKENS_PER_EXPERT = 8
+"""... and only for groups of at least this many tokens per expert (S ≥ 8·E, 64 for E = 8: every CNN
+feature map measured), not for tiny groups (a (B, D) head has one token per group, so its buffers would
+be mostly padding). A static rule: every rank of an expert-parallel layer must pick the same backend,
+so the data-dependent capacity of a dropless plan cannot enter it."""
 
 
 def choose_backend(x: Tensor, experts: Experts, plan: Routing | None = None) -> str:
@@ -70,8 +79,14 @@ def choose_backend(x: Tensor, experts: Experts, plan: Routing | None = None) -> 
         return "padded"  # static shapes, no data-dependent split
     if x.is_cuda and grouped_mm_supported(experts, x) and torch.cuda.get_device_capability(x.device)[0] >= 9:
         return "grouped"
-    if plan is not None and plan.choices is not None and experts.dim * experts.hidden_dim <= SMALL_EXPERT_WEIGHTS:
-        return "padded"
+    if (
+        plan is not None
+        and torch.is_grad_enabled()  # measured on training steps; forward-only passes keep the rules below
+        and plan.choices is not None
+        and experts.dim * experts.hidden_dim <= SMALL_EXPERT_WEIGHTS
+        and plan.num_tokens >= MIN_TOKENS_PER_EXPERT * plan.num_experts
+    ):
+        return "padded"  # small token-choice experts on many tokens per group
     if plan is not None and plan.token.numel() < SMALL_EXPERT_ROWS * plan.num_experts:
         # G·A assignments offered over E experts: small per-expert GEMMs; one kernel call does better
         return "grouped" if grouped_mm_supported(experts, x) else "padded"

@@ -146,20 +146,73 @@ def vit_row(images: int, args: argparse.Namespace) -> str:
     return f"| {images} × 1024 | {statistics.median(times['dense']) * 1e3:.0f} | " + " | ".join(cells) + " |"
 
 
+CATEGORIES = {  # aten operator -> what it does in a step (the rest: "other elementwise and reductions")
+    "expert / FFN GEMMs": ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm", "aten::_grouped_mm"),
+    "activation (GELU/ReLU)": ("aten::gelu", "aten::gelu_backward", "aten::relu", "aten::threshold_backward"),
+    "convolutions and BatchNorm": (
+        "aten::mkldnn_convolution",
+        "aten::convolution_backward",
+        "aten::native_batch_norm",
+        "aten::native_batch_norm_backward",
+    ),
+    "router softmax (fwd + bwd)": ("aten::_softmax", "aten::_softmax_backward_data"),
+    "router noise, top-k, sorts, load loss": (
+        "aten::normal_",
+        "aten::sort",
+        "aten::topk",
+        "aten::argmax",
+        "aten::erfc",
+        "aten::cumsum",
+    ),
+    "routing stats (entropy)": ("aten::xlogy",),
+    "row gathers / scatters (dispatch, combine)": (
+        "aten::index_select",
+        "aten::index",
+        "aten::_index_put_impl_",
+        "aten::index_add_",
+        "aten::cat",
+        "aten::scatter_add_",
+        "aten::scatter_",
+        "aten::scatter",
+        "aten::gather",
+    ),
+    "layout copies": ("aten::copy_", "aten::clone", "aten::contiguous"),
+}
+
+
 def profile_step(backbone: str, width: int, ratio: float, args: argparse.Namespace) -> None:
+    """Self CPU time per operator category of ``args.repeats`` steps, MoE model and twin."""
     from torch.profiler import ProfilerActivity, profile
 
     moe, twin, stepper = build(backbone, width, ratio, args.batch)
     set_backend(moe, args.backends[0])
-    for name, model in (("MoE", moe), ("twin", twin)):
+    totals = {}
+    variants = [("MoE", moe, False), *([("MoE before", moe, True)] if args.before else []), ("twin", twin, False)]
+    for name, model, before in variants:
         step = stepper(model)
-        for _ in range(2):
-            step()
-        with profile(activities=[ProfilerActivity.CPU]) as prof:
-            for _ in range(args.repeats):
+        with before_issue_22() if before else contextlib.nullcontext():
+            for _ in range(2):
                 step()
-        print(f"\n### {name}: {backbone}, width {width}, hidden ratio {ratio}, backend {args.backends[0]}\n")
-        print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=args.rows, max_name_column_width=40))
+            with profile(activities=[ProfilerActivity.CPU]) as prof:
+                for _ in range(args.repeats):
+                    step()
+        events = prof.key_averages()
+        if args.rows:
+            print(f"\n### {name}: {backbone}, width {width}, hidden ratio {ratio}, backend {args.backends[0]}\n")
+            print(events.table(sort_by="self_cpu_time_total", row_limit=args.rows, max_name_column_width=40))
+        by_category = dict.fromkeys([*CATEGORIES, "other elementwise and reductions"], 0.0)
+        for event in events:
+            category = next((c for c, ops in CATEGORIES.items() if event.key in ops), None)
+            if category is None and not event.key.startswith("aten::"):
+                continue  # autograd nodes, optimizer and profiler ranges: their aten children are counted
+            by_category[category or "other elementwise and reductions"] += event.self_cpu_time_total / 1e3
+        totals[name] = {c: ms / args.repeats for c, ms in by_category.items()}
+    names = list(totals)
+    print(f"\n| ms per step ({backbone}, width {width}, hidden ratio {ratio}) | " + " | ".join(names) + " |")
+    print("|---|" + "---|" * len(names))
+    for category in totals["MoE"]:
+        print(f"| {category} | " + " | ".join(f"{totals[n][category]:.1f}" for n in names) + " |")
+    print("| **total (aten self time)** | " + " | ".join(f"{sum(totals[n].values()):.1f}" for n in names) + " |")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -176,7 +229,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--vit", action="store_true", help="the ViT-shape regression check instead (see above)")
     parser.add_argument("--vit-images", nargs="+", type=int, default=[1, 4, 8])
     parser.add_argument("--profile", action="store_true", help="profile the first cell instead of timing")
-    parser.add_argument("--rows", type=int, default=30, help="operators shown by --profile")
+    parser.add_argument("--rows", type=int, default=0, help="--profile: also print this many operators")
     parser.add_argument("--quick", action="store_true", help="one tiny cell: checks the script only")
     args = parser.parse_args(argv)
     if args.quick:

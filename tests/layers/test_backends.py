@@ -12,6 +12,7 @@ SPARSE_CASES = [
     ("topk", {"k": 1, "capacity_factor": 0.5}),  # heavy dropping
     ("topk", {"k": 2, "capacity_factor": 1.25}),
     ("topk", {"k": 2, "capacity_factor": None}),  # dropless
+    ("topk", {"k": 2, "capacity_factor": 0.75, "router_options": {"batch_priority": True, "renormalize": True}}),
     ("sinkhorn_topk", {"k": 2, "capacity_factor": 1.0}),
     ("expert_choice", {"capacity_factor": 2.0}),
     ("sinkhorn_expert_choice", {"capacity_factor": 1.0}),
@@ -96,20 +97,33 @@ def test_auto_falls_back_when_grouped_mm_is_absent(monkeypatch):
 
 
 def test_auto_picks_padded_for_small_experts():
-    # 2 groups × (k=2 · 5 tokens) = 20 assignments over 4 experts: 5 rows each, below 128 ->
-    # grouped_mm where the sizes are aligned (16, 8: multiples of 4 floats), padded where not.
-    moe = MoE(16, 4, 8, router="topk", k=2)
-    x = torch.randn(2, 5, 16)
+    # ViT-sized experts (D·H > 128·128): 2 groups × (k=2 · 5 tokens) = 20 assignments over 4 experts,
+    # 5 rows each, below 128 -> grouped_mm where the sizes are aligned, padded where not.
+    moe = MoE(256, 4, 512, router="topk", k=2)
+    x = torch.randn(2, 5, 256)
     expected = "grouped" if grouped_mm_supported(moe.experts, x) else "padded"
     assert choose_backend(x, moe.experts, moe.router(x).plan) == expected
-    odd = MoE(15, 4, 7, router="topk", k=2)
-    x = torch.randn(2, 5, 15)
+    odd = MoE(255, 4, 513, router="topk", k=2)
+    x = torch.randn(2, 5, 255)
     assert choose_backend(x, odd.experts, odd.router(x).plan) == "padded"
     # 2 × 2 · 512 = 2048 assignments over 4 experts: 512 rows each -> sorted.
-    x = torch.randn(2, 512, 16)
+    x = torch.randn(2, 512, 256)
     assert choose_backend(x, moe.experts, moe.router(x).plan) == "sorted"
+    # Small experts (CNN feature maps, D·H <= 128·128) under token choice: padded at any row count;
+    # expert choice plans keep the row rule.
+    small = MoE(16, 4, 64, router="topk", k=2)
+    x = torch.randn(2, 512, 16)
+    assert choose_backend(x, small.experts, small.router(x).plan) == "padded"
+    # ... but not for tiny groups (S < 8·E: 5 tokens, 4 experts), nor in forward-only passes.
+    x_small = torch.randn(2, 5, 16)
+    expected = "grouped" if grouped_mm_supported(small.experts, x_small) else "padded"
+    assert choose_backend(x_small, small.experts, small.router(x_small).plan) == expected
+    with torch.no_grad():
+        assert choose_backend(x, small.experts, small.router(x).plan) == "sorted"
+    chooser = MoE(16, 4, 64, router="expert_choice", capacity_factor=2.0)
+    assert choose_backend(x, chooser.experts, chooser.router(x).plan) == "sorted"
     # grouped_mm has no float64 kernel: a float64 layer with small experts takes padded, and runs.
-    double = MoE(16, 4, 8, router="topk", k=2).double()
+    double = MoE(16, 4, 8, router="expert_choice").double()
     x = torch.randn(2, 5, 16, dtype=torch.float64)
     assert not grouped_mm_supported(double.experts, x)
     assert choose_backend(x, double.experts, double.router(x).plan) == "padded"
@@ -145,3 +159,58 @@ def test_torch_compile_full_graph_matches_eager():
     (grad,) = torch.autograd.grad(y.square().sum(), x)
     torch.testing.assert_close(y, eager, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(grad, eager_grad, rtol=1e-5, atol=1e-6)
+
+
+def test_counting_sort_is_the_argsort_order():
+    # Token choice dispatches by counting_sort; it must give the stable argsort's order, dropped rows last.
+    torch.manual_seed(0)
+    for opts in ({"k": 2, "capacity_factor": 0.5}, {"k": 1, "capacity_factor": None}, {"k": 3, "capacity_factor": 1.0}):
+        moe = MoE(8, 5, 4, router="topk", router_options={"batch_priority": True}, **opts)
+        plan = moe.router(torch.randn(3, 17, 8)).plan
+        dest, order, counts = dispatch.counting_sort(plan)
+        key = torch.where(plan.kept, plan.expert, plan.num_experts).reshape(-1)
+        assert torch.equal(order, torch.argsort(key, stable=True))
+        assert torch.equal(order[dest], torch.arange(key.numel()))
+        assert torch.equal(counts, torch.bincount(key, minlength=6)[:5])
+
+
+def test_token_choice_path_equals_the_general_sorted_path():
+    # choices=None sends the same plan through the argsort + index_add_ path: same outputs and gradients.
+    import dataclasses
+
+    torch.manual_seed(0)
+    moe = MoE(12, 4, 8, router="topk", k=2, capacity_factor=0.75, router_options={"batch_priority": True})
+    x = torch.randn(2, 9, 12)
+    plan = moe.router(x).plan
+    assert plan.choices == 2
+    general = dataclasses.replace(plan, choices=None)
+    for backend in backends_for(moe, x):
+        y, dx, grads = run_backend(moe, x, plan, backend)
+        ref_y, ref_dx, ref_grads = run_backend(moe, x, general, backend)
+        torch.testing.assert_close(y, ref_y, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(dx, ref_dx, rtol=1e-5, atol=1e-6)
+        for key in ref_grads:
+            torch.testing.assert_close(grads[key], ref_grads[key], rtol=1e-5, atol=1e-6)
+
+
+def test_token_choice_path_has_the_oracles_second_derivatives():
+    # The Hessian analysis differentiates twice (float64): the permutations' backward is differentiable,
+    # and the Hessian-vector product equals the einsum oracle's.
+    torch.manual_seed(0)
+    moe = MoE(4, 3, 5, router="topk", k=2, capacity_factor=1.0, router_options={"batch_priority": True}).double()
+    x = torch.randn(2, 6, 4, dtype=torch.float64, requires_grad=True)
+    with torch.no_grad():
+        plan = moe.router(x).plan
+    assert not bool(plan.kept.all())  # some drops, so the dropped rows' zeros are exercised too
+    c, v = torch.randn(2, 6, 4, dtype=torch.float64), torch.randn(2, 6, 4, dtype=torch.float64)
+    params = list(moe.experts.parameters())
+
+    def hvp(fn):
+        (g,) = torch.autograd.grad((fn(x) * c).sum(), x, create_graph=True)
+        hv = torch.autograd.grad((g * v).sum(), [x, *params], allow_unused=True)
+        return [torch.zeros_like(p) if h is None else h for h, p in zip(hv, [x, *params], strict=True)]
+
+    ours = hvp(lambda x: apply_plan(x, plan, moe.experts, "sorted"))
+    reference = hvp(lambda x: einsum_moe(x, plan, moe.experts))
+    for a, b in zip(ours, reference, strict=True):
+        torch.testing.assert_close(a, b)

@@ -215,3 +215,20 @@ def test_dense_backbone_upcycles_exactly_with_moeify():
     x = images()
     with torch.no_grad():
         torch.testing.assert_close(upcycled(x), dense(x), atol=1e-5, rtol=1e-5)
+
+
+def test_speed_settings_come_from_the_config():
+    # backend and deterministic change speed, not results: settable as model.moe keys, kept when the router
+    # changes, and passed to every MoE layer.
+    from visionmoe.train.config import Config, apply_overrides
+    from visionmoe.train.trainer import build_model
+
+    cfg = apply_overrides(Config(), ["model.name=cnn_dw_cifar_moe", "model.kwargs.width=8", "model.moe.backend=padded"])
+    cfg = apply_overrides(cfg, ["model.moe.deterministic=true", "model.moe.router=expert_choice"])
+    model = build_model(cfg.model, 10, torch.randn(2, 3, 32, 32))
+    layers = [m for _, m in visionmoe.moe_layers(model)]
+    assert layers and all(
+        (m.backend, m.deterministic, m.router.name) == ("padded", True, "expert_choice") for m in layers
+    )
+    with pytest.raises(ValueError, match="unknown MoE backend 'fast'"):
+        tiny("cnn_dw_cifar_moe", moe={"backend": "fast"})

@@ -252,3 +252,28 @@ def test_soft_router_logits_are_scaled_cosines():
     plan = router(T([[[3.0, 4.0]]])).plan
     assert torch.allclose(plan.dispatch[0, 0, :, 0], T([1.0, 1.0]))
     assert torch.allclose(plan.combine[0, 0, :, 0], T([1.2, 1.6]).softmax(0))
+
+
+def test_stable_topk_fast_path_is_the_sort():
+    # k <= 2 takes rounds of argmax on the CPU: the same indices as the stable sort, ties to the lower
+    # index, and rows whose remaining scores are all -inf fall back to the sort.
+    from visionmoe.routing.plan import stable_topk
+
+    scores = torch.tensor([[0.2, 0.5, 0.5, 0.1], [0.3, 0.3, 0.3, 0.3], [0.9, -math.inf, -math.inf, -math.inf]])
+    for k in (1, 2):
+        values, index = stable_topk(scores, k, dim=-1)
+        sorted_values, sorted_index = torch.sort(scores, dim=-1, descending=True, stable=True)
+        assert torch.equal(index, sorted_index[:, :k]) and torch.equal(values, sorted_values[:, :k])
+    assert stable_topk(scores, 2, dim=-1)[1].tolist() == [[1, 2], [0, 1], [0, 1]]
+    g = torch.randn(3, 50, 8).softmax(-1)
+    assert torch.equal(stable_topk(g, 2, dim=-1)[1], torch.sort(g, dim=-1, descending=True, stable=True)[1][..., :2])
+
+
+def test_kth_largest_counts_repeats():
+    from visionmoe.routing.losses import _kth_largest
+
+    x = torch.tensor([[1.0, 3.0, 3.0, 2.0], [0.5, -1.0, 4.0, 0.0]])
+    # row 0: 3, 3, 2, 1 -> 2nd largest 3 (the repeat counts), 3rd 2; row 1: 4, 0.5, 0 -> 0.5, 0.
+    assert _kth_largest(x, 1).squeeze(-1).tolist() == [3.0, 4.0]
+    assert _kth_largest(x, 2).squeeze(-1).tolist() == [3.0, 0.5]
+    assert _kth_largest(x, 3).squeeze(-1).tolist() == [2.0, 0.0]

@@ -13,10 +13,17 @@ Sparse plans have three backends, all exact (they compute the same sums in a dif
                gathered back. Static shapes and no host sync (``torch.compile`` full graph, CUDA
                graphs); executes the capacity padding.
 
+Token-choice plans (``Routing.choices`` set: every token has exactly K assignments) take a path
+without a global sort or any scatter-add (:func:`token_choice_moe`): the sorted order comes from
+counting (:func:`counting_sort`), and rows move by gathers forward and backward (:func:`move_rows`).
+The other plans (expert choice) keep the argsort and ``index_add_``.
+
 ``auto`` picks ``padded`` while compiling, ``grouped`` on CUDA when available and aligned,
-for experts with fewer than 128 rows on average ``grouped`` (aligned sizes) or else ``padded``,
-and ``sorted`` otherwise. Soft MoE uses
-three batched matmuls; the dense router one FFN of width E·H.
+``padded`` in training (grad enabled) for token choice with small experts (D·H ≤ 128·128, S ≥ 8·E:
+the CNN feature-map regime, where one batched matmul mostly beat E small GEMMs despite the capacity
+padding: BENCHMARKS.md, issue 22), for experts with fewer than 128 rows on average ``grouped``
+(aligned sizes) or else ``padded``, and ``sorted`` otherwise. Soft MoE uses three batched matmuls; the
+dense router one FFN of width E·H.
 
 ``torch.compile(moe, fullgraph=True)`` traces every router in one graph, forward and backward
 (tested), with these exceptions, which break the graph: dropless token choice (its capacity is the
@@ -50,12 +57,36 @@ CPU (measured at E = 64, ~63 rows each: grouped 1.6×, padded 2.0×, sorted 2.9�
 E = 8, 512 rows each: sorted 1.0×, grouped 1.4×, padded 1.5× — BENCHMARKS.md)."""
 
 
+SMALL_EXPERT_WEIGHTS = 128 * 128
+"""Token-choice experts with D·H at most this run ``padded`` under ``auto``. Measured on CIFAR CNNs with
+MoE in every stage (D = 8-128, H = D-4D; BENCHMARKS.md, issue 22): on the depthwise backbone one batched
+matmul over the capacity buffers beat a GEMM per expert in 8 of 9 width × ratio cells (by 10-25%), on the
+standard backbone (the same layer shapes, ReLU experts) the loop was 5-20% faster in 7 of 9, within the
+noise of a shared machine; the threshold keeps the largest CNN experts and every ViT-sized one
+(512 × 2048) on ``sorted``."""
+
+
+MIN_TOKENS_PER_EXPERT = 8
+"""... and only for groups of at least this many tokens per expert (S ≥ 8·E, 64 for E = 8: every CNN
+feature map measured), not for tiny groups (a (B, D) head has one token per group, so its buffers would
+be mostly padding). A static rule: every rank of an expert-parallel layer must pick the same backend,
+so the data-dependent capacity of a dropless plan cannot enter it."""
+
+
 def choose_backend(x: Tensor, experts: Experts, plan: Routing | None = None) -> str:
     """The ``auto`` choice for a sparse plan on this input (decided from shapes only: no host sync)."""
     if torch.compiler.is_compiling():
         return "padded"  # static shapes, no data-dependent split
     if x.is_cuda and grouped_mm_supported(experts, x) and torch.cuda.get_device_capability(x.device)[0] >= 9:
         return "grouped"
+    if (
+        plan is not None
+        and torch.is_grad_enabled()  # measured on training steps; forward-only passes keep the rules below
+        and plan.choices is not None
+        and experts.dim * experts.hidden_dim <= SMALL_EXPERT_WEIGHTS
+        and plan.num_tokens >= MIN_TOKENS_PER_EXPERT * plan.num_experts
+    ):
+        return "padded"  # small token-choice experts on many tokens per group
     if plan is not None and plan.token.numel() < SMALL_EXPERT_ROWS * plan.num_experts:
         # G·A assignments offered over E experts: small per-expert GEMMs; one kernel call does better
         return "grouped" if grouped_mm_supported(experts, x) else "padded"
@@ -78,10 +109,12 @@ def sparse_moe(
     """(G, S, D) tokens -> (G, S, D) through a sparse plan."""
     if backend == "auto":
         backend = choose_backend(x, experts, plan)
+    if backend not in ("sorted", "grouped", "padded"):
+        raise ValueError(f"unknown MoE backend {backend!r}; choose one of: {', '.join(BACKENDS)}")
+    if plan.choices is not None:
+        return token_choice_moe(x, plan, experts, backend)
     if backend == "padded":
         return padded_moe(x, plan, experts, deterministic)
-    if backend not in ("sorted", "grouped"):
-        raise ValueError(f"unknown MoE backend {backend!r}; choose one of: {', '.join(BACKENDS)}")
     G, S, D = x.shape
     E = plan.num_experts
     token = (plan.token + S * torch.arange(G, device=x.device)[:, None]).reshape(-1)  # (G·A,) flat row
@@ -93,6 +126,121 @@ def sparse_moe(
     y = experts(x.reshape(G * S, D)[rows], backend, counts, key[order])  # (N, D)
     y = y * plan.weight.reshape(-1)[order, None].to(y.dtype)
     return combine(rows, y, G * S, deterministic).reshape(G, S, D)
+
+
+class _MoveRows(torch.autograd.Function):
+    """``out[r] = x[index[r]]``, or zeros where ``index[r] == len(x)``, for an index that sends each row
+    of x to at most one output row (a permutation, or part of one); ``inverse`` is the map back
+    (``len(out)`` where a row of x goes nowhere). ``pad``/``pad_back``: whether ``index``/``inverse``
+    may hold that "nowhere" value (a zero row is then appended before the gather).
+
+    ``x[index]`` would do the forward, but its backward is a scatter-add (``index_put_``/``index_add_``,
+    slow for narrow rows on the CPU); for such a map the backward is the gather by ``inverse``.
+    """
+
+    @staticmethod
+    def forward(ctx, x: Tensor, index: Tensor, inverse: Tensor, pad: bool, pad_back: bool) -> Tensor:
+        ctx.save_for_backward(index, inverse)
+        ctx.pad_back, ctx.pad = pad_back, pad
+        if pad:
+            x = torch.cat([x, x.new_zeros(1, *x.shape[1:])])  # row len(x): zeros
+        return x.index_select(0, index)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[Tensor | None, ...]:
+        index, inverse = ctx.saved_tensors
+        # itself differentiable, so double backward (the Hessian analysis) works
+        return _MoveRows.apply(grad, inverse, index, ctx.pad_back, ctx.pad), None, None, None, None
+
+
+def move_rows(x: Tensor, index: Tensor, inverse: Tensor, pad: bool = False, pad_back: bool = False) -> Tensor:
+    """Rows of ``x`` (R, D) moved by a partial permutation: ``out[r] = x[index[r]]``, zeros where
+    ``index[r] == R`` (give ``pad=True`` where that can happen); ``inverse[i]`` is the output row that
+    row i goes to, ``len(index)`` for none (``pad_back=True``). Forward and backward are gathers."""
+    return _MoveRows.apply(x, index, inverse, pad, pad_back)
+
+
+def _inverse(index: Tensor, size: int) -> Tensor:
+    """The inverse of a partial permutation ``index`` (values in 0..size, ``size`` = nothing) of ``size`` rows."""
+    inverse = index.new_full((size + 1,), index.numel())
+    inverse.scatter_(0, index, torch.arange(index.numel(), device=index.device))  # several write slot `size`
+    return inverse[:size]
+
+
+def counting_sort(plan: Routing) -> tuple[Tensor, Tensor, Tensor]:
+    """The expert-sorted order of a token-choice plan's assignments, without a sort.
+
+    The kept assignments of expert e in group g hold positions 0..n_ge - 1 (the plan's promise when
+    ``choices`` is set), so their rows in the sorted order are known in closed form: the rows of
+    experts < e, then of expert e in groups < g, then the position. The dropped ones follow, in
+    assignment order. Same order as the stable argsort by expert of :func:`sparse_moe`.
+
+    Returns ``dest`` (G·A,) the sorted row of each assignment, ``order`` (G·A,) its inverse (the
+    assignment at each sorted row) and ``counts`` (E,) the kept rows of each expert.
+    """
+    G, A = plan.token.shape
+    E = plan.num_experts
+    kept = plan.kept.reshape(-1)  # (G·A,)
+    per_group = plan.token.new_zeros(G, E).scatter_add_(1, plan.expert, plan.kept.long())  # (G, E) kept rows
+    counts = per_group.sum(0)  # (E,)
+    first = (counts.cumsum(0) - counts) + (per_group.cumsum(0) - per_group)  # (G, E): first row of block (g, e)
+    kept_row = (first.gather(1, plan.expert) + plan.position).reshape(-1)  # (G·A,)
+    dropped_row = counts.sum() + (~kept).cumsum(0) - 1  # after every kept row, in assignment order
+    dest = torch.where(kept, kept_row, dropped_row)
+    return dest, _inverse(dest, G * A), counts
+
+
+def token_choice_moe(x: Tensor, plan: Routing, experts: Experts, backend: str = "sorted") -> Tensor:
+    """(G, S, D) -> (G, S, D) through a token-choice plan: gathers only, no sort, no scatter-add.
+
+    Every token has exactly K assignments, so in the plan's (G, K, S) layout the dispatch is a copy
+    of the tokens K times and a (partial) permutation into the experts' rows; the combine is the
+    inverse permutation, a weighted sum over the K choices, and (with Batch Prioritized Routing) the
+    permutation from priority order back to token order. Each moves rows by gathers, forward and
+    backward (:func:`move_rows`). The experts' rows:
+
+    - ``"sorted"``/``"grouped"``: the kept assignments sorted by expert (:func:`counting_sort`, the
+      order of :func:`sparse_moe`'s argsort), a GEMM per expert or grouped_mm. One host sync: the
+      number of kept rows.
+    - ``"padded"``: V-MoE's (E, G·C) capacity buffers, expert e's slot c of group g at row
+      e·G·C + g·C + c, empty slots zero; one batched matmul per layer; no host sync.
+
+    The combine has no atomics, so it is deterministic on every device.
+    """
+    G, S, D = x.shape
+    K, E, C = plan.choices, plan.num_experts, plan.capacity
+    arange = torch.arange(G * S, device=x.device)
+    flat = x.reshape(G * S, D)
+    priority = (plan.token[:, :S] + S * torch.arange(G, device=x.device)[:, None]).reshape(-1)  # (G·S,) token rows
+    inverse = None
+    if x.device.type != "cpu" or torch.compiler.is_compiling() or not torch.equal(priority, arange):
+        # Batch Prioritized Routing (a host sync to find out where it is free, on the CPU; else assumed)
+        inverse = _inverse(priority, G * S)
+        flat = move_rows(flat, priority, inverse)  # (G·S, D) tokens in priority order
+    rows = flat.reshape(G, 1, S, D).expand(G, K, S, D).reshape(G * K * S, D)  # (G·A, D): a row per assignment
+    if backend == "padded":
+        group = torch.arange(G, device=x.device)[:, None]
+        slot = torch.where(plan.kept, plan.expert * (G * C) + group * C + plan.position, E * G * C).reshape(-1)
+        source = _inverse(slot, E * G * C)  # (E·G·C,) the assignment in each slot; G·A for an empty one
+        buffer = move_rows(rows, source, slot, True, True).reshape(E, G * C, D)
+        y = move_rows(experts(buffer, "batched").reshape(E * G * C, D), slot, source, True, True)  # (G·A, D)
+    else:
+        dest, order, counts = counting_sort(plan)
+        n = int(counts.sum())  # host sync: the kept rows the experts process
+        kept = order[:n]  # (n,) the assignment at each kept sorted row
+        back = torch.where(dest < n, dest, n)  # (G·A,) dropped assignments read zeros
+        rows = move_rows(rows, kept, back, False, n < G * K * S)  # (n, D): the kept rows, sorted by expert
+        if backend == "grouped":
+            ids = torch.repeat_interleave(torch.arange(E, device=x.device), counts, output_size=n)
+            y = experts(rows, "grouped", counts, ids)  # (n, D)
+        else:
+            y = experts(rows, "sorted", counts)  # (n, D)
+        y = move_rows(y, back, kept, n < G * K * S, False)  # (G·A, D) in the plan's layout
+    y = y.reshape(G, K, S, D) * plan.weight.reshape(G, K, S, 1).to(y.dtype)
+    y = y.sum(1).reshape(G * S, D)  # Σ_j w_j · expert_j(x), in priority order
+    if inverse is not None:
+        y = move_rows(y, inverse, priority)  # priority order -> token order
+    return y.reshape(G, S, D)
 
 
 def padded_moe(x: Tensor, plan: Routing, experts: Experts, deterministic: bool = False) -> Tensor:

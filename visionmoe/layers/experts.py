@@ -87,13 +87,10 @@ class Experts(nn.Module):
 
     def forward_batched(self, x: Tensor) -> Tensor:
         """(E, T, D) -> (E, T, D): one batched matmul per layer (padded buffers, Soft MoE slots)."""
-        h = torch.bmm(x, self.w1)  # (E, T, H)
-        if self.b1 is not None:
-            h = h + self.b1[:, None, :]
-        y = torch.bmm(self.act(h), self.w2)  # (E, T, D)
-        if self.b2 is not None:
-            y = y + self.b2[:, None, :]
-        return y
+        # baddbmm: the bias added inside the GEMM, not in a second pass over (E, T, H)
+        h = torch.bmm(x, self.w1) if self.b1 is None else torch.baddbmm(self.b1[:, None, :], x, self.w1)  # (E, T, H)
+        h = self.act(h)
+        return torch.bmm(h, self.w2) if self.b2 is None else torch.baddbmm(self.b2[:, None, :], h, self.w2)
 
     def forward_sorted(self, x: Tensor, counts: Sequence[int]) -> Tensor:
         """(N, D) rows sorted by expert, ``counts[e]`` rows for expert e -> (N, D).

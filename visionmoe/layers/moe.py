@@ -182,7 +182,8 @@ class MoEConfig:
     Models and :func:`visionmoe.moeify` take one of these (or a dict of its fields) instead of a
     bag of keyword arguments, and call :meth:`build` for each MoE layer. Fields mirror
     :class:`MoE`; ``None`` for ``k``/``capacity_factor``/``eval_capacity_factor`` means "the
-    router's default" here, and ``dropless=True`` asks for ``capacity_factor=None``.
+    router's default" here, and ``dropless=True`` asks for ``capacity_factor=None``. ``backend`` and
+    ``deterministic`` change the layer's speed, never its results (``model.moe.backend=padded``).
     """
 
     num_experts: int = 8
@@ -194,6 +195,12 @@ class MoEConfig:
     groups: str | int = "sample"
     router_options: Mapping[str, Any] = field(default_factory=dict)
     aux_loss_weights: Mapping[str, float] | None = None
+    backend: str = "auto"
+    deterministic: bool = False
+
+    def __post_init__(self) -> None:
+        if self.backend not in BACKENDS:
+            raise ValueError(f"unknown MoE backend {self.backend!r}; choose one of: {', '.join(BACKENDS)}")
 
     @classmethod
     def coerce(cls, value: MoEConfig | Mapping[str, Any] | None) -> MoEConfig:
@@ -223,6 +230,8 @@ class MoEConfig:
             bias=bias,
             aux_loss_weights=self.aux_loss_weights,
             router_options=dict(self.router_options),
+            backend=self.backend,
+            deterministic=self.deterministic,
             **args,
             **kw,
         )

@@ -36,7 +36,8 @@ def moe_config(overrides: Any, default: MoEConfig) -> MoEConfig:
     """``default`` with the fields of ``overrides`` (an MoEConfig replaces it; a dict updates it).
 
     Changing the router drops the family's router-specific defaults (``k``, capacity settings,
-    ``router_options``): a ViT's default k = 2 means nothing to expert choice.
+    ``router_options``): a ViT's default k = 2 means nothing to expert choice. The speed settings
+    (``backend``, ``deterministic``) are kept.
     """
     if overrides is None:
         return default
@@ -44,7 +45,12 @@ def moe_config(overrides: Any, default: MoEConfig) -> MoEConfig:
         return overrides
     MoEConfig.coerce(overrides)  # validates the keys
     if overrides.get("router", default.router) != default.router:
-        default = MoEConfig(num_experts=default.num_experts, groups=default.groups)
+        default = MoEConfig(
+            num_experts=default.num_experts,
+            groups=default.groups,
+            backend=default.backend,
+            deterministic=default.deterministic,
+        )
     return replace(default, **overrides)
 
 

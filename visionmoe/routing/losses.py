@@ -58,10 +58,19 @@ def load_loss(logits: Tensor, noisy_logits: Tensor, noise_std: float, k: int, re
     """
     if not noise_std > 0:
         raise ValueError(f"load_loss needs router noise, got noise_std={noise_std}")
-    threshold = noisy_logits.detach().topk(k, dim=-1).values[..., -1:]  # (G, S, 1)
+    threshold = _kth_largest(noisy_logits.detach(), k)  # (G, S, 1)
     z = (threshold - logits) / noise_std
     p = 0.5 * torch.erfc(z / math.sqrt(2.0))  # 1 - Φ(z), accurate in the tail
     return _cv_squared(p.sum(dim=1) if reduce is None else reduce(p.sum(dim=1)))
+
+
+def _kth_largest(x: Tensor, k: int) -> Tensor:
+    """(..., E) -> (..., 1): the k-th largest value of each row (a repeated value counts each time)."""
+    if k == 1:
+        return x.amax(dim=-1, keepdim=True)
+    if k == 2:  # the largest of the rest once one maximum is taken out: ~2× faster than topk for E = 8 on the CPU
+        return x.scatter(-1, x.argmax(dim=-1, keepdim=True), float("-inf")).amax(dim=-1, keepdim=True)
+    return x.topk(k, dim=-1).values[..., -1:]
 
 
 def switch_loss(gates: Tensor, first_choice: Tensor, reduce: Reduce | None = None) -> Tensor:

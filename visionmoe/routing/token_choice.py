@@ -62,4 +62,4 @@ def token_choice(
         # Sum of kept gates per token, scattered back to its assignments (tokens with none keep 0).
         total = torch.zeros(G, S, dtype=weight.dtype, device=weight.device).scatter_add(1, token, weight)
         weight = weight / total.gather(1, token).clamp_min(torch.finfo(weight.dtype).tiny)
-    return Routing(token, expert, position, weight, kept, S, E, capacity)
+    return Routing(token, expert, position, weight, kept, S, E, capacity, choices=k)

@@ -1,0 +1,271 @@
+"""One training step of a CIFAR CNN with MoE in every stage against its dense twin (issue 22).
+
+Each cell builds ``cnn_resnet_cifar_moe`` or ``cnn_dw_cifar_moe`` (E = 8, top-2, capacity factor 1.25,
+per-image groups, the default V-MoE losses) with ``moe_stages="all"`` at one width and hidden ratio,
+and its dense twin of equal active FLOPs (:func:`visionmoe.analysis.dense_twin`, FFNs of width 2·H).
+A step is forward, backward and SGD on a random channels-last batch, fp32, as the trainer runs it.
+The MoE model is timed once per backend given (the same weights; only ``MoE.backend`` changes), all
+of them interleaved round-robin with the twin in one process; each cell reports the median over
+repeats of (MoE step / twin step in the same repeat).
+
+    python benchmarks/cnn_moe_step.py --threads 2 --repeats 9 --batch 128
+
+``--before`` adds a column for the code before issue 22, run in the same process on the same weights:
+plans without ``Routing.choices`` (the argsort + ``index_add_`` dispatch, and ``auto``'s earlier choice),
+a full sort for the top-k and ``topk`` for the load loss's threshold. Every path is exact, so only the
+speed differs.
+
+``--vit`` instead re-runs ViT-sized shapes of the layer benchmark (benchmarks/layer_speed.py: images ×
+1024 tokens, d = 512, H = 2048, E = 8, top-2, capacity factor 1.25, no router noise, forward + backward)
+with the layer as it is (``auto``) and as it was (``before``), against the dense FFN of width 2·H.
+
+``--profile`` instead prints the torch.profiler table of one MoE step of the first cell, its time
+broken down by operator. ``--quick`` runs one tiny cell to check the script, measuring nothing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import statistics
+import sys
+from collections.abc import Iterator
+
+import torch
+import torch.nn.functional as F
+
+import visionmoe.layers.moe
+import visionmoe.routing.losses
+import visionmoe.routing.plan
+from visionmoe.analysis.speed import benchmark_header, interleaved_times, iqr
+from visionmoe.analysis.twin import dense_twin
+from visionmoe.layers.dispatch import BACKENDS, apply_plan
+from visionmoe.layers.moe import collect_aux_loss, moe_layers
+from visionmoe.models import create_model
+
+BACKBONES = {"standard": "cnn_resnet_cifar_moe", "depthwise": "cnn_dw_cifar_moe"}
+GOAL = 1.15
+
+
+def build(backbone: str, width: int, ratio: float, batch: int, seed: int = 0):
+    """The MoE model, its twin and a step function for each: (moe, twin, step(model))."""
+    torch.manual_seed(seed)
+    moe = create_model(BACKBONES[backbone], width=width, hidden_ratio=ratio, moe_stages="all")
+    twin = dense_twin(moe, match="flops")
+    x = torch.randn(batch, 3, 32, 32).contiguous(memory_format=torch.channels_last)
+    y = torch.randint(0, 10, (batch,))
+
+    def stepper(model: torch.nn.Module):
+        model = model.to(memory_format=torch.channels_last).train()
+        optim = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+
+        def step() -> None:
+            optim.zero_grad(set_to_none=True)
+            loss = F.cross_entropy(model(x), y) + collect_aux_loss(model)
+            loss.backward()
+            optim.step()
+
+        return step
+
+    return moe, twin, stepper
+
+
+@contextlib.contextmanager
+def before_issue_22() -> Iterator[None]:
+    """The layer as it ran before issue 22 (same results): argsort dispatch, sort top-k, topk threshold."""
+
+    def old_apply_plan(x, plan, experts, backend="auto", deterministic=False):
+        if isinstance(plan, visionmoe.routing.plan.Routing):
+            plan = dataclasses.replace(plan, choices=None)  # auto then decides as it did
+        return apply_plan(x, plan, experts, backend, deterministic)
+
+    saved = (visionmoe.layers.moe.apply_plan, visionmoe.routing.plan.SMALL_K, visionmoe.routing.losses._kth_largest)
+    visionmoe.layers.moe.apply_plan = old_apply_plan
+    visionmoe.routing.plan.SMALL_K = 0
+    visionmoe.routing.losses._kth_largest = lambda x, k: x.topk(k, dim=-1).values[..., -1:]
+    try:
+        yield
+    finally:
+        visionmoe.layers.moe.apply_plan, visionmoe.routing.plan.SMALL_K, visionmoe.routing.losses._kth_largest = saved
+
+
+def set_backend(model: torch.nn.Module, backend: str) -> None:
+    for _, layer in moe_layers(model):
+        layer.backend = backend
+
+
+def measure(backbone: str, width: int, ratio: float, args: argparse.Namespace) -> dict[str, list[float]]:
+    moe, twin, stepper = build(backbone, width, ratio, args.batch)
+    steps = {"twin": stepper(twin)}
+    moe_step = stepper(moe)
+    for backend in args.backends:
+
+        def step(backend: str = backend) -> None:
+            set_backend(moe, backend)
+            moe_step()
+
+        steps[backend] = step
+    if args.before:
+
+        def old_step() -> None:
+            set_backend(moe, "auto")
+            with before_issue_22():
+                moe_step()
+
+        steps["before"] = old_step
+    times = interleaved_times(steps, threads=args.threads, repeats=args.repeats, min_run_time=args.min_run_time)
+    return {name: [t / tw for t, tw in zip(ts, times["twin"], strict=True)] for name, ts in times.items()} | {
+        "twin_seconds": times["twin"]
+    }
+
+
+def vit_row(images: int, args: argparse.Namespace) -> str:
+    """One ViT-sized shape: auto now and before issue 22, each over the dense FFN of the same repeat."""
+    from visionmoe.analysis.speed import NO_NOISE
+    from visionmoe.layers.moe import MoE
+
+    torch.manual_seed(0)
+    d, E, k = 512, 8, 2
+    moe = MoE(d, E, 4 * d, router="topk", k=k, capacity_factor=1.25, router_options=NO_NOISE, aux_loss_weights={})
+    dense = MoE(d, 1, k * 4 * d, router="dense")
+    x = torch.randn(images, 1024, d)
+
+    def fwdbwd(model: torch.nn.Module) -> None:
+        model.zero_grad(set_to_none=True)
+        model(x).sum().backward()
+
+    def before() -> None:
+        with before_issue_22():
+            fwdbwd(moe)
+
+    steps = {"dense": lambda: fwdbwd(dense), "auto": lambda: fwdbwd(moe), "before": before}
+    times = interleaved_times(steps, threads=args.threads, repeats=args.repeats)
+    ratio = {n: [t / tw for t, tw in zip(ts, times["dense"], strict=True)] for n, ts in times.items()}
+    cells = [f"{statistics.median(ratio[n]):.2f} ± {iqr(ratio[n]):.2f}" for n in ("auto", "before")]
+    return f"| {images} × 1024 | {statistics.median(times['dense']) * 1e3:.0f} | " + " | ".join(cells) + " |"
+
+
+CATEGORIES = {  # aten operator -> what it does in a step (the rest: "other elementwise and reductions")
+    "expert / FFN GEMMs": ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm", "aten::_grouped_mm"),
+    "activation (GELU/ReLU)": ("aten::gelu", "aten::gelu_backward", "aten::relu", "aten::threshold_backward"),
+    "convolutions and BatchNorm": (
+        "aten::mkldnn_convolution",
+        "aten::convolution_backward",
+        "aten::native_batch_norm",
+        "aten::native_batch_norm_backward",
+    ),
+    "router softmax (fwd + bwd)": ("aten::_softmax", "aten::_softmax_backward_data"),
+    "router noise, top-k, sorts, load loss": (
+        "aten::normal_",
+        "aten::sort",
+        "aten::topk",
+        "aten::argmax",
+        "aten::erfc",
+        "aten::cumsum",
+    ),
+    "routing stats (entropy)": ("aten::xlogy",),
+    "row gathers / scatters (dispatch, combine)": (
+        "aten::index_select",
+        "aten::index",
+        "aten::_index_put_impl_",
+        "aten::index_add_",
+        "aten::cat",
+        "aten::scatter_add_",
+        "aten::scatter_",
+        "aten::scatter",
+        "aten::gather",
+    ),
+    "layout copies": ("aten::copy_", "aten::clone", "aten::contiguous"),
+}
+
+
+def profile_step(backbone: str, width: int, ratio: float, args: argparse.Namespace) -> None:
+    """Self CPU time per operator category of ``args.repeats`` steps, MoE model and twin."""
+    from torch.profiler import ProfilerActivity, profile
+
+    moe, twin, stepper = build(backbone, width, ratio, args.batch)
+    set_backend(moe, args.backends[0])
+    totals = {}
+    variants = [("MoE", moe, False), *([("MoE before", moe, True)] if args.before else []), ("twin", twin, False)]
+    for name, model, before in variants:
+        step = stepper(model)
+        with before_issue_22() if before else contextlib.nullcontext():
+            for _ in range(2):
+                step()
+            with profile(activities=[ProfilerActivity.CPU]) as prof:
+                for _ in range(args.repeats):
+                    step()
+        events = prof.key_averages()
+        if args.rows:
+            print(f"\n### {name}: {backbone}, width {width}, hidden ratio {ratio}, backend {args.backends[0]}\n")
+            print(events.table(sort_by="self_cpu_time_total", row_limit=args.rows, max_name_column_width=40))
+        by_category = dict.fromkeys([*CATEGORIES, "other elementwise and reductions"], 0.0)
+        for event in events:
+            category = next((c for c, ops in CATEGORIES.items() if event.key in ops), None)
+            if category is None and not event.key.startswith("aten::"):
+                continue  # autograd nodes, optimizer and profiler ranges: their aten children are counted
+            by_category[category or "other elementwise and reductions"] += event.self_cpu_time_total / 1e3
+        totals[name] = {c: ms / args.repeats for c, ms in by_category.items()}
+    names = list(totals)
+    print(f"\n| ms per step ({backbone}, width {width}, hidden ratio {ratio}) | " + " | ".join(names) + " |")
+    print("|---|" + "---|" * len(names))
+    for category in totals["MoE"]:
+        print(f"| {category} | " + " | ".join(f"{totals[n][category]:.1f}" for n in names) + " |")
+    print("| **total (aten self time)** | " + " | ".join(f"{sum(totals[n].values()):.1f}" for n in names) + " |")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--backbones", nargs="+", choices=list(BACKBONES), default=list(BACKBONES))
+    parser.add_argument("--widths", nargs="+", type=int, default=[8, 16, 32])
+    parser.add_argument("--ratios", nargs="+", type=float, default=[1.0, 2.0, 4.0])
+    parser.add_argument("--backends", nargs="+", choices=BACKENDS, default=["auto"])
+    parser.add_argument("--before", action="store_true", help="add the code before issue 22 (see above)")
+    parser.add_argument("--batch", type=int, default=128)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=9)
+    parser.add_argument("--min-run-time", type=float, default=0.0, help="seconds per measurement, at least")
+    parser.add_argument("--vit", action="store_true", help="the ViT-shape regression check instead (see above)")
+    parser.add_argument("--vit-images", nargs="+", type=int, default=[1, 4, 8])
+    parser.add_argument("--profile", action="store_true", help="profile the first cell instead of timing")
+    parser.add_argument("--rows", type=int, default=0, help="--profile: also print this many operators")
+    parser.add_argument("--quick", action="store_true", help="one tiny cell: checks the script only")
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.backbones, args.widths, args.ratios, args.batch, args.repeats = ["depthwise"], [8], [1.0], 2, 1
+    torch.set_num_threads(args.threads)
+    if args.profile:
+        profile_step(args.backbones[0], args.widths[0], args.ratios[0], args)
+        return 0
+    if args.vit:
+        print(benchmark_header("MoE layer at ViT shapes: after vs before issue 22", args.threads), flush=True)
+        print("\n| images × tokens | dense ms | auto / dense | before / dense |\n|---|---|---|---|", flush=True)
+        for images in args.vit_images:
+            print(vit_row(images, args), flush=True)
+        return 0
+    print(benchmark_header("CNN training step: MoE in every stage vs the dense twin", args.threads), flush=True)
+    columns = [*args.backends, *(["before"] if args.before else [])]
+    header = "| backbone | width | hidden ratio | twin step ms | " + " | ".join(f"MoE/twin ({b})" for b in columns)
+    print(f"\n{header} |\n|" + "---|" * (4 + len(columns)), flush=True)
+    worst = 0.0
+    for backbone in args.backbones:
+        for width in args.widths:
+            for ratio in args.ratios:
+                ratios = measure(backbone, width, ratio, args)
+                cells = []
+                for backend in columns:
+                    med = statistics.median(ratios[backend])
+                    worst = max(worst, med) if backend == args.backends[0] else worst
+                    cells.append(f"{med:.2f} ± {iqr(ratios[backend]):.2f}")
+                twin_ms = statistics.median(ratios["twin_seconds"]) * 1e3
+                print(f"| {backbone} | {width} | {ratio:g} | {twin_ms:.0f} | " + " | ".join(cells) + " |", flush=True)
+    print(
+        f"\nBatch {args.batch}, channels-last, fp32, SGD step; median ± IQR over {args.repeats} interleaved repeats "
+        f"of MoE step / twin step in the same repeat. Worst cell ({args.backends[0]}): {worst:.2f} (goal ≤ {GOAL})."
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -18,6 +18,7 @@ SMALL = {
     "cnn_resnet_cifar_moe": ({"width": 8}, 32),
     "cnn_dw_cifar": ({"width": 8}, 32),
     "cnn_dw_cifar_moe": ({"width": 8}, 32),
+    "cnn_resnet_cifar_head": ({"width": 8, "head_hidden": 16}, 32),
     "cifar_airbench": ({"widths": (16, 32, 32)}, 32),
     "cifar_airbench_moe": ({"widths": (16, 32, 32)}, 32),
     "resnet18_cifar_dense_head": ({"width": 8}, 32),

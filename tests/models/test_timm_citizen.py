@@ -27,7 +27,8 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 MODELS = sorted(SMALL)
 TRANSFORMERS = {n for n in MODELS if n.startswith("vit_")}  # timm's "non-standard" models: (B, N, D) features
-EARLY_POOL = {n for n in MODELS if n.startswith("resnet18_cifar_")}  # a head FFN after the pool, as timm's early-pool
+# A head FFN after the pool, as timm's early-pool models: the ResNet-18 heads and the CNN's per-sample head.
+EARLY_POOL = {n for n in MODELS if n.startswith("resnet18_cifar_") or n.endswith("_head")}
 FEATURE_LEVELS = {"vit": 3, "convnext": 4, "cnn": 3, "cifar": 3, "resnet18": 4}  # default features_only levels
 
 

@@ -26,11 +26,12 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from timm.models import generate_default_cfgs
 from torch import Tensor, nn
 
 from visionmoe.layers.moe import MoEConfig
-from visionmoe.models.cnn import CifarResNetMoE
-from visionmoe.models.registry import entry_kwargs, register_model
+from visionmoe.models.cnn import CNN_FEATURES, CifarResNetMoE
+from visionmoe.models.registry import build_model, cifar_cfg, register_model
 from visionmoe.models.vit import moe_config
 
 DENSE_FFN_HEAD = MoEConfig(num_experts=1, router="dense")
@@ -52,7 +53,11 @@ class CifarCNNHead(CifarResNetMoE):
     Shape:
         (B, in_chans, H, W) -> (B, num_classes); the head maps (B, 4w) -> (B, 4w), one token per
         sample; ``forward_head(x, pre_logits=True)`` returns its output.
+
+    The head works on the pooled vector, so ``global_pool`` is "avg" only (as the ResNet-18 heads).
     """
+
+    unpooled_ok = False
 
     def __init__(
         self,
@@ -66,6 +71,7 @@ class CifarCNNHead(CifarResNetMoE):
         moe: MoEConfig | Mapping[str, Any] | None = DENSE_FFN_HEAD,
         head_act_layer: type[nn.Module] = nn.ReLU,
         drop_rate: float = 0.0,
+        global_pool: str = "avg",
     ) -> None:
         if not (isinstance(head_hidden, int) and head_hidden >= 1):
             raise ValueError(f"head_hidden must be an int >= 1 (hidden units per expert), got {head_hidden!r}")
@@ -77,9 +83,14 @@ class CifarCNNHead(CifarResNetMoE):
             hidden_ratio=hidden_ratio,
             moe_stages="none",
             drop_rate=drop_rate,
+            global_pool=global_pool,
         )
         # Built last, after the backbone's and the classifier's init: every head starts from the same rest.
         self.head_ffn = MoEConfig.coerce(moe).build(self.num_features, head_hidden, activation=head_act_layer)
+
+    def _drop_head(self) -> None:
+        self.head_ffn = nn.Identity()
+        self.reset_classifier(0)
 
     def forward_head(self, x: Tensor, pre_logits: bool = False) -> Tensor:
         x = self.head_ffn(self.pool(x))  # (B, 4w): one token per sample
@@ -87,12 +98,17 @@ class CifarCNNHead(CifarResNetMoE):
         return x if pre_logits else self.fc(x)
 
 
+default_cfgs = generate_default_cfgs(
+    {"cnn_resnet_cifar_head": cifar_cfg(first_conv="stem.0", classifier="fc", pool_size=(8, 8))}
+)
+
+
 @register_model
 def cnn_resnet_cifar_head(pretrained: bool = False, **kwargs: Any) -> CifarCNNHead:
     """Standard CIFAR CNN (w=16, dense blocks) with an FFN head on the pooled feature; MoE heads via ``moe``."""
-    kwargs = entry_kwargs("cnn_resnet_cifar_head", pretrained, kwargs)
     kwargs["moe"] = moe_config(kwargs.get("moe"), DENSE_FFN_HEAD)
-    return CifarCNNHead(**kwargs)
+    features = {**CNN_FEATURES, "out_indices": tuple(range(len(kwargs.get("depths", (2, 2, 2)))))}
+    return build_model(CifarCNNHead, "cnn_resnet_cifar_head", pretrained, kwargs, feature_cfg=features)
 
 
 __all__ = ["DENSE_FFN_HEAD", "CifarCNNHead"]

@@ -46,9 +46,13 @@ def test_profile_command_prints_a_markdown_table(capsys):
         main(["profile", "cnn_resnet_cifar_moe", "--kwargs", "[1, 2]"])
 
 
-def test_profile_refuses_kwargs_the_model_would_drop_or_not_take():
-    # timm drops None-valued kwargs: {"width": null} profiled the default-width model without a word.
-    with pytest.raises(SystemExit, match=r"\['width'\] set to None.*'depths'"):
-        main(["profile", "cnn_resnet_cifar_moe", "--kwargs", '{"width": null}'])
+@pytest.mark.parametrize("command", ["profile", "export"])
+def test_model_commands_refuse_kwargs_the_model_would_drop_or_not_take(command, tmp_path):
+    # timm drops None-valued kwargs: {"width": null} profiled (or exported) the default-width model
+    # without a word. Both commands check --kwargs before building anything.
+    tail = ["--out", str(tmp_path)] if command == "export" else []
+    with pytest.raises(SystemExit, match=rf"visionmoe {command}: .*\['width'\] set to None.*'depths'"):
+        main([command, "cnn_resnet_cifar_moe", "--kwargs", '{"width": null}', *tail])
     with pytest.raises(SystemExit, match=r"unknown model.kwargs \['widht'\]"):
-        main(["profile", "cnn_resnet_cifar_moe", "--kwargs", '{"widht": 8}'])
+        main([command, "cnn_resnet_cifar_moe", "--kwargs", '{"widht": 8}', *tail])
+    assert not any(tmp_path.iterdir())  # nothing written

@@ -104,13 +104,12 @@ def _shards(args: argparse.Namespace) -> int:
     return 0
 
 
-def _profile(args: argparse.Namespace) -> int:
+def _model_kwargs(args: argparse.Namespace, command: str) -> dict:
+    """``--kwargs`` (a JSON object) checked against ``args.model``'s constructor: timm would drop a null
+    silently and build the default model."""
     import json
 
-    import torch
-
-    import visionmoe
-    from visionmoe.analysis import profile
+    from visionmoe.models.registry import check_model_kwargs
 
     try:
         overrides = json.loads(args.kwargs) if args.kwargs else {}
@@ -118,32 +117,32 @@ def _profile(args: argparse.Namespace) -> int:
         raise SystemExit(f"--kwargs must be a JSON object, got {args.kwargs!r} ({e.msg})") from None
     if not isinstance(overrides, dict):
         raise SystemExit(f"--kwargs must be a JSON object, got {args.kwargs!r}")
-    from visionmoe.models.registry import check_model_kwargs
-
     try:
-        check_model_kwargs(args.model, overrides)  # timm would drop a null silently and profile the default
+        check_model_kwargs(args.model, overrides)
     except ValueError as error:
-        raise SystemExit(f"visionmoe profile: {error}") from None
-    model = visionmoe.create_model(args.model, **overrides)
+        raise SystemExit(f"visionmoe {command}: {error}") from None
+    return overrides
+
+
+def _profile(args: argparse.Namespace) -> int:
+    import torch
+
+    import visionmoe
+    from visionmoe.analysis import profile
+
+    model = visionmoe.create_model(args.model, **_model_kwargs(args, "profile"))
     x = torch.randn(args.batch, 3, args.img_size, args.img_size)
     print(profile(model, x).table())
     return 0
 
 
 def _export(args: argparse.Namespace) -> int:
-    import json
-
     import torch
 
     import visionmoe
     from visionmoe.export import export_and_check
 
-    try:
-        overrides = json.loads(args.kwargs) if args.kwargs else {}
-    except json.JSONDecodeError as e:
-        raise SystemExit(f"--kwargs must be a JSON object, got {args.kwargs!r} ({e.msg})") from None
-    if not isinstance(overrides, dict):
-        raise SystemExit(f"--kwargs must be a JSON object, got {args.kwargs!r}")
+    overrides = _model_kwargs(args, "export")
     try:
         model = visionmoe.create_model(args.model, **overrides)
         if args.weights:

@@ -11,10 +11,10 @@ ARGS   ?=
 
 .PHONY: train demo test lint install
 
-$(BIN)/visionmoe: pyproject.toml
+$(BIN)/visionmoe: pyproject.toml Makefile
 	test -d $(VENV) || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q -e ".[dev,bench]"
+	$(BIN)/pip install -q -e ".[dev,bench,stream,onnx]"
 	touch $@
 
 install: $(BIN)/visionmoe

@@ -12,7 +12,7 @@ from torch import Tensor, nn
 
 from visionmoe.layers.dispatch import BACKENDS, apply_plan
 from visionmoe.layers.experts import Experts
-from visionmoe.layers.router_base import _is_exporting
+from visionmoe.layers.router_base import is_exporting
 from visionmoe.layers.routers import Router, RouterOutput, router_class
 from visionmoe.layers.stats import RoutingStats, routing_stats
 
@@ -133,7 +133,7 @@ class MoE(nn.Module):
         grouped = self.group(tokens)  # (G, S, D)
         routed: RouterOutput = self.router(grouped)
         y = apply_plan(grouped, routed.plan, self.experts, self.backend, self.deterministic)  # (G, S, D)
-        if _is_exporting():  # an exported program keeps no module state: no aux loss, no stats
+        if is_exporting():  # an exported program keeps no module state: no aux loss, no stats
             return restore(y.reshape(B, N, D))
         self.aux_loss = routed.aux_loss
         self.last_aux_losses = routed.aux_losses

@@ -114,7 +114,7 @@ def _pool_groups(value: Any) -> Any:
     return value
 
 
-def _is_exporting() -> bool:
+def is_exporting() -> bool:
     """Whether ``torch.export`` is tracing (torch < 2.5 has no such flag: never)."""
     is_exporting = getattr(torch.compiler, "is_exporting", None)
     return bool(is_exporting is not None and is_exporting())
@@ -225,6 +225,6 @@ class _Capacity:
             capacity=self.capacity,
             multiple=self.capacity_multiple,
         )
-        if capacity is None and (self.static_shapes or _is_exporting()):
+        if capacity is None and (self.static_shapes or is_exporting()):
             return num_tokens  # dropless, bounded by the group's size instead of read from the data
         return capacity

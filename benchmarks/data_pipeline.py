@@ -1,9 +1,9 @@
 """The input pipeline without a model: images/s of the streaming loader against the in-memory one,
 and peak resident memory against the number of images.
 
-    python benchmarks/data_pipeline.py throughput --folder /tmp/sf64 --size 64 --images 512
-    python benchmarks/data_pipeline.py memory --folders /tmp/sf160-500 /tmp/sf160-1000 ... --plot docs/x.png
-    python benchmarks/data_pipeline.py trainer --folders /tmp/sf160-400 /tmp/sf160-2400
+    python benchmarks/data_pipeline.py throughput --folder runs/standins/sf64 --size 64 --images 512
+    python benchmarks/data_pipeline.py memory --folders runs/standins/sf160-500 runs/standins/sf160-1000 ... --plot docs/x.png
+    python benchmarks/data_pipeline.py trainer --folders runs/standins/sf160-400 runs/standins/sf160-2400
 
 Stand-in folders come from benchmarks/data_standins.py. ``throughput`` times one epoch over the first
 ``--images`` training images, batch 64: the stream loader (random-resized crop, flip, RandAugment

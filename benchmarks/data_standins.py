@@ -1,6 +1,6 @@
 r"""Stand-in JPEG folders for the data benchmarks: CIFAR-10 JPEGs upscaled to a given size.
 
-    python benchmarks/data_standins.py --source ../shared/data/cifar10-jpeg --out /tmp/sf160 \
+    python benchmarks/data_standins.py --source ../shared/data/cifar10-jpeg --out runs/standins/sf160 \
         --size 160 --train 2400 --test 100
 
 Writes ``<out>/train/<class>/*.jpg`` and ``<out>/test/<class>/*.jpg`` (ImageFolder), the first images of

@@ -2,7 +2,7 @@
 and peak resident memory against the number of images.
 
     python benchmarks/data_pipeline.py throughput --folder runs/standins/sf64 --size 64 --images 512
-    python benchmarks/data_pipeline.py memory --folders runs/standins/sf160-500 runs/standins/sf160-1000 ... --plot docs/x.png
+    python benchmarks/data_pipeline.py memory --folders runs/standins/sf160-500 ... --plot docs/x.png
     python benchmarks/data_pipeline.py trainer --folders runs/standins/sf160-400 runs/standins/sf160-2400
 
 Stand-in folders come from benchmarks/data_standins.py. ``throughput`` times one epoch over the first

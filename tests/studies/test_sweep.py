@@ -9,7 +9,9 @@ import pytest
 import torch
 
 import visionmoe.train.trainer as trainer_module
-from visionmoe.studies import Sweep, parse_axis, parse_seeds, run_sweep
+from visionmoe.studies import Run, Sweep, parse_axis, parse_seeds, run_sweep
+from visionmoe.studies.executors import EXECUTE
+from visionmoe.studies.plan import EXECUTORS, SweepPlan
 from visionmoe.studies.presets import TINY
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -54,6 +56,35 @@ def test_expansion_names_and_pairs(tmp_path):
     assert [r.seed for r in runs] == [0] * 12 + [1] * 12
     # Names are stable: the same sweep expands to the same directories.
     assert [r.name for r in sweep.runs(tmp_path)] == [r.name for r in runs]
+    # A run's sweep_run.json (what the worker process and the report read) gives the run back.
+    twin.run_dir.mkdir(parents=True)
+    twin.spec_file.write_text(twin.to_json())
+    assert twin.spec_file == twin.run_dir / "sweep_run.json" and Run.load(twin.spec_file) == twin
+
+
+def test_plan_checks_its_arguments_and_shares_the_cores(tmp_path):
+    sweep = Sweep("p", "cifar10_moe", grids=[{"model.moe.k": [1, 2]}], seeds=(0, 1))
+    plan = SweepPlan.make(sweep, tmp_path, jobs=2, cores=5)
+    # 2 configurations × (MoE, twin) × 2 seeds; 5 cores // 2 jobs = 2 threads per run
+    assert len(plan.runs) == 8 and plan.seeds == (0, 1) and plan.threads == 2
+    assert plan.runtime == ("train.threads=2", "train.progress=false")
+    assert SweepPlan.make(sweep, tmp_path, jobs=4, cores=2).threads == 1  # never 0
+    assert SweepPlan.make(sweep, tmp_path, executor="slurm", slurm={"cpus_per_task": 4}).threads == 4
+    one_seed = SweepPlan.make(sweep, tmp_path, seeds=(1,)).to_dict()  # what sweep.json holds
+    assert one_seed["seeds"] == [1] and one_seed["runs"] == [
+        "k=1-s1",
+        "k=1,twin=flops-s1",
+        "k=2-s1",
+        "k=2,twin=flops-s1",
+    ]
+    with pytest.raises(ValueError, match=r"executor must be one of \['local', 'inline', 'slurm'\], got 'ssh'"):
+        SweepPlan.make(sweep, tmp_path, executor="ssh")
+    with pytest.raises(ValueError, match="got jobs=0, retries=1"):
+        SweepPlan.make(sweep, tmp_path, jobs=0)
+    with pytest.raises(ValueError, match=r"seeds must name at least one seed .*got \(\)"):
+        SweepPlan.make(sweep, tmp_path, seeds=())
+    assert list(EXECUTE) == list(EXECUTORS)  # every executor name run_sweep accepts has its executor
+    assert not any(tmp_path.iterdir())  # a plan writes nothing
 
 
 def test_baseline_and_name_collisions(tmp_path):

@@ -55,6 +55,7 @@ def run_one(run: Run, runtime: Sequence[str] = ()) -> dict[str, Any]:
 
 
 def execute_inline(plan: SweepPlan, todo: Sequence[Run], finish: Finish) -> None:
+    """Each run in turn, in this process, until it finishes or runs out of retries."""
     for run in todo:
         again = True
         while again:
@@ -68,6 +69,7 @@ def execute_inline(plan: SweepPlan, todo: Sequence[Run], finish: Finish) -> None
 
 
 def execute_local(plan: SweepPlan, todo: Sequence[Run], finish: Finish) -> None:
+    """``plan.jobs`` worker processes at once; a retried run goes to the back of the queue."""
     threads = str(plan.threads)
     env = {**os.environ, "OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads}
     pending, active = list(todo), {}
@@ -87,7 +89,7 @@ def execute_local(plan: SweepPlan, todo: Sequence[Run], finish: Finish) -> None:
             for process in [p for p in active if p.poll() is not None]:
                 run, log, start = active.pop(process)
                 log.close()
-                error = "" if process.returncode == 0 else log_error(run.run_dir / "sweep.log", process.returncode)
+                error = "" if process.returncode == 0 else _log_error(run.run_dir / "sweep.log", process.returncode)
                 if finish(run, process.returncode == 0, time.perf_counter() - start, error):
                     pending.append(run)
     finally:  # interrupted: stop our workers; their runs resume from their checkpoints next time
@@ -97,7 +99,7 @@ def execute_local(plan: SweepPlan, todo: Sequence[Run], finish: Finish) -> None:
             log.close()
 
 
-def log_error(log: Path, returncode: int) -> str:
+def _log_error(log: Path, returncode: int) -> str:
     """Why a worker failed, from its exit status and the last error line of its log."""
     lines = [line for line in log.read_text(errors="replace").splitlines() if line.strip()]
     cause = f"worker exited with {returncode}" + (" (killed by a signal)" if returncode < 0 else "")
@@ -107,6 +109,7 @@ def log_error(log: Path, returncode: int) -> str:
 
 
 def execute_slurm(plan: SweepPlan, todo: Sequence[Run], finish: Finish) -> None:
+    """Every run submitted at once as a submitit job, polled every 5 s; a retried run is submitted again."""
     try:
         import submitit
     except ImportError:

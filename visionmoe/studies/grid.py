@@ -258,30 +258,15 @@ class Sweep:
                 key = keys[tuple(cell.items())]
                 overrides = [*self.overrides, *(o for name, label in cell.items() for o in axes[name][label])]
                 common = {"study": self.name, "preset": self.preset, "seed": seed, "axes": dict(cell)}
-                common["out_dir"] = str(out)
-                analyze = dict(self.analyze) if self.analyze else None
-                reference = None
-                if self.twins:
-                    reference = f"{key},twin={TWIN}"
-                for name, label in baseline.items():
-                    if cell[name] != label:
-                        ref_cell = {**cell, name: label}
-                        if tuple(ref_cell.items()) not in keys:
-                            raise ValueError(f"baseline {name}={label} has no configuration matching {cell}")
-                        reference = keys[tuple(ref_cell.items())]
+                common.update(out_dir=str(out), analyze=dict(self.analyze) if self.analyze else None)
+                twin_key = f"{key},twin={TWIN}"
+                reference = twin_key if self.twins else _baseline_key(cell, baseline, keys)
                 runs.append(
-                    Run(
-                        key=key,
-                        overrides=_run_overrides(overrides, key, seed, out),
-                        reference=reference,
-                        analyze=analyze,
-                        **common,
-                    )
+                    Run(key=key, overrides=_run_overrides(overrides, key, seed, out), reference=reference, **common)
                 )
                 if self.twins:
-                    twin_key = f"{key},twin={TWIN}"
                     twin_overrides = _run_overrides([*overrides, f"model.dense_twin={TWIN}"], twin_key, seed, out)
-                    runs.append(Run(key=twin_key, overrides=twin_overrides, twin=TWIN, analyze=analyze, **common))
+                    runs.append(Run(key=twin_key, overrides=twin_overrides, twin=TWIN, **common))
         return runs
 
     def to_dict(self) -> dict[str, Any]:
@@ -294,6 +279,19 @@ def config_key(cell: Mapping[str, str]) -> str:
     if len(key) > MAX_KEY:
         key = f"{key[: MAX_KEY - 9]}~{hashlib.sha1(key.encode()).hexdigest()[:8]}"
     return key
+
+
+def _baseline_key(cell: dict[str, str], baseline: Mapping[str, str], keys: Mapping[tuple, str]) -> str | None:
+    """The key of the configuration ``cell`` is compared against: ``cell`` with its value on a baseline axis
+    replaced by the baseline's (None for the baseline itself, or without a baseline)."""
+    reference = None
+    for name, label in baseline.items():
+        if cell[name] != label:
+            ref_cell = {**cell, name: label}
+            if tuple(ref_cell.items()) not in keys:
+                raise ValueError(f"baseline {name}={label} has no configuration matching {cell}")
+            reference = keys[tuple(ref_cell.items())]
+    return reference
 
 
 def _run_overrides(overrides: list[str], key: str, seed: int, out: str | Path) -> tuple[str, ...]:

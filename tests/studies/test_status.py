@@ -63,7 +63,7 @@ def test_a_second_sweep_on_the_same_directory_stops_at_once(tmp_path, monkeypatc
         holder = lock_holder(tmp_path)
         assert holder.startswith("pid ") and " since " in holder
         trained = []
-        monkeypatch.setattr("visionmoe.studies.sweep.run_one", lambda run, runtime=(): trained.append(run))
+        monkeypatch.setattr("visionmoe.studies.executors.run_one", lambda run, runtime=(): trained.append(run))
         with pytest.raises(SweepBusy, match=r"in use by another visionmoe sweep \(pid \d+ on "):
             run_sweep(sweep(), tmp_path, executor="inline", echo=lambda line: None)
         assert trained == [] and not (tmp_path / "manifest.json").exists()

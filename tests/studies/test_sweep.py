@@ -1,6 +1,7 @@
 """Sweeps: expansion and names, resume after a killed run, failures recorded without losing other runs."""
 
 import json
+import math
 import sys
 import types
 
@@ -8,7 +9,9 @@ import pytest
 import torch
 
 import visionmoe.train.trainer as trainer_module
-from visionmoe.studies import Sweep, parse_axis, parse_seeds, run_sweep
+from visionmoe.studies import Run, Sweep, parse_axis, parse_seeds, run_sweep
+from visionmoe.studies.executors import EXECUTE
+from visionmoe.studies.plan import EXECUTORS, SweepPlan
 from visionmoe.studies.presets import TINY
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -53,6 +56,35 @@ def test_expansion_names_and_pairs(tmp_path):
     assert [r.seed for r in runs] == [0] * 12 + [1] * 12
     # Names are stable: the same sweep expands to the same directories.
     assert [r.name for r in sweep.runs(tmp_path)] == [r.name for r in runs]
+    # A run's sweep_run.json (what the worker process and the report read) gives the run back.
+    twin.run_dir.mkdir(parents=True)
+    twin.spec_file.write_text(twin.to_json())
+    assert twin.spec_file == twin.run_dir / "sweep_run.json" and Run.load(twin.spec_file) == twin
+
+
+def test_plan_checks_its_arguments_and_shares_the_cores(tmp_path):
+    sweep = Sweep("p", "cifar10_moe", grids=[{"model.moe.k": [1, 2]}], seeds=(0, 1))
+    plan = SweepPlan.make(sweep, tmp_path, jobs=2, cores=5)
+    # 2 configurations × (MoE, twin) × 2 seeds; 5 cores // 2 jobs = 2 threads per run
+    assert len(plan.runs) == 8 and plan.seeds == (0, 1) and plan.threads == 2
+    assert plan.runtime == ("train.threads=2", "train.progress=false")
+    assert SweepPlan.make(sweep, tmp_path, jobs=4, cores=2).threads == 1  # never 0
+    assert SweepPlan.make(sweep, tmp_path, executor="slurm", slurm={"cpus_per_task": 4}).threads == 4
+    one_seed = SweepPlan.make(sweep, tmp_path, seeds=(1,)).to_dict()  # what sweep.json holds
+    assert one_seed["seeds"] == [1] and one_seed["runs"] == [
+        "k=1-s1",
+        "k=1,twin=flops-s1",
+        "k=2-s1",
+        "k=2,twin=flops-s1",
+    ]
+    with pytest.raises(ValueError, match=r"executor must be one of \['local', 'inline', 'slurm'\], got 'ssh'"):
+        SweepPlan.make(sweep, tmp_path, executor="ssh")
+    with pytest.raises(ValueError, match="got jobs=0, retries=1"):
+        SweepPlan.make(sweep, tmp_path, jobs=0)
+    with pytest.raises(ValueError, match=r"seeds must name at least one seed .*got \(\)"):
+        SweepPlan.make(sweep, tmp_path, seeds=())
+    assert list(EXECUTE) == list(EXECUTORS)  # every executor name run_sweep accepts has its executor
+    assert not any(tmp_path.iterdir())  # a plan writes nothing
 
 
 def test_baseline_and_name_collisions(tmp_path):
@@ -80,6 +112,16 @@ def test_twin_shares_data_and_initialisation_of_shared_parts():
     moe_state, twin_state = moe.state_dict(), twin.state_dict()
     shared = [k for k in moe_state if k in twin_state and ".mlp." not in k]
     assert len(shared) > 20 and all(torch.equal(moe_state[k], twin_state[k]) for k in shared)
+
+
+def summary_top1(run_dir):
+    """The test top-1 a run's summary.json records: what the manifest's top1 column must say."""
+    return json.loads((run_dir / "summary.json").read_text())["test"]["top1"]
+
+
+def assert_top1(value, run_dir):
+    # A fraction in [0, 1] (reports print it in %), equal to the summary's: NaN or None fails every comparison.
+    assert math.isfinite(value) and 0 <= value <= 1 and value == summary_top1(run_dir), (value, run_dir)
 
 
 def tiny_sweep(data, **kwargs):
@@ -114,6 +156,8 @@ def test_resume_after_a_killed_run_and_skip_finished(tmp_path, standin_data, mon
     assert manifest["status"].tolist() == ["done", "done"] and manifest["attempts"].tolist() == [1, 1]
     summary = json.loads((moe.run_dir / "summary.json").read_text())
     assert summary["steps"] == 3  # resumed at step 2 and finished the epoch
+    for top1, run in zip(manifest["top1"], sweep.runs(tmp_path), strict=True):
+        assert_top1(top1, run.run_dir)  # so the comparisons of top1 below compare numbers
 
     resumed.clear()
     again = run_sweep(sweep, tmp_path, executor="inline", echo=lambda line: None)
@@ -154,6 +198,7 @@ def test_reuse_copies_finished_runs_of_the_same_config_from_another_sweep(tmp_pa
         assert b["test"] == a["test"] and b["reused_from"] == str(source) and b["run_dir"] == str(copy)
         assert json.loads((copy / "sweep_run.json").read_text())["study"] == "second"
         assert manifest.set_index("name").loc[name, "source"] == str(source)
+        assert_top1(manifest.set_index("name").loc[name, "top1"], source)
     trained.clear()
     again = run_sweep(second, tmp_path / "second", executor="inline", echo=lambda line: None)
     assert trained == []  # the copies' configs are theirs: not stale
@@ -178,9 +223,11 @@ def test_failures_are_recorded_and_cost_no_other_run(tmp_path, standin_data):
     lines = []
     manifest = run_sweep(sweep, tmp_path, executor="inline", retries=1, echo=lines.append).set_index("key")
     assert manifest.loc["num_classes=10,lr=0.4,capacity_factor=1.25", "status"] == "done"
-    assert manifest.loc["num_classes=10,lr=0.4,capacity_factor=1.25", "top1"] is not None
+    done_top1 = manifest.loc["num_classes=10,lr=0.4,capacity_factor=1.25", "top1"]
+    assert_top1(done_top1, tmp_path / "num_classes=10,lr=0.4,capacity_factor=1.25-s0")
     failed = manifest.loc["num_classes=2,lr=0.4,capacity_factor=1.25"]
     assert failed["status"] == "failed" and failed["attempts"] == 2 and "num_classes=2" in failed["error"]
+    assert math.isnan(failed["top1"])  # no summary: no top-1
     invalid = manifest.loc["num_classes=10,lr=-1.0,capacity_factor=1.25"]
     assert invalid["status"] == "invalid" and invalid["attempts"] == 0 and "optim.lr" in invalid["error"]
     invalid = manifest.loc["num_classes=10,lr=0.4,capacity_factor=0"]
@@ -200,6 +247,7 @@ def test_local_workers_record_a_crash(tmp_path, standin_data):
     manifest = run_sweep(sweep, tmp_path, executor="local", jobs=2, retries=0, echo=lambda line: None)
     status = dict(zip(manifest["key"], manifest["status"], strict=True))
     assert status == {"num_classes=10": "done", "num_classes=2": "failed"}
+    assert_top1(manifest.set_index("key").loc["num_classes=10", "top1"], tmp_path / "num_classes=10-s0")
     error = manifest.set_index("key").loc["num_classes=2", "error"]
     assert "worker exited with 1" in error and "ValueError" in error
     assert "num_classes=2" in (tmp_path / "num_classes=2-s0" / "sweep.log").read_text()

@@ -1,23 +1,22 @@
 """A sweep's worker process: ``python -m visionmoe.studies.worker <run>/sweep_run.json [key=value ...]``.
 
-Trains (or resumes) the one run described by the JSON file, with the extra ``key=value`` overrides
-(threads, progress bar), and exits 0 once its ``summary.json`` (and any analysis) is written.
+Trains (or resumes) the one run described by the JSON file (:func:`visionmoe.studies.executors.run_one`),
+with the extra ``key=value`` overrides (threads, progress bar), and exits 0 once its ``summary.json`` (and
+any analysis) is written. The local executor starts one per run.
 """
 
 from __future__ import annotations
 
-import json
 import sys
-from pathlib import Path
 
-from visionmoe.studies.sweep import Run, run_one
+from visionmoe.studies.executors import run_one
+from visionmoe.studies.grid import Run
 
 
 def main(argv: list[str]) -> int:
     if not argv:
         raise SystemExit(__doc__)
-    run = Run.from_dict(json.loads(Path(argv[0]).read_text()))
-    run_one(run, argv[1:])
+    run_one(Run.load(argv[0]), argv[1:])
     return 0
 
 

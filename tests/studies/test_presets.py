@@ -57,6 +57,10 @@ def test_report_renders_every_plot(tiny_sweeps, tmp_path):
         for plot in ["gap_vs_rho", *plots]:
             assert f"{study}_{plot}.png" in names, (study, plot, sorted(names))
             assert (tmp_path / f"{study}_{plot}.png").stat().st_size > 1000
+    # the overview: every pair of every study on one ρ axis, first in the report
+    assert (tmp_path / "overview_gap_vs_rho.png").stat().st_size > 1000
+    text = (tmp_path / "report.md").read_text()
+    assert text.index("## When does MoE help here?") < min(text.index(f"## {s}\n") for s in EXPECTED_PLOTS)
     text = (tmp_path / "report.md").read_text()
     assert all(f"## {study}" in text for study in STUDIES)
     assert "### Sharpness" in text and "head=sparse" in text
@@ -151,3 +155,24 @@ def test_tiny_soft_records_accuracy_per_eval_batch_size_and_equal_expert_flops(t
     write_report([root / "soft"], tmp_path)
     text = (tmp_path / "report.md").read_text()
     assert "### Test top1 by evaluation batch size" in text and "| batch 1 | batch 32 | batch 512 |" in text
+
+
+def test_overview_counts_each_pair_by_where_its_interval_lies(tmp_path):
+    import pandas as pd
+
+    from visionmoe.studies import report
+
+    pairs = pd.DataFrame(
+        {
+            "model": ["a", "a", "a", "a", "b"],
+            "rho": [0.1, 0.2, 0.3, 0.4, 0.5],
+            "mean_gap": [1.0, -2.0, 0.5, -1.0, 3.0],
+            "ci_low": [0.2, -3.0, -0.5, float("nan"), 2.0],
+            "ci_high": [1.8, -1.0, 1.5, float("nan"), 4.0],
+        }
+    )
+    text = report._overview_markdown(pairs, tmp_path / "overview_gap_vs_rho.png")
+    rows = [line for line in text.splitlines() if line.startswith("| a ") or line.startswith("| b ")]
+    # model | pairs | ρ | gap | above | below | across | one seed
+    assert rows[0].split(" | ")[1:] == ["4", "0.10–0.40", "-2.00 to +1.00", "1", "1", "1", "1 |"]
+    assert rows[1].split(" | ")[1:] == ["1", "0.50–0.50", "+3.00 to +3.00", "1", "0", "0", "0 |"]

@@ -13,6 +13,9 @@ Writes into ``out``:
   seed) and ``tables.tex`` (the configuration and pair tables of each study, booktabs);
 - with ``contrasts`` (``--contrast k=2:k=1``), the same paired statistics for two configurations of
   a study compared directly, in ``contrasts.csv``, ``contrast_gaps.csv`` and a table of their own;
+- ``overview_gap_vs_rho.png`` and a first section "When does MoE help here?": every pair of every
+  study on one axis (gap to the reference, 95% interval, against nominal ρ; a marker per MoE model),
+  and per model how many pairs' intervals lie above, below or across zero;
 - plots ``<study>_<plot>.png``, each where the study has what it needs: ``gap_vs_rho`` (the
   compute-leverage plot: gap against the routed FLOP share) wherever there are pairs, and one
   comparison per axis the study varies — ``gap_vs_width`` (backbone width), ``gap_vs_hidden``
@@ -75,6 +78,10 @@ def write_report(
         files["csv"].append(out / f"{name}.csv")
     sweeps = _sweeps(paths)
     sections, latex = [], []
+    overview = _with_model(pairs, table)
+    if not overview.empty:
+        files["plots"].append(_overview_plot(overview, out))
+        sections.append(_overview_markdown(overview, files["plots"][-1]))
     for study in dict.fromkeys(table["study"]):
         rows = table[table["study"] == study]
         cfg = configs[configs["study"] == study]
@@ -89,6 +96,63 @@ def write_report(
     (out / "tables.tex").write_text("\n\n".join(latex) + "\n")
     files["markdown"], files["latex"] = out / "report.md", out / "tables.tex"
     return files
+
+
+def _with_model(pairs: pd.DataFrame, table: pd.DataFrame) -> pd.DataFrame:
+    """The pairs that have a nominal ρ and a mean gap, each with its MoE configuration's model name."""
+    if pairs.empty or "rho" not in pairs:
+        return pairs.iloc[0:0]
+    models = table.drop_duplicates(["study", "config"]).set_index(["study", "config"])["model"]
+    keys = zip(pairs["study"], pairs["config"], strict=True)
+    frame = pairs.assign(model=[models.get(key, "?") for key in keys])
+    return frame.dropna(subset=["rho", "mean_gap"])
+
+
+def _overview_plot(pairs: pd.DataFrame, out: Path) -> Path:
+    """Every pair of every study on one axis: gap to the reference (95% interval) against nominal ρ, a
+    marker per model. Where the sign changes with ρ, if anywhere, shows here first."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    for marker, (model, group) in zip("osD^vP*X<>", pairs.groupby("model", sort=True), strict=False):
+        low, high = group["ci_low"].fillna(group["mean_gap"]), group["ci_high"].fillna(group["mean_gap"])
+        err = [group["mean_gap"] - low, high - group["mean_gap"]]
+        ax.errorbar(group["rho"], group["mean_gap"], yerr=err, fmt=marker, capsize=3, label=model, alpha=0.85)
+    ax.axhline(0, color="grey", lw=0.8)
+    ax.set(
+        xlabel="ρ (nominal share of FLOPs through experts)",
+        ylabel="top-1 gap to reference (points)",
+        title="Every pair: gap vs ρ (mean, 95% CI over seeds)",
+    )
+    ax.legend(title="MoE model", fontsize=8)
+    return _save(fig, out / "overview_gap_vs_rho.png")
+
+
+def _overview_markdown(pairs: pd.DataFrame, plot: Path) -> str:
+    """Per model: the ρ reached, the gaps, and how many pairs' 95% intervals lie above, below or across 0
+    (pairs with one seed have no interval and are counted apart)."""
+    rows = []
+    for model, group in pairs.groupby("model", sort=True):
+        above, below = int((group["ci_low"] > 0).sum()), int((group["ci_high"] < 0).sum())
+        single = int(group["ci_low"].isna().sum())  # one seed so far: no interval yet
+        rows.append(
+            {
+                "MoE model": model,
+                "pairs": len(group),
+                "ρ": f"{group['rho'].min():.2f}–{group['rho'].max():.2f}",
+                "gap (points)": f"{group['mean_gap'].min():+.2f} to {group['mean_gap'].max():+.2f}",
+                "CI above 0": above,
+                "CI below 0": below,
+                "CI across 0": len(group) - above - below - single,
+                "one seed (no CI)": single,
+            }
+        )
+    return "\n\n".join(
+        ["## When does MoE help here?", _markdown(pd.DataFrame(rows)), f"![gap vs rho, every pair]({plot.name})"]
+    )
 
 
 def _of(frame: pd.DataFrame, study: str) -> pd.DataFrame:

@@ -252,7 +252,7 @@ def _router_hook(moe: MoE, calls: list[dict[str, Any]]) -> Any:
     def hook(router: nn.Module, args: tuple[Any, ...], output: Any) -> None:
         G, S = args[0].shape[:2]
         plan = output.plan
-        padded = isinstance(plan, Routing) and not _dropless(router, S)
+        padded = isinstance(plan, Routing) and router.group_capacity(S) is not None  # a fixed C buffer
         calls.append({"groups": G, "tokens": S, "plan": plan, "padded": padded})
 
     return hook
@@ -264,12 +264,6 @@ def _stats_hook(calls: list[dict[str, Any]]) -> Any:
             calls[-1]["stats"] = moe.last_stats
 
     return hook
-
-
-def _dropless(router: nn.Module, tokens: int) -> bool:
-    """True when the router's C is not a fixed buffer size (its plan's C is just the largest load)."""
-    capacity = getattr(router, "expert_capacity", None)
-    return capacity is not None and capacity(tokens, getattr(router, "k", 1)) is None
 
 
 def _layer_profile(name: str, moe: MoE, calls: list[dict[str, Any]], flops: _Flops, batch: int) -> MoELayerProfile:
@@ -302,7 +296,7 @@ def _layer_profile(name: str, moe: MoE, calls: list[dict[str, Any]], flops: _Flo
     expert_params = sum(p.numel() for p in moe.experts.parameters())
     return MoELayerProfile(
         name=name,
-        router=getattr(moe.router, "name", type(moe.router).__name__),
+        router=moe.router.name,
         routed=not isinstance(moe.router, DenseRouter),
         num_experts=E,
         experts_per_token=per_token,

@@ -18,8 +18,8 @@ dense FFN's parameters.
     cnn_dw_cifar_moe       as above                           48, 96, 192         4·dim   last stage, E=8, top-2
 
 Keyword arguments of every entry point: ``num_classes`` (10), ``in_chans`` (3), ``width``,
-``depths`` ((2, 2, 2)), ``hidden_ratio``, ``moe_stages``, ``moe`` (an :class:`MoEConfig` that
-replaces the default, or a dict of fields that updates it), ``drop_rate``; ``kernel_size`` (3)
+``depths`` ((2, 2, 2)), ``hidden_ratio``, ``moe_stages``, ``moe`` (an :class:`MoEConfig` or a dict of
+its fields, merged over the default by :meth:`MoEConfig.merged`), ``drop_rate``; ``kernel_size`` (3)
 for the depthwise models.
 """
 
@@ -36,7 +36,6 @@ from torch.utils.checkpoint import checkpoint
 
 from visionmoe.layers.moe import MoEConfig
 from visionmoe.models.registry import build_model, cifar_cfg, register_model
-from visionmoe.models.vit import moe_config
 
 CNN_MOE_DEFAULT = MoEConfig(num_experts=8, router="topk", k=2)
 """Default MoE of the CNN backbones: 8 experts, noisy top-2 token choice (capacity factor 1.25)."""
@@ -478,7 +477,7 @@ CNN_FEATURES = {"out_indices": (0, 1, 2), "feature_cls": "getter"}
 
 def _create(name: str, cls: type[CifarClassifier], pretrained: bool, kwargs: dict[str, Any], **defaults: Any):
     kwargs = {**defaults, **kwargs}
-    kwargs["moe"] = moe_config(kwargs.get("moe"), CNN_MOE_DEFAULT)
+    kwargs["moe"] = CNN_MOE_DEFAULT.merged(kwargs.get("moe"))
     features = {**CNN_FEATURES, "out_indices": tuple(range(len(kwargs.get("depths", (2, 2, 2)))))}
     return build_model(cls, name, pretrained, kwargs, feature_cfg=features)
 

@@ -32,7 +32,6 @@ from torch import Tensor, nn
 from visionmoe.layers.moe import MoEConfig
 from visionmoe.models.cnn import CNN_FEATURES, CifarResNetMoE
 from visionmoe.models.registry import build_model, cifar_cfg, register_model
-from visionmoe.models.vit import moe_config
 
 DENSE_FFN_HEAD = MoEConfig(num_experts=1, router="dense")
 """The default head: one dense FFN (an MoE of one expert with the dense router, as the ResNet-18 heads)."""
@@ -106,7 +105,7 @@ default_cfgs = generate_default_cfgs(
 @register_model
 def cnn_resnet_cifar_head(pretrained: bool = False, **kwargs: Any) -> CifarCNNHead:
     """Standard CIFAR CNN (w=16, dense blocks) with an FFN head on the pooled feature; MoE heads via ``moe``."""
-    kwargs["moe"] = moe_config(kwargs.get("moe"), DENSE_FFN_HEAD)
+    kwargs["moe"] = DENSE_FFN_HEAD.merged(kwargs.get("moe"))
     features = {**CNN_FEATURES, "out_indices": tuple(range(len(kwargs.get("depths", (2, 2, 2)))))}
     return build_model(CifarCNNHead, "cnn_resnet_cifar_head", pretrained, kwargs, feature_cfg=features)
 

@@ -185,11 +185,9 @@ def build_moe_model(
     into a 10-class model, keeps its fresh init), then every replaced MLP is upcycled: each expert
     starts as a copy of it (``moeify(..., upcycle=True)``). The routers keep their init.
     """
-    from visionmoe.models.vit import moe_config  # the family's defaults merge rule
-
     kwargs = {**arch, **kwargs}
     placement = kwargs.pop("placement", "last-2")
-    config = moe_config(kwargs.pop("moe", None), moe_default)
+    config = moe_default.merged(kwargs.pop("moe", None))
     pretrained, overlay = _weights_source(pretrained, kwargs)
     cfg = resolve_pretrained_cfg(name, kwargs.get("pretrained_cfg"), overlay).to_dict()
 

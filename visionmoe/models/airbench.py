@@ -53,7 +53,9 @@ from timm.models import generate_default_cfgs
 from torch import Tensor, nn
 
 from visionmoe.layers.moe import MoE, MoEConfig
-from visionmoe.models.cnn import CNN_FEATURES, CNN_MOE_DEFAULT, CifarClassifier, ConvFFN, MoEStages, resolve_stages
+from visionmoe.models.cifar_classifier import CNN_FEATURES, CifarClassifier
+from visionmoe.models.cnn import CNN_MOE_DEFAULT
+from visionmoe.models.conv_blocks import ConvFFN, MoEStages, resolve_stages
 from visionmoe.models.registry import build_model, cifar_cfg, register_model
 
 BN_MOMENTUM = 0.4

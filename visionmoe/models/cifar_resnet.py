@@ -39,7 +39,7 @@ from timm.models import generate_default_cfgs
 from torch import Tensor, nn
 
 from visionmoe.layers.moe import MoEConfig
-from visionmoe.models.cnn import CNN_FEATURES, CifarClassifier, stage_info
+from visionmoe.models.cifar_classifier import CNN_FEATURES, CifarClassifier, FFNHead, stage_info
 from visionmoe.models.registry import build_model, cifar_cfg, register_model
 
 DENSE_HEAD = MoEConfig(num_experts=1, router="dense")
@@ -73,7 +73,7 @@ class BasicBlock(nn.Module):
         return self.act2(h + self.shortcut(x))
 
 
-class CifarResNet18(CifarClassifier):
+class CifarResNet18(FFNHead, CifarClassifier):
     """CIFAR ResNet-18 whose classifier head is an FFN or MoE of total hidden width ``head_width``.
 
     Args:
@@ -100,8 +100,6 @@ class CifarResNet18(CifarClassifier):
         "early pool" models). ``forward_intermediates`` / ``features_only=True`` give the four
         stage maps, at strides 1, 2, 4, 8.
     """
-
-    unpooled_ok = False
 
     def __init__(
         self,
@@ -141,15 +139,6 @@ class CifarResNet18(CifarClassifier):
             for m in self.modules():
                 if isinstance(m, BasicBlock):
                     nn.init.zeros_(m.bn2.weight)
-
-    def _drop_head(self) -> None:
-        self.head_ffn = nn.Identity()
-        self.reset_classifier(0)
-
-    def forward_head(self, x: Tensor, pre_logits: bool = False) -> Tensor:
-        x = self.head_ffn(self.pool(x))  # (B, 8·width): one token per sample
-        x = self.head_drop(x)
-        return x if pre_logits else self.fc(x)
 
 
 _RESNET = {"first_conv": "stem.0", "classifier": "fc", "pool_size": (4, 4)}  # 32 px / 8

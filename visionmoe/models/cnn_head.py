@@ -27,17 +27,18 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from timm.models import generate_default_cfgs
-from torch import Tensor, nn
+from torch import nn
 
 from visionmoe.layers.moe import MoEConfig
-from visionmoe.models.cnn import CNN_FEATURES, CifarResNetMoE
+from visionmoe.models.cifar_classifier import CNN_FEATURES, FFNHead
+from visionmoe.models.cnn import CifarResNetMoE
 from visionmoe.models.registry import build_model, cifar_cfg, register_model
 
 DENSE_FFN_HEAD = MoEConfig(num_experts=1, router="dense")
 """The default head: one dense FFN (an MoE of one expert with the dense router, as the ResNet-18 heads)."""
 
 
-class CifarCNNHead(CifarResNetMoE):
+class CifarCNNHead(FFNHead, CifarResNetMoE):
     """Standard CIFAR CNN (dense blocks) whose pooled feature goes through an FFN or MoE head.
 
     Args:
@@ -55,8 +56,6 @@ class CifarCNNHead(CifarResNetMoE):
 
     The head works on the pooled vector, so ``global_pool`` is "avg" only (as the ResNet-18 heads).
     """
-
-    unpooled_ok = False
 
     def __init__(
         self,
@@ -86,15 +85,6 @@ class CifarCNNHead(CifarResNetMoE):
         )
         # Built last, after the backbone's and the classifier's init: every head starts from the same rest.
         self.head_ffn = MoEConfig.coerce(moe).build(self.num_features, head_hidden, activation=head_act_layer)
-
-    def _drop_head(self) -> None:
-        self.head_ffn = nn.Identity()
-        self.reset_classifier(0)
-
-    def forward_head(self, x: Tensor, pre_logits: bool = False) -> Tensor:
-        x = self.head_ffn(self.pool(x))  # (B, 4w): one token per sample
-        x = self.head_drop(x)
-        return x if pre_logits else self.fc(x)
 
 
 default_cfgs = generate_default_cfgs(

@@ -5,7 +5,10 @@ ask these instead of guessing from attributes, so a new router answers in its ow
 """
 
 import pytest
+from torch import nn
 
+from visionmoe import MoE
+from visionmoe.analysis.twin import dense_twin
 from visionmoe.layers.routers import (
     ROUTERS,
     DenseRouter,
@@ -71,6 +74,22 @@ def test_the_dense_router_runs_every_expert():
     router = DenseRouter(D, 4)
     assert router.experts_per_token() == 4.0 and router.experts_per_token(9) == 4.0
     assert router.group_capacity(9) is None
+    assert not router.routed and all(cls.routed for name, cls in ROUTERS.items() if name != "dense")
+
+
+class HalfOfTheExperts(DenseRouter):
+    """A new router, in one class: its dense twin follows from its own answer, nothing else is touched."""
+
+    name = "half_of_the_experts"
+
+    def experts_per_token(self, tokens: int | None = None) -> float:
+        return self.num_experts / 2
+
+
+def test_a_dense_twin_asks_the_router():
+    # E = 4 experts of width H = 16, 4 / 2 = 2 experts per token: a dense FFN of width 2·16 = 32.
+    twin = dense_twin(nn.Sequential(MoE(D, 4, 16, router=HalfOfTheExperts)), match="flops")
+    assert twin[0].hidden_dim == 32
 
 
 @pytest.mark.parametrize("name", list(ROUTERS))

@@ -27,7 +27,6 @@ from torch.utils.flop_counter import FlopCounterMode
 from visionmoe.analysis.modes import eval_mode
 from visionmoe.layers.experts import Experts
 from visionmoe.layers.moe import MoE, moe_layers
-from visionmoe.layers.routers import DenseRouter
 from visionmoe.routing.plan import Routing, SoftRouting
 
 
@@ -297,7 +296,7 @@ def _layer_profile(name: str, moe: MoE, calls: list[dict[str, Any]], flops: _Flo
     return MoELayerProfile(
         name=name,
         router=moe.router.name,
-        routed=not isinstance(moe.router, DenseRouter),
+        routed=moe.router.routed,
         num_experts=E,
         experts_per_token=per_token,
         expert_flops=expert_flops,

@@ -65,6 +65,9 @@ class Router(nn.Module):
 
     # ---- what the router knows about its own routing: asked by models, twins and profiles ----
 
+    routed: ClassVar[bool] = True
+    """Whether tokens are routed at all; False for the dense router, whose layer counts as a plain FFN (not in ρ)."""
+
     depends_on_group_size: ClassVar[bool] = False
     """Whether :meth:`experts_per_token` depends on S, the tokens per group (then pass ``tokens``)."""
 

@@ -4,7 +4,8 @@ A router maps grouped tokens (G, S, D) to a :class:`RouterOutput`: a routing pla
 auxiliary loss, and the gates used for statistics. The maths lives in :mod:`visionmoe.routing`; what
 the routers share (the base class, aux losses, the linear gate, capacity) in
 :mod:`visionmoe.layers.router_base`. Adding a router means one class here (or in its own file) and one
-line in :data:`ROUTERS`.
+line in :data:`ROUTERS`; the class also answers for itself what models, dense twins and profiles ask
+of it (:meth:`Router.experts_per_token`, :meth:`Router.group_capacity`, :attr:`Router.routed`).
 """
 
 from __future__ import annotations
@@ -346,6 +347,7 @@ class DenseRouter(Router):
     """The dense baseline: every token through every expert, weight 1 (one FFN of width E·H)."""
 
     name = "dense"
+    routed = False
 
     def __init__(self, dim: int, num_experts: int, *, aux_loss_weights=None, device=None, dtype=None) -> None:
         super().__init__(dim, num_experts, aux_loss_weights=aux_loss_weights)

@@ -11,7 +11,9 @@ A run is described by one :class:`Config` of five sections::
 Presets live in ``configs/*.yaml`` (each opens with the command that runs it and the result to
 expect); :func:`load_config` reads a preset by path or by name, and :func:`apply_overrides` applies
 ``section.key=value`` strings from the command line. Every value is checked against its field's type
-and :meth:`Config.validate` checks ranges, so a bad value fails before any data is loaded.
+(the machinery, which knows nothing of a run, is :mod:`visionmoe.train.typed`) and
+:meth:`Config.validate` checks ranges, so a bad value fails before any data is loaded. The MoE
+settings are one typed value, ``model.moe`` (a :class:`visionmoe.MoEConfig`): see :class:`ModelConfig`.
 """
 
 from __future__ import annotations

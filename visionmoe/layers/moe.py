@@ -279,6 +279,7 @@ class MoEConfig:
         return values
 
     def is_set(self, name: str) -> bool:
+        """Whether field ``name`` is given here (None counts: ``capacity_factor=None`` is dropless)."""
         return getattr(self, name) is not UNSET
 
     def merged(self, update: MoEConfig | Mapping[str, Any] | None) -> MoEConfig:

@@ -41,7 +41,7 @@ import torch
 from torch import Tensor, nn
 
 from visionmoe.layers.moe import moe_layers
-from visionmoe.layers.router_base import _Capacity
+from visionmoe.layers.router_base import Capacity
 
 
 @contextlib.contextmanager
@@ -55,7 +55,7 @@ def static_shapes(model: nn.Module) -> Iterator[nn.Module]:
         router = moe.router
         saved.append((moe, moe.backend, router, getattr(router, "static_shapes", None)))
         moe.backend = "padded"
-        if isinstance(router, _Capacity):
+        if isinstance(router, Capacity):
             router.static_shapes = True
     try:
         yield model

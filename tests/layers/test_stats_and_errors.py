@@ -152,14 +152,14 @@ def test_non_finite_router_logits(name):
 
 
 def test_router_finite_check_costs_no_host_sync_off_the_cpu():
-    from visionmoe.layers.router_base import _check_finite
+    from visionmoe.layers.router_base import check_finite
 
     off_cpu = torch.full((2, 4), float("nan"), device="meta")  # stands in for an accelerator: cannot sync
-    _check_finite(off_cpu, "topk")  # skipped: no host sync per layer per step
+    check_finite(off_cpu, "topk")  # skipped: no host sync per layer per step
     with torch.autograd.set_detect_anomaly(True), pytest.raises(RuntimeError, match="meta"):
-        _check_finite(off_cpu, "topk")  # anomaly mode asks for the check (meta cannot answer it)
+        check_finite(off_cpu, "topk")  # anomaly mode asks for the check (meta cannot answer it)
     with pytest.raises(FloatingPointError, match="topk router logits are not finite: 8 NaN"):
-        _check_finite(torch.full((2, 4), float("nan")), "topk")
+        check_finite(torch.full((2, 4), float("nan")), "topk")
 
 
 def test_bad_groups_and_sizes():

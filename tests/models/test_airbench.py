@@ -176,7 +176,7 @@ def test_dense_twin_matches_active_flops():
     # FFN does the same. The MoE adds only its router, 49 · 2·256·8 = 200,704 FLOPs (0.07%).
     # Dropless routing processes every assignment, so the MoE's executed FLOPs are its active ones.
     x = images(2)
-    moe_profile = profile(create("cifar_airbench_moe", moe={"dropless": True}), x)
+    moe_profile = profile(create("cifar_airbench_moe", moe={"capacity_factor": None}), x)
     dense_profile = profile(create("cifar_airbench"), x)
     assert moe_profile.expert_flops == 51_380_224 and moe_profile.router_flops == 200_704
     assert dense_profile.total_flops == moe_profile.total_flops - 200_704
@@ -189,12 +189,12 @@ def test_dense_twin_matches_active_flops():
     assert abs(dense_profile.total_flops / active - 1) < 0.02
 
 
-def test_moe_groups_and_twin_widths():
+def test_moe_stages_and_twin_widths():
     cases = {"none": [], 0: [0], -1: [2], (1, 2): [1, 2], "all": [0, 1, 2]}
-    for moe_groups, groups in cases.items():
-        model = timm.create_model("cifar_airbench_moe", moe_groups=moe_groups, **NARROW)
-        assert [int(lname.split(".")[1]) for lname, _ in visionmoe.moe_layers(model)] == groups, moe_groups
-    plain = timm.create_model("cifar_airbench", moe_groups="none")
+    for moe_stages, groups in cases.items():
+        model = timm.create_model("cifar_airbench_moe", moe_stages=moe_stages, **NARROW)
+        assert [int(lname.split(".")[1]) for lname, _ in visionmoe.moe_layers(model)] == groups, moe_stages
+    plain = timm.create_model("cifar_airbench", moe_stages="none")
     assert all(group.mlp is None for group in plain.groups)  # airbench94's own network
     assert sum(p.numel() for p in plain.parameters()) == 1_972_792
     # the dense twin's width follows the MoE it twins: k·H for token choice, capacity_factor·H for expert choice
@@ -207,7 +207,7 @@ def test_moe_groups_and_twin_widths():
     moe = timm.create_model("cifar_airbench_moe", hidden_ratio=1.0, **NARROW).groups[1].mlp
     assert isinstance(moe, MoE) and moe.hidden_dim == 32
     for bad in (3, -4, "some", (0, 7), True):
-        with pytest.raises(ValueError, match=r"moe_groups=.*-3\.\.2"):
-            timm.create_model("cifar_airbench_moe", moe_groups=bad, **NARROW)
+        with pytest.raises(ValueError, match=r"moe_stages=.*-3\.\.2"):
+            timm.create_model("cifar_airbench_moe", moe_stages=bad, **NARROW)
     with pytest.raises(ValueError, match="widths"):
         timm.create_model("cifar_airbench", widths=())

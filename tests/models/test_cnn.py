@@ -210,7 +210,7 @@ def test_dense_backbone_upcycles_exactly_with_moeify():
     # renormalised gates, every token gets weight 1 on a copy of its FFN: the same function.
     dense = tiny("cnn_dw_cifar").eval()
     assert len(mlp_blocks(dense)) == 3
-    config = {"num_experts": 2, "k": 1, "dropless": True, "router_options": {"renormalize": True}}
+    config = {"num_experts": 2, "k": 1, "capacity_factor": None, "router_options": {"renormalize": True}}
     upcycled = moeify(copy.deepcopy(dense), "all", config, upcycle=True).eval()
     x = images()
     with torch.no_grad():

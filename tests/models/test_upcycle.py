@@ -27,25 +27,27 @@ NO_NOISE = {"noise_std": 0.0}
 # and the largest |MoE − dense| in float64: k = 1 exactly, the rest to float32's rounding of the gates.
 EXACT = {
     "topk k=1 renormalised, dropless": MoEConfig(
-        num_experts=4, router="topk", k=1, dropless=True, router_options={**NO_NOISE, "renormalize": True}
+        num_experts=4, router="topk", k=1, capacity_factor=None, router_options={**NO_NOISE, "renormalize": True}
     ),
     "topk k=2 renormalised, dropless": MoEConfig(
-        num_experts=4, router="topk", k=2, dropless=True, router_options={**NO_NOISE, "renormalize": True}
+        num_experts=4, router="topk", k=2, capacity_factor=None, router_options={**NO_NOISE, "renormalize": True}
     ),
     # capacity_factor = E / k = 2: C = ceil(2·S·2/4) = S, the most one expert can receive: nothing dropped
     "topk k=2 renormalised, capacity factor E/k": MoEConfig(
         num_experts=4, router="topk", k=2, capacity_factor=2.0, router_options={**NO_NOISE, "renormalize": True}
     ),
     "topk k=E (the whole softmax), dropless": MoEConfig(
-        num_experts=4, router="topk", k=4, dropless=True, router_options=NO_NOISE
+        num_experts=4, router="topk", k=4, capacity_factor=None, router_options=NO_NOISE
     ),
     "sinkhorn_topk k=2 renormalised, dropless": MoEConfig(
-        num_experts=4, router="sinkhorn_topk", k=2, dropless=True, router_options={"renormalize": True}
+        num_experts=4, router="sinkhorn_topk", k=2, capacity_factor=None, router_options={"renormalize": True}
     ),
 }
 # Settings that do not guarantee it (so the equality test can fail, and does for these).
 NOT_EXACT = {
-    "topk k=2 not renormalised": MoEConfig(num_experts=4, router="topk", k=2, dropless=True, router_options=NO_NOISE),
+    "topk k=2 not renormalised": MoEConfig(
+        num_experts=4, router="topk", k=2, capacity_factor=None, router_options=NO_NOISE
+    ),
     "topk k=1 renormalised, capacity factor 1": MoEConfig(
         num_experts=4, router="topk", k=1, capacity_factor=1.0, router_options={**NO_NOISE, "renormalize": True}
     ),

@@ -112,7 +112,7 @@ def test_bad_placement(placement, message):
 
 
 IDENTITY_MOE = MoEConfig(
-    num_experts=4, router="topk", k=2, dropless=True, router_options={"renormalize": True, "noise_std": 0.0}
+    num_experts=4, router="topk", k=2, capacity_factor=None, router_options={"renormalize": True, "noise_std": 0.0}
 )
 
 

@@ -5,6 +5,7 @@ import math
 import pytest
 import torch
 
+from visionmoe.layers.moe import MoEConfig
 from visionmoe.train.config import CONFIG_DIR, Config, apply_overrides, load_config, preset_names
 from visionmoe.train.metrics import ClassificationMeter
 from visionmoe.train.trainer import Schedule, param_groups
@@ -23,7 +24,7 @@ def test_overrides_are_typed_and_nested():
     )
     assert cfg.optim.lr == 0.05 and cfg.train.epochs == 2.0 and isinstance(cfg.train.epochs, float)
     assert cfg.optim.milestones == (1.0, 2.5)
-    assert cfg.model.moe == {"k": 1} and cfg.model.kwargs == {"width": 16}
+    assert cfg.model.moe == MoEConfig(k=1) and cfg.model.kwargs == {"width": 16}
     assert apply_overrides(cfg, ["optim.grad_clip=null"]).optim.grad_clip is None
     assert apply_overrides(cfg, ["data.data_dir=/x/y"]).data.data_dir == "/x/y"
 

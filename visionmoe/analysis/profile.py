@@ -27,7 +27,6 @@ from torch.utils.flop_counter import FlopCounterMode
 from visionmoe.analysis.modes import eval_mode
 from visionmoe.layers.experts import Experts
 from visionmoe.layers.moe import MoE, moe_layers
-from visionmoe.layers.routers import DenseRouter
 from visionmoe.routing.plan import Routing, SoftRouting
 
 
@@ -252,7 +251,7 @@ def _router_hook(moe: MoE, calls: list[dict[str, Any]]) -> Any:
     def hook(router: nn.Module, args: tuple[Any, ...], output: Any) -> None:
         G, S = args[0].shape[:2]
         plan = output.plan
-        padded = isinstance(plan, Routing) and not _dropless(router, S)
+        padded = isinstance(plan, Routing) and router.group_capacity(S) is not None  # a fixed C buffer
         calls.append({"groups": G, "tokens": S, "plan": plan, "padded": padded})
 
     return hook
@@ -264,12 +263,6 @@ def _stats_hook(calls: list[dict[str, Any]]) -> Any:
             calls[-1]["stats"] = moe.last_stats
 
     return hook
-
-
-def _dropless(router: nn.Module, tokens: int) -> bool:
-    """True when the router's C is not a fixed buffer size (its plan's C is just the largest load)."""
-    capacity = getattr(router, "expert_capacity", None)
-    return capacity is not None and capacity(tokens, getattr(router, "k", 1)) is None
 
 
 def _layer_profile(name: str, moe: MoE, calls: list[dict[str, Any]], flops: _Flops, batch: int) -> MoELayerProfile:
@@ -302,8 +295,8 @@ def _layer_profile(name: str, moe: MoE, calls: list[dict[str, Any]], flops: _Flo
     expert_params = sum(p.numel() for p in moe.experts.parameters())
     return MoELayerProfile(
         name=name,
-        router=getattr(moe.router, "name", type(moe.router).__name__),
-        routed=not isinstance(moe.router, DenseRouter),
+        router=moe.router.name,
+        routed=moe.router.routed,
         num_experts=E,
         experts_per_token=per_token,
         expert_flops=expert_flops,

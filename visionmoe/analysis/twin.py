@@ -17,8 +17,6 @@ from torch import Tensor, nn
 
 from visionmoe.analysis.modes import eval_mode
 from visionmoe.layers.moe import MoE, moe_layers
-from visionmoe.layers.routers import DenseRouter, SoftRouter
-from visionmoe.routing.capacity import expert_capacity
 
 MATCHES = ("flops", "params")
 
@@ -35,14 +33,14 @@ def dense_twin(
     with the experts' activation and bias, on their device and dtype: one FFN of width ``width``.
 
     ``match="flops"``: ``width`` is the MoE's *active* width, the hidden units an average token
-    goes through, rounded to the nearest integer >= 1:
+    goes through, rounded to the nearest integer >= 1: H times the router's
+    :meth:`~visionmoe.layers.routers.Router.experts_per_token` (with the training settings):
 
-    - token choice (routers with ``k``: topk, sinkhorn_topk): k·H (dropped assignments ignored);
-    - expert choice (routers with ``capacity_factor`` and no ``k``): capacity_factor·H, since
-      C·E/S = capacity_factor experts per token on average (the training factor; when the router
-      has a fixed ``capacity`` instead, min(C, S)·E/S·H, with S from ``example_input``);
-    - Soft MoE: (E·P/S)·H with P slots per expert and S tokens per group, read from a forward pass
-      of ``example_input`` (required for Soft MoE);
+    - token choice (topk, sinkhorn_topk): k·H (dropped assignments ignored);
+    - expert choice: C·E/S·H with C = ceil(S·capacity_factor/E) capped at S, S from
+      ``example_input``; without it the nominal capacity_factor·H (a fixed ``capacity`` needs S);
+    - Soft MoE: (E·P/S)·H with P slots per expert, S read from a forward pass of ``example_input``
+      (required for Soft MoE);
     - the dense router: E·H.
 
     The twin skips the router (and Soft MoE's dispatch/combine), so its FLOPs are the MoE model's
@@ -90,51 +88,27 @@ def _dense_ffn(moe: MoE, width: int) -> MoE:
     )
 
 
-def _needs_tokens(moe: MoE) -> bool:
-    router = moe.router
-    if isinstance(router, SoftRouter):
-        return True
-    return not hasattr(router, "k") and getattr(router, "capacity", None) is not None
-
-
-def _is_expert_choice(moe: MoE) -> bool:
-    return hasattr(moe.router, "capacity_factor") and not hasattr(moe.router, "k")
-
-
 def _experts_per_token(name: str, moe: MoE, tokens: dict[str, int]) -> float:
-    """Average experts an average token goes through: the active width over H."""
-    router, E = moe.router, moe.num_experts
-    if isinstance(router, DenseRouter):
-        return float(E)
-    if isinstance(router, SoftRouter):
-        return E * router.slots_per_expert / tokens[name]
-    if hasattr(router, "k"):
-        return float(router.k)
-    if hasattr(router, "capacity_factor"):
-        if name in tokens:  # exact: C·E/S with C = ceil(S·cf/E) as routed (rounded, capped at S)
-            S = tokens[name]
-            C = expert_capacity(
-                S,
-                E,
-                capacity_factor=router.capacity_factor,
-                capacity=router.capacity,
-                multiple=router.capacity_multiple,
-            )
-            return min(C, S) * E / S
-        return float(router.capacity_factor)  # nominal, when no example input tells S
-    raise ValueError(
-        f"cannot match the FLOPs of MoE layer {name!r}: router {type(router).__name__} has neither k "
-        "nor capacity_factor and is not soft or dense"
-    )
+    """The router's answer, with S where it was measured."""
+    return moe.router.experts_per_token(tokens.get(name))
+
+
+def _needs_example(moe: MoE) -> bool:
+    """Whether the router cannot answer without S (Soft MoE; expert choice with a fixed capacity)."""
+    try:
+        moe.router.experts_per_token()
+    except ValueError:
+        return True
+    return False
 
 
 def _tokens_per_group(
     twin: nn.Module, layers: list[tuple[str, MoE]], example_input: Tensor | Sequence[Tensor] | None
 ) -> dict[str, int]:
     """S of every layer that needs it, from one eval-mode forward of the (still MoE) copy."""
-    needed = [(name, moe) for name, moe in layers if _needs_tokens(moe)]
-    if example_input is not None:  # expert-choice widths are exact when S is known
-        needed = [(name, moe) for name, moe in layers if _needs_tokens(moe) or _is_expert_choice(moe)]
+    needed = [(name, moe) for name, moe in layers if _needs_example(moe)]
+    if example_input is not None:  # widths that depend on S are exact when S is known
+        needed = [(name, moe) for name, moe in layers if moe.router.depends_on_group_size]
     if not needed:
         return {}
     if example_input is None:

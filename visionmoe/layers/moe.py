@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import copy
 import inspect
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, fields
 from typing import Any
 
 import torch
@@ -19,14 +20,21 @@ from visionmoe.layers.stats import RoutingStats, routing_stats
 GROUPINGS = ("sample", "batch")
 
 
-class _RouterDefault:
-    """Marks an argument left to the router's own default (None means dropless, so it can't)."""
+class _Unset:
+    """The type of :data:`UNSET`: one instance, kept by copy, deepcopy and pickle."""
 
     def __repr__(self) -> str:
-        return "<router default>"
+        return "<unset>"
+
+    def __reduce__(self) -> str:
+        return "UNSET"  # copy and pickle give back the module's one instance
 
 
-ROUTER_DEFAULT: Any = _RouterDefault()
+UNSET: Any = _Unset()
+"""A setting not given here: the router's, or the model family's, default applies.
+
+``None`` cannot say this, because ``capacity_factor=None`` means dropless routing, in Python, in
+YAML (``null``) and in overrides (``model.moe.capacity_factor=null``) alike."""
 
 
 class MoE(nn.Module):
@@ -37,9 +45,11 @@ class MoE(nn.Module):
         num_experts: E.
         hidden_dim: hidden width H of each expert.
         router: a name in :data:`visionmoe.ROUTERS` or a :class:`Router` subclass.
-        k: experts per token, for token-choice routers. Left out, each router uses its default.
+        k: experts per token, for token-choice routers.
         capacity_factor: for sparse routers; None = dropless (token choice only).
         eval_capacity_factor: the factor in eval mode; ``"same"`` keeps the training one.
+            ``k``, ``capacity_factor`` and ``eval_capacity_factor`` left out (:data:`UNSET`) take the
+            router's defaults; None is a value (dropless), never "the default".
         groups: how tokens are grouped for routing (capacity, expert choice and Soft MoE all act
             within a group):
             ``"sample"`` (default) — one group per sample: the N tokens of an image, the H·W
@@ -80,9 +90,9 @@ class MoE(nn.Module):
         hidden_dim: int,
         *,
         router: str | type[Router] = "topk",
-        k: int = ROUTER_DEFAULT,
-        capacity_factor: float | None = ROUTER_DEFAULT,
-        eval_capacity_factor: float | str | None = ROUTER_DEFAULT,
+        k: int = UNSET,
+        capacity_factor: float | None = UNSET,
+        eval_capacity_factor: float | str | None = UNSET,
         groups: str | int = "sample",
         activation: type[nn.Module] | Callable[[Tensor], Tensor] = nn.GELU,
         bias: bool = True,
@@ -103,7 +113,7 @@ class MoE(nn.Module):
         cls = router_class(router)
         options = dict(router_options or {})
         given = {"k": k, "capacity_factor": capacity_factor, "eval_capacity_factor": eval_capacity_factor}
-        given = {name: value for name, value in given.items() if value is not ROUTER_DEFAULT}
+        given = {name: value for name, value in given.items() if value is not UNSET}
         if clash := sorted(set(given) & set(options)):
             raise ValueError(f"{', '.join(clash)} given both as an argument and in router_options; give it once")
         options.update(given)
@@ -175,66 +185,145 @@ class MoE(nn.Module):
         return tokens.reshape(B * N // g, g, D)
 
 
-@dataclass(frozen=True)
+ROUTER_SETTINGS = ("k", "capacity_factor", "eval_capacity_factor", "router_options", "aux_loss_weights")
+"""The fields of :class:`MoEConfig` that belong to one router: :meth:`MoEConfig.merged` drops a
+default's when the update changes the router (a ViT's k = 2 means nothing to expert choice)."""
+
+LAYER_DEFAULTS: dict[str, Any] = {
+    "num_experts": 8,
+    "router": "topk",
+    "groups": "sample",
+    "router_options": {},
+    "aux_loss_weights": None,
+    "backend": "auto",
+    "deterministic": False,
+}
+"""What :meth:`MoEConfig.build` uses for a field left unset; the router settings ``k``,
+``capacity_factor`` and ``eval_capacity_factor`` left unset take the router's own defaults."""
+
+
+@dataclass(frozen=True, repr=False)
 class MoEConfig:
     """How to build the MoE layers of a model: everything but the widths, which the model knows.
 
-    Models and :func:`visionmoe.moeify` take one of these (or a dict of its fields) instead of a
-    bag of keyword arguments, and call :meth:`build` for each MoE layer. Fields mirror
-    :class:`MoE`; ``None`` for ``k``/``capacity_factor``/``eval_capacity_factor`` means "the
-    router's default" here, and ``dropless=True`` asks for ``capacity_factor=None``. ``backend`` and
-    ``deterministic`` change the layer's speed, never its results (``model.moe.backend=padded``).
+    A *partial* value: each field is either set or :data:`UNSET` ("not set here"), and only set
+    fields count. The single rule for every model: a model family has a default ``MoEConfig`` and
+    builds its layers from ``default.merged(moe)`` (:meth:`merged`), where ``moe`` is what the user
+    gave: the ``model.moe`` section of a run's config, an ``MoEConfig`` or a dict of its fields.
+    Fields mirror :class:`MoE`. ``capacity_factor=None`` is dropless routing, as for :class:`MoE`,
+    in Python, YAML and ``model.moe.capacity_factor=null`` alike; leaving it out keeps the default.
+    ``backend`` and ``deterministic`` change the layer's speed, never its results
+    (``model.moe.backend=padded``).
+
+    Example:
+        >>> MoEConfig(num_experts=8, router="topk", k=2).merged({"capacity_factor": None})
+        MoEConfig(num_experts=8, router='topk', k=2, capacity_factor=None)
     """
 
-    num_experts: int = 8
-    router: str = "topk"
-    k: int | None = None
-    capacity_factor: float | None = None
-    eval_capacity_factor: float | None = None
-    dropless: bool = False
-    groups: str | int = "sample"
-    router_options: Mapping[str, Any] = field(default_factory=dict)
-    aux_loss_weights: Mapping[str, float] | None = None
-    backend: str = "auto"
-    deterministic: bool = False
+    num_experts: int = UNSET
+    router: str = UNSET
+    k: int = UNSET
+    capacity_factor: float | None = UNSET
+    eval_capacity_factor: float | str | None = UNSET
+    groups: str | int = UNSET
+    router_options: dict[str, Any] = UNSET
+    aux_loss_weights: dict[str, float] | None = UNSET
+    backend: str = UNSET
+    deterministic: bool = UNSET
 
     def __post_init__(self) -> None:
-        if self.backend not in BACKENDS:
+        if self.backend is not UNSET and self.backend not in BACKENDS:
             raise ValueError(f"unknown MoE backend {self.backend!r}; choose one of: {', '.join(BACKENDS)}")
+
+    def __repr__(self) -> str:
+        return f"MoEConfig({', '.join(f'{name}={value!r}' for name, value in self.to_dict().items())})"
+
+    def to_dict(self) -> dict[str, Any]:
+        """The set fields, in field order, as plain values (what a run's config.yaml holds)."""
+        values = {f.name: getattr(self, f.name) for f in fields(self)}
+        return {name: copy.deepcopy(_plain_mapping(v)) for name, v in values.items() if v is not UNSET}
 
     @classmethod
     def coerce(cls, value: MoEConfig | Mapping[str, Any] | None) -> MoEConfig:
-        """A config from a config, a dict of its fields (unknown keys rejected), or None (defaults)."""
+        """A config from a config, a dict of its fields (unknown keys rejected), or None (nothing set).
+
+        A legacy ``dropless`` key (configs saved before ``capacity_factor=None`` was the one spelling)
+        is read as :meth:`translate` says.
+        """
         if value is None:
             return cls()
         if isinstance(value, cls):
             return value
-        names = set(cls.__dataclass_fields__)
-        if unknown := sorted(set(value) - names):
-            raise ValueError(f"unknown MoE config keys {unknown}; valid keys: {sorted(names)}")
-        return cls(**value)
+        if not isinstance(value, Mapping):
+            raise TypeError(f"moe must be an MoEConfig or a mapping of its fields, got {value!r}")
+        values = cls.translate(value)
+        names = [f.name for f in fields(cls)]
+        if unknown := sorted(set(values) - set(names)):
+            raise ValueError(f"unknown MoE config keys {unknown}; valid keys: {names}")
+        return cls(**values)
+
+    @staticmethod
+    def translate(values: Mapping[str, Any]) -> dict[str, Any]:
+        """``values`` in today's spelling: a legacy ``dropless: true`` is ``capacity_factor: None``
+        (it overrode any factor), ``dropless: false`` is nothing."""
+        values = dict(values)
+        if "dropless" not in values:
+            return values
+        dropless = values.pop("dropless")
+        if not isinstance(dropless, bool):
+            raise TypeError(
+                f"moe.dropless={dropless!r} has the wrong type; expected bool (legacy; use capacity_factor)"
+            )
+        if dropless:
+            values["capacity_factor"] = None
+        return values
+
+    def is_set(self, name: str) -> bool:
+        """Whether field ``name`` is given here (None counts: ``capacity_factor=None`` is dropless)."""
+        return getattr(self, name) is not UNSET
+
+    def merged(self, update: MoEConfig | Mapping[str, Any] | None) -> MoEConfig:
+        """This config (a model family's default) with the set fields of ``update`` over it.
+
+        If ``update`` sets a router other than this one's, this config's router settings
+        (:data:`ROUTER_SETTINGS`: k, capacity factors, router_options, aux_loss_weights) are dropped
+        first, so the new router starts from its own defaults; ``num_experts``, ``groups``,
+        ``backend`` and ``deterministic`` are kept.
+        """
+        update = MoEConfig.coerce(update)
+        base = self.to_dict()
+        if update.is_set("router") and update.router != base.get("router", LAYER_DEFAULTS["router"]):
+            base = {name: value for name, value in base.items() if name not in ROUTER_SETTINGS}
+        return MoEConfig(**{**base, **update.to_dict()})
 
     def build(self, dim: int, hidden_dim: int, *, activation: Any = nn.GELU, bias: bool = True, **kw) -> MoE:
-        """An :class:`MoE` of width ``dim`` whose experts are ``hidden_dim`` wide."""
-        names = ("k", "capacity_factor", "eval_capacity_factor")
-        args = {name: getattr(self, name) for name in names if getattr(self, name) is not None}
-        if self.dropless:
-            args["capacity_factor"] = None
+        """An :class:`MoE` of width ``dim`` whose experts are ``hidden_dim`` wide.
+
+        Unset fields take :data:`LAYER_DEFAULTS`, unset router settings the router's defaults.
+        """
+        given = {**LAYER_DEFAULTS, **self.to_dict()}
+        router_args = {
+            name: given.pop(name) for name in ("k", "capacity_factor", "eval_capacity_factor") if name in given
+        }
         return MoE(
             dim,
-            self.num_experts,
+            given["num_experts"],
             hidden_dim,
-            router=self.router,
-            groups=self.groups,
+            router=given["router"],
+            groups=given["groups"],
             activation=activation,
             bias=bias,
-            aux_loss_weights=self.aux_loss_weights,
-            router_options=dict(self.router_options),
-            backend=self.backend,
-            deterministic=self.deterministic,
-            **args,
+            aux_loss_weights=given["aux_loss_weights"],
+            router_options=dict(given["router_options"]),
+            backend=given["backend"],
+            deterministic=given["deterministic"],
+            **router_args,
             **kw,
         )
+
+
+def _plain_mapping(value: Any) -> Any:
+    return dict(value) if isinstance(value, Mapping) else value
 
 
 def _accepted_options(cls: type[Router]) -> set[str]:

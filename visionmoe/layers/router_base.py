@@ -63,6 +63,31 @@ class Router(nn.Module):
     def default_aux_loss_weights(self) -> dict[str, float]:
         return {}
 
+    # ---- what the router knows about its own routing: asked by models, twins and profiles ----
+
+    routed: ClassVar[bool] = True
+    """Whether tokens are routed at all; False for the dense router, whose layer counts as a plain FFN (not in ρ)."""
+
+    depends_on_group_size: ClassVar[bool] = False
+    """Whether :meth:`experts_per_token` depends on S, the tokens per group (then pass ``tokens``)."""
+
+    def experts_per_token(self, tokens: int | None = None) -> float:
+        """Experts an average token is sent through, with the training settings: the layer's active
+        expert width over one expert's width, what a dense FFN of equal active FLOPs needs.
+
+        ``tokens``: S, the tokens per group. A router whose answer depends on S
+        (:attr:`depends_on_group_size`) gives its nominal answer without it where it has one, else
+        raises ValueError. Assignments dropped for capacity are not subtracted (that depends on the
+        data). Every router class defines it.
+        """
+        raise NotImplementedError(f"router {self.name!r} does not define experts_per_token")
+
+    def group_capacity(self, tokens: int) -> int | None:
+        """C, the slots per expert that a plan for a group of ``tokens`` tokens is padded to, in the
+        current mode (train or eval); None when the plan has no fixed buffer (dropless token choice,
+        Soft MoE, the dense router), whose C is then the largest load read from the data."""
+        return None
+
     def _aux(self, x: Tensor, **losses_inputs: Any) -> tuple[Tensor, dict[str, Tensor]]:
         """Weighted sum of the enabled aux losses, over all tokens of the batch.
 
@@ -120,7 +145,7 @@ def is_exporting() -> bool:
     return bool(is_exporting is not None and is_exporting())
 
 
-def _check_finite(logits: Tensor, router: str) -> None:
+def check_finite(logits: Tensor, router: str) -> None:
     # On the CPU the check is free and names the problem before it spreads. On an accelerator it
     # would be a host sync per MoE layer per step, so it runs only under torch.autograd's anomaly
     # mode (torch.autograd.set_detect_anomaly(True)), PyTorch's own switch for hunting NaNs; there
@@ -135,7 +160,7 @@ def _check_finite(logits: Tensor, router: str) -> None:
         )
 
 
-class _LinearRouter(Router):
+class LinearRouter(Router):
     """Routers whose logits are a bias-free linear map of the token, computed in fp32.
 
     ``mlp_hidden_dim`` (an int) makes the map an MLP instead: Linear(D, M) → GELU → Linear(M, E),
@@ -174,7 +199,7 @@ class _LinearRouter(Router):
         if self.hidden is not None:  # (G, S, D) -> (G, S, M)
             x = F.gelu(F.linear(x, self.hidden.weight.float(), self.hidden.bias.float()))
         logits = F.linear(x, self.weight.float())  # (G, S, E), fp32 as V-MoE
-        _check_finite(logits, self.name)
+        check_finite(logits, self.name)
         return logits
 
     def _aux_loss(self, name, *, reduce, logits, gates, noisy_logits=None, expert=None, k=1, noise_std=0.0):
@@ -190,7 +215,7 @@ class _LinearRouter(Router):
         return balance_kl_loss(gates, reduce)
 
 
-class _Capacity:
+class Capacity:
     """Train and eval capacity settings shared by the sparse routers.
 
     ``static_shapes`` (set by :func:`visionmoe.export.static_shapes`, and in effect while

@@ -4,7 +4,8 @@ A router maps grouped tokens (G, S, D) to a :class:`RouterOutput`: a routing pla
 auxiliary loss, and the gates used for statistics. The maths lives in :mod:`visionmoe.routing`; what
 the routers share (the base class, aux losses, the linear gate, capacity) in
 :mod:`visionmoe.layers.router_base`. Adding a router means one class here (or in its own file) and one
-line in :data:`ROUTERS`.
+line in :data:`ROUTERS`; the class also answers for itself what models, dense twins and profiles ask
+of it (:meth:`Router.experts_per_token`, :meth:`Router.group_capacity`, :attr:`Router.routed`).
 """
 
 from __future__ import annotations
@@ -17,15 +18,16 @@ from torch import Tensor, nn
 
 from visionmoe.layers.router_base import (
     SAME,
+    Capacity,
+    LinearRouter,
     Router,
     RouterOutput,
-    _Capacity,
-    _check_finite,
-    _LinearRouter,
+    check_finite,
     set_aux_loss_group,
 )
 from visionmoe.routing import (
     DenseRouting,
+    expert_capacity,
     expert_choice,
     sinkhorn,
     soft_per_sample_routing,
@@ -35,7 +37,7 @@ from visionmoe.routing import (
 )
 
 
-class TopKRouter(_Capacity, _LinearRouter):
+class TopKRouter(Capacity, LinearRouter):
     """Softmax token choice (V-MoE, Riquelme et al. 2021): top-k experts per token, hard capacity.
 
     Args:
@@ -100,6 +102,14 @@ class TopKRouter(_Capacity, _LinearRouter):
             f"noise_std={self.noise_std:g}, batch_priority={self.batch_priority}, renormalize={self.renormalize}"
         )
 
+    def experts_per_token(self, tokens: int | None = None) -> float:
+        """k: each token is offered to k experts, whatever the group size."""
+        return float(self.k)
+
+    def group_capacity(self, tokens: int) -> int | None:
+        """ceil(k·S·capacity_factor/E) (or the fixed ``capacity``); None when dropless."""
+        return self.expert_capacity(tokens, self.k)
+
     def select(self, logits: Tensor) -> Tensor | None:
         """Scores the top-k is taken on; None means the gates themselves."""
         return None
@@ -113,7 +123,7 @@ class TopKRouter(_Capacity, _LinearRouter):
         plan = token_choice(
             gates,
             self.k,
-            self.expert_capacity(x.shape[1], self.k),
+            self.group_capacity(x.shape[1]),
             select=self.select(logits),
             batch_priority=self.batch_priority,
             renormalize=self.renormalize,
@@ -151,7 +161,7 @@ class SinkhornTopKRouter(TopKRouter):
         return sinkhorn(logits, self.num_iters, self.epsilon)
 
 
-class ExpertChoiceRouter(_Capacity, _LinearRouter):
+class ExpertChoiceRouter(Capacity, LinearRouter):
     """Softmax expert choice (Zhou et al. 2022): each expert takes its top-C tokens.
 
     Args:
@@ -188,13 +198,35 @@ class ExpertChoiceRouter(_Capacity, _LinearRouter):
     def extra_repr(self) -> str:
         return f"dim={self.dim}, num_experts={self.num_experts}, capacity_factor={self.capacity_factor}"
 
+    depends_on_group_size = True
+
+    def experts_per_token(self, tokens: int | None = None) -> float:
+        """C·E/S with the training C = ceil(S·capacity_factor/E) capped at S (each expert takes C of
+        the S tokens); without ``tokens``, the nominal capacity_factor (refused for a fixed ``capacity``)."""
+        if tokens is None:
+            if self.capacity is not None:
+                raise ValueError(f"router {self.name!r} with capacity={self.capacity} needs the tokens per group")
+            return float(self.capacity_factor)
+        capacity = expert_capacity(
+            tokens,
+            self.num_experts,
+            capacity_factor=self.capacity_factor,
+            capacity=self.capacity,
+            multiple=self.capacity_multiple,
+        )
+        return min(capacity, tokens) * self.num_experts / tokens
+
+    def group_capacity(self, tokens: int) -> int:
+        """ceil(S·capacity_factor/E) (or the fixed ``capacity``), at most S: an expert takes a token once."""
+        return min(self.expert_capacity(tokens), tokens)
+
     def select(self, logits: Tensor, capacity: int) -> Tensor | None:
         return None
 
     def forward(self, x: Tensor) -> RouterOutput:
         logits = self.logits(x)  # (G, S, E)
         gates = logits.softmax(dim=-1)
-        capacity = min(self.expert_capacity(x.shape[1]), x.shape[1])
+        capacity = self.group_capacity(x.shape[1])
         plan = expert_choice(gates, capacity, select=self.select(logits, capacity))
         aux, logged = self._aux(x, logits=logits, gates=gates)
         return RouterOutput(plan, aux, logged, gates)
@@ -276,6 +308,14 @@ class SoftRouter(Router):
     def extra_repr(self) -> str:
         return f"dim={self.dim}, num_experts={self.num_experts}, slots_per_expert={self.slots_per_expert}"
 
+    depends_on_group_size = True
+
+    def experts_per_token(self, tokens: int | None = None) -> float:
+        """E·P/S: the group's S tokens share E·P slots, each of one expert's width."""
+        if tokens is None:
+            raise ValueError(f"router {self.name!r} needs the tokens per group (its E·P slots are shared by them)")
+        return self.num_experts * self.slots_per_expert / tokens
+
     def route(self, logits: Tensor):
         return soft_routing(logits)
 
@@ -283,7 +323,7 @@ class SoftRouter(Router):
         xn = F.normalize(x.float(), dim=-1)  # (G, S, D)
         phi = F.normalize(self.phi.float(), dim=0)  # (D, E, P)
         logits = self.scale.float() * torch.einsum("gsd,dep->gsep", xn, phi)  # (G, S, E, P)
-        _check_finite(logits, self.name)
+        check_finite(logits, self.name)
         plan = self.route(logits)
         aux, logged = self._aux(x)
         return RouterOutput(plan, aux, logged, plan.combine.sum(dim=-1))
@@ -307,9 +347,14 @@ class DenseRouter(Router):
     """The dense baseline: every token through every expert, weight 1 (one FFN of width E·H)."""
 
     name = "dense"
+    routed = False
 
     def __init__(self, dim: int, num_experts: int, *, aux_loss_weights=None, device=None, dtype=None) -> None:
         super().__init__(dim, num_experts, aux_loss_weights=aux_loss_weights)
+
+    def experts_per_token(self, tokens: int | None = None) -> float:
+        """E: every token goes through every expert."""
+        return float(self.num_experts)
 
     def forward(self, x: Tensor) -> RouterOutput:
         G, S, _ = x.shape
@@ -341,8 +386,10 @@ def router_class(router: str | type[Router]) -> type[Router]:
 __all__ = [
     "ROUTERS",
     "SAME",
+    "Capacity",
     "DenseRouter",
     "ExpertChoiceRouter",
+    "LinearRouter",
     "Router",
     "RouterOutput",
     "SinkhornExpertChoiceRouter",

@@ -6,7 +6,8 @@ of widths 64, 256, 256, a global max pool (airbench's ``MaxPool2d(3)`` over the 
 a bias-free Linear whose logits are scaled by 1/9. On 32×32 images the maps are 31×31 after the
 stem, then 15×15, 7×7 and 3×3 after the three groups. About 236 MFLOPs per image (forward).
 
-The groups listed in ``moe_groups`` add a residual pointwise FFN, ``x = x + ffn(x)``, after their
+The conv groups (airbench's name for its stages; the setting is ``moe_stages``, as in every CNN
+here) listed in ``moe_stages`` add a residual pointwise FFN, ``x = x + ffn(x)``, after their
 second conv (after its BN and GELU). In the MoE model ``ffn`` is an :class:`~visionmoe.MoE` of E
 experts, each ``hidden_ratio · dim`` wide, that routes the H·W positions of each image as one group
 of tokens (``groups="sample"``); in the dense twin it is one :class:`ConvFFN` k times as wide, which
@@ -16,14 +17,14 @@ Where the FFN goes decides ρ, the fraction of the FLOPs that goes through exper
 top-2, every assignment processed (dropless), measured with :func:`visionmoe.analysis.profile` on
 the default widths)::
 
-    moe_groups   map    tokens / image   expert FLOPs / image   ρ
+    moe_stages   map    tokens / image   expert FLOPs / image   ρ
     0            15×15  225               14.7 M                0.059
     1 (default)  7×7    49                51.4 M                0.179
     2 (last)     3×3    9                 9.4 M                 0.038
 
 The last group sees a 3×3 map: 9 tokens per image over 8 experts (a capacity of 3 slots each at
 factor 1.25) and ρ of 4%, too little compute for routing to matter. The middle group's 7×7 map
-gives 49 tokens per image and ρ of 18%, so the default is ``moe_groups=1``; ``moe_groups=-1``
+gives 49 tokens per image and ρ of 18%, so the default is ``moe_stages=1``; ``moe_stages=-1``
 puts it after the last group, ``"none"`` gives airbench94's network itself.
 
     name                 stem                      widths         FFN after group 1 (7×7)        MoE
@@ -31,9 +32,9 @@ puts it after the last group, ``"none"`` gives airbench94's network itself.
     cifar_airbench_moe   as above                  64, 256, 256   MoE, experts 2·dim             E=8, top-2
 
 Keyword arguments of both entry points: ``num_classes`` (10), ``in_chans`` (3), ``widths``
-((64, 256, 256)), ``hidden_ratio`` (2.0, the expert width over dim), ``moe_groups`` (1), ``moe``
-(an :class:`MoEConfig` that replaces the default, or a dict of fields that updates it; the dense
-twin reads its k to size its FFN), ``drop_rate``.
+((64, 256, 256)), ``hidden_ratio`` (2.0, the expert width over dim), ``moe_stages`` (1), ``moe``
+(an :class:`MoEConfig` or a dict of its fields, merged over the default by
+:meth:`MoEConfig.merged`; the dense twin asks its router how many experts a token uses), ``drop_rate``.
 
 Training (what airbench does beyond the network is the trainer's business): call
 ``model.init_from_data(images)`` once with ~5000 normalised training images before training, to
@@ -52,10 +53,10 @@ from timm.models import generate_default_cfgs
 from torch import Tensor, nn
 
 from visionmoe.layers.moe import MoE, MoEConfig
-from visionmoe.layers.routers import DenseRouter
-from visionmoe.models.cnn import CNN_FEATURES, CNN_MOE_DEFAULT, CifarClassifier, ConvFFN, MoEStages, resolve_stages
+from visionmoe.models.cifar_classifier import CNN_FEATURES, CifarClassifier
+from visionmoe.models.cnn import CNN_MOE_DEFAULT
+from visionmoe.models.conv_blocks import ConvFFN, MoEStages, resolve_stages
 from visionmoe.models.registry import build_model, cifar_cfg, register_model
-from visionmoe.models.vit import moe_config
 
 BN_MOMENTUM = 0.4
 """BatchNorm running-stat momentum (PyTorch's convention: running = 0.6·running + 0.4·batch).
@@ -199,22 +200,6 @@ class ConvGroup(nn.Module):
         return x if self.mlp is None else x + self.mlp(x)  # the FFN's tokens are the H/2·W/2 positions
 
 
-def experts_per_token(moe: MoE) -> float:
-    """Experts an average token goes through: k for token choice, E for the dense router, the capacity factor
-    for expert choice (C·E/S). Soft MoE's depends on the tokens per group and is refused."""
-    router = moe.router
-    if isinstance(router, DenseRouter):
-        return float(moe.num_experts)
-    if hasattr(router, "k"):
-        return float(router.k)
-    if getattr(router, "capacity_factor", None) is not None:
-        return float(router.capacity_factor)
-    raise ValueError(
-        f"cannot size a dense twin for router {getattr(router, 'name', type(router).__name__)!r}: its active width "
-        "depends on the tokens per group; use visionmoe.analysis.dense_twin(model, example_input=...)"
-    )
-
-
 class CifarAirbench(CifarClassifier):
     """airbench94's CIFAR network with a residual pointwise FFN (MoE or dense) after chosen conv groups.
 
@@ -226,7 +211,7 @@ class CifarAirbench(CifarClassifier):
         in_chans: input channels.
         widths: the conv groups' widths.
         hidden_ratio: each expert is ``hidden_ratio · dim`` wide.
-        moe_groups: groups that end in an FFN: "all", "none", a group index or a tuple of them.
+        moe_stages: groups that end in an FFN: "all", "none", a group index or a tuple of them.
         moe: the MoE layers' settings (an :class:`MoEConfig` or a dict of its fields).
         dense: the dense twin: each FFN is a :class:`ConvFFN` of width (experts per token of
             ``moe``) · ``hidden_ratio · dim``, the same FLOPs as the MoE's experts.
@@ -251,7 +236,7 @@ class CifarAirbench(CifarClassifier):
         *,
         widths: Sequence[int] = DEFAULT_WIDTHS,
         hidden_ratio: float = 2.0,
-        moe_groups: MoEStages = 1,
+        moe_stages: MoEStages = 1,
         moe: MoEConfig | Mapping[str, Any] | None = CNN_MOE_DEFAULT,
         dense: bool = False,
         drop_rate: float = 0.0,
@@ -263,7 +248,7 @@ class CifarAirbench(CifarClassifier):
         if not hidden_ratio > 0:
             raise ValueError(f"hidden_ratio must be > 0, got hidden_ratio={hidden_ratio!r}")
         config = MoEConfig.coerce(moe)
-        self.moe_groups = _resolve_groups(moe_groups, len(widths))
+        self.moe_stages = _resolve_groups(moe_stages, len(widths))
         self.dense = dense
         self.stem = WhiteningConv(in_chans)
         self.stem_act = nn.GELU()
@@ -280,11 +265,11 @@ class CifarAirbench(CifarClassifier):
             {"num_chs": w, "reduction": 2 ** (i + 1), "module": f"groups.{i}"} for i, w in enumerate(widths)
         ]
         self._init_head(in_dim, num_classes, drop_rate, global_pool)
-        for i in self.moe_groups:  # last, so that dense and MoE twins seeded alike share every other weight
+        for i in self.moe_stages:  # last, so that dense and MoE twins seeded alike share every other weight
             dim = widths[i]
             hidden = max(1, round(hidden_ratio * dim))
             if dense:  # the MoE it twins, on the meta device (no memory), tells the active width
-                active = experts_per_token(config.build(dim, hidden, activation=nn.GELU, device="meta"))
+                active = _experts_per_token(config.build(dim, hidden, activation=nn.GELU, device="meta"))
                 self.groups[i].mlp = ConvFFN(dim, max(1, round(active * hidden)), act_layer=nn.GELU)
             else:
                 self.groups[i].mlp = config.build(dim, hidden, activation=nn.GELU)
@@ -324,12 +309,23 @@ class CifarAirbench(CifarClassifier):
         return self.fc(x) * LOGIT_SCALE
 
 
-def _resolve_groups(moe_groups: MoEStages, num_groups: int) -> tuple[int, ...]:
+def _experts_per_token(moe: MoE) -> float:
+    """The router's nominal experts per token (its answer needs no group size), or a one-line error."""
     try:
-        return resolve_stages(moe_groups, num_groups)
+        return moe.router.experts_per_token()
+    except ValueError as error:
+        raise ValueError(
+            f"cannot size a dense twin for router {moe.router.name!r}: {error}; "
+            "use visionmoe.analysis.dense_twin(model, example_input=...)"
+        ) from None
+
+
+def _resolve_groups(moe_stages: MoEStages, num_groups: int) -> tuple[int, ...]:
+    try:
+        return resolve_stages(moe_stages, num_groups)
     except ValueError:
         raise ValueError(
-            f"invalid moe_groups={moe_groups!r} for a model of {num_groups} conv groups; choose 'all', 'none', "
+            f"invalid moe_stages={moe_stages!r} for a model of {num_groups} conv groups; choose 'all', 'none', "
             f"or group indices in {-num_groups}..{num_groups - 1} (an int or a tuple of ints)"
         ) from None
 
@@ -342,7 +338,7 @@ default_cfgs = generate_default_cfgs(
 
 def _create(name: str, pretrained: bool, kwargs: dict[str, Any], **defaults: Any) -> CifarAirbench:
     kwargs = {**defaults, **kwargs}
-    kwargs["moe"] = moe_config(kwargs.get("moe"), CNN_MOE_DEFAULT)
+    kwargs["moe"] = CNN_MOE_DEFAULT.merged(kwargs.get("moe"))
     features = {**CNN_FEATURES, "out_indices": tuple(range(len(kwargs.get("widths", DEFAULT_WIDTHS))))}
     return build_model(CifarAirbench, name, pretrained, kwargs, feature_cfg=features)
 
@@ -366,6 +362,5 @@ __all__ = [
     "CifarAirbench",
     "ConvGroup",
     "WhiteningConv",
-    "experts_per_token",
     "whitening_filters",
 ]

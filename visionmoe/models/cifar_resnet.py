@@ -25,9 +25,9 @@ the whole batch (they pool the groups), so they spread the batch over the expert
 pushing each sample's gates towards uniform.
 
 Keyword arguments of every entry point: ``num_classes`` (10), ``in_chans`` (3), ``moe`` (an
-:class:`MoEConfig` that replaces the head's default, or a dict of fields that updates it; the
-expert width stays ``head_width // num_experts``), ``head_width`` (512), ``width`` (64, the first
-stage's channels), ``drop_rate``, ``zero_init_residual``.
+:class:`MoEConfig` or a dict of its fields, merged over the head's default by
+:meth:`MoEConfig.merged`; the expert width stays ``head_width // num_experts``), ``head_width``
+(512), ``width`` (64, the first stage's channels), ``drop_rate``, ``zero_init_residual``.
 """
 
 from __future__ import annotations
@@ -39,13 +39,12 @@ from timm.models import generate_default_cfgs
 from torch import Tensor, nn
 
 from visionmoe.layers.moe import MoEConfig
-from visionmoe.models.cnn import CNN_FEATURES, CifarClassifier, stage_info
+from visionmoe.models.cifar_classifier import CNN_FEATURES, CifarClassifier, FFNHead, stage_info
 from visionmoe.models.registry import build_model, cifar_cfg, register_model
-from visionmoe.models.vit import moe_config
 
 DENSE_HEAD = MoEConfig(num_experts=1, router="dense")
-MIXTURE_HEAD = MoEConfig(num_experts=4, router="topk", k=4, dropless=True, router_options={"noise_std": 0.0})
-SPARSE_HEAD = MoEConfig(num_experts=4, router="topk", k=2, dropless=True)
+MIXTURE_HEAD = MoEConfig(num_experts=4, router="topk", k=4, capacity_factor=None, router_options={"noise_std": 0.0})
+SPARSE_HEAD = MoEConfig(num_experts=4, router="topk", k=2, capacity_factor=None)  # None: dropless
 SOFT_HEAD = MoEConfig(num_experts=4, router="soft_per_sample", router_options={"slots_per_expert": 1})
 
 
@@ -74,7 +73,7 @@ class BasicBlock(nn.Module):
         return self.act2(h + self.shortcut(x))
 
 
-class CifarResNet18(CifarClassifier):
+class CifarResNet18(FFNHead, CifarClassifier):
     """CIFAR ResNet-18 whose classifier head is an FFN or MoE of total hidden width ``head_width``.
 
     Args:
@@ -101,8 +100,6 @@ class CifarResNet18(CifarClassifier):
         "early pool" models). ``forward_intermediates`` / ``features_only=True`` give the four
         stage maps, at strides 1, 2, 4, 8.
     """
-
-    unpooled_ok = False
 
     def __init__(
         self,
@@ -143,15 +140,6 @@ class CifarResNet18(CifarClassifier):
                 if isinstance(m, BasicBlock):
                     nn.init.zeros_(m.bn2.weight)
 
-    def _drop_head(self) -> None:
-        self.head_ffn = nn.Identity()
-        self.reset_classifier(0)
-
-    def forward_head(self, x: Tensor, pre_logits: bool = False) -> Tensor:
-        x = self.head_ffn(self.pool(x))  # (B, 8·width): one token per sample
-        x = self.head_drop(x)
-        return x if pre_logits else self.fc(x)
-
 
 _RESNET = {"first_conv": "stem.0", "classifier": "fc", "pool_size": (4, 4)}  # 32 px / 8
 default_cfgs = generate_default_cfgs(
@@ -161,7 +149,7 @@ default_cfgs = generate_default_cfgs(
 
 def _create(name: str, head: MoEConfig, pretrained: bool, kwargs: dict[str, Any]) -> CifarResNet18:
     kwargs = dict(kwargs)
-    kwargs["moe"] = moe_config(kwargs.get("moe"), head)
+    kwargs["moe"] = head.merged(kwargs.get("moe"))
     features = {**CNN_FEATURES, "out_indices": (0, 1, 2, 3)}
     return build_model(CifarResNet18, name, pretrained, kwargs, feature_cfg=features)
 

@@ -27,18 +27,18 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from timm.models import generate_default_cfgs
-from torch import Tensor, nn
+from torch import nn
 
 from visionmoe.layers.moe import MoEConfig
-from visionmoe.models.cnn import CNN_FEATURES, CifarResNetMoE
+from visionmoe.models.cifar_classifier import CNN_FEATURES, FFNHead
+from visionmoe.models.cnn import CifarResNetMoE
 from visionmoe.models.registry import build_model, cifar_cfg, register_model
-from visionmoe.models.vit import moe_config
 
 DENSE_FFN_HEAD = MoEConfig(num_experts=1, router="dense")
 """The default head: one dense FFN (an MoE of one expert with the dense router, as the ResNet-18 heads)."""
 
 
-class CifarCNNHead(CifarResNetMoE):
+class CifarCNNHead(FFNHead, CifarResNetMoE):
     """Standard CIFAR CNN (dense blocks) whose pooled feature goes through an FFN or MoE head.
 
     Args:
@@ -56,8 +56,6 @@ class CifarCNNHead(CifarResNetMoE):
 
     The head works on the pooled vector, so ``global_pool`` is "avg" only (as the ResNet-18 heads).
     """
-
-    unpooled_ok = False
 
     def __init__(
         self,
@@ -88,15 +86,6 @@ class CifarCNNHead(CifarResNetMoE):
         # Built last, after the backbone's and the classifier's init: every head starts from the same rest.
         self.head_ffn = MoEConfig.coerce(moe).build(self.num_features, head_hidden, activation=head_act_layer)
 
-    def _drop_head(self) -> None:
-        self.head_ffn = nn.Identity()
-        self.reset_classifier(0)
-
-    def forward_head(self, x: Tensor, pre_logits: bool = False) -> Tensor:
-        x = self.head_ffn(self.pool(x))  # (B, 4w): one token per sample
-        x = self.head_drop(x)
-        return x if pre_logits else self.fc(x)
-
 
 default_cfgs = generate_default_cfgs(
     {"cnn_resnet_cifar_head": cifar_cfg(first_conv="stem.0", classifier="fc", pool_size=(8, 8))}
@@ -106,7 +95,7 @@ default_cfgs = generate_default_cfgs(
 @register_model
 def cnn_resnet_cifar_head(pretrained: bool = False, **kwargs: Any) -> CifarCNNHead:
     """Standard CIFAR CNN (w=16, dense blocks) with an FFN head on the pooled feature; MoE heads via ``moe``."""
-    kwargs["moe"] = moe_config(kwargs.get("moe"), DENSE_FFN_HEAD)
+    kwargs["moe"] = DENSE_FFN_HEAD.merged(kwargs.get("moe"))
     features = {**CNN_FEATURES, "out_indices": tuple(range(len(kwargs.get("depths", (2, 2, 2)))))}
     return build_model(CifarCNNHead, "cnn_resnet_cifar_head", pretrained, kwargs, feature_cfg=features)
 

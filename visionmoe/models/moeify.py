@@ -97,7 +97,9 @@ def moeify(
             with ``fc1``/``act``/``fc2``.
         placement: see :mod:`visionmoe.models.placement` ("every-2", "last-2", "tail-2", "all",
             or block indices).
-        moe: the MoE layers' settings (an :class:`MoEConfig` or a dict of its fields).
+        moe: the MoE layers' settings (an :class:`MoEConfig` or a dict of its fields); fields left
+            unset take :data:`visionmoe.layers.moe.LAYER_DEFAULTS` (8 experts, top-k) and the
+            router's own defaults.
         hidden_dim: each expert's hidden width; default the replaced MLP's (``fc1``'s outputs).
         upcycle: initialise every expert from the replaced MLP's weights (the settings under which the
             MoE then equals the dense model are tabled in the module docstring).

@@ -81,11 +81,16 @@ def model_kwargs(name: str) -> tuple[str, ...] | None:
 
 
 def check_model_kwargs(name: str, kwargs: dict[str, Any]) -> None:
-    """One-line errors for an unknown model, a None-valued kwarg (timm drops those silently) and, for
-    visionmoe's models, a kwarg the constructor does not take; each lists the valid keys."""
+    """One-line errors for an unknown model, ``moe`` (whose one place is ``model.moe``), a None-valued
+    kwarg (timm drops those silently) and, for visionmoe's models, a kwarg the constructor does not
+    take; each lists the valid keys."""
     if name not in _MODELS and not timm.is_model(name):
         raise ValueError(f"unknown model {name!r}; visionmoe models: {', '.join(list_models())}")
+    if "moe" in kwargs:
+        raise ValueError(f"model.kwargs.moe={kwargs['moe']!r} is not read; put MoE settings in model.moe")
     valid = model_kwargs(name)
+    if valid is not None:
+        valid = tuple(k for k in valid if k != "moe")  # model.moe's place, never model.kwargs'
     takes = f"{name} takes {list(valid)}" if valid is not None else f"{name} takes its constructor's arguments"
     if nones := sorted(k for k, v in kwargs.items() if v is None):
         hint = " (YAML reads {width:8}, without a space, as the key 'width:8')" if any(":" in k for k in nones) else ""
@@ -185,11 +190,9 @@ def build_moe_model(
     into a 10-class model, keeps its fresh init), then every replaced MLP is upcycled: each expert
     starts as a copy of it (``moeify(..., upcycle=True)``). The routers keep their init.
     """
-    from visionmoe.models.vit import moe_config  # the family's defaults merge rule
-
     kwargs = {**arch, **kwargs}
     placement = kwargs.pop("placement", "last-2")
-    config = moe_config(kwargs.pop("moe", None), moe_default)
+    config = moe_default.merged(kwargs.pop("moe", None))
     pretrained, overlay = _weights_source(pretrained, kwargs)
     cfg = resolve_pretrained_cfg(name, kwargs.get("pretrained_cfg"), overlay).to_dict()
 

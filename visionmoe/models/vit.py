@@ -11,16 +11,15 @@ E = 8 experts, top-k with k = 2, placement "last-2" (blocks 9 and 11 of 12), tok
     vit_moe_base_patch16_224      224    16     768    12     12     V-MoE-B/16 (ImageNet-1K)
 
 For Tiny-ImageNet pass ``img_size=64`` (S/16 then sees 16 tokens; ``patch_size=8`` gives 64).
-Keyword arguments: ``placement``, ``moe`` (an :class:`MoEConfig` or dict overriding the defaults),
-``pretrained_file`` (a dense timm ViT checkpoint of the same shape, upcycled into the MoE: see
-:func:`visionmoe.models.registry.build_moe_model`) and anything timm's ``VisionTransformer`` takes
-(``num_classes``, ``drop_path_rate``, ...). Built by timm's ``build_model_with_cfg``, so
+Keyword arguments: ``placement``, ``moe`` (an :class:`MoEConfig` or dict, merged over the defaults
+by :meth:`MoEConfig.merged`), ``pretrained_file`` (a dense timm ViT checkpoint of the same shape,
+upcycled into the MoE: see :func:`visionmoe.models.registry.build_moe_model`) and anything timm's
+``VisionTransformer`` takes (``num_classes``, ``drop_path_rate``, ...). Built by timm's ``build_model_with_cfg``, so
 ``features_only=True`` (block outputs as NCHW maps, timm's getter) and ``forward_intermediates`` work.
 """
 
 from __future__ import annotations
 
-from dataclasses import replace
 from typing import Any
 
 from timm.models import generate_default_cfgs
@@ -30,28 +29,6 @@ from visionmoe.layers.moe import MoEConfig
 from visionmoe.models.registry import build_moe_model, cifar_cfg, imagenet_cfg, register_model
 
 VIT_MOE_DEFAULT = MoEConfig(num_experts=8, router="topk", k=2)
-
-
-def moe_config(overrides: Any, default: MoEConfig) -> MoEConfig:
-    """``default`` with the fields of ``overrides`` (an MoEConfig replaces it; a dict updates it).
-
-    Changing the router drops the family's router-specific defaults (``k``, capacity settings,
-    ``router_options``): a ViT's default k = 2 means nothing to expert choice. The speed settings
-    (``backend``, ``deterministic``) are kept.
-    """
-    if overrides is None:
-        return default
-    if isinstance(overrides, MoEConfig):
-        return overrides
-    MoEConfig.coerce(overrides)  # validates the keys
-    if overrides.get("router", default.router) != default.router:
-        default = MoEConfig(
-            num_experts=default.num_experts,
-            groups=default.groups,
-            backend=default.backend,
-            deterministic=default.deterministic,
-        )
-    return replace(default, **overrides)
 
 
 _VIT = {"first_conv": "patch_embed.proj", "classifier": "head", "pool_size": None, "fixed_input_size": True}

@@ -41,7 +41,7 @@ PLOTS = {  # plot name -> the axis names it is drawn for
     "gap_vs_width": ("width", "embed_dim"),
     "gap_vs_hidden": ("hidden_ratio", "hidden_dim", "hidden_size", "head_width", "head_hidden"),
     "gap_vs_k": ("k",),
-    "placement": ("placement", "moe_stages", "moe_groups"),
+    "placement": ("placement", "moe_stages"),
     "router": ("router",),
     "experts": ("num_experts",),
 }

@@ -11,21 +11,21 @@ A run is described by one :class:`Config` of five sections::
 Presets live in ``configs/*.yaml`` (each opens with the command that runs it and the result to
 expect); :func:`load_config` reads a preset by path or by name, and :func:`apply_overrides` applies
 ``section.key=value`` strings from the command line. Every value is checked against its field's type
-and :meth:`Config.validate` checks ranges, so a bad value fails before any data is loaded.
+(the machinery, which knows nothing of a run, is :mod:`visionmoe.train.typed`) and
+:meth:`Config.validate` checks ranges, so a bad value fails before any data is loaded. The MoE
+settings are one typed value, ``model.moe`` (a :class:`visionmoe.MoEConfig`): see :class:`ModelConfig`.
 """
 
 from __future__ import annotations
 
-import contextlib
-import dataclasses
-import math
-import types
-import typing
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Union
+from typing import Any
 
 import yaml
+
+from visionmoe.layers.moe import MoEConfig
+from visionmoe.train.typed import build, parse_yaml, plain, set_path, yaml_problem
 
 DATASETS = ("cifar10", "cifar100", "tiny-imagenet", "imagefolder", "shards")
 LOADERS = ("auto", "memory", "stream")
@@ -81,8 +81,12 @@ class DataConfig:
 class ModelConfig:
     """``name``: a registered visionmoe model or any timm model; ``kwargs`` go to its constructor.
 
-    ``moe`` updates the model's MoE settings (fields of :class:`visionmoe.MoEConfig`: num_experts,
-    router, k, capacity_factor, eval_capacity_factor, aux_loss_weights, ...). ``moeify`` turns a
+    ``moe``: the MoE settings, an :class:`visionmoe.MoEConfig` (num_experts, router, k,
+    capacity_factor, eval_capacity_factor, aux_loss_weights, ...) of the fields set here, each
+    type-checked like any other field (``model.moe.num_experts=16``); the model merges it over its
+    family's default (:meth:`~visionmoe.MoEConfig.merged`: a field left out keeps the default, and a
+    new router drops the default's router settings). ``capacity_factor: null`` is dropless routing.
+    It is the one place for them: ``model.kwargs.moe`` is refused. ``moeify`` turns a
     plain timm model into an MoE model (``placement``, ``upcycle``, ``hidden_dim`` and the MoE
     settings of ``moe``). ``dense_twin`` trains the model's matched dense twin instead ("flops":
     equal active FLOPs, "params": equal total parameters).
@@ -90,7 +94,7 @@ class ModelConfig:
 
     name: str = "cifar_airbench_moe"
     kwargs: dict[str, Any] = field(default_factory=dict)
-    moe: dict[str, Any] | None = None
+    moe: MoEConfig | None = None
     moeify: dict[str, Any] | None = None
     dense_twin: str | None = None
 
@@ -170,12 +174,16 @@ class Config:
     eval: EvalConfig = field(default_factory=EvalConfig)
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        """Nested dicts of plain values; ``model.moe`` holds only the MoE settings that are set."""
+        values = asdict(self)
+        if self.model.moe is not None:
+            values["model"]["moe"] = self.model.moe.to_dict()
+        return values
 
     @classmethod
     def from_dict(cls, values: dict[str, Any], *, source: str = "config") -> Config:
         """Build from nested dicts; unknown keys and wrongly typed values raise one-line errors."""
-        return _build(cls, values, source)
+        return build(cls, values, source)
 
     def validate(self, *, saved: bool = False) -> Config:
         """Range checks; returns self. Called before any data is loaded.
@@ -268,83 +276,6 @@ def _one_of(key: str, value: Any, choices: tuple) -> None:
         raise ValueError(f"{key}={value!r} is not one of {list(choices)}")
 
 
-# ---- typed construction ---------------------------------------------------------------------
-
-
-def _hints(cls: type) -> dict[str, Any]:
-    return typing.get_type_hints(cls)
-
-
-def _coerce(key: str, value: Any, annotation: Any) -> Any:
-    """``value`` as ``annotation`` (int -> float and list -> tuple allowed), else a one-line error."""
-    origin, args = typing.get_origin(annotation), typing.get_args(annotation)
-    if origin in (Union, types.UnionType):
-        if value is None and type(None) in args:
-            return None
-        for option in (a for a in args if a is not type(None)):
-            try:
-                return _coerce(key, value, option)
-            except _BadValue:
-                raise  # the right type, a wrong value: say so rather than "wrong type"
-            except (TypeError, ValueError):
-                continue
-        raise TypeError(f"{key}={value!r} has the wrong type; expected {_name(annotation)}")
-    if annotation is Any:
-        return value
-    if annotation is bool:
-        if isinstance(value, bool):
-            return value
-    elif annotation is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-    elif annotation is float:
-        number = None
-        if isinstance(value, int | float) and not isinstance(value, bool):
-            number = float(value)
-        elif isinstance(value, str):  # YAML 1.1 reads "1e-6" (no dot) as a string
-            with contextlib.suppress(ValueError):
-                number = float(value)
-        if number is not None:
-            if not math.isfinite(number):  # no float setting means anything at inf or nan (null means "none")
-                raise _BadValue(f"{key}={value!r} is not a finite number; expected a finite float")
-            return number
-    elif annotation is str:
-        if isinstance(value, str):
-            return value
-    elif origin is tuple:
-        if isinstance(value, list | tuple):
-            if len(args) == 2 and args[1] is Ellipsis:
-                return tuple(_coerce(f"{key}[{i}]", v, args[0]) for i, v in enumerate(value))
-            if len(value) == len(args):
-                return tuple(_coerce(f"{key}[{i}]", v, a) for i, (v, a) in enumerate(zip(value, args, strict=True)))
-    elif origin is dict:
-        if isinstance(value, dict):
-            return dict(value)
-    elif dataclasses.is_dataclass(annotation) and isinstance(value, dict):
-        return _build(annotation, value, key)
-    raise TypeError(f"{key}={value!r} has the wrong type; expected {_name(annotation)}")
-
-
-class _BadValue(ValueError):
-    """A value of the right type that no field accepts (inf, nan)."""
-
-
-def _name(annotation: Any) -> str:
-    text = getattr(annotation, "__name__", None) if typing.get_origin(annotation) is None else None
-    return text or str(annotation).replace("typing.", "")
-
-
-def _build(cls: type, values: Any, source: str) -> Any:
-    if not isinstance(values, dict):
-        raise TypeError(f"{source} must be a mapping of {cls.__name__} fields, got {values!r}")
-    hints = _hints(cls)
-    names = [f.name for f in fields(cls)]
-    if unknown := sorted(set(values) - set(names)):
-        raise ValueError(f"unknown key(s) {unknown} in {source}; valid keys: {names}")
-    prefix = "" if source in ("config",) or source.endswith((".yaml", ".yml")) else f"{source}."
-    return cls(**{k: _coerce(f"{prefix}{k}", v, hints[k]) for k, v in values.items()})
-
-
 # ---- presets and overrides ------------------------------------------------------------------
 
 
@@ -371,7 +302,7 @@ def load_config(name_or_path: str | Path | None = None, overrides: list[str] | t
         path = find_preset(name_or_path)
         values = _read_preset(path, seen=())
         values.setdefault("name", path.stem)
-        config = _build(Config, values, str(path))
+        config = build(Config, values, str(path))
     return apply_overrides(config, overrides).validate()
 
 
@@ -380,9 +311,9 @@ def _read_preset(path: Path, seen: tuple[Path, ...]) -> dict[str, Any]:
     if path.resolve() in seen:
         raise ValueError(f"preset {path} is its own base (via {[str(p) for p in seen]})")
     try:
-        values = _parse_yaml(path.read_text()) or {}
+        values = parse_yaml(path.read_text()) or {}
     except yaml.YAMLError as error:
-        raise ValueError(f"cannot parse {path}: {_yaml_problem(error)}") from None
+        raise ValueError(f"cannot parse {path}: {yaml_problem(error)}") from None
     if not isinstance(values, dict):
         raise ValueError(f"{path} must hold a mapping of config sections, got {type(values).__name__}")
     base = values.pop("base", None)
@@ -398,38 +329,11 @@ def _read_preset(path: Path, seen: tuple[Path, ...]) -> dict[str, Any]:
     return merged
 
 
-class _StrictLoader(yaml.SafeLoader):
-    """``yaml.SafeLoader`` that refuses a key given twice in one mapping (PyYAML keeps the last silently)."""
-
-    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
-        seen: set[Any] = set()
-        for key_node, _ in node.value:
-            key = self.construct_object(key_node, deep=deep)
-            if isinstance(key, typing.Hashable) and key in seen:
-                raise yaml.constructor.ConstructorError(
-                    None, None, f"key {key!r} appears twice in one mapping", key_node.start_mark
-                )
-            seen.add(key)
-        return super().construct_mapping(node, deep=deep)
-
-
-def _parse_yaml(text: str) -> Any:
-    return yaml.load(text, Loader=_StrictLoader)  # a SafeLoader: no arbitrary objects
-
-
-def _yaml_problem(error: yaml.YAMLError) -> str:
-    """The parser's complaint with its line and column (1-based), in one line."""
-    mark = getattr(error, "problem_mark", None) or getattr(error, "context_mark", None)
-    problem = getattr(error, "problem", None) or str(error).splitlines()[0]
-    context = getattr(error, "context", None)
-    text = f"{problem} ({context})" if context else problem
-    return f"line {mark.line + 1}, column {mark.column + 1}: {text}" if mark is not None else text
-
-
 def apply_overrides(config: Config, overrides: list[str] | tuple[str, ...]) -> Config:
     """Apply ``section.key=value`` overrides (values parsed as YAML: 0.1, true, null, [1, 2], {a: 1}).
 
-    A key into a dict field (``model.kwargs.width=64``, ``model.moe.k=1``) sets that entry.
+    A key into a section (``model.moe.k=1``, checked against :class:`visionmoe.MoEConfig`'s fields)
+    or a dict field (``model.kwargs.width=64``) sets that entry.
     """
     values = config.to_dict()
     for item in overrides:
@@ -437,50 +341,31 @@ def apply_overrides(config: Config, overrides: list[str] | tuple[str, ...]) -> C
         if not sep or not key:
             raise ValueError(f"override {item!r} is not key=value (e.g. optim.lr=0.05)")
         try:
-            value = _parse_yaml(text)
+            value = parse_yaml(text)
         except yaml.YAMLError as error:
-            raise ValueError(f"override {item!r}: cannot parse {text!r} ({_yaml_problem(error)})") from None
-        _set(values, key.split("."), value, item)
-    return _build(Config, values, "config")
-
-
-def _set(values: dict, path: list[str], value: Any, item: str) -> None:
-    node, cls = values, Config
-    for depth, part in enumerate(path[:-1]):
-        hints = _hints(cls) if cls is not None else {}
-        if cls is not None and part not in hints:
-            valid = [f.name for f in fields(cls)]
-            raise ValueError(f"unknown key {'.'.join(path[: depth + 1])!r} in override {item!r}; valid keys: {valid}")
-        annotation = hints.get(part)
-        if node.get(part) is None and annotation is not None and _is_dict(annotation):
-            node[part] = {}
-        if not isinstance(node.get(part), dict):
-            raise ValueError(f"override {item!r}: {'.'.join(path[: depth + 1])} is not a section")
-        node = node[part]
-        cls = annotation if annotation is not None and dataclasses.is_dataclass(annotation) else None
-    last = path[-1]
-    if cls is not None and last not in _hints(cls):
-        valid = [f.name for f in fields(cls)]
-        where = ".".join(path[:-1]) or "config"
-        raise ValueError(f"unknown key {'.'.join(path)!r} in override {item!r}; valid keys of {where}: {valid}")
-    node[last] = value
-
-
-def _is_dict(annotation: Any) -> bool:
-    args = typing.get_args(annotation) if typing.get_origin(annotation) in (Union, types.UnionType) else (annotation,)
-    return any(typing.get_origin(a) is dict for a in args)
+            raise ValueError(f"override {item!r}: cannot parse {text!r} ({yaml_problem(error)})") from None
+        set_path(values, Config, key.split("."), value, item)
+    return build(Config, values, "config")
 
 
 def save_config(config: Config, path: Path) -> None:
     from visionmoe.jsonl import write_atomic
 
-    write_atomic(path, yaml.safe_dump(_plain(config.to_dict()), sort_keys=False))
+    write_atomic(path, yaml.safe_dump(plain(config.to_dict()), sort_keys=False))
 
 
-def _plain(value: Any) -> Any:
-    """Tuples as lists, so YAML and ``weights_only`` checkpoints hold plain types."""
-    if isinstance(value, dict):
-        return {k: _plain(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [_plain(v) for v in value]
-    return value
+__all__ = [
+    "CONFIG_DIR",
+    "Config",
+    "DataConfig",
+    "EvalConfig",
+    "ModelConfig",
+    "OptimConfig",
+    "TrainConfig",
+    "apply_overrides",
+    "find_preset",
+    "load_config",
+    "plain",
+    "preset_names",
+    "save_config",
+]

@@ -73,10 +73,11 @@ def build_model(cfg: ModelConfig, num_classes: int, example_input: Tensor) -> nn
     from visionmoe.analysis.twin import dense_twin
     from visionmoe.models import create_model, moeify
 
+    if "moe" in cfg.kwargs:
+        raise ValueError(f"model.kwargs.moe={cfg.kwargs['moe']!r} is not read; put MoE settings in model.moe")
     kwargs = dict(cfg.kwargs)
     if cfg.moe is not None and cfg.moeify is None:
-        base = kwargs.get("moe") or {}
-        kwargs["moe"] = {**base, **cfg.moe}
+        kwargs["moe"] = cfg.moe  # the model merges it over its family's default (MoEConfig.merged)
     model = create_model(cfg.name, num_classes=num_classes, **kwargs)
     if cfg.moeify is not None:
         options = dict(cfg.moeify)
@@ -453,7 +454,7 @@ class Trainer:
             )
 
     def state_dict(self) -> dict[str, Any]:
-        from visionmoe.train.config import _plain
+        from visionmoe.train.config import plain
 
         return {
             "model": self.model.state_dict(),
@@ -467,7 +468,7 @@ class Trainer:
             "best_top1": self.best_top1,
             "sums": self._host_sums(),
             "routing": {name: _stats_to_dict(acc.total) for name, acc in self.routing.items() if acc.total},
-            "config": _plain(self.config.to_dict()),
+            "config": plain(self.config.to_dict()),
             "code": self.code,
             "classes": list(self.splits.train.classes),  # label i is classes[i]: eval refuses data named otherwise
         }

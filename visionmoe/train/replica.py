@@ -24,6 +24,7 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
+from torch.optim import Optimizer
 
 from visionmoe import distributed
 from visionmoe.data import TensorLoader
@@ -74,17 +75,17 @@ class Replica:
         """Refuse ``what`` (a config key) where it is computed in one process only."""
 
     def read_checkpoint(self, run_dir: Path) -> dict[str, Any]:
-        """The state to resume from: its config at least (``_check_resumable`` reads it before building)."""
+        """The state to resume from; at least its config, which is checked before anything is built."""
         return load_checkpoint(run_dir / CHECKPOINT)
 
-    def localize(self, state: dict[str, Any], run_dir: Path, model: nn.Module, optimizer: Any) -> dict[str, Any]:
+    def localize(self, state: dict[str, Any], run_dir: Path, model: nn.Module, optimizer: Optimizer) -> dict[str, Any]:
         """``state`` as this process holds it (its expert shards), once ``model`` and ``optimizer`` are built."""
         return state
 
     def keep_own_sums(self, sums: EpochSums) -> None:
         """After a restore: a checkpoint's partial-epoch sums are rank 0's (folded there before saving)."""
 
-    def save(self, run_dir: Path, state: dict[str, Any], model: nn.Module, optimizer: Any) -> Path:
+    def save(self, run_dir: Path, state: dict[str, Any], model: nn.Module, optimizer: Optimizer) -> Path:
         """Write ``state``; only the newest format is kept, so a resume on any process count reads the latest."""
         path = save_checkpoint(run_dir / CHECKPOINT, state)
         if (run_dir / distributed.SHARDED_CHECKPOINT).exists():
@@ -150,7 +151,7 @@ class DistributedReplica(Replica):
             return {"config": distributed.checkpoint.read_extra(sharded)["config"], "sharded": True}
         return super().read_checkpoint(run_dir)
 
-    def localize(self, state: dict[str, Any], run_dir: Path, model: nn.Module, optimizer: Any) -> dict[str, Any]:
+    def localize(self, state: dict[str, Any], run_dir: Path, model: nn.Module, optimizer: Optimizer) -> dict[str, Any]:
         # this rank's part, from a checkpoint of any number of processes
         if state.get("sharded"):
             return distributed.load_sharded(run_dir / distributed.SHARDED_CHECKPOINT, model, self.env)
@@ -160,7 +161,7 @@ class DistributedReplica(Replica):
         if not self.is_main:
             sums.reset()  # the partial epoch's sums were folded into rank 0's
 
-    def save(self, run_dir: Path, state: dict[str, Any], model: nn.Module, optimizer: Any) -> Path:
+    def save(self, run_dir: Path, state: dict[str, Any], model: nn.Module, optimizer: Optimizer) -> Path:
         path = distributed.save_sharded(run_dir / distributed.SHARDED_CHECKPOINT, state, model, optimizer, self.env)
         if self.is_main:
             (run_dir / CHECKPOINT).unlink(missing_ok=True)

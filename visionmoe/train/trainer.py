@@ -181,17 +181,8 @@ class Trainer:
                     self.sums.add_time(seconds, start - fetch)
                     self.step += 1
                     if self.step % t.log_every == 0 or self.step == end:
-                        s = self.sums.host()
-                        progress.update(
-                            bar,
-                            completed=self.step - first,
-                            loss=s["loss"] / s["seen"],
-                            acc=s["correct"] / s["seen"],
-                            ips=s["seen"] / max(s["seconds"], 1e-9),
-                        )
-                    if t.time_limit_minutes is not None and self.replica.agree_time_is_up(
-                        self.train_seconds >= 60 * t.time_limit_minutes
-                    ):
+                        progress.update(bar, completed=self.step - first, **self._running_means())
+                    if self._out_of_time():
                         stopped = "time_limit"
                     at_end = self.step == end or stopped != "completed"
                     if t.checkpoint_every_steps and self.step % t.checkpoint_every_steps == 0 and not at_end:
@@ -216,6 +207,17 @@ class Trainer:
             # whole or absent (a sweep takes summary.json as "finished"): a temporary file, then a rename
             write_atomic(self.run_dir / "summary.json", json.dumps(summary, indent=2) + "\n")
         return summary
+
+    def _running_means(self) -> dict[str, float]:
+        """The epoch so far, for the progress bar: mean loss, accuracy, images per second."""
+        s = self.sums.host()
+        n = s["seen"]
+        return {"loss": s["loss"] / n, "acc": s["correct"] / n, "ips": n / max(s["seconds"], 1e-9)}
+
+    def _out_of_time(self) -> bool:
+        """``train.time_limit_minutes`` of training reached; under torchrun rank 0's clock decides for all."""
+        limit = self.config.train.time_limit_minutes
+        return limit is not None and self.replica.agree_time_is_up(self.train_seconds >= 60 * limit)
 
     def train_step(self, x: Tensor, y: Tensor) -> None:
         """One optimiser step on the batch (x, y): the step training takes, and the one the estimator times.

@@ -202,7 +202,7 @@ def _train(args: argparse.Namespace) -> int:
     except (ValueError, TypeError, FileNotFoundError, FileExistsError) as error:
         raise SystemExit(f"visionmoe train: {error}") from None
     summary = trainer.fit()
-    if trainer.parallel_env is not None and not trainer.parallel_env.is_main:
+    if not trainer.replica.is_main:
         return 0  # under torchrun, rank 0 reports for every rank
     t = summary["test"]
     print(

@@ -121,6 +121,6 @@ def test_analyze_head_hessian_eigenvector_plane_and_density(cifar10_root, tmp_pa
 
 
 def _model(run):
-    from visionmoe.train.trainer import load_run
+    from visionmoe.train.runs import load_run
 
     return load_run(run)[1]

@@ -75,7 +75,7 @@ def test_a_checkpoint_without_class_names_still_loads_with_a_warning(trained, tm
     del state["classes"]  # as written before class names were recorded
     state["config"]["optim"]["milestones"] = [0.5]  # and with a setting it ignored, which a new run refuses
     torch.save(state, tmp_path / CHECKPOINT)
-    with caplog.at_level(logging.WARNING, logger="visionmoe.train.trainer"):
+    with caplog.at_level(logging.WARNING, logger="visionmoe.train.runs"):
         result = evaluate_checkpoint(tmp_path / CHECKPOINT)
     assert result["classes_checked"] is False and result["samples"] == 12
     assert "records no class names" in caplog.text and "taken in the data's own order" in caplog.text

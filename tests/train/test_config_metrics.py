@@ -6,9 +6,9 @@ import pytest
 import torch
 
 from visionmoe.layers.moe import MoEConfig
+from visionmoe.train.build import Schedule, param_groups
 from visionmoe.train.config import CONFIG_DIR, Config, apply_overrides, load_config, preset_names
 from visionmoe.train.metrics import ClassificationMeter
-from visionmoe.train.trainer import Schedule, param_groups
 
 
 def one_line(exc_info):

@@ -15,6 +15,7 @@ from torch import Tensor
 
 from visionmoe.data.augment import normalize
 from visionmoe.data.datasets import ImageTensors
+from visionmoe.seeding import loader_seed
 
 Augment = Callable[[Tensor, torch.Generator], Tensor]  # uint8 batch, generator -> uint8 batch
 
@@ -60,9 +61,8 @@ class TensorLoader:
         return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
 
     def _generator(self, *key: int) -> torch.Generator:
-        # A distinct, reproducible stream per (seed, epoch[, step]); large odd multipliers keep keys apart.
-        value = self.seed * 1_000_003 + sum(k * m for k, m in zip(key, (7_919, 104_729), strict=False))
-        return torch.Generator().manual_seed(value % (2**63))
+        # A distinct, reproducible stream per (seed, epoch[, step]): the rule is visionmoe.seeding's.
+        return torch.Generator().manual_seed(loader_seed(self.seed, *key))
 
     def order(self, epoch: int) -> Tensor:
         """The sample order of ``epoch``."""

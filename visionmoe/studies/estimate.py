@@ -4,12 +4,13 @@
     estimate = estimate_sweep(sweep, jobs=1, steps=3)      # a DataFrame, one row per configuration
 
 Each distinct configuration (seed 0's runs: the MoE model and its twin) is built as its run would
-build it (same config, model, optimiser, memory format and ``train.threads`` = cores // jobs) and
-trained for ``steps`` timed steps on one batch of its own training images after one untimed warm-up
-step; the median step time × the run's steps is its training time. Evaluation is timed the same way
+build it — a :class:`~visionmoe.train.trainer.Trainer` of the same config, with ``train.threads`` =
+cores // jobs — and trained with the Trainer's own step for ``steps`` timed steps on one batch of its
+own training images after one untimed warm-up step; the median step time × the run's steps is its
+training time. Evaluation is timed the same way
 (a forward pass in eval mode, per image) × test images × evaluations (one per ``eval_every`` epochs
-and one at the end; twice with flip TTA). Data loading and augmentation are left out: they are about
-1% of a step for the in-memory CIFAR pipeline (``data_share`` in a run's metrics).
+and one at the end; twice with flip TTA). Data loading and augmentation are left out: they are a small
+share of a step for the in-memory CIFAR pipeline (``data_share`` in a run's metrics says how small).
 
 Seeds cost alike, so the sweep's time is the per-seed total × seeds, divided by ``jobs`` (the ideal;
 jobs that share cores also share memory bandwidth). The figure is for this machine in its current
@@ -28,7 +29,6 @@ from typing import Any
 
 import pandas as pd
 import torch
-import torch.nn.functional as F
 
 from visionmoe.studies.sweep import Sweep, available_cores
 
@@ -46,40 +46,39 @@ def _time(fn, repeats: int) -> tuple[float, float]:
 
 
 def estimate_run(config, splits, steps: int = 3) -> dict[str, Any]:
-    """Seconds per training step and per evaluated image of ``config``'s model, and the run's minutes."""
-    from visionmoe.layers.moe import collect_aux_loss
-    from visionmoe.train.data import build_loaders
-    from visionmoe.train.trainer import _normalize, build_model, build_optimizer
+    """Seconds per training step and per evaluated image of ``config``'s model, and the run's minutes.
 
-    t, d = config.train, config.data
-    batch = min(d.batch_size, len(splits.train))
+    The step timed is the run's own (:meth:`Trainer.train_step`: forward, loss, backward, clipping,
+    optimiser and schedule, mixup when configured), on a :class:`Trainer` built as the run builds it;
+    building a Trainer writes nothing.
+    """
+    from visionmoe.train.trainer import Trainer
+
+    t = config.train
+    trainer = Trainer(config, splits=splits)
+    batch = min(config.data.batch_size, len(splits.train))
     memory = torch.channels_last if t.channels_last else torch.contiguous_format
-    x = _normalize(splits.first_images(batch), splits.mean, splits.std).contiguous(memory_format=memory)
+    x = splits.first_batch(batch).contiguous(memory_format=memory)  # (B, 3, H, W), unaugmented
     y = splits.train.labels[:batch]
-    torch.manual_seed(t.seed)
-    model = build_model(config.model, splits.num_classes, x[:2]).to(memory_format=memory)
-    optimizer = build_optimizer(config, model)
+    sync = torch.cuda.synchronize if trainer.device.type == "cuda" else (lambda: None)
 
     def train_step() -> None:
-        loss = F.cross_entropy(model(x), y, label_smoothing=config.optim.label_smoothing)
-        loss = loss + config.optim.aux_loss_scale * collect_aux_loss(model)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
+        trainer.train_step(x, y)
+        sync()
 
-    model.train()
+    trainer.model.train()
     step_seconds, step_cpu = _time(train_step, steps)
+    model, x = trainer.eval_forward, x.to(trainer.device)
     model.eval()
     with torch.no_grad():
-        eval_seconds, eval_cpu = (t / batch for t in _time(lambda: model(x), steps))  # per image
+        eval_seconds, eval_cpu = (t / batch for t in _time(lambda: (model(x), sync()), steps))  # per image
         # eval.batch_sizes: the test set once more per size, at that size's cost per image
         sized = [
-            tuple(t / min(b, batch) for t in _time(lambda b=b: model(x[:b]), steps)) for b in config.eval.batch_sizes
+            tuple(t / min(b, batch) for t in _time(lambda b=b: (model(x[:b]), sync()), steps))
+            for b in config.eval.batch_sizes
         ]
 
-    train_loader, _ = build_loaders(d, splits, t.seed, channels_last=False)
-    steps_per_epoch = len(train_loader)  # as the Trainer counts them
-    total_steps = max(1, round(t.epochs * steps_per_epoch))
+    total_steps, steps_per_epoch = trainer.total_steps, trainer.steps_per_epoch
     epochs = -(-total_steps // steps_per_epoch)
     evaluations = epochs // t.eval_every + (epochs % t.eval_every != 0)  # every eval_every epochs, and the last
     flips = 2 if config.eval.tta_flip else 1

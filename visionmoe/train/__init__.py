@@ -11,8 +11,10 @@ from visionmoe.train.config import (
     apply_overrides,
     load_config,
 )
+from visionmoe.train.evaluation import evaluate
 from visionmoe.train.metrics import ClassificationMeter
-from visionmoe.train.trainer import Trainer, evaluate, evaluate_checkpoint
+from visionmoe.train.runs import evaluate_checkpoint
+from visionmoe.train.trainer import Trainer
 
 __all__ = [
     "ClassificationMeter",

@@ -18,6 +18,8 @@ import numpy as np
 import torch
 
 import visionmoe
+from visionmoe.train.config import Config
+from visionmoe.train.logger import flatten
 
 CHECKPOINT = "checkpoint.pt"
 
@@ -129,3 +131,37 @@ def check_model_matches(state_dict: dict[str, torch.Tensor], model: torch.nn.Mod
             saved, here = tuple(state_dict[k].shape), tuple(own[k].shape)
             parts.append(f"{len(shapes)} of another shape (e.g. {k}: {saved} vs {here})")
         raise ValueError(f"{source} holds weights of another model: {', '.join(parts)} parameters")
+
+
+# Config keys that may differ between a run and its resumption (they change no result).
+RESUMABLE_CHANGES = (
+    "train.progress",
+    "train.log_every",
+    "train.threads",
+    "train.tensorboard",
+    "train.time_limit_minutes",
+    "train.expert_parallel",  # checkpoints reshard (visionmoe.distributed.checkpoint)
+    "train.fsdp",  # so do FSDP's slices
+    "train.fsdp_unit_params",
+    "data.data_dir",
+    "data.workers",  # batches do not depend on the number of decoding processes (visionmoe.data.stream)
+    "data.prefetch",
+)
+
+
+def check_resumable(config: Config, saved: dict[str, Any], checkpoint: str | os.PathLike) -> None:
+    """Refuse to resume ``checkpoint`` (whose config is ``saved``) with a ``config`` that would train otherwise.
+
+    Only :data:`RESUMABLE_CHANGES` may differ: the run must continue exactly as it started.
+    """
+    now, before = flatten(config.to_dict()), flatten(Config.from_dict(saved).to_dict())
+    changed = sorted(
+        k.replace("/", ".")
+        for k in set(now) | set(before)
+        if now.get(k) != before.get(k) and k.replace("/", ".") not in RESUMABLE_CHANGES
+    )
+    if changed:
+        raise ValueError(
+            f"cannot resume {checkpoint}: the config differs in {changed} "
+            f"(resume with the run's own config; only {', '.join(RESUMABLE_CHANGES)} may change)"
+        )

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from visionmoe.data import ImageTensors, TensorLoader, load_cifar, load_image_folder, load_tiny_imagenet
+from visionmoe.data import ImageTensors, TensorLoader, load_cifar, load_image_folder, load_tiny_imagenet, normalize
 from visionmoe.data.augment import random_crop_flip
 from visionmoe.data.datasets import list_image_folder, list_tiny_imagenet
 from visionmoe.data.stream import (
@@ -52,6 +52,13 @@ class Splits:
         if isinstance(self.train, ImageTensors):
             return self.train.images[:n]
         return first_images(self.train, n, self.eval_transform)
+
+    def first_batch(self, n: int) -> Tensor:
+        """The first ``n`` training images normalised as the loaders do, unaugmented: (n, 3, H, W) float.
+
+        The batch a model is built, initialised from data (``init_from_data``) and profiled on.
+        """
+        return normalize(self.first_images(n), tuple(self.mean), tuple(self.std))
 
 
 def load_splits(cfg: DataConfig) -> Splits:

@@ -67,3 +67,34 @@ class RunLogger:
     def close(self) -> None:
         if self.writer is not None:
             self.writer.close()
+
+
+def epoch_line(record: dict[str, Any]) -> str:
+    """The console line of an epoch's record: train loss and top-1, test metrics, the first MoE layer's routing."""
+    line = (
+        f"epoch {record['epoch']:g} step {record['step']}: train loss {record['train_loss']:.3f} "
+        f"top-1 {record['train_top1']:.1%}, {record['images_per_s']:.0f} img/s"
+    )
+    if "test" in record:
+        t = record["test"]
+        line += f" | test top-1 {t['top1']:.2%} top-5 {t['top5']:.2%} nll {t['nll']:.3f} ece {t['ece']:.3f}"
+    for name, r in record["routing"].items():
+        entropy = r["router_entropy"]  # NaN for a dense "router", which has no choice to make
+        line += f" | {name}: drop {r['dropped_fraction']:.1%} H {'—' if math.isnan(entropy) else f'{entropy:.2f}'}"
+        break  # the first layer only; every layer is in metrics.jsonl
+    return line
+
+
+def progress_bar(enabled: bool):
+    """A rich progress bar of an epoch's steps with running loss, accuracy and images/s (off: a no-op)."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    return Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("loss {task.fields[loss]:.3f} acc {task.fields[acc]:.1%} {task.fields[ips]:.0f} img/s"),
+        TimeElapsedColumn(),
+        disable=not enabled,
+        transient=True,
+    )

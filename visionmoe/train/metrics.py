@@ -1,13 +1,19 @@
-"""Classification metrics accumulated over batches: top-1/top-5, NLL, calibration error, per class.
+"""Metrics accumulated over batches: test metrics (:class:`ClassificationMeter`) and a training epoch's
+running sums (:class:`EpochSums`).
 
-The accumulator keeps sums only (no per-sample lists), so a whole test set costs O(classes + bins)
-memory, and two evaluation passes over the same data give identical numbers.
+Both keep sums only (no per-sample lists), so a whole test set costs O(classes + bins) memory, two
+evaluation passes over the same data give identical numbers, and sums from several processes add up.
 """
 
 from __future__ import annotations
 
+from dataclasses import fields
+from typing import Any
+
 import torch
 from torch import Tensor
+
+from visionmoe.layers.stats import RoutingStats, RoutingStatsAccumulator
 
 
 class ClassificationMeter:
@@ -76,3 +82,87 @@ class ClassificationMeter:
             "per_class_accuracy": per_class,
             "samples": n,
         }
+
+
+DEVICE_SUMS = ("loss", "aux", "correct")  # running sums kept on the device (see EpochSums)
+
+
+class EpochSums:
+    """The partial epoch's running sums of training: loss, aux loss, correct, images, time, routing.
+
+    loss·n, aux·n and correct stay on ``device`` (float64, summed in step order exactly as Python floats
+    would be) so a step needs no host sync; they are read at log points and epoch ends (:meth:`host`).
+    The first step whose loss was not finite is remembered on the device too (-1: none) and raised
+    there, so no checkpoint ever holds the bad step. They are saved with the checkpoint, so a resumed
+    epoch reports what an uninterrupted one would.
+    """
+
+    def __init__(self, device: torch.device | str = "cpu") -> None:
+        self.device = torch.device(device)
+        self.reset()
+
+    def reset(self) -> None:
+        zero = torch.zeros((), dtype=torch.float64, device=self.device)
+        self.values: dict[str, Any] = {"seen": 0, "seconds": 0.0, "data_seconds": 0.0}
+        self.values.update({key: zero.clone() for key in DEVICE_SUMS})
+        self.routing: dict[str, RoutingStatsAccumulator] = {}
+        self.nonfinite_step = torch.full((), -1, dtype=torch.long, device=self.device)
+
+    def add_step(self, task: Tensor, aux: Tensor, logits: Tensor, labels: Tensor, routing: dict[str, Any]) -> None:
+        """One step's (B,) batch: its mean task and aux losses, (B, classes) logits and per-layer routing stats."""
+        n = labels.shape[0]
+        self.values["loss"] += task.detach().double() * n
+        self.values["aux"] += aux.detach().double() * n
+        self.values["correct"] += (logits.detach().argmax(dim=-1) == labels).sum().double()
+        self.values["seen"] += n
+        for name, stats in routing.items():
+            self.routing.setdefault(name, RoutingStatsAccumulator()).update(stats)
+
+    def add_time(self, seconds: float, data_seconds: float) -> None:
+        """A step's training time, of which ``data_seconds`` building its batch."""
+        self.values["seconds"] += seconds
+        self.values["data_seconds"] += data_seconds
+
+    def mark_nonfinite(self, finite: Tensor, step: int) -> None:
+        """Remember ``step`` if its loss was not ``finite`` and no earlier one was (no host sync)."""
+        first = (self.nonfinite_step < 0) & ~finite
+        self.nonfinite_step = torch.where(first, step, self.nonfinite_step)
+
+    def check_finite(self) -> None:
+        step = int(self.nonfinite_step)
+        if step >= 0:
+            raise FloatingPointError(
+                f"loss not finite at step {step}; lower optim.lr or set optim.grad_clip "
+                "(checked at log points and before each checkpoint, so no checkpoint holds the bad step)"
+            )
+
+    def host(self) -> dict[str, float]:
+        """The running sums as Python numbers (a host sync on an accelerator), after the finite check."""
+        self.check_finite()
+        return {key: float(value) if key in DEVICE_SUMS else value for key, value in self.values.items()}
+
+    def set(self, values: dict[str, float], routing: dict[str, RoutingStatsAccumulator]) -> None:
+        """Replace the sums (a checkpoint's, or totals over ranks) and the routing accumulators."""
+        for key, value in values.items():
+            on_device = key in DEVICE_SUMS
+            self.values[key] = torch.tensor(value, dtype=torch.float64, device=self.device) if on_device else value
+        self.routing = routing
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "sums": self.host(),
+            "routing": {name: _stats_to_dict(acc.total) for name, acc in self.routing.items() if acc.total},
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.reset()
+        routing = {}
+        for name, values in state["routing"].items():
+            acc = RoutingStatsAccumulator()
+            acc.update(RoutingStats(**values))
+            routing[name] = acc
+        self.set(state["sums"], routing)
+
+
+def _stats_to_dict(stats: RoutingStats) -> dict[str, Tensor]:
+    return {f.name: getattr(stats, f.name) for f in fields(stats)}

@@ -6,7 +6,7 @@
 1. Trains ``configs/rokah_{dense,mixture,sparse}_head.yaml`` (ResNet-18 whose 512-unit head is a
    dense FFN, a softmax-gated mixture of 4 × 128, or a noisy top-2 of 4 × 128: matched capacity),
    same recipe and seed, in ``--out/<preset>-s<seed>``. Finished runs are skipped, killed ones resumed.
-2. Runs :func:`visionmoe.analyze.analyze_run` on each: λmax and the top eigenvalues (Lanczos) and
+2. Runs :func:`visionmoe.analysis.trained_run.analyze_run` on each: λmax and the top eigenvalues (Lanczos) and
    tr(H) ± stderr (Hutchinson) on ``--samples`` train and as many test images, over every parameter
    (``--params all``) and over the head alone (``head``: what differs between the three models), and
    the loss along one filter-normalised random direction and along the top Hessian eigenvector
@@ -66,7 +66,7 @@ def train_all(args: argparse.Namespace) -> dict[str, Path]:
 def analyze_all(runs: dict[str, Path], args: argparse.Namespace) -> dict[str, dict[str, dict]]:
     import torch
 
-    from visionmoe.analyze import analyze_run
+    from visionmoe.analysis.trained_run import analyze_run
 
     torch.set_num_threads(args.threads)
     results: dict[str, dict[str, dict]] = {}

@@ -128,11 +128,11 @@ def _profile(args: argparse.Namespace) -> int:
     import torch
 
     import visionmoe
-    from visionmoe.analysis import profile
+    from visionmoe.analysis import profile_model
 
     model = visionmoe.create_model(args.model, **_model_kwargs(args, "profile"))
     x = torch.randn(args.batch, 3, args.img_size, args.img_size)
-    print(profile(model, x).table())
+    print(profile_model(model, x).table())
     return 0
 
 
@@ -269,7 +269,7 @@ def _eval(args: argparse.Namespace) -> int:
 
 
 def _analyze(args: argparse.Namespace) -> int:
-    from visionmoe.analyze import analyze_run
+    from visionmoe.analysis.trained_run import analyze_run
 
     what = [w.strip() for w in args.what.split(",") if w.strip()]
     try:

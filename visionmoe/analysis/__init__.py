@@ -24,7 +24,7 @@ from visionmoe.analysis.landscape import (
     plot_landscape,
     random_direction,
 )
-from visionmoe.analysis.profile import ComputeProfile, ModuleRow, MoELayerProfile, profile
+from visionmoe.analysis.profile import ComputeProfile, ModuleRow, MoELayerProfile, profile_model
 from visionmoe.analysis.routing import (
     COLLAPSE_THRESHOLD,
     LayerRouting,
@@ -69,7 +69,7 @@ __all__ = [
     "plot_load_history",
     "plot_spectral_density",
     "power_iteration",
-    "profile",
+    "profile_model",
     "random_direction",
     "routing_report",
     "spectral_density",

@@ -29,7 +29,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils import benchmark
 
-from visionmoe.analysis.profile import profile
+from visionmoe.analysis.profile import profile_model
 from visionmoe.layers.dispatch import einsum_moe
 from visionmoe.layers.moe import MoE
 from visionmoe.routing.plan import Routing
@@ -336,7 +336,7 @@ def inference_speedup(
     whose capacity is shared by the batch (groups="batch"), and ``block``, an MoE MLP block on
     (B, tokens_per_image, block_dim) tokens grouped per image. The reference is the same layer
     running all E experts (the "dense" router with the same E and H). Theoretical speed-up =
-    FLOPs(all) / FLOPs(top-1), total model FLOPs from :func:`visionmoe.analysis.profile` (the router
+    FLOPs(all) / FLOPs(top-1), total model FLOPs from :func:`visionmoe.analysis.profile_model` (the router
     and any dropped assignments included); realised = median over interleaved repeats of
     time(all) / time(top-1).
     """
@@ -350,7 +350,7 @@ def inference_speedup(
         sparse = MoE(d, num_experts, hidden, router="topk", **kw)
         full = MoE(d, num_experts, hidden, router="dense")  # every token through all E experts
         x = torch.randn(size, generator=torch.Generator().manual_seed(seed))
-        flops_top1, flops_all = profile(sparse, x).total_flops, profile(full, x).total_flops
+        flops_top1, flops_all = profile_model(sparse, x).total_flops, profile_model(full, x).total_flops
         dropped = sparse.last_stats.dropped_fraction  # of the profiled (eval) forward
         steps = {"top1": _step(sparse.eval(), x, "fwd"), "all": _step(full.eval(), x, "fwd")}
         times = interleaved_times(steps, threads=threads, repeats=repeats, min_run_time=min_run_time)

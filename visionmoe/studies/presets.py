@@ -345,7 +345,7 @@ _add(
             "params": "head",
         },
         notes="The heads hold the same FFN capacity (E × width = 512); the dense head is each seed's reference. "
-        "After training, visionmoe.analyze computes λmax, the top eigenvalues and tr(H) of the loss on train and "
+        "After training, visionmoe analyze computes λmax, the top eigenvalues and tr(H) of the loss on train and "
         "test subsets of 1000 images and a 1-D loss line: the report tabulates λmax and tr(H) per head.",
     )
 )

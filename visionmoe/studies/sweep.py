@@ -165,7 +165,7 @@ class Run:
     out_dir: str
     twin: str | None = None  # "flops" for the dense twin of a pair
     reference: str | None = None  # key of the configuration this one is compared against
-    analyze: dict[str, Any] | None = None  # visionmoe.analyze.analyze_run keyword arguments, after training
+    analyze: dict[str, Any] | None = None  # keyword arguments of analysis.trained_run.analyze_run, after training
 
     @property
     def name(self) -> str:
@@ -209,7 +209,7 @@ class Sweep:
         twins: also train each configuration's dense twin of equal active FLOPs, as its reference.
         baseline: instead of twins, ``{axis: value}``: that configuration is the reference of the
             configurations that differ from it on this axis only.
-        analyze: keyword arguments of :func:`visionmoe.analyze.analyze_run` to run on each trained
+        analyze: keyword arguments of :func:`visionmoe.analysis.trained_run.analyze_run` to run on each trained
             run (e.g. ``{"what": ["hessian", "landscape"]}``); None for no analysis.
     """
 
@@ -335,7 +335,7 @@ def run_one(run: Run, runtime: Sequence[str] = ()) -> dict[str, Any]:
     if not (run_dir / "summary.json").is_file():
         Trainer(config, resume=(run_dir / CHECKPOINT).is_file()).fit()
     if run.analyze and not (run_dir / "analysis.json").is_file():
-        from visionmoe.analyze import analyze_run
+        from visionmoe.analysis.trained_run import analyze_run
 
         analyze_run(run_dir, **{"progress": False, **run.analyze})
     return json.loads((run_dir / "summary.json").read_text())

@@ -400,9 +400,9 @@ class Trainer:
         return results
 
     def _profile(self, example: Tensor) -> dict[str, float]:
-        from visionmoe.analysis.profile import profile
+        from visionmoe.analysis.profile import profile_model
 
-        p = profile(self.model, example.to(self.device))
+        p = profile_model(self.model, example.to(self.device))
         return {
             "total_params": p.total_params,
             "active_params": p.active_params,

@@ -27,7 +27,6 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
-from torch.utils import benchmark
 
 from visionmoe.analysis.profile import profile_model
 from visionmoe.layers.dispatch import einsum_moe
@@ -68,6 +67,8 @@ def time_fn(fn: Callable[[], Any], *, threads: int, repeats: int, min_run_time: 
     ``repeats`` measurements, each the mean of enough back-to-back calls to last about ``min_run_time``
     seconds, so that timer overhead does not dominate tiny shapes.
     """
+    from torch.utils import benchmark  # lazy: it loads setuptools, which only timing needs
+
     if repeats < 1 or threads < 1:
         raise ValueError(f"need repeats >= 1 and threads >= 1, got repeats={repeats}, threads={threads}")
     timer = benchmark.Timer(stmt="fn()", globals={"fn": fn}, num_threads=threads)
@@ -224,6 +225,8 @@ def interleaved_times(
     ``min_run_time`` seconds; then the repeats interleave the functions, starting each round one
     function later, so that a slow moment of the machine hits every function alike.
     """
+    from torch.utils import benchmark  # lazy, as in time_fn
+
     if repeats < 1 or threads < 1:
         raise ValueError(f"need repeats >= 1 and threads >= 1, got repeats={repeats}, threads={threads}")
     timers, numbers = {}, {}

@@ -45,6 +45,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -414,7 +415,6 @@ def plot_landscape(result: LossLandscape, path: str | Path, *, title: str | None
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    import numpy as np
 
     panels = [("loss", result.loss), ("accuracy", result.accuracy)]
     if bool(torch.isfinite(result.flip_rate).any()):

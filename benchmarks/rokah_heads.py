@@ -26,7 +26,10 @@ import json
 import sys
 from pathlib import Path
 
+import torch
+
 from visionmoe.analysis.speed import machine_info
+from visionmoe.analysis.trained_run import analyze_run
 from visionmoe.train import Trainer, load_config
 
 PRESETS = ("rokah_dense_head", "rokah_mixture_head", "rokah_sparse_head")
@@ -64,10 +67,6 @@ def train_all(args: argparse.Namespace) -> dict[str, Path]:
 
 
 def analyze_all(runs: dict[str, Path], args: argparse.Namespace) -> dict[str, dict[str, dict]]:
-    import torch
-
-    from visionmoe.analysis.trained_run import analyze_run
-
     torch.set_num_threads(args.threads)
     results: dict[str, dict[str, dict]] = {}
     for preset, run_dir in runs.items():

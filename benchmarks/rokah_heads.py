@@ -14,9 +14,9 @@
 3. Writes ``--out/report.md`` (the table BENCHMARKS.md quotes) and ``--out/perturbation.png`` (the
    1D curves of the three heads side by side).
 
-The CPU budget (defaults): backbone width 16 instead of 64 (a ResNet-18 epoch at width 64 takes
-~25 min on 2 cores, at width 16 ~2 min) and 6 epochs; the head keeps its 512 units. ``--quick``
-checks the script on 512 images in about a minute.
+The CPU budget (defaults): backbone width 16 instead of 64 and 6 epochs, because a full-width
+ResNet-18 epoch is far too slow for 2 cores (the times: BENCHMARKS.md, "Rokah et al."); the head keeps
+its 512 units. ``--quick`` checks the script on 512 images.
 """
 
 from __future__ import annotations

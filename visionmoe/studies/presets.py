@@ -8,27 +8,26 @@ ResNet-18 recipe; ``benchmarks/rokah_heads.py`` is its CPU-budget form) trains b
 ``configs/cifar10_moe.yaml`` (SGD + Nesterov, batch
 512, lr 0.4 with a 1-epoch warm-up and linear decay, label smoothing 0.2, crop ±2 and flip, flip
 TTA, 5 epochs); only the model changes. MoE layers default to that preset's E = 8, top-2, capacity
-factor 1.25 (2.0 at test). The full forms' times are for 2 CPU cores (one job, 2 threads): topk and
-width measured, hidden, hidden_long, rho and soft by ``--estimate``, the others from the training
-throughput of each model measured on this machine (a shared 2-core VM); a GPU needs minutes per run.
-The tiny forms train each run for one epoch on 256 images at small widths: they check that a study
-runs end to end through the report, not its result.
+factor 1.25 (2.0 at test). The tiny forms train each run for one epoch on 256 images at small widths:
+they check that a study runs end to end through the report, not its result.
 
-    #  name         study                                                  runs per seed  2-core time, all seeds
-    1  rho          ρ by placement: last block / stage / 2 stages / all      8              ~2.2 h (--jobs 2)
-    2  hidden       expert hidden size at width 8, standard and depthwise    20             ~7.5 h (--jobs 2)
-    3  hidden_long  hidden's highest-ρ depthwise pair at 15 epochs, 2 seeds  2              ~2.9 h (--jobs 2)
-    4  width        backbone width 8/16/32, standard and depthwise           12             10.3 h (measured)
-    5  topk         k = 1 vs 2, same architecture and initialisation         4              1.7 h (measured)
-    6  soft         dense / batch-axis Soft MoE / per-sample Soft MoE /      4              ~2 h (--jobs 2)
+    #  name         study                                                  runs per seed
+    1  rho          ρ by placement: last block / stage / 2 stages / all      8
+    2  hidden       expert hidden size at width 8, standard and depthwise    20
+    3  hidden_long  hidden's highest-ρ depthwise pair at 15 epochs, 2 seeds  2
+    4  width        backbone width 8/16/32, standard and depthwise           12
+    5  topk         k = 1 vs 2, same architecture and initialisation         4
+    6  soft         dense / batch-axis Soft MoE / per-sample Soft MoE /      4
                     top-2 on the pooled feature (one token per sample)
-    7  heads        ResNet-18 dense / mixture / sparse heads + sharpness       3              GPU (~40 h per run)
-    8  placement    ViT / ConvNeXt: Last-2, Every-2, all; E = 4, 8, 16;        24             GPU (~days on CPU)
+    7  heads        ResNet-18 dense / mixture / sparse heads + sharpness       3
+    8  placement    ViT / ConvNeXt: Last-2, Every-2, all; E = 4, 8, 16;        24
                     linear vs MLP router gate
-    9  routers      six routers at equal active FLOPs and a dense reference    7              ~3 h per seed
+    9  routers      six routers at equal active FLOPs and a dense reference    7
 
-The hidden, hidden_long, rho and soft estimates assume today's MoE layer, up to 2.4× its twin's step time
-with MoE in every stage (issue 22); BENCHMARKS.md "Planned: issue 23" has the tables and launch commands.
+How long each full form takes on 2 CPU cores (measured, or by ``--estimate``, which times a few real
+steps of every configuration) is in README's study table and BENCHMARKS.md ("Studies: how long they
+take on 2 cores", "Planned: issue 23", which also has the launch commands); heads and placement are
+GPU jobs.
 """
 
 from __future__ import annotations

@@ -1,4 +1,8 @@
-"""Compute accounting (FLOPs, ρ, active parameters), dense twins, Hessian, loss surface, routing analytics."""
+"""Compute accounting (FLOPs, ρ, active parameters), dense twins, Hessian, loss surface, routing analytics.
+
+What ``visionmoe analyze`` runs on a trained run is :mod:`visionmoe.analysis.trained_run`; it reads runs
+through ``visionmoe.train`` (which imports this package), so it is imported on its own, not from here.
+"""
 
 from visionmoe.analysis.hessian import (
     PARAM_GROUPS,

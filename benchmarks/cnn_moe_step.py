@@ -34,14 +34,15 @@ from collections.abc import Iterator
 
 import torch
 import torch.nn.functional as F
+from torch.profiler import ProfilerActivity, profile
 
 import visionmoe.layers.moe
 import visionmoe.routing.losses
 import visionmoe.routing.plan
-from visionmoe.analysis.speed import benchmark_header, interleaved_times, iqr
+from visionmoe.analysis.speed import NO_NOISE, benchmark_header, interleaved_times, iqr
 from visionmoe.analysis.twin import dense_twin
 from visionmoe.layers.dispatch import BACKENDS, apply_plan
-from visionmoe.layers.moe import collect_aux_loss, moe_layers
+from visionmoe.layers.moe import MoE, collect_aux_loss, moe_layers
 from visionmoe.models import create_model
 
 BACKBONES = {"standard": "cnn_resnet_cifar_moe", "depthwise": "cnn_dw_cifar_moe"}
@@ -122,9 +123,6 @@ def measure(backbone: str, width: int, ratio: float, args: argparse.Namespace) -
 
 def vit_row(images: int, args: argparse.Namespace) -> str:
     """One ViT-sized shape: auto now and before issue 22, each over the dense FFN of the same repeat."""
-    from visionmoe.analysis.speed import NO_NOISE
-    from visionmoe.layers.moe import MoE
-
     torch.manual_seed(0)
     d, E, k = 512, 8, 2
     moe = MoE(d, E, 4 * d, router="topk", k=k, capacity_factor=1.25, router_options=NO_NOISE, aux_loss_weights={})
@@ -182,8 +180,6 @@ CATEGORIES = {  # aten operator -> what it does in a step (the rest: "other elem
 
 def profile_step(backbone: str, width: int, ratio: float, args: argparse.Namespace) -> None:
     """Self CPU time per operator category of ``args.repeats`` steps, MoE model and twin."""
-    from torch.profiler import ProfilerActivity, profile
-
     moe, twin, stepper = build(backbone, width, ratio, args.batch)
     set_backend(moe, args.backends[0])
     totals = {}

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import resource
+import shutil
 import statistics
 import subprocess
 import sys
@@ -28,13 +29,13 @@ from pathlib import Path
 
 import torch
 
+from visionmoe.data import ImageTensors, TensorLoader, load_image_folder
+from visionmoe.data.datasets import list_image_folder
+from visionmoe.data.stream import ImageFiles, StreamLoader, train_transform
+from visionmoe.train.data import Augment
+
 
 def loaders(folder: Path, size: int, images: int, workers: tuple[int, ...]) -> dict:
-    from visionmoe.data import ImageTensors, TensorLoader, load_image_folder
-    from visionmoe.data.datasets import list_image_folder
-    from visionmoe.data.stream import ImageFiles, StreamLoader, train_transform
-    from visionmoe.train.data import Augment
-
     files = ImageFiles.from_files(*list_image_folder(folder / "train")).subset(torch.arange(images))
     transform = train_transform(size, randaugment=9)
     out = {f"stream, {w} workers": StreamLoader(files, 64, transform, workers=w) for w in workers}
@@ -93,8 +94,6 @@ print(max(resource.getrusage(w).ru_maxrss for w in (resource.RUSAGE_SELF, resour
 
 
 def memory(args: argparse.Namespace) -> None:
-    import shutil
-
     rows = []
     for folder in args.folders:
         n = sum(1 for _ in (folder / "train").glob("*/*"))
@@ -150,8 +149,6 @@ print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024)
 
 def trainer(args: argparse.Namespace) -> None:
     """Peak RSS of building a Trainer (decode both splits, channel statistics) on each folder."""
-    import shutil
-
     print("\n| folder | peak RSS building the Trainer (MB) |\n|---|---:|")
     for folder in args.folders:
         shutil.rmtree(folder / ".visionmoe-cache", ignore_errors=True)

@@ -21,13 +21,14 @@ import time
 
 import torch
 
+from visionmoe.analysis.speed import benchmark_header, markdown_table
+from visionmoe.models import create_model
+
 
 def worker(model_name: str, width: int, batch: int, steps: int, threads: int) -> float:
     """Images per second of ``steps`` timed training steps after two warm-up steps."""
     torch.set_num_threads(threads)
     torch.manual_seed(0)
-    from visionmoe.models import create_model
-
     model = create_model(model_name, width=width).to(memory_format=torch.channels_last).train()
     optim = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
     x = torch.randn(batch, 3, 32, 32).contiguous(memory_format=torch.channels_last)
@@ -79,8 +80,6 @@ def main() -> None:
     for spec in args.models:
         if spec.count(":") != 1 or not spec.split(":")[1].isdigit():
             parser.error(f"--models entry {spec!r}: expected MODEL:WIDTH, e.g. cnn_dw_cifar_moe:16")
-
-    from visionmoe.analysis.speed import benchmark_header, markdown_table
 
     rows = []
     for spec in args.models:

@@ -16,7 +16,7 @@ import argparse
 import torch
 
 import visionmoe
-from visionmoe.analysis import profile
+from visionmoe.analysis import profile_model
 
 
 def native_size(name: str) -> int:
@@ -46,7 +46,7 @@ def main() -> None:
     for name in args.models or visionmoe.list_models():
         size = native_size(name)
         model = visionmoe.create_model(name)
-        p = profile(model, torch.randn(1, 3, size, size))
+        p = profile_model(model, torch.randn(1, 3, size, size))
         layers = len(visionmoe.moe_layers(model))
         print(
             f"| `{name}` | {size}² | {layers} | {fmt(p.total_params)} | {fmt(p.active_params)} | "
@@ -60,7 +60,7 @@ def rho_sweep() -> None:
     for name in ("cnn_resnet_cifar_moe", "cnn_dw_cifar_moe"):
         for stages in ("none", (2,), (1, 2), "all"):
             model = visionmoe.create_model(name, moe_stages=stages)
-            p = profile(model, torch.randn(1, 3, 32, 32))
+            p = profile_model(model, torch.randn(1, 3, 32, 32))
             print(
                 f"| `{name}` | {stages} | {fmt(p.total_params)} | {fmt(p.active_params)} | "
                 f"{fmt(p.total_flops)} | {p.rho:.3f} | {p.rho_nominal:.3f} |"

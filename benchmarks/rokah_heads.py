@@ -6,7 +6,7 @@
 1. Trains ``configs/rokah_{dense,mixture,sparse}_head.yaml`` (ResNet-18 whose 512-unit head is a
    dense FFN, a softmax-gated mixture of 4 × 128, or a noisy top-2 of 4 × 128: matched capacity),
    same recipe and seed, in ``--out/<preset>-s<seed>``. Finished runs are skipped, killed ones resumed.
-2. Runs :func:`visionmoe.analyze.analyze_run` on each: λmax and the top eigenvalues (Lanczos) and
+2. Runs :func:`visionmoe.analysis.trained_run.analyze_run` on each: λmax and the top eigenvalues (Lanczos) and
    tr(H) ± stderr (Hutchinson) on ``--samples`` train and as many test images, over every parameter
    (``--params all``) and over the head alone (``head``: what differs between the three models), and
    the loss along one filter-normalised random direction and along the top Hessian eigenvector
@@ -14,9 +14,9 @@
 3. Writes ``--out/report.md`` (the table BENCHMARKS.md quotes) and ``--out/perturbation.png`` (the
    1D curves of the three heads side by side).
 
-The CPU budget (defaults): backbone width 16 instead of 64 (a ResNet-18 epoch at width 64 takes
-~25 min on 2 cores, at width 16 ~2 min) and 6 epochs; the head keeps its 512 units. ``--quick``
-checks the script on 512 images in about a minute.
+The CPU budget (defaults): backbone width 16 instead of 64 and 6 epochs, because a full-width
+ResNet-18 epoch is far too slow for 2 cores (the times: BENCHMARKS.md, "Rokah et al."); the head keeps
+its 512 units. ``--quick`` checks the script on 512 images.
 """
 
 from __future__ import annotations
@@ -26,7 +26,10 @@ import json
 import sys
 from pathlib import Path
 
+import torch
+
 from visionmoe.analysis.speed import machine_info
+from visionmoe.analysis.trained_run import analyze_run
 from visionmoe.train import Trainer, load_config
 
 PRESETS = ("rokah_dense_head", "rokah_mixture_head", "rokah_sparse_head")
@@ -64,10 +67,6 @@ def train_all(args: argparse.Namespace) -> dict[str, Path]:
 
 
 def analyze_all(runs: dict[str, Path], args: argparse.Namespace) -> dict[str, dict[str, dict]]:
-    import torch
-
-    from visionmoe.analyze import analyze_run
-
     torch.set_num_threads(args.threads)
     results: dict[str, dict[str, dict]] = {}
     for preset, run_dir in runs.items():

@@ -1,5 +1,8 @@
 """The command line: `visionmoe demo` runs every router and prints its table."""
 
+import subprocess
+import sys
+
 import pytest
 
 from visionmoe.cli import main
@@ -56,3 +59,24 @@ def test_model_commands_refuse_kwargs_the_model_would_drop_or_not_take(command, 
     with pytest.raises(SystemExit, match=r"unknown model.kwargs \['widht'\]"):
         main([command, "cnn_resnet_cifar_moe", "--kwargs", '{"widht": 8}', *tail])
     assert not any(tmp_path.iterdir())  # nothing written
+
+
+def test_python_m_runs_the_command_line_without_the_heavy_stacks():
+    # torchrun launches `-m visionmoe.cli`: the package's __main__ must run main(). --help lists all ten
+    # commands and loads none of the stacks only a running command needs (pandas, scipy, matplotlib and
+    # setuptools via torch.utils.benchmark; the training and study code): each is imported lazily.
+    code = (
+        "import runpy, sys\n"
+        "sys.argv = ['visionmoe', '--help']\n"
+        "try:\n"
+        "    runpy.run_module('visionmoe.cli', run_name='__main__')\n"
+        "except SystemExit as e:\n"
+        "    assert e.code == 0, e.code\n"
+        "heavy = {'pandas', 'scipy', 'matplotlib', 'setuptools', 'visionmoe.train.trainer', 'visionmoe.studies'}\n"
+        "print('loaded:', sorted(heavy & set(sys.modules)))\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-2000:]
+    commands = "train,eval,analyze,demo,bench,shards,profile,export,sweep,report"
+    assert "{" + commands + "}" in result.stdout.replace(" ", "").replace("\n", "")
+    assert result.stdout.rstrip().endswith("loaded: []"), result.stdout[-500:]

@@ -12,7 +12,6 @@ import statistics
 from dataclasses import dataclass
 
 import torch
-from torch.utils import benchmark
 
 from visionmoe.analysis.speed import iqr
 from visionmoe.layers import ROUTERS, MoE
@@ -64,6 +63,8 @@ def build(name: str, cfg: DemoConfig) -> MoE:
 
 def time_forward_backward(moe: MoE, x: torch.Tensor, repeats: int, threads: int) -> list[float]:
     """Seconds per forward+backward, one measurement per repeat (torch.utils.benchmark)."""
+    from torch.utils import benchmark  # lazy: it loads setuptools, which `visionmoe --help` never needs
+
     timer = benchmark.Timer(
         stmt="moe.zero_grad(set_to_none=True); moe(x).sum().backward()",
         globals={"moe": moe, "x": x},

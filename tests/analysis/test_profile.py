@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from visionmoe import MoE, moe_layers
-from visionmoe.analysis import ComputeProfile, dense_twin, profile
+from visionmoe.analysis import ComputeProfile, dense_twin, profile_model
 from visionmoe.layers.experts import Experts
 
 NO_NOISE = {"noise_std": 0.0}
@@ -19,7 +19,7 @@ def sandwich(moe: MoE, d_in: int = 16, d_out: int = 10) -> nn.Sequential:
 
 def test_dropless_topk_flops_rho_and_active_params_by_hand():
     model = sandwich(MoE(32, 4, 64, router="topk", k=2, capacity_factor=None, router_options=NO_NOISE))
-    p = profile(model, torch.randn(3, 16))  # (B, D): one token per sample
+    p = profile_model(model, torch.randn(3, 16))  # (B, D): one token per sample
     # Per sample (one token), FLOPs = 2 · in · out per matmul:
     #   Linear(16, 32) 2·16·32 = 1024; router 2·32·4 = 256; Linear(32, 10) 2·32·10 = 640;
     #   experts: dropless k=2 → 2 assignments × (2·32·64 + 2·64·32 = 8192) = 16384.
@@ -49,7 +49,7 @@ def test_capacity_padding_costs_more_than_useful_flops():
     moe = MoE(32, 4, 64, router="topk", k=1, capacity_factor=1.0, router_options=NO_NOISE)
     model = sandwich(moe)
     nn.init.zeros_(moe.router.weight)  # equal logits: every token's top-1 is expert 0 (ties → lower index)
-    p = profile(model, torch.randn(2, 8, 16))  # (B, N, D): one group of S = 8 tokens per sample
+    p = profile_model(model, torch.randn(2, 8, 16))  # (B, N, D): one group of S = 8 tokens per sample
     # C = ceil(k·S·cf/E) = ceil(1·8·1.0/4) = 2: expert 0 keeps 2 tokens, the other 6 are dropped.
     # One slot through one expert: 2·32·64 + 2·64·32 = 8192 FLOPs.
     #   useful = 2 kept × 8192 = 16384; padded = G·E·C = 1·4·2 = 8 slots × 8192 = 65536 per sample.
@@ -73,9 +73,9 @@ def test_nominal_rho_does_not_depend_on_where_the_tokens_went(router):
     options = NO_NOISE if router == "topk" else {}  # expert choice draws no noise
     moe = MoE(32, 4, 64, router=router, capacity_factor=1.0, router_options=options)
     model, x = sandwich(moe), torch.randn(2, 8, 16)
-    random_gate = profile(model, x)
+    random_gate = profile_model(model, x)
     nn.init.zeros_(moe.router.weight)  # equal logits: top-k sends every token to expert 0
-    tied = profile(model, x)
+    tied = profile_model(model, x)
     assert tied.expert_flops_nominal == random_gate.expert_flops_nominal
     assert tied.rho_nominal == random_gate.rho_nominal
     if router == "topk":  # k=1, C = 2 per expert: 8 offered assignments per sample, 2 kept once tied
@@ -85,8 +85,8 @@ def test_nominal_rho_does_not_depend_on_where_the_tokens_went(router):
 
 
 def test_dense_and_soft_count_every_expert_as_active():
-    dense = profile(sandwich(MoE(32, 4, 64, router="dense")), torch.randn(2, 16))
-    soft = profile(sandwich(MoE(32, 4, 64, router="soft")), torch.randn(2, 5, 16))
+    dense = profile_model(sandwich(MoE(32, 4, 64, router="dense")), torch.randn(2, 16))
+    soft = profile_model(sandwich(MoE(32, 4, 64, router="soft")), torch.randn(2, 5, 16))
     # Both: non-expert 544 + 330 (+ the soft router's Φ 32·4·1 + scale 1 = 129) + 4 experts × 4192.
     assert dense.active_params == dense.total_params == 544 + 330 + 4 * 4192
     assert soft.active_params == soft.total_params == 544 + 330 + 129 + 4 * 4192
@@ -101,7 +101,7 @@ def test_dense_and_soft_count_every_expert_as_active():
 def test_no_moe_gives_rho_zero_and_a_markdown_table():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 10))
-    p = profile(model, torch.randn(4, 16))
+    p = profile_model(model, torch.randn(4, 16))
     assert isinstance(p, ComputeProfile)
     assert (p.rho, p.expert_flops, p.expert_flops_padded, p.router_flops) == (0.0, 0, 0, 0)
     assert p.total_flops == 1024 + 640
@@ -116,7 +116,7 @@ def test_no_moe_gives_rho_zero_and_a_markdown_table():
 def test_attention_flops_are_counted():
     torch.manual_seed(0)
     vit = timm.create_model("vit_tiny_patch16_224", img_size=32, patch_size=8, num_classes=10)
-    p = profile(vit, torch.randn(2, 3, 32, 32))
+    p = profile_model(vit, torch.randn(2, 3, 32, 32))
     # 32/8 = 4×4 = 16 patches + 1 class token: T = 17 tokens of width 192, 12 blocks, 3 heads of 64.
     T, D = 17, 192
     linear = 12 * T * (2 * D * 3 * D + 2 * D * D + 2 * D * 4 * D + 2 * 4 * D * D)  # qkv, proj, fc1, fc2
@@ -129,7 +129,7 @@ def test_attention_flops_are_counted():
 def test_profile_restores_the_model():
     moe = MoE(32, 4, 64, router="topk", k=2, capacity_factor=None)
     model = sandwich(moe).train()
-    profile(model, torch.randn(2, 16))
+    profile_model(model, torch.randn(2, 16))
     assert all(m.training for m in model.modules())
     assert moe.last_stats is not None  # stats of the profiled (eval-mode) forward
 
@@ -152,7 +152,7 @@ def test_flops_twin_matches_the_active_flops(router, opts, hidden, shape):
     twin = dense_twin(model, match="flops", example_input=x)
     ((_, ffn),) = moe_layers(twin)
     assert (ffn.num_experts, ffn.hidden_dim, ffn.router.name) == (1, 2 * hidden, "dense")
-    moe_p, twin_p = profile(model, x), profile(twin, x)
+    moe_p, twin_p = profile_model(model, x), profile_model(twin, x)
     assert twin_p.total_flops == pytest.approx(moe_p.total_flops, rel=0.01)
     # Exactly: the twin spends what the MoE model spends minus routing (router, Soft MoE dispatch/combine).
     assert twin_p.total_flops == moe_p.total_flops - moe_p.router_flops - moe_p.dispatch_flops
@@ -209,8 +209,8 @@ def test_dense_router_layers_are_not_routed():
     # total but not in ρ, so a dense twin has ρ = 0 while its MoE original does not.
     moe_model = nn.Sequential(MoE(16, 4, 32, router="topk", k=2, capacity_factor=None), nn.Linear(16, 4))
     x = torch.randn(3, 5, 16)
-    assert profile(moe_model, x).rho > 0
-    twin = profile(dense_twin(moe_model), x)
+    assert profile_model(moe_model, x).rho > 0
+    twin = profile_model(dense_twin(moe_model), x)
     assert twin.rho == 0.0 and twin.layers[0].routed is False and twin.layers[0].expert_flops > 0
 
 
@@ -220,5 +220,5 @@ def test_expert_flops_counted_on_every_backend(backend):
     # (FlopCounterMode has no formula for grouped_mm of its own; profile registers one).
     D, H, tokens = 16, 32, 10
     moe = MoE(D, 4, H, router="topk", k=2, capacity_factor=None, backend=backend)
-    p = profile(moe, torch.randn(1, tokens, D))
+    p = profile_model(moe, torch.randn(1, tokens, D))
     assert p.expert_flops == 2 * tokens * (2 * D * H + 2 * H * D)

@@ -210,7 +210,7 @@ def test_under_torchrun_each_rank_reads_only_its_rows_of_the_global_batch(tmp_pa
 
 
 def test_analyze_subsets_decode_a_streamed_split(tmp_path):
-    from visionmoe.analyze import subset_batches
+    from visionmoe.analysis.trained_run import subset_batches
 
     files = write_folder(tmp_path / "train", 9)
     batches = subset_batches(files, (0.5,) * 3, (0.5,) * 3, 5, 2, transform=eval_transform(16))

@@ -11,7 +11,7 @@ from grads import assert_every_parameter_learns
 from torch import nn
 
 import visionmoe
-from visionmoe.analysis.profile import profile
+from visionmoe.analysis.profile import profile_model
 from visionmoe.analysis.twin import dense_twin
 from visionmoe.layers.moe import MoE
 from visionmoe.models.airbench import LOGIT_SCALE, CifarAirbench, whitening_filters
@@ -176,15 +176,15 @@ def test_dense_twin_matches_active_flops():
     # FFN does the same. The MoE adds only its router, 49 · 2·256·8 = 200,704 FLOPs (0.07%).
     # Dropless routing processes every assignment, so the MoE's executed FLOPs are its active ones.
     x = images(2)
-    moe_profile = profile(create("cifar_airbench_moe", moe={"capacity_factor": None}), x)
-    dense_profile = profile(create("cifar_airbench"), x)
+    moe_profile = profile_model(create("cifar_airbench_moe", moe={"capacity_factor": None}), x)
+    dense_profile = profile_model(create("cifar_airbench"), x)
     assert moe_profile.expert_flops == 51_380_224 and moe_profile.router_flops == 200_704
     assert dense_profile.total_flops == moe_profile.total_flops - 200_704
     assert abs(dense_profile.total_flops / moe_profile.total_flops - 1) < 0.02
     assert 0.17 < moe_profile.rho < 0.19  # 51.4 M of 287.9 M
     # With the default capacity (factor 1.25) some assignments may be dropped; the active FLOPs are
     # still those of 98 assignments per image: the executed total minus the useful expert FLOPs plus them.
-    capped = profile(create("cifar_airbench_moe"), x)
+    capped = profile_model(create("cifar_airbench_moe"), x)
     active = capped.total_flops - capped.expert_flops + 51_380_224
     assert abs(dense_profile.total_flops / active - 1) < 0.02
 

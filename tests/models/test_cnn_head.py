@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from visionmoe.analysis.profile import profile
+from visionmoe.analysis.profile import profile_model
 from visionmoe.models import create_model
 from visionmoe.studies.presets import _soft_arms
 from visionmoe.train.config import load_config
@@ -43,7 +43,7 @@ def test_arms_have_equal_active_flops_at_the_training_batch():
     # 64 for 64 images, one expert (8192) per image.
     x = torch.randn(BATCH, 3, 32, 32)
     for name in ARMS:
-        assert profile(_arm(name), x).expert_flops == 8192, name
+        assert profile_model(_arm(name), x).expert_flops == 8192, name
 
 
 @pytest.mark.parametrize("name", ARMS)

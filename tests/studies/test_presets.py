@@ -7,7 +7,7 @@ import pandas as pd
 import pytest
 import torch
 
-from visionmoe.analysis.profile import profile
+from visionmoe.analysis.profile import profile_model
 from visionmoe.cli import main
 from visionmoe.models import create_model
 from visionmoe.studies import STUDIES, get_study, run_sweep, write_report
@@ -129,7 +129,7 @@ def test_hidden_points_reach_the_issue_rho_ranges_and_state_their_rho():
             hidden_ratio=ratio,
             moe_stages=[1, 2] if stages == "1-2" else stages,
         )
-        measured = profile(model, torch.randn(2, 3, 32, 32)).rho_nominal
+        measured = profile_model(model, torch.randn(2, 3, 32, 32)).rho_nominal
         assert abs(measured - stated) < 5e-4, (backbone, stages, ratio, measured)
         by_backbone.setdefault(backbone, []).append(stated)
     # the issue: >= 5 hidden sizes per backbone, ρ spanning at least 0.15 -> 0.60 (standard), 0.25 -> 0.85 (depthwise)

@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from visionmoe.analyze import analyze_run
+from visionmoe.analysis.trained_run import analyze_run
 from visionmoe.cli import main
 from visionmoe.train import Trainer, load_config
 

@@ -1,4 +1,8 @@
-"""Compute accounting (FLOPs, ρ, active parameters), dense twins, Hessian, loss surface, routing analytics."""
+"""Compute accounting (FLOPs, ρ, active parameters), dense twins, Hessian, loss surface, routing analytics.
+
+What ``visionmoe analyze`` runs on a trained run is :mod:`visionmoe.analysis.trained_run`; it reads runs
+through ``visionmoe.train`` (which imports this package), so it is imported on its own, not from here.
+"""
 
 from visionmoe.analysis.hessian import (
     PARAM_GROUPS,
@@ -24,7 +28,7 @@ from visionmoe.analysis.landscape import (
     plot_landscape,
     random_direction,
 )
-from visionmoe.analysis.profile import ComputeProfile, ModuleRow, MoELayerProfile, profile
+from visionmoe.analysis.profile import ComputeProfile, ModuleRow, MoELayerProfile, profile_model
 from visionmoe.analysis.routing import (
     COLLAPSE_THRESHOLD,
     LayerRouting,
@@ -69,7 +73,7 @@ __all__ = [
     "plot_load_history",
     "plot_spectral_density",
     "power_iteration",
-    "profile",
+    "profile_model",
     "random_direction",
     "routing_report",
     "spectral_density",

@@ -36,7 +36,7 @@ per-batch products are summed.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -48,7 +48,9 @@ from torch import Tensor, nn
 from torch.func import functional_call
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from visionmoe.analysis.batches import Batches, device_batches
 from visionmoe.analysis.modes import eval_mode
+from visionmoe.checks import check_finite
 from visionmoe.layers.moe import collect_aux_loss, moe_layers
 
 if TYPE_CHECKING:
@@ -149,12 +151,6 @@ def hessian_params(
     return selected
 
 
-def _check_finite(t: Tensor, what: str) -> None:
-    if not bool(torch.isfinite(t).all()):
-        nan, inf = int(torch.isnan(t).sum()), int(torch.isinf(t).sum())
-        raise FloatingPointError(f"{what} is not finite: {nan} NaN and {inf} inf of {t.numel()} values")
-
-
 class HessianOperator:
     """v ↦ H v for the Hessian of the loss of ``model`` on ``batches`` over the parameters ``params``.
 
@@ -184,7 +180,7 @@ class HessianOperator:
     def __init__(
         self,
         model: nn.Module,
-        batches: Iterable[tuple[Tensor, Tensor]] | tuple[Tensor, Tensor],
+        batches: Batches,
         params: str | Sequence[str] = "all",
         *,
         aux_loss: bool = False,
@@ -195,11 +191,7 @@ class HessianOperator:
         self.model, self.aux_loss, self.dtype, self.on_matvec = model, aux_loss, dtype, on_matvec
         all_params = dict(model.named_parameters())
         device = next(iter(all_params.values())).device
-        if isinstance(batches, tuple) and len(batches) == 2 and isinstance(batches[0], Tensor):
-            batches = [batches]
-        self.batches = [(x.to(device), y.to(device)) for x, y in batches]
-        if not self.batches:
-            raise ValueError("HessianOperator needs at least one (x, y) batch")
+        self.batches = device_batches(batches, device, "HessianOperator")
         self.names = hessian_params(model, params, example=self.batches[0][0])
         self.shapes = [all_params[name].shape for name in self.names]
         self.sizes = [all_params[name].numel() for name in self.names]
@@ -253,7 +245,7 @@ class HessianOperator:
         loss = F.cross_entropy(logits.float() if logits.dtype in (torch.float16, torch.bfloat16) else logits, y)
         if self.aux_loss:
             loss = loss + collect_aux_loss(self.model).to(loss.dtype)
-        _check_finite(loss.detach(), f"the loss on a batch of {len(y)} samples")
+        check_finite(loss.detach(), f"the loss on a batch of {len(y)} samples")
         return loss * (len(y) / self.num_samples)
 
     def _run(self, fn: Callable[[dict[str, Tensor], Tensor, Tensor], Tensor]) -> Tensor:
@@ -277,7 +269,7 @@ class HessianOperator:
         """H v for a flat (n,) vector ``v``; returns (n,) in ``dtype`` on the parameters' device."""
         if v.shape != (self.n,):
             raise ValueError(f"hvp needs a vector of shape ({self.n},), got {tuple(v.shape)}")
-        _check_finite(v, "the vector given to hvp")
+        check_finite(v, "the vector given to hvp")
         v = v.to(self.device, self.dtype)
 
         def batch_hvp(leaves: dict[str, Tensor], x: Tensor, y: Tensor) -> Tensor:
@@ -306,7 +298,7 @@ class HessianOperator:
             self.on_matvec(self.matvecs)
         if not bool(torch.isfinite(out).all()):
             bad = [name for name, block in self.unflatten(out).items() if not bool(torch.isfinite(block).all())]
-            _check_finite(out, f"the Hessian-vector product (in {', '.join(bad[:3])}{', ...' if len(bad) > 3 else ''})")
+            check_finite(out, f"the Hessian-vector product (in {', '.join(bad[:3])}{', ...' if len(bad) > 3 else ''})")
         return out
 
     def to_dense(self) -> Tensor:
@@ -592,7 +584,7 @@ class HessianSummary:
 
 def hessian_summary(
     model: nn.Module,
-    batches: Iterable[tuple[Tensor, Tensor]] | tuple[Tensor, Tensor],
+    batches: Batches,
     params: str | Sequence[str] = "all",
     top_k: int = 1,
     trace_probes: int = 100,

@@ -40,16 +40,18 @@ the parameters' version counters.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from visionmoe.analysis.batches import Batches, device_batches
 from visionmoe.analysis.hessian import Eigenpairs, HessianOperator, hessian_params, top_eigenvalues
 from visionmoe.analysis.modes import eval_mode
 from visionmoe.layers.experts import Experts
@@ -59,8 +61,6 @@ from visionmoe.routing.plan import Routing
 
 Direction = dict[str, Tensor]
 """{parameter name: tensor shaped like the parameter}; parameters left out do not move."""
-
-Batches = Iterable[tuple[Tensor, Tensor]] | tuple[Tensor, Tensor]
 
 
 def _filter_dims(model: nn.Module) -> dict[str, tuple[int, ...] | None]:
@@ -304,11 +304,7 @@ def _scan(
     params = dict(model.named_parameters())
     dirs = [_check_direction(d, params, i + 1) for i, d in enumerate(directions)]
     device = next(iter(params.values())).device
-    if isinstance(batches, tuple) and len(batches) == 2 and isinstance(batches[0], Tensor):
-        batches = [batches]
-    batches = [(x.to(device), y.to(device)) for x, y in batches]
-    if not batches:
-        raise ValueError("the loss surface needs at least one (x, y) batch")
+    batches = device_batches(batches, device, "the loss surface")
     names = [name for name in params if any(name in d for d in dirs)]
     saved = {name: params[name].detach().clone() for name in names}
     plans: list[tuple[str, Any]] = []  # (MoE layer name, plan) of each router call of the current batch
@@ -419,7 +415,6 @@ def plot_landscape(result: LossLandscape, path: str | Path, *, title: str | None
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    import numpy as np
 
     panels = [("loss", result.loss), ("accuracy", result.accuracy)]
     if bool(torch.isfinite(result.flip_rate).any()):

@@ -140,7 +140,7 @@ class ComputeProfile:
         return "\n".join(lines)
 
 
-def profile(model: nn.Module, example_input: Tensor | Sequence[Tensor]) -> ComputeProfile:
+def profile_model(model: nn.Module, example_input: Tensor | Sequence[Tensor]) -> ComputeProfile:
     """Count the FLOPs and parameters of ``model`` on one batch, and split them between experts and the rest.
 
     One forward pass runs in eval mode (training flags are restored afterwards) under
@@ -188,7 +188,7 @@ def profile(model: nn.Module, example_input: Tensor | Sequence[Tensor]) -> Compu
         example_input: a batch on the model's device, or a sequence of positional inputs.
 
     Example:
-        >>> p = profile(model, torch.randn(8, 3, 32, 32))
+        >>> p = profile_model(model, torch.randn(8, 3, 32, 32))
         >>> print(p.table())
     """
     inputs = (example_input,) if isinstance(example_input, Tensor) else tuple(example_input)

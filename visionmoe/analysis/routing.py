@@ -25,9 +25,8 @@ import math
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import pandas as pd
 import torch
 from torch import Tensor, nn
 
@@ -36,6 +35,9 @@ from visionmoe.jsonl import read_jsonl
 from visionmoe.layers.moe import MoE, moe_layers
 from visionmoe.layers.stats import RoutingStatsAccumulator
 from visionmoe.routing.plan import Plan, Routing, SoftRouting
+
+if TYPE_CHECKING:  # pandas loads when a history is read; `import visionmoe.analysis` (`visionmoe --help`) skips it
+    import pandas as pd
 
 COLLAPSE_THRESHOLD = 0.1
 """An expert with less than this fraction of the uniform share 1/E of the load counts as collapsed."""
@@ -336,6 +338,8 @@ def load_history(run: str | Path, *, threshold: float = COLLAPSE_THRESHOLD) -> p
     (``dropped_fraction``, ``unrouted_fraction``, ``router_entropy``, ``load_cv``) repeat on each
     expert's row (NaN where the log lacks them), so ``df[df.expert == 0]`` lists them once per layer.
     """
+    import pandas as pd
+
     path = Path(run)
     if path.is_dir():
         path = path / "metrics.jsonl"

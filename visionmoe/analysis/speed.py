@@ -27,9 +27,8 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
-from torch.utils import benchmark
 
-from visionmoe.analysis.profile import profile
+from visionmoe.analysis.profile import profile_model
 from visionmoe.layers.dispatch import einsum_moe
 from visionmoe.layers.moe import MoE
 from visionmoe.routing.plan import Routing
@@ -68,6 +67,8 @@ def time_fn(fn: Callable[[], Any], *, threads: int, repeats: int, min_run_time: 
     ``repeats`` measurements, each the mean of enough back-to-back calls to last about ``min_run_time``
     seconds, so that timer overhead does not dominate tiny shapes.
     """
+    from torch.utils import benchmark  # lazy: it loads setuptools, which only timing needs
+
     if repeats < 1 or threads < 1:
         raise ValueError(f"need repeats >= 1 and threads >= 1, got repeats={repeats}, threads={threads}")
     timer = benchmark.Timer(stmt="fn()", globals={"fn": fn}, num_threads=threads)
@@ -224,6 +225,8 @@ def interleaved_times(
     ``min_run_time`` seconds; then the repeats interleave the functions, starting each round one
     function later, so that a slow moment of the machine hits every function alike.
     """
+    from torch.utils import benchmark  # lazy, as in time_fn
+
     if repeats < 1 or threads < 1:
         raise ValueError(f"need repeats >= 1 and threads >= 1, got repeats={repeats}, threads={threads}")
     timers, numbers = {}, {}
@@ -336,7 +339,7 @@ def inference_speedup(
     whose capacity is shared by the batch (groups="batch"), and ``block``, an MoE MLP block on
     (B, tokens_per_image, block_dim) tokens grouped per image. The reference is the same layer
     running all E experts (the "dense" router with the same E and H). Theoretical speed-up =
-    FLOPs(all) / FLOPs(top-1), total model FLOPs from :func:`visionmoe.analysis.profile` (the router
+    FLOPs(all) / FLOPs(top-1), total model FLOPs from :func:`visionmoe.analysis.profile_model` (the router
     and any dropped assignments included); realised = median over interleaved repeats of
     time(all) / time(top-1).
     """
@@ -350,7 +353,7 @@ def inference_speedup(
         sparse = MoE(d, num_experts, hidden, router="topk", **kw)
         full = MoE(d, num_experts, hidden, router="dense")  # every token through all E experts
         x = torch.randn(size, generator=torch.Generator().manual_seed(seed))
-        flops_top1, flops_all = profile(sparse, x).total_flops, profile(full, x).total_flops
+        flops_top1, flops_all = profile_model(sparse, x).total_flops, profile_model(full, x).total_flops
         dropped = sparse.last_stats.dropped_fraction  # of the profiled (eval) forward
         steps = {"top1": _step(sparse.eval(), x, "fwd"), "all": _step(full.eval(), x, "fwd")}
         times = interleaved_times(steps, threads=threads, repeats=repeats, min_run_time=min_run_time)

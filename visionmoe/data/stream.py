@@ -34,9 +34,12 @@ from typing import Any
 
 import numpy as np
 import torch
+from timm.data import create_transform
+from timm.data.transforms import MaybePILToTensor, RandomResizedCropAndInterpolation
 from torch import Tensor
 
 from visionmoe.data.augment import normalize
+from visionmoe.data.datasets import IMAGE_SUFFIXES
 from visionmoe.data.loader import TensorLoader
 
 Transform = Callable[[Any], Tensor]  # PIL image -> (3, S, S) uint8
@@ -119,8 +122,6 @@ def list_shards(folder: str | os.PathLike) -> ImageFiles:
     Reads only the tar headers, to find where each image's bytes lie; images are then read one by
     one at random, so the order and augmentation guarantees of the module docstring hold for shards.
     """
-    from visionmoe.data.datasets import IMAGE_SUFFIXES
-
     folder = Path(folder).expanduser()
     layout = f"tar shards in the WebDataset layout (<key>.jpg + <key>.cls) with {SHARD_CLASSES}"
     names = folder / SHARD_CLASSES
@@ -169,8 +170,7 @@ def train_transform(
 ) -> Transform:
     """The ImageNet recipes' per-image augmentation: random-resized crop (bicubic), flip, RandAugment
     (2 ops of magnitude ``randaugment``); returns (3, size, size) uint8."""
-    from timm.data.transforms import MaybePILToTensor, RandomResizedCropAndInterpolation
-    from torchvision.transforms import v2
+    from torchvision.transforms import v2  # lazy: the only import here that import visionmoe has not paid for
 
     steps: list[Any] = [RandomResizedCropAndInterpolation(size, scale=scale, interpolation="bicubic")]
     if flip:
@@ -183,8 +183,6 @@ def train_transform(
 
 def eval_transform(size: int, crop_pct: float = 0.875) -> Transform:
     """timm's evaluation transform: resize the short side to size / crop_pct (bicubic), centre-crop size."""
-    from timm.data import create_transform
-
     return create_transform(size, is_training=False, crop_pct=crop_pct, interpolation="bicubic", use_prefetcher=True)
 
 

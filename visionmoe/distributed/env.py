@@ -59,10 +59,6 @@ class ParallelEnv:
         return self.mesh.get_group("replica")
 
     @property
-    def dp_group(self) -> dist.ProcessGroup:
-        return dist.group.WORLD
-
-    @property
     def is_main(self) -> bool:
         """Rank 0, the one process that writes logs, summaries and single-writer files."""
         return self.rank == 0

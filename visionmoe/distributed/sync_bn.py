@@ -23,13 +23,8 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.distributed.nn.functional import all_reduce  # differentiable: its backward sums too
 from torch.nn.modules.batchnorm import _BatchNorm
-
-
-def _all_reduce(t: Tensor, group) -> Tensor:
-    from torch.distributed.nn.functional import all_reduce  # differentiable: its backward sums too
-
-    return all_reduce(t, group=group)
 
 
 class SyncBatchNorm(_BatchNorm):
@@ -71,14 +66,14 @@ class SyncBatchNorm(_BatchNorm):
         dims = [0, *range(2, input.dim())]
         x = input.float() if input.dtype in (torch.float16, torch.bfloat16) else input
         count = x.new_full((1,), x.numel() // C if C else 0)
-        both = _all_reduce(torch.cat([x.sum(dim=dims), count]), group)
+        both = all_reduce(torch.cat([x.sum(dim=dims), count]), group=group)
         n = both[-1]
         if not n > 1:
             raise ValueError(f"SyncBatchNorm needs more than 1 value per channel over all ranks, got {int(n)}")
         mean = both[:C] / n
         shape = [1, C] + [1] * (input.dim() - 2)
         centred = x - mean.reshape(shape)
-        var = _all_reduce(centred.square().sum(dim=dims), group) / n  # biased: what normalises
+        var = all_reduce(centred.square().sum(dim=dims), group=group) / n  # biased: what normalises
         if self.track_running_stats:
             with torch.no_grad():
                 momentum = self._momentum()

@@ -48,7 +48,7 @@ def run_one(run: Run, runtime: Sequence[str] = ()) -> dict[str, Any]:
     if not (run_dir / "summary.json").is_file():
         Trainer(config, resume=(run_dir / CHECKPOINT).is_file()).fit()
     if run.analyze and not (run_dir / "analysis.json").is_file():
-        from visionmoe.analyze import analyze_run
+        from visionmoe.analysis.trained_run import analyze_run
 
         analyze_run(run_dir, **{"progress": False, **run.analyze})
     return json.loads((run_dir / "summary.json").read_text())

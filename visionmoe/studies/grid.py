@@ -135,7 +135,9 @@ class Run:
     out_dir: str
     twin: str | None = None  # "flops" for the dense twin of a pair
     reference: str | None = None  # key of the configuration this one is compared against
-    analyze: dict[str, Any] | None = None  # visionmoe.analyze.analyze_run keyword arguments, after training
+    analyze: dict[str, Any] | None = (
+        None  # visionmoe.analysis.trained_run.analyze_run keyword arguments, after training
+    )
 
     @property
     def name(self) -> str:
@@ -193,7 +195,7 @@ class Sweep:
         twins: also train each configuration's dense twin of equal active FLOPs, as its reference.
         baseline: instead of twins, ``{axis: value}``: that configuration is the reference of the
             configurations that differ from it on this axis only.
-        analyze: keyword arguments of :func:`visionmoe.analyze.analyze_run` to run on each trained
+        analyze: keyword arguments of :func:`visionmoe.analysis.trained_run.analyze_run` to run on each trained
             run (e.g. ``{"what": ["hessian", "landscape"]}``); None for no analysis.
     """
 

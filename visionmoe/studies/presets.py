@@ -8,27 +8,26 @@ ResNet-18 recipe; ``benchmarks/rokah_heads.py`` is its CPU-budget form) trains b
 ``configs/cifar10_moe.yaml`` (SGD + Nesterov, batch
 512, lr 0.4 with a 1-epoch warm-up and linear decay, label smoothing 0.2, crop ±2 and flip, flip
 TTA, 5 epochs); only the model changes. MoE layers default to that preset's E = 8, top-2, capacity
-factor 1.25 (2.0 at test). The full forms' times are for 2 CPU cores (one job, 2 threads): topk and
-width measured, hidden, hidden_long, rho and soft by ``--estimate``, the others from the training
-throughput of each model measured on this machine (a shared 2-core VM); a GPU needs minutes per run.
-The tiny forms train each run for one epoch on 256 images at small widths: they check that a study
-runs end to end through the report, not its result.
+factor 1.25 (2.0 at test). The tiny forms train each run for one epoch on 256 images at small widths:
+they check that a study runs end to end through the report, not its result.
 
-    #  name         study                                                  runs per seed  2-core time, all seeds
-    1  rho          ρ by placement: last block / stage / 2 stages / all      8              ~2.2 h (--jobs 2)
-    2  hidden       expert hidden size at width 8, standard and depthwise    20             ~7.5 h (--jobs 2)
-    3  hidden_long  hidden's highest-ρ depthwise pair at 15 epochs, 2 seeds  2              ~2.9 h (--jobs 2)
-    4  width        backbone width 8/16/32, standard and depthwise           12             10.3 h (measured)
-    5  topk         k = 1 vs 2, same architecture and initialisation         4              1.7 h (measured)
-    6  soft         dense / batch-axis Soft MoE / per-sample Soft MoE /      4              ~2 h (--jobs 2)
+    #  name         study                                                  runs per seed
+    1  rho          ρ by placement: last block / stage / 2 stages / all      8
+    2  hidden       expert hidden size at width 8, standard and depthwise    20
+    3  hidden_long  hidden's highest-ρ depthwise pair at 15 epochs, 2 seeds  2
+    4  width        backbone width 8/16/32, standard and depthwise           12
+    5  topk         k = 1 vs 2, same architecture and initialisation         4
+    6  soft         dense / batch-axis Soft MoE / per-sample Soft MoE /      4
                     top-2 on the pooled feature (one token per sample)
-    7  heads        ResNet-18 dense / mixture / sparse heads + sharpness       3              GPU (~40 h per run)
-    8  placement    ViT / ConvNeXt: Last-2, Every-2, all; E = 4, 8, 16;        24             GPU (~days on CPU)
+    7  heads        ResNet-18 dense / mixture / sparse heads + sharpness       3
+    8  placement    ViT / ConvNeXt: Last-2, Every-2, all; E = 4, 8, 16;        24
                     linear vs MLP router gate
-    9  routers      six routers at equal active FLOPs and a dense reference    7              ~3 h per seed
+    9  routers      six routers at equal active FLOPs and a dense reference    7
 
-The hidden, hidden_long, rho and soft estimates assume today's MoE layer, up to 2.4× its twin's step time
-with MoE in every stage (issue 22); BENCHMARKS.md "Planned: issue 23" has the tables and launch commands.
+How long each full form takes on 2 CPU cores (measured, or by ``--estimate``, which times a few real
+steps of every configuration) is in README's study table and BENCHMARKS.md ("Studies: how long they
+take on 2 cores", "Planned: issue 23", which also has the launch commands); heads and placement are
+GPU jobs.
 """
 
 from __future__ import annotations
@@ -64,7 +63,6 @@ class Study:
     name: str
     title: str
     sweep: Sweep
-    full_time: str
     tiny_overrides: Sequence[str] = ()
     tiny_grids: Sequence[Mapping[str, Any]] | None = None
     tiny_analyze: Mapping[str, Any] | None = None
@@ -193,8 +191,6 @@ _add(
             grids=[{"model.moeify.placement": ["tail-1", "tail-2", "tail-4", "all"]}],
             overrides=("model.name=cnn_resnet_cifar", f"model.kwargs.width={STUDY_WIDTH}"),
         ),
-        full_time="~2.2 h for 3 seeds with --jobs 2 (--estimate, today's MoE speed; the all-blocks MoE routes 1024 "
-        "positions per image in stage 1)",
         notes=f"The standard CIFAR CNN (w={STUDY_WIDTH}, hidden's width) made MoE by moeify in its last block "
         "(tail-1), last stage (tail-2), last two stages (tail-4) or every block: ρ grows from a few % to most of "
         "the network. The CNN has no classifier-head MoE, so its last block stands in for 'head only'.",
@@ -212,7 +208,6 @@ _add(
             grids=_hidden_grids(HIDDEN_POINTS),
             overrides=(f"model.kwargs.width={STUDY_WIDTH}",),
         ),
-        full_time="~7.5 h for 3 seeds with --jobs 2 (--estimate, today's MoE speed; BENCHMARKS.md 'Planned: issue 23')",
         tiny_grids=_hidden_grids([("standard", "1-2", 1), ("depthwise", "all", 2)]),
         notes=f"Width {STUDY_WIDTH} fixed; the hidden size of the MoE blocks' experts (hidden_ratio r: each expert "
         "r·dim wide, E=8, top-2) is swept, the dense twin's FFNs at 2·r·dim (equal active FLOPs). MoE in stages "
@@ -233,7 +228,6 @@ _add(
             grids=_hidden_grids([LONG_POINT], **{"train.epochs": [LONG_EPOCHS]}),
             overrides=(f"model.kwargs.width={STUDY_WIDTH}",),
         ),
-        full_time="~2.9 h for 2 seeds with --jobs 2 (--estimate, today's MoE speed)",
         seeds=(0, 1),
         tiny_grids=_hidden_grids([("depthwise", "all", 2)], **{"train.epochs": [2]}),
         notes=f"hidden's highest-ρ depthwise pair ({LONG_POINT[1]} stages, r={LONG_POINT[2]:g}, nominal ρ "
@@ -252,8 +246,6 @@ _add(
             BASE,
             grids=[{"backbone": BACKBONES, "model.kwargs.width": [8, 16, 32]}],
         ),
-        full_time="10.3 h for 3 seeds (measured: 194 min for seed 0, the depthwise w=32 pair alone ~75 min); "
-        "the standard w=16 pair is topk's k=2 pair (--reuse)",
         tiny_grids=[{"backbone": BACKBONES, "model.kwargs.width": [8, 16]}],
         notes="The backbone width w is swept (stages w, 2w, 4w; FFN and expert width hidden_ratio·dim scale with "
         "it), so nominal ρ stays nearly flat (0.20 standard, 0.42-0.46 depthwise). MoE in the last stage, E=8, "
@@ -267,7 +259,6 @@ _add(
         "topk",
         "top-k ablation: k = 1 vs k = 2 with architecture and initialisation fixed (Sun et al.)",
         Sweep("topk", BASE, grids=[{"model.moe.k": [1, 2]}], overrides=_cnn(16)),
-        full_time="35 min per seed (measured: 6.5–9.3 min per run, 1.7 h for 3 seeds, on a quiet 2-core machine)",
         tiny_overrides=("model.kwargs.width=8",),
         notes="Same E=8 experts of the same width in the same (last) stage, so under one seed k=1 and k=2 start from "
         "identical weights; only the tokens' number of experts changes. ρ (the experts' nominal FLOP share) "
@@ -293,7 +284,6 @@ _add(
             twins=False,
             baseline={"head": "dense"},
         ),
-        full_time="~2 h for 3 seeds with --jobs 2 (--estimate)",
         tiny_overrides=("model.kwargs.width=8", "data.eval_batch_size=64"),
         tiny_grids=[{"head": _soft_arms(64, 8)}],  # batch 64: 8 experts × 8 slots, one per sample
         notes=f"The standard CIFAR CNN (w={SOFT_WIDTH}, every block dense) with its pooled 64-d feature through a "
@@ -332,7 +322,6 @@ _add(
                 "directions": ["random", "hessian"],
             },
         ),
-        full_time="a GPU job: 100 epochs of ResNet-18 (0.56 GFLOPs per image) are ~40 h per run on 2 CPU cores",
         tiny_overrides=("model.kwargs.width=8", "model.kwargs.head_width=64"),
         # tiny: the Hessian of the head alone (its HVPs run on cached backbone features), on 32 images
         tiny_analyze={
@@ -345,7 +334,7 @@ _add(
             "params": "head",
         },
         notes="The heads hold the same FFN capacity (E × width = 512); the dense head is each seed's reference. "
-        "After training, visionmoe.analyze computes λmax, the top eigenvalues and tr(H) of the loss on train and "
+        "After training, visionmoe analyze computes λmax, the top eigenvalues and tr(H) of the loss on train and "
         "test subsets of 1000 images and a 1-D loss line: the report tabulates λmax and tr(H) per head.",
     )
 )
@@ -391,8 +380,6 @@ _add(
             ],
             overrides=TRANSFORMER_RECIPE,
         ),
-        full_time="a GPU job: 24 runs per seed of ViT-Ti/4 (0.8 GFLOPs/image) and ConvNeXt-atto at 32 px, 30 epochs; "
-        "on 2 CPU cores ~2 days per run",
         tiny_grids=[
             {"backbone": {"vit": TINY_VIT}, "model.kwargs.placement": ["last-2", "all"]},
             {"backbone": {"vit": TINY_VIT}, "model.moe.num_experts": [8, 4]},
@@ -424,7 +411,6 @@ _add(
         Sweep(
             "routers", BASE, grids=[{"router": ROUTERS}], overrides=_cnn(16), twins=False, baseline={"router": "dense"}
         ),
-        full_time="~3 h per seed",
         tiny_overrides=("model.kwargs.width=8",),
         notes="Every router does two experts' FLOPs per token (top-2; expert choice at capacity factor 2; Soft MoE "
         "per sample with 16 slots per expert for 64 tokens): token vs expert choice, softmax vs Sinkhorn, the "
@@ -438,10 +424,3 @@ def get_study(name: str) -> Study:
     if name not in STUDIES:
         raise ValueError(f"unknown study {name!r}; studies: {', '.join(STUDIES)}")
     return STUDIES[name]
-
-
-def presets_table() -> str:
-    """The studies as a Markdown table (number, name, what, full form's time)."""
-    rows = ["| # | preset | study | full form on 2 CPU cores |", "|---|---|---|---|"]
-    rows += [f"| {s.number} | `{s.name}` | {s.title} | {s.full_time} |" for s in STUDIES.values()]
-    return "\n".join(rows)

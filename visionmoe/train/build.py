@@ -15,14 +15,14 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from visionmoe.analysis.twin import dense_twin
+from visionmoe.models import create_model, moeify
+from visionmoe.models.registry import check_model_kwargs, model_kwargs
 from visionmoe.train.config import Config, ModelConfig
 
 
 def build_model(cfg: ModelConfig, num_classes: int, example_input: Tensor) -> nn.Module:
     """The configured model: a registered (or timm) model, optionally moeified, optionally its dense twin."""
-    from visionmoe.analysis.twin import dense_twin
-    from visionmoe.models import create_model, moeify
-
     if "moe" in cfg.kwargs:
         raise ValueError(f"model.kwargs.moe={cfg.kwargs['moe']!r} is not read; put MoE settings in model.moe")
     kwargs = dict(cfg.kwargs)
@@ -47,8 +47,6 @@ def check_model_config(cfg: ModelConfig, num_classes: int) -> None:
     The dense twin, which needs an example input, is not built here.
     """
     from dataclasses import replace
-
-    from visionmoe.models.registry import check_model_kwargs, model_kwargs
 
     key = repr((cfg.name, cfg.kwargs, cfg.moe, cfg.moeify, num_classes))
     if key in _CHECKED_MODELS:  # a sweep validates many cells of few models

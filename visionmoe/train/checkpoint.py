@@ -18,6 +18,7 @@ import numpy as np
 import torch
 
 import visionmoe
+from visionmoe.distributed.checkpoint import SHARDED_CHECKPOINT, is_sharded_checkpoint, read_checkpoint
 from visionmoe.train.config import Config
 from visionmoe.train.logger import flatten
 
@@ -93,8 +94,6 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
     A run trained under torchrun has a ``checkpoint.dcp`` directory instead of ``checkpoint.pt``; it is
     read whole, into the same layout (:func:`visionmoe.distributed.read_checkpoint`).
     """
-    from visionmoe.distributed.checkpoint import SHARDED_CHECKPOINT, is_sharded_checkpoint, read_checkpoint
-
     path = Path(path)
     if path.is_dir() and not is_sharded_checkpoint(path):
         path = path / CHECKPOINT

@@ -24,6 +24,7 @@ from typing import Any
 
 import yaml
 
+from visionmoe.jsonl import write_atomic
 from visionmoe.layers.moe import MoEConfig
 from visionmoe.train.typed import build, parse_yaml, plain, set_path, yaml_problem
 
@@ -265,7 +266,7 @@ class Config:
                 f"optim.milestones={list(o.milestones)!r} would be ignored by optim.schedule={o.schedule!r}; "
                 "set optim.schedule=step, or optim.milestones=[]"
             )
-        from visionmoe.train.trainer import check_model_config  # the model section: built on the meta device
+        from visionmoe.train.build import check_model_config  # the model section, on the meta device (a cycle)
 
         check_model_config(self.model, d.num_classes or {"cifar100": 100, "tiny-imagenet": 200}.get(d.dataset, 10))
         return self
@@ -349,8 +350,6 @@ def apply_overrides(config: Config, overrides: list[str] | tuple[str, ...]) -> C
 
 
 def save_config(config: Config, path: Path) -> None:
-    from visionmoe.jsonl import write_atomic
-
     write_atomic(path, yaml.safe_dump(plain(config.to_dict()), sort_keys=False))
 
 

@@ -29,6 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from visionmoe.analysis.profile import profile_model
 from visionmoe.analysis.speed import machine_info
 from visionmoe.distributed import SHARDED_CHECKPOINT
 from visionmoe.jsonl import write_atomic
@@ -373,9 +374,7 @@ class Trainer:
         return self.splits.first_batch(min(self.config.data.batch_size, len(self.splits.train)))
 
     def _profile(self, example: Tensor) -> dict[str, float]:
-        from visionmoe.analysis.profile import profile
-
-        p = profile(self.model, example.to(self.device))
+        p = profile_model(self.model, example.to(self.device))
         return {
             "total_params": p.total_params,
             "active_params": p.active_params,

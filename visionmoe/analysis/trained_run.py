@@ -1,4 +1,4 @@
-"""``visionmoe analyze``: the analyses of a trained run, written into its directory.
+"""The analyses of a trained run (``visionmoe analyze``), written into its directory.
 
     analyze_run("runs/cifar10_moe-s0", what=("routing", "hessian", "landscape", "efficiency"))
 
@@ -17,12 +17,15 @@ Sections (each optional):
   (``landscape_plane_{train,test}.png``). The perturbation moves only the chosen parameter group.
 - **efficiency**: forward time of the model against its dense twin of equal total parameters (what
   sparsity should beat) and of equal active FLOPs (what it should match), per batch size:
-  theoretical speed-up (FLOP ratio, from :func:`~visionmoe.analysis.profile`) against realised
+  theoretical speed-up (FLOP ratio, from :func:`~visionmoe.analysis.profile_model`) against realised
   (time ratio, interleaved repeats).
 
 A model without MoE layers gets the sections that make sense for it (no routing, no twins). Results
 go to ``analysis.json`` (with the settings that produced them) and ``analysis.md`` in ``--out``
 (default: the run directory). The long parts show rich progress bars counting HVPs and points.
+
+The one module of ``analysis/`` that reads a trained run (``train``'s :func:`load_run`), so it sits above
+``train`` while the rest of the package sits below it; ``visionmoe.analysis`` does not import it.
 """
 
 from __future__ import annotations
@@ -34,10 +37,28 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 from torch import Tensor, nn
 
+from visionmoe.analysis.hessian import (
+    HessianOperator,
+    HessianSummary,
+    hutchinson_trace,
+    plot_spectral_density,
+    spectral_density,
+    top_eigenvalues,
+)
+from visionmoe.analysis.landscape import hessian_direction, loss_line, loss_plane, plot_landscape, random_direction
+from visionmoe.analysis.profile import profile_model
+from visionmoe.analysis.routing import load_history, plot_class_expert, plot_load_history, routing_report
+from visionmoe.analysis.speed import interleaved_times
+from visionmoe.analysis.twin import dense_twin
+from visionmoe.data import normalize
+from visionmoe.data.stream import ImageFiles, first_images
 from visionmoe.jsonl import write_atomic
 from visionmoe.layers.moe import moe_layers
+from visionmoe.train.trainer import load_run
 
 SECTIONS = ("routing", "hessian", "landscape", "efficiency")
 
@@ -49,9 +70,6 @@ def subset_batches(
 
     ``data``: an in-memory split, or a streamed one (:class:`~visionmoe.data.stream.ImageFiles`)
     whose images are decoded here with ``transform`` (the evaluation transform)."""
-    from visionmoe.data import normalize
-    from visionmoe.data.stream import ImageFiles, first_images
-
     n = min(samples, len(data))
     index = torch.randperm(len(data), generator=torch.Generator().manual_seed(seed))[:n].sort().values
     streamed = isinstance(data, ImageFiles)
@@ -63,9 +81,6 @@ def subset_batches(
 
 def efficiency(model: nn.Module, example: Tensor, batch_sizes: Sequence[int], *, repeats: int = 5) -> list[dict]:
     """Theoretical vs realised forward speed-up of ``model`` over its dense twins, per batch size."""
-    from visionmoe.analysis import dense_twin, profile
-    from visionmoe.analysis.speed import interleaved_times
-
     threads = torch.get_num_threads()
     twins = {
         "dense, equal params": dense_twin(model, match="params", example_input=example[:2]),
@@ -74,10 +89,10 @@ def efficiency(model: nn.Module, example: Tensor, batch_sizes: Sequence[int], *,
     rows = []
     for batch in batch_sizes:
         x = example[:1].expand(batch, *example.shape[1:]).contiguous()
-        flops = {"moe": profile(model, x).total_flops}
+        flops = {"moe": profile_model(model, x).total_flops}
         fns = {"moe": _forward(model, x)}
         for name, twin in twins.items():
-            flops[name] = profile(twin, x).total_flops
+            flops[name] = profile_model(twin, x).total_flops
             fns[name] = _forward(twin, x)
         times = interleaved_times(fns, threads=threads, repeats=repeats)
         for name in twins:
@@ -149,10 +164,6 @@ def analyze_run(
         batch_sizes: of the efficiency timing.
         progress: rich progress bars for the long parts (HVPs and perturbation points counted).
     """
-    from rich.console import Console
-
-    from visionmoe.train.trainer import load_run
-
     unknown = sorted(set(what) - set(SECTIONS))
     if unknown or not what:
         raise ValueError(f"unknown analysis section(s) {unknown or list(what)}; choose from {list(SECTIONS)}")
@@ -228,8 +239,6 @@ def analyze_run(
 
 
 def _progress(console):
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
-
     return Progress(
         SpinnerColumn(),
         TextColumn("{task.description}"),
@@ -246,15 +255,6 @@ def _hessian(model, subsets, settings, out: Path, bars) -> tuple[dict[str, Any],
 
     Returns the section and the train subset's eigenpairs (for the eigenvector direction).
     """
-    from visionmoe.analysis import (
-        HessianOperator,
-        HessianSummary,
-        hutchinson_trace,
-        plot_spectral_density,
-        spectral_density,
-        top_eigenvalues,
-    )
-
     section: dict[str, Any] = {}
     train_eig = None
     seed = settings["seed"]
@@ -293,16 +293,6 @@ def _hessian(model, subsets, settings, out: Path, bars) -> tuple[dict[str, Any],
 
 def _landscape(model, subsets, settings, grids, eigenpairs, out: Path, name: str, bars) -> dict[str, Any]:
     """1D lines along each of ``settings["directions"]`` and the optional 2D plane, on both subsets."""
-    from visionmoe.analysis import (
-        HessianOperator,
-        hessian_direction,
-        loss_line,
-        loss_plane,
-        plot_landscape,
-        random_direction,
-        top_eigenvalues,
-    )
-
     params, seed = settings["params"], settings["seed"]
     example = subsets["train"][0][0]
     section: dict[str, Any] = {}
@@ -338,8 +328,6 @@ def _landscape(model, subsets, settings, grids, eigenpairs, out: Path, name: str
 
 
 def _routing(model, batches, splits, run_dir: Path, out: Path, has_moe: bool, bars) -> Any:
-    from visionmoe.analysis import load_history, plot_class_expert, plot_load_history, routing_report
-
     if not has_moe:
         return "no MoE layer"
     task = bars.add_task("routing on the test subset", total=None)

@@ -158,7 +158,7 @@ def test_router_finite_check_costs_no_host_sync_off_the_cpu():
     check_finite(off_cpu, "topk")  # skipped: no host sync per layer per step
     with torch.autograd.set_detect_anomaly(True), pytest.raises(RuntimeError, match="meta"):
         check_finite(off_cpu, "topk")  # anomaly mode asks for the check (meta cannot answer it)
-    with pytest.raises(FloatingPointError, match="topk router logits are not finite: 8 NaN"):
+    with pytest.raises(FloatingPointError, match="the topk router's logit tensor is not finite: 8 NaN"):
         check_finite(torch.full((2, 4), float("nan")), "topk")
 
 

@@ -14,6 +14,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from visionmoe import checks
 from visionmoe.routing import (
     AUX_LOSSES,
     Plan,
@@ -153,11 +154,7 @@ def check_finite(logits: Tensor, router: str) -> None:
     # while torch.compile traces, where a data-dependent branch would break the graph.
     if torch.compiler.is_compiling() or (logits.device.type != "cpu" and not torch.is_anomaly_enabled()):
         return
-    if not bool(torch.isfinite(logits).all()):
-        nan, inf = int(torch.isnan(logits).sum()), int(torch.isinf(logits).sum())
-        raise FloatingPointError(
-            f"{router} router logits are not finite: {nan} NaN and {inf} inf of {logits.numel()} values"
-        )
+    checks.check_finite(logits, f"the {router} router's logit tensor")
 
 
 class LinearRouter(Router):

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, Mixup
 from torch import Tensor
 
 from visionmoe.data import ImageTensors, TensorLoader, load_cifar, load_image_folder, load_tiny_imagenet, normalize
@@ -72,8 +73,6 @@ def load_splits(cfg: DataConfig) -> Splits:
             raise ValueError(f"data.loader=stream needs data.image_size (the crop size), got {cfg.image_size}")
         train, test = _subset(train, cfg.train_subset), _subset(test, cfg.test_subset)
         num_classes = _num_classes(cfg, train)
-        from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
-
         transform = eval_transform(cfg.image_size, cfg.crop_pct)
         return Splits(train, test, num_classes, IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, transform)
     if cfg.dataset in ("cifar10", "cifar100"):
@@ -247,8 +246,6 @@ class BatchMixer:
     """
 
     def __init__(self, mixup_alpha: float, cutmix_alpha: float, label_smoothing: float, num_classes: int) -> None:
-        from timm.data import Mixup
-
         self.mixup = Mixup(
             mixup_alpha=mixup_alpha,
             cutmix_alpha=cutmix_alpha,

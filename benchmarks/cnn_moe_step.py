@@ -19,6 +19,9 @@ speed differs.
 1024 tokens, d = 512, H = 2048, E = 8, top-2, capacity factor 1.25, no router noise, forward + backward)
 with the layer as it is (``auto``) and as it was (``before``), against the dense FFN of width 2·H.
 
+``--compile`` adds a column for the MoE model under ``torch.compile`` (inductor; ``auto`` then runs
+``padded``, the static-shape path) over its twin, also compiled, in the same repeats.
+
 ``--profile`` instead prints the torch.profiler table of one MoE step of the first cell, its time
 broken down by operator. ``--quick`` runs one tiny cell to check the script, measuring nothing.
 """
@@ -57,13 +60,14 @@ def build(backbone: str, width: int, ratio: float, batch: int, seed: int = 0):
     x = torch.randn(batch, 3, 32, 32).contiguous(memory_format=torch.channels_last)
     y = torch.randint(0, 10, (batch,))
 
-    def stepper(model: torch.nn.Module):
+    def stepper(model: torch.nn.Module, compiled: bool = False):
         model = model.to(memory_format=torch.channels_last).train()
         optim = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+        forward = torch.compile(model) if compiled else model  # the same weights, traced by inductor
 
         def step() -> None:
             optim.zero_grad(set_to_none=True)
-            loss = F.cross_entropy(model(x), y) + collect_aux_loss(model)
+            loss = F.cross_entropy(forward(x), y) + collect_aux_loss(model)
             loss.backward()
             optim.step()
 
@@ -115,10 +119,22 @@ def measure(backbone: str, width: int, ratio: float, args: argparse.Namespace) -
                 moe_step()
 
         steps["before"] = old_step
+    if args.compile:  # both compiled, each over its own optimiser state; compiling happens in the warm-up
+        compiled_step = stepper(moe, compiled=True)
+
+        def compiled() -> None:
+            set_backend(moe, "padded")  # the static-shape path: one graph, no host sync (auto's choice there)
+            compiled_step()
+
+        steps["twin compiled"], steps["compiled"] = stepper(twin, compiled=True), compiled
+        for name in ("twin compiled", "compiled"):
+            for _ in range(2):  # the first calls trace and compile forward and backward
+                steps[name]()
     times = interleaved_times(steps, threads=args.threads, repeats=args.repeats, min_run_time=args.min_run_time)
-    return {name: [t / tw for t, tw in zip(ts, times["twin"], strict=True)] for name, ts in times.items()} | {
-        "twin_seconds": times["twin"]
-    }
+    ratios = {name: [t / tw for t, tw in zip(ts, times["twin"], strict=True)] for name, ts in times.items()}
+    if args.compile:  # compiled MoE over the compiled twin of the same repeat
+        ratios["compiled"] = [t / tw for t, tw in zip(times["compiled"], times["twin compiled"], strict=True)]
+    return ratios | {"twin_seconds": times["twin"]}
 
 
 def vit_row(images: int, args: argparse.Namespace) -> str:
@@ -222,6 +238,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=9)
     parser.add_argument("--min-run-time", type=float, default=0.0, help="seconds per measurement, at least")
+    parser.add_argument(
+        "--compile", action="store_true", help="add torch.compile'd MoE over torch.compile'd twin (inductor)"
+    )
     parser.add_argument("--vit", action="store_true", help="the ViT-shape regression check instead (see above)")
     parser.add_argument("--vit-images", nargs="+", type=int, default=[1, 4, 8])
     parser.add_argument("--profile", action="store_true", help="profile the first cell instead of timing")
@@ -241,7 +260,7 @@ def main(argv: list[str] | None = None) -> int:
             print(vit_row(images, args), flush=True)
         return 0
     print(benchmark_header("CNN training step: MoE in every stage vs the dense twin", args.threads), flush=True)
-    columns = [*args.backends, *(["before"] if args.before else [])]
+    columns = [*args.backends, *(["before"] if args.before else []), *(["compiled"] if args.compile else [])]
     header = "| backbone | width | hidden ratio | twin step ms | " + " | ".join(f"MoE/twin ({b})" for b in columns)
     print(f"\n{header} |\n|" + "---|" * (4 + len(columns)), flush=True)
     worst = 0.0

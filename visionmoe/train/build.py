@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from dataclasses import replace
 from typing import Any
 
 import torch
@@ -46,8 +47,6 @@ def check_model_config(cfg: ModelConfig, num_classes: int) -> None:
     The meta device allocates nothing; an error of the meta device itself is left to the real build.
     The dense twin, which needs an example input, is not built here.
     """
-    from dataclasses import replace
-
     key = repr((cfg.name, cfg.kwargs, cfg.moe, cfg.moeify, num_classes))
     if key in _CHECKED_MODELS:  # a sweep validates many cells of few models
         return

@@ -45,6 +45,8 @@ PLOTS = {  # plot name -> the axis names it is drawn for
     "router": ("router",),
     "experts": ("num_experts",),
 }
+SYMLOG_POINTS = 10.0
+"""The overview's y axis turns symmetric-log beyond this many points when some gap exceeds twice it."""
 HUES = ("backbone",)  # axes drawn as separate lines rather than along x
 
 
@@ -122,11 +124,14 @@ def _overview_plot(pairs: pd.DataFrame, out: Path) -> Path:
         err = [group["mean_gap"] - low, high - group["mean_gap"]]
         ax.errorbar(group["rho"], group["mean_gap"], yerr=err, fmt=marker, capsize=3, label=model, alpha=0.85)
     ax.axhline(0, color="grey", lw=0.8)
-    ax.set(
-        xlabel="ρ (nominal share of FLOPs through experts)",
-        ylabel="top-1 gap to reference (points)",
-        title="Every pair: gap vs ρ (mean, 95% CI over seeds)",
-    )
+    title = "Every pair: gap vs ρ (mean, 95% CI over seeds)"
+    if pairs["mean_gap"].abs().max() > 2 * SYMLOG_POINTS:  # an arm that collapsed: keep the others readable
+        ax.set_yscale("symlog", linthresh=SYMLOG_POINTS)
+        low, high = ax.get_ylim()
+        ticks = [t for t in (-100, -50, -20, -10, -5, 0, 5, 10, 20, 50, 100) if low <= t <= high]
+        ax.set_yticks(ticks, [f"{t:+d}" if t else "0" for t in ticks])
+        title += f"\ny axis linear within ±{SYMLOG_POINTS:g} points, logarithmic beyond"
+    ax.set(xlabel="ρ (nominal share of FLOPs through experts)", ylabel="top-1 gap to reference (points)", title=title)
     ax.legend(title="MoE model", fontsize=8)
     return _save(fig, out / "overview_gap_vs_rho.png")
 

@@ -53,17 +53,14 @@ BACKENDS = ("auto", "sorted", "grouped", "padded")
 
 SMALL_EXPERT_ROWS = 128
 """Below this many assignments per expert on average, a loop of small per-expert GEMMs loses on the
-CPU (measured at E = 64, ~63 rows each: grouped 1.6×, padded 2.0×, sorted 2.9× the dense FFN; at
-E = 8, 512 rows each: sorted 1.0×, grouped 1.4×, padded 1.5× — BENCHMARKS.md)."""
+CPU to one grouped or batched call; above it the loop wins (BENCHMARKS.md, "Backends and expert count")."""
 
 
 SMALL_EXPERT_WEIGHTS = 128 * 128
-"""Token-choice experts with D·H at most this run ``padded`` under ``auto``. Measured on CIFAR CNNs with
-MoE in every stage (D = 8-128, H = D-4D; BENCHMARKS.md, issue 22): on the depthwise backbone one batched
-matmul over the capacity buffers beat a GEMM per expert in 8 of 9 width × ratio cells (by 10-25%), on the
-standard backbone (the same layer shapes, ReLU experts) the loop was 5-20% faster in 7 of 9, within the
-noise of a shared machine; the threshold keeps the largest CNN experts and every ViT-sized one
-(512 × 2048) on ``sorted``."""
+"""Token-choice experts with D·H at most this run ``padded`` under ``auto``: on CIFAR CNNs with MoE in
+every stage (D = 8-128, H = D-4D) one batched matmul over the capacity buffers beat a GEMM per expert on
+the depthwise backbone, not always on the standard one (BENCHMARKS.md, "CNN feature maps", issue 22);
+the threshold keeps the largest CNN experts and every ViT-sized one (512 × 2048) on ``sorted``."""
 
 
 MIN_TOKENS_PER_EXPERT = 8

@@ -161,8 +161,9 @@ def positions_in_expert(expert: Tensor, num_experts: int) -> Tensor:
 
 
 SMALL_K = 2
-"""Up to this k, :func:`stable_topk` takes k rounds of argmax instead of a full sort (measured 1.6× faster
-for top-2 of 8 on the CPU; a sort of E = 8 values per token was a visible part of a CNN MoE step)."""
+"""Up to this k, :func:`stable_topk` takes k rounds of argmax instead of a full sort: on the CPU a sort of
+E = 8 values per token was a visible part of a CNN MoE step, and the rounds beat it for top-2
+(``benchmarks/routing_micro.py``; BENCHMARKS.md, "Routing core: top-2 of 8 per token")."""
 
 
 def stable_topk(scores: Tensor, k: int, dim: int) -> tuple[Tensor, Tensor]:

@@ -14,7 +14,7 @@ of tokens (``groups="sample"``); in the dense twin it is one :class:`ConvFFN` k 
 does the FFN FLOPs of top-k routing: the twins have the same active FLOPs (to the router's 0.1%).
 
 Where the FFN goes decides ρ, the fraction of the FLOPs that goes through experts (D→2D→D experts,
-top-2, every assignment processed (dropless), measured with :func:`visionmoe.analysis.profile` on
+top-2, every assignment processed (dropless), counted by :func:`visionmoe.analysis.profile.profile_model` on
 the default widths)::
 
     moe_stages   map    tokens / image   expert FLOPs / image   ρ

@@ -3,6 +3,7 @@
 import logging
 import os
 import pickle
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -70,3 +71,17 @@ def test_a_crafted_cifar_pickle_is_refused_and_never_runs(tmp_path):
     message = str(e.value)
     assert "\n" not in message and "batches.meta" in message and "open, which no" in message, message
     assert not marker.exists()
+
+
+def test_logged_paths_name_no_machine_prefix(tmp_path, monkeypatch):
+    from visionmoe.data.datasets import shown
+
+    home, work = tmp_path / "home" / "someone", tmp_path / "project"
+    work.mkdir(parents=True)
+    monkeypatch.setattr(Path, "home", classmethod(lambda cls: home))
+    monkeypatch.chdir(work)
+    cache = home / ".cache" / "visionmoe" / "data" / ".visionmoe-cache" / "x.pt"
+    assert shown(cache) == "~/.cache/visionmoe/data/.visionmoe-cache/x.pt"
+    assert shown(work / "runs" / "a.pt") == "runs/a.pt"
+    assert shown(Path("runs/a.pt")) == "runs/a.pt"
+    assert shown(tmp_path / "elsewhere.pt") == str(tmp_path / "elsewhere.pt")  # outside both: as it is

@@ -192,6 +192,16 @@ def decode_into(files: list[Path], size: int | None, name: str) -> Tensor:
     return images
 
 
+def shown(path: Path) -> str:
+    """``path`` for logs that end up in committed run files: relative to the working directory when
+    inside it, else with the home directory written ``~`` (no machine-specific prefix)."""
+    path = Path(path).absolute()
+    for base, prefix in ((Path.cwd(), ""), (Path.home(), "~/")):
+        if path.is_relative_to(base):
+            return prefix + str(path.relative_to(base))
+    return str(path)
+
+
 def _decode_all(
     files: list[Path], labels: list[int], classes: list[str], size: int | None, cache: Path
 ) -> ImageTensors:
@@ -207,7 +217,7 @@ def _decode_all(
             blob = torch.load(cached, weights_only=True)
             if blob.get("state") == state:
                 return ImageTensors(blob["images"], blob["labels"], list(blob["classes"]))
-            log.warning("rebuilding the decode cache %s: its images changed since it was written", cached)
+            log.warning("rebuilding the decode cache %s: its images changed since it was written", shown(cached))
     if not files:
         raise FileNotFoundError(f"no images found for {cache.name}")
     images = decode_into(files, size, cache.name)  # (N, 3, H, W)

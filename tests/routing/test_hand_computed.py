@@ -231,12 +231,39 @@ def test_dense_routing_is_identity_buffers():
 def test_topk_router_module_matches_function(k):
     # The module is the function on softmax(x Wᵀ) with V-MoE capacity (eval mode: no noise).
     from visionmoe.layers import TopKRouter
+    from visionmoe.routing import softmax_experts
 
     router = TopKRouter(4, 3, k=k, capacity_factor=1.0).eval()
     x = torch.randn(2, 6, 4)
     out = router(x)
-    expected = token_choice((x @ router.weight.T).softmax(-1), k, expert_capacity(6, 3, k=k, capacity_factor=1.0))
+    expected = token_choice(softmax_experts(x @ router.weight.T), k, expert_capacity(6, 3, k=k, capacity_factor=1.0))
     assert torch.equal(out.plan.combine_tensor(), expected.combine_tensor())
+
+
+@pytest.mark.parametrize("experts", [3, 8, 15, 16, 40])
+def test_softmax_experts_is_the_softmax(experts):
+    # The expert-major softmax (E < 16 on the CPU) is softmax over the last axis, forward and backward,
+    # up to float rounding; from E = 16 it is the last-axis softmax itself.
+    from visionmoe.routing import softmax_experts
+
+    logits = (3 * torch.randn(4, 33, experts, dtype=torch.float64)).requires_grad_()
+    grad = torch.randn(4, 33, experts, dtype=torch.float64)
+    fast = softmax_experts(logits.float())
+    ref = logits.softmax(-1)
+    assert fast.shape == ref.shape and fast.dtype == torch.float32
+    torch.testing.assert_close(fast, ref.float(), rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(fast.sum(-1), torch.ones(4, 33), rtol=0, atol=1e-6)
+    (g_fast,) = torch.autograd.grad(fast, logits, grad.float())
+    (g_ref,) = torch.autograd.grad(ref, logits, grad)
+    torch.testing.assert_close(g_fast, g_ref, rtol=1e-5, atol=1e-6)
+    if experts >= 16:
+        x = logits.detach().float()
+        assert torch.equal(softmax_experts(x), x.softmax(-1))
+    # the double backward (Hessian-vector products of the router) goes through as well
+    (g,) = torch.autograd.grad(softmax_experts(logits).square().sum(), logits, create_graph=True)
+    (hv,) = torch.autograd.grad(g.sum(), logits)
+    (g_ref,) = torch.autograd.grad(logits.softmax(-1).square().sum(), logits, create_graph=True)
+    torch.testing.assert_close(hv, torch.autograd.grad(g_ref.sum(), logits)[0])
 
 
 def test_soft_router_logits_are_scaled_cosines():
@@ -255,7 +282,7 @@ def test_soft_router_logits_are_scaled_cosines():
 
 
 def test_stable_topk_fast_path_is_the_sort():
-    # k <= 2 takes rounds of argmax on the CPU: the same indices as the stable sort, ties to the lower
+    # k <= 2 takes rounds of max on the CPU: the same indices as the stable sort, ties to the lower
     # index, and rows whose remaining scores are all -inf fall back to the sort.
     from visionmoe.routing.plan import stable_topk
 
@@ -267,6 +294,8 @@ def test_stable_topk_fast_path_is_the_sort():
     assert stable_topk(scores, 2, dim=-1)[1].tolist() == [[1, 2], [0, 1], [0, 1]]
     g = torch.randn(3, 50, 8).softmax(-1)
     assert torch.equal(stable_topk(g, 2, dim=-1)[1], torch.sort(g, dim=-1, descending=True, stable=True)[1][..., :2])
+    gt = g.transpose(1, 2).contiguous().transpose(1, 2)  # expert-major gates, as softmax_experts returns them
+    assert torch.equal(stable_topk(gt, 2, dim=-1)[1], stable_topk(g, 2, dim=-1)[1])
 
 
 def test_kth_largest_counts_repeats():

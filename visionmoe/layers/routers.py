@@ -31,6 +31,7 @@ from visionmoe.routing import (
     expert_choice,
     sinkhorn,
     soft_per_sample_routing,
+    softmax_experts,
     soft_routing,
     sparse_ot_plan,
     token_choice,
@@ -119,7 +120,7 @@ class TopKRouter(Capacity, LinearRouter):
         noisy = logits
         if self.training and self.noise_std > 0:
             noisy = logits + self.noise_std * torch.randn_like(logits)
-        gates = noisy.softmax(dim=-1)  # (G, S, E)
+        gates = softmax_experts(noisy)  # (G, S, E)
         plan = token_choice(
             gates,
             self.k,
@@ -225,7 +226,7 @@ class ExpertChoiceRouter(Capacity, LinearRouter):
 
     def forward(self, x: Tensor) -> RouterOutput:
         logits = self.logits(x)  # (G, S, E)
-        gates = logits.softmax(dim=-1)
+        gates = softmax_experts(logits)
         capacity = self.group_capacity(x.shape[1])
         plan = expert_choice(gates, capacity, select=self.select(logits, capacity))
         aux, logged = self._aux(x, logits=logits, gates=gates)

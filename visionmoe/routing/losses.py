@@ -69,7 +69,7 @@ def _kth_largest(x: Tensor, k: int) -> Tensor:
     if k == 1:
         return x.amax(dim=-1, keepdim=True)
     if k == 2:  # the largest of the rest once one maximum is out: beats topk on rows of 8 (benchmarks/routing_micro.py)
-        return x.scatter(-1, x.argmax(dim=-1, keepdim=True), float("-inf")).amax(dim=-1, keepdim=True)
+        return x.scatter(-1, x.max(dim=-1, keepdim=True).indices, float("-inf")).amax(dim=-1, keepdim=True)
     return x.topk(k, dim=-1).values[..., -1:]
 
 

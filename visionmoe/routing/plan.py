@@ -161,29 +161,49 @@ def positions_in_expert(expert: Tensor, num_experts: int) -> Tensor:
 
 
 SMALL_K = 2
-"""Up to this k, :func:`stable_topk` takes k rounds of argmax instead of a full sort: on the CPU a sort of
-E = 8 values per token was a visible part of a CNN MoE step, and the rounds beat it for top-2
+"""Up to this k, :func:`stable_topk` takes k rounds of ``max`` instead of a full sort: on the CPU a sort
+of E = 8 values per token was a visible part of a CNN MoE step, and the rounds beat it for top-2
 (``benchmarks/routing_micro.py``; BENCHMARKS.md, "Routing core: top-2 of 8 per token")."""
 
 
 def stable_topk(scores: Tensor, k: int, dim: int) -> tuple[Tensor, Tensor]:
     """Top-k along ``dim`` with ties broken towards the lower index (``torch.topk`` promises no order).
 
-    ``scores`` must not hold NaN. For k <= :data:`SMALL_K`: k rounds of argmax, which returns the first
-    maximal index, each round with the earlier winners masked to -inf; the same indices as the stable
-    sort (a winner could be picked twice only if every remaining score were -inf, so then the sort runs).
-    On the CPU only, where the sort is slow for short rows and that check is no host sync.
+    ``scores`` must not hold NaN. For k <= :data:`SMALL_K`: k rounds of ``max`` along ``dim``, which
+    returns the first maximal index (documented, and on the CPU faster than ``argmax``), each round with
+    the earlier winners masked to -inf; the same indices as the stable sort (a winner could be picked
+    twice only if every remaining score were -inf, so then the sort runs). On the CPU only, where the
+    sort is slow for short rows and that check is no host sync.
     """
     small = k <= SMALL_K and k < scores.shape[dim] and scores.is_floating_point()
     if small and scores.device.type == "cpu" and not torch.compiler.is_compiling():  # the check below is a sync
         picks, masked = [], scores.detach()
         for j in range(k):
-            pick = masked.argmax(dim, keepdim=True)
+            best, pick = masked.max(dim, keepdim=True)
             picks.append(pick)
             if j + 1 < k:
                 masked = masked.scatter(dim, pick, float("-inf"))
-        if k == 1 or not bool(torch.isneginf(masked.amax(dim)).any()):
+        if k == 1 or not bool(torch.isneginf(best).any()):
             index = torch.cat(picks, dim)
             return scores.gather(dim, index), index
     values, index = torch.sort(scores, dim=dim, descending=True, stable=True)
     return values.narrow(dim, 0, k), index.narrow(dim, 0, k)
+
+
+SHORT_SOFTMAX_ROWS = 16
+"""Below this many experts, :func:`softmax_experts` runs the softmax along the token axis of an
+expert-major copy: ATen's CPU softmax along the last axis is 5-10x slower on rows shorter than 16 than
+along a non-last axis (BENCHMARKS.md, issue 22), and at E >= 16 the last axis wins."""
+
+
+def softmax_experts(logits: Tensor) -> Tensor:
+    """``logits.softmax(dim=-1)`` for (..., S, E) router logits, fast for few experts on the CPU.
+
+    For E < :data:`SHORT_SOFTMAX_ROWS` on the CPU the softmax runs on an (..., E, S) copy along the
+    expert axis, where ATen vectorises over tokens, and comes back as a transposed view: the same
+    maths, forward and backward, equal to the last-axis softmax up to the last bit of float rounding
+    (the sum over E is accumulated in another order).
+    """
+    if logits.device.type != "cpu" or logits.dim() < 2 or logits.shape[-1] >= SHORT_SOFTMAX_ROWS:
+        return logits.softmax(dim=-1)
+    return logits.transpose(-1, -2).contiguous().softmax(dim=-2).transpose(-1, -2)

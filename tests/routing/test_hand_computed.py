@@ -306,3 +306,24 @@ def test_kth_largest_counts_repeats():
     assert _kth_largest(x, 1).squeeze(-1).tolist() == [3.0, 4.0]
     assert _kth_largest(x, 2).squeeze(-1).tolist() == [3.0, 0.5]
     assert _kth_largest(x, 3).squeeze(-1).tolist() == [2.0, 0.0]
+
+
+def test_positions_in_expert_both_paths(monkeypatch):
+    # First come, first served along A, per group: hand-computed, then the one-hot count (few experts)
+    # and the sort (many) against a loop over assignments.
+    import visionmoe.routing.plan as plan_module
+    from visionmoe.routing import positions_in_expert
+
+    expert = torch.tensor([[2, 0, 2, 2, 1, 0], [1, 1, 1, 0, 3, 1]])
+    assert positions_in_expert(expert, 4).tolist() == [[0, 0, 1, 2, 0, 1], [0, 1, 2, 0, 0, 3]]
+    g = torch.Generator().manual_seed(0)
+    for num_experts in (3, 8, 40):
+        expert = torch.randint(0, num_experts, (5, 300), generator=g)
+        expected = torch.zeros_like(expert)
+        for row in range(expert.shape[0]):
+            seen = [0] * num_experts
+            for a, e in enumerate(expert[row].tolist()):
+                expected[row, a], seen[e] = seen[e], seen[e] + 1
+        for threshold in (0, 64):  # 0: every E takes the sort; 64: every E here the one-hot count
+            monkeypatch.setattr(plan_module, "ONE_HOT_EXPERTS", threshold)
+            assert torch.equal(positions_in_expert(expert, num_experts), expected), (num_experts, threshold)

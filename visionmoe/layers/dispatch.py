@@ -131,6 +131,11 @@ class _MoveRows(torch.autograd.Function):
     (``len(out)`` where a row of x goes nowhere). ``pad``/``pad_back``: whether ``index``/``inverse``
     may hold that "nowhere" value (a zero row is then appended before the gather).
 
+    A 2-D ``index`` (R, F) sums F gathered rows: ``out[r] = Σ_f x[index[r, f]]``, the adjoint of sending
+    each row of x to F output rows (a 1-D ``inverse`` holding some rows F times over). So a token read by
+    its K expert slots moves with ``index`` the (slots,) token of each slot and ``inverse`` the (tokens, K)
+    slots of each token, forward one gather, backward one gather and a sum over K.
+
     ``x[index]`` would do the forward, but its backward is a scatter-add (``index_put_``/``index_add_``,
     slow for narrow rows on the CPU); for such a map the backward is the gather by ``inverse``.
     """
@@ -141,7 +146,10 @@ class _MoveRows(torch.autograd.Function):
         ctx.pad_back, ctx.pad = pad_back, pad
         if pad:
             x = torch.cat([x, x.new_zeros(1, *x.shape[1:])])  # row len(x): zeros
-        return x.index_select(0, index)
+        if index.dim() == 1:
+            return x.index_select(0, index)
+        rows = x.index_select(0, index.reshape(-1))  # (R·F, ...)
+        return rows.reshape(*index.shape, *x.shape[1:]).sum(1)
 
     @staticmethod
     def backward(ctx, grad: Tensor) -> tuple[Tensor | None, ...]:
@@ -153,7 +161,8 @@ class _MoveRows(torch.autograd.Function):
 def move_rows(x: Tensor, index: Tensor, inverse: Tensor, pad: bool = False, pad_back: bool = False) -> Tensor:
     """Rows of ``x`` (R, D) moved by a partial permutation: ``out[r] = x[index[r]]``, zeros where
     ``index[r] == R`` (give ``pad=True`` where that can happen); ``inverse[i]`` is the output row that
-    row i goes to, ``len(index)`` for none (``pad_back=True``). Forward and backward are gathers."""
+    row i goes to, ``len(index)`` for none (``pad_back=True``). Forward and backward are gathers.
+    A 2-D ``index`` or ``inverse`` sums over its second axis (see :class:`_MoveRows`)."""
     return _MoveRows.apply(x, index, inverse, pad, pad_back)
 
 
@@ -214,14 +223,17 @@ def token_choice_moe(x: Tensor, plan: Routing, experts: Experts, backend: str = 
         # Batch Prioritized Routing (a host sync to find out where it is free, on the CPU; else assumed)
         inverse = _inverse(priority, G * S)
         flat = move_rows(flat, priority, inverse)  # (G·S, D) tokens in priority order
-    rows = flat.reshape(G, 1, S, D).expand(G, K, S, D).reshape(G * K * S, D)  # (G·A, D): a row per assignment
     if backend == "padded":
         group = torch.arange(G, device=x.device)[:, None]
         slot = torch.where(plan.kept, plan.expert * (G * C) + group * C + plan.position, E * G * C).reshape(-1)
         source = _inverse(slot, E * G * C)  # (E·G·C,) the assignment in each slot; G·A for an empty one
-        buffer = move_rows(rows, source, slot, True, True).reshape(E, G * C, D)
+        # the token row each slot reads (G·S for an empty slot), and the K slots of each token row
+        token = torch.where(source < G * K * S, (source // (K * S)) * S + source % S, G * S)
+        slots = slot.reshape(G, K, S).transpose(1, 2).reshape(G * S, K)
+        buffer = move_rows(flat, token, slots, True, True).reshape(E, G * C, D)  # no K-fold copy of the tokens
         y = move_rows(experts(buffer, "batched").reshape(E * G * C, D), slot, source, True, True)  # (G·A, D)
     else:
+        rows = flat.reshape(G, 1, S, D).expand(G, K, S, D).reshape(G * K * S, D)  # (G·A, D): a row per assignment
         dest, order, counts = counting_sort(plan)
         n = int(counts.sum())  # host sync: the kept rows the experts process
         kept = order[:n]  # (n,) the assignment at each kept sorted row

@@ -31,8 +31,8 @@ from visionmoe.routing import (
     expert_choice,
     sinkhorn,
     soft_per_sample_routing,
-    softmax_experts,
     soft_routing,
+    softmax_experts,
     sparse_ot_plan,
     token_choice,
 )

@@ -10,7 +10,15 @@ from visionmoe.routing.losses import (
     switch_loss,
     z_loss,
 )
-from visionmoe.routing.plan import DenseRouting, Plan, Routing, SoftRouting, positions_in_expert, softmax_experts, stable_topk
+from visionmoe.routing.plan import (
+    DenseRouting,
+    Plan,
+    Routing,
+    SoftRouting,
+    positions_in_expert,
+    softmax_experts,
+    stable_topk,
+)
 from visionmoe.routing.sinkhorn import sinkhorn
 from visionmoe.routing.soft import soft_per_sample_routing, soft_routing
 from visionmoe.routing.sparse_ot import sparse_ot_plan, sparse_simplex_projection
@@ -29,9 +37,9 @@ __all__ = [
     "load_loss",
     "positions_in_expert",
     "sinkhorn",
-    "softmax_experts",
     "soft_per_sample_routing",
     "soft_routing",
+    "softmax_experts",
     "sparse_ot_plan",
     "sparse_simplex_projection",
     "stable_topk",

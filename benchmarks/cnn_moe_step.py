@@ -22,6 +22,13 @@ with the layer as it is (``auto``) and as it was (``before``), against the dense
 ``--compile`` adds a column for the MoE model under ``torch.compile`` (inductor; ``auto`` then runs
 ``padded``, the static-shape path) over its twin, also compiled, in the same repeats.
 
+``--floor`` adds the column "floor": 1 + (the routers alone / twin step), where "the routers alone" is
+forward and backward of every MoE layer's router (logits, softmax, top-2, capacity positions, gate
+weights, aux losses) on the tokens that layer sees, nothing else, timed in the same repeats. A top-2 MoE
+step cannot beat its twin's step by more than this: its experts do at least the twin's FFN work (equal
+active FLOPs), and routing comes on top. Where the floor is above the goal, no dispatch or expert kernel
+can meet it; only cheaper routing maths or fused routing kernels could.
+
 ``--profile`` instead prints the torch.profiler table of one MoE step of the first cell, its time
 broken down by operator. ``--quick`` runs one tiny cell to check the script, measuring nothing.
 """
@@ -119,6 +126,8 @@ def measure(backbone: str, width: int, ratio: float, args: argparse.Namespace) -
                 moe_step()
 
         steps["before"] = old_step
+    if args.floor:
+        steps["routers"] = routers_step(moe, args.batch)
     if args.compile:  # both compiled, each over its own optimiser state; compiling happens in the warm-up
         compiled_step = stepper(moe, compiled=True)
 
@@ -132,9 +141,38 @@ def measure(backbone: str, width: int, ratio: float, args: argparse.Namespace) -
                 steps[name]()
     times = interleaved_times(steps, threads=args.threads, repeats=args.repeats, min_run_time=args.min_run_time)
     ratios = {name: [t / tw for t, tw in zip(ts, times["twin"], strict=True)] for name, ts in times.items()}
+    if args.floor:
+        ratios["floor"] = [1 + r for r in ratios.pop("routers")]
     if args.compile:  # compiled MoE over the compiled twin of the same repeat
         ratios["compiled"] = [t / tw for t, tw in zip(times["compiled"], times["twin compiled"], strict=True)]
     return ratios | {"twin_seconds": times["twin"]}
+
+
+def routers_step(model: torch.nn.Module, batch: int):
+    """Forward and backward of every MoE layer's router alone, on the routing groups it sees in one
+    training forward of ``model`` (captured by hooks), summed into one backward as in a step."""
+    seen = []
+    hooks = [
+        layer.register_forward_pre_hook(lambda m, args: seen.append((m, m.group(m.to_tokens(args[0])[0]).detach())))
+        for _, layer in moe_layers(model)
+    ]
+    model.train()
+    with torch.no_grad():
+        model(torch.randn(batch, 3, 32, 32).contiguous(memory_format=torch.channels_last))
+    for hook in hooks:
+        hook.remove()
+
+    def step() -> None:
+        loss = torch.zeros(())
+        for layer, tokens in seen:
+            out = layer.router(tokens.requires_grad_())
+            loss = loss + out.aux_loss + out.plan.weight.sum()  # the gate weights feed the combine
+        loss.backward()
+        for layer, tokens in seen:
+            tokens.grad = None
+            layer.router.zero_grad(set_to_none=True)
+
+    return step
 
 
 def vit_row(images: int, args: argparse.Namespace) -> str:
@@ -241,6 +279,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--compile", action="store_true", help="add torch.compile'd MoE over torch.compile'd twin (inductor)"
     )
+    parser.add_argument("--floor", action="store_true", help="add 1 + (the routers alone / twin step) (see above)")
     parser.add_argument("--vit", action="store_true", help="the ViT-shape regression check instead (see above)")
     parser.add_argument("--vit-images", nargs="+", type=int, default=[1, 4, 8])
     parser.add_argument("--profile", action="store_true", help="profile the first cell instead of timing")
@@ -260,8 +299,15 @@ def main(argv: list[str] | None = None) -> int:
             print(vit_row(images, args), flush=True)
         return 0
     print(benchmark_header("CNN training step: MoE in every stage vs the dense twin", args.threads), flush=True)
-    columns = [*args.backends, *(["before"] if args.before else []), *(["compiled"] if args.compile else [])]
-    header = "| backbone | width | hidden ratio | twin step ms | " + " | ".join(f"MoE/twin ({b})" for b in columns)
+    columns = [
+        *args.backends,
+        *(["before"] if args.before else []),
+        *(["compiled"] if args.compile else []),
+        *(["floor"] if args.floor else []),
+    ]
+    header = "| backbone | width | hidden ratio | twin step ms | " + " | ".join(
+        "floor" if b == "floor" else f"MoE/twin ({b})" for b in columns
+    )
     print(f"\n{header} |\n|" + "---|" * (4 + len(columns)), flush=True)
     worst = 0.0
     for backbone in args.backbones:

@@ -1,29 +1,36 @@
-"""The routing core's small-row choices, timed: top-2 of E = 8 scores per token (issue 22).
+"""The routing core's small-row choices, timed: E = 8 experts per token (issue 22).
 
     python benchmarks/routing_micro.py --threads 1 --repeats 9
 
 A CNN feature map routes ~1,000 tokens per image, each over E = 8 experts, so the routing core works on
-many rows of 8 values. Two choices there rest on this measurement:
+many rows of 8 values, where ATen's kernels for the last axis are at their slowest. Each choice below
+replaces the plain call on its left; the table times both, interleaved, on (images, tokens, 8) float32:
 
-- :func:`visionmoe.routing.plan.stable_topk` takes k argmax rounds for k <= ``SMALL_K`` instead of the
-  stable sort (same indices: ties go to the lower index either way);
-- the load loss's threshold (``visionmoe.routing.losses``) is the 2nd largest value by one argmax, a
-  scatter of -inf and a max, instead of ``torch.topk``.
+- top-2 (:func:`visionmoe.routing.plan.stable_topk`, k <= ``SMALL_K``): k rounds of ``max`` instead of the
+  stable sort (the same indices: ties go to the lower index either way);
+- the load loss's threshold (``visionmoe.routing.losses._kth_largest``): the 2nd largest value by one
+  ``max``, a scatter of -inf and an ``amax``, instead of ``torch.topk``;
+- the router softmax (:func:`visionmoe.routing.plan.softmax_experts`), forward and backward: along the
+  token axis of an expert-major copy instead of along the last axis (equal up to float rounding; the
+  others are exact).
 
-Each pair gives identical results (checked here before timing); the table reports their medians over
-interleaved repeats, on (tokens, 8) float32 scores.
+A running count over an expert-major one-hot for the capacity positions, tried against the argsort of
+:func:`visionmoe.routing.plan.positions_in_expert`, was no faster (0.7-1.1×) and is not used.
+
+Every pair is checked equal (or close, for the softmax) before timing.
 """
 
 from __future__ import annotations
 
 import argparse
 import statistics
+from collections.abc import Callable
 
 import torch
 
 from visionmoe.analysis.speed import benchmark_header, interleaved_times
 from visionmoe.routing.losses import _kth_largest
-from visionmoe.routing.plan import stable_topk
+from visionmoe.routing.plan import softmax_experts, stable_topk
 
 
 def sort_topk(scores: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -31,38 +38,55 @@ def sort_topk(scores: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]
     return values[..., :k], index[..., :k]
 
 
+def forward_backward(softmax: Callable[[torch.Tensor], torch.Tensor], logits: torch.Tensor, grad: torch.Tensor):
+    def run() -> None:
+        logits.grad = None
+        softmax(logits).backward(grad)
+
+    return run
+
+
+def pairs(images: int, tokens: int) -> dict[str, tuple[Callable[[], object], Callable[[], object]]]:
+    """name -> (plain call, the choice made), on one image batch's router tensors."""
+    g = torch.Generator().manual_seed(0)
+    scores = torch.randn(images, tokens, 8, generator=g).softmax(-1)
+    logits = torch.randn(images, tokens, 8, generator=g, requires_grad=True)
+    grad = torch.randn(images, tokens, 8, generator=g)
+    assert all(torch.equal(a, b) for a, b in zip(stable_topk(scores, 2, -1), sort_topk(scores, 2), strict=True))
+    assert torch.equal(_kth_largest(scores, 2), scores.topk(2, dim=-1).values[..., -1:])
+    torch.testing.assert_close(softmax_experts(logits), logits.softmax(-1))
+    return {
+        "top-2 of 8 (sort → max rounds)": (lambda: sort_topk(scores, 2), lambda: stable_topk(scores, 2, -1)),
+        "2nd largest (topk → max, scatter, amax)": (
+            lambda: scores.topk(2, dim=-1).values[..., -1:],
+            lambda: _kth_largest(scores, 2),
+        ),
+        "softmax fwd+bwd (last axis → expert-major)": (
+            forward_backward(lambda t: t.softmax(-1), logits, grad),
+            forward_backward(softmax_experts, logits, grad),
+        ),
+    }
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--tokens", nargs="+", type=int, default=[16 * 1024, 128 * 1024])
+    parser.add_argument("--images", type=int, default=16)
+    parser.add_argument("--tokens", nargs="+", type=int, default=[1024, 256], help="tokens per image")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--repeats", type=int, default=9)
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
-    print(benchmark_header("Routing core: top-2 of 8 per token", args.threads))
-    print(
-        "\n| tokens | stable top-2: sort ms | argmax rounds ms | sort / rounds "
-        "| 2nd largest: topk ms | argmax + max ms | topk / argmax |"
-    )
-    print("|---|---|---|---|---|---|---|")
-    for n in args.tokens:
-        scores = torch.randn(n, 8).softmax(-1)
-        assert all(torch.equal(a, b) for a, b in zip(stable_topk(scores, 2, -1), sort_topk(scores, 2), strict=True))
-        assert torch.equal(_kth_largest(scores, 2), scores.topk(2, dim=-1).values[..., -1:])
-        times = interleaved_times(
-            {
-                "sort": lambda s=scores: sort_topk(s, 2),
-                "rounds": lambda s=scores: stable_topk(s, 2, -1),
-                "topk": lambda s=scores: s.topk(2, dim=-1).values[..., -1:],
-                "argmax": lambda s=scores: _kth_largest(s, 2),
-            },
-            threads=args.threads,
-            repeats=args.repeats,
-        )
-        ms = {name: statistics.median(t) * 1e3 for name, t in times.items()}
-        print(
-            f"| {n} | {ms['sort']:.2f} | {ms['rounds']:.2f} | {ms['sort'] / ms['rounds']:.2f}× | "
-            f"{ms['topk']:.2f} | {ms['argmax']:.2f} | {ms['topk'] / ms['argmax']:.2f}× |"
-        )
+    print(benchmark_header("Routing core: E = 8 per token", args.threads))
+    print("\n| choice | images × tokens | plain ms | chosen ms | plain / chosen |\n|---|---|---|---|---|")
+    for tokens in args.tokens:
+        for name, (plain, chosen) in pairs(args.images, tokens).items():
+            times = interleaved_times({"plain": plain, "chosen": chosen}, threads=args.threads, repeats=args.repeats)
+            ms = {key: statistics.median(t) * 1e3 for key, t in times.items()}
+            print(
+                f"| {name} | {args.images} × {tokens} | {ms['plain']:.2f} | {ms['chosen']:.2f} | "
+                f"{ms['plain'] / ms['chosen']:.2f}× |",
+                flush=True,
+            )
     return 0
 
 

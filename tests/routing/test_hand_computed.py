@@ -308,10 +308,8 @@ def test_kth_largest_counts_repeats():
     assert _kth_largest(x, 3).squeeze(-1).tolist() == [2.0, 0.0]
 
 
-def test_positions_in_expert_both_paths(monkeypatch):
-    # First come, first served along A, per group: hand-computed, then the one-hot count (few experts)
-    # and the sort (many) against a loop over assignments.
-    import visionmoe.routing.plan as plan_module
+def test_positions_in_expert_first_come_first_served():
+    # First come, first served along A, per group: hand-computed, then against a loop over assignments.
     from visionmoe.routing import positions_in_expert
 
     expert = torch.tensor([[2, 0, 2, 2, 1, 0], [1, 1, 1, 0, 3, 1]])
@@ -324,6 +322,4 @@ def test_positions_in_expert_both_paths(monkeypatch):
             seen = [0] * num_experts
             for a, e in enumerate(expert[row].tolist()):
                 expected[row, a], seen[e] = seen[e], seen[e] + 1
-        for threshold in (0, 64):  # 0: every E takes the sort; 64: every E here the one-hot count
-            monkeypatch.setattr(plan_module, "ONE_HOT_EXPERTS", threshold)
-            assert torch.equal(positions_in_expert(expert, num_experts), expected), (num_experts, threshold)
+        assert torch.equal(positions_in_expert(expert, num_experts), expected), num_experts

@@ -143,26 +143,15 @@ class DenseRouting:
 Plan = Routing | SoftRouting | DenseRouting
 
 
-ONE_HOT_EXPERTS = 16
-"""Up to this many experts, :func:`positions_in_expert` counts with a running sum over an (G, E, A)
-one-hot instead of sorting: 1.5-1.9x faster for E = 8 on the CPU (BENCHMARKS.md, issue 22); its memory
-grows with E, the sort's does not."""
-
-
 def positions_in_expert(expert: Tensor, num_experts: int) -> Tensor:
     """Slot of each assignment in its expert's buffer, first come first served along A.
 
     expert: (G, A) expert of each assignment, in priority order. Returns (G, A): the number of
-    earlier assignments (same group) to the same expert. For few experts
-    (:data:`ONE_HOT_EXPERTS`) a running count per expert (an int32 cumsum over an expert-major
-    one-hot); otherwise sort-based: a stable argsort by expert, then the rank within each expert's
-    segment, with no (G, A, E) one-hot. Both give the same integers.
+    earlier assignments (same group) to the same expert. Sort-based: a stable argsort by expert,
+    then rank within each expert's segment; no (G, A, E) one-hot (a running count over one was no
+    faster for E = 8 on the CPU: BENCHMARKS.md, issue 22).
     """
     G, A = expert.shape
-    if num_experts <= ONE_HOT_EXPERTS:
-        experts = torch.arange(num_experts, device=expert.device)[None, :, None]
-        running = (expert[:, None, :] == experts).to(torch.int32).cumsum(2)  # (G, E, A): count so far
-        return running.gather(1, expert[:, None, :])[:, 0].long() - 1
     order = torch.argsort(expert, dim=1, stable=True)  # (G, A): assignments grouped by expert
     sorted_expert = expert.gather(1, order)
     counts = torch.zeros(G, num_experts, dtype=torch.long, device=expert.device)

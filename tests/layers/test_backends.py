@@ -109,11 +109,16 @@ def test_auto_picks_padded_for_small_experts():
     # 2 × 2 · 512 = 2048 assignments over 4 experts: 512 rows each -> sorted.
     x = torch.randn(2, 512, 256)
     assert choose_backend(x, moe.experts, moe.router(x).plan) == "sorted"
-    # Small experts (CNN feature maps, D·H <= 128·128) under token choice: padded at any row count;
-    # expert choice plans keep the row rule.
+    # Small GELU experts (CNN feature maps, D·H <= 128·128) under token choice: padded while the routed
+    # rows hold at most 2**20 hidden values (2 groups × 1024 assignments × 64 here); sorted above it,
+    # and for ReLU experts. Expert choice plans keep the row rule.
     small = MoE(16, 4, 64, router="topk", k=2)
     x = torch.randn(2, 512, 16)
     assert choose_backend(x, small.experts, small.router(x).plan) == "padded"
+    x_large = torch.randn(17, 512, 16)  # 17 groups × 1024 assignments × 64 > 2**20
+    assert choose_backend(x_large, small.experts, small.router(x_large).plan) == "sorted"
+    relu = MoE(16, 4, 64, router="topk", k=2, activation=torch.nn.ReLU)
+    assert choose_backend(x, relu.experts, relu.router(x).plan) == "sorted"
     # ... but not for tiny groups (S < 8·E: 5 tokens, 4 experts), nor in forward-only passes.
     x_small = torch.randn(2, 5, 16)
     expected = "grouped" if grouped_mm_supported(small.experts, x_small) else "padded"

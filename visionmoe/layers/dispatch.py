@@ -19,11 +19,11 @@ counting (:func:`counting_sort`), and rows move by gathers forward and backward 
 The other plans (expert choice) keep the argsort and ``index_add_``.
 
 ``auto`` picks ``padded`` while compiling, ``grouped`` on CUDA when available and aligned,
-``padded`` in training (grad enabled) for token choice with small experts (D·H ≤ 128·128, S ≥ 8·E:
-the CNN feature-map regime, where one batched matmul mostly beat E small GEMMs despite the capacity
-padding: BENCHMARKS.md, issue 22), for experts with fewer than 128 rows on average ``grouped``
-(aligned sizes) or else ``padded``, and ``sorted`` otherwise. Soft MoE uses three batched matmuls; the
-dense router one FFN of width E·H.
+``padded`` in training (grad enabled) for token choice with small GELU experts (D·H ≤ 128·128) whose
+routed rows hold at most 2**20 hidden values, S ≥ 8·E (the CNN feature-map regime, where one batched
+matmul beat E small GEMMs despite the capacity padding: BENCHMARKS.md, issue 22), for experts with
+fewer than 128 rows on average ``grouped`` (aligned sizes) or else ``padded``, and ``sorted`` otherwise.
+Soft MoE uses three batched matmuls; the dense router one FFN of width E·H.
 
 ``torch.compile(moe, fullgraph=True)`` traces every router in one graph, forward and backward
 (tested), with these exceptions, which break the graph: dropless token choice (its capacity is the
@@ -43,7 +43,7 @@ unified form of Liu et al. (TMLR 2024), as GShard / V-MoE-style code does.
 from __future__ import annotations
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from visionmoe.layers.experts import Experts, grouped_mm_supported
 from visionmoe.routing.plan import DenseRouting, Plan, Routing, SoftRouting
@@ -57,10 +57,17 @@ CPU to one grouped or batched call; above it the loop wins (BENCHMARKS.md, "Back
 
 
 SMALL_EXPERT_WEIGHTS = 128 * 128
-"""Token-choice experts with D·H at most this run ``padded`` under ``auto``: on CIFAR CNNs with MoE in
-every stage (D = 8-128, H = D-4D) one batched matmul over the capacity buffers beat a GEMM per expert on
-the depthwise backbone, not always on the standard one (BENCHMARKS.md, "CNN feature maps", issue 22);
-the threshold keeps the largest CNN experts and every ViT-sized one (512 × 2048) on ``sorted``."""
+"""Only experts with D·H at most this can run ``padded`` under ``auto`` (CNN feature maps, D = 8-128,
+H = D-4D, where it was measured); every ViT-sized one (512 × 2048) stays on ``sorted``."""
+
+
+PADDED_HIDDEN_VALUES = 2**20
+"""Token-choice GELU experts whose routed rows' hidden activations (G·A·H values, A = K·S assignments per
+group) number at most this run ``padded`` under ``auto`` in training: up to it one batched matmul over the
+capacity buffers beat E small GEMMs on the CPU; from twice it (8 MB of fp32 activations, more with the
+padding, then their gradients) the per-expert blocks of ``sorted`` won, as they did for ReLU experts at
+almost every size (BENCHMARKS.md, "CNN feature maps", issue 22: a grid of CIFAR-CNN layer shapes, both
+activations). The count is static (shapes only), unlike a dropless plan's capacity."""
 
 
 MIN_TOKENS_PER_EXPERT = 8
@@ -80,10 +87,12 @@ def choose_backend(x: Tensor, experts: Experts, plan: Routing | None = None) -> 
         plan is not None
         and torch.is_grad_enabled()  # measured on training steps; forward-only passes keep the rules below
         and plan.choices is not None
+        and isinstance(experts.act, nn.GELU)
         and experts.dim * experts.hidden_dim <= SMALL_EXPERT_WEIGHTS
+        and plan.token.numel() * experts.hidden_dim <= PADDED_HIDDEN_VALUES
         and plan.num_tokens >= MIN_TOKENS_PER_EXPERT * plan.num_experts
     ):
-        return "padded"  # small token-choice experts on many tokens per group
+        return "padded"  # small GELU token-choice experts on many tokens per group
     if plan is not None and plan.token.numel() < SMALL_EXPERT_ROWS * plan.num_experts:
         # G·A assignments offered over E experts: small per-expert GEMMs; one kernel call does better
         return "grouped" if grouped_mm_supported(experts, x) else "padded"

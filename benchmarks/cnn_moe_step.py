@@ -12,8 +12,8 @@ repeats of (MoE step / twin step in the same repeat).
 
 ``--before`` adds a column for the code before issue 22, run in the same process on the same weights:
 plans without ``Routing.choices`` (the argsort + ``index_add_`` dispatch, and ``auto``'s earlier choice),
-a full sort for the top-k and ``topk`` for the load loss's threshold. Every path is exact, so only the
-speed differs.
+a full sort for the top-k, ``topk`` for the load loss's threshold and the router softmax along the last
+axis. Every path but the softmax is exact (that one differs in the last bit), so only the speed differs.
 
 ``--vit`` instead re-runs ViT-sized shapes of the layer benchmark (benchmarks/layer_speed.py: images ×
 1024 tokens, d = 512, H = 2048, E = 8, top-2, capacity factor 1.25, no router noise, forward + backward)
@@ -24,10 +24,11 @@ with the layer as it is (``auto``) and as it was (``before``), against the dense
 
 ``--floor`` adds the column "floor": 1 + (the routers alone / twin step), where "the routers alone" is
 forward and backward of every MoE layer's router (logits, softmax, top-2, capacity positions, gate
-weights, aux losses) on the tokens that layer sees, nothing else, timed in the same repeats. A top-2 MoE
-step cannot beat its twin's step by more than this: its experts do at least the twin's FFN work (equal
-active FLOPs), and routing comes on top. Where the floor is above the goal, no dispatch or expert kernel
-can meet it; only cheaper routing maths or fused routing kernels could.
+weights, aux losses) on the tokens that layer sees, nothing else, timed in the same repeats. It is the
+step the MoE would take if dispatch, experts and combine together cost what the twin's FFN does (equal
+active FLOPs): an estimate of what faster dispatch or expert kernels can reach while the routing maths
+stays as it is. Not a strict bound: the experts skip the assignments dropped for capacity, and the
+routers alone run their own backward pass.
 
 ``--profile`` instead prints the torch.profiler table of one MoE step of the first cell, its time
 broken down by operator. ``--quick`` runs one tiny cell to check the script, measuring nothing.
@@ -47,6 +48,7 @@ import torch.nn.functional as F
 from torch.profiler import ProfilerActivity, profile
 
 import visionmoe.layers.moe
+import visionmoe.layers.routers
 import visionmoe.routing.losses
 import visionmoe.routing.plan
 from visionmoe.analysis.speed import NO_NOISE, benchmark_header, interleaved_times, iqr
@@ -85,21 +87,24 @@ def build(backbone: str, width: int, ratio: float, batch: int, seed: int = 0):
 
 @contextlib.contextmanager
 def before_issue_22() -> Iterator[None]:
-    """The layer as it ran before issue 22 (same results): argsort dispatch, sort top-k, topk threshold."""
+    """The layer as it ran before issue 22: argsort dispatch, sort top-k, topk threshold, last-axis softmax."""
 
     def old_apply_plan(x, plan, experts, backend="auto", deterministic=False):
         if isinstance(plan, visionmoe.routing.plan.Routing):
             plan = dataclasses.replace(plan, choices=None)  # auto then decides as it did
         return apply_plan(x, plan, experts, backend, deterministic)
 
-    saved = (visionmoe.layers.moe.apply_plan, visionmoe.routing.plan.SMALL_K, visionmoe.routing.losses._kth_largest)
-    visionmoe.layers.moe.apply_plan = old_apply_plan
-    visionmoe.routing.plan.SMALL_K = 0
-    visionmoe.routing.losses._kth_largest = lambda x, k: x.topk(k, dim=-1).values[..., -1:]
+    modules = (visionmoe.layers.moe, visionmoe.routing.plan, visionmoe.routing.losses, visionmoe.layers.routers)
+    names = ("apply_plan", "SMALL_K", "_kth_largest", "softmax_experts")
+    saved = [getattr(module, name) for module, name in zip(modules, names, strict=True)]
+    before = (old_apply_plan, 0, lambda x, k: x.topk(k, dim=-1).values[..., -1:], lambda t: t.softmax(dim=-1))
+    for module, name, value in zip(modules, names, before, strict=True):
+        setattr(module, name, value)
     try:
         yield
     finally:
-        visionmoe.layers.moe.apply_plan, visionmoe.routing.plan.SMALL_K, visionmoe.routing.losses._kth_largest = saved
+        for module, name, value in zip(modules, names, saved, strict=True):
+            setattr(module, name, value)
 
 
 def set_backend(model: torch.nn.Module, backend: str) -> None:

@@ -30,6 +30,12 @@ active FLOPs): an estimate of what faster dispatch or expert kernels can reach w
 stays as it is. Not a strict bound: the experts skip the assignments dropped for capacity, and the
 routers alone run their own backward pass.
 
+``--layer-grid`` instead times the MoE layer alone (forward and backward, training mode, the default
+losses) at the shapes of every stage of every cell (D = width · 2^stage, H = ratio · D, 32², 16² and 8²
+positions per image, ``--batch`` images), with ``padded`` and ``sorted`` interleaved, for GELU and ReLU
+experts: the measurement behind ``auto``'s choice between them
+(:data:`visionmoe.layers.dispatch.PADDED_HIDDEN_VALUES`).
+
 ``--profile`` instead prints the torch.profiler table of one MoE step of the first cell, its time
 broken down by operator. ``--quick`` runs one tiny cell to check the script, measuring nothing.
 """
@@ -53,7 +59,7 @@ import visionmoe.routing.losses
 import visionmoe.routing.plan
 from visionmoe.analysis.speed import NO_NOISE, benchmark_header, interleaved_times, iqr
 from visionmoe.analysis.twin import dense_twin
-from visionmoe.layers.dispatch import BACKENDS, apply_plan
+from visionmoe.layers.dispatch import BACKENDS, apply_plan, choose_backend
 from visionmoe.layers.moe import MoE, collect_aux_loss, moe_layers
 from visionmoe.models import create_model
 
@@ -180,6 +186,47 @@ def routers_step(model: torch.nn.Module, batch: int):
     return step
 
 
+def layer_grid(args: argparse.Namespace) -> None:
+    """sorted / padded for one MoE layer at each CNN stage shape, GELU and ReLU experts (see above)."""
+    print("\n| activation | D | H | positions | G·A·H | padded ms | sorted ms | sorted / padded | auto |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for activation in (torch.nn.GELU, torch.nn.ReLU):
+        for width in args.widths:
+            for ratio in args.ratios:
+                for stage, side in enumerate((32, 16, 8)):
+                    dim = width * 2**stage
+                    hidden = int(ratio * dim)
+                    torch.manual_seed(0)
+                    layer = MoE(dim, 8, hidden, router="topk", k=2, activation=activation).train()
+                    x = torch.randn(args.batch, dim, side, side).contiguous(memory_format=torch.channels_last)
+                    x.requires_grad_()
+
+                    def step(backend: str, layer: MoE = layer, x: torch.Tensor = x) -> None:
+                        layer.backend = backend
+                        x.grad = None
+                        layer.zero_grad(set_to_none=True)
+                        (layer(x).square().mean() + layer.aux_loss).backward()
+
+                    times = interleaved_times(
+                        {b: lambda b=b: step(b) for b in ("padded", "sorted")},
+                        threads=args.threads,
+                        repeats=args.repeats,
+                        min_run_time=args.min_run_time,
+                    )
+                    padded, sorted_ = (statistics.median(times[b]) * 1e3 for b in ("padded", "sorted"))
+                    layer.backend = "auto"
+                    with torch.no_grad():
+                        tokens = layer.group(layer.to_tokens(x)[0])
+                        plan = layer.router(tokens).plan
+                    with torch.enable_grad():
+                        chosen = choose_backend(tokens, layer.experts, plan)
+                    print(
+                        f"| {activation.__name__} | {dim} | {hidden} | {side}² | {plan.token.numel() * hidden:,} | "
+                        f"{padded:.1f} | {sorted_:.1f} | {sorted_ / padded:.2f} | {chosen} |",
+                        flush=True,
+                    )
+
+
 def vit_row(images: int, args: argparse.Namespace) -> str:
     """One ViT-sized shape: auto now and before issue 22, each over the dense FFN of the same repeat."""
     torch.manual_seed(0)
@@ -287,6 +334,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--floor", action="store_true", help="add 1 + (the routers alone / twin step) (see above)")
     parser.add_argument("--vit", action="store_true", help="the ViT-shape regression check instead (see above)")
     parser.add_argument("--vit-images", nargs="+", type=int, default=[1, 4, 8])
+    parser.add_argument("--layer-grid", action="store_true", help="padded vs sorted per layer shape (see above)")
     parser.add_argument("--profile", action="store_true", help="profile the first cell instead of timing")
     parser.add_argument("--rows", type=int, default=0, help="--profile: also print this many operators")
     parser.add_argument("--quick", action="store_true", help="one tiny cell: checks the script only")
@@ -296,6 +344,10 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
     if args.profile:
         profile_step(args.backbones[0], args.widths[0], args.ratios[0], args)
+        return 0
+    if args.layer_grid:
+        print(benchmark_header("MoE layer at CNN stage shapes: padded vs sorted", args.threads), flush=True)
+        layer_grid(args)
         return 0
     if args.vit:
         print(benchmark_header("MoE layer at ViT shapes: after vs before issue 22", args.threads), flush=True)

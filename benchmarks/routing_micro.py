@@ -17,7 +17,9 @@ replaces the plain call on its left; the table times both, interleaved, on (imag
 A running count over an expert-major one-hot for the capacity positions, tried against the argsort of
 :func:`visionmoe.routing.plan.positions_in_expert`, was no faster (0.7-1.1×) and is not used.
 
-Every pair is checked equal (or close, for the softmax) before timing.
+Every pair is checked equal (or close, for the softmax) before timing. A second table times the two
+softmax layouts at several expert counts: where the expert-major one stops paying
+(``visionmoe.routing.plan.SHORT_SOFTMAX_ROWS``).
 """
 
 from __future__ import annotations
@@ -68,10 +70,34 @@ def pairs(images: int, tokens: int) -> dict[str, tuple[Callable[[], object], Cal
     }
 
 
+def expert_major_softmax(logits: torch.Tensor) -> torch.Tensor:
+    """softmax_experts' expert-major layout at any E (it switches to the last axis from 16)."""
+    return logits.transpose(-1, -2).contiguous().softmax(dim=-2).transpose(-1, -2)
+
+
+def softmax_rows(images: int, tokens: int, experts: list[int], args: argparse.Namespace) -> None:
+    print(
+        "\n| experts | images × tokens | last axis ms | expert-major ms | last / expert-major |\n|---|---|---|---|---|"
+    )
+    for e in experts:
+        g = torch.Generator().manual_seed(0)
+        logits = torch.randn(images, tokens, e, generator=g, requires_grad=True)
+        grad = torch.randn(images, tokens, e, generator=g)
+        torch.testing.assert_close(expert_major_softmax(logits), logits.softmax(-1))
+        fns = {
+            "last": forward_backward(lambda t: t.softmax(-1), logits, grad),
+            "major": forward_backward(expert_major_softmax, logits, grad),
+        }
+        times = interleaved_times(fns, threads=args.threads, repeats=args.repeats)
+        ms = {key: statistics.median(t) * 1e3 for key, t in times.items()}
+        print(f"| {e} | {images} × {tokens} | {ms['last']:.2f} | {ms['major']:.2f} | {ms['last'] / ms['major']:.2f}× |")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--images", type=int, default=16)
     parser.add_argument("--tokens", nargs="+", type=int, default=[1024, 256], help="tokens per image")
+    parser.add_argument("--softmax-experts", nargs="+", type=int, default=[4, 8, 12, 16, 32, 64])
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--repeats", type=int, default=9)
     args = parser.parse_args(argv)
@@ -87,6 +113,7 @@ def main(argv: list[str] | None = None) -> int:
                 f"{ms['plain'] / ms['chosen']:.2f}× |",
                 flush=True,
             )
+    softmax_rows(args.images, args.tokens[0], args.softmax_experts, args)
     return 0
 
 

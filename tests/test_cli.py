@@ -80,3 +80,14 @@ def test_python_m_runs_the_command_line_without_the_heavy_stacks():
     commands = "train,eval,analyze,demo,bench,shards,profile,export,sweep,report"
     assert "{" + commands + "}" in result.stdout.replace(" ", "").replace("\n", "")
     assert result.stdout.rstrip().endswith("loaded: []"), result.stdout[-500:]
+
+
+def test_sweep_help_names_every_study_preset(capsys):
+    # The list is spelled out in the CLI (so --help imports no study code); it must stay the registry's.
+    from visionmoe.cli.studies import STUDY_NAMES
+    from visionmoe.studies.presets import STUDIES
+
+    assert list(STUDY_NAMES) == list(STUDIES)
+    with pytest.raises(SystemExit):
+        main(["sweep", "--help"])
+    assert f"Study presets: {', '.join(STUDIES)}." in " ".join(capsys.readouterr().out.split())

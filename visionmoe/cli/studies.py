@@ -10,6 +10,10 @@ import argparse
 
 import yaml
 
+STUDY_NAMES = ("rho", "hidden", "hidden_long", "width", "topk", "soft", "heads", "placement", "routers")
+"""The study presets, named here so that ``--help`` need not import :mod:`visionmoe.studies` (a test
+keeps this list equal to :data:`visionmoe.studies.presets.STUDIES`)."""
+
 
 def add_commands(sub: argparse._SubParsersAction) -> None:
     """The parsers of sweep and report."""
@@ -17,7 +21,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
         "sweep",
         help="a study preset (or training preset × key=a,b axes) × seeds, each with its dense twin; resumable",
         description="Run a sweep. Overrides are key=value; key=a,b,c makes an axis of the grid. Finished runs are "
-        "skipped, killed ones resumed. Study presets: rho, hidden, topk, soft, heads, placement, routers.",
+        f"skipped, killed ones resumed. Study presets: {', '.join(STUDY_NAMES)}.",
     )
     sweep.add_argument("--preset", required=True, help="a study preset, or a training preset in configs/")
     sweep.add_argument("--seeds", default=None, help="e.g. 0-4 or 0,1,2 (default: the preset's)")

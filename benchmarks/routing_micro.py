@@ -30,6 +30,7 @@ from collections.abc import Callable
 
 import torch
 
+import visionmoe.routing.plan as plan_module
 from visionmoe.analysis.speed import benchmark_header, interleaved_times
 from visionmoe.routing.losses import _kth_largest
 from visionmoe.routing.plan import softmax_experts, stable_topk
@@ -71,8 +72,13 @@ def pairs(images: int, tokens: int) -> dict[str, tuple[Callable[[], object], Cal
 
 
 def expert_major_softmax(logits: torch.Tensor) -> torch.Tensor:
-    """softmax_experts' expert-major layout at any E (it switches to the last axis from 16)."""
-    return logits.transpose(-1, -2).contiguous().softmax(dim=-2).transpose(-1, -2)
+    """softmax_experts with its expert-major layout at any E (it switches to the last axis from 16)."""
+    saved = plan_module.SHORT_SOFTMAX_ROWS
+    plan_module.SHORT_SOFTMAX_ROWS = logits.shape[-1] + 1
+    try:
+        return softmax_experts(logits)
+    finally:
+        plan_module.SHORT_SOFTMAX_ROWS = saved
 
 
 def softmax_rows(images: int, tokens: int, experts: list[int], args: argparse.Namespace) -> None:

@@ -164,7 +164,7 @@ def positions_in_expert(expert: Tensor, num_experts: int) -> Tensor:
 SMALL_K = 2
 """Up to this k, :func:`stable_topk` takes k rounds of ``max`` instead of a full sort: on the CPU a sort
 of E = 8 values per token was a visible part of a CNN MoE step, and the rounds beat it for top-2
-(``benchmarks/routing_micro.py``; BENCHMARKS.md, "Routing core: top-2 of 8 per token")."""
+(``benchmarks/routing_micro.py``; BENCHMARKS.md, "Routing core: E = 8 per token")."""
 
 
 def stable_topk(scores: Tensor, k: int, dim: int) -> tuple[Tensor, Tensor]:
@@ -194,7 +194,7 @@ def stable_topk(scores: Tensor, k: int, dim: int) -> tuple[Tensor, Tensor]:
 SHORT_SOFTMAX_ROWS = 16
 """Below this many experts, :func:`softmax_experts` runs the softmax along the token axis of an
 expert-major copy: ATen's CPU softmax along the last axis is 5-10x slower on rows shorter than 16 than
-along a non-last axis (BENCHMARKS.md, issue 22), and at E >= 16 the last axis wins."""
+along a non-last axis (BENCHMARKS.md, "Routing core: E = 8 per token"), and at E >= 16 the last axis wins."""
 
 
 def softmax_experts(logits: Tensor) -> Tensor:

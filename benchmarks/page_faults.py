@@ -1,15 +1,16 @@
 """Where a CPU training step's time goes besides compute: system time and page faults (issue 22).
 
     python benchmarks/page_faults.py --model cnn_dw_cifar_moe --batch 64 --steps 15
-    GLIBC_TUNABLES=glibc.malloc.mmap_threshold=4294967295:glibc.malloc.trim_threshold=4294967295 \\
-        python benchmarks/page_faults.py --model cnn_dw_cifar_moe --batch 64 --steps 15
+    python benchmarks/page_faults.py --model cnn_dw_cifar_moe --batch 64 --steps 15 --keep-freed-memory
 
 Trains ``--steps`` SGD steps (after 3 warm-up steps) of a CIFAR CNN with MoE in every stage (width 8,
 hidden ratio 4: ``hidden``'s highest-ρ model) or its dense twin (``--twin``) on one random channels-last
 batch, one thread, and reports per step: wall time, user and system CPU time, minor page faults, and the
 process's peak resident memory. glibc's malloc returns large blocks (above its mmap threshold, at most
 32 MB) to the system when they are freed, so a step that frees and reallocates big activation buffers
-faults their pages in again every time; the second command asks glibc to keep them, for comparison.
+faults their pages in again every time; the second command asks glibc to keep them, as training does
+(``visionmoe.allocator.keep_freed_memory``, ``train.keep_freed_memory``), for comparison. The same can be
+had from outside with ``GLIBC_TUNABLES=glibc.malloc.mmap_threshold=4294967295:glibc.malloc.trim_threshold=4294967295``.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import time
 import torch
 import torch.nn.functional as F
 
+from visionmoe.allocator import keep_freed_memory
 from visionmoe.analysis.twin import dense_twin
 from visionmoe.layers.moe import collect_aux_loss
 from visionmoe.models import create_model
@@ -35,7 +37,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--steps", type=int, default=15)
     parser.add_argument("--twin", action="store_true", help="the dense twin of equal active FLOPs instead")
+    parser.add_argument("--keep-freed-memory", action="store_true", help="glibc keeps freed memory (as training)")
     args = parser.parse_args(argv)
+    malloc = keep_freed_memory() if args.keep_freed_memory else "defaults"
     torch.set_num_threads(1)
     torch.manual_seed(0)
     model = create_model(args.model, width=args.width, hidden_ratio=args.ratio, moe_stages="all")
@@ -58,9 +62,10 @@ def main(argv: list[str] | None = None) -> int:
         step()
     after, wall = resource.getrusage(resource.RUSAGE_SELF), time.perf_counter() - start
     n = args.steps
-    tunables = os.environ.get("GLIBC_TUNABLES", "(glibc defaults)")
+    tunables = os.environ.get("GLIBC_TUNABLES")
+    malloc = f"{malloc}, GLIBC_TUNABLES={tunables}" if tunables else malloc
     print(
-        f"| {args.model}{' twin' if args.twin else ''} | {args.batch} | {tunables} | {1e3 * wall / n:.0f} | "
+        f"| {args.model}{' twin' if args.twin else ''} | {args.batch} | {malloc} | {1e3 * wall / n:.0f} | "
         f"{1e3 * (after.ru_utime - before.ru_utime) / n:.0f} | {1e3 * (after.ru_stime - before.ru_stime) / n:.0f} | "
         f"{(after.ru_minflt - before.ru_minflt) / n:,.0f} | {after.ru_maxrss / 1024:,.0f} |"
     )

@@ -137,6 +137,7 @@ RESUMABLE_CHANGES = (
     "train.progress",
     "train.log_every",
     "train.threads",
+    "train.keep_freed_memory",  # speed and memory only (visionmoe.allocator)
     "train.tensorboard",
     "train.time_limit_minutes",
     "train.expert_parallel",  # checkpoints reshard (visionmoe.distributed.checkpoint)

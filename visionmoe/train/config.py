@@ -134,6 +134,9 @@ class TrainConfig:
     run_name: str | None = None  # default: <config name>-s<seed>
     device: str = "auto"  # auto: cuda if available, else cpu
     threads: int | None = None  # torch CPU threads; None leaves torch's default
+    # glibc keeps freed memory for reuse instead of unmapping it (visionmoe.allocator): the same results, CPU
+    # steps up to a third faster at large batches, the process at its peak resident memory. Process-wide.
+    keep_freed_memory: bool = True
     channels_last: bool = True
     compile: bool = False
     amp: bool = True  # bf16 autocast on CUDA; ignored on the CPU (no fast bf16 there)

@@ -29,6 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from visionmoe.allocator import keep_freed_memory
 from visionmoe.analysis.profile import profile_model
 from visionmoe.analysis.speed import machine_info
 from visionmoe.distributed import SHARDED_CHECKPOINT
@@ -104,6 +105,7 @@ class Trainer:
         self.code = code_version()  # at start: the code that trains, even if the checkout changes meanwhile
         if t.threads is not None:
             torch.set_num_threads(t.threads)
+        self.malloc = keep_freed_memory() if t.keep_freed_memory else "glibc defaults"
         device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if t.device == "auto" else t.device)
         self.device = self.replica.device(device)
         self.use_amp = t.amp and self.device.type == "cuda"
@@ -433,6 +435,7 @@ class Trainer:
             # the modules FSDP gathers one at a time, besides the root (None: not sharded with FSDP)
             "fsdp_units": self.replica.fsdp_units,
             "threads": torch.get_num_threads(),
+            "malloc": self.malloc,  # what train.keep_freed_memory did: it moves the timings above
             "machine": machine_info(torch.get_num_threads())["cpu"],
             "code": self.code,
             "run_dir": str(self.run_dir),

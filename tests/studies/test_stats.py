@@ -5,7 +5,8 @@ import math
 
 import pytest
 
-from visionmoe.studies import contrast_gaps, gap_tests, load_runs, paired_gaps, summarize, t_interval
+from visionmoe.studies import contrast_gaps, epoch_gaps, gap_tests, load_runs, paired_gaps, summarize, t_interval
+from visionmoe.studies.report import write_report
 
 
 def fake_run(root, study, key, seed, top1, *, reference=None, twin=False, axes=None, rho=0.1):
@@ -96,6 +97,54 @@ def test_pairs_by_hand(table):
     # seed 3 has no twin; with 3 non-zero gaps the smallest possible Wilcoxon p is 2/2³ = 0.25.
     assert "1 seed(s) without a reference run" in p["note"]
     assert "smallest p = 0.25" in p["note"]
+
+
+def write_curve(run_dir, test_top1, train_top1, every=1):
+    """metrics.jsonl of one run: epoch e (from 1) logs train_top1[e-1], and test_top1[e-1] every ``every``."""
+    lines = []
+    for epoch, (test, train) in enumerate(zip(test_top1, train_top1, strict=True), 1):
+        record = {"epoch": epoch, "train_loss": 1.0, "train_top1": train / 100}
+        if epoch % every == 0:
+            record["test"] = {"top1": test / 100, "nll": 1.0}
+        lines.append(json.dumps(record))
+    (run_dir / "metrics.jsonl").write_text("\n".join(lines) + "\n")
+
+
+def test_gaps_by_epoch_by_hand(tmp_path):
+    # Seeds 0-1, 3 epochs. MoE test 50/60/70 and 52/58/74; twin 55/60/65 and 50/62/70:
+    # test gaps -5/0/+5 and +2/-4/+4 -> means -1.5, -2, +4.5; training gaps -10/-5/0 and -6/-3/+2 -> -8, -4, +1.
+    moe = {0: ([50, 60, 70], [40, 50, 60]), 1: ([52, 58, 74], [44, 52, 62])}
+    twin = {0: ([55, 60, 65], [50, 55, 60]), 1: ([50, 62, 70], [50, 55, 60])}
+    for seed in (0, 1):
+        write_curve(fake_run(tmp_path, "s", "r=4", seed, moe[seed][0][-1], reference="r=4,twin=flops"), *moe[seed])
+        write_curve(fake_run(tmp_path, "s", "r=4,twin=flops", seed, twin[seed][0][-1], twin=True), *twin[seed])
+    # a pair whose runs have no records, and one whose twin evaluated only at epoch 2: no rows, one row
+    fake_run(tmp_path, "s", "r=1", 0, 50.0, reference="r=1,twin=flops")
+    fake_run(tmp_path, "s", "r=1,twin=flops", 0, 50.0, twin=True)
+    write_curve(fake_run(tmp_path, "s", "r=2", 0, 61.0, reference="r=2,twin=flops"), [1, 60, 61], [0, 0, 0])
+    write_curve(fake_run(tmp_path, "s", "r=2,twin=flops", 0, 0.0, twin=True), [9, 63, 9], [0, 0, 0], every=2)
+    per_seed, by_epoch = epoch_gaps(load_runs([tmp_path]))
+
+    four = by_epoch[by_epoch["config"] == "r=4"]
+    assert four["epoch"].tolist() == [1, 2, 3] and four["n"].tolist() == [2, 2, 2]
+    assert four["mean_gap"].tolist() == pytest.approx([-1.5, -2, 4.5])
+    assert four["mean_train_gap"].tolist() == pytest.approx([-8, -4, 1])
+    # epoch 1: gaps -5, +2: mean -1.5, s = 7/√2 = 4.9497, half-width t(0.975, 1) · s/√2 = 12.7062 · 3.5 = 44.47
+    assert four["ci_low"].iloc[0] == pytest.approx(-1.5 - 44.4717, abs=1e-3)
+    assert four["ci_high"].iloc[0] == pytest.approx(-1.5 + 44.4717, abs=1e-3)
+    seed1 = per_seed[(per_seed["config"] == "r=4") & (per_seed["seed"] == 1)]
+    assert seed1["gap"].tolist() == pytest.approx([2, -4, 4]) and seed1["top1_ref"].tolist() == pytest.approx(
+        [50, 62, 70]
+    )
+    two = by_epoch[by_epoch["config"] == "r=2"]
+    assert two["epoch"].tolist() == [2] and two["mean_gap"].tolist() == pytest.approx([-3]) and two["n"].item() == 1
+    assert "r=1" not in set(by_epoch["config"])
+    assert epoch_gaps(load_runs([tmp_path]), "best_top1")[1].empty  # not logged per epoch
+
+    files = write_report([tmp_path], tmp_path / "report")
+    assert (tmp_path / "report" / "s_gap_by_epoch.png") in files["plots"]
+    text = (tmp_path / "report" / "report.md").read_text()
+    assert "### Pairs by epoch" in text and "| r=4 − r=4,twin=flops | 2 | -1.50 [-45.97, 42.97] (-8.0) |" in text
 
 
 def test_contrast_compares_two_configurations_seed_by_seed(table, tmp_path):

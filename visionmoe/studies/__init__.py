@@ -11,7 +11,15 @@ write_report(["runs/topk-tiny"], "runs/topk-tiny/report")
 from visionmoe.studies.estimate import estimate_sweep
 from visionmoe.studies.presets import STUDIES, Study, get_study
 from visionmoe.studies.report import write_report
-from visionmoe.studies.stats import contrast_gaps, gap_tests, load_runs, paired_gaps, summarize, t_interval
+from visionmoe.studies.stats import (
+    contrast_gaps,
+    epoch_gaps,
+    gap_tests,
+    load_runs,
+    paired_gaps,
+    summarize,
+    t_interval,
+)
 from visionmoe.studies.sweep import Run, Sweep, parse_axis, parse_seeds, run_one, run_sweep
 
 __all__ = [
@@ -20,6 +28,7 @@ __all__ = [
     "Study",
     "Sweep",
     "contrast_gaps",
+    "epoch_gaps",
     "estimate_sweep",
     "gap_tests",
     "get_study",

@@ -10,7 +10,9 @@ Writes into ``out``:
   where runs were analysed, test top-1 at each evaluation batch size where runs measured it
   (``eval.batch_sizes``), failed runs from the sweep manifests, and the plots;
 - ``runs.csv`` (one row per run), ``configs.csv``, ``pairs.csv``, ``gaps.csv`` (one row per pair and
-  seed) and ``tables.tex`` (the configuration and pair tables of each study, booktabs);
+  seed), ``gaps_by_epoch.csv`` and ``epoch_gaps.csv`` (each pair's gap at every epoch both runs
+  evaluated, per pair and per seed: :func:`~visionmoe.studies.stats.epoch_gaps`) and ``tables.tex``
+  (the configuration and pair tables of each study, booktabs);
 - with ``contrasts`` (``--contrast k=2:k=1``), the same paired statistics for two configurations of
   a study compared directly, in ``contrasts.csv``, ``contrast_gaps.csv`` and a table of their own;
 - ``overview_gap_vs_rho.png`` and a first section "When does MoE help here?": every pair of every
@@ -21,7 +23,9 @@ Writes into ``out``:
   comparison per axis the study varies — ``gap_vs_width`` (backbone width), ``gap_vs_hidden``
   (the FFN / experts' hidden size; one line per backbone and MoE stages), ``gap_vs_k``,
   ``placement``, ``router``, ``experts`` (num_experts), and ``<axis>`` for any other axis;
-  ``sharpness`` where runs carry Hessian results. Comparisons show the gap to the reference with its
+  ``sharpness`` where runs carry Hessian results; ``gap_by_epoch`` where pairs evaluated at more than
+  one epoch (the test gap with its interval and the training top-1 gap, epoch by epoch: whether the
+  sign depends on the training budget), with its table in the report. Comparisons show the gap to the reference with its
   95% interval, or top-1 itself in a study without pairs.
 """
 
@@ -35,7 +39,15 @@ from typing import Any
 
 import pandas as pd
 
-from visionmoe.studies.stats import BY_BATCH_SIZE, axis_columns, contrast_gaps, load_runs, paired_gaps, summarize
+from visionmoe.studies.stats import (
+    BY_BATCH_SIZE,
+    axis_columns,
+    contrast_gaps,
+    epoch_gaps,
+    load_runs,
+    paired_gaps,
+    summarize,
+)
 
 PLOTS = {  # plot name -> the axis names it is drawn for
     "gap_vs_width": ("width", "embed_dim"),
@@ -71,8 +83,10 @@ def write_report(
     configs = summarize(table, metric)
     per_seed, pairs = paired_gaps(table, metric)
     contrast_seed, contrast = contrast_gaps(table, contrasts, metric)
+    epoch_seed, by_epoch = epoch_gaps(table, metric)
     files: dict[str, Any] = {"csv": [], "plots": []}
     frames = [("runs", table), ("configs", configs), ("pairs", pairs), ("gaps", per_seed)]
+    frames += [("gaps_by_epoch", by_epoch), ("epoch_gaps", epoch_seed)]
     if contrasts:
         frames += [("contrasts", contrast), ("contrast_gaps", contrast_seed)]
     for name, frame in frames:
@@ -89,9 +103,12 @@ def write_report(
         cfg = configs[configs["study"] == study]
         prs, gaps = _of(pairs, study), _of(per_seed, study)
         con = _of(contrast, study), _of(contrast_seed, study)
+        curves = _of(by_epoch, study)
         plots = _plots(study, rows, cfg, prs, out)
+        if not curves.empty and curves["epoch"].nunique() > 1:
+            plots.append(_epoch_plot(study, curves, _varying(rows), metric, out))
         files["plots"] += plots
-        sections.append(_markdown_study(study, rows, cfg, prs, gaps, con, plots, sweeps.get(study, {}), metric))
+        sections.append(_markdown_study(study, rows, cfg, prs, gaps, con, plots, sweeps.get(study, {}), metric, curves))
         latex.append(_latex_study(study, cfg, prs, con[0]))
     text = "\n\n".join([f"# Study report ({metric})", _preamble(table), *sections]) + "\n"
     (out / "report.md").write_text(text)
@@ -245,7 +262,7 @@ def _pair_table(prs: pd.DataFrame, gaps: pd.DataFrame) -> pd.DataFrame:
     )
 
 
-def _markdown_study(study, rows, cfg, prs, gaps, contrast, plots, sweep, metric) -> str:
+def _markdown_study(study, rows, cfg, prs, gaps, contrast, plots, sweep, metric, curves) -> str:
     models = ", ".join(dict.fromkeys(str(m) for m in rows["model"]))
     datasets = ", ".join(dict.fromkeys(str(d) for d in rows["dataset"]))
     epochs = ", ".join(dict.fromkeys(f"{e:g}" for e in rows["epochs"].dropna()))
@@ -257,6 +274,11 @@ def _markdown_study(study, rows, cfg, prs, gaps, contrast, plots, sweep, metric)
         parts += ["### Pairs: configuration − reference (same seed)", _markdown(_pair_table(prs, gaps))]
     if not contrast[0].empty:
         parts += ["### Contrasts: configuration − configuration (same seed)", _markdown(_pair_table(*contrast))]
+    if not curves.empty and curves["epoch"].nunique() > 1:
+        parts += [
+            f"### Pairs by epoch: test {metric} gap, mean over seeds [95% interval] (training top-1 gap)",
+            _markdown(_epoch_table(curves)),
+        ]
     sizes = [c for c in cfg if c.startswith(BY_BATCH_SIZE) and not c.endswith("_std") and cfg[c].notna().any()]
     if sizes:
         frame = pd.DataFrame(
@@ -402,6 +424,52 @@ def _compare(study, name, axis, data, varying, y, lo, hi, ylabel, has_pairs, out
     if others:
         ax.legend(fontsize=8)
     return _save(fig, out / f"{study}_{name}.png")
+
+
+EPOCH_COLUMNS = 8
+"""At most this many epochs in a report's by-epoch table: evenly spaced, the first and last included."""
+
+
+def _epoch_table(curves: pd.DataFrame) -> pd.DataFrame:
+    epochs = sorted(curves["epoch"].unique())
+    if len(epochs) > EPOCH_COLUMNS:
+        picks = {round(i * (len(epochs) - 1) / (EPOCH_COLUMNS - 1)) for i in range(EPOCH_COLUMNS)}
+        epochs = [epochs[i] for i in sorted(picks)]
+    rows = []
+    for config, group in curves.groupby("config", sort=False):
+        at = group.set_index("epoch")
+        cells = {}
+        for epoch in epochs:
+            if epoch not in at.index:
+                cells[f"epoch {epoch:g}"] = "—"
+                continue
+            r = at.loc[epoch]
+            interval = f" [{_fmt(r['ci_low'])}, {_fmt(r['ci_high'])}]" if r["n"] > 1 else ""
+            cells[f"epoch {epoch:g}"] = f"{_fmt(r['mean_gap'])}{interval} ({_fmt(r['mean_train_gap'], '+.1f')})"
+        rows.append({"pair": f"{config} − {group['reference'].iloc[0]}", "seeds": int(group["n"].max()), **cells})
+    return pd.DataFrame(rows)
+
+
+def _epoch_plot(study: str, curves: pd.DataFrame, varying: list[str], metric: str, out: Path) -> Path:
+    """Each pair's mean test gap by epoch with its 95% band (solid), and its training top-1 gap (dashed)."""
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    for config, group in curves.groupby("config", sort=False):
+        group = group.sort_values("epoch")
+        label = _label(group.iloc[0], varying) if varying else config
+        (line,) = ax.plot(group["epoch"], group["mean_gap"], "o-", ms=3, label=f"{label} (n={group['n'].max()})")
+        if group["n"].max() > 1:
+            ax.fill_between(group["epoch"], group["ci_low"], group["ci_high"], color=line.get_color(), alpha=0.15)
+        ax.plot(group["epoch"], group["mean_train_gap"], "--", color=line.get_color(), lw=0.9)
+    ax.axhline(0, color="grey", lw=0.8)
+    ax.set(
+        xlabel="epoch",
+        ylabel=f"{metric} gap to reference (points)",
+        title=f"{study}: gap by epoch (test, solid; training top-1, dashed)",
+    )
+    ax.legend(fontsize=7)
+    return _save(fig, out / f"{study}_gap_by_epoch.png")
 
 
 def _sharpness_plot(study: str, cfg: pd.DataFrame, out: Path) -> Path:

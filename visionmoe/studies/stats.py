@@ -3,6 +3,7 @@
     table = load_runs(["runs/topk"])             # long format, one row per run (summary.json + sweep_run.json)
     configs = summarize(table)                    # per configuration: n, mean, std, 95% t-interval
     per_seed, pairs = paired_gaps(table)          # per pair: MoE − reference per seed; mean, CI, sign, tests
+    per_seed, by_epoch = epoch_gaps(table)        # the same gaps at every epoch both runs evaluated
 
 A *pair* is a configuration and its reference (its dense twin of equal active FLOPs, or a study's
 baseline configuration) trained under the same seed. Seeds are the unit of replication: the gap of
@@ -29,6 +30,8 @@ import numpy as np
 import pandas as pd
 import yaml
 from scipy import stats
+
+from visionmoe.jsonl import read_jsonl
 
 RUN_COLUMNS = [
     "study",
@@ -201,6 +204,84 @@ def paired_gaps(table: pd.DataFrame, metric: str = "top1") -> tuple[pd.DataFrame
         per_seed += seeds
         pairs.append(row)
     return pd.DataFrame(per_seed), pd.DataFrame(pairs)
+
+
+PERCENT = ("top1", "top5")  # metrics logged as fractions and reported in percent
+
+
+def epoch_gaps(table: pd.DataFrame, metric: str = "top1") -> tuple[pd.DataFrame, pd.DataFrame]:
+    """(per_seed, by_epoch): each pair's gap at every epoch both of its runs evaluated, from their
+    ``metrics.jsonl``: does the sign depend on how long the models trained?
+
+    ``per_seed`` columns: study, config, reference, the axes, seed, epoch, ``metric`` and
+    ``<metric>_ref`` (test), gap, and train_gap (training top-1 of the epoch, config − reference, in
+    points). ``by_epoch``: per pair and epoch, n seeds, mean_gap with its 95% t-interval (ci_low,
+    ci_high) and mean_train_gap. Both are empty for a metric the records do not log per epoch (such as
+    best_top1) or where no pair has both runs' records.
+    """
+    axes = axis_columns(table)
+    scale = 100.0 if metric in PERCENT else 1.0
+    curves: dict[str, pd.DataFrame] = {}
+
+    def curve(run: str) -> pd.DataFrame:
+        if run not in curves:
+            path = Path(run) / "metrics.jsonl"
+            records = read_jsonl(path) if path.is_file() else []
+            curves[run] = pd.DataFrame(
+                [
+                    {"epoch": r["epoch"], "value": scale * r["test"][metric], "train": 100 * r["train_top1"]}
+                    for r in records
+                    if isinstance(r.get("test"), dict) and metric in r["test"] and "train_top1" in r
+                ],
+                columns=["epoch", "value", "train"],
+            )
+        return curves[run]
+
+    per_seed = []
+    for (study, config), group in table[table["reference"].notna()].groupby(["study", "config"], sort=False):
+        reference = group["reference"].iloc[0]
+        ref = table[(table["study"] == study) & (table["config"] == reference)]
+        ref = ref.drop_duplicates("seed").set_index("seed")["run"]
+        for _, row in group.sort_values("seed").iterrows():
+            if row["seed"] not in ref.index:
+                continue
+            both = curve(row["run"]).merge(curve(ref[row["seed"]]), on="epoch", suffixes=("", "_ref"))
+            for _, e in both.iterrows():
+                per_seed.append(
+                    {
+                        "study": study,
+                        "config": config,
+                        "reference": reference,
+                        **{a: row[a] for a in axes},
+                        "seed": row["seed"],
+                        "epoch": e["epoch"],
+                        metric: e["value"],
+                        f"{metric}_ref": e["value_ref"],
+                        "gap": e["value"] - e["value_ref"],
+                        "train_gap": e["train"] - e["train_ref"],
+                    }
+                )
+    per_seed = pd.DataFrame(per_seed)
+    rows = []
+    if not per_seed.empty:
+        for (study, config, epoch), group in per_seed.groupby(["study", "config", "epoch"], sort=False):
+            mean, _, low, high = t_interval(group["gap"])
+            first = group.iloc[0]
+            rows.append(
+                {
+                    "study": study,
+                    "config": config,
+                    "reference": first["reference"],
+                    **{a: first[a] for a in axes},
+                    "epoch": epoch,
+                    "n": len(group),
+                    "mean_gap": mean,
+                    "ci_low": low,
+                    "ci_high": high,
+                    "mean_train_gap": group["train_gap"].mean(),
+                }
+            )
+    return per_seed, pd.DataFrame(rows)
 
 
 def contrast_gaps(

@@ -24,7 +24,7 @@ import ctypes.util
 import functools
 import platform
 
-__all__ = ["KEPT", "keep_freed_memory", "mapped_bytes"]
+__all__ = ["KEPT", "keep_freed_memory", "kept", "mapped_bytes"]
 
 # mallopt parameters (glibc's <malloc.h>)
 _M_TRIM_THRESHOLD = -1
@@ -58,7 +58,17 @@ def keep_freed_memory() -> str:
     libc.mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
     # Either setting also stops glibc from moving its thresholds dynamically.
     ok = libc.mallopt(_M_TRIM_THRESHOLD, _INT_MAX) == 1 and libc.mallopt(_M_MMAP_MAX, 0) == 1
+    global _kept
+    _kept = _kept or ok
     return KEPT if ok else "mallopt refused"
+
+
+_kept = False
+
+
+def kept() -> bool:
+    """Whether :func:`keep_freed_memory` has taken effect in this process (it cannot be undone)."""
+    return _kept
 
 
 class _Mallinfo2(ctypes.Structure):

@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from visionmoe.allocator import keep_freed_memory
+from visionmoe.allocator import KEPT, keep_freed_memory, kept
 from visionmoe.analysis.profile import profile_model
 from visionmoe.analysis.speed import machine_info
 from visionmoe.distributed import SHARDED_CHECKPOINT
@@ -105,7 +105,11 @@ class Trainer:
         self.code = code_version()  # at start: the code that trains, even if the checkout changes meanwhile
         if t.threads is not None:
             torch.set_num_threads(t.threads)
-        self.malloc = keep_freed_memory() if t.keep_freed_memory else "glibc defaults"
+        # what glibc does with freed memory in this process (visionmoe.allocator): it moves the step times
+        if t.keep_freed_memory:
+            self.malloc = keep_freed_memory()
+        else:  # the setting is process-wide and cannot be undone by a later run of the same process
+            self.malloc = f"{KEPT} (by an earlier run of this process)" if kept() else "allocator defaults"
         device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if t.device == "auto" else t.device)
         self.device = self.replica.device(device)
         self.use_amp = t.amp and self.device.type == "cuda"

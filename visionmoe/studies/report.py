@@ -106,7 +106,7 @@ def write_report(
         curves = _of(by_epoch, study)
         plots = _plots(study, rows, cfg, prs, out)
         if not curves.empty and curves["epoch"].nunique() > 1:
-            plots.append(_epoch_plot(study, curves, _varying(rows), metric, out))
+            plots.append(_epoch_plot(study, curves, _of(epoch_seed, study), _varying(rows), metric, out))
         files["plots"] += plots
         sections.append(_markdown_study(study, rows, cfg, prs, gaps, con, plots, sweeps.get(study, {}), metric, curves))
         latex.append(_latex_study(study, cfg, prs, con[0]))
@@ -450,8 +450,14 @@ def _epoch_table(curves: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-def _epoch_plot(study: str, curves: pd.DataFrame, varying: list[str], metric: str, out: Path) -> Path:
-    """Each pair's mean test gap by epoch with its 95% band (solid), and its training top-1 gap (dashed)."""
+BAND_SEEDS = 3
+"""The by-epoch plot shades a pair's 95% band from this many seeds on; below it (t(0.975, 1) = 12.7 at two
+seeds) the band would dwarf the curves, so each seed's own gap is drawn instead (the table keeps the interval)."""
+
+
+def _epoch_plot(study, curves: pd.DataFrame, seeds: pd.DataFrame, varying: list[str], metric: str, out: Path) -> Path:
+    """Each pair's mean test gap by epoch (solid) with its 95% band or, with few seeds, each seed's gap
+    (thin), and its mean training top-1 gap (dashed)."""
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
@@ -459,14 +465,18 @@ def _epoch_plot(study: str, curves: pd.DataFrame, varying: list[str], metric: st
         group = group.sort_values("epoch")
         label = _label(group.iloc[0], varying) if varying else config
         (line,) = ax.plot(group["epoch"], group["mean_gap"], "o-", ms=3, label=f"{label} (n={group['n'].max()})")
-        if group["n"].max() > 1:
+        if group["n"].max() >= BAND_SEEDS:
             ax.fill_between(group["epoch"], group["ci_low"], group["ci_high"], color=line.get_color(), alpha=0.15)
+        elif group["n"].max() > 1:
+            for _, seed in seeds[seeds["config"] == config].groupby("seed"):
+                seed = seed.sort_values("epoch")
+                ax.plot(seed["epoch"], seed["gap"], "-", color=line.get_color(), lw=0.7, alpha=0.4)
         ax.plot(group["epoch"], group["mean_train_gap"], "--", color=line.get_color(), lw=0.9)
     ax.axhline(0, color="grey", lw=0.8)
     ax.set(
         xlabel="epoch",
         ylabel=f"{metric} gap to reference (points)",
-        title=f"{study}: gap by epoch (test, solid; training top-1, dashed)",
+        title=f"{study}: test gap by epoch (dashed: training top-1 gap)",
     )
     ax.legend(fontsize=7)
     return _save(fig, out / f"{study}_gap_by_epoch.png")

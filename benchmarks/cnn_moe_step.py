@@ -57,6 +57,7 @@ import visionmoe.layers.moe
 import visionmoe.layers.routers
 import visionmoe.routing.losses
 import visionmoe.routing.plan
+from visionmoe.allocator import keep_freed_memory
 from visionmoe.analysis.speed import NO_NOISE, benchmark_header, interleaved_times, iqr
 from visionmoe.analysis.twin import dense_twin
 from visionmoe.layers.dispatch import BACKENDS, apply_plan, choose_backend
@@ -338,7 +339,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--profile", action="store_true", help="profile the first cell instead of timing")
     parser.add_argument("--rows", type=int, default=0, help="--profile: also print this many operators")
     parser.add_argument("--quick", action="store_true", help="one tiny cell: checks the script only")
+    parser.add_argument(
+        "--keep-freed-memory", action="store_true", help="glibc keeps freed memory, as training does (header says)"
+    )
     args = parser.parse_args(argv)
+    if args.keep_freed_memory:
+        keep_freed_memory()
     if args.quick:
         args.backbones, args.widths, args.ratios, args.batch, args.repeats = ["depthwise"], [8], [1.0], 2, 1
     torch.set_num_threads(args.threads)

@@ -28,6 +28,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from visionmoe.allocator import kept
 from visionmoe.analysis.profile import profile_model
 from visionmoe.layers.dispatch import einsum_moe
 from visionmoe.layers.moe import MoE
@@ -371,7 +372,8 @@ def inference_speedup(
 
 
 def machine_info(threads: int) -> dict[str, str]:
-    """CPU model, core count, torch version and thread count, for a benchmark's header."""
+    """CPU model, core count, torch version, thread count and what malloc does with freed memory
+    (:func:`visionmoe.allocator.keep_freed_memory`), for a benchmark's header."""
     cpu = platform.processor() or platform.machine()
     try:
         names = [
@@ -383,7 +385,9 @@ def machine_info(threads: int) -> dict[str, str]:
     except OSError:
         pass
     gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else "none"
-    return {"cpu": cpu, "cores": str(os.cpu_count()), "torch": torch.__version__, "threads": str(threads), "gpu": gpu}
+    malloc = "keep freed" if kept() else "defaults"  # glibc's, which moves large-batch CPU timings (allocator.py)
+    info = {"cpu": cpu, "cores": str(os.cpu_count()), "torch": torch.__version__, "threads": str(threads), "gpu": gpu}
+    return {**info, "malloc": malloc}
 
 
 def benchmark_header(title: str, threads: int, argv: Sequence[str] | None = None) -> str:
@@ -392,7 +396,7 @@ def benchmark_header(title: str, threads: int, argv: Sequence[str] | None = None
     command = shlex.join([Path(sys.executable).name, *(sys.argv if argv is None else argv)])
     return (
         f"## {title}\n\nCommand: `{command}`\n\nMachine: {info['cpu']}, {info['cores']} cores, GPU {info['gpu']}, "
-        f"torch {info['torch']}, threads={info['threads']}"
+        f"torch {info['torch']}, threads={info['threads']}, malloc {info['malloc']}"
     )
 
 

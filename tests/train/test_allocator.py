@@ -59,6 +59,7 @@ def test_the_trainer_applies_it_records_it_and_resumes_across_it(cifar10_root, t
 
     calls = []
     monkeypatch.setattr(trainer_module, "keep_freed_memory", lambda: calls.append(1) or KEPT)
+    monkeypatch.setattr(trainer_module, "kept", lambda: False)  # as if no earlier run of this process kept it
 
     def run(*extra, resume=False):
         overrides = ["model.name=cnn_resnet_cifar_moe", "model.kwargs={width: 8}", "data.batch_size=16"]

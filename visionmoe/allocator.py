@@ -32,6 +32,7 @@ _M_MMAP_MAX = -4
 _INT_MAX = 2**31 - 1  # mallopt's value is a C int: the heap's top is trimmed only above 2 GiB free
 
 KEPT = "keep freed"  # what keep_freed_memory returns when glibc keeps freed memory from then on
+_kept = False  # whether keep_freed_memory took effect in this process
 
 
 @functools.cache
@@ -61,9 +62,6 @@ def keep_freed_memory() -> str:
     global _kept
     _kept = _kept or ok
     return KEPT if ok else "mallopt refused"
-
-
-_kept = False
 
 
 def kept() -> bool:

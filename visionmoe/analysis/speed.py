@@ -28,7 +28,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from visionmoe.allocator import kept
+from visionmoe.allocator import KEPT, kept
 from visionmoe.analysis.profile import profile_model
 from visionmoe.layers.dispatch import einsum_moe
 from visionmoe.layers.moe import MoE
@@ -385,9 +385,8 @@ def machine_info(threads: int) -> dict[str, str]:
     except OSError:
         pass
     gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else "none"
-    malloc = "keep freed" if kept() else "defaults"  # glibc's, which moves large-batch CPU timings (allocator.py)
     info = {"cpu": cpu, "cores": str(os.cpu_count()), "torch": torch.__version__, "threads": str(threads), "gpu": gpu}
-    return {**info, "malloc": malloc}
+    return {**info, "malloc": KEPT if kept() else "defaults"}  # it moves large-batch CPU timings (allocator.py)
 
 
 def benchmark_header(title: str, threads: int, argv: Sequence[str] | None = None) -> str:

@@ -105,7 +105,7 @@ def write_report(
         con = _of(contrast, study), _of(contrast_seed, study)
         curves = _of(by_epoch, study)
         plots = _plots(study, rows, cfg, prs, out)
-        if not curves.empty and curves["epoch"].nunique() > 1:
+        if _over_epochs(curves):
             plots.append(_epoch_plot(study, curves, _of(epoch_seed, study), _varying(rows), metric, out))
         files["plots"] += plots
         sections.append(_markdown_study(study, rows, cfg, prs, gaps, con, plots, sweeps.get(study, {}), metric, curves))
@@ -274,7 +274,7 @@ def _markdown_study(study, rows, cfg, prs, gaps, contrast, plots, sweep, metric,
         parts += ["### Pairs: configuration − reference (same seed)", _markdown(_pair_table(prs, gaps))]
     if not contrast[0].empty:
         parts += ["### Contrasts: configuration − configuration (same seed)", _markdown(_pair_table(*contrast))]
-    if not curves.empty and curves["epoch"].nunique() > 1:
+    if _over_epochs(curves):
         parts += [
             f"### Pairs by epoch: test {metric} gap, mean over seeds [95% interval] (training top-1 gap)",
             _markdown(_epoch_table(curves)),
@@ -424,6 +424,11 @@ def _compare(study, name, axis, data, varying, y, lo, hi, ylabel, has_pairs, out
     if others:
         ax.legend(fontsize=8)
     return _save(fig, out / f"{study}_{name}.png")
+
+
+def _over_epochs(curves: pd.DataFrame) -> bool:
+    """Whether a study's by-epoch gaps span more than one epoch (else there is nothing to show by epoch)."""
+    return not curves.empty and curves["epoch"].nunique() > 1
 
 
 EPOCH_COLUMNS = 8

@@ -34,7 +34,10 @@ routers alone run their own backward pass.
 losses) at the shapes of every stage of every cell (D = width · 2^stage, H = ratio · D, 32², 16² and 8²
 positions per image, ``--batch`` images), with ``padded`` and ``sorted`` interleaved, for GELU and ReLU
 experts: the measurement behind ``auto``'s choice between them
-(:data:`visionmoe.layers.dispatch.PADDED_HIDDEN_VALUES`).
+(:data:`visionmoe.layers.dispatch.PADDED_HIDDEN_VALUES`). With ``--all-experts`` it adds a candidate
+the issue named and the layer does not take: every expert on every token, weighted by the plan's
+combine matrix (:func:`all_experts_masked`: two GEMMs of width E·H, no sort, gather or scatter), timed
+in the same repeats, with its largest difference from ``auto``'s output.
 
 ``--profile`` instead prints the torch.profiler table of one MoE step of the first cell, its time
 broken down by operator. ``--quick`` runs one tiny cell to check the script, measuring nothing.
@@ -187,10 +190,27 @@ def routers_step(model: torch.nn.Module, batch: int):
     return step
 
 
+def all_experts_masked(x: torch.Tensor, plan: visionmoe.routing.plan.Routing, experts) -> torch.Tensor:
+    """(G, S, D) -> (G, S, D): Σ_e c[t, e] · expert_e(x_t) over every expert, c the plan's (tokens, E)
+    combine weights (0 for experts a token did not choose or was dropped by): the routed layer's sums
+    in another order, computed densely (one FFN of width E·H whose hidden units are scaled by c)."""
+    G, S, D = x.shape
+    E, H = experts.num_experts, experts.hidden_dim
+    cell = (plan.token + S * torch.arange(G)[:, None]) * E + plan.expert  # (G, A) flat (token, expert)
+    c = x.new_zeros(G * S * E).index_add(0, cell.reshape(-1), plan.weight.reshape(-1).to(x.dtype))
+    c = c.reshape(G * S, E)
+    h = experts.act(
+        torch.addmm(experts.b1.reshape(E * H), x.reshape(G * S, D), experts.w1.permute(1, 0, 2).reshape(D, E * H))
+    )
+    h = (h.reshape(G * S, E, H) * c[:, :, None]).reshape(G * S, E * H)
+    return torch.addmm(c @ experts.b2, h, experts.w2.reshape(E * H, D)).reshape(G, S, D)
+
+
 def layer_grid(args: argparse.Namespace) -> None:
     """sorted / padded for one MoE layer at each CNN stage shape, GELU and ReLU experts (see above)."""
-    print("\n| activation | D | H | positions | G·A·H | padded ms | sorted ms | sorted / padded | auto |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    extra = " all experts ms | all experts / auto | max abs diff |" if args.all_experts else ""
+    print(f"\n| activation | D | H | positions | G·A·H | padded ms | sorted ms | sorted / padded | auto |{extra}")
+    print("|---|---|---|---|---|---|---|---|---|" + "---|" * (3 if args.all_experts else 0))
     for activation in (torch.nn.GELU, torch.nn.ReLU):
         for width in args.widths:
             for ratio in args.ratios:
@@ -206,10 +226,19 @@ def layer_grid(args: argparse.Namespace) -> None:
                         layer.backend = backend
                         x.grad = None
                         layer.zero_grad(set_to_none=True)
+                        if backend == "all experts":  # the layer's forward with the dispatch replaced
+                            tokens = layer.group(layer.to_tokens(x)[0])
+                            routed = layer.router(tokens)
+                            y = all_experts_masked(tokens, routed.plan, layer.experts)
+                            (y.square().mean() + routed.aux_loss).backward()
+                            return
                         (layer(x).square().mean() + layer.aux_loss).backward()
 
+                    candidates = (
+                        ("padded", "sorted", "auto", "all experts") if args.all_experts else ("padded", "sorted")
+                    )
                     times = interleaved_times(
-                        {b: lambda b=b: step(b) for b in ("padded", "sorted")},
+                        {b: lambda b=b: step(b) for b in candidates},
                         threads=args.threads,
                         repeats=args.repeats,
                         min_run_time=args.min_run_time,
@@ -221,11 +250,19 @@ def layer_grid(args: argparse.Namespace) -> None:
                         plan = layer.router(tokens).plan
                     with torch.enable_grad():
                         chosen = choose_backend(tokens, layer.experts, plan)
-                    print(
+                    row = (
                         f"| {activation.__name__} | {dim} | {hidden} | {side}² | {plan.token.numel() * hidden:,} | "
-                        f"{padded:.1f} | {sorted_:.1f} | {sorted_ / padded:.2f} | {chosen} |",
-                        flush=True,
+                        f"{padded:.1f} | {sorted_:.1f} | {sorted_ / padded:.2f} | {chosen} |"
                     )
+                    if args.all_experts:
+                        dense = statistics.median(times["all experts"]) * 1e3
+                        auto = statistics.median(times["auto"]) * 1e3
+                        with torch.no_grad():
+                            diff = all_experts_masked(tokens, plan, layer.experts) - apply_plan(
+                                tokens, plan, layer.experts
+                            )
+                        row += f" {dense:.1f} | {dense / auto:.2f} | {diff.abs().max():.1e} |"
+                    print(row, flush=True)
 
 
 def vit_row(images: int, args: argparse.Namespace) -> str:
@@ -336,6 +373,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--vit", action="store_true", help="the ViT-shape regression check instead (see above)")
     parser.add_argument("--vit-images", nargs="+", type=int, default=[1, 4, 8])
     parser.add_argument("--layer-grid", action="store_true", help="padded vs sorted per layer shape (see above)")
+    parser.add_argument(
+        "--all-experts", action="store_true", help="--layer-grid: add every expert on every token, masked (see above)"
+    )
     parser.add_argument("--profile", action="store_true", help="profile the first cell instead of timing")
     parser.add_argument("--rows", type=int, default=0, help="--profile: also print this many operators")
     parser.add_argument("--quick", action="store_true", help="one tiny cell: checks the script only")

@@ -54,3 +54,22 @@ def test_load_history_and_status_read_past_a_torn_last_line(tmp_path):
     (tmp_path / "metrics.jsonl").write_text(json.dumps({**record(10), "routing": {"moe": stats}}) + '\n{"epo')
     assert len(load_history(tmp_path)) == 2  # one record, one layer, two experts
     assert _logged_epochs(tmp_path) == 1.0  # the last whole record's epoch, not 0
+
+
+def test_write_atomic_leaves_the_old_file_when_the_write_fails(tmp_path, monkeypatch):
+    """A crash between writing and renaming (here: fsync fails) must leave the previous file whole:
+    sweep_run.json, the worker specs and eval_*.json are written this way."""
+    import os
+
+    from visionmoe.jsonl import write_atomic
+
+    path = tmp_path / "sweep_run.json"
+    write_atomic(path, '{"seed": 0}\n')
+
+    def crash(fd):
+        raise OSError("disk gone")
+
+    monkeypatch.setattr(os, "fsync", crash)
+    with pytest.raises(OSError, match="disk gone"):
+        write_atomic(path, '{"seed": 1, "half": ')
+    assert path.read_text() == '{"seed": 0}\n'

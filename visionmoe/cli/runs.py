@@ -14,6 +14,8 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
+from visionmoe.jsonl import write_atomic
+
 
 def add_commands(sub: argparse._SubParsersAction) -> None:
     """The parsers of train, eval and analyze."""
@@ -122,7 +124,7 @@ def _eval(args: argparse.Namespace) -> int:
     out = Path(args.out) if args.out else Path(args.checkpoint).parent / f"eval_{args.split}.json"
     if Path(args.checkpoint).is_dir():
         out = Path(args.out) if args.out else Path(args.checkpoint) / f"eval_{args.split}.json"
-    out.write_text(json.dumps(result, indent=2) + "\n")
+    write_atomic(out, json.dumps(result, indent=2) + "\n")
     console.print(f"wrote {out}")
     return 0
 

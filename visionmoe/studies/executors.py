@@ -25,6 +25,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+from visionmoe.jsonl import write_atomic
 from visionmoe.studies.grid import Run
 from visionmoe.studies.plan import EXECUTORS, SweepPlan
 from visionmoe.studies.reuse import check_not_stale
@@ -44,7 +45,7 @@ def run_one(run: Run, runtime: Sequence[str] = ()) -> dict[str, Any]:
     run_dir = run.run_dir
     check_not_stale(run_dir, config)
     run_dir.mkdir(parents=True, exist_ok=True)
-    run.spec_file.write_text(run.to_json())
+    write_atomic(run.spec_file, run.to_json())
     if not (run_dir / "summary.json").is_file():
         Trainer(config, resume=(run_dir / CHECKPOINT).is_file()).fit()
     if run.analyze and not (run_dir / "analysis.json").is_file():
@@ -78,7 +79,7 @@ def execute_local(plan: SweepPlan, todo: Sequence[Run], finish: Finish) -> None:
             while pending and len(active) < plan.jobs:
                 run = pending.pop(0)
                 run.run_dir.mkdir(parents=True, exist_ok=True)
-                run.spec_file.write_text(run.to_json())
+                write_atomic(run.spec_file, run.to_json())
                 log = (run.run_dir / "sweep.log").open("a")
                 log.write(f"==== {time.strftime('%Y-%m-%d %H:%M:%S')} start\n")
                 log.flush()

@@ -5,7 +5,17 @@ import math
 
 import pytest
 
-from visionmoe.studies import contrast_gaps, epoch_gaps, gap_tests, load_runs, paired_gaps, summarize, t_interval
+from visionmoe.studies import (
+    contrast_gaps,
+    epoch_gaps,
+    gap_tests,
+    load_runs,
+    paired_gaps,
+    pairs_with_model,
+    rho_trend,
+    summarize,
+    t_interval,
+)
 from visionmoe.studies.report import write_report
 
 
@@ -187,3 +197,47 @@ def test_t_interval_by_hand():
     assert (mean, std) == pytest.approx((2.5, 1.2910), abs=1e-4)
     assert (low, high) == pytest.approx((2.5 - 2.0543, 2.5 + 2.0543), abs=1e-4)
     assert math.isnan(t_interval([5.0])[1])
+
+
+def test_rho_trend_by_hand(tmp_path):
+    """The gap's line against ρ. Study h: MoE r=1 (ρ 0.1) and r=3 (ρ 0.3) against twins at 80%, seeds 0-1;
+    gaps −5, −3 at ρ 0.1 and −1, +1 at ρ 0.3. Study w moves ρ by 0.01 only: no line."""
+    for key, rho, tops in (("r=1", 0.1, (75, 77)), ("r=3", 0.3, (79, 81))):
+        for seed, top1 in enumerate(tops):
+            fake_run(tmp_path / "h", "h", key, seed, top1, reference=f"{key},twin=flops", axes={"r": key}, rho=rho)
+            fake_run(tmp_path / "h", "h", f"{key},twin=flops", seed, 80, twin=True, axes={"r": key})
+    for key, rho in (("w=8", 0.20), ("w=16", 0.21)):
+        for seed in (0, 1):
+            fake_run(tmp_path / "w", "w", key, seed, 70 + seed, reference=f"{key},twin=flops", axes={"w": key}, rho=rho)
+            fake_run(tmp_path / "w", "w", f"{key},twin=flops", seed, 75, twin=True, axes={"w": key})
+    table = load_runs([tmp_path / "h", tmp_path / "w"])
+    per_seed, pairs = paired_gaps(table)
+    trend = rho_trend(per_seed, pairs_with_model(pairs, table))
+    assert trend["study"].tolist() == ["h"]  # w's ρ spread (0.01) is below MIN_RHO_SPREAD
+    t = trend.iloc[0]
+    # Means −4 at ρ 0.1 and 0 at ρ 0.3: slope 20 points per unit ρ, intercept −6, the line 0 at ρ 0.3.
+    # Residuals ∓1: SSE 4, 2 degrees of freedom, s² = 2; Sxx = 4 · 0.1² = 0.04; se = √(2 / 0.04) = 7.0711;
+    # CI 20 ± t(0.975, 2) · se = 20 ± 4.302653 · 7.0711 = 20 ± 30.425; t = 2.8284, p = 1 − t/√(2 + t²) = 0.10557.
+    assert (t["model"], t["pairs"], t["n"]) == ("m", 2, 4)
+    assert (t["rho_min"], t["rho_max"]) == pytest.approx((0.1, 0.3))
+    assert t["slope"] == pytest.approx(20.0) and t["intercept"] == pytest.approx(-6.0)
+    assert (t["slope_low"], t["slope_high"]) == pytest.approx((20 - 30.425, 20 + 30.425), abs=1e-3)
+    assert t["p"] == pytest.approx(0.10557, abs=1e-5)
+    assert t["gap_at_max"] == pytest.approx(0.0, abs=1e-9)
+    assert t["zero_at"] == pytest.approx(0.3) and t["zero_in_range"]
+    # in the report's first section, per 0.1 ρ
+    write_report([tmp_path / "h", tmp_path / "w"], tmp_path / "report")
+    text = (tmp_path / "report" / "report.md").read_text()
+    assert "| m | h | 2 (4) | 0.10–0.30 | +2.00 [-1.04, +5.04] | 0.106 | +0.00 | 0.30 (inside the ρ reached) |" in text
+    assert (tmp_path / "report" / "trend.csv").is_file()
+
+
+def test_rho_trend_of_a_falling_line_never_reaches_zero(tmp_path):
+    for key, rho, top1 in (("r=1", 0.1, 78), ("r=2", 0.2, 76), ("r=3", 0.3, 75)):
+        fake_run(tmp_path, "h", key, 0, top1, reference=f"{key},twin=flops", axes={"r": key}, rho=rho)
+        fake_run(tmp_path, "h", f"{key},twin=flops", 0, 80, twin=True, axes={"r": key})
+    table = load_runs([tmp_path])
+    per_seed, pairs = paired_gaps(table)
+    t = rho_trend(per_seed, pairs_with_model(pairs, table)).iloc[0]
+    assert t["slope"] < 0 and math.isnan(t["zero_at"]) and not t["zero_in_range"]
+    assert rho_trend(per_seed.iloc[0:0], pairs).empty

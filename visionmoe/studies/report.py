@@ -17,7 +17,8 @@ Writes into ``out``:
   a study compared directly, in ``contrasts.csv``, ``contrast_gaps.csv`` and a table of their own;
 - ``overview_gap_vs_rho.png`` and a first section "When does MoE help here?": every pair of every
   study on one axis (gap to the reference, 95% interval, against nominal ρ; a marker per MoE model),
-  and per model how many pairs' intervals lie above, below or across zero;
+  per model how many pairs' intervals lie above, below or across zero, and per model and study the
+  trend of the gap with ρ (slope with its interval, and where a rising line reaches zero; ``trend.csv``);
 - plots ``<study>_<plot>.png``, each where the study has what it needs: ``gap_vs_rho`` (the
   compute-leverage plot: gap against the routed FLOP share) wherever there are pairs, and one
   comparison per axis the study varies — ``gap_vs_width`` (backbone width), ``gap_vs_hidden``
@@ -46,6 +47,8 @@ from visionmoe.studies.stats import (
     epoch_gaps,
     load_runs,
     paired_gaps,
+    pairs_with_model,
+    rho_trend,
     summarize,
 )
 
@@ -85,8 +88,10 @@ def write_report(
     contrast_seed, contrast = contrast_gaps(table, contrasts, metric)
     epoch_seed, by_epoch = epoch_gaps(table, metric)
     files: dict[str, Any] = {"csv": [], "plots": []}
+    overview = pairs_with_model(pairs, table)
+    trend = rho_trend(per_seed, overview)
     frames = [("runs", table), ("configs", configs), ("pairs", pairs), ("gaps", per_seed)]
-    frames += [("gaps_by_epoch", by_epoch), ("epoch_gaps", epoch_seed)]
+    frames += [("gaps_by_epoch", by_epoch), ("epoch_gaps", epoch_seed), ("trend", trend)]
     if contrasts:
         frames += [("contrasts", contrast), ("contrast_gaps", contrast_seed)]
     for name, frame in frames:
@@ -94,10 +99,9 @@ def write_report(
         files["csv"].append(out / f"{name}.csv")
     sweeps = _sweeps(paths)
     sections, latex = [], []
-    overview = _with_model(pairs, table)
     if not overview.empty:
         files["plots"].append(_overview_plot(overview, out))
-        sections.append(_overview_markdown(overview, files["plots"][-1]))
+        sections.append(_overview_markdown(overview, files["plots"][-1], trend))
     for study in dict.fromkeys(table["study"]):
         rows = table[table["study"] == study]
         cfg = configs[configs["study"] == study]
@@ -115,16 +119,6 @@ def write_report(
     (out / "tables.tex").write_text("\n\n".join(latex) + "\n")
     files["markdown"], files["latex"] = out / "report.md", out / "tables.tex"
     return files
-
-
-def _with_model(pairs: pd.DataFrame, table: pd.DataFrame) -> pd.DataFrame:
-    """The pairs that have a nominal ρ and a mean gap, each with its MoE configuration's model name."""
-    if pairs.empty or "rho" not in pairs:
-        return pairs.iloc[0:0]
-    models = table.drop_duplicates(["study", "config"]).set_index(["study", "config"])["model"]
-    keys = zip(pairs["study"], pairs["config"], strict=True)
-    frame = pairs.assign(model=[models.get(key, "?") for key in keys])
-    return frame.dropna(subset=["rho", "mean_gap"])
 
 
 def _overview_plot(pairs: pd.DataFrame, out: Path) -> Path:
@@ -153,9 +147,10 @@ def _overview_plot(pairs: pd.DataFrame, out: Path) -> Path:
     return _save(fig, out / "overview_gap_vs_rho.png")
 
 
-def _overview_markdown(pairs: pd.DataFrame, plot: Path) -> str:
+def _overview_markdown(pairs: pd.DataFrame, plot: Path, trend: pd.DataFrame | None = None) -> str:
     """Per model: the ρ reached, the gaps, and how many pairs' 95% intervals lie above, below or across 0
-    (pairs with one seed have no interval and are counted apart)."""
+    (pairs with one seed have no interval and are counted apart); then, per model and study where ρ
+    varies, the trend of the gap with ρ (:func:`~visionmoe.studies.stats.rho_trend`)."""
     rows = []
     for model, group in pairs.groupby("model", sort=True):
         above, below = int((group["ci_low"] > 0).sum()), int((group["ci_high"] < 0).sum())
@@ -172,9 +167,41 @@ def _overview_markdown(pairs: pd.DataFrame, plot: Path) -> str:
                 "one seed (no CI)": single,
             }
         )
-    return "\n\n".join(
-        ["## When does MoE help here?", _markdown(pd.DataFrame(rows)), f"![gap vs rho, every pair]({plot.name})"]
-    )
+    parts = ["## When does MoE help here?", _markdown(pd.DataFrame(rows))]
+    if trend is not None and not trend.empty:
+        parts += [
+            "Trend with ρ: the least-squares line through every seed's gap at its pair's ρ, per MoE model "
+            "and study (seeds of one pair share a configuration, so read the slope's interval with the "
+            "pairs' own):",
+            _markdown(_trend_table(trend)),
+        ]
+    return "\n\n".join([*parts, f"![gap vs rho, every pair]({plot.name})"])
+
+
+def _trend_table(trend: pd.DataFrame) -> pd.DataFrame:
+    rows = []
+    for t in trend.itertuples(index=False):
+        if math.isnan(t.zero_at):
+            zero = "— (the line does not rise)"
+        elif t.zero_at > 1:
+            zero = f"{t.zero_at:.2f} (beyond ρ = 1: nowhere)"
+        else:
+            zero = f"{t.zero_at:.2f} ({'inside the ρ reached' if t.zero_in_range else 'extrapolated'})"
+        rows.append(
+            {
+                "MoE model": t.model,
+                "study": t.study,
+                "pairs (seed gaps)": f"{t.pairs} ({t.n})",
+                "ρ": f"{t.rho_min:.2f}–{t.rho_max:.2f}",
+                "slope, points per 0.1 ρ [95% CI]": (
+                    f"{t.slope / 10:+.2f} [{t.slope_low / 10:+.2f}, {t.slope_high / 10:+.2f}]"
+                ),
+                "p": _fmt(t.p, ".3f"),
+                "line at the highest ρ": f"{t.gap_at_max:+.2f}",
+                "line reaches 0 at ρ": zero,
+            }
+        )
+    return pd.DataFrame(rows)
 
 
 def _of(frame: pd.DataFrame, study: str) -> pd.DataFrame:

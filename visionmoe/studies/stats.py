@@ -4,6 +4,7 @@
     configs = summarize(table)                    # per configuration: n, mean, std, 95% t-interval
     per_seed, pairs = paired_gaps(table)          # per pair: MoE − reference per seed; mean, CI, sign, tests
     per_seed, by_epoch = epoch_gaps(table)        # the same gaps at every epoch both runs evaluated
+    trend = rho_trend(per_seed, pairs_with_model(pairs, table))  # per MoE model and study: gap against ρ
 
 A *pair* is a configuration and its reference (its dense twin of equal active FLOPs, or a study's
 baseline configuration) trained under the same seed. Seeds are the unit of replication: the gap of
@@ -204,6 +205,72 @@ def paired_gaps(table: pd.DataFrame, metric: str = "top1") -> tuple[pd.DataFrame
         per_seed += seeds
         pairs.append(row)
     return pd.DataFrame(per_seed), pd.DataFrame(pairs)
+
+
+def pairs_with_model(pairs: pd.DataFrame, table: pd.DataFrame) -> pd.DataFrame:
+    """The pairs that have a nominal ρ and a mean gap, each with its MoE configuration's model name."""
+    if pairs.empty or "rho" not in pairs:
+        return pairs.iloc[0:0]
+    models = table.drop_duplicates(["study", "config"]).set_index(["study", "config"])["model"]
+    keys = zip(pairs["study"], pairs["config"], strict=True)
+    frame = pairs.assign(model=[models.get(key, "?") for key in keys])
+    return frame.dropna(subset=["rho", "mean_gap"])
+
+
+MIN_RHO_SPREAD = 0.05
+"""A study's pairs must span at least this much nominal ρ for :func:`rho_trend` to fit a line: a sweep
+that barely moves ρ (the backbone width, a head's arms) would give a slope of noise over a tiny spread."""
+
+
+def rho_trend(per_seed: pd.DataFrame, pairs: pd.DataFrame, confidence: float = 0.95) -> pd.DataFrame:
+    """The trend of the gap with nominal ρ (Sun et al.'s compute leverage): per MoE model and study, the
+    least-squares line gap = intercept + slope · ρ through every seed's gap, each at its pair's ρ.
+
+    ``pairs``: as :func:`pairs_with_model` gives them (study, config, rho and the model name). A group
+    needs at least three seed gaps over a ρ range of at least :data:`MIN_RHO_SPREAD` (else it has no
+    row). Columns: model, study, pairs, n (seed gaps), rho_min, rho_max, slope (points per unit of ρ)
+    with its t-interval (n − 2 degrees of freedom: slope_low, slope_high) and two-sided p-value
+    (``scipy.stats.linregress``), intercept, gap_at_max (the line at the highest ρ reached) and
+    zero_at: where a rising line reaches 0 (NaN for a flat or falling one), with zero_in_range saying
+    whether that is inside the ρ reached or an extrapolation. The seeds of one pair share their
+    configuration, so where pairs differ by more than their seeds do the residuals are correlated and
+    the interval is too narrow: read it with the per-pair intervals beside it.
+    """
+    columns = ["model", "study", "pairs", "n", "rho_min", "rho_max", "slope", "slope_low", "slope_high", "p"]
+    columns += ["intercept", "gap_at_max", "zero_at", "zero_in_range"]
+    if per_seed.empty or pairs.empty:
+        return pd.DataFrame(columns=columns)
+    points = per_seed[["study", "config", "gap"]].merge(
+        pairs[["study", "config", "rho", "model"]], on=["study", "config"]
+    )
+    points = points.dropna(subset=["gap", "rho"])
+    rows = []
+    for (model, study), group in points.groupby(["model", "study"], sort=True):
+        if len(group) < 3 or group["rho"].max() - group["rho"].min() < MIN_RHO_SPREAD:
+            continue
+        fit = stats.linregress(group["rho"], group["gap"])
+        half = float(stats.t.ppf(0.5 + confidence / 2, len(group) - 2)) * fit.stderr
+        low, high = float(group["rho"].min()), float(group["rho"].max())
+        zero = -fit.intercept / fit.slope if fit.slope > 0 else math.nan
+        rows.append(
+            {
+                "model": model,
+                "study": study,
+                "pairs": group["config"].nunique(),
+                "n": len(group),
+                "rho_min": low,
+                "rho_max": high,
+                "slope": fit.slope,
+                "slope_low": fit.slope - half,
+                "slope_high": fit.slope + half,
+                "p": fit.pvalue,
+                "intercept": fit.intercept,
+                "gap_at_max": fit.intercept + fit.slope * high,
+                "zero_at": zero,
+                "zero_in_range": bool(low <= zero <= high),
+            }
+        )
+    return pd.DataFrame(rows, columns=columns)
 
 
 PERCENT = ("top1", "top5")  # metrics logged as fractions and reported in percent

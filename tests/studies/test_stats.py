@@ -5,18 +5,9 @@ import math
 
 import pytest
 
-from visionmoe.studies import (
-    contrast_gaps,
-    epoch_gaps,
-    gap_tests,
-    load_runs,
-    paired_gaps,
-    pairs_with_model,
-    rho_trend,
-    summarize,
-    t_interval,
-)
+from visionmoe.studies import contrast_gaps, epoch_gaps, gap_tests, load_runs, paired_gaps, summarize, t_interval
 from visionmoe.studies.report import write_report
+from visionmoe.studies.stats import pairs_with_model, rho_trend
 
 
 def fake_run(root, study, key, seed, top1, *, reference=None, twin=False, axes=None, rho=0.1):

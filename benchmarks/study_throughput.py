@@ -16,30 +16,23 @@ from __future__ import annotations
 import argparse
 import sys
 
-from visionmoe.studies import load_runs
+from visionmoe.studies import load_runs, paired_gaps
 
 
 def throughput_table(paths: list[str], seeds: list[int] | None = None) -> str:
     table = load_runs(paths)
     if seeds is not None:
         table = table[table["seed"].isin(seeds)]
-    runs = table.set_index(["study", "config", "seed"])
+    per_seed, _ = paired_gaps(table, "images_per_s")  # each seed's pair: images_per_s and images_per_s_ref
     lines = [
         "| study | configuration | seeds | MoE images/s | twin images/s | twin / MoE throughput, per seed |",
         "|---|---|---|---:|---:|---:|",
     ]
-    for (study, config), group in table[table["reference"].notna()].groupby(["study", "config"], sort=False):
-        reference = group["reference"].iloc[0]
-        seeds_ = sorted(s for s in group["seed"] if (study, reference, s) in runs.index)
-        if not seeds_:
-            continue
-        moe = [float(runs.loc[(study, config, s), "images_per_s"]) for s in seeds_]
-        twin = [float(runs.loc[(study, reference, s), "images_per_s"]) for s in seeds_]
-        ratios = " / ".join(f"{t / m:.2f}" for t, m in zip(twin, moe, strict=True))
-        lines.append(
-            f"| {study} | {config} | {','.join(str(int(s)) for s in seeds_)} | {sum(moe) / len(moe):.0f} | "
-            f"{sum(twin) / len(twin):.0f} | {ratios} |"
-        )
+    for (study, config), pair in per_seed.groupby(["study", "config"], sort=False) if len(per_seed) else ():
+        moe, twin = pair["images_per_s"], pair["images_per_s_ref"]
+        ratios = " / ".join(f"{r:.2f}" for r in twin / moe)
+        seeds_ = ",".join(str(int(s)) for s in pair["seed"])
+        lines.append(f"| {study} | {config} | {seeds_} | {moe.mean():.0f} | {twin.mean():.0f} | {ratios} |")
     return "\n".join(lines)
 
 

@@ -1,0 +1,160 @@
+"""What a fused CPU kernel would buy the MoE layer on CNN feature maps: a probe, forward only (issue 22).
+
+    python benchmarks/fused_kernel_probe.py --threads 1 --repeats 7
+
+Issue 22 asks for the MoE step at most 1.15x its dense twin's on CIFAR-CNN feature maps, where tokens are
+8-32 channels wide. The routers alone already cost more than that in most cells (BENCHMARKS.md, "CNN
+feature maps": the floor), and the note of that pass named a fused routing kernel as the way left. This
+probe measures the simplest such kernel before anyone builds one for real: one C++ pass per token
+(compiled here with ``torch.utils.cpp_extension.load_inline``, -O3 -march=native) that computes the
+router logits, the softmax over E, the top-2, the capacity positions (choice-major, as
+:func:`visionmoe.routing.token_choice`), and then each kept choice's expert MLP, summed with its gate.
+Scalar code over a token's D channels and E experts, no SIMD across tokens.
+
+It is checked equal (to float rounding) to :class:`visionmoe.MoE` in eval mode (no router noise), then
+timed, forward only under ``no_grad``, interleaved with: the MoE layer itself (``auto``); the same kernel
+with capacity 0 (routing only, no expert runs); and the twin's FFN (one MLP of width k·H, the dense FFN
+of equal active FLOPs). Not part of the library: a measurement of how far a per-token kernel gets.
+Needs a C++ compiler (and ninja); the build is cached by torch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+
+import torch
+from torch import nn
+
+from visionmoe import MoE
+from visionmoe.allocator import keep_freed_memory
+from visionmoe.analysis.speed import benchmark_header, interleaved_times
+
+SOURCE = r"""
+#include <torch/extension.h>
+#include <cmath>
+#include <vector>
+
+// x (G, S, D); router weight (E, D); experts w1 (E, D, H), b1 (E, H), w2 (E, H, D), b2 (E, D).
+// Top-2 token choice with capacity C per expert and group, choice-major positions; returns (G, S, D).
+torch::Tensor top2_moe(torch::Tensor x, torch::Tensor wr, torch::Tensor w1, torch::Tensor b1,
+                       torch::Tensor w2, torch::Tensor b2, int64_t capacity, bool relu) {
+  TORCH_CHECK(x.is_contiguous() && x.scalar_type() == torch::kFloat, "x must be contiguous float32");
+  const int64_t G = x.size(0), S = x.size(1), D = x.size(2), E = wr.size(0), H = w1.size(2);
+  TORCH_CHECK(E <= 64 && E >= 2, "2 <= E <= 64");
+  auto y = torch::zeros_like(x);
+  const float *X = x.data_ptr<float>(), *WR = wr.data_ptr<float>(), *W1 = w1.data_ptr<float>();
+  const float *B1 = b1.data_ptr<float>(), *W2 = w2.data_ptr<float>(), *B2 = b2.data_ptr<float>();
+  float *Y = y.data_ptr<float>();
+  std::vector<int64_t> expert(2 * S), position(2 * S), count(E);
+  std::vector<float> gate(2 * S), h(H);
+  for (int64_t g = 0; g < G; ++g) {
+    std::fill(count.begin(), count.end(), 0);
+    for (int64_t s = 0; s < S; ++s) {  // router: logits, softmax, top-2, first-choice positions
+      const float* xs = X + (g * S + s) * D;
+      float p[64], top = -INFINITY, z = 0.f;
+      for (int64_t e = 0; e < E; ++e) {
+        float a = 0.f;
+        for (int64_t d = 0; d < D; ++d) a += WR[e * D + d] * xs[d];
+        p[e] = a;
+        top = std::max(top, a);
+      }
+      for (int64_t e = 0; e < E; ++e) { p[e] = std::exp(p[e] - top); z += p[e]; }
+      int64_t a = 0;
+      for (int64_t e = 1; e < E; ++e) if (p[e] > p[a]) a = e;
+      int64_t b = a == 0 ? 1 : 0;
+      for (int64_t e = 0; e < E; ++e) if (e != a && p[e] > p[b]) b = e;
+      expert[s] = a; expert[S + s] = b; gate[s] = p[a] / z; gate[S + s] = p[b] / z;
+      position[s] = count[a]++;
+    }
+    for (int64_t s = 0; s < S; ++s) position[S + s] = count[expert[S + s]]++;  // second choices after all first
+    for (int64_t j = 0; j < 2 * S; ++j) {  // experts: each kept choice's MLP, scaled by its gate
+      if (position[j] >= capacity) continue;
+      const int64_t s = j % S, e = expert[j];
+      const float w = gate[j], *xs = X + (g * S + s) * D, *w1e = W1 + e * D * H, *w2e = W2 + e * H * D;
+      float* ys = Y + (g * S + s) * D;
+      for (int64_t k = 0; k < H; ++k) h[k] = B1[e * H + k];
+      for (int64_t d = 0; d < D; ++d) for (int64_t k = 0; k < H; ++k) h[k] += xs[d] * w1e[d * H + k];
+      for (int64_t k = 0; k < H; ++k)
+        h[k] = relu ? std::max(h[k], 0.f) : 0.5f * h[k] * (1.f + std::erf(h[k] * 0.70710678118654752f));
+      for (int64_t d = 0; d < D; ++d) ys[d] += w * B2[e * D + d];
+      for (int64_t k = 0; k < H; ++k) for (int64_t d = 0; d < D; ++d) ys[d] += w * h[k] * w2e[k * D + d];
+    }
+  }
+  return y;
+}
+"""
+
+
+def build():
+    from torch.utils.cpp_extension import load_inline
+
+    return load_inline(
+        "visionmoe_fused_probe",
+        cpp_sources=[SOURCE],
+        functions=["top2_moe"],
+        extra_cflags=["-O3", "-march=native"],
+    )
+
+
+def cell(ext, images: int, tokens: int, dim: int, ratio: int, relu: bool, args) -> dict:
+    torch.manual_seed(0)
+    hidden = dim * ratio
+    act = nn.ReLU if relu else nn.GELU
+    moe = MoE(dim, 8, hidden, k=2, capacity_factor=1.25, activation=act).eval()
+    twin = nn.Sequential(nn.Linear(dim, 2 * hidden), act(), nn.Linear(2 * hidden, dim))
+    x = torch.randn(images, tokens, dim)
+    capacity = moe.router.group_capacity(tokens)
+    w = [moe.router.weight, moe.experts.w1, moe.experts.b1, moe.experts.w2, moe.experts.b2]
+    with torch.no_grad():
+        w = [t.detach().contiguous() for t in w]
+        torch.testing.assert_close(ext.top2_moe(x, *w, capacity, relu), moe(x), rtol=1e-4, atol=1e-5)
+        fns = {
+            "moe": lambda: moe(x),
+            "fused": lambda: ext.top2_moe(x, *w, capacity, relu),
+            "routing": lambda: ext.top2_moe(x, *w, 0, relu),
+            "twin": lambda: twin(x),
+        }
+        times = interleaved_times(fns, threads=args.threads, repeats=args.repeats)
+    ms = {name: statistics.median(t) * 1e3 for name, t in times.items()}
+    return {"dim": dim, "ratio": ratio, "act": act.__name__, **ms}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--images", type=int, default=16)
+    parser.add_argument("--tokens", type=int, default=1024, help="tokens per image (32×32 map: 1024)")
+    parser.add_argument("--widths", nargs="+", type=int, default=[8, 16, 32])
+    parser.add_argument("--ratios", nargs="+", type=int, default=[1, 2, 4])
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument(
+        "--keep-freed-memory", action="store_true", help="glibc keeps freed memory, as training does (header says)"
+    )
+    args = parser.parse_args(argv)
+    if args.keep_freed_memory:
+        keep_freed_memory()
+    torch.set_num_threads(args.threads)
+    ext = build()
+    print(benchmark_header("Fused per-token kernel probe: forward, E = 8, top-2", args.threads))
+    print(f"\n{args.images} images × {args.tokens} tokens; ms per forward (median of {args.repeats} interleaved)\n")
+    print(
+        "| width | hidden ratio | experts | MoE layer ms | fused kernel ms | its routing ms | twin FFN ms | "
+        "MoE / twin | fused / twin | routing / twin |"
+    )
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for relu in (False, True):
+        for dim in args.widths:
+            for ratio in args.ratios:
+                r = cell(ext, args.images, args.tokens, dim, ratio, relu, args)
+                print(
+                    f"| {dim} | {ratio} | {r['act']} | {r['moe']:.2f} | {r['fused']:.2f} | {r['routing']:.2f} | "
+                    f"{r['twin']:.2f} | {r['moe'] / r['twin']:.1f} | {r['fused'] / r['twin']:.1f} | "
+                    f"{r['routing'] / r['twin']:.1f} |",
+                    flush=True,
+                )
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

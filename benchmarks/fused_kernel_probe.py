@@ -5,16 +5,21 @@
 Issue 22 asks for the MoE step at most 1.15x its dense twin's on CIFAR-CNN feature maps, where tokens are
 8-32 channels wide. The routers alone already cost more than that in most cells (BENCHMARKS.md, "CNN
 feature maps": the floor), and the note of that pass named a fused routing kernel as the way left. This
-probe measures the simplest such kernel before anyone builds one for real: one C++ pass per token
-(compiled here with ``torch.utils.cpp_extension.load_inline``, -O3 -march=native) that computes the
-router logits, the softmax over E, the top-2, the capacity positions (choice-major, as
-:func:`visionmoe.routing.token_choice`), and then each kept choice's expert MLP, summed with its gate.
-Scalar code over a token's D channels and E experts, no SIMD across tokens.
+probe measures two such kernels before anyone builds one for real (compiled here with
+``torch.utils.cpp_extension.load_inline``, -O3 -march=native), forward only:
 
-It is checked equal (to float rounding) to :class:`visionmoe.MoE` in eval mode (no router noise), then
-timed, forward only under ``no_grad``, interleaved with: the MoE layer itself (``auto``); the same kernel
-with capacity 0 (routing only, no expert runs); and the twin's FFN (one MLP of width k·H, the dense FFN
-of equal active FLOPs). Not part of the library: a measurement of how far a per-token kernel gets.
+- per-token: one scalar C++ pass per token that computes the router logits, the softmax over E, the
+  top-2, the capacity positions (choice-major, as :func:`visionmoe.routing.token_choice`), and then each
+  kept choice's expert MLP, summed with its gate;
+- blocked: the routing vectorised across 8 tokens (one AVX2-wide GCC/Clang vector per expert, with a
+  polynomial exp, as libm's ``expf`` is a call per element), then the kept rows gathered into per-expert
+  buffers, the experts as two batched GEMMs (ATen, as the layer's ``padded`` backend) and the gated rows
+  added back. Its routing alone ("stage 0") and its routing with the gather ("stage 1") are timed too.
+
+Both are checked equal (to float rounding) to :class:`visionmoe.MoE` in eval mode (no router noise), then
+timed under ``no_grad``, interleaved with the MoE layer itself (``auto``), the per-token kernel with
+capacity 0 (its routing only) and the twin's FFN (one MLP of width k·H, the dense FFN of equal active
+FLOPs). Not part of the library: a measurement of how far a fused kernel gets, before anyone writes one.
 Needs a C++ compiler (and ninja); the build is cached by torch.
 """
 
@@ -33,6 +38,7 @@ from visionmoe.analysis.speed import benchmark_header, interleaved_times
 SOURCE = r"""
 #include <torch/extension.h>
 #include <cmath>
+#include <cstring>
 #include <vector>
 
 // x (G, S, D); router weight (E, D); experts w1 (E, D, H), b1 (E, H), w2 (E, H, D), b2 (E, D).
@@ -83,6 +89,111 @@ torch::Tensor top2_moe(torch::Tensor x, torch::Tensor wr, torch::Tensor w1, torc
   }
   return y;
 }
+
+// The same layer, blocked: routing vectorised across 8 tokens at a time (one AVX2 register per expert:
+// logits, max, exp, sum, top-2 lane-wise, with GCC/Clang vector types), positions by a scalar count,
+// the kept rows gathered into per-expert buffers (E, G*C, D), the experts as two batched GEMMs (ATen,
+// as the layer's `padded` backend), and the gated rows added back. stage 0: routing only; 1: routing and
+// dispatch (the gather); 2: the whole layer.
+typedef float v8f __attribute__((vector_size(32)));
+typedef int32_t v8i __attribute__((vector_size(32)));
+constexpr int64_t L = 8, EB = 8;
+
+// exp for x <= 0 in lane-wise arithmetic (libm's expf is a call per element): x = n ln2 + r,
+// |r| <= ln2/2, e^r by a degree-6 polynomial, 2^n through the exponent bits; a few ulp, clamped at -87.
+static inline v8f exp_nonpositive(v8f x) {
+  const v8f lo = v8f{} - 87.0f;
+  x = x < lo ? lo : x;
+  const v8f t = x * 1.44269504088896341f;
+  const v8i n = __builtin_convertvector(t - 0.5f, v8i);  // t <= 0: round half away from zero
+  const v8f nf = __builtin_convertvector(n, v8f);
+  const v8f r = (x - nf * 0.693359375f) + nf * 2.12194440e-4f;
+  v8f p = v8f{} + 1.3888889e-3f;
+  p = p * r + 8.3333333e-3f;
+  p = p * r + 4.1666667e-2f;
+  p = p * r + 1.6666667e-1f;
+  p = p * r + 0.5f;
+  p = p * r + 1.0f;
+  p = p * r + 1.0f;
+  v8i bits;
+  std::memcpy(&bits, &p, sizeof bits);
+  bits += n << 23;
+  std::memcpy(&p, &bits, sizeof p);
+  return p;
+}
+
+torch::Tensor top2_moe_blocked(torch::Tensor x, torch::Tensor wr, torch::Tensor w1, torch::Tensor b1,
+                               torch::Tensor w2, torch::Tensor b2, int64_t capacity, bool relu, int64_t stage) {
+  TORCH_CHECK(x.is_contiguous() && x.scalar_type() == torch::kFloat, "x must be contiguous float32");
+  const int64_t G = x.size(0), S = x.size(1), D = x.size(2), E = wr.size(0);
+  TORCH_CHECK(E == EB && D <= 256 && S % L == 0, "the probe's blocked kernel needs E = 8, D <= 256, S % 8 == 0");
+  const float *X = x.data_ptr<float>(), *WR = wr.data_ptr<float>();
+  std::vector<int32_t> expert(2 * S), position(2 * S), count(E);
+  std::vector<float> gate(2 * S);
+  const int64_t C = capacity;
+  auto buf = torch::zeros({E, G * C, D}, x.options());
+  std::vector<int32_t> slot_token(E * G * C, -1);
+  std::vector<float> slot_gate(E * G * C, 0.f);
+  float* B = buf.data_ptr<float>();
+  alignas(32) float xt[256][L];
+  for (int64_t g = 0; g < G; ++g) {
+    for (int64_t s0 = 0; s0 < S; s0 += L) {
+      for (int64_t l = 0; l < L; ++l)
+        for (int64_t d = 0; d < D; ++d) xt[d][l] = X[(g * S + s0 + l) * D + d];
+      v8f p[EB];
+      for (int64_t e = 0; e < EB; ++e) p[e] = v8f{};
+      for (int64_t d = 0; d < D; ++d) {
+        v8f xd;
+        std::memcpy(&xd, xt[d], sizeof xd);
+        for (int64_t e = 0; e < EB; ++e) p[e] += WR[e * D + d] * xd;
+      }
+      v8f top = p[0], z = v8f{};
+      for (int64_t e = 1; e < EB; ++e) top = p[e] > top ? p[e] : top;
+      for (int64_t e = 0; e < EB; ++e) { p[e] = exp_nonpositive(p[e] - top); z += p[e]; }
+      v8f pa = p[0], pb = v8f{} - INFINITY;
+      v8i a = v8i{}, b = v8i{} + 1;
+      for (int64_t e = 1; e < EB; ++e) {  // first maximum, then the first maximum of the rest
+        const v8f v = p[e];
+        const v8i first = v > pa, second = ~first & (v > pb);
+        pb = first ? pa : (second ? v : pb);
+        b = first ? a : (second ? v8i{} + static_cast<int32_t>(e) : b);
+        pa = first ? v : pa;
+        a = first ? v8i{} + static_cast<int32_t>(e) : a;
+      }
+      const v8f r = 1.0f / z;
+      pa *= r;
+      pb *= r;
+      for (int64_t l = 0; l < L; ++l) {
+        expert[s0 + l] = a[l]; expert[S + s0 + l] = b[l];
+        gate[s0 + l] = pa[l]; gate[S + s0 + l] = pb[l];
+      }
+    }
+    if (stage == 0) continue;
+    std::fill(count.begin(), count.end(), 0);
+    for (int64_t j = 0; j < 2 * S; ++j) position[j] = count[expert[j]]++;  // choice-major: all first choices first
+    for (int64_t j = 0; j < 2 * S; ++j) {
+      if (position[j] >= C) continue;
+      const int64_t s = j % S, slot = expert[j] * G * C + g * C + position[j];
+      std::copy(X + (g * S + s) * D, X + (g * S + s + 1) * D, B + slot * D);
+      slot_token[slot] = g * S + s;
+      slot_gate[slot] = gate[j];
+    }
+  }
+  if (stage < 2) return buf;
+  auto h = torch::baddbmm(b1.unsqueeze(1), buf, w1);
+  h = relu ? h.relu_() : torch::gelu(h);
+  auto out = torch::baddbmm(b2.unsqueeze(1), h, w2).contiguous();
+  auto y = torch::zeros_like(x);
+  float* Y = y.data_ptr<float>();
+  const float* O = out.data_ptr<float>();
+  for (int64_t slot = 0; slot < E * G * C; ++slot) {
+    const int32_t t = slot_token[slot];
+    if (t < 0) continue;
+    const float w = slot_gate[slot];
+    for (int64_t d = 0; d < D; ++d) Y[t * D + d] += w * O[slot * D + d];
+  }
+  return y;
+}
 """
 
 
@@ -92,7 +203,7 @@ def build():
     return load_inline(
         "visionmoe_fused_probe",
         cpp_sources=[SOURCE],
-        functions=["top2_moe"],
+        functions=["top2_moe", "top2_moe_blocked"],
         extra_cflags=["-O3", "-march=native"],
     )
 
@@ -109,10 +220,14 @@ def cell(ext, images: int, tokens: int, dim: int, ratio: int, relu: bool, args) 
     with torch.no_grad():
         w = [t.detach().contiguous() for t in w]
         torch.testing.assert_close(ext.top2_moe(x, *w, capacity, relu), moe(x), rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(ext.top2_moe_blocked(x, *w, capacity, relu, 2), moe(x), rtol=1e-4, atol=1e-5)
         fns = {
             "moe": lambda: moe(x),
             "fused": lambda: ext.top2_moe(x, *w, capacity, relu),
             "routing": lambda: ext.top2_moe(x, *w, 0, relu),
+            "blocked": lambda: ext.top2_moe_blocked(x, *w, capacity, relu, 2),
+            "blocked_routing": lambda: ext.top2_moe_blocked(x, *w, capacity, relu, 0),
+            "blocked_dispatch": lambda: ext.top2_moe_blocked(x, *w, capacity, relu, 1),
             "twin": lambda: twin(x),
         }
         times = interleaved_times(fns, threads=args.threads, repeats=args.repeats)
@@ -139,18 +254,21 @@ def main(argv: list[str] | None = None) -> int:
     print(benchmark_header("Fused per-token kernel probe: forward, E = 8, top-2", args.threads))
     print(f"\n{args.images} images × {args.tokens} tokens; ms per forward (median of {args.repeats} interleaved)\n")
     print(
-        "| width | hidden ratio | experts | MoE layer ms | fused kernel ms | its routing ms | twin FFN ms | "
-        "MoE / twin | fused / twin | routing / twin |"
+        "| width | hidden ratio | experts | twin FFN ms | MoE layer ms | per-token kernel ms | its routing ms | "
+        "blocked kernel ms | its routing ms | its routing + dispatch ms | MoE / twin | per-token / twin | "
+        "blocked / twin | blocked routing / twin |"
     )
-    print("|---|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for relu in (False, True):
         for dim in args.widths:
             for ratio in args.ratios:
                 r = cell(ext, args.images, args.tokens, dim, ratio, relu, args)
+                t = r["twin"]
                 print(
-                    f"| {dim} | {ratio} | {r['act']} | {r['moe']:.2f} | {r['fused']:.2f} | {r['routing']:.2f} | "
-                    f"{r['twin']:.2f} | {r['moe'] / r['twin']:.1f} | {r['fused'] / r['twin']:.1f} | "
-                    f"{r['routing'] / r['twin']:.1f} |",
+                    f"| {dim} | {ratio} | {r['act']} | {t:.2f} | {r['moe']:.2f} | {r['fused']:.2f} | "
+                    f"{r['routing']:.2f} | {r['blocked']:.2f} | {r['blocked_routing']:.2f} | "
+                    f"{r['blocked_dispatch']:.2f} | {r['moe'] / t:.1f} | {r['fused'] / t:.1f} | "
+                    f"{r['blocked'] / t:.1f} | {r['blocked_routing'] / t:.2f} |",
                     flush=True,
                 )
     return 0

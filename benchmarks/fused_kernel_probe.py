@@ -96,7 +96,8 @@ torch::Tensor top2_moe(torch::Tensor x, torch::Tensor wr, torch::Tensor w1, torc
 // logits, max, exp, sum, top-2 lane-wise, with GCC/Clang vector types), positions by a scalar count,
 // the kept rows gathered into per-expert buffers (E, G*C, D), the experts as two batched GEMMs (ATen,
 // as the layer's `padded` backend), and the gated rows added back. stage 0: routing only; 1: routing and
-// dispatch (the gather); 2: the whole layer.
+// dispatch (the gather); 2: the whole layer; 3: the whole layer with lane-wise experts (expert_block)
+// instead of the buffers and GEMMs.
 typedef float v8f __attribute__((vector_size(32)));
 typedef int32_t v8i __attribute__((vector_size(32)));
 constexpr int64_t L = 8, EB = 8;
@@ -178,12 +179,18 @@ torch::Tensor top2_moe_blocked(torch::Tensor x, torch::Tensor wr, torch::Tensor 
   const float *X = x.data_ptr<float>(), *WR = wr.data_ptr<float>();
   std::vector<int32_t> expert(2 * S), position(2 * S), count(E);
   std::vector<float> gate(2 * S);
-  const int64_t C = capacity;
-  auto buf = torch::zeros({E, G * C, D}, x.options());
-  std::vector<int32_t> slot_token(E * G * C, -1);
-  std::vector<float> slot_gate(E * G * C, 0.f);
-  float* B = buf.data_ptr<float>();
-  torch::Tensor y3;
+  const int64_t C = capacity, H = w1.size(2);
+  const bool padded = stage == 1 || stage == 2;  // the per-expert buffers and their slot maps
+  auto buf = padded ? torch::zeros({E, G * C, D}, x.options()) : torch::Tensor();
+  std::vector<int32_t> slot_token(padded ? E * G * C : 0, -1);
+  std::vector<float> slot_gate(padded ? E * G * C : 0, 0.f);
+  auto y3 = stage == 3 ? torch::zeros_like(x) : torch::Tensor();
+  std::vector<int32_t> rows(stage == 3 ? E * C : 0);
+  std::vector<float> gates(stage == 3 ? E * C : 0);
+  const auto block = D == 8    ? expert_block<8>
+                     : D == 16 ? expert_block<16>
+                     : D == 32 ? expert_block<32>
+                               : expert_block<0>;
   alignas(32) float xt[256][L];
   for (int64_t g = 0; g < G; ++g) {
     for (int64_t s0 = 0; s0 < S; s0 += L) {
@@ -221,21 +228,13 @@ torch::Tensor top2_moe_blocked(torch::Tensor x, torch::Tensor wr, torch::Tensor 
     std::fill(count.begin(), count.end(), 0);
     for (int64_t j = 0; j < 2 * S; ++j) position[j] = count[expert[j]]++;  // choice-major: all first choices first
     if (stage == 3) {  // each expert's kept rows, in position order, 8 at a time
-      if (g == 0) y3 = torch::zeros_like(x);
-      std::vector<int32_t> rows(E * C);
-      std::vector<float> gates(E * C);
       for (int64_t j = 0; j < 2 * S; ++j)
         if (position[j] < C) {
           rows[expert[j] * C + position[j]] = g * S + j % S;
           gates[expert[j] * C + position[j]] = gate[j];
         }
-      const int64_t H = w1.size(2);
       for (int64_t e = 0; e < E; ++e) {
         const int64_t kept = std::min<int64_t>(count[e], C);
-        auto block = D == 8    ? expert_block<8>
-                     : D == 16 ? expert_block<16>
-                     : D == 32 ? expert_block<32>
-                               : expert_block<0>;
         for (int64_t r0 = 0; r0 < kept; r0 += L)
           block(X, y3.data_ptr<float>(), rows.data() + e * C + r0, gates.data() + e * C + r0,
                 std::min<int64_t>(L, kept - r0), D, H, w1.data_ptr<float>() + e * D * H, b1.data_ptr<float>() + e * H,
@@ -246,13 +245,14 @@ torch::Tensor top2_moe_blocked(torch::Tensor x, torch::Tensor wr, torch::Tensor 
     for (int64_t j = 0; j < 2 * S; ++j) {
       if (position[j] >= C) continue;
       const int64_t s = j % S, slot = expert[j] * G * C + g * C + position[j];
-      std::copy(X + (g * S + s) * D, X + (g * S + s + 1) * D, B + slot * D);
+      std::copy(X + (g * S + s) * D, X + (g * S + s + 1) * D, buf.data_ptr<float>() + slot * D);
       slot_token[slot] = g * S + s;
       slot_gate[slot] = gate[j];
     }
   }
   if (stage == 3) return y3;
-  if (stage < 2) return buf;
+  if (stage == 0) return torch::empty({0}, x.options());  // routing only: nothing gathered
+  if (stage == 1) return buf;
   auto h = torch::baddbmm(b1.unsqueeze(1), buf, w1);
   h = relu ? h.relu_() : torch::gelu(h);
   auto out = torch::baddbmm(b2.unsqueeze(1), h, w2).contiguous();
@@ -268,6 +268,9 @@ torch::Tensor top2_moe_blocked(torch::Tensor x, torch::Tensor wr, torch::Tensor 
   return y;
 }
 """
+
+
+ROUTING, DISPATCH, PADDED, LANEWISE = 0, 1, 2, 3  # stages of top2_moe_blocked
 
 
 def build():
@@ -292,17 +295,19 @@ def cell(ext, images: int, tokens: int, dim: int, ratio: int, relu: bool, args) 
     w = [moe.router.weight, moe.experts.w1, moe.experts.b1, moe.experts.w2, moe.experts.b2]
     with torch.no_grad():
         w = [t.detach().contiguous() for t in w]
-        torch.testing.assert_close(ext.top2_moe(x, *w, capacity, relu), moe(x), rtol=1e-4, atol=1e-5)
-        for stage in (2, 3):
-            torch.testing.assert_close(ext.top2_moe_blocked(x, *w, capacity, relu, stage), moe(x), rtol=1e-4, atol=1e-5)
+        expected = moe(x)
+        torch.testing.assert_close(ext.top2_moe(x, *w, capacity, relu), expected, rtol=1e-4, atol=1e-5)
+        for stage in (PADDED, LANEWISE):
+            got = ext.top2_moe_blocked(x, *w, capacity, relu, stage)
+            torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)
         fns = {
             "moe": lambda: moe(x),
             "fused": lambda: ext.top2_moe(x, *w, capacity, relu),
             "routing": lambda: ext.top2_moe(x, *w, 0, relu),
-            "blocked": lambda: ext.top2_moe_blocked(x, *w, capacity, relu, 2),
-            "vectorised": lambda: ext.top2_moe_blocked(x, *w, capacity, relu, 3),
-            "blocked_routing": lambda: ext.top2_moe_blocked(x, *w, capacity, relu, 0),
-            "blocked_dispatch": lambda: ext.top2_moe_blocked(x, *w, capacity, relu, 1),
+            "blocked": lambda: ext.top2_moe_blocked(x, *w, capacity, relu, PADDED),
+            "vectorised": lambda: ext.top2_moe_blocked(x, *w, capacity, relu, LANEWISE),
+            "blocked_routing": lambda: ext.top2_moe_blocked(x, *w, capacity, relu, ROUTING),
+            "blocked_dispatch": lambda: ext.top2_moe_blocked(x, *w, capacity, relu, DISPATCH),
             "twin": lambda: twin(x),
         }
         times = interleaved_times(fns, threads=args.threads, repeats=args.repeats)
@@ -326,7 +331,7 @@ def main(argv: list[str] | None = None) -> int:
         keep_freed_memory()
     torch.set_num_threads(args.threads)
     ext = build()
-    print(benchmark_header("Fused per-token kernel probe: forward, E = 8, top-2", args.threads))
+    print(benchmark_header("Fused kernel probe (per-token, blocked, lane-wise): forward, E = 8, top-2", args.threads))
     print(f"\n{args.images} images × {args.tokens} tokens; ms per forward (median of {args.repeats} interleaved)\n")
     print(
         "| width | hidden ratio | experts | twin FFN ms | MoE layer ms | per-token kernel ms | its routing ms | "

@@ -30,6 +30,13 @@ active FLOPs): an estimate of what faster dispatch or expert kernels can reach w
 stays as it is. Not a strict bound: the experts skip the assignments dropped for capacity, and the
 routers alone run their own backward pass.
 
+``--experts-only`` adds the column "experts only": the MoE model's step with every MoE layer reduced to
+its experts (:func:`experts_only`: the layer's tokens as E contiguous blocks through the experts' batched
+GEMMs, K times, so exactly the twin's FFN FLOPs; no router, dispatch, padding or aux loss) over the twin's
+step. With ``--floor`` it adds "bound" = floor + experts only − 1: the step if the routers cost what
+they cost alone, the experts what they cost alone, and dispatch and combine nothing. The experts'
+column says what small batched GEMMs cost against the twin's one wide GEMM, whatever the routing.
+
 ``--layer-grid`` instead times the MoE layer alone (forward and backward, training mode, the default
 losses) at the shapes of every stage of every cell (D = width · 2^stage, H = ratio · D, 32², 16² and 8²
 positions per image, ``--batch`` images), with ``padded`` and ``sorted`` interleaved, for GELU and ReLU
@@ -117,6 +124,33 @@ def before_issue_22() -> Iterator[None]:
             setattr(module, name, value)
 
 
+@contextlib.contextmanager
+def experts_only() -> Iterator[None]:
+    """Every MoE layer runs its experts alone: no router, no dispatch, no padding, no aux loss. The
+    B·N tokens of a layer, viewed as E contiguous blocks of B·N/E rows, go through the experts' batched
+    GEMMs K times (K = the router's k), so the experts do exactly the twin's FFN FLOPs; the K outputs
+    are summed. The most favourable case for experts run by library GEMMs: what an MoE layer would
+    cost if routing and dispatch were free. (Not the layer's results: only its experts' cost.)"""
+
+    def forward(self: MoE, x: torch.Tensor) -> torch.Tensor:
+        tokens, restore = self.to_tokens(x)
+        B, N, D = tokens.shape
+        E, K = self.num_experts, self.router.k
+        rows = tokens.reshape(E, B * N // E, D)  # a view for channels-last maps
+        y = self.experts.forward_batched(rows)
+        for _ in range(K - 1):
+            y = y + self.experts.forward_batched(rows)
+        self.aux_loss = None
+        return restore(y.reshape(B, N, D))
+
+    saved = MoE.forward
+    MoE.forward = forward
+    try:
+        yield
+    finally:
+        MoE.forward = saved
+
+
 def set_backend(model: torch.nn.Module, backend: str) -> None:
     for _, layer in moe_layers(model):
         layer.backend = backend
@@ -143,6 +177,13 @@ def measure(backbone: str, width: int, ratio: float, args: argparse.Namespace) -
         steps["before"] = old_step
     if args.floor:
         steps["routers"] = routers_step(moe, args.batch)
+    if args.experts_only:
+
+        def experts_step() -> None:
+            with experts_only():
+                moe_step()
+
+        steps["experts only"] = experts_step
     if args.compile:  # both compiled, each over its own optimiser state; compiling happens in the warm-up
         compiled_step = stepper(moe, compiled=True)
 
@@ -158,6 +199,8 @@ def measure(backbone: str, width: int, ratio: float, args: argparse.Namespace) -
     ratios = {name: [t / tw for t, tw in zip(ts, times["twin"], strict=True)] for name, ts in times.items()}
     if args.floor:
         ratios["floor"] = [1 + r for r in ratios.pop("routers")]
+        if args.experts_only:  # routers alone + experts alone: nothing for dispatch, combine or padding
+            ratios["bound"] = [f + e - 1 for f, e in zip(ratios["floor"], ratios["experts only"], strict=True)]
     if args.compile:  # compiled MoE over the compiled twin of the same repeat
         ratios["compiled"] = [t / tw for t, tw in zip(times["compiled"], times["twin compiled"], strict=True)]
     return ratios | {"twin_seconds": times["twin"]}
@@ -333,13 +376,14 @@ def profile_step(backbone: str, width: int, ratio: float, args: argparse.Namespa
         with before_issue_22() if before else contextlib.nullcontext():
             for _ in range(2):
                 step()
-            with profile(activities=[ProfilerActivity.CPU]) as prof:
+            with profile(activities=[ProfilerActivity.CPU], record_shapes=args.shapes) as prof:
                 for _ in range(args.repeats):
                     step()
         events = prof.key_averages()
         if args.rows:
             print(f"\n### {name}: {backbone}, width {width}, hidden ratio {ratio}, backend {args.backends[0]}\n")
-            print(events.table(sort_by="self_cpu_time_total", row_limit=args.rows, max_name_column_width=40))
+            table = prof.key_averages(group_by_input_shape=True) if args.shapes else events
+            print(table.table(sort_by="self_cpu_time_total", row_limit=args.rows, max_name_column_width=40))
         by_category = dict.fromkeys([*CATEGORIES, "other elementwise and reductions"], 0.0)
         for event in events:
             category = next((c for c, ops in CATEGORIES.items() if event.key in ops), None)
@@ -370,6 +414,9 @@ def main(argv: list[str] | None = None) -> int:
         "--compile", action="store_true", help="add torch.compile'd MoE over torch.compile'd twin (inductor)"
     )
     parser.add_argument("--floor", action="store_true", help="add 1 + (the routers alone / twin step) (see above)")
+    parser.add_argument(
+        "--experts-only", action="store_true", help="add the step with the MoE layers' experts alone (see above)"
+    )
     parser.add_argument("--vit", action="store_true", help="the ViT-shape regression check instead (see above)")
     parser.add_argument("--vit-images", nargs="+", type=int, default=[1, 4, 8])
     parser.add_argument("--layer-grid", action="store_true", help="padded vs sorted per layer shape (see above)")
@@ -378,6 +425,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--profile", action="store_true", help="profile the first cell instead of timing")
     parser.add_argument("--rows", type=int, default=0, help="--profile: also print this many operators")
+    parser.add_argument("--shapes", action="store_true", help="--profile --rows: one row per operator and input shapes")
     parser.add_argument("--quick", action="store_true", help="one tiny cell: checks the script only")
     parser.add_argument(
         "--keep-freed-memory", action="store_true", help="glibc keeps freed memory, as training does (header says)"
@@ -407,9 +455,11 @@ def main(argv: list[str] | None = None) -> int:
         *(["before"] if args.before else []),
         *(["compiled"] if args.compile else []),
         *(["floor"] if args.floor else []),
+        *(["experts only"] if args.experts_only else []),
+        *(["bound"] if args.floor and args.experts_only else []),
     ]
     header = "| backbone | width | hidden ratio | twin step ms | " + " | ".join(
-        "floor" if b == "floor" else f"MoE/twin ({b})" for b in columns
+        b if b in ("floor", "experts only", "bound") else f"MoE/twin ({b})" for b in columns
     )
     print(f"\n{header} |\n|" + "---|" * (4 + len(columns)), flush=True)
     worst = 0.0

@@ -88,6 +88,36 @@ def test_resume_after_a_kill_is_bit_identical(cifar10_root, tmp_path):
     assert [{k: s[k] for k in profile} for s in summaries[:1]] == [{k: s[k] for k in profile} for s in summaries[1:]]
 
 
+def test_a_time_limited_run_resumed_logs_what_the_uninterrupted_run_logs(cifar10_root, tmp_path, monkeypatch):
+    # 7 steps per epoch; the clock runs out after step 3, inside epoch 1. Resumed, epoch 1's record must
+    # cover all 7 steps (not 4-7), the stop's partial record must go, and TensorBoard must keep epoch 1.
+    full = Trainer(config(cifar10_root, tmp_path, "train.epochs=2", "train.run_name=full"))
+    full.fit()
+    limit = ["train.epochs=2", "train.run_name=cut", "train.time_limit_minutes=100"]
+    monkeypatch.setattr(Trainer, "_out_of_time", lambda self: self.step == 3)
+    assert Trainer(config(cifar10_root, tmp_path, *limit)).fit()["stopped"] == "time_limit"
+    monkeypatch.undo()
+    records = [json.loads(line) for line in (tmp_path / "cut" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [3]  # the partial epoch, with a test pass, as a time limit promises
+    Trainer(config(cifar10_root, tmp_path, *limit), resume=True).fit()
+
+    def results(name):
+        records = [json.loads(line) for line in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
+        keep = ("epoch", "step", "lr", "train_loss", "train_top1", "aux_loss", "routing", "test")
+        return [{k: r.get(k) for k in keep} for r in records]
+
+    assert results("full") == results("cut")
+
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    def logged_steps(name):
+        events = EventAccumulator(str(tmp_path / name / "tensorboard"))
+        events.Reload()
+        return [e.step for e in events.Scalars("train_loss")]
+
+    assert logged_steps("cut") == logged_steps("full") == [7, 14]
+
+
 def test_resume_refuses_another_config_and_another_model(cifar10_root, tmp_path):
     Trainer(config(cifar10_root, tmp_path, "train.epochs=0.5", "train.tensorboard=false")).fit()
     with pytest.raises(ValueError, match=r"differs in \['optim.lr'\]"):

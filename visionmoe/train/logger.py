@@ -34,15 +34,27 @@ def flatten(record: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 
 
 class RunLogger:
-    """Writes the records of one run directory; ``tensorboard=False`` skips TensorBoard."""
+    """Writes the records of one run directory; ``tensorboard=False`` skips TensorBoard.
 
-    def __init__(self, run_dir: Path, *, tensorboard: bool = True, resume_step: int | None = None) -> None:
+    Resuming at ``resume_step`` keeps the records up to that step and drops later ones (a killed run's
+    records past its checkpoint); ``partial=True`` (the checkpoint sits inside an epoch, as after a time
+    limit) drops the record at that step too: the resumed epoch logs the whole epoch when it ends.
+    TensorBoard keeps its events up to ``resume_step`` as well (``purge_step`` is the first step dropped).
+    """
+
+    def __init__(
+        self, run_dir: Path, *, tensorboard: bool = True, resume_step: int | None = None, partial: bool = False
+    ) -> None:
         self.run_dir = Path(run_dir)
         self.jsonl = self.run_dir / "metrics.jsonl"
         self.csv = self.run_dir / "metrics.csv"
         self.records: list[dict[str, Any]] = []
         if resume_step is not None and self.jsonl.is_file():
-            self.records = [r for r in read_jsonl(self.jsonl) if r["step"] <= resume_step]
+            self.records = [
+                r
+                for r in read_jsonl(self.jsonl)
+                if r["step"] < resume_step or (r["step"] == resume_step and not partial)
+            ]
             write_jsonl(self.jsonl, self.records)
         elif self.jsonl.exists():
             self.jsonl.unlink()
@@ -50,7 +62,10 @@ class RunLogger:
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 
-            self.writer = SummaryWriter(str(self.run_dir / "tensorboard"), purge_step=resume_step)
+            self.writer = SummaryWriter(
+                str(self.run_dir / "tensorboard"),
+                purge_step=None if resume_step is None else resume_step + (not partial),
+            )
 
     def log(self, record: dict[str, Any]) -> None:
         self.records.append(record)

@@ -169,7 +169,16 @@ class Trainer:
         self.run_dir.mkdir(parents=True, exist_ok=True)
         if main:
             save_config(self.config, self.run_dir / "config.yaml")
-        logger = RunLogger(self.run_dir, tensorboard=t.tensorboard, resume_step=self.step or None) if main else None
+        logger = (
+            RunLogger(
+                self.run_dir,
+                tensorboard=t.tensorboard,
+                resume_step=self.step or None,
+                partial=self.step % self.steps_per_epoch != 0 and self.step != self.total_steps,
+            )
+            if main
+            else None
+        )
         console = self._announce(quiet=not main)
         stopped = "completed"
         wall_start = time.perf_counter()
@@ -201,11 +210,15 @@ class Trainer:
                         break
                     fetch = time.perf_counter()  # checkpoints and callbacks are not training time
                 progress.remove_task(bar)
+                partial = self.step != end  # stopped by the time limit mid-epoch
+                if partial:
+                    self.save()  # with the partial epoch's sums: a resumed epoch reports all of its steps
                 record = self._end_epoch(epoch, final=self.step == self.total_steps or stopped != "completed")
                 if logger is not None:
                     logger.log(record)
                 console.print(epoch_line(record), soft_wrap=True)
-                self.save()
+                if not partial:
+                    self.save()
                 if stopped != "completed":
                     break
         if logger is not None:

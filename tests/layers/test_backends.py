@@ -96,6 +96,21 @@ def test_auto_falls_back_when_grouped_mm_is_absent(monkeypatch):
     assert moe(x).shape == x.shape
 
 
+@pytest.mark.skipif(not hasattr(torch, "_grouped_mm"), reason="this torch has no grouped_mm")
+def test_grouped_backend_runs_under_bf16_autocast():
+    # aten::_grouped_mm has no autocast kernel: bf16 activations met fp32 weights ("same dtype" error).
+    # The experts now cast their weights to the activations' dtype; gradients reach the fp32 weights.
+    torch.manual_seed(0)
+    moe = MoE(16, 4, 16, router="topk", k=2, backend="grouped", router_options={"noise_std": 0.0})
+    x = torch.randn(2, 8, 16)
+    reference = moe(x)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = moe(x.bfloat16())  # as an autocast Linear or conv before it hands it over
+    torch.testing.assert_close(y.float(), reference, rtol=0.05, atol=0.05)
+    y.float().sum().backward()
+    assert moe.experts.w1.grad.dtype == torch.float32 and moe.experts.w1.grad.abs().sum() > 0
+
+
 def test_auto_picks_padded_for_small_experts():
     # ViT-sized experts (D·H > 128·128): 2 groups × (k=2 · 5 tokens) = 20 assignments over 4 experts,
     # 5 rows each, below 128 -> grouped_mm where the sizes are aligned, padded where not.

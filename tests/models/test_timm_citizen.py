@@ -172,6 +172,12 @@ def test_forward_intermediates(name):
         last = model.forward_intermediates(x, indices=1, intermediates_only=True)
         assert len(last) == 1
         torch.testing.assert_close(last[0], intermediates[-1])
+        # stopping early after the last stage but one (the loop breaks at the last): that stage's map, un-normed
+        n = len(intermediates)
+        final_early, (early,) = model.forward_intermediates(x, indices=[n - 2], stop_early=True, output_fmt="NCHW")
+        torch.testing.assert_close(early, intermediates[n - 2])
+        if final_early.dim() == 4:  # CNN maps (a ViT's token sequence has no stage shape to compare)
+            torch.testing.assert_close(final_early, early)
         model.set_grad_checkpointing()
         again, _ = model.forward_intermediates(x, output_fmt="NCHW")
         torch.testing.assert_close(again, final, rtol=1e-4, atol=1e-5)

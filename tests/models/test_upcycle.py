@@ -190,3 +190,21 @@ def test_cnn_models_load_their_own_weights_file(tmp_path):
     loaded = timm.create_model("resnet18_cifar_sparse_head", width=8, pretrained_file=tmp_path / "head.pth")
     for (name, a), (_, b) in zip(trained.state_dict().items(), loaded.state_dict().items(), strict=True):
         assert torch.equal(a, b), name
+
+
+def test_a_weights_file_with_another_class_count_than_the_cfg_loads_whole_and_strictly(tmp_path):
+    # timm judged the head by the pretrained_cfg's num_classes (10 here): a 100-class model's own file
+    # lost its classifier to a fresh init, and any model with num_classes != the cfg's loaded non-strictly.
+    torch.manual_seed(0)
+    trained = timm.create_model("cnn_resnet_cifar_moe", width=8, num_classes=100).eval()
+    torch.save(trained.state_dict(), tmp_path / "cnn100.pt")
+    torch.manual_seed(1)
+    loaded = timm.create_model("cnn_resnet_cifar_moe", width=8, num_classes=100, pretrained_file=tmp_path / "cnn100.pt")
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(trained(x), loaded.eval()(x))
+    # a dense ViT of depth 2 into an MoE of depth 4 with 10 classes: blocks 2-3 are missing from the file
+    dense = timm.create_model("vit_tiny_patch16_224", **{**VIT, "depth": 2})
+    torch.save(dense.state_dict(), tmp_path / "depth2.pth")
+    with pytest.raises(RuntimeError, match="Missing key"):
+        timm.create_model("vit_moe_tiny_patch4_32", pretrained_file=tmp_path / "depth2.pth", **VIT)

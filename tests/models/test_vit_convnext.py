@@ -158,6 +158,39 @@ def test_moeify_errors():
         moeify(vit, "all", upcycle=True, upcycle_noise=-1.0)
 
 
+def test_moeify_refuses_mlps_that_are_more_than_fc1_act_fc2():
+    # A gated MLP (EVA-02's GluMlp: fc1 gives 2H, fc2 takes H) or one with extra layers (PVTv2's depthwise
+    # conv) would lose its gate or its extra layers inside plain experts: refused, with the reason.
+    from timm.layers import GluMlp, Mlp
+
+    def model_with(mlp):
+        block = nn.Module()
+        block.mlp = mlp
+        return nn.Sequential(block)
+
+    with pytest.raises(ValueError, match=r"cannot replace GluMlp .*gated MLP") as e:
+        moeify(model_with(GluMlp(8, 32)))
+    assert "\n" not in str(e.value)
+    extra = Mlp(8, 16)
+    extra.dwconv = nn.Conv2d(16, 16, 3, padding=1, groups=16)
+    with pytest.raises(ValueError, match=r"cannot replace Mlp .*extra layers dwconv"):
+        moeify(model_with(extra))
+    assert mlp_blocks(model_with(extra)) == []  # listed as not MoE-able, not as a block to replace
+
+
+def test_moeify_keeps_the_mlps_dropout():
+    # timm's Mlp drops after the activation and after fc2 (proj_drop_rate): the MoE block drops too.
+    vit = timm.create_model("vit_tiny_patch16_224", img_size=32, depth=2, embed_dim=32, num_heads=2, proj_drop_rate=0.5)
+    moeify(vit, "all", {"num_experts": 2, "router_options": {"noise_std": 0.0}})
+    mlp = vit.blocks[0].mlp
+    assert isinstance(mlp.drop, nn.Dropout) and mlp.drop.p == 0.5
+    assert isinstance(mlp.moe.experts.act[1], nn.Dropout) and mlp.moe.experts.act[1].p == 0.5
+    x = torch.randn(2, 4, 32)
+    with torch.no_grad():
+        assert not torch.equal(mlp.train()(x), mlp(x))  # stochastic in training
+        assert torch.equal(mlp.eval()(x), mlp(x))
+
+
 def test_moeify_generic_model_with_mlp_blocks():
     # Any model whose blocks expose an `mlp` with fc1/act/fc2 works, e.g. a tiny hand-made one.
     class Block(nn.Module):

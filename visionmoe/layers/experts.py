@@ -117,10 +117,12 @@ class Experts(nn.Module):
         H multiples of 4 in fp32); :func:`grouped_mm_supported` checks. Biases are gathered per row.
         """
         offs = counts.cumsum(0).to(torch.int32)  # end row of each expert's block
-        h = _grouped_mm(x, self.w1, offs)  # (N, H)
+        w1, w2 = self.w1.to(x.dtype), self.w2.to(x.dtype)  # autocast has no grouped_mm kernel: match x
+        h = _grouped_mm(x, w1, offs)  # (N, H)
         if self.b1 is not None:
             h = h + self.b1[expert_ids]
-        y = _grouped_mm(self.act(h), self.w2, offs)  # (N, D)
+        h = self.act(h).to(x.dtype)
+        y = _grouped_mm(h, w2, offs)  # (N, D)
         return y if self.b2 is None else y + self.b2[expert_ids]
 
     def forward_all(self, x: Tensor) -> Tensor:

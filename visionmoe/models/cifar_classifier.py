@@ -130,15 +130,17 @@ class CifarClassifier(nn.Module):
         last = len(stages) - 1
         intermediates = []
         x = self.forward_stem(x)
+        ran = -1
         for i, stage in enumerate(stages):
             if stop_early and i > max_index:
                 break
             x = self._stage(stage, x)
+            ran = i
             if i in take:
                 intermediates.append(self.norm(x) if norm and i == last else x)
         if intermediates_only:
             return intermediates
-        return (self.norm(x) if i == last else x), intermediates
+        return (self.norm(x) if ran == last else x), intermediates
 
     def prune_intermediate_layers(
         self, indices: int | list[int] = 1, prune_norm: bool = False, prune_head: bool = True

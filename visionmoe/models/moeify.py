@@ -57,16 +57,17 @@ class MoEMlp(nn.Module):
     of H·W tokens.
     """
 
-    def __init__(self, moe: MoE, channels_last_maps: bool) -> None:
+    def __init__(self, moe: MoE, channels_last_maps: bool, drop: nn.Module | None = None) -> None:
         super().__init__()
         self.moe = moe
         self.channels_last_maps = channels_last_maps
+        self.drop = nn.Identity() if drop is None else drop  # the replaced MLP's output dropout
 
     def forward(self, x: Tensor) -> Tensor:
         if x.dim() == 4 and self.channels_last_maps:
             B, H, W, C = x.shape
-            return self.moe(x.reshape(B, H * W, C)).reshape(B, H, W, C)
-        return self.moe(x)
+            return self.drop(self.moe(x.reshape(B, H * W, C)).reshape(B, H, W, C))
+        return self.drop(self.moe(x))
 
 
 def mlp_blocks(model: nn.Module) -> list[tuple[str, nn.Module]]:
@@ -76,7 +77,7 @@ def mlp_blocks(model: nn.Module) -> list[tuple[str, nn.Module]]:
         if name.split(".")[0] in _NOT_BLOCKS:
             continue
         mlp = getattr(module, "mlp", None)
-        if isinstance(mlp, (nn.Module)) and _is_two_layer_mlp(mlp):
+        if isinstance(mlp, (nn.Module)) and _is_two_layer_mlp(mlp) and _not_replaceable(mlp) is None:
             blocks.append((name, module))
     return blocks
 
@@ -115,6 +116,10 @@ def moeify(
         raise ValueError(f"upcycle_noise must be >= 0, got upcycle_noise={upcycle_noise}")
     blocks = mlp_blocks(model)
     if not blocks:
+        for module in model.modules():  # MLPs that look like fc1/act/fc2 but are more
+            mlp = getattr(module, "mlp", None)
+            if isinstance(mlp, nn.Module) and _is_two_layer_mlp(mlp) and (why := _not_replaceable(mlp)):
+                raise ValueError(f"moeify cannot replace {type(mlp).__name__} ({why}): only fc1 -> act -> fc2 MLPs")
         kinds = sorted({type(m).__name__ for m in model.modules() if m is not model})[:6]
         raise ValueError(
             f"moeify found no block with an MLP (an `mlp` with fc1/act/fc2) in {type(model).__name__} "
@@ -126,9 +131,26 @@ def moeify(
     return model
 
 
+_MLP_PARTS = {"fc1", "act", "fc2", "norm", "drop", "drop1", "drop2"}
+"""What timm's Mlp and ConvMlp hold; an MLP with any other child (a depthwise conv, a second norm, a gate)
+computes more than fc1 -> act -> fc2, and experts made from it would silently drop that part."""
+
+
 def _is_two_layer_mlp(mlp: nn.Module) -> bool:
     fc1, fc2 = getattr(mlp, "fc1", None), getattr(mlp, "fc2", None)
     return _is_pointwise(fc1) and _is_pointwise(fc2) and hasattr(mlp, "act")
+
+
+def _not_replaceable(mlp: nn.Module) -> str | None:
+    """Why an fc1/act/fc2 MLP cannot become experts (None if it can): extra layers, or a gated MLP."""
+    extra = sorted({name for name, _ in mlp.named_children()} - _MLP_PARTS)
+    if extra:
+        return f"extra layers {', '.join(extra)}"
+    hidden_out = mlp.fc1.out_features if isinstance(mlp.fc1, nn.Linear) else mlp.fc1.out_channels
+    hidden_in = mlp.fc2.in_features if isinstance(mlp.fc2, nn.Linear) else mlp.fc2.in_channels
+    if hidden_out != hidden_in:
+        return f"fc1 gives {hidden_out} features but fc2 takes {hidden_in}: a gated MLP"
+    return None
 
 
 def _is_pointwise(layer: Any) -> bool:
@@ -156,9 +178,14 @@ def _moe_from_mlp(
     bias = mlp.fc1.bias is not None
     if bias != (mlp.fc2.bias is not None):
         raise ValueError("moeify needs fc1 and fc2 both with or both without bias (the experts share one bias flag)")
-    layer = config.build(
-        dim, hidden, activation=copy.deepcopy(mlp.act), bias=bias, device=w1.device, dtype=mlp.fc1.weight.dtype
-    )
+    # timm's Mlp drops after the activation (drop1; ConvMlp's drop) and after fc2 (drop2): the experts
+    # drop their hidden units likewise, the layer its output
+    activation = copy.deepcopy(mlp.act)
+    hidden_drop = getattr(mlp, "drop1", getattr(mlp, "drop", None))
+    if _drops(hidden_drop):
+        activation = nn.Sequential(activation, copy.deepcopy(hidden_drop))
+    out_drop = getattr(mlp, "drop2", None)
+    layer = config.build(dim, hidden, activation=activation, bias=bias, device=w1.device, dtype=mlp.fc1.weight.dtype)
     if upcycle:
         experts = layer.experts
         with torch.no_grad():
@@ -169,4 +196,12 @@ def _moe_from_mlp(
                 target.copy_(source.expand_as(target))
                 if upcycle_noise > 0:
                     target.add_(torch.randn_like(target) * upcycle_noise * source.float().std().to(target.dtype))
-    return MoEMlp(layer, channels_last_maps=isinstance(mlp.fc1, nn.Linear))
+    return MoEMlp(
+        layer,
+        channels_last_maps=isinstance(mlp.fc1, nn.Linear),
+        drop=copy.deepcopy(out_drop) if _drops(out_drop) else None,
+    )
+
+
+def _drops(module: nn.Module | None) -> bool:
+    return isinstance(module, nn.modules.dropout._DropoutNd) and module.p > 0

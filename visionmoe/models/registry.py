@@ -166,8 +166,15 @@ def build_model(
     """A visionmoe model through timm's ``build_model_with_cfg`` (pretrained_cfg, features_only, weights)."""
     kwargs = {**defaults, **kwargs}
     pretrained, overlay = _weights_source(pretrained, kwargs)
+    cfg = resolve_pretrained_cfg(name, kwargs.get("pretrained_cfg"), overlay).to_dict()
+    extra = {}
+    if pretrained:
+        extra = {
+            "pretrained_filter_fn": _keep_own_classifier(None, cfg.get("classifier")),
+            "pretrained_cfg_overlay": {**overlay, "num_classes": kwargs.get("num_classes", cfg["num_classes"])},
+        }
     return build_model_with_cfg(
-        cls, name, pretrained, pretrained_cfg_overlay=overlay, feature_cfg=dict(feature_cfg), **kwargs
+        cls, name, pretrained, **{"pretrained_cfg_overlay": overlay, **extra}, feature_cfg=dict(feature_cfg), **kwargs
     )
 
 
@@ -201,7 +208,9 @@ def build_moe_model(
         if pretrained:
             load_pretrained(
                 model,
-                pretrained_cfg=cfg,
+                # the local file's classifier is judged by its shape (_keep_own_classifier), not by the
+                # cfg's num_classes, so timm neither drops a matching head nor loads non-strictly
+                pretrained_cfg={**cfg, "num_classes": model.num_classes},
                 num_classes=model.num_classes,
                 in_chans=model_kwargs.get("in_chans", 3),
                 filter_fn=_keep_own_classifier(checkpoint_filter, cfg.get("classifier")),

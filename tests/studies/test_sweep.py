@@ -210,6 +210,48 @@ def test_reuse_copies_finished_runs_of_the_same_config_from_another_sweep(tmp_pa
         run_sweep(second, tmp_path / "third", executor="inline", reuse=[tmp_path / "nowhere"], echo=lambda line: None)
 
 
+def test_reuse_needs_the_same_data_threads_and_a_run_that_ended_as_asked(tmp_path, standin_data):
+    # data.data_dir and train.threads may change on resume (the checkpoint checks the classes, the trainer
+    # keeps its threads), but a copied run has neither check: another data directory or thread count is
+    # another run. A run stopped by a time limit is finished only for a sweep asking that same limit.
+    import shutil
+
+    first = tiny_sweep(standin_data, grids=[{"model.moe.k": [2]}], twins=False)
+    run_sweep(first, tmp_path / "first", executor="inline", cores=1, echo=lambda line: None)
+    limited = tiny_sweep(standin_data, grids=[{"model.moe.k": [2]}], twins=False)
+    limited.overrides = (*limited.overrides, "train.time_limit_minutes=1e-9")
+    run_sweep(limited, tmp_path / "limited", executor="inline", cores=1, echo=lambda line: None)
+    moved = tmp_path / "moved"
+    shutil.copytree(standin_data, moved)  # the same files at another place: not known to be the same data
+
+    def statuses(sweep, out, cores=1, sources=("first",)):
+        reuse = [tmp_path / source for source in sources]
+        manifest = run_sweep(sweep, tmp_path / out, executor="inline", cores=cores, reuse=reuse, echo=print)
+        return manifest["status"].tolist()
+
+    assert statuses(tiny_sweep(moved, grids=[{"model.moe.k": [2]}], twins=False), "a") == ["done"]
+    assert statuses(tiny_sweep(standin_data, grids=[{"model.moe.k": [2]}], twins=False), "b", cores=2) == ["done"]
+    assert statuses(tiny_sweep(standin_data, grids=[{"model.moe.k": [2]}], twins=False), "c") == ["reused"]
+    unlimited = tiny_sweep(standin_data, grids=[{"model.moe.k": [2]}], twins=False)
+    assert statuses(unlimited, "d", sources=("limited",)) == ["done"]  # a 1-step run is no full run
+    assert statuses(limited, "e", sources=("limited",)) == ["reused"]
+
+
+def test_a_run_stopped_by_a_time_limit_trains_on_when_the_limit_is_lifted(tmp_path, standin_data):
+    sweep = tiny_sweep(standin_data, grids=[{"model.moe.k": [2]}], twins=False)
+    sweep.overrides = (*sweep.overrides, "data.batch_size=32")  # 3 steps
+    limited = tiny_sweep(standin_data, grids=[{"model.moe.k": [2]}], twins=False)
+    limited.overrides = (*sweep.overrides, "train.time_limit_minutes=1e-9")  # stops after its first step
+    run_sweep(limited, tmp_path, executor="inline", echo=lambda line: None)
+    summary = tmp_path / "k=2-s0" / "summary.json"
+    assert json.loads(summary.read_text())["steps"] == 1
+    assert run_sweep(limited, tmp_path, executor="inline", echo=lambda line: None)["attempts"].tolist() == [1]
+    assert json.loads(summary.read_text())["steps"] == 1  # the same limit: finished, not trained again
+    run_sweep(sweep, tmp_path, executor="inline", echo=lambda line: None)
+    assert json.loads(summary.read_text())["stopped"] == "completed"
+    assert json.loads(summary.read_text())["steps"] == 3  # resumed from its checkpoint, trained to the end
+
+
 def test_failures_are_recorded_and_cost_no_other_run(tmp_path, standin_data):
     # Four cells (each grid varies one axis from the first values): a good one; a class count the data
     # contradicts (found only once the data is loaded: fails while running, retried once); a capacity
@@ -309,6 +351,9 @@ def test_estimate_times_every_configuration_and_trains_nothing(tmp_path, standin
     assert (table["cpu_seconds_per_step"] > 0).all() and (table["cpu_minutes"] > 0).all()
     assert a["cpu_hours"] == pytest.approx(table["cpu_minutes"].sum() * 3 / 2 / 60)
     assert not any(tmp_path.iterdir())  # nothing trained, nothing written
+    run_sweep(sweep, tmp_path, seeds=(0,), executor="inline", echo=lambda line: None)
+    again = estimate_sweep(sweep, jobs=2, cores=2, steps=1, out=str(tmp_path), echo=lambda line: None)
+    assert len(again) == 4  # a sweep under way (checkpoints in its run directories) is estimated too
     sized = tiny_sweep(standin_data, grids=[{"model.moe.k": [2]}])  # eval.batch_sizes: one more test pass per size
     sized.overrides = (*sized.overrides, "eval.batch_sizes=[1, 32]")
     sized = estimate_sweep(sized, jobs=2, cores=2, steps=1, out=str(tmp_path), echo=lambda line: None)

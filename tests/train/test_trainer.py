@@ -88,6 +88,34 @@ def test_resume_after_a_kill_is_bit_identical(cifar10_root, tmp_path):
     assert [{k: s[k] for k in profile} for s in summaries[:1]] == [{k: s[k] for k in profile} for s in summaries[1:]]
 
 
+def test_resume_keeps_the_thread_count_the_run_trained_with(cifar10_root, tmp_path):
+    # 1 and 2 threads split GEMMs and reductions differently (different last bits); a resume asked for 2
+    # threads trains on with the checkpoint's 1, says so, and ends bit-identical to the 1-thread run.
+    before = torch.get_num_threads()
+    extra = ["train.epochs=1", "train.checkpoint_every_steps=3", "train.tensorboard=false"]
+
+    def kill_at_step_4(trainer):
+        if trainer.step == 4:
+            raise KeyboardInterrupt
+
+    try:
+        full = Trainer(config(cifar10_root, tmp_path, *extra, "train.threads=1", "train.run_name=full"))
+        full.fit()
+        with pytest.raises(KeyboardInterrupt):
+            cut = config(cifar10_root, tmp_path, *extra, "train.threads=1", "train.run_name=cut")
+            Trainer(cut, callbacks=[kill_at_step_4]).fit()
+        with pytest.warns(UserWarning, match=r"with the 1 thread\(s\) it trained with, not 2"):
+            resumed = Trainer(
+                config(cifar10_root, tmp_path, *extra, "train.threads=2", "train.run_name=cut"), resume=True
+            )
+        assert torch.get_num_threads() == 1
+        resumed.fit()
+    finally:
+        torch.set_num_threads(before)
+    a, b = full.model.state_dict(), resumed.model.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
 def test_a_time_limited_run_resumed_logs_what_the_uninterrupted_run_logs(cifar10_root, tmp_path, monkeypatch):
     # 7 steps per epoch; the clock runs out after step 3, inside epoch 1. Resumed, epoch 1's record must
     # cover all 7 steps (not 4-7), the stop's partial record must go, and TensorBoard must keep epoch 1.

@@ -23,6 +23,7 @@ minutes on a quiet core; with more threads they are the sum over its threads.
 from __future__ import annotations
 
 import statistics
+import tempfile
 import time
 from collections.abc import Sequence
 from typing import Any
@@ -125,9 +126,11 @@ def estimate_sweep(
     torch.set_num_threads(threads)
     splits_by_data: dict[str, Any] = {}
     rows = []
+    scratch = tempfile.TemporaryDirectory(prefix="visionmoe-estimate-")  # not the sweep's own run directories
     try:
         for run in runs:
-            config = run.config((f"train.threads={threads}", "train.progress=false"))
+            runtime = (f"train.threads={threads}", "train.progress=false", f"train.out_dir={scratch.name}")
+            config = run.config(runtime)
             key = repr(config.data)
             if key not in splits_by_data:
                 splits_by_data[key] = load_splits(config.data)
@@ -139,6 +142,7 @@ def estimate_sweep(
             rows.append(row)
     finally:
         torch.set_num_threads(previous)
+        scratch.cleanup()
     table = pd.DataFrame(rows)
     per_seed, cpu_per_seed = float(table["minutes"].sum()), float(table["cpu_minutes"].sum())
     table.attrs.update(

@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from visionmoe.jsonl import write_atomic
-from visionmoe.studies.grid import Run
+from visionmoe.studies.grid import Run, ended_as_asked
 from visionmoe.studies.plan import EXECUTORS, SweepPlan
 from visionmoe.studies.reuse import check_not_stale
 
@@ -36,7 +36,8 @@ Finish = Callable[[Run, bool, float, str], bool]  # (run, ok, seconds, error) ->
 def run_one(run: Run, runtime: Sequence[str] = ()) -> dict[str, Any]:
     """Train ``run`` (resuming its checkpoint if it has one), then analyse it if asked; returns the summary.
 
-    A finished run is not trained again; a run whose directory holds another config is an error.
+    A finished run (:func:`~visionmoe.studies.grid.ended_as_asked`) is not trained again; a run whose directory
+    holds another config is an error.
     """
     from visionmoe.train.checkpoint import CHECKPOINT
     from visionmoe.train.trainer import Trainer
@@ -46,7 +47,7 @@ def run_one(run: Run, runtime: Sequence[str] = ()) -> dict[str, Any]:
     check_not_stale(run_dir, config)
     run_dir.mkdir(parents=True, exist_ok=True)
     write_atomic(run.spec_file, run.to_json())
-    if not (run_dir / "summary.json").is_file():
+    if not ended_as_asked(run_dir, lambda: config.train.time_limit_minutes):  # trained, or stopped by another limit
         Trainer(config, resume=(run_dir / CHECKPOINT).is_file()).fit()
     if run.analyze and not (run_dir / "analysis.json").is_file():
         from visionmoe.analysis.trained_run import analyze_run

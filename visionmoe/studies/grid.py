@@ -45,7 +45,7 @@ import hashlib
 import itertools
 import json
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -154,7 +154,8 @@ class Run:
         return load_config(self.preset, [*self.overrides, *runtime])
 
     def finished(self) -> bool:
-        done = (self.run_dir / "summary.json").is_file()
+        """Trained as asked (:func:`ended_as_asked`) and, if the sweep analyses runs, analysed."""
+        done = ended_as_asked(self.run_dir, lambda: self.config().train.time_limit_minutes)
         return done and (not self.analyze or (self.run_dir / "analysis.json").is_file())
 
     @property
@@ -179,6 +180,20 @@ class Run:
     def load(cls, spec_file: str | Path) -> Run:
         """The run a :attr:`spec_file` describes."""
         return cls.from_dict(json.loads(Path(spec_file).read_text()))
+
+
+def ended_as_asked(run_dir: Path, time_limit: Callable[[], float | None]) -> bool:
+    """Whether ``run_dir``'s ``summary.json`` ends the run its config asks for: it trained every epoch, or it
+    stopped at a time limit equal to ``time_limit()`` (the limit asked now). A run stopped by a limit that is
+    no longer asked (another, or none) is not finished: it resumes from its checkpoint and trains on."""
+    summary = run_dir / "summary.json"
+    if not summary.is_file():
+        return False
+    stopped = json.loads(summary.read_text()).get("stopped", "completed")
+    if stopped != "time_limit":
+        return stopped == "completed"
+    saved = yaml.safe_load((run_dir / "config.yaml").read_text()) if (run_dir / "config.yaml").is_file() else {}
+    return (saved.get("train") or {}).get("time_limit_minutes") == time_limit()
 
 
 @dataclass

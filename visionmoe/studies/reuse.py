@@ -7,9 +7,13 @@ A sweep compares the ``config.yaml`` a run directory holds with the config a run
   change no result (threads, progress bar, data_dir...: the trainer's ``RESUMABLE_CHANGES``) are not
   differences, so a run resumes under them.
 - *reuse*: ``visionmoe sweep --reuse DIR`` copies in a finished run of another sweep whose config equals a
-  pending run's up to those settings and where it lives (:data:`WHERE`), so studies that share a
-  configuration train it once (:func:`adopt_finished`). CPU training is deterministic, so the copy's
-  results are what the run would compute.
+  pending run's up to where it lives (:data:`WHERE`) and the settings that change no result, so studies
+  that share a configuration train it once (:func:`adopt_finished`). CPU training is deterministic, so the
+  copy's results are what the run would compute — given the same data and the same thread count, which
+  is why reuse, unlike resume, also compares :data:`REUSE_COMPARES`: a resumed run keeps its own data
+  directory's identity (the checkpoint's class names) and its own thread count (the trainer restores it),
+  a copied one has neither check. The copied run must have ended as the pending run asks (every epoch, or
+  the same time limit).
 """
 
 from __future__ import annotations
@@ -23,9 +27,10 @@ from typing import Any
 import yaml
 
 from visionmoe.jsonl import write_atomic
-from visionmoe.studies.grid import RUN_FILE, Run
+from visionmoe.studies.grid import RUN_FILE, Run, ended_as_asked
 
 WHERE = ("train.out_dir", "train.run_name")  # where a run lives, no part of what it computes
+REUSE_COMPARES = ("data.data_dir", "train.threads")  # resumable, but the data and the sums' order for a copy
 NOT_REUSED = (RUN_FILE, "sweep.log", "analysis.json", "analysis.md", "*.png")  # the new sweep's own
 
 
@@ -37,13 +42,13 @@ def saved_config(run_dir: Path):
     return Config.from_dict(yaml.safe_load(saved.read_text()), source=str(saved))
 
 
-def config_changes(before, now, ignore: Sequence[str] = ()) -> list[str]:
-    """The dotted keys in which two configs differ, leaving out those that change no result."""
+def config_changes(before, now, ignore: Sequence[str] = (), compare: Sequence[str] = ()) -> list[str]:
+    """The dotted keys in which two configs differ, leaving out those that change no result (but ``compare``)."""
     from visionmoe.train.logger import flatten
     from visionmoe.train.trainer import RESUMABLE_CHANGES
 
     a, b = flatten(before.to_dict()), flatten(now.to_dict())
-    skip = {*RESUMABLE_CHANGES, *ignore}
+    skip = ({*RESUMABLE_CHANGES} - set(compare)) | set(ignore)
     return sorted(
         k.replace("/", ".") for k in set(a) | set(b) if a.get(k) != b.get(k) and k.replace("/", ".") not in skip
     )
@@ -82,7 +87,16 @@ def adopt_finished(
         if (run.run_dir / "config.yaml").exists():
             continue  # started here: resumed, not replaced
         config = run.config(runtime)
-        source = next((d for d, c in candidates if not config_changes(c, config, ignore=WHERE)), None)
+        limit = config.train.time_limit_minutes
+        source = next(
+            (
+                d
+                for d, c in candidates
+                if not config_changes(c, config, ignore=WHERE, compare=REUSE_COMPARES)
+                and ended_as_asked(d, lambda limit=limit: limit)
+            ),
+            None,
+        )
         if source is not None:
             adopt(run, source, config)
             adopted.append((run, source))
@@ -97,7 +111,8 @@ def adopt(run: Run, source: Path, config) -> None:
     """
     from visionmoe.train.config import save_config
 
-    shutil.copytree(source, run.run_dir, ignore=shutil.ignore_patterns(*NOT_REUSED))
+    # the directory may exist without a config (a run that failed before training): the copy fills it
+    shutil.copytree(source, run.run_dir, ignore=shutil.ignore_patterns(*NOT_REUSED), dirs_exist_ok=True)
     save_config(config, run.run_dir / "config.yaml")
     summary = json.loads((run.run_dir / "summary.json").read_text())
     summary.update(run_dir=str(run.run_dir), reused_from=str(source))

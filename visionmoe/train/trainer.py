@@ -20,6 +20,7 @@ from __future__ import annotations
 import json
 import math
 import time
+import warnings
 from collections.abc import Callable, Sequence
 from contextlib import nullcontext
 from pathlib import Path
@@ -103,8 +104,19 @@ class Trainer:
             )
         self.callbacks = list(callbacks)
         self.code = code_version()  # at start: the code that trains, even if the checkout changes meanwhile
-        if t.threads is not None:
-            torch.set_num_threads(t.threads)
+        threads = t.threads
+        asked = torch.get_num_threads() if threads is None else threads
+        if state is not None and state.get("threads") not in (None, asked):
+            # the thread count changes the order of the sums (GEMM and reduction splits): a resume is
+            # bit-identical only with the threads the run trained with, so those win over train.threads
+            warnings.warn(
+                f"resuming {self.run_dir} with the {state['threads']} thread(s) it trained with, not "
+                f"{asked}: another thread count would change its results",
+                stacklevel=2,
+            )
+            threads = state["threads"]
+        if threads is not None:
+            torch.set_num_threads(threads)
         # what glibc does with freed memory in this process (visionmoe.allocator): it moves the step times
         if t.keep_freed_memory:
             self.malloc = keep_freed_memory()
@@ -362,6 +374,7 @@ class Trainer:
             "config": plain(self.config.to_dict()),
             "code": self.code,
             "classes": list(self.splits.train.classes),  # label i is classes[i]: eval refuses data named otherwise
+            "threads": torch.get_num_threads(),  # a resume trains on with these (they order the sums)
         }
 
     def _restore(self, state: dict[str, Any]) -> None:

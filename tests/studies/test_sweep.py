@@ -231,6 +231,8 @@ def test_reuse_needs_the_same_data_threads_and_a_run_that_ended_as_asked(tmp_pat
 
     assert statuses(tiny_sweep(moved, grids=[{"model.moe.k": [2]}], twins=False), "a") == ["done"]
     assert statuses(tiny_sweep(standin_data, grids=[{"model.moe.k": [2]}], twins=False), "b", cores=2) == ["done"]
+    (tmp_path / "c" / "k=2-s0").mkdir(parents=True)  # left by an attempt that failed before training
+    (tmp_path / "c" / "k=2-s0" / "sweep_run.json").write_text("{}")
     assert statuses(tiny_sweep(standin_data, grids=[{"model.moe.k": [2]}], twins=False), "c") == ["reused"]
     unlimited = tiny_sweep(standin_data, grids=[{"model.moe.k": [2]}], twins=False)
     assert statuses(unlimited, "d", sources=("limited",)) == ["done"]  # a 1-step run is no full run

@@ -73,3 +73,32 @@ def test_write_atomic_leaves_the_old_file_when_the_write_fails(tmp_path, monkeyp
     with pytest.raises(OSError, match="disk gone"):
         write_atomic(path, '{"seed": 1, "half": ')
     assert path.read_text() == '{"seed": 0}\n'
+
+
+def test_a_checkpoint_is_on_disk_before_it_replaces_the_previous_one(tmp_path, monkeypatch):
+    """save_checkpoint syncs the new file before the rename: a crash (here: fsync fails) before it is on disk
+    leaves the previous checkpoint in place, and one that succeeds synced exactly the file it renamed."""
+    import os
+
+    import torch
+
+    from visionmoe.train.checkpoint import save_checkpoint
+
+    def load_checkpoint(path):
+        return torch.load(path, weights_only=True)
+
+    path = tmp_path / "checkpoint.pt"
+    save_checkpoint(path, {"step": 1})
+    synced = []
+    real_fsync = os.fsync
+    monkeypatch.setattr(os, "fsync", lambda fd: (synced.append(os.readlink(f"/proc/self/fd/{fd}")), real_fsync(fd)))
+    save_checkpoint(path, {"step": 2, "w": torch.ones(3)})
+    assert synced == [str(tmp_path / "checkpoint.pt.tmp")] and load_checkpoint(path)["step"] == 2
+
+    def crash(fd):
+        raise OSError("disk gone")
+
+    monkeypatch.setattr(os, "fsync", crash)
+    with pytest.raises(OSError, match="disk gone"):
+        save_checkpoint(path, {"step": 3})
+    assert load_checkpoint(path)["step"] == 2

@@ -80,10 +80,14 @@ def _to_tuples(value: Any) -> Any:
 
 
 def save_checkpoint(path: Path, state: dict[str, Any]) -> Path:
-    """Write ``state`` atomically (temporary file, then rename)."""
+    """Write ``state`` atomically (temporary file, then rename), on disk before the rename: after a crash of the
+    machine the path holds the previous checkpoint or the new one, never a file the kernel had not written."""
     path = Path(path)
     tmp = path.with_suffix(path.suffix + ".tmp")
-    torch.save(state, tmp)
+    with open(tmp, "wb") as f:
+        torch.save(state, f)
+        f.flush()
+        os.fsync(f.fileno())
     os.replace(tmp, path)
     return path
 

@@ -381,3 +381,19 @@ def test_estimate_times_every_configuration_and_trains_nothing(tmp_path, standin
     )
     out = capsys.readouterr().out
     assert "| k=1,twin=flops |" in out and "min per seed" in out
+
+
+def test_an_out_directory_given_with_a_tilde(tmp_path, standin_data, monkeypatch):
+    # `--out=~/sw` reaches Python unexpanded: every file goes to $HOME/sw (the trainer expanded it, the sweep's
+    # own files went to a literal ./~/sw), and the run records the path as given, not this machine's home.
+    from visionmoe.studies.status import sweep_status
+
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.chdir(tmp_path)
+    sweep = tiny_sweep(standin_data, grids=[{"model.moe.k": [2]}], twins=False)
+    manifest = run_sweep(sweep, "~/sw", executor="inline", echo=lambda line: None)
+    assert manifest["status"].tolist() == ["done"]
+    home = tmp_path / "home" / "sw"
+    assert (home / "manifest.json").is_file() and (home / "sweep.json").is_file() and not (tmp_path / "~").exists()
+    assert json.loads((home / "k=2-s0" / "summary.json").read_text())["run_dir"] == "~/sw/k=2-s0"
+    assert sweep_status(sweep, "~/sw")["state"].tolist() == ["finished"]

@@ -145,7 +145,7 @@ class Run:
 
     @property
     def run_dir(self) -> Path:
-        return Path(self.out_dir) / self.name
+        return Path(self.out_dir).expanduser() / self.name  # out_dir as given (a "~" stays in configs)
 
     def config(self, runtime: Sequence[str] = ()):
         """The validated config; ``runtime`` overrides change no result (threads, progress bar)."""

@@ -66,7 +66,7 @@ def check_not_stale(run_dir: Path, config) -> None:
 def reusable_runs(sources: Sequence[str | Path]) -> list[tuple[Path, Any]]:
     """Finished runs (``summary.json``) under ``sources``, each a run directory or a folder of them, with configs."""
     found = []
-    for source in map(Path, sources):
+    for source in (Path(s).expanduser() for s in sources):
         if not source.is_dir():
             raise FileNotFoundError(f"--reuse {source}: no such directory")
         candidates = [source] if (source / "summary.json").is_file() else sorted(source.iterdir())

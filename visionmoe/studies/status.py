@@ -48,7 +48,8 @@ def sweep_status(sweep: Sweep, out: str | Path, seeds: Sequence[int] | None = No
     (the lock holder, or None), ``minutes_left`` (the sum of the timed ones) and ``untimed`` (how many
     unfinished runs could not be timed)."""
     out = Path(out)
-    manifest = {row["name"]: row for row in (_read_json(out / MANIFEST) or []) if isinstance(row, dict)}
+    root = out.expanduser()
+    manifest = {row["name"]: row for row in (_read_json(root / MANIFEST) or []) if isinstance(row, dict)}
     rows = []
     for run in sweep.runs(out, seeds):
         previous = manifest.get(run.name, {})
@@ -95,7 +96,7 @@ def sweep_status(sweep: Sweep, out: str | Path, seeds: Sequence[int] | None = No
     table["minutes_left"] = left
     unfinished = table["state"].isin(["started", "pending", "failed"])
     table.attrs.update(
-        running=lock_holder(out),
+        running=lock_holder(root),
         minutes_left=float(table.loc[unfinished, "minutes_left"].dropna().sum()),
         untimed=int((unfinished & table["minutes_left"].isna()).sum()),
     )

@@ -91,13 +91,15 @@ def run_sweep(
     plan = SweepPlan.make(
         sweep, out, seeds=seeds, jobs=jobs, retries=retries, executor=executor, cores=cores, slurm=slurm, reuse=reuse
     )
-    with sweep_lock(plan.out):  # SweepBusy when another sweep runs here
+    root = plan.out.expanduser()  # plan.out as given; the files go where it points
+    with sweep_lock(root):  # SweepBusy when another sweep runs here
         return _run_sweep(plan, echo)
 
 
 def _run_sweep(plan: SweepPlan, echo: Callable[[str], Any]) -> pd.DataFrame:
-    write_atomic(plan.out / SWEEP_FILE, json.dumps(plan.to_dict(), indent=2) + "\n")
-    manifest = Manifest(plan.out, plan.runs)
+    root = plan.out.expanduser()
+    write_atomic(root / SWEEP_FILE, json.dumps(plan.to_dict(), indent=2) + "\n")
+    manifest = Manifest(root, plan.runs)
     todo, finished_before = _check_runs(plan, manifest)
     reused = adopt_finished(todo, plan.reuse, plan.runtime) if plan.reuse else []
     for run, source in reused:

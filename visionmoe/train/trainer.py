@@ -468,5 +468,5 @@ class Trainer:
             "malloc": self.malloc,  # what train.keep_freed_memory did: it moves the timings above
             "machine": machine_info(torch.get_num_threads())["cpu"],
             "code": self.code,
-            "run_dir": str(self.run_dir),
+            "run_dir": str(Path(self.config.train.out_dir) / self.run_dir.name),  # as given (a "~" kept)
         }

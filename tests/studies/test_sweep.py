@@ -397,3 +397,22 @@ def test_an_out_directory_given_with_a_tilde(tmp_path, standin_data, monkeypatch
     assert (home / "manifest.json").is_file() and (home / "sweep.json").is_file() and not (tmp_path / "~").exists()
     assert json.loads((home / "k=2-s0" / "summary.json").read_text())["run_dir"] == "~/sw/k=2-s0"
     assert sweep_status(sweep, "~/sw")["state"].tolist() == ["finished"]
+
+
+def test_the_manifest_keeps_earlier_sittings(tmp_path, standin_data):
+    # Seed 0 then seed 1 in two invocations: both rows stay. A run that failed in one sitting (its data
+    # missing) and finished in the next counts both attempts; --retries counts this sitting's only.
+    sweep = tiny_sweep(standin_data, grids=[{"model.moe.k": [2]}], twins=False)
+    run_sweep(sweep, tmp_path / "seeds", seeds=(0,), executor="inline", echo=lambda line: None)
+    manifest = run_sweep(sweep, tmp_path / "seeds", seeds=(1,), executor="inline", echo=lambda line: None)
+    assert sorted(manifest["name"]) == ["k=2-s0", "k=2-s1"] and set(manifest["status"]) == {"done"}
+    on_disk = json.loads((tmp_path / "seeds" / "manifest.json").read_text())
+    assert sorted(row["name"] for row in on_disk) == ["k=2-s0", "k=2-s1"]
+
+    broken = tiny_sweep(tmp_path / "no-data", grids=[{"model.moe.k": [2]}], twins=False)
+    failed = run_sweep(broken, tmp_path / "retry", executor="inline", retries=0, echo=lambda line: None)
+    assert failed["status"].tolist() == ["failed"] and failed["attempts"].tolist() == [1]
+    first_seconds = failed["seconds"].iloc[0]
+    done = run_sweep(sweep, tmp_path / "retry", executor="inline", retries=0, echo=lambda line: None)
+    assert done["status"].tolist() == ["done"] and done["attempts"].tolist() == [2]
+    assert done["seconds"].iloc[0] > first_seconds and done["run_dir"].tolist() == [str(tmp_path / "retry" / "k=2-s0")]

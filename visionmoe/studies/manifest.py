@@ -5,8 +5,10 @@ time over all of them, its test top-1 and its last error. The manifest is rewrit
 atomically (a killed sweep never leaves half a manifest), so it says where a sweep stands while it runs.
 
 A run finished by an earlier invocation keeps what that one recorded, or, with no manifest (lost, or
-written by an older visionmoe), what its ``summary.json`` says: so the manifest of a sweep run in several
-sittings is that of the whole sweep.
+written by an older visionmoe), what its ``summary.json`` says; a run tried before and not finished carries
+its attempts and time on (``--retries`` counts this invocation's attempts); rows of runs this invocation
+does not plan stay as they were: so the manifest of a sweep run in several sittings is that of the whole
+sweep.
 """
 
 from __future__ import annotations
@@ -48,8 +50,14 @@ class Manifest:
 
     def __init__(self, out: Path, runs: Sequence[Run]) -> None:
         self.out = out
-        self.records = {r.name: Record(r.name, r.key, r.seed, r.twin, str(r.run_dir)) for r in runs}
+        self.records = {r.name: Record(r.name, r.key, r.seed, r.twin, str(Path(r.out_dir) / r.name)) for r in runs}
         self.before = _previous_rows(out)
+        self.tried: dict[str, int] = {}  # attempts in this invocation: what --retries counts
+        for name, record in self.records.items():  # a run tried before: its attempts and time carry on
+            row = self.before.get(name)
+            if row is not None and row.get("status") in ("pending", "failed"):
+                record.attempts, record.seconds = int(row.get("attempts") or 0), float(row.get("seconds") or 0.0)
+                record.error = str(row.get("error") or "")
 
     def invalid(self, run: Run, error: Exception) -> None:
         """A run whose config or directory is refused: recorded, never run."""
@@ -87,17 +95,20 @@ class Manifest:
         record = self.records[run.name]
         record.attempts += 1
         record.seconds += seconds
+        self.tried[run.name] = self.tried.get(run.name, 0) + 1
         if ok:
             record.status, record.error, record.top1 = "done", "", _top1(run.run_dir)
         else:
             record.error = error or "the run ended without writing summary.json"
-            record.status = "failed" if record.attempts > retries else "pending"
+            record.status = "failed" if self.tried[run.name] > retries else "pending"
         self.save()
         return record
 
     def save(self) -> pd.DataFrame:
-        """Write ``manifest.json`` and ``manifest.csv``; returns the manifest as a table."""
+        """Write ``manifest.json`` and ``manifest.csv``; returns the manifest as a table. Rows of runs an earlier
+        invocation recorded and this one does not plan (other seeds, say) are kept as they were."""
         rows = [asdict(r) for r in self.records.values()]
+        rows += [dict(row) for name, row in self.before.items() if name not in self.records]
         write_atomic(self.out / MANIFEST, json.dumps(rows, indent=2) + "\n")
         frame = pd.DataFrame(rows)
         write_atomic(self.out / MANIFEST_CSV, frame.to_csv(index=False))

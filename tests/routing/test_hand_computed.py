@@ -106,6 +106,17 @@ def test_sinkhorn_two_by_two():
     assert torch.allclose(plan[0], T([[p, 1 - p], [1 - p, p]]), atol=1e-5)
 
 
+def test_sinkhorn_two_by_two_epsilon_2():
+    # Same logits [[2, 0], [1, 0]], ε = 2: π = diag(u) exp(logits / ε) diag(v) is still [[p, 1-p], [1-p, p]]
+    # (rows 1, columns S/E = 1), now with cross ratio p²/(1-p)² = exp((2 + 0 - 0 - 1)/ε) = e^½, so
+    # p/(1-p) = e^¼ and p = e^¼/(1+e^¼) = 1.2840/2.2840 = 0.5622: nearer 1/2 than ε = 1's 0.6225.
+    logits = T([[[2.0, 0.0], [1.0, 0.0]]])
+    q = math.exp(0.25)
+    p = q / (1 + q)  # 0.5622
+    plan = sinkhorn(logits, num_iters=20, epsilon=2.0)
+    assert torch.allclose(plan[0], T([[p, 1 - p], [1 - p, p]]), atol=1e-5)
+
+
 def test_sinkhorn_topk_balances_where_softmax_does_not():
     # Same logits: softmax token choice sends both tokens to e0; top-1 on the Sinkhorn plan sends
     # t0 -> e0 (p = 0.62) and t1 -> e1 (p = 0.62). Combine weights stay the softmax gates:
@@ -185,6 +196,24 @@ def test_sparse_expert_choice_dual_ascent():
     assert torch.allclose(routing.combine_tensor()[0, :, :, 0], T([[e * e / (e * e + 1), 0.0], [0.0, 1 / (e + 1)]]))
 
 
+def test_sparse_expert_choice_gamma_2():
+    # logits [[2, 0], [1, 0]], C=1, γ=2, column mass S/E = 1, step γ/E/(1 + t/10) = 1/(1 + t/10).
+    # Iteration 0 (α = 0): columns (α + logits)/γ: e0 [1, 0.5] -> t0; e1 [0, 0] ties -> t0. Rows [2, 0].
+    # Step t=0 (size 1): α = 1·(1 - [2, 0]) = [-1, 1] (γ=1 took half that step, to [-0.5, 0.5]).
+    # e0: ([-1, 1] + [2, 1])/2 = [0.5, 1] -> t1; e1: [-0.5, 0.5] -> t1: both experts pick t1 (γ=1 gave t0, t1).
+    # Step t=1 (size 1/1.1): α = [-1, 1] + (1/1.1)·(1 - [0, 2]) = [-0.0909, 0.0909];
+    # e0: [0.9545, 0.5455] -> t0; e1: [-0.0455, 0.0455] -> t1. Rows sum to 1: converged.
+    logits = T([[[2.0, 0.0], [1.0, 0.0]]])
+    assert torch.equal(sparse_ot_plan(logits, 1, gamma=2.0, num_iters=1)[0], T([[0.0, 0.0], [1.0, 1.0]]))
+    assert torch.equal(sparse_ot_plan(logits, 1, gamma=1.0, num_iters=1)[0], T([[1.0, 0.0], [0.0, 1.0]]))
+    assert torch.equal(sparse_ot_plan(logits, 1, gamma=2.0, num_iters=5)[0], T([[1.0, 0.0], [0.0, 1.0]]))
+    # γ also scales what is projected: one expert, logits [3, 0], C=2, mass S/E = 2, no iterations.
+    # γ=1: [3, 0] -> ρ = 1 (0 > (3+0-2)/2 = 0.5 fails), θ = 1 -> [2, 0] (the next test).
+    # γ=2: [1.5, 0] -> ρ = 2 (0 > (1.5+0-2)/2 = -0.25 holds), θ = -0.25 -> [1.75, 0.25]: both tokens kept.
+    plan = sparse_ot_plan(T([[[3.0], [0.0]]]), 2, gamma=2.0, num_iters=0)
+    assert torch.equal(plan[0, :, 0], T([1.75, 0.25]))
+
+
 def test_sparse_expert_choice_may_take_fewer_than_capacity():
     # One expert, two tokens with logits [3, 0], C=2, mass S/E = 2, γ=1, no iterations:
     # projecting [3, 0] onto {t >= 0, Σt = 2}: θ = (3+0-2)/2 = 0.5 -> [2.5, -0.5] clipped ... so
@@ -238,6 +267,102 @@ def test_topk_router_module_matches_function(k):
     out = router(x)
     expected = token_choice(softmax_experts(x @ router.weight.T), k, expert_capacity(6, 3, k=k, capacity_factor=1.0))
     assert torch.equal(out.plan.combine_tensor(), expected.combine_tensor())
+
+
+def identity_gate(router):
+    """``router`` in eval mode with W = I: its logits x Wᵀ are its input x, so x can be written as the logits."""
+    with torch.no_grad():
+        router.weight.copy_(torch.eye(router.num_experts, router.dim))
+    return router.eval()
+
+
+def test_sinkhorn_topk_router_module_routes_on_the_plan():
+    # The module on the logits of test_sinkhorn_topk_balances_where_softmax_does_not, k=1,
+    # C = ceil(1·2·1.0/2) = 1. Softmax top-1 sends both tokens to e0, which keeps t0 and drops t1;
+    # top-1 on the Sinkhorn plan [[0.62, 0.38], [0.38, 0.62]] sends t0 -> e0, t1 -> e1: nothing dropped.
+    # Combine weights stay the softmax gates: t0 e²/(e²+1) = 0.8808, t1 1/(e+1) = 0.2689.
+    from visionmoe.layers import SinkhornTopKRouter, TopKRouter
+
+    logits = T([[[2.0, 0.0], [1.0, 0.0]]])
+    softmax = identity_gate(TopKRouter(2, 2, k=1, capacity_factor=1.0))(logits).plan
+    assert softmax.expert.tolist() == [[0, 0]] and softmax.kept.tolist() == [[True, False]]
+    out = identity_gate(SinkhornTopKRouter(2, 2, k=1, capacity_factor=1.0))(logits)
+    assert out.plan.expert.tolist() == [[0, 1]] and out.plan.kept.tolist() == [[True, True]]
+    e = math.e
+    combine = out.plan.combine_tensor()[0, :, :, 0]
+    assert torch.allclose(combine, T([[e * e / (e * e + 1), 0.0], [0.0, 1 / (e + 1)]]), atol=1e-6)
+    assert torch.allclose(out.gates, logits.softmax(-1))
+
+
+@pytest.mark.parametrize("name", ["sinkhorn_expert_choice", "sparse_expert_choice"])
+def test_transport_expert_choice_router_modules_route_on_the_plan(name):
+    # The logits of test_sinkhorn_expert_choice, C = ceil(3·1.0/3) = 1: softmax expert choice takes
+    # t1, t2, t1 (t1 twice, t0 never). Both transport plans give every token mass 1:
+    # - Sinkhorn: t1 fills e0's column, so e2's mass goes to t0 (see test_sinkhorn_expert_choice);
+    # - sparse OT (C=1, γ=1, step 1/3/(1 + t/10)): at α = 0 e0 [-3, 0, -3] -> t1, e1 [0, 0, 2] -> t2,
+    #   e2 [1, 3, -3] -> t1; rows [0, 2, 1] move α by +s, -s, 0 with s = 1/3 + 0.3030 + 0.2778 + 0.2564 = 1.1706
+    #   after 4 steps, when e2's t0 (1 + s = 2.17) passes its t1 (3 - s = 1.83) and e0, e1 keep t1, t2:
+    #   rows [1, 1, 1], converged.
+    # So both routers pick t1, t2, t0, combined with the softmax gates of (t1,e0), (t2,e1), (t0,e2).
+    from visionmoe.layers import ROUTERS, ExpertChoiceRouter
+
+    logits = T([[[-3.0, 0.0, 1.0], [0.0, 0.0, 3.0], [-3.0, 2.0, -3.0]]])
+    softmax = identity_gate(ExpertChoiceRouter(3, 3, capacity_factor=1.0))(logits).plan
+    assert softmax.token.tolist() == [[1, 2, 1]]
+    plan = identity_gate(ROUTERS[name](3, 3, capacity_factor=1.0))(logits).plan
+    assert plan.token.tolist() == [[1, 2, 0]] and plan.kept.tolist() == [[True, True, True]]
+    g = logits.softmax(-1)
+    assert torch.allclose(plan.weight[0], torch.stack([g[0, 1, 0], g[0, 2, 1], g[0, 0, 2]]))
+
+
+@pytest.mark.parametrize("name", ["sinkhorn_topk", "sinkhorn_expert_choice"])
+def test_sinkhorn_router_modules_take_epsilon(name):
+    # router_options={"epsilon": 2} reaches the plan: on logits [[2, 0], [1, 0]] it is
+    # [[p, 1-p], [1-p, p]] with p = e^¼/(1+e^¼) = 0.5622 (test_sinkhorn_two_by_two_epsilon_2), not ε = 1's 0.6225.
+    from visionmoe import MoE
+
+    router = MoE(2, 2, 4, router=name, capacity_factor=1.0, router_options={"epsilon": 2.0}).router
+    assert router.epsilon == 2.0
+    logits = T([[[2.0, 0.0], [1.0, 0.0]]])
+    plan = router.select(logits) if name == "sinkhorn_topk" else router.select(logits, 1)
+    q = math.exp(0.25)
+    p = q / (1 + q)  # 0.5622
+    assert torch.allclose(plan[0], T([[p, 1 - p], [1 - p, p]]), atol=1e-5)
+
+
+def test_sparse_expert_choice_router_module_takes_gamma():
+    # One expert, tokens with logits [3, 0], C = ceil(2·1.0/1) = 2, no dual steps: with γ=2 the
+    # C-sparse projection of [1.5, 0] is [1.75, 0.25] and the expert takes both tokens; with γ=1 it is
+    # [2, 0] and t1's slot stays empty (test_sparse_expert_choice_gamma_2).
+    from visionmoe import MoE
+
+    x = T([[[3.0], [0.0]]])
+    for gamma, kept in ((2.0, [[True, True]]), (1.0, [[True, False]])):
+        options = {"gamma": gamma, "num_iters": 0}
+        moe = MoE(1, 1, 4, router="sparse_expert_choice", capacity_factor=1.0, router_options=options)
+        plan = identity_gate(moe.router)(x).plan
+        assert plan.kept.tolist() == kept, gamma
+
+
+@pytest.mark.parametrize(("noise_std", "sigma"), [(None, 0.25), (0.5, 0.5)])
+def test_topk_router_noise_scale(noise_std, sigma):
+    # V-MoE's training gates softmax(x Wᵀ + σ ε), ε ~ N(0, 1) (randn_like of the logits), with σ = 1/E
+    # = 1/4 by default. Redrawing ε under the same seed recomputes them; σ = 1 would give other gates.
+    from visionmoe.layers import TopKRouter
+
+    router = TopKRouter(3, 4, k=1, capacity_factor=None, noise_std=noise_std).train()
+    assert router.noise_std == sigma
+    x = torch.randn(2, 5, 3)
+    logits = x @ router.weight.detach().T  # (G, S, E) = (2, 5, 4)
+    torch.manual_seed(7)
+    out = router(x)
+    torch.manual_seed(7)
+    eps = torch.randn(2, 5, 4)
+    torch.testing.assert_close(out.gates, (logits + sigma * eps).softmax(-1))
+    assert not torch.allclose(out.gates, (logits + eps).softmax(-1), atol=1e-3)
+    # Top-1 is taken on the noisy gates; eval mode adds no noise.
+    assert torch.equal(out.plan.expert, (logits + sigma * eps).argmax(-1))
+    torch.testing.assert_close(router.eval()(x).gates, logits.softmax(-1))
 
 
 @pytest.mark.parametrize("experts", [3, 8, 15, 16, 40])

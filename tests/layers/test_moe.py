@@ -149,13 +149,25 @@ def test_eval_capacity_factor():
     assert moe.last_stats.dropped_fraction == float((counts - 8).clamp_min(0).sum() / 16)
 
 
-@pytest.mark.parametrize("shape", [(6, 12), (6, 5, 12)], ids=["vectors", "tokens"])
-def test_soft_per_sample_never_mixes_samples(shape):
-    moe = make("soft_per_sample", {"router_options": {"slots_per_expert": 2}})
+@pytest.mark.parametrize(
+    ("shape", "groups"),
+    [((6, 12), "sample"), ((6, 5, 12), "sample"), ((6, 12), 1), ((6, 6, 12), 3)],
+    ids=["vectors", "tokens", "vectors-groups=1", "tokens-groups=3"],  # an int g dividing N: N/g groups per sample
+)
+def test_soft_per_sample_never_mixes_samples(shape, groups):
+    moe = make("soft_per_sample", {"router_options": {"slots_per_expert": 2}}, groups=groups)
     x = torch.randn(*shape)
     other = x.clone()
     other[1:] = torch.randn_like(other[1:]) * 5  # change every sample but the first
     torch.testing.assert_close(moe(x)[0], moe(other)[0], rtol=0, atol=0)
+
+
+def test_soft_per_sample_refuses_int_groups_that_span_samples():
+    # N = 6 tokens per sample, B·N = 36: groups=4 divides the batch's 36 tokens but not a sample's 6,
+    # so its groups would straddle samples (tokens 4-7 = sample 0's last two and sample 1's first two).
+    moe = make("soft_per_sample", {}, groups=4)
+    with pytest.raises(ValueError, match=r"^router 'soft_per_sample' routes per sample: groups=4 must divide N=6$"):
+        moe(torch.randn(6, 6, 12))
 
 
 def test_soft_over_the_batch_mixes_samples():

@@ -24,6 +24,18 @@ def test_stats_by_hand():
     assert stats.router_entropy == pytest.approx(sum(h) / 3, rel=1e-6)
 
 
+def test_unbalanced_load_stats_by_hand():
+    # k=1, dropless: t0, t1, t2 pick e0 (0.7, 0.6, 0.9), t3 picks e1 (0.8): loads [3, 1].
+    # Mean 2, population std √(((3-2)² + (1-2)²)/2) = 1, so CV = 1/2 = 0.5 (the sample std √2 would give 0.71);
+    # max/mean = 3/2 = 1.5.
+    gates = torch.tensor([[[0.7, 0.3], [0.6, 0.4], [0.9, 0.1], [0.2, 0.8]]])
+    stats = routing_stats(token_choice(gates, 1, None), gates, 1, 4)
+    assert stats.tokens_per_expert.tolist() == [3.0, 1.0]
+    assert stats.load_cv == 0.5
+    assert stats.load_max_over_mean == 1.5
+    assert stats.as_dict()["load_cv"] == 0.5 and stats.as_dict()["load_max_over_mean"] == 1.5
+
+
 def test_accumulator_sums_batches():
     # Batch 1 loads [1, 1] with 1 of 3 dropped; batch 2 (k=2, dropless) loads [3, 3], none dropped.
     # Together: loads [4, 4], 1 of 9 assignments dropped, 1 of 6 tokens unrouted.
@@ -65,6 +77,27 @@ def test_aux_loss_weights_are_configurable():
     assert set(parts) == {"z", "switch", "balance_kl"}
     expected = 0.5 * parts["z"] + 2.0 * parts["switch"] + 1.0 * parts["balance_kl"]
     torch.testing.assert_close(moe.aux_loss.detach(), expected)
+
+
+def test_default_aux_loss_weights():
+    # V-MoE (Riquelme et al. 2021, App. A) adds λ·(½ L_imp + ½ L_load) with router noise σ = 1/E; its released
+    # configs (google-research/vmoe) set importance_loss_weight = load_loss_weight = 0.005, i.e. λ = 0.01.
+    from visionmoe.layers import ROUTERS
+
+    assert ROUTERS["topk"](8, 4).aux_loss_weights == {"importance": 0.005, "load": 0.005}
+    # Without noise there is no load loss (its Φ((threshold - logit)/σ) needs σ > 0): importance takes the
+    # whole λ = 0.01.
+    assert ROUTERS["topk"](8, 4, noise_std=0.0).aux_loss_weights == {"importance": 0.01}
+    # The balanced routers add none by default.
+    for name in ("sinkhorn_topk", "expert_choice", "sinkhorn_expert_choice", "sparse_expert_choice", "soft"):
+        assert ROUTERS[name](8, 4).aux_loss_weights == {}, name
+    # And the layer's aux loss is 0.005·L_imp + 0.005·L_load.
+    torch.manual_seed(0)
+    moe = MoE(8, 4, 16, router="topk")
+    moe(torch.randn(2, 8, 8))
+    parts = moe.last_aux_losses
+    assert set(parts) == {"importance", "load"}
+    torch.testing.assert_close(moe.aux_loss.detach(), 0.005 * parts["importance"] + 0.005 * parts["load"])
 
 
 def one_line(exc_info):

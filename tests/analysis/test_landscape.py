@@ -182,6 +182,26 @@ def test_flip_rate_counts_changed_expert_sets_by_hand(k, flip_rate):
     assert res.layer_flip_rate["1"].tolist() == [0.0, flip_rate]  # one layer: the same rate
 
 
+def test_flip_rate_counts_only_kept_assignments():
+    # One group of 3 tokens (groups="batch"), E=2, k=1, C=1, W = I so the logits are x; no noise.
+    # θ₀: t0 [1, 0] -> e0 (slot 0); t1 [0.5, 0] -> e0, full: dropped; t2 [0, 1] -> e1.
+    #     Kept sets: {e0}, {}, {e1}.
+    # α=1 along -2W (W -> -W, logits -x): t0 [-1, 0] -> e1 (slot 0); t1 [-0.5, 0] -> e1, full: dropped;
+    #     t2 [0, -1] -> e0. Kept sets: {e1}, {}, {e0}.
+    # t0 and t2 flip; t1 is dropped at both points, so its kept set ({}) did not change, though its chosen
+    # expert did: 2 of 3 tokens flip (counting chosen experts, dropped or not, would give 3/3).
+    moe = MoE(2, 2, 3, router="topk", k=1, groups="batch", router_options={"capacity": 1, "noise_std": 0.0})
+    with torch.no_grad():
+        moe.router.weight.copy_(torch.eye(2))
+    model = nn.Sequential(moe)  # the MoE's (B, 2) output serves as the logits of 2 classes
+    x, y = torch.tensor([[1.0, 0.0], [0.5, 0.0], [0.0, 1.0]]), torch.tensor([0, 0, 1])
+    model(x)
+    assert moe.last_stats.tokens_per_expert.tolist() == [1.0, 1.0] and moe.last_stats.dropped_fraction == 1 / 3
+    res = loss_line(model, [(x, y)], {"0.router.weight": -2 * torch.eye(2)}, [0.0, 1.0])
+    assert res.flip_rate.tolist() == [0.0, 2 / 3]
+    assert res.layer_flip_rate["0"].tolist() == [0.0, 2 / 3]
+
+
 @pytest.mark.parametrize(
     "router, moe_kw",
     [("topk", {}), ("expert_choice", {"capacity_factor": 1.0, "groups": "batch"})],  # EC competes across the batch

@@ -1,7 +1,6 @@
 """Data and expert parallelism on 2 CPU processes (gloo), checked against one process."""
 
 import json
-import time
 
 import pytest
 import torch
@@ -141,10 +140,9 @@ def test_sync_batchnorm_on_two_processes_equals_one_process(tmp_path):
 
 
 def test_a_failing_worker_is_reported_and_nothing_hangs(tmp_path):
-    start = time.monotonic()
+    # No timer: a hang ends at the timeout, where run_workers kills the workers and raises TimeoutError, not this.
     with pytest.raises(WorkerFailed, match="failed on purpose"):
         run_workers("raises", 2, tmp_path, timeout=30)
-    assert time.monotonic() - start < 30
 
 
 # A tiny ViT (LayerNorm: no batch statistics, which would be per rank) with MoE MLPs in both blocks:

@@ -111,6 +111,27 @@ def test_presets_are_well_formed(tmp_path):
     assert long.model.kwargs["moe_stages"] == "all" and long.model.kwargs["hidden_ratio"] == 4
 
 
+@pytest.mark.parametrize(
+    ("study", "override", "message"),
+    [
+        ("topk", "model.moe.k=4", "model.moe.k is set by this sweep's axis 'model.moe.k', which would replace it"),
+        ("width", "model.kwargs.width=64", "is set by this sweep's axis 'model.kwargs.width'"),
+        ("hidden", "model.name=cnn_resnet_cifar_moe", "is set by this sweep's axis 'backbone'"),  # inside a bundle
+        ("topk", "train.seed=7", "the sweep sets train.seed for each run (use --seeds)"),
+        ("topk", "train.seed=1,2", "the sweep sets train.seed for each run (use --seeds)"),
+        ("topk", "train.out_dir=elsewhere", "use --out"),
+        ("topk", "model.dense_twin=params", "pairs each configuration with its dense twin"),
+    ],
+)
+def test_an_override_the_sweep_would_replace_is_refused(study, override, message):
+    # Axis values and the per-run seed, directory and name are applied after the fixed overrides: such an
+    # override was silently lost (k=4 trained k=1 and k=2; train.seed=7 trained seed 0).
+    with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)")) as e:
+        get_study(study).build(tiny=True, overrides=[override])
+    assert "\n" not in str(e.value)
+    assert get_study("width").build(tiny=True, overrides=["model.moe.k=4"]).runs("runs/x")  # not an axis there
+
+
 def test_width_keeps_the_run_names_of_its_results():
     """The width sweep was run as 'hidden' (issue 7): its committed runs are the runs its preset names."""
     results = Path(__file__).resolve().parents[2] / "results" / "width"

@@ -408,6 +408,14 @@ def test_the_manifest_keeps_earlier_sittings(tmp_path, standin_data):
     assert sorted(manifest["name"]) == ["k=2-s0", "k=2-s1"] and set(manifest["status"]) == {"done"}
     on_disk = json.loads((tmp_path / "seeds" / "manifest.json").read_text())
     assert sorted(row["name"] for row in on_disk) == ["k=2-s0", "k=2-s1"]
+    from visionmoe.studies.status import sweep_status
+    from visionmoe.studies.sweep import recorded_seeds
+
+    assert recorded_seeds(tmp_path / "seeds") == [0, 1]  # sweep.json: every seed run, what --status shows
+    assert sweep_status(sweep, tmp_path / "seeds", recorded_seeds(tmp_path / "seeds"))["state"].tolist() == [
+        "finished",
+        "finished",
+    ]
 
     broken = tiny_sweep(tmp_path / "no-data", grids=[{"model.moe.k": [2]}], twins=False)
     failed = run_sweep(broken, tmp_path / "retry", executor="inline", retries=0, echo=lambda line: None)
@@ -416,3 +424,13 @@ def test_the_manifest_keeps_earlier_sittings(tmp_path, standin_data):
     done = run_sweep(sweep, tmp_path / "retry", executor="inline", retries=0, echo=lambda line: None)
     assert done["status"].tolist() == ["done"] and done["attempts"].tolist() == [2]
     assert done["seconds"].iloc[0] > first_seconds and done["run_dir"].tolist() == [str(tmp_path / "retry" / "k=2-s0")]
+
+
+def test_an_unknown_preset_is_refused_before_anything_is_written(tmp_path):
+    from visionmoe.cli import main
+
+    with pytest.raises(SystemExit) as e:
+        main(["sweep", "--preset", "nosuch", "--out", str(tmp_path / "x")])
+    message = str(e.value)
+    assert "no preset 'nosuch'" in message and "topk" in message and "cifar10_moe" in message
+    assert "\n" not in message and not (tmp_path / "x").exists()

@@ -72,6 +72,8 @@ def _sweep(args: argparse.Namespace) -> int:
     from visionmoe.studies.lock import SweepBusy
     from visionmoe.studies.presets import extend
     from visionmoe.studies.status import status_markdown, sweep_status
+    from visionmoe.studies.sweep import recorded_seeds
+    from visionmoe.train.config import find_preset, preset_names
 
     try:
         slurm = dict(_key_values(args.slurm))
@@ -81,6 +83,13 @@ def _sweep(args: argparse.Namespace) -> int:
         elif args.tiny:
             raise ValueError(f"--tiny is for the study presets ({', '.join(STUDIES)}), not {args.preset!r}")
         else:  # a training preset with axes from the overrides
+            try:
+                find_preset(args.preset)
+            except FileNotFoundError:
+                raise ValueError(
+                    f"no preset {args.preset!r}: study presets {', '.join(STUDIES)}; "
+                    f"training presets {', '.join(preset_names())} (or a YAML file)"
+                ) from None
             sweep = extend(
                 Sweep(args.preset, args.preset, seeds=seeds or (0,), twins=not args.no_twins), args.overrides
             )
@@ -89,7 +98,8 @@ def _sweep(args: argparse.Namespace) -> int:
             table = estimate_sweep(sweep, seeds=seeds, jobs=args.jobs, steps=args.estimate_steps, out=out)
             print(estimate_markdown(table, f"sweep {sweep.name}"))
             return 0
-        if args.status:
+        if args.status:  # every seed the sweep has run, unless --seeds picks some
+            seeds = seeds or recorded_seeds(out) or None
             print(status_markdown(sweep_status(sweep, out, seeds), f"sweep {sweep.name} in {out}"))
             return 0
         manifest = run_sweep(

@@ -109,6 +109,28 @@ def _slug(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9._+-]+", "-", text) or "_"
 
 
+PER_RUN = {
+    "train.seed": "use --seeds",
+    "train.out_dir": "use --out",
+    "train.run_name": "named by its configuration and seed",
+}
+"""Config keys a sweep sets for each run, after every other override: setting them otherwise has no effect."""
+
+
+def axis_keys(grids: Sequence[Mapping[str, Any]]) -> dict[str, str]:
+    """Config key -> the axis that sets it: a key axis's own key, and every key a named axis's bundles set."""
+    keys: dict[str, str] = {}
+    for grid in grids:
+        for axis, values in grid.items():
+            if isinstance(values, Mapping):
+                for bundle in values.values():
+                    for override in bundle:
+                        keys.setdefault(override.partition("=")[0].strip(), axis)
+            else:
+                keys.setdefault(axis, axis)
+    return keys
+
+
 def _values(axis: str, values: Any) -> dict[str, tuple[str, ...]]:
     """label -> overrides of one axis: a key's values, or a named axis's bundles."""
     if isinstance(values, Mapping):
@@ -269,6 +291,9 @@ class Sweep:
         baseline = {name: _label(v) for name, v in (self.baseline or {}).items()}
         if unknown := sorted(set(baseline) - set(axes)):
             raise ValueError(f"baseline axis {unknown} is not an axis of the sweep; axes: {list(axes)}")
+        for override in (*self.overrides, *axis_keys(self.grids)):
+            if (key := override.partition("=")[0].strip()) in PER_RUN:
+                raise ValueError(f"{override}: the sweep sets {key} for each run ({PER_RUN[key]})")
         runs = []
         for seed in self.seeds if seeds is None else seeds:
             for cell in cells:

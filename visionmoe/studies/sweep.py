@@ -96,9 +96,20 @@ def run_sweep(
         return _run_sweep(plan, echo)
 
 
+def recorded_seeds(out: str | Path) -> list[int]:
+    """The seeds ``<out>/sweep.json`` records ([] when there is none or it is unreadable)."""
+    try:
+        return [int(seed) for seed in json.loads((Path(out).expanduser() / SWEEP_FILE).read_text())["seeds"]]
+    except (OSError, ValueError, KeyError, TypeError):
+        return []
+
+
 def _run_sweep(plan: SweepPlan, echo: Callable[[str], Any]) -> pd.DataFrame:
     root = plan.out.expanduser()
-    write_atomic(root / SWEEP_FILE, json.dumps(plan.to_dict(), indent=2) + "\n")
+    record = plan.to_dict()
+    before = recorded_seeds(root)  # a sweep run seed by seed: sweep.json names every seed it has run
+    record["seeds"] = sorted({*before, *record["seeds"]})
+    write_atomic(root / SWEEP_FILE, json.dumps(record, indent=2) + "\n")
     manifest = Manifest(root, plan.runs)
     todo, finished_before = _check_runs(plan, manifest)
     reused = adopt_finished(todo, plan.reuse, plan.runtime) if plan.reuse else []

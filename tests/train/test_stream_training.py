@@ -84,3 +84,36 @@ def test_a_corrupt_image_stops_the_run_in_one_line_or_is_skipped_and_counted(tmp
     with pytest.warns(UserWarning, match=bad.name):
         summary = Trainer(load_config(None, [*base, "train.run_name=skip", "data.skip_corrupt=true"])).fit()
     assert summary["skipped_images_this_session"] == 1 and summary["steps"] == 3  # 18 // 6; one batch of 5
+
+
+def test_a_batch_whose_every_image_is_skipped_is_a_step_without_an_update(tmp_path):
+    # batch size 1 and one unreadable image: the loader yields one batch fewer per epoch. The trainer counted
+    # only the batches it received, so its epochs slid against the loader's (4 records for 2 epochs).
+    root = write_tiny_imagenet(tmp_path / "data", num_classes=3, per_class=4, size=16)
+    bad = sorted((root / "tiny-imagenet-200" / "train" / "n00000000" / "images").iterdir())[0]
+    bad.write_bytes(b"not an image")
+    config = load_config(
+        None,
+        [
+            "data.dataset=tiny-imagenet",
+            f"data.data_dir={root}",
+            "data.loader=stream",
+            "data.image_size=16",
+            "data.workers=0",
+            "data.batch_size=1",
+            "data.skip_corrupt=true",
+            "model.name=cnn_resnet_cifar_moe",
+            "model.kwargs={width: 8}",
+            "train.epochs=2",
+            f"train.out_dir={tmp_path / 'runs'}",
+            "train.progress=false",
+            "train.tensorboard=false",
+        ],
+    )
+    trainer = Trainer(config)
+    with pytest.warns(UserWarning, match=bad.name):
+        summary = trainer.fit()
+    records = [json.loads(line) for line in (trainer.run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [(r["epoch"], r["step"]) for r in records] == [(1.0, 12), (2.0, 24)]
+    assert summary["steps"] == 24 and trainer.train_loader.state_dict()["epoch"] == 2  # two epochs, no third
+    assert trainer.scheduler.last_epoch == 24  # the schedule stepped for the skipped batches too

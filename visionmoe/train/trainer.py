@@ -221,6 +221,12 @@ class Trainer:
                     if at_end:
                         break
                     fetch = time.perf_counter()  # checkpoints and callbacks are not training time
+                if stopped == "completed" and self.step < end:
+                    # the loader skipped whole batches (every image unreadable, data.skip_corrupt): steps without
+                    # an update, so the schedule and the epochs stay where the loader is
+                    for _ in range(end - self.step):
+                        self.scheduler.step()
+                    self.step = end
                 progress.remove_task(bar)
                 partial = self.step != end  # stopped by the time limit mid-epoch
                 if partial:

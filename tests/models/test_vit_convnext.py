@@ -103,12 +103,28 @@ def test_convnext_placement_over_stages():
         ([12], "block index 12 out of range for a model of 12 blocks"),
         ([-13], "block index -13 out of range"),
         ("every-0", "unknown placement 'every-0'"),
+        ((True,), "block index True is not an int (a model of 12 blocks)"),
+        ([1, False], "block index False is not an int"),
+        (True, "unknown placement True; choose one of: every-<n>"),
+        ([1.0], "block index 1.0 is not an int"),
+        (12, "block index 12 out of range for a model of 12 blocks"),
+        (1.5, "unknown placement 1.5; choose one of: every-<n>"),
     ],
 )
 def test_bad_placement(placement, message):
     with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)")) as e:
         resolve_placement(placement, 12)
     assert "\n" not in str(e.value)
+
+
+def test_placement_plain_int():
+    # A plain int is one block, as moe_stages takes one stage: placement=1 is [1], -1 the last block.
+    assert resolve_placement(1, 12) == [1]
+    assert resolve_placement(-1, 12) == [11]
+    model = visionmoe.create_model("vit_moe_tiny_patch4_32", depth=4, placement=1)
+    assert [n for n, _ in moe_layers(model)] == ["blocks.1.mlp.moe"]
+    with pytest.raises(ValueError, match="block index True is not an int"):
+        visionmoe.create_model("vit_moe_tiny_patch4_32", depth=4, placement=(True,))
 
 
 IDENTITY_MOE = MoEConfig(

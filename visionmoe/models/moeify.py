@@ -97,7 +97,7 @@ def moeify(
         model: a timm ViT / ConvNeXt / Swin-style model, or any model whose blocks have an ``mlp``
             with ``fc1``/``act``/``fc2``.
         placement: see :mod:`visionmoe.models.placement` ("every-2", "last-2", "tail-2", "all",
-            or block indices).
+            a block index, or a list of them).
         moe: the MoE layers' settings (an :class:`MoEConfig` or a dict of its fields); fields left
             unset take :data:`visionmoe.layers.moe.LAYER_DEFAULTS` (8 experts, top-k) and the
             router's own defaults.

@@ -7,7 +7,7 @@ Placements (B = number of MoE-able blocks, indices 0-based):
                 "Last-n", the placement Videau et al. 2025 find robust)
     "tail-n"    the last n blocks, whatever their parity
     "all"       every block;   "none"  no block
-    [i, j, ...] exactly these blocks (negative indices count from the end)
+    [i, j, ...] exactly these blocks (negative indices count from the end); a plain int i is [i]
 
 Indices they produce:
 
@@ -25,9 +25,9 @@ from __future__ import annotations
 import re
 from collections.abc import Sequence
 
-PLACEMENTS = ("every-<n>", "last-<n>", "tail-<n>", "all", "none", "a list of block indices")
+PLACEMENTS = ("every-<n>", "last-<n>", "tail-<n>", "all", "none", "a block index or a list of them")
 
-Placement = str | Sequence[int]
+Placement = str | int | Sequence[int]
 
 
 def resolve_placement(placement: Placement, num_blocks: int) -> list[int]:
@@ -50,9 +50,15 @@ def resolve_placement(placement: Placement, num_blocks: int) -> list[int]:
             have = f"the model has {len(grid)} ({num_blocks} blocks)"
             raise ValueError(f"placement {placement!r} needs {n} {what}, {have}")
         return grid[-n:]
+    if isinstance(placement, int) and not isinstance(placement, bool):
+        placement = [placement]
+    if not isinstance(placement, Sequence):
+        raise ValueError(f"unknown placement {placement!r}; choose one of: {', '.join(PLACEMENTS)}")
     indices = []
     for i in placement:
-        if not isinstance(i, int) or not -num_blocks <= i < num_blocks:
+        if not isinstance(i, int) or isinstance(i, bool):
+            raise ValueError(f"block index {i!r} is not an int (a model of {num_blocks} blocks)")
+        if not -num_blocks <= i < num_blocks:
             raise ValueError(f"block index {i!r} out of range for a model of {num_blocks} blocks")
         indices.append(i % num_blocks)
     return sorted(set(indices))

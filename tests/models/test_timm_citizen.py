@@ -19,9 +19,12 @@ import timm
 import torch
 from model_sizes import SMALL
 from timm.data import resolve_data_config
+from timm.optim import create_optimizer_v2
 
 import visionmoe
 from visionmoe.data import CIFAR_MEAN, CIFAR_STD
+from visionmoe.layers import Experts
+from visionmoe.train.build import param_groups
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -193,3 +196,39 @@ def test_cnn_prune_and_group_matcher(name):
     assert model.num_classes == 0 and model.num_features == model.feature_info[1]["num_chs"]
     with torch.no_grad():
         assert model.forward_features(inputs(name, 1)).shape[1] == model.num_features
+
+
+# One MoE model of each family (each module of entry points), for what holds per model class.
+FAMILIES = {
+    "visionmoe.models.vit": "vit_moe_tiny_patch4_32",
+    "visionmoe.models.convnext": "convnext_moe_atto",
+    "visionmoe.models.cnn": "cnn_resnet_cifar_moe",
+    "visionmoe.models.cnn_head": "cnn_resnet_cifar_head",
+    "visionmoe.models.airbench": "cifar_airbench_moe",
+    "visionmoe.models.cifar_resnet": "resnet18_cifar_sparse_head",
+}
+
+
+def test_families_cover_the_registry():
+    assert {timm.models.model_entrypoint(n).__module__ for n in visionmoe.list_models()} == set(FAMILIES)
+
+
+@pytest.mark.parametrize("name", sorted(FAMILIES.values()))
+def test_no_weight_decay_names_the_expert_biases(name):
+    # The experts' biases are stacked (E, H) / (E, D) tensors: timm's rank rule (ndim <= 1 or ".bias")
+    # misses them, so no_weight_decay() must name them, or timm's optimiser decays them where it
+    # leaves a dense MLP's biases alone.
+    model = create(name)
+    names = {id(p): n for n, p in model.named_parameters()}
+    biases = {
+        f"{prefix}.{leaf}" for prefix, m in model.named_modules() if isinstance(m, Experts) for leaf in ("b1", "b2")
+    }
+    assert biases and biases <= model.no_weight_decay()
+    if name.startswith("vit_"):  # timm's own names stay
+        assert {"pos_embed", "cls_token"} <= model.no_weight_decay()
+    optimizer = create_optimizer_v2(model, "adamw", lr=1e-3, weight_decay=0.05)
+    undecayed = {names[id(p)] for g in optimizer.param_groups if g["weight_decay"] == 0 for p in g["params"]}
+    assert biases <= undecayed, sorted(biases - undecayed)
+    # ... the same split as visionmoe's own trainer makes.
+    _, no_decay = param_groups(model, 0.05)
+    assert undecayed == {names[id(p)] for p in no_decay["params"]}

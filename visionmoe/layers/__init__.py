@@ -1,7 +1,7 @@
 """nn.Modules: stacked experts, routers, the MoE layer, dispatch paths and routing statistics."""
 
 from visionmoe.layers.dispatch import apply_plan, einsum_moe
-from visionmoe.layers.experts import Experts
+from visionmoe.layers.experts import Experts, expert_bias_names
 from visionmoe.layers.moe import MoE, MoEConfig, collect_aux_loss, collect_routing_stats, moe_layers
 from visionmoe.layers.routers import (
     ROUTERS,
@@ -43,6 +43,7 @@ __all__ = [
     "collect_aux_loss",
     "collect_routing_stats",
     "einsum_moe",
+    "expert_bias_names",
     "moe_layers",
     "router_class",
     "routing_stats",

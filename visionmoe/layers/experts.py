@@ -134,6 +134,22 @@ class Experts(nn.Module):
         return y if self.b2 is None else y + self.b2.sum(0)
 
 
+def expert_bias_names(model: nn.Module) -> set[str]:
+    """Full parameter names of the biases (``b1``, ``b2``) of every :class:`Experts` in ``model``.
+
+    For ``no_weight_decay()``: the biases are stacked (E, H) and (E, D) tensors, so an optimiser that
+    skips decay by rank (timm's ``create_optimizer_v2``: ``ndim <= 1`` or a name ending ``.bias``)
+    would decay them, where a dense MLP's biases are not.
+    """
+    return {
+        f"{prefix}.{leaf}" if prefix else leaf
+        for prefix, module in model.named_modules()
+        if isinstance(module, Experts)
+        for leaf in ("b1", "b2")
+        if getattr(module, leaf) is not None
+    }
+
+
 def _grouped_mm(a: Tensor, b: Tensor, offs: Tensor) -> Tensor:
     fn = getattr(torch.nn.functional, "grouped_mm", None) or torch._grouped_mm
     return fn(a.contiguous(), b, offs=offs)

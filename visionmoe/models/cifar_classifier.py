@@ -18,6 +18,7 @@ from timm.models._features import feature_take_indices
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
+from visionmoe.layers.experts import expert_bias_names
 from visionmoe.models.conv_blocks import ConvFFN
 
 CNN_FEATURES = {"out_indices": (0, 1, 2), "feature_cls": "getter"}
@@ -70,7 +71,8 @@ class CifarClassifier(nn.Module):
         self.fc = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
 
     def no_weight_decay(self) -> set[str]:
-        return set()  # norms and biases are excluded by the trainer
+        # norms and biases are excluded by rank; the experts' stacked (E, H) / (E, D) biases by name
+        return expert_bias_names(self)
 
     def group_matcher(self, coarse: bool = False) -> dict[str, Any]:
         """Parameter groups for layer-wise decay, timm's format: the stem, then stage by stage (or block by block)."""

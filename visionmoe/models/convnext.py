@@ -26,6 +26,7 @@ from typing import Any
 from timm.models import generate_default_cfgs
 from timm.models.convnext import ConvNeXt, checkpoint_filter_fn
 
+from visionmoe.layers.experts import expert_bias_names
 from visionmoe.layers.moe import MoEConfig
 from visionmoe.models.registry import build_moe_model, imagenet_cfg, register_model
 
@@ -33,12 +34,13 @@ CONVNEXT_MOE_DEFAULT = MoEConfig(num_experts=8, router="topk", k=2)
 
 
 class ConvNeXtMoE(ConvNeXt):
-    """timm's ConvNeXt plus the one piece of timm's model API it lacks, ``no_weight_decay``."""
+    """timm's ConvNeXt plus the one piece of timm's model API it lacks, ``no_weight_decay`` (the experts' biases)."""
 
     def no_weight_decay(self) -> set[str]:
-        # Nothing beyond norms and biases (which the optimiser excludes by their rank); the
-        # routers' weights are matrices and are decayed like any Linear, as in V-MoE.
-        return set()
+        # Beyond norms and biases (which the optimiser excludes by their rank), the experts' biases:
+        # stacked (E, H) / (E, D), so a rank rule misses them. The routers' weights are matrices and
+        # are decayed like any Linear, as in V-MoE.
+        return expert_bias_names(self)
 
 
 _CONVNEXT = {"first_conv": "stem.0", "classifier": "head.fc", "pool_size": (7, 7)}

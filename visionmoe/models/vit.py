@@ -1,6 +1,7 @@
 """Vision Transformers with MoE MLPs (V-MoE, Riquelme et al. 2021; Videau et al. 2025).
 
-Each model is timm's ``VisionTransformer`` with the MLPs of the chosen blocks replaced by MoE layers
+Each model is timm's ``VisionTransformer`` (:class:`VisionTransformerMoE`, whose ``no_weight_decay`` also names
+the experts' biases) with the MLPs of the chosen blocks replaced by MoE layers
 through :func:`visionmoe.moeify`, so it keeps timm's whole model API. Defaults follow V-MoE:
 E = 8 experts, top-k with k = 2, placement "last-2" (blocks 9 and 11 of 12), tokens routed per image.
 
@@ -22,13 +23,25 @@ from __future__ import annotations
 
 from typing import Any
 
+import torch
 from timm.models import generate_default_cfgs
 from timm.models.vision_transformer import VisionTransformer, checkpoint_filter_fn
 
+from visionmoe.layers.experts import expert_bias_names
 from visionmoe.layers.moe import MoEConfig
 from visionmoe.models.registry import build_moe_model, cifar_cfg, imagenet_cfg, register_model
 
 VIT_MOE_DEFAULT = MoEConfig(num_experts=8, router="topk", k=2)
+
+
+class VisionTransformerMoE(VisionTransformer):
+    """timm's VisionTransformer whose ``no_weight_decay`` also names the experts' biases."""
+
+    @torch.jit.ignore
+    def no_weight_decay(self) -> set[str]:
+        # timm's (pos_embed, cls_token, ...) plus the experts' stacked (E, H) / (E, D) biases, which
+        # an optimiser excluding by rank (ndim <= 1) would decay where a dense MLP's biases are not
+        return set(super().no_weight_decay()) | expert_bias_names(self)
 
 
 _VIT = {"first_conv": "patch_embed.proj", "classifier": "head", "pool_size": None, "fixed_input_size": True}
@@ -46,7 +59,7 @@ def _vit_moe(name: str, pretrained: bool, kwargs: dict[str, Any], **arch: Any) -
     # timm's own ViT features: the block outputs through forward_intermediates (the "getter"), last 3 by default
     features = {"out_indices": kwargs.pop("out_indices", 3), "feature_cls": "getter"}
     return build_moe_model(
-        VisionTransformer,
+        VisionTransformerMoE,
         name,
         pretrained,
         kwargs,

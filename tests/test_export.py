@@ -66,6 +66,49 @@ def test_export_dynamic_batch(name):
         assert max_abs_error(program, model, torch.randn(batch, 3, size, size)) <= 1e-5
 
 
+@pytest.mark.parametrize("router", ["topk", "expert_choice"])
+def test_dynamic_batch_refuses_a_capacity_shared_by_the_batch(router):
+    # groups="batch": one group of B tokens (one per image in this head), so C = ceil(k·B·factor/E)
+    # changes with B. Refused up front in one line naming the layer and the way out, which works.
+    torch.manual_seed(0)
+    moe = {"num_experts": 4, "router": router, "groups": "batch"}
+    model = timm.create_model("cnn_resnet_cifar_head", width=8, head_hidden=16, moe=moe)
+    x = torch.randn(4, 3, 32, 32)
+    message = rf"MoE layer 'head_ffn' routes groups='batch' with router '{router}' .* depends on the batch size; "
+    with pytest.raises(ValueError, match=message + r"pass dynamic_batch=False .* batch size 4") as e:
+        export_model(model, x)
+    assert "\n" not in str(e.value)
+    assert max_abs_error(export_model(model, x, dynamic_batch=False), model, x) <= 1e-5
+
+
+@pytest.mark.parametrize(
+    "moe",
+    [
+        {"router": "soft", "groups": "batch"},  # slots, no capacity
+        {"router": "topk", "k": 2, "capacity_factor": None, "groups": "batch"},  # dropless: C = S on the static path
+        {"router": "topk", "router_options": {"capacity": 3}, "groups": "batch"},  # a fixed C
+        {"router": "expert_choice", "groups": 2},  # groups within an image (4 tokens)
+    ],
+)
+def test_dynamic_batch_keeps_batch_free_capacities(moe):
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 1), visionmoe.MoE(8, 4, 16, **moe)).eval()
+    program = export_model(model, torch.randn(4, 3, 2, 2))
+    for batch in (1, 5):
+        assert max_abs_error(program, model, torch.randn(batch, 3, 2, 2)) <= 1e-5
+
+
+def test_dynamic_batch_refuses_groups_spanning_images_in_one_line():
+    # groups=2 over one token per image: a group spans two images, so B must be even; torch.export's
+    # several-line constraint report becomes one line saying what to do.
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 1), visionmoe.MoE(8, 4, 16, router="soft", groups=2))
+    x = torch.randn(4, 3, 1, 1)
+    with pytest.raises(ValueError, match=r"shapes that depend on the batch size .* pass dynamic_batch=False") as e:
+        export_model(model, x)
+    assert "\n" not in str(e.value)
+    assert max_abs_error(export_model(model, x, dynamic_batch=False), model, x) <= 1e-5
+
+
 def test_export_rejects_bad_examples():
     model = timm.create_model("cnn_resnet_cifar", width=8)
     with pytest.raises(ValueError, match=r"export needs an example image batch \(B, C, H, W\), got \(3, 32, 32\)"):
@@ -84,6 +127,9 @@ def test_export_command_writes_a_checked_program(tmp_path, capsys):
     assert program.module()(torch.randn(3, 3, 32, 32)).shape == (3, 10)  # the batch size is dynamic
     with pytest.raises(SystemExit, match="--kwargs must be a JSON object"):
         main(["export", "cnn_resnet_cifar", "--kwargs", "[1]"])
+    one = ["export", "cnn_resnet_cifar", "--kwargs", '{"width": 8}', "--batch-size", "1", "--out", str(tmp_path)]
+    with pytest.raises(SystemExit, match="visionmoe export: dynamic_batch needs an example of at least 2 samples"):
+        main(one)  # export_model's ValueError, as one line
 
 
 def test_export_command_loads_weights(tmp_path, capsys):

@@ -16,6 +16,13 @@ tokens, experts and weights: tested) and runs the experts on the same rows; the 
 another order, so outputs agree to float rounding (~1e-7 in fp32), and the exported program
 matches eager to 1e-5 (tested for every registered model).
 
+A dynamic batch (``export_model``'s default) needs shapes that do not depend on the batch size.
+MoE groups within a sample (``groups="sample"``, or an int that divides an image's tokens) and the
+soft and dense routers give that; ``groups="batch"`` with a capacity router (top-k, expert choice
+and their variants, at a capacity factor) does not, as C = ceil(k·B·N·capacity_factor/E) grows with
+the batch: :func:`export_model` refuses it in one line, naming the layer (``dynamic_batch=False``
+exports it for the example's batch size; a fixed ``capacity`` or dropless top-k stays dynamic).
+
 ONNX (``pip install 'visionmoe[onnx]'``: onnx, onnxscript, and onnxruntime for the check) goes
 through torch's dynamo exporter from the same program. It converts the dense models and the Soft
 MoE and dense-router heads; sparse routers fail to convert with torch 2.14's exporter, which has no
@@ -73,7 +80,8 @@ def export_model(model: nn.Module, example: Tensor, *, dynamic_batch: bool = Tru
         model: put in eval mode (routing noise off, BatchNorm on running statistics); left so.
         example: an input batch; its image size is fixed in the program.
         dynamic_batch: let the batch size vary (needs ``example`` with at least 2 samples, as
-            ``torch.export`` specialises a size of 1).
+            ``torch.export`` specialises a size of 1). Refused (ValueError) where an MoE layer's
+            capacity depends on the batch: ``groups="batch"`` with a capacity factor.
     """
     if not isinstance(example, Tensor) or example.dim() != 4:
         shape = tuple(example.shape) if isinstance(example, Tensor) else type(example).__name__
@@ -81,9 +89,42 @@ def export_model(model: nn.Module, example: Tensor, *, dynamic_batch: bool = Tru
     if dynamic_batch and example.shape[0] < 2:
         raise ValueError(f"dynamic_batch needs an example of at least 2 samples, got batch size {example.shape[0]}")
     model.eval()
+    if dynamic_batch and (layer := _batch_capacity_layer(model)) is not None:
+        name, router = layer
+        raise ValueError(
+            f"cannot export a dynamic batch: MoE layer {name!r} routes groups='batch' with router {router.name!r} "
+            f"at capacity_factor={router.active_capacity_factor()}, so its expert capacity depends on the batch "
+            f"size; pass dynamic_batch=False (CLI: --static-batch) for a program of batch size {example.shape[0]}"
+        )
     dynamic = ({0: torch.export.Dim("batch", min=1, max=65536)},) if dynamic_batch else None
     with static_shapes(model), torch.no_grad():
-        return torch.export.export(model, (example,), dynamic_shapes=dynamic)
+        try:
+            return torch.export.export(model, (example,), dynamic_shapes=dynamic)
+        except Exception as error:  # torch's several-line report when a shape depends on the batch size
+            if not (dynamic_batch and str(error).lstrip().startswith("Constraints violated (batch)")):
+                raise
+            raise ValueError(
+                "cannot export a dynamic batch: torch.export found shapes that depend on the batch size (e.g. MoE "
+                "groups spanning samples: groups='batch', or an int groups that does not divide the tokens of an "
+                f"image); pass dynamic_batch=False (CLI: --static-batch) for a program of batch size {example.shape[0]}"
+            ) from error
+
+
+def _batch_capacity_layer(model: nn.Module) -> tuple[str, Capacity] | None:
+    """The first MoE layer (name, router) whose capacity C depends on the batch size, if any.
+
+    With ``groups="batch"`` a group is the whole batch, S = B·N tokens, and a capacity router's
+    C = ceil(k·S·capacity_factor/E) is a rounded function of B that a program dynamic in B cannot
+    keep. A fixed ``capacity`` and dropless token choice (C = S on the static path) stay exportable,
+    as do per-sample groups and the soft and dense routers (no capacity).
+    """
+    for name, moe in moe_layers(model):
+        router = moe.router
+        if moe.groups != "batch" or not isinstance(router, Capacity) or router.capacity is not None:
+            continue
+        if router.active_capacity_factor() is not None:
+            return name, router
+    return None
 
 
 def max_abs_error(program: torch.export.ExportedProgram, model: nn.Module, x: Tensor) -> float:

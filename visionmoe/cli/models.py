@@ -87,7 +87,7 @@ def _export(args: argparse.Namespace) -> int:
             atol=args.atol,
             dynamic_batch=not args.static_batch,
         )
-    except AssertionError as error:
+    except (AssertionError, ValueError) as error:  # a bad example or batch-dependent shapes: one line
         raise SystemExit(f"visionmoe export: {error}") from None
     error = report.pt2_max_abs_error
     print(f"wrote {report.pt2_path}: max |exported - eager| = {error:.3g} on a batch of {args.batch_size}")

@@ -234,16 +234,19 @@ class Capacity:
         self.capacity_factor, self.eval_capacity_factor = capacity_factor, eval_capacity_factor
         self.capacity, self.capacity_multiple = capacity, capacity_multiple
 
+    def active_capacity_factor(self) -> float | None:
+        """The capacity factor in effect: the eval one in eval mode (unless "same"), else the training one."""
+        if not self.training and self.eval_capacity_factor != SAME:
+            return self.eval_capacity_factor
+        return self.capacity_factor
+
     def expert_capacity(self, num_tokens: int, k: int = 1) -> int | None:
         """C for a group of ``num_tokens``, with the train or eval capacity factor by ``self.training``."""
-        factor = self.capacity_factor
-        if not self.training and self.eval_capacity_factor != SAME:
-            factor = self.eval_capacity_factor
         capacity = expert_capacity(
             num_tokens,
             self.num_experts,
             k=k,
-            capacity_factor=factor,
+            capacity_factor=self.active_capacity_factor(),
             capacity=self.capacity,
             multiple=self.capacity_multiple,
         )

@@ -130,6 +130,67 @@ def test_tar_shards_round_trip_in_the_webdataset_layout(tmp_path):
     assert [int(s["cls"]) for s in samples] == files.labels.tolist()
 
 
+@pytest.mark.parametrize("shard_size", [0, -1, 2.0, True])
+def test_write_shards_refuses_a_shard_size_below_one_before_writing_anything(tmp_path, shard_size):
+    # maxcount 0 or -1 made webdataset open a new shard per image after an empty first one
+    files = write_folder(tmp_path / "train", 3)
+    with pytest.raises(ValueError) as e:
+        write_shards(files, tmp_path / "shards", shard_size=shard_size)
+    message = str(e.value)
+    assert "\n" not in message and f"shard_size={shard_size!r}" in message and ">= 1" in message
+    assert not (tmp_path / "shards").exists()
+
+
+def test_write_shards_refuses_a_folder_that_already_holds_shards_and_keeps_them(tmp_path):
+    pytest.importorskip("webdataset")
+    files = write_folder(tmp_path / "train", 6)
+    out = tmp_path / "shards"
+    first = write_shards(files, out, shard_size=1)
+    assert len(first) == 6
+    before = {s.name: s.read_bytes() for s in first}
+    # a second run into the same folder would write shard-000000.tar only and leave 000001..5, so
+    # list_shards(out) would read 11 samples from 6 images; refused, nothing deleted or overwritten
+    with pytest.raises(ValueError) as e:
+        write_shards(files, out, shard_size=1000)
+    message = str(e.value)
+    assert "\n" not in message and str(out) in message and "6 tar shards" in message
+    assert "empty folder" in message and "remove them" in message
+    assert {s.name: s.read_bytes() for s in sorted(out.glob("*.tar"))} == before
+    assert len(list_shards(out)) == 6
+    (out / "other.tar").write_bytes(b"")  # list_shards reads every *.tar, whatever its name
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / "other.tar").write_bytes(b"")
+    with pytest.raises(ValueError, match="holds 1 tar shard "):
+        write_shards(files, tmp_path / "empty")
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(ValueError, match="is a file; expected a folder"):
+        write_shards(files, tmp_path / "file")
+    assert (tmp_path / "file").read_text() == "x"
+
+
+def test_shards_command_turns_bad_input_into_one_line(tmp_path, capsys):
+    pytest.importorskip("webdataset")
+    from visionmoe.cli import main
+
+    write_folder(tmp_path / "train", 6)
+    out = tmp_path / "out"
+    assert main(["shards", str(tmp_path / "train"), str(out), "--shard-size", "1"]) == 0
+    assert "6 images of 3 classes -> 6 shards" in capsys.readouterr().out
+    cases = [
+        ([str(tmp_path / "train"), str(out)], [str(out), "6 tar shards", "empty folder"]),
+        ([str(tmp_path / "train"), str(tmp_path / "o2"), "--shard-size", "0"], ["shard_size=0", ">= 1"]),
+        ([str(tmp_path / "train"), str(tmp_path / "o2"), "--shard-size", "-1"], ["shard_size=-1", ">= 1"]),
+        ([str(tmp_path / "nonexistent"), str(tmp_path / "o2")], [str(tmp_path / "nonexistent"), "ImageFolder"]),
+    ]
+    for argv, words in cases:
+        with pytest.raises(SystemExit) as e:
+            main(["shards", *argv])
+        message = str(e.value.code)
+        assert message.startswith("visionmoe shards: ") and "\n" not in message, message
+        assert all(word in message for word in words), message
+    assert len(list_shards(out)) == 6 and not (tmp_path / "o2").exists()
+
+
 RSS = """
 import resource, sys
 from visionmoe.data.datasets import list_image_folder

@@ -13,7 +13,7 @@ from rich.table import Table
 
 from visionmoe.analysis.speed import QUICK_SHAPE, TARGET_SHAPE, fmt, layer_benchmark, machine_info
 from visionmoe.data.datasets import list_image_folder
-from visionmoe.data.stream import ImageFiles, write_shards
+from visionmoe.data.stream import ImageFiles, check_shard_target, write_shards
 from visionmoe.demo import DemoConfig, run
 
 
@@ -114,7 +114,11 @@ def _bench(args: argparse.Namespace) -> int:
 
 
 def _shards(args: argparse.Namespace) -> int:
-    files = ImageFiles.from_files(*list_image_folder(args.folder))
-    shards = write_shards(files, args.out, args.shard_size)
+    try:
+        check_shard_target(args.out, args.shard_size)  # before listing a folder of a million images
+        files = ImageFiles.from_files(*list_image_folder(args.folder))
+        shards = write_shards(files, args.out, args.shard_size)
+    except (ValueError, FileNotFoundError, ImportError) as error:
+        raise SystemExit(f"visionmoe shards: {error}") from None
     print(f"{len(files)} images of {len(files.classes)} classes -> {len(shards)} shards in {args.out}")
     return 0

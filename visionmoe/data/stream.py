@@ -94,19 +94,39 @@ class ImageFiles:
 # ---- tar shards in the WebDataset layout --------------------------------------------------------
 
 
+def check_shard_target(out: str | os.PathLike, shard_size: int) -> Path:
+    """``out`` as a Path if :func:`write_shards` may write ``shard_size``-image shards there, else ValueError:
+    ``shard_size`` < 1, ``out`` a file, or ``out`` already holding ``*.tar`` (refused, never deleted)."""
+    if isinstance(shard_size, bool) or not isinstance(shard_size, int) or shard_size < 1:
+        raise ValueError(f"shard_size={shard_size!r}: expected an integer >= 1 (images per shard)")
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"{out} is a file; expected a folder for the shards")
+    held = sorted(out.glob("*.tar")) if out.is_dir() else []
+    if held:
+        raise ValueError(
+            f"{out} already holds {len(held)} tar shard{'s' if len(held) > 1 else ''} ({held[0].name}, ...), "
+            "which would be read as samples too; pick an empty folder or remove them first"
+        )
+    return out
+
+
 def write_shards(files: ImageFiles, out: str | os.PathLike, shard_size: int = 1000) -> list[Path]:
     """Write ``files`` as tar shards ``<out>/shard-NNNNNN.tar`` in the WebDataset layout, in order.
 
     Each sample is ``<key>.<ext>`` (the image file's bytes, unchanged) and ``<key>.cls`` (its label);
     ``<out>/classes.txt`` names the labels. Needs ``webdataset`` (``pip install visionmoe[stream]``).
+
+    ``out`` must hold no ``*.tar`` yet: :func:`list_shards` reads every one there, so shards left by an
+    earlier run would be read as samples too; they are refused, never deleted.
     """
+    out = check_shard_target(out, shard_size)
     try:
         import webdataset as wds
     except ImportError:
         raise ImportError("writing tar shards needs webdataset: pip install 'visionmoe[stream]'") from None
     if files.offsets is not None:
         raise ValueError("these images are already in tar shards")
-    out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     (out / SHARD_CLASSES).write_text("\n".join(files.classes) + "\n")
     with wds.ShardWriter(str(out / "shard-%06d.tar"), maxcount=shard_size, verbose=0) as sink:

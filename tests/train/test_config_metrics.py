@@ -1,6 +1,7 @@
 """Configs (typed, presets with bases, overrides), the classification meter and the LR schedule."""
 
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -77,6 +78,56 @@ def test_presets_load_and_name_themselves(tmp_path):
     with pytest.raises(ValueError) as e:
         load_config(tmp_path / "bad.yaml")
     assert "learning_rate" in one_line(e) and "'lr'" in one_line(e)
+
+
+def test_a_base_outside_the_presets_folder_finds_the_packaged_presets(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # files named as a user would: relative, so messages name them so too
+    (tmp_path / "cf" / "sub").mkdir(parents=True)
+    # README: "base: lets one preset extend another"; a bare name not next to the file is a packaged preset
+    Path("cf/based.yaml").write_text("base: cifar10_moe\noptim:\n  lr: 0.123\n")
+    child, parent = load_config("cf/based.yaml"), load_config("cifar10_moe")
+    assert child.optim.lr == 0.123 and child.model == parent.model and child.name == "based"
+    # a path is relative to the file that names it, not to the working directory
+    Path("cf/sub/kid.yaml").write_text("base: ../based.yaml\ntrain:\n  epochs: 3\n")
+    kid = load_config("cf/sub/kid.yaml")
+    assert kid.optim.lr == 0.123 and kid.train.epochs == 3 and kid.model == parent.model
+    Path("cf/cwd.yaml").write_text("base: cf/based.yaml\n")
+    with pytest.raises(FileNotFoundError) as e:
+        load_config("cf/cwd.yaml")
+    assert all(w in one_line(e) for w in ("cf/cwd.yaml", "cf/cf/based.yaml", "relative to the file")), one_line(e)
+    # a preset next to the file comes first
+    Path("cf/cifar10_moe.yaml").write_text("optim:\n  lr: 0.7\n")
+    assert load_config("cf/based.yaml").optim.lr == 0.123 and load_config("cf/sub/kid.yaml").optim.lr == 0.123
+    Path("cf/local.yaml").write_text("base: cifar10_moe.yaml\n")
+    assert load_config("cf/local.yaml").optim.lr == 0.7
+    # a file named as a packaged preset may extend it: its own name is not its own base
+    Path("cf/cifar10_moe.yaml").write_text("base: cifar10_moe\noptim:\n  lr: 0.7\n")
+    mine = load_config("cf/cifar10_moe.yaml")
+    assert mine.optim.lr == 0.7 and mine.model == parent.model and mine.name == "cifar10_moe"
+    Path("cf/loop.yaml").write_text("base: ./loop.yaml\n")
+    with pytest.raises(ValueError, match=r"preset cf/loop.yaml is its own base \(via \['cf/loop.yaml'\]\)"):
+        load_config("cf/loop.yaml")
+    Path("cf/nope.yaml").write_text("base: no_such_preset\n")
+    with pytest.raises(FileNotFoundError) as e:
+        load_config("cf/nope.yaml")
+    assert all(w in one_line(e) for w in ("cf/nope.yaml", "no_such_preset", "cifar10_moe")), one_line(e)
+    assert str(CONFIG_DIR) not in one_line(e) and str(tmp_path) not in one_line(e)
+
+
+@pytest.mark.parametrize("base", ["3", "[cifar10_moe]", "''", "{a: 1}"])
+def test_a_base_that_is_not_a_name_is_refused_in_one_line(tmp_path, monkeypatch, base):
+    monkeypatch.chdir(tmp_path)
+    Path("bad.yaml").write_text(f"base: {base}\n")
+    with pytest.raises(ValueError) as e:
+        load_config("bad.yaml")
+    message = one_line(e)
+    assert message.startswith("bad.yaml: base=") and "expected a preset name or a path" in message, message
+
+
+def test_config_errors_do_not_name_this_machines_path_to_the_presets():
+    with pytest.raises(FileNotFoundError) as e:
+        load_config("no_such_preset")
+    assert str(CONFIG_DIR) not in one_line(e) and "presets in configs:" in one_line(e)
 
 
 def test_classification_meter_by_hand():

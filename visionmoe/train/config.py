@@ -295,7 +295,44 @@ def find_preset(name_or_path: str | Path, config_dir: Path = CONFIG_DIR) -> Path
     candidate = config_dir / f"{path.stem if path.suffix in ('.yaml', '.yml') else path.name}.yaml"
     if candidate.is_file():
         return candidate
-    raise FileNotFoundError(f"no config {str(name_or_path)!r}; presets in {config_dir}: {preset_names(config_dir)}")
+    raise FileNotFoundError(
+        f"no config {str(name_or_path)!r}; presets in {_shown(config_dir)}: {preset_names(config_dir)}"
+    )
+
+
+def _shown(path: Path) -> str:
+    """``path`` for an error message: as given, or ``configs/...`` for the packaged presets (never this
+    machine's absolute path to them; messages can end up in committed manifests)."""
+    try:
+        return str(Path("configs") / path.relative_to(CONFIG_DIR))
+    except ValueError:
+        return str(path)
+
+
+def _find_base(base: Any, path: Path) -> Path:
+    """The file that ``base:`` in preset ``path`` names: a path relative to ``path``'s folder (or absolute);
+    a bare name (``cifar10_moe``, ``cifar10_moe.yaml``) next to ``path`` (not ``path`` itself), else among the
+    packaged presets."""
+    if not isinstance(base, str) or not base.strip():
+        got = "an empty name" if isinstance(base, str) else type(base).__name__
+        raise ValueError(f"{_shown(path)}: base={base!r}: expected a preset name or a path to a .yaml file, got {got}")
+    given = Path(base).expanduser()
+    candidate = given if given.is_absolute() else path.parent / given
+    if candidate.is_file():
+        return candidate
+    if given.name != base:  # a path: only relative to the file
+        raise FileNotFoundError(
+            f"{_shown(path)}: base={base!r}: no file {_shown(candidate)} (a path in base: is relative to the file)"
+        )
+    name = given.stem if given.suffix in (".yaml", ".yml") else given.name
+    for folder in (path.parent, CONFIG_DIR):
+        found = folder / f"{name}.yaml"
+        if found.is_file() and found.resolve() != path.resolve():  # cf/x.yaml may extend the packaged x
+            return found
+    raise FileNotFoundError(
+        f"{_shown(path)}: base={base!r}: no {name}.yaml next to it nor among the packaged presets "
+        f"{preset_names(CONFIG_DIR)}"
+    )
 
 
 def load_config(name_or_path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
@@ -306,24 +343,26 @@ def load_config(name_or_path: str | Path | None = None, overrides: list[str] | t
         path = find_preset(name_or_path)
         values = _read_preset(path, seen=())
         values.setdefault("name", path.stem)
-        config = build(Config, values, str(path))
+        config = build(Config, values, _shown(path))
     return apply_overrides(config, overrides).validate()
 
 
 def _read_preset(path: Path, seen: tuple[Path, ...]) -> dict[str, Any]:
-    """A preset's values; ``base: <preset>`` merges them over another preset's (sections key by key)."""
-    if path.resolve() in seen:
-        raise ValueError(f"preset {path} is its own base (via {[str(p) for p in seen]})")
+    """A preset's values; ``base: <preset>`` merges them over another preset's (sections key by key).
+
+    ``seen``: the presets whose base this one is, as found (relative where the user's path was)."""
+    if path.resolve() in {p.resolve() for p in seen}:
+        raise ValueError(f"preset {_shown(path)} is its own base (via {[_shown(p) for p in seen]})")
     try:
         values = parse_yaml(path.read_text()) or {}
     except yaml.YAMLError as error:
-        raise ValueError(f"cannot parse {path}: {yaml_problem(error)}") from None
+        raise ValueError(f"cannot parse {_shown(path)}: {yaml_problem(error)}") from None
     if not isinstance(values, dict):
-        raise ValueError(f"{path} must hold a mapping of config sections, got {type(values).__name__}")
+        raise ValueError(f"{_shown(path)} must hold a mapping of config sections, got {type(values).__name__}")
     base = values.pop("base", None)
     if base is None:
         return values
-    merged = _read_preset(find_preset(base, path.parent), (*seen, path.resolve()))
+    merged = _read_preset(_find_base(base, path), (*seen, path))
     merged.pop("name", None)
     for key, value in values.items():
         if isinstance(value, dict) and isinstance(merged.get(key), dict):

@@ -146,6 +146,29 @@ def test_a_time_limited_run_resumed_logs_what_the_uninterrupted_run_logs(cifar10
     assert logged_steps("cut") == logged_steps("full") == [7, 14]
 
 
+def test_resume_refuses_other_data_with_the_same_classes(cifar10_root, tmp_path):
+    # data.data_dir may change on resume (the data moved); other data of the same classes may not: the schedule
+    # and the epochs were laid out for the first data's size.
+    from standins import write_cifar
+
+    other = tmp_path / "other"
+    write_cifar(other, "cifar10", per_class=6)
+    extra = ["train.epochs=1", "train.checkpoint_every_steps=2", "train.tensorboard=false"]
+
+    def kill_at_step_3(trainer):
+        if trainer.step == 3:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        Trainer(config(cifar10_root, tmp_path, *extra), callbacks=[kill_at_step_3]).fit()
+    with pytest.raises(ValueError, match=r"it trained on 120 train / 40 test images, .* holds 60 / 40: other") as e:
+        Trainer(config(other, tmp_path, *extra), resume=True)
+    assert "\n" not in str(e.value)
+    moved = tmp_path / "moved"
+    cifar10_root.rename(moved)  # the same data elsewhere resumes
+    assert Trainer(config(moved, tmp_path, *extra), resume=True).step == 2
+
+
 def test_resume_refuses_another_config_and_another_model(cifar10_root, tmp_path):
     Trainer(config(cifar10_root, tmp_path, "train.epochs=0.5", "train.tensorboard=false")).fit()
     with pytest.raises(ValueError, match=r"differs in \['optim.lr'\]"):

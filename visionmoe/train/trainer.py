@@ -381,10 +381,21 @@ class Trainer:
             "code": self.code,
             "classes": list(self.splits.train.classes),  # label i is classes[i]: eval refuses data named otherwise
             "threads": torch.get_num_threads(),  # a resume trains on with these (they order the sums)
+            "data_sizes": self._data_sizes(),  # a resume on other data (same classes) is refused
         }
+
+    def _data_sizes(self) -> dict[str, int]:
+        return {"train": len(self.splits.train), "test": len(self.splits.test)}
 
     def _restore(self, state: dict[str, Any]) -> None:
         check_classes(state, self.splits, self.checkpoint_path, self.config.data)
+        saved, found = state.get("data_sizes"), self._data_sizes()
+        if saved is not None and saved != found:  # data.data_dir may move, the data may not change
+            where = self.config.data.data_dir or self.config.data.dataset
+            raise ValueError(
+                f"cannot resume {self.checkpoint_path}: it trained on {saved['train']} train / {saved['test']} test "
+                f"images, {where} holds {found['train']} / {found['test']}: other data"
+            )
         check_model_matches(state["model"], self.model, str(self.checkpoint_path))
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])

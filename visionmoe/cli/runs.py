@@ -14,6 +14,7 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
+from visionmoe.cli.args import one_line
 from visionmoe.jsonl import write_atomic
 
 
@@ -66,8 +67,8 @@ def _train(args: argparse.Namespace) -> int:
     try:
         config = load_config(args.config, args.overrides)
         trainer = Trainer(config, resume=args.resume)
-    except (ValueError, TypeError, FileNotFoundError, FileExistsError) as error:
-        raise SystemExit(f"visionmoe train: {error}") from None
+    except (ValueError, TypeError, FileNotFoundError, FileExistsError, RuntimeError) as error:
+        raise SystemExit(f"visionmoe train: {one_line(error)}") from None
     summary = trainer.fit()
     if not trainer.replica.is_main:
         return 0  # under torchrun, rank 0 reports for every rank

@@ -9,6 +9,7 @@ it with ``train.seed`` first, so weights depend on the seed alone.
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Sequence
 from dataclasses import replace
 from typing import Any
@@ -43,9 +44,11 @@ def check_model_config(cfg: ModelConfig, num_classes: int) -> None:
 
     Unknown and None-valued ``model.kwargs`` (:func:`visionmoe.models.registry.check_model_kwargs`),
     and whatever the constructors refuse (``model.moe.capacity_factor=0``, a router option of another
-    router, ``model.moeify`` keys), are found before any data is loaded and before a sweep starts a run.
-    The meta device allocates nothing; an error of the meta device itself is left to the real build.
-    The dense twin, which needs an example input, is not built here.
+    router, ``model.moeify`` keys, a negative ``model.kwargs.width`` that torch cannot make a tensor
+    of), are found before any data is loaded and before a sweep starts a run. The meta device
+    allocates nothing; what it cannot do (read a value, an operator without a meta kernel:
+    :func:`_meta_limit`) is left to the real build. The dense twin, which needs an example input,
+    is not built here.
     """
     key = repr((cfg.name, cfg.kwargs, cfg.moe, cfg.moeify, num_classes))
     if key in _CHECKED_MODELS:  # a sweep validates many cells of few models
@@ -56,7 +59,9 @@ def check_model_config(cfg: ModelConfig, num_classes: int) -> None:
     try:
         with torch.device("meta"):
             build_model(replace(cfg, dense_twin=None), num_classes, torch.empty(0))
-    except (TypeError, ValueError, AssertionError, KeyError) as error:
+    except Exception as error:
+        if _meta_limit(error):  # an operation the meta device lacks: the real build will say what is wrong
+            return
         reason = (str(error).strip().splitlines() or [type(error).__name__])[0]
         given = ", ".join(f"model.{k}={v!r}" for k in ("kwargs", "moe", "moeify") if (v := getattr(cfg, k)))
         valid = model_kwargs(cfg.name) if isinstance(error, TypeError) else None  # a keyword it does not take
@@ -64,9 +69,22 @@ def check_model_config(cfg: ModelConfig, num_classes: int) -> None:
         raise ValueError(
             f"model {cfg.name!r} cannot be built from {given or 'its defaults'}: {reason}{takes}"
         ) from None
-    except Exception:  # an operation the meta device lacks: the real build will say what is wrong
-        return
     _CHECKED_MODELS.add(key)
+
+
+_META_MESSAGE = re.compile(r"\bmeta (?:tensors?|device|kernel|backend)\b", re.IGNORECASE)
+
+
+def _meta_limit(error: Exception) -> bool:
+    """Whether ``error`` is the meta device's own limit rather than the model section's fault.
+
+    A constructor may read a tensor's value (``Tensor.item() cannot be called on meta tensors``,
+    ``.tolist()``: ``Cannot copy out of meta tensor``, ``can't convert meta device type tensor to
+    numpy``) or call an operator without a meta kernel (``NotImplementedError``); any other error
+    (``Trying to create tensor with negative dimension``, an assertion, a bad keyword) the real
+    build would raise as well.
+    """
+    return isinstance(error, NotImplementedError) or bool(_META_MESSAGE.search(str(error)))
 
 
 _CHECKED_MODELS: set[str] = set()

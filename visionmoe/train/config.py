@@ -22,6 +22,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+import torch
 import yaml
 
 from visionmoe.jsonl import write_atomic
@@ -192,10 +193,13 @@ class Config:
     def validate(self, *, saved: bool = False) -> Config:
         """Range checks; returns self. Called before any data is loaded.
 
-        A new run's config is also refused for settings it would ignore and for a model section that
-        cannot build its model (built on the meta device). ``saved=True`` (a trained run's own config,
-        read back for eval or resume) skips those two: they were the run's settings when it trained,
-        and rebuilding it must not depend on checks added since.
+        A new run's config is also refused for values earlier versions took (``data.num_classes=0``,
+        ``optim.betas`` out of range), for settings it would ignore and for a model section that cannot
+        build its model (built on the meta device). ``saved=True`` (a trained run's own config, read
+        back for eval or resume) skips those: they were the run's settings when it trained, and
+        rebuilding it must not depend on checks added since. Whether this machine has the
+        ``train.device`` named is the :class:`~visionmoe.train.Trainer`'s check (:func:`parse_device`),
+        so a sweep can be validated on a machine without the GPUs its runs will train on.
         """
         d, o, t = self.data, self.optim, self.train
         _one_of("data.dataset", d.dataset, DATASETS)
@@ -220,13 +224,13 @@ class Config:
             ("optim.lr", o.lr, o.lr > 0, "> 0"),
             ("optim.momentum", o.momentum, 0 <= o.momentum < 1, "in [0, 1)"),
             ("optim.weight_decay", o.weight_decay, o.weight_decay >= 0, ">= 0"),
+            ("train.epochs", t.epochs, t.epochs > 0, "> 0"),  # before the ranges it bounds (warm-up)
             ("optim.warmup_epochs", o.warmup_epochs, 0 <= o.warmup_epochs <= t.epochs, "in [0, train.epochs]"),
             ("optim.min_lr_ratio", o.min_lr_ratio, 0 <= o.min_lr_ratio <= 1, "in [0, 1]"),
             ("optim.gamma", o.gamma, 0 < o.gamma <= 1, "in (0, 1]"),
             ("optim.label_smoothing", o.label_smoothing, 0 <= o.label_smoothing < 1, "in [0, 1)"),
             ("optim.grad_clip", o.grad_clip, o.grad_clip is None or o.grad_clip > 0, "> 0 or null"),
             ("optim.aux_loss_scale", o.aux_loss_scale, o.aux_loss_scale >= 0, ">= 0"),
-            ("train.epochs", t.epochs, t.epochs > 0, "> 0"),
             ("train.seed", t.seed, t.seed >= 0, ">= 0"),
             ("train.threads", t.threads, t.threads is None or t.threads >= 1, ">= 1 or null"),
             ("train.eval_every", t.eval_every, t.eval_every >= 1, ">= 1"),
@@ -244,12 +248,25 @@ class Config:
             raise ValueError(f"train.checkpoint_every_steps={t.checkpoint_every_steps!r}; expected >= 1 or null")
         if t.time_limit_minutes is not None and t.time_limit_minutes <= 0:
             raise ValueError(f"train.time_limit_minutes={t.time_limit_minutes!r}; expected > 0 or null")
-        if t.device not in ("auto", "cpu") and not t.device.startswith("cuda"):
-            raise ValueError(f"train.device={t.device!r}; expected 'auto', 'cpu' or 'cuda[:N]'")
+        if (d.mixup_alpha > 0 or d.cutmix_alpha > 0) and d.batch_size % 2:
+            raise ValueError(
+                f"data.batch_size={d.batch_size!r} is odd; mixup/cutmix (data.mixup_alpha={d.mixup_alpha!r}, "
+                f"data.cutmix_alpha={d.cutmix_alpha!r}) expected an even batch size"
+            )
+        parse_device(t.device, "train.device", here=False)  # whether this machine has it: the Trainer's check
         if list(o.milestones) != sorted(o.milestones) or any(m <= 0 for m in o.milestones):
             raise ValueError(f"optim.milestones={o.milestones!r}; expected increasing epochs > 0")
         if saved:
             return self
+        # Values earlier versions accepted, which saved runs may hold: 0 classes meant "from the dataset",
+        # and SGD never reads the betas.
+        added = [
+            ("data.num_classes", d.num_classes, d.num_classes is None or d.num_classes >= 1, ">= 1 or null"),
+            ("optim.betas", o.betas, all(0 <= b < 1 for b in o.betas), "each in [0, 1)"),
+        ]
+        for key, value, ok, expected in added:
+            if not ok:
+                raise ValueError(f"{key}={value!r} is out of range; expected {expected}")
         # Settings that one dataset or schedule reads and the others would drop without a word.
         ignored = [
             ("data.image_size", d.image_size is not None and d.dataset in ("cifar10", "cifar100"), "is 32 px; null"),
@@ -269,10 +286,51 @@ class Config:
                 f"optim.milestones={list(o.milestones)!r} would be ignored by optim.schedule={o.schedule!r}; "
                 "set optim.schedule=step, or optim.milestones=[]"
             )
+        if late := [m for m in o.milestones if m >= t.epochs]:
+            raise ValueError(
+                f"optim.milestones={list(o.milestones)!r} would be ignored past train.epochs={t.epochs!r} "
+                f"({late} never reached); expected milestones < train.epochs"
+            )
+        if o.gamma != OptimConfig.gamma and o.schedule != "step":
+            raise ValueError(
+                f"optim.gamma={o.gamma!r} would be ignored by optim.schedule={o.schedule!r} (only 'step' reads it); "
+                f"set optim.schedule=step, or leave optim.gamma at {OptimConfig.gamma}"
+            )
+        if o.min_lr_ratio != OptimConfig.min_lr_ratio and o.schedule in ("constant", "step"):
+            raise ValueError(
+                f"optim.min_lr_ratio={o.min_lr_ratio!r} would be ignored by optim.schedule={o.schedule!r} "
+                f"(only 'cosine' and 'linear' decay to it); leave it at {OptimConfig.min_lr_ratio}"
+            )
         from visionmoe.train.build import check_model_config  # the model section, on the meta device (a cycle)
 
         check_model_config(self.model, d.num_classes or {"cifar100": 100, "tiny-imagenet": 200}.get(d.dataset, 10))
         return self
+
+
+def parse_device(value: str, key: str, *, here: bool = True) -> torch.device:
+    """The device ``value`` names: "auto" (CUDA where available, else the CPU), "cpu" or "cuda[:N]".
+
+    A one-line error names ``key`` and the value for a string torch does not parse (``cudax``,
+    ``cuda:-1``) or another kind of device; ``here`` also refuses a CUDA device this machine lacks.
+    """
+    expected = "expected 'auto', 'cpu' or 'cuda[:N]'"
+    if value == "auto":
+        return torch.device("cuda" if here and torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(value)
+    except (RuntimeError, TypeError, ValueError):
+        raise ValueError(f"{key}={value!r} is not a device; {expected}") from None
+    if device.type not in ("cpu", "cuda"):
+        raise ValueError(f"{key}={value!r} is not a device visionmoe trains on; {expected}")
+    if here and device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"{key}={value!r}, but CUDA is not available on this machine; expected 'auto' or 'cpu'")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise ValueError(
+                f"{key}={value!r}, but this machine has {torch.cuda.device_count()} CUDA device(s); "
+                f"expected 'cuda:0' to 'cuda:{torch.cuda.device_count() - 1}', 'auto' or 'cpu'"
+            )
+    return device
 
 
 def _one_of(key: str, value: Any, choices: tuple) -> None:
@@ -406,6 +464,7 @@ __all__ = [
     "apply_overrides",
     "find_preset",
     "load_config",
+    "parse_device",
     "plain",
     "preset_names",
     "save_config",

@@ -15,7 +15,7 @@ from torch import nn
 
 from visionmoe.train.build import build_model
 from visionmoe.train.checkpoint import check_model_matches, load_checkpoint
-from visionmoe.train.config import Config
+from visionmoe.train.config import Config, parse_device
 from visionmoe.train.data import Splits, class_difference, eval_loader, load_splits
 from visionmoe.train.evaluation import evaluate
 
@@ -54,12 +54,12 @@ def load_run(
     The model is rebuilt from the config stored in the checkpoint and put in eval mode on ``device``
     ("auto": CUDA if available); ``data_dir`` replaces the stored data root (if the data moved).
     """
+    dev = parse_device(device, "device")  # a bad or absent device fails before anything is read
     state = load_checkpoint(checkpoint)
     config = Config.from_dict(state["config"], source=str(checkpoint))
     if data_dir is not None:
         config.data.data_dir = data_dir
     config.validate(saved=True)  # the run's own config: rebuilt as it was, even if a new run would be refused
-    dev = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device)
     splits = load_splits(config.data)
     check_classes(state, splits, checkpoint, config.data)
     example = splits.first_batch(2)
@@ -87,11 +87,13 @@ def evaluate_checkpoint(
     """
     if split not in ("test", "train"):
         raise ValueError(f"split must be 'test' or 'train', got {split!r}")
+    if batch_size is not None and batch_size < 1:
+        raise ValueError(f"batch_size={batch_size!r} is out of range; expected >= 1 (or None: the run's)")
     config, model, splits, state = load_run(checkpoint, data_dir=data_dir, device=device)
     dev = next(model.parameters()).device
     data = splits.test if split == "test" else splits.train
     channels_last = config.train.channels_last and dev.type == "cpu"
-    batch_size = batch_size or config.data.eval_batch_size
+    batch_size = config.data.eval_batch_size if batch_size is None else batch_size
     loader = eval_loader(config.data, splits, data, batch_size, config.train.seed, channels_last)
     flip = config.eval.tta_flip if tta_flip is None else tta_flip
     result = evaluate(model, loader, splits.num_classes, device=dev, tta_flip=flip, bins=config.eval.calibration_bins)

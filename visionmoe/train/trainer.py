@@ -47,7 +47,7 @@ from visionmoe.train.checkpoint import (
     rng_state,
     set_rng_state,
 )
-from visionmoe.train.config import Config, save_config
+from visionmoe.train.config import Config, parse_device, save_config
 from visionmoe.train.data import BatchMixer, Splits, build_loaders, load_splits
 from visionmoe.train.evaluation import evaluate, evaluate_batch_sizes
 from visionmoe.train.logger import RunLogger, epoch_line, progress_bar
@@ -122,8 +122,7 @@ class Trainer:
             self.malloc = keep_freed_memory()
         else:  # the setting is process-wide and cannot be undone by a later run of the same process
             self.malloc = f"{KEPT} (by an earlier run of this process)" if kept() else "allocator defaults"
-        device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if t.device == "auto" else t.device)
-        self.device = self.replica.device(device)
+        self.device = self.replica.device(parse_device(t.device, "train.device"))  # before any data is loaded
         self.use_amp = t.amp and self.device.type == "cuda"
         # Check each step's loss at once (the CPU), or without a host sync at the next log point or save.
         self.eager_finite_check = self.device.type == "cpu"
@@ -155,9 +154,7 @@ class Trainer:
         self.optimizer = build_optimizer(config, self.model)
         self.scheduler = build_scheduler(config, self.optimizer, self.steps_per_epoch, self.total_steps)
         self.mixer = None
-        if d.mixup_alpha > 0 or d.cutmix_alpha > 0:
-            if d.batch_size % 2:
-                raise ValueError(f"mixup/cutmix needs an even data.batch_size, got {d.batch_size}")
+        if d.mixup_alpha > 0 or d.cutmix_alpha > 0:  # an even data.batch_size: Config.validate
             self.mixer = BatchMixer(d.mixup_alpha, d.cutmix_alpha, o.label_smoothing, self.splits.num_classes)
 
         # where training stands: from the start, or from the checkpoint

@@ -132,12 +132,13 @@ def test_export_command_writes_a_checked_program(tmp_path, capsys):
         main(one)  # export_model's ValueError, as one line
 
 
-def test_export_command_loads_weights(tmp_path, capsys):
+@pytest.mark.parametrize("weights", ["checkpoint.pt", "."])  # the file, or the run directory holding it
+def test_export_command_loads_weights(weights, tmp_path, capsys):
     torch.manual_seed(1)
     trained = timm.create_model("cnn_resnet_cifar_moe", width=8)
-    torch.save({"model": trained.state_dict()}, tmp_path / "checkpoint.pt")
+    torch.save({"model": trained.state_dict(), "config": {}}, tmp_path / "checkpoint.pt")  # as training writes
     argv = ["export", "cnn_resnet_cifar_moe", "--kwargs", '{"width": 8}', "--out", str(tmp_path), "--no-onnx"]
-    assert main([*argv, "--weights", str(tmp_path / "checkpoint.pt"), "--static-batch"]) == 0
+    assert main([*argv, "--weights", str(tmp_path / weights), "--static-batch"]) == 0
     program = torch.export.load(tmp_path / "cnn_resnet_cifar_moe.pt2")
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():

@@ -31,6 +31,17 @@ class DemoConfig:
     repeats: int = 5
     threads: int | None = None
 
+    def __post_init__(self) -> None:  # one line naming a bad value, before any router is built
+        sizes = ("batch", "tokens", "dim", "num_experts", "hidden_dim", "k", "clusters", "repeats")
+        if bad := [f"{name}={getattr(self, name)!r}" for name in sizes if getattr(self, name) < 1]:
+            raise ValueError(f"demo {', '.join(bad)}: expected >= 1")
+        if self.k > self.num_experts:
+            raise ValueError(f"demo k={self.k} > num_experts={self.num_experts}: expected 1 <= k <= num_experts")
+        if not self.capacity_factor > 0:
+            raise ValueError(f"demo capacity_factor={self.capacity_factor!r}: expected > 0")
+        if self.threads is not None and self.threads < 1:
+            raise ValueError(f"demo threads={self.threads!r}: expected >= 1 (or None: torch's count)")
+
 
 def clustered_tokens(cfg: DemoConfig) -> torch.Tensor:
     """(B, N, D) tokens from ``clusters`` Gaussian clusters with weights ∝ 1, 1/2, 1/3, ..."""

@@ -31,6 +31,7 @@ The one module of ``analysis/`` that reads a trained run (``train``'s :func:`loa
 from __future__ import annotations
 
 import json
+import math
 import statistics
 from collections.abc import Sequence
 from pathlib import Path
@@ -173,6 +174,11 @@ def analyze_run(
         raise ValueError(
             f"need plane = 0 or >= 2 and density_steps >= 0, got plane={plane}, density_steps={density_steps}"
         )
+    counts = {"samples": samples, "batch_size": batch_size, "top_k": top_k, "trace_probes": trace_probes}
+    if bad := [f"{name}={value!r}" for name, value in counts.items() if value < 1]:
+        raise ValueError(f"{', '.join(bad)} out of range; expected >= 1")
+    if not (math.isfinite(tol) and tol > 0):
+        raise ValueError(f"tol={tol!r} is out of range; expected a finite relative accuracy > 0 (e.g. 1e-3)")
     checkpoint = Path(checkpoint)
     run_dir = checkpoint if checkpoint.is_dir() else checkpoint.parent
     out = Path(out) if out is not None else run_dir

@@ -8,13 +8,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
 from rich.console import Console
 from rich.table import Table
 
-from visionmoe.cli.args import one_line
+from visionmoe.cli.args import one_line, positive_float, positive_int
 from visionmoe.jsonl import write_atomic
 
 
@@ -34,21 +35,25 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     evaluate.add_argument("--checkpoint", required=True, help="checkpoint.pt, or the run directory holding it")
     evaluate.add_argument("--data-dir", default=None, help="the data root, if it moved since training")
     evaluate.add_argument("--split", choices=("test", "train"), default="test")
-    evaluate.add_argument("--batch-size", type=int, default=None)
+    evaluate.add_argument("--batch-size", type=positive_int, default=None, help="default: the run's eval batch size")
     evaluate.add_argument("--tta-flip", action=argparse.BooleanOptionalAction, default=None)
-    evaluate.add_argument("--device", default="auto")
+    evaluate.add_argument("--device", default="auto", help="auto (CUDA where available), cpu or cuda[:N]")
     evaluate.add_argument("--out", default=None, help="where to write the JSON (default: next to the checkpoint)")
     evaluate.set_defaults(func=_eval)
     analyze = sub.add_parser("analyze", help="routing, Hessian sharpness, loss surface and efficiency of a trained run")
     analyze.add_argument("--checkpoint", required=True, help="checkpoint.pt, or the run directory holding it")
     analyze.add_argument("--what", default="routing,hessian,landscape,efficiency", help="comma-separated sections")
-    analyze.add_argument("--samples", type=int, default=1000, help="images in each of the train and test subsets")
+    analyze.add_argument(
+        "--samples", type=positive_int, default=1000, help="images in each of the train and test subsets"
+    )
     analyze.add_argument(
         "--params", default="all", help="Hessian/landscape parameters: all, router, experts, backbone, head"
     )
-    analyze.add_argument("--top-k", type=int, default=3, help="Hessian eigenvalues to compute")
-    analyze.add_argument("--trace-probes", type=int, default=50)
-    analyze.add_argument("--tol", type=float, default=1e-3, help="Lanczos relative accuracy of the eigenvalues")
+    analyze.add_argument("--top-k", type=positive_int, default=3, help="Hessian eigenvalues to compute")
+    analyze.add_argument("--trace-probes", type=positive_int, default=50)
+    analyze.add_argument(
+        "--tol", type=positive_float, default=1e-3, help="Lanczos relative accuracy of the eigenvalues"
+    )
     analyze.add_argument("--density-steps", type=int, default=0, help="> 0: SLQ spectral density with that many steps")
     analyze.add_argument(
         "--directions", default="random", help="1D perturbation directions, comma-separated: random, hessian"
@@ -84,7 +89,11 @@ def _train(args: argparse.Namespace) -> int:
 def _eval(args: argparse.Namespace) -> int:
     from visionmoe.train.trainer import evaluate_checkpoint
 
+    checkpoint = Path(args.checkpoint)
+    default = (checkpoint if checkpoint.is_dir() else checkpoint.parent) / f"eval_{args.split}.json"
+    out = Path(args.out) if args.out else default
     try:
+        _check_writable(out, "--out")  # now, not after the whole evaluation
         result = evaluate_checkpoint(
             args.checkpoint,
             data_dir=args.data_dir,
@@ -122,12 +131,24 @@ def _eval(args: argparse.Namespace) -> int:
                 f"{r['router_entropy']:.2f}",
             )
         console.print(routing)
-    out = Path(args.out) if args.out else Path(args.checkpoint).parent / f"eval_{args.split}.json"
-    if Path(args.checkpoint).is_dir():
-        out = Path(args.out) if args.out else Path(args.checkpoint) / f"eval_{args.split}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
     write_atomic(out, json.dumps(result, indent=2) + "\n")
     console.print(f"wrote {out}")
     return 0
+
+
+def _check_writable(path: Path, option: str) -> None:
+    """Refuse a file path that cannot be written: a directory, or under a file or a directory not writable
+    (its missing parent directories are made when it is written)."""
+    if path.is_dir():
+        raise ValueError(f"{option} {str(path)!r} is a directory; expected a file path")
+    parent = path.absolute().parent
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir():
+        raise ValueError(f"{option} {str(path)!r} is under {str(parent)!r}, a file; expected a directory there")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise ValueError(f"{option} {str(path)!r}: cannot write under {str(parent)!r}; expected a writable directory")
 
 
 def _analyze(args: argparse.Namespace) -> int:

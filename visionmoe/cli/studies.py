@@ -115,7 +115,11 @@ def _key_values(items: list[str]):
         key, sep, value = item.partition("=")
         if not sep:
             raise ValueError(f"--slurm takes key=value, got {item!r}")
-        yield key, yaml.safe_load(value)
+        try:
+            yield key, yaml.safe_load(value)
+        except yaml.YAMLError as error:
+            problem = getattr(error, "problem", None) or type(error).__name__
+            raise ValueError(f"--slurm {item!r}: cannot parse {value!r} as YAML ({problem})") from None
 
 
 def _contrast(text: str) -> tuple[str, str]:

@@ -12,6 +12,7 @@ from rich.console import Console
 from rich.table import Table
 
 from visionmoe.analysis.speed import QUICK_SHAPE, TARGET_SHAPE, fmt, layer_benchmark, machine_info
+from visionmoe.cli.args import positive_float, positive_int, user_errors
 from visionmoe.data.datasets import list_image_folder
 from visionmoe.data.stream import ImageFiles, check_shard_target, write_shards
 from visionmoe.demo import DemoConfig, run
@@ -21,14 +22,16 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     """The parsers of demo, bench and shards."""
     demo = sub.add_parser("demo", help="route one batch through every router and print loads and speed")
     defaults = DemoConfig()
-    for f in fields(DemoConfig):
-        kind = float if f.name == "capacity_factor" else int
+    for f in fields(DemoConfig):  # sizes and counts >= 1; the seed any int
+        kind = positive_float if f.name == "capacity_factor" else int if f.name == "seed" else positive_int
         demo.add_argument(f"--{f.name.replace('_', '-')}", type=kind, default=getattr(defaults, f.name))
     demo.set_defaults(func=_demo)
     bench = sub.add_parser("bench", help="time the MoE layer against dense, einsum and peer packages")
     bench.add_argument("--quick", action="store_true", help="a tiny shape: checks that everything runs")
-    bench.add_argument("--threads", type=int, default=None, help="default: torch's thread count (1 with --quick)")
-    bench.add_argument("--repeats", type=int, default=5)
+    bench.add_argument(
+        "--threads", type=positive_int, default=None, help="default: torch's thread count (1 with --quick)"
+    )
+    bench.add_argument("--repeats", type=positive_int, default=5)
     bench.add_argument("--mode", choices=("fwd", "fwdbwd"), default="fwdbwd")
     bench.set_defaults(func=_bench)
     shards = sub.add_parser(
@@ -40,6 +43,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     shards.set_defaults(func=_shards)
 
 
+@user_errors("demo")
 def _demo(args: argparse.Namespace) -> int:
     cfg = DemoConfig(**{f.name: getattr(args, f.name) for f in fields(DemoConfig)})
     if cfg.threads:
@@ -75,6 +79,7 @@ def _demo(args: argparse.Namespace) -> int:
     return 0
 
 
+@user_errors("bench")
 def _bench(args: argparse.Namespace) -> int:
     shape = QUICK_SHAPE if args.quick else TARGET_SHAPE
     # --quick checks that everything runs: 1 thread, so a shared CPU can't stall OpenMP barriers.

@@ -82,7 +82,14 @@ def parse_axis(text: str) -> tuple[str, list[Any]] | None:
     parts.append(values[start:])
     if len(parts) == 1:
         return None
-    return key, [yaml.safe_load(p) for p in parts]
+    parsed = []
+    for part in parts:
+        try:
+            parsed.append(yaml.safe_load(part))
+        except yaml.YAMLError as error:
+            problem = getattr(error, "problem", None) or type(error).__name__
+            raise ValueError(f"override {text!r}: cannot parse the value {part!r} as YAML ({problem})") from None
+    return key, parsed
 
 
 def parse_seeds(text: str) -> tuple[int, ...]:

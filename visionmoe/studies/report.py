@@ -81,6 +81,8 @@ def write_report(
     table = load_runs(paths)
     if table.empty:
         raise ValueError(f"no finished runs (summary.json) under {[str(p) for p in paths]}")
+    if metric not in (valid := metric_columns(table)):
+        raise ValueError(f"metric {metric!r} is not a numeric column of the runs table; expected one of {valid}")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     configs = summarize(table, metric)
@@ -119,6 +121,16 @@ def write_report(
     (out / "tables.tex").write_text("\n\n".join(latex) + "\n")
     files["markdown"], files["latex"] = out / "report.md", out / "tables.tex"
     return files
+
+
+NOT_METRICS = ("study", "config", "reference", "is_twin", "seed", "model", "dataset", "stopped", "run")
+"""Columns of :func:`~visionmoe.studies.stats.load_runs`' table that name a run rather than measure it."""
+
+
+def metric_columns(table: pd.DataFrame) -> list[str]:
+    """The columns ``write_report(metric=...)`` can summarise: the numeric ones that measure a run (no axes)."""
+    skip = {*NOT_METRICS, *axis_columns(table)}
+    return [c for c in table.columns if c not in skip and pd.api.types.is_numeric_dtype(table[c])]
 
 
 def _overview_plot(pairs: pd.DataFrame, out: Path) -> Path:

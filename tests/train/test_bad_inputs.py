@@ -252,3 +252,12 @@ def test_train_command_turns_a_runtime_error_of_its_setup_into_one_line(monkeypa
     with pytest.raises(SystemExit) as e:
         main(["train"])
     assert e.value.code == "visionmoe train: Trying to create tensor with negative dimension -8: [-8, 3, 3, 3]"
+
+
+@pytest.mark.parametrize("name", ["a/b", "../../x", "..", "."])
+def test_a_run_name_that_is_not_a_directory_name_is_refused(name):
+    # train.run_name=../../x put the run outside train.out_dir (a sweep's runs, or another run's files)
+    with pytest.raises(ValueError) as e:
+        load_config("cifar10_moe", [f"train.run_name={name}"])
+    assert f"train.run_name={name!r}" in one_line(e) and "directory name" in str(e.value)
+    assert load_config("cifar10_moe", ["train.run_name=k=2,twin=flops-s0"]).train.run_name == "k=2,twin=flops-s0"

@@ -253,6 +253,11 @@ class Config:
                 f"data.batch_size={d.batch_size!r} is odd; mixup/cutmix (data.mixup_alpha={d.mixup_alpha!r}, "
                 f"data.cutmix_alpha={d.cutmix_alpha!r}) expected an even batch size"
             )
+        if t.run_name is not None and (t.run_name in (".", "..") or any(c in t.run_name for c in "/\\")):
+            raise ValueError(
+                f"train.run_name={t.run_name!r}; expected a directory name (no '/', not '.' or '..'): "
+                "the run's directory is train.out_dir/train.run_name"
+            )
         parse_device(t.device, "train.device", here=False)  # whether this machine has it: the Trainer's check
         if list(o.milestones) != sorted(o.milestones) or any(m <= 0 for m in o.milestones):
             raise ValueError(f"optim.milestones={o.milestones!r}; expected increasing epochs > 0")

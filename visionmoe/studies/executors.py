@@ -118,7 +118,7 @@ def execute_slurm(plan: SweepPlan, todo: Sequence[Run], finish: Finish) -> None:
         raise ImportError(
             "the slurm executor needs submitit, which is not installed: pip install 'visionmoe[slurm]'"
         ) from None
-    executor = submitit.AutoExecutor(folder=str(plan.out.expanduser() / "slurm" / "%j"))
+    executor = submitit.AutoExecutor(folder=str(plan.root / "slurm" / "%j"))
     executor.update_parameters(**{"name": "visionmoe-sweep", **plan.slurm})
     jobs = {}
 

@@ -124,6 +124,12 @@ PER_RUN = {
 """Config keys a sweep sets for each run, after every other override: setting them otherwise has no effect."""
 
 
+def refuse_per_run(override: str) -> None:
+    """Raise if ``override`` (``key=value``, or a key) sets a key of :data:`PER_RUN`: it would have no effect."""
+    if (key := override.partition("=")[0].strip()) in PER_RUN:
+        raise ValueError(f"{override}: the sweep sets {key} for each run ({PER_RUN[key]})")
+
+
 def axis_keys(grids: Sequence[Mapping[str, Any]]) -> dict[str, str]:
     """Config key -> the axis that sets it: a key axis's own key, and every key a named axis's bundles set."""
     keys: dict[str, str] = {}
@@ -299,8 +305,7 @@ class Sweep:
         if unknown := sorted(set(baseline) - set(axes)):
             raise ValueError(f"baseline axis {unknown} is not an axis of the sweep; axes: {list(axes)}")
         for override in (*self.overrides, *axis_keys(self.grids)):
-            if (key := override.partition("=")[0].strip()) in PER_RUN:
-                raise ValueError(f"{override}: the sweep sets {key} for each run ({PER_RUN[key]})")
+            refuse_per_run(override)
         runs = []
         for seed in self.seeds if seeds is None else seeds:
             for cell in cells:

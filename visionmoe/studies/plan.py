@@ -83,6 +83,11 @@ class SweepPlan:
         )
 
     @property
+    def root(self) -> Path:
+        """Where the sweep's files go: ``out`` as given (recorded so), with a ``~`` expanded."""
+        return self.out.expanduser()
+
+    @property
     def runtime(self) -> tuple[str, ...]:
         """Overrides every run gets that change no result: its share of the cores, no progress bar."""
         return (f"train.threads={self.threads}", "train.progress=false")

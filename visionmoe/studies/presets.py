@@ -36,7 +36,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
-from visionmoe.studies.grid import PER_RUN, axis_keys
+from visionmoe.studies.grid import axis_keys, refuse_per_run
 from visionmoe.studies.sweep import Sweep, parse_axis
 
 BASE = "cifar10_moe"  # the recipe every CIFAR study trains by
@@ -90,16 +90,16 @@ def extend(sweep: Sweep, overrides: Sequence[str]) -> Sweep:
     """``sweep`` with more fixed overrides, and ``key=a,b`` overrides as a further axis of every grid.
 
     An override the sweep would silently replace is refused: a key one of its axes sets (the axis values
-    are applied after the fixed overrides), a key the sweep sets per run (:data:`~visionmoe.studies.grid.PER_RUN`),
-    and ``model.dense_twin`` in a sweep with twins (its MoE runs would train the twin).
+    are applied after the fixed overrides), a key the sweep sets per run
+    (:func:`~visionmoe.studies.grid.refuse_per_run`), and ``model.dense_twin`` in a sweep with twins (its MoE
+    runs would train the twin).
     """
     fixed, axes = [], {}
     by_axes = axis_keys(sweep.grids)
     for item in overrides:
         axis = parse_axis(item)
         key = (axis[0] if axis else item.partition("=")[0]).strip()
-        if key in PER_RUN:
-            raise ValueError(f"{item}: the sweep sets {key} for each run ({PER_RUN[key]})")
+        refuse_per_run(item)
         if key == "model.dense_twin" and sweep.twins:
             raise ValueError(f"{item}: this sweep pairs each configuration with its dense twin, which sets {key}")
         if key in by_axes:

@@ -91,8 +91,7 @@ def run_sweep(
     plan = SweepPlan.make(
         sweep, out, seeds=seeds, jobs=jobs, retries=retries, executor=executor, cores=cores, slurm=slurm, reuse=reuse
     )
-    root = plan.out.expanduser()  # plan.out as given; the files go where it points
-    with sweep_lock(root):  # SweepBusy when another sweep runs here
+    with sweep_lock(plan.root):  # SweepBusy when another sweep runs here
         return _run_sweep(plan, echo)
 
 
@@ -105,12 +104,11 @@ def recorded_seeds(out: str | Path) -> list[int]:
 
 
 def _run_sweep(plan: SweepPlan, echo: Callable[[str], Any]) -> pd.DataFrame:
-    root = plan.out.expanduser()
     record = plan.to_dict()
-    before = recorded_seeds(root)  # a sweep run seed by seed: sweep.json names every seed it has run
+    before = recorded_seeds(plan.root)  # a sweep run seed by seed: sweep.json names every seed it has run
     record["seeds"] = sorted({*before, *record["seeds"]})
-    write_atomic(root / SWEEP_FILE, json.dumps(record, indent=2) + "\n")
-    manifest = Manifest(root, plan.runs)
+    write_atomic(plan.root / SWEEP_FILE, json.dumps(record, indent=2) + "\n")
+    manifest = Manifest(plan.root, plan.runs)
     todo, finished_before = _check_runs(plan, manifest)
     reused = adopt_finished(todo, plan.reuse, plan.runtime) if plan.reuse else []
     for run, source in reused:

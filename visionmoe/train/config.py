@@ -286,25 +286,28 @@ class Config:
                 raise ValueError(
                     f"{key}={value!r} would be ignored: data.dataset={d.dataset!r} {reason}; expected {expected}"
                 )
-        if o.milestones and o.schedule != "step":
-            raise ValueError(
-                f"optim.milestones={list(o.milestones)!r} would be ignored by optim.schedule={o.schedule!r}; "
-                "set optim.schedule=step, or optim.milestones=[]"
-            )
+        # Settings only some schedules read.
+        by_schedule = [
+            ("optim.milestones", list(o.milestones), bool(o.milestones), ("step",), "optim.milestones=[]"),
+            ("optim.gamma", o.gamma, o.gamma != OptimConfig.gamma, ("step",), f"optim.gamma={OptimConfig.gamma}"),
+            (
+                "optim.min_lr_ratio",
+                o.min_lr_ratio,
+                o.min_lr_ratio != OptimConfig.min_lr_ratio,
+                ("cosine", "linear"),
+                f"optim.min_lr_ratio={OptimConfig.min_lr_ratio}",
+            ),
+        ]
+        for key, value, set_, readers, default in by_schedule:
+            if set_ and o.schedule not in readers:
+                raise ValueError(
+                    f"{key}={value!r} would be ignored by optim.schedule={o.schedule!r} (only "
+                    f"{' and '.join(map(repr, readers))} read it); set optim.schedule={readers[0]}, or {default}"
+                )
         if late := [m for m in o.milestones if m >= t.epochs]:
             raise ValueError(
                 f"optim.milestones={list(o.milestones)!r} would be ignored past train.epochs={t.epochs!r} "
                 f"({late} never reached); expected milestones < train.epochs"
-            )
-        if o.gamma != OptimConfig.gamma and o.schedule != "step":
-            raise ValueError(
-                f"optim.gamma={o.gamma!r} would be ignored by optim.schedule={o.schedule!r} (only 'step' reads it); "
-                f"set optim.schedule=step, or leave optim.gamma at {OptimConfig.gamma}"
-            )
-        if o.min_lr_ratio != OptimConfig.min_lr_ratio and o.schedule in ("constant", "step"):
-            raise ValueError(
-                f"optim.min_lr_ratio={o.min_lr_ratio!r} would be ignored by optim.schedule={o.schedule!r} "
-                f"(only 'cosine' and 'linear' decay to it); leave it at {OptimConfig.min_lr_ratio}"
             )
         from visionmoe.train.build import check_model_config  # the model section, on the meta device (a cycle)
 

@@ -301,8 +301,8 @@ class Config:
         for key, value, set_, readers, default in by_schedule:
             if set_ and o.schedule not in readers:
                 raise ValueError(
-                    f"{key}={value!r} would be ignored by optim.schedule={o.schedule!r} (only "
-                    f"{' and '.join(map(repr, readers))} read it); set optim.schedule={readers[0]}, or {default}"
+                    f"{key}={value!r} would be ignored by optim.schedule={o.schedule!r} (read by "
+                    f"{' and '.join(map(repr, readers))} only); set optim.schedule={readers[0]}, or {default}"
                 )
         if late := [m for m in o.milestones if m >= t.epochs]:
             raise ValueError(

@@ -166,15 +166,13 @@ def build_model(
     """A visionmoe model through timm's ``build_model_with_cfg`` (pretrained_cfg, features_only, weights)."""
     kwargs = {**defaults, **kwargs}
     pretrained, overlay = _weights_source(pretrained, kwargs)
-    cfg = resolve_pretrained_cfg(name, kwargs.get("pretrained_cfg"), overlay).to_dict()
     extra = {}
-    if pretrained:
-        extra = {
-            "pretrained_filter_fn": _keep_own_classifier(None, cfg.get("classifier")),
-            "pretrained_cfg_overlay": {**overlay, "num_classes": kwargs.get("num_classes", cfg["num_classes"])},
-        }
+    if pretrained:  # the file's classifier is judged by its shape (_keep_own_classifier), not the cfg's class count
+        cfg = resolve_pretrained_cfg(name, kwargs.get("pretrained_cfg"), overlay).to_dict()
+        overlay = {**overlay, "num_classes": kwargs.get("num_classes", cfg["num_classes"])}
+        extra["pretrained_filter_fn"] = _keep_own_classifier(None, cfg.get("classifier"))
     return build_model_with_cfg(
-        cls, name, pretrained, **{"pretrained_cfg_overlay": overlay, **extra}, feature_cfg=dict(feature_cfg), **kwargs
+        cls, name, pretrained, pretrained_cfg_overlay=overlay, feature_cfg=dict(feature_cfg), **extra, **kwargs
     )
 
 

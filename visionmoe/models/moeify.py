@@ -72,14 +72,19 @@ class MoEMlp(nn.Module):
 
 def mlp_blocks(model: nn.Module) -> list[tuple[str, nn.Module]]:
     """The MoE-able blocks of ``model`` in module order: sub-modules whose ``mlp`` is a two-layer MLP."""
-    blocks = []
+    return [(name, module) for name, module, why in _blocks_with_mlps(model) if why is None]
+
+
+def _blocks_with_mlps(model: nn.Module) -> list[tuple[str, nn.Module, str | None]]:
+    """Sub-modules whose ``mlp`` has fc1/act/fc2, each with why it cannot become experts (None: it can)."""
+    found = []
     for name, module in model.named_modules():
         if name.split(".")[0] in _NOT_BLOCKS:
             continue
         mlp = getattr(module, "mlp", None)
-        if isinstance(mlp, (nn.Module)) and _is_two_layer_mlp(mlp) and _not_replaceable(mlp) is None:
-            blocks.append((name, module))
-    return blocks
+        if isinstance(mlp, nn.Module) and _is_two_layer_mlp(mlp):
+            found.append((name, module, _not_replaceable(mlp)))
+    return found
 
 
 def moeify(
@@ -114,12 +119,12 @@ def moeify(
     config = MoEConfig.coerce(moe)
     if upcycle_noise < 0:
         raise ValueError(f"upcycle_noise must be >= 0, got upcycle_noise={upcycle_noise}")
-    blocks = mlp_blocks(model)
+    candidates = _blocks_with_mlps(model)
+    blocks = [(name, module) for name, module, why in candidates if why is None]
     if not blocks:
-        for module in model.modules():  # MLPs that look like fc1/act/fc2 but are more
-            mlp = getattr(module, "mlp", None)
-            if isinstance(mlp, nn.Module) and _is_two_layer_mlp(mlp) and (why := _not_replaceable(mlp)):
-                raise ValueError(f"moeify cannot replace {type(mlp).__name__} ({why}): only fc1 -> act -> fc2 MLPs")
+        if candidates:  # MLPs that look like fc1/act/fc2 but are more
+            _, module, why = candidates[0]
+            raise ValueError(f"moeify cannot replace {type(module.mlp).__name__} ({why}): only fc1 -> act -> fc2 MLPs")
         kinds = sorted({type(m).__name__ for m in model.modules() if m is not model})[:6]
         raise ValueError(
             f"moeify found no block with an MLP (an `mlp` with fc1/act/fc2) in {type(model).__name__} "

@@ -30,3 +30,12 @@ def test_check_finite_counts_nan_and_inf():
     bad = torch.tensor([1.0, float("nan"), float("inf"), float("-inf")])
     with pytest.raises(FloatingPointError, match=r"^the loss is not finite: 1 NaN and 2 inf of 4 values$"):
         check_finite(bad, "the loss")
+    # one bad value anywhere, of any kind and dtype, is found (the check is one min/max reduction)
+    for dtype in (torch.float32, torch.float64, torch.bfloat16):
+        for value in (float("nan"), float("inf"), float("-inf")):
+            x = torch.randn(257, 8).to(dtype)
+            x[200, 5] = value
+            with pytest.raises(FloatingPointError, match="is not finite"):
+                check_finite(x, "x")
+    check_finite(torch.empty(0), "nothing")
+    check_finite(torch.arange(3), "ints")

@@ -138,6 +138,12 @@ def test_default_cfg_features_head_and_pooling(name):
     if not name.startswith("convnext"):
         with pytest.raises(ValueError, match=r"global_pool='' .*needs num_classes=0"):
             model.reset_classifier(10, "")
+        model.reset_classifier(10)  # a classifier again, with the model's own pooling back (as timm's heads)
+        assert model.num_classes == 10 and model.global_pool == model.default_pool
+        with torch.no_grad():
+            assert model(x).shape == (1, 10)
+        with pytest.raises(ValueError, match=r"num_classes must be an int >= 0.*num_classes=-1"):
+            model.reset_classifier(-1)
 
 
 @pytest.mark.parametrize("name", MODELS)

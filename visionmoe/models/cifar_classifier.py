@@ -57,11 +57,16 @@ class CifarClassifier(nn.Module):
     def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
         """Replace the final Linear (``num_classes=0``: none, the model returns pre-logit features).
 
-        ``global_pool``: None keeps the current pooling; the model's own ("avg" or "max"), or ""
-        for none (the model then returns the (B, C, H, W) map, so it needs ``num_classes=0``).
+        ``global_pool``: None keeps the current pooling (or, from none, restores the model's own when a
+        classifier comes back); the model's own ("avg" or "max"), or "" for none (the model then returns
+        the (B, C, H, W) map, so it needs ``num_classes=0``).
         """
+        if not (isinstance(num_classes, int) and not isinstance(num_classes, bool) and num_classes >= 0):
+            raise ValueError(f"num_classes must be an int >= 0 (0: no classifier), got num_classes={num_classes!r}")
         if global_pool is None:
             global_pool = getattr(self, "global_pool", self.default_pool)
+            if global_pool == "" and num_classes > 0:  # as timm's heads: a classifier needs its pooling back
+                global_pool = self.default_pool
         allowed = (self.default_pool, "") if self.unpooled_ok else (self.default_pool,)
         if global_pool not in allowed:
             raise ValueError(f"{type(self).__name__} takes global_pool in {allowed}; got global_pool={global_pool!r}")

@@ -193,6 +193,16 @@ def test_bad_moe_stages(name, bad):
     assert "'all', 'none'" in message and "-3..2" in message
 
 
+@pytest.mark.parametrize("bad", [0, -1, 0.05, "2"])
+@pytest.mark.parametrize("name", ["cnn_resnet_cifar_moe", "cnn_dw_cifar", "cnn_dw_cifar_moe"])
+def test_bad_hidden_ratio(name, bad):
+    # 0.05 · 8 rounds down to no hidden unit in the first stage: refused, not a zero-channel FFN
+    with pytest.raises(ValueError) as error:
+        timm.create_model(name, width=8, depths=(1, 1, 1), hidden_ratio=bad)
+    message = str(error.value)
+    assert "\n" not in message and f"hidden_ratio={bad!r}" in message and "at width 8" in message
+
+
 def test_moe_overrides_merge_with_the_head_defaults():
     model = tiny("resnet18_cifar_sparse_head", moe={"num_experts": 8})
     [(_, moe)] = visionmoe.moe_layers(model)

@@ -40,6 +40,7 @@ from visionmoe.models.conv_blocks import (
     MoEStages,
     Stage,
     check_depths,
+    hidden_width,
     resolve_stages,
 )
 from visionmoe.models.registry import build_model, cifar_cfg, register_model
@@ -98,7 +99,7 @@ class CifarResNetMoE(CifarClassifier):
             for b in range(depth):
                 stride = 2 if i > 0 and b == 0 else 1
                 stage_moe = config if i in self.moe_stages else None
-                blocks.append(ConvBlock(in_dim, dim, int(hidden_ratio * dim), stride=stride, moe=stage_moe))
+                blocks.append(ConvBlock(in_dim, dim, hidden_width(hidden_ratio, dim), stride=stride, moe=stage_moe))
                 in_dim = dim
             stages.append(Stage(blocks))
         self.stages = nn.Sequential(*stages)
@@ -153,7 +154,7 @@ class CifarDepthwiseMoE(CifarClassifier):
             if i > 0:
                 downsample = nn.Sequential(nn.BatchNorm2d(in_dim), nn.Conv2d(in_dim, dim, 2, stride=2))
             stage_moe = config if i in self.moe_stages else None
-            hidden = int(hidden_ratio * dim)
+            hidden = hidden_width(hidden_ratio, dim)
             blocks = [DepthwiseBlock(dim, hidden, kernel_size=kernel_size, moe=stage_moe) for _ in range(depth)]
             stages.append(Stage(blocks, downsample))
             in_dim = dim

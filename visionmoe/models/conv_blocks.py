@@ -41,6 +41,17 @@ def check_depths(depths: Sequence[int]) -> None:
         raise ValueError(f"depths must be a non-empty sequence of ints >= 1 (blocks per stage), got {depths!r}")
 
 
+def hidden_width(hidden_ratio: float, dim: int) -> int:
+    """The FFN (and expert) width ``int(hidden_ratio · dim)`` of a stage of width ``dim``; at least 1."""
+    hidden = int(hidden_ratio * dim) if isinstance(hidden_ratio, (int, float)) and hidden_ratio > 0 else 0
+    if hidden < 1:
+        raise ValueError(
+            f"hidden_ratio must be a number > 0 giving each FFN at least one hidden unit, got "
+            f"hidden_ratio={hidden_ratio!r} (at width {dim}: int(hidden_ratio · {dim}) must be >= 1)"
+        )
+    return hidden
+
+
 class ConvFFN(nn.Module):
     """Pointwise FFN on feature maps: 1×1 conv dim → hidden, activation, 1×1 conv hidden → dim.
 

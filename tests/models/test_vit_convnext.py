@@ -1,6 +1,7 @@
 """ViT and ConvNeXt MoE models, placement, and moeify on timm models."""
 
 import copy
+import pickle
 
 import pytest
 import timm
@@ -205,6 +206,26 @@ def test_moeify_keeps_the_mlps_dropout():
     with torch.no_grad():
         assert not torch.equal(mlp.train()(x), mlp(x))  # stochastic in training
         assert torch.equal(mlp.eval()(x), mlp(x))
+
+
+def test_moeify_names_the_experts_biases_for_timms_optimizer():
+    # A plain timm model keeps timm's no_weight_decay(); moeify adds the experts' stacked (E, H) / (E, D)
+    # biases, which timm's create_optimizer_v2 would otherwise decay (ndim > 1, no ".bias" suffix).
+    from timm.optim import create_optimizer_v2
+
+    vit = timm.create_model("vit_tiny_patch16_224", img_size=32, depth=2, embed_dim=32, num_heads=2)
+    timm_names = set(vit.no_weight_decay())
+    moeify(vit, "all", {"num_experts": 2})
+    biases = {n for n, _ in vit.named_parameters() if n.endswith((".experts.b1", ".experts.b2"))}
+    assert len(biases) == 4 and vit.no_weight_decay() == timm_names | biases
+    groups = create_optimizer_v2(vit, "sgd", weight_decay=0.1).param_groups
+    undecayed = next(g for g in groups if g["weight_decay"] == 0)
+    assert {id(p) for n, p in vit.named_parameters() if n in biases} <= {id(p) for p in undecayed["params"]}
+    for copied in (copy.deepcopy(vit), pickle.loads(pickle.dumps(vit))):
+        assert copied.no_weight_decay() == vit.no_weight_decay()
+    convnext = timm.create_model("convnext_atto")  # no no_weight_decay of its own
+    moeify(convnext, "last-2", {"num_experts": 2})
+    assert convnext.no_weight_decay() == {n for n, _ in convnext.named_parameters() if ".experts.b" in n}
 
 
 def test_moeify_generic_model_with_mlp_blocks():

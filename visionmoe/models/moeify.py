@@ -42,6 +42,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from visionmoe.layers.experts import expert_bias_names
 from visionmoe.layers.moe import MoE, MoEConfig
 from visionmoe.models.placement import Placement, resolve_placement
 
@@ -133,7 +134,32 @@ def moeify(
     for index in resolve_placement(placement, len(blocks)):
         _, block = blocks[index]
         block.mlp = _moe_from_mlp(block.mlp, config, hidden_dim, upcycle, upcycle_noise)
+    _name_expert_biases(model)
     return model
+
+
+class NoWeightDecay:
+    """The ``no_weight_decay()`` that :func:`moeify` gives a model whose own does not name the experts'
+    biases (a plain timm model): its names, plus the biases. A picklable callable with a fixed set, set on
+    the instance (the model's class is left alone)."""
+
+    def __init__(self, names: set[str]) -> None:
+        self.names = frozenset(names)
+
+    def __call__(self) -> set[str]:
+        return set(self.names)
+
+    def __repr__(self) -> str:
+        return f"NoWeightDecay({sorted(self.names)})"
+
+
+def _name_expert_biases(model: nn.Module) -> None:
+    """Make ``model.no_weight_decay()`` name the experts' stacked biases, which optimisers that skip decay
+    by rank or by a ``.bias`` suffix (timm's ``create_optimizer_v2``) would otherwise decay."""
+    own = set(model.no_weight_decay()) if callable(getattr(model, "no_weight_decay", None)) else set()
+    biases = expert_bias_names(model)
+    if not biases <= own:
+        model.no_weight_decay = NoWeightDecay(own | biases)
 
 
 _MLP_PARTS = {"fc1", "act", "fc2", "norm", "drop", "drop1", "drop2"}

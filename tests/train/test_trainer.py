@@ -86,6 +86,9 @@ def test_resume_after_a_kill_is_bit_identical(cifar10_root, tmp_path):
     summaries = [json.loads((tmp_path / name / "summary.json").read_text()) for name in ("full", "cut")]
     profile = ("total_params", "active_params", "flops_per_image", "expert_flops_per_image", "rho", "rho_nominal")
     assert [{k: s[k] for k in profile} for s in summaries[:1]] == [{k: s[k] for k in profile} for s in summaries[1:]]
+    # the best accuracy so far is resumed too (epoch 1's, kept in the checkpoint), not restarted from 0
+    assert resumed.best_top1 == full.best_top1 == max(r["test"]["top1"] for r in results("full") if "test" in r)
+    assert summaries[1]["best_top1"] == summaries[0]["best_top1"]
 
 
 def test_resume_keeps_the_thread_count_the_run_trained_with(cifar10_root, tmp_path):

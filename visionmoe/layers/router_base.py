@@ -5,7 +5,7 @@ capacity settings. The routers themselves and their registry are in :mod:`vision
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -100,6 +100,13 @@ class Router(nn.Module):
         if not self.aux_loss_weights:
             return x.new_zeros((), dtype=torch.float32), {}
         pooled = {k: _pool_groups(v) for k, v in losses_inputs.items()}
+        return self._weighted_aux(x, lambda name, reduce: self._aux_loss(name, reduce=reduce, **pooled))
+
+    def _weighted_aux(
+        self, x: Tensor, loss_of: Callable[[str, Callable[[Tensor], Tensor] | None], Tensor]
+    ) -> tuple[Tensor, dict[str, Tensor]]:
+        """Σ weight · ``loss_of(name, reduce)`` over the enabled aux losses, and each loss detached;
+        ``reduce`` sums a per-expert statistic over the ranks of :func:`set_aux_loss_group` (or is None)."""
         reduce = None
         if self.aux_group is not None and self.training:  # the global batch's losses (set_aux_loss_group)
             from torch.distributed.nn.functional import all_reduce  # differentiable: its backward sums too
@@ -109,7 +116,7 @@ class Router(nn.Module):
         total = x.new_zeros((), dtype=torch.float32)
         logged = {}
         for name, weight in self.aux_loss_weights.items():
-            value = self._aux_loss(name, reduce=reduce, **pooled)
+            value = loss_of(name, reduce)
             total = total + weight * value
             logged[name] = value.detach()
         return total, logged

@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from visionmoe import native
 from visionmoe.layers.router_base import (
     SAME,
     Capacity,
@@ -36,6 +37,9 @@ from visionmoe.routing import (
     sparse_ot_plan,
     token_choice,
 )
+from visionmoe.routing.losses import cv_squared_loss
+from visionmoe.routing.plan import Routing
+from visionmoe.routing.token_choice import renormalized
 
 
 class TopKRouter(Capacity, LinearRouter):
@@ -52,6 +56,11 @@ class TopKRouter(Capacity, LinearRouter):
         renormalize: renormalise each token's kept gates to sum to 1.
         aux_loss_weights: by default importance 0.005 and load 0.005 (load only with noise).
         mlp_hidden_dim: None for the linear gate; an int M for an MLP gate D → M → E.
+
+    On the CPU the routing after the logits (noise, softmax, top-k, capacity positions, gate weights,
+    importance and load sums) runs as one native pass forward and one backward where it applies
+    (:meth:`fused`, :mod:`visionmoe.native`): the same plan and, to float rounding, the same gates,
+    losses and gradients as the ATen operators, which run everywhere else.
     """
 
     name = "topk"
@@ -115,8 +124,26 @@ class TopKRouter(Capacity, LinearRouter):
         """Scores the top-k is taken on; None means the gates themselves."""
         return None
 
+    FUSED_AUX_LOSSES = frozenset({"importance", "load"})
+
+    def fused(self, logits: Tensor) -> bool:
+        """Whether :meth:`forward` takes the fused native router (:func:`visionmoe.native.topk_router`):
+        plain softmax top-k (not a subclass's selection), no Batch Prioritized Routing, aux losses among
+        importance and load (the defaults), E a multiple of 8, k <= 64, and float32 CPU logits with the
+        kernel built."""
+        return (
+            type(self).select is TopKRouter.select
+            and self.num_experts % native.LANES == 0
+            and not self.batch_priority
+            and set(self.aux_loss_weights) <= self.FUSED_AUX_LOSSES
+            and self.k <= native.MAX_K
+            and native.usable(logits)
+        )
+
     def forward(self, x: Tensor) -> RouterOutput:
         logits = self.logits(x)  # (G, S, E)
+        if self.fused(logits):
+            return self._forward_fused(logits)
         noisy = logits
         if self.training and self.noise_std > 0:
             noisy = logits + self.noise_std * torch.randn_like(logits)
@@ -134,6 +161,25 @@ class TopKRouter(Capacity, LinearRouter):
         aux, logged = self._aux(
             x, logits=logits, gates=gates, noisy_logits=noisy, expert=first, k=self.k, noise_std=self.noise_std
         )
+        return RouterOutput(plan, aux, logged, gates)
+
+    def _forward_fused(self, logits: Tensor) -> RouterOutput:
+        """:meth:`forward` in one native pass each way; the same plan, losses and gates to float rounding."""
+        G, S, E = logits.shape
+        noise = torch.randn_like(logits) if self.training and self.noise_std > 0 else None  # the same draws
+        capacity = self.group_capacity(S)
+        load = "load" in self.aux_loss_weights
+        gates, weight, importance, load_sums, expert, position, kept = native.topk_router(
+            logits, noise, self.noise_std, self.k, capacity, load
+        )
+        if capacity is None:
+            capacity = int(position.max()) + 1 if position.numel() else 1
+        token = torch.arange(S).repeat(G, self.k)  # (G, K·S): token s for every choice j
+        if self.renormalize:
+            weight = renormalized(weight, token, S)
+        plan = Routing(token, expert, position, weight, kept, S, E, capacity, choices=self.k)
+        sums = {"importance": importance, "load": load_sums}
+        aux, logged = self._weighted_aux(logits, lambda name, reduce: cv_squared_loss(sums[name], reduce))
         return RouterOutput(plan, aux, logged, gates)
 
 

@@ -45,7 +45,7 @@ def importance_loss(gates: Tensor, reduce: Reduce | None = None) -> Tensor:
     Imp_e = Σ_s gate_{s,e} (the gates before top-k), loss = CV(Imp)² = (std(Imp) / mean(Imp))².
     gates: (G, S, E).
     """
-    return _cv_squared(gates.sum(dim=1) if reduce is None else reduce(gates.sum(dim=1)))
+    return cv_squared_loss(gates.sum(dim=1), reduce)
 
 
 def load_loss(logits: Tensor, noisy_logits: Tensor, noise_std: float, k: int, reduce: Reduce | None = None) -> Tensor:
@@ -61,7 +61,14 @@ def load_loss(logits: Tensor, noisy_logits: Tensor, noise_std: float, k: int, re
     threshold = _kth_largest(noisy_logits.detach(), k)  # (G, S, 1)
     z = (threshold - logits) / noise_std
     p = 0.5 * torch.erfc(z / math.sqrt(2.0))  # 1 - Φ(z), accurate in the tail
-    return _cv_squared(p.sum(dim=1) if reduce is None else reduce(p.sum(dim=1)))
+    return cv_squared_loss(p.sum(dim=1), reduce)
+
+
+def cv_squared_loss(per_expert: Tensor, reduce: Reduce | None = None) -> Tensor:
+    """CV² of (G, E) per-expert sums over tokens, averaged over G, the sums first added up over processes
+    by ``reduce``: the importance loss given Σ_s gate (:func:`importance_loss`), the load loss given Σ_s p
+    (:func:`load_loss`), for a router that forms those sums itself (the fused top-k router)."""
+    return _cv_squared(per_expert if reduce is None else reduce(per_expert))
 
 
 def _kth_largest(x: Tensor, k: int) -> Tensor:

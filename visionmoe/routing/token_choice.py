@@ -59,7 +59,11 @@ def token_choice(
     kept = position < capacity
     weight = gates.reshape(G, S * E).gather(1, token * E + expert) * kept  # (G, A): gate of (s, e)
     if renormalize:
-        # Sum of kept gates per token, scattered back to its assignments (tokens with none keep 0).
-        total = torch.zeros(G, S, dtype=weight.dtype, device=weight.device).scatter_add(1, token, weight)
-        weight = weight / total.gather(1, token).clamp_min(torch.finfo(weight.dtype).tiny)
+        weight = renormalized(weight, token, S)
     return Routing(token, expert, position, weight, kept, S, E, capacity, choices=k)
+
+
+def renormalized(weight: Tensor, token: Tensor, num_tokens: int) -> Tensor:
+    """(G, A) kept gate weights divided by their sum per token (tokens with none keep 0)."""
+    total = weight.new_zeros(weight.shape[0], num_tokens).scatter_add(1, token, weight)  # (G, S)
+    return weight / total.gather(1, token).clamp_min(torch.finfo(weight.dtype).tiny)

@@ -1,0 +1,171 @@
+"""The fused native top-k router (visionmoe.native): the ATen router's plan, losses and gradients."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from visionmoe import MoE, native
+from visionmoe.layers import einsum_moe
+
+needs_kernel = pytest.mark.skipif(not native.available(), reason=f"no native kernel: {native.unavailable_reason()}")
+
+CASES = [
+    {},  # the CNN default: E = 8, noisy top-2, capacity factor 1.25, importance and load losses
+    {"k": 1, "capacity_factor": 0.5},
+    {"k": 3, "capacity_factor": None},  # dropless
+    {"k": 2, "router_options": {"noise_std": 0.0}},  # no noise: importance loss only
+    {"k": 2, "router_options": {"renormalize": True}},
+    {"k": 2, "aux_loss_weights": {"load": 0.3}},
+    {"k": 2, "aux_loss_weights": {}},
+    {"k": 2, "router_options": {"mlp_hidden_dim": 5}},
+    {"k": 2, "groups": "batch"},
+    {"k": 2, "groups": 12},
+    {"num_experts": 16, "k": 2, "capacity_factor": 1.0},
+]
+
+
+def routed_twice(layer: MoE, x: torch.Tensor):
+    """Forward and backward of ``layer`` with the fused router and with the ATen one, on the same noise."""
+    runs = []
+    for fused in (True, False):
+        with torch.random.fork_rng():
+            torch.manual_seed(1)
+            if fused:
+                y = layer(x)
+            else:
+                with native.disabled():
+                    y = layer(x)
+        loss = (y * torch.linspace(-1, 1, y.numel()).reshape(y.shape)).sum() + 20 * layer.aux_loss
+        grads = torch.autograd.grad(loss, [x, *layer.parameters()])
+        runs.append((y, layer.aux_loss, dict(layer.last_aux_losses), layer.last_stats, grads))
+    return runs
+
+
+@needs_kernel
+@pytest.mark.parametrize("training", [True, False])
+@pytest.mark.parametrize("case", CASES, ids=lambda c: ",".join(f"{k}={v}" for k, v in c.items()) or "default")
+def test_fused_router_gives_the_aten_routers_results(case, training):
+    torch.manual_seed(0)
+    settings = {"num_experts": 8, **case}
+    layer = MoE(8, settings.pop("num_experts"), 16, **settings).train(training)
+    x = torch.randn(3, 8, 6, 4).to(memory_format=torch.channels_last).requires_grad_()
+    assert layer.router.fused(torch.zeros(1, 1, layer.num_experts))
+    (y, aux, losses, stats, grads), (y0, aux0, losses0, stats0, grads0) = routed_twice(layer, x)
+    # the same plan (the kernel's gates differ from ATen's softmax by float rounding only)
+    assert torch.equal(stats.tokens_per_expert, stats0.tokens_per_expert)
+    assert (stats.dropped, stats.unrouted) == (stats0.dropped, stats0.unrouted)
+    torch.testing.assert_close(y, y0, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(aux, aux0, rtol=1e-5, atol=1e-7)
+    assert losses.keys() == losses0.keys()
+    for name in losses:
+        torch.testing.assert_close(losses[name], losses0[name], rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(stats.entropy_sum, stats0.entropy_sum, rtol=1e-5, atol=1e-6)
+    for g, g0 in zip(grads, grads0, strict=True):
+        torch.testing.assert_close(g, g0, rtol=1e-4, atol=1e-6)
+
+
+@needs_kernel
+def test_fused_layer_equals_the_einsum_reference_and_ignores_the_thread_count():
+    torch.manual_seed(0)
+    layer = MoE(8, 8, 16, k=2, capacity_factor=0.75).eval()
+    x = torch.randn(4, 10, 8)
+    routed = layer.router(x)
+    assert not routed.plan.kept.all()  # capacity drops some assignments
+    torch.testing.assert_close(layer(x), einsum_moe(x, routed.plan, layer.experts), rtol=1e-5, atol=1e-6)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = layer.router(torch.randn(64, 64, 8, generator=torch.Generator().manual_seed(3)))
+        torch.set_num_threads(2)
+        two = layer.router(torch.randn(64, 64, 8, generator=torch.Generator().manual_seed(3)))
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(one.plan.weight, two.plan.weight) and torch.equal(one.aux_loss, two.aux_loss)
+
+
+@needs_kernel
+@pytest.mark.parametrize("experts", [8, 16])  # E = 8 takes the kernel's one-vector top-k, 16 its general one
+def test_fused_router_breaks_ties_towards_the_lower_expert_and_fills_first_choices_first(experts):
+    # Equal logits: every gate is 1/E; each token picks experts 0 then 1. Capacity 2 per expert (k = 2,
+    # S = 4): expert 0 takes tokens 0, 1 (first choices), expert 1 too, and the rest drop.
+    router = MoE(4, experts, 4, k=2, capacity_factor=experts / 4, router_options={"noise_std": 0.0}).router.eval()
+    assert router.fused(torch.zeros(1, 1, experts))
+    with torch.no_grad():
+        router.weight.zero_()
+    plan = router(torch.randn(1, 4, 4)).plan
+    assert plan.capacity == 2
+    assert plan.expert.tolist() == [[0, 0, 0, 0, 1, 1, 1, 1]]
+    assert plan.position.tolist() == [[0, 1, 2, 3, 0, 1, 2, 3]]
+    assert plan.kept.tolist() == [[True, True, False, False, True, True, False, False]]
+    gate = 1 / experts
+    assert plan.weight.tolist() == [[gate, gate, 0, 0, gate, gate, 0, 0]]
+
+
+@needs_kernel
+def test_fused_router_gradients_of_gradients_are_the_aten_formulas():
+    # The Hessian analysis differentiates twice (eval mode, create_graph): the backward then builds the
+    # ATen formula's graph, so H v is the ATen router's.
+    torch.manual_seed(0)
+    layer = MoE(8, 8, 16, k=2).eval()
+    x = torch.randn(2, 8, 4, 4)
+    params = list(layer.parameters())
+    v = [torch.randn_like(p) for p in params]
+
+    def hvp():
+        loss = layer(x).square().sum() + 100 * layer.aux_loss
+        g = torch.autograd.grad(loss, params, create_graph=True)
+        return torch.autograd.grad(sum((gi * vi).sum() for gi, vi in zip(g, v, strict=True)), params)
+
+    fused = hvp()
+    with native.disabled():
+        aten = hvp()
+    for a, b in zip(fused, aten, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+def test_the_aten_path_where_the_kernel_does_not_apply():
+    router = MoE(8, 8, 16, k=2).router
+    logits = torch.zeros(1, 1, 8)
+    assert router.fused(logits) == native.available()
+    with native.disabled():
+        assert not router.fused(logits) and native.unavailable_reason() == "switched off by visionmoe.native.disabled()"
+    assert not router.fused(logits.double())  # float32 only
+    assert not MoE(8, 4, 16, k=2).router.fused(torch.zeros(1, 1, 4))  # E not a multiple of 8
+    assert not MoE(8, 8, 16, k=2, router_options={"batch_priority": True}).router.fused(logits)
+    assert not MoE(8, 8, 16, k=2, aux_loss_weights={"switch": 0.01}).router.fused(logits)
+    assert not MoE(8, 8, 16, router="sinkhorn_topk", k=2).router.fused(logits)  # its own top-k scores
+    with pytest.raises(ValueError, match="E a multiple of 8 and 1 <= k <= min"):
+        native.topk_router(torch.zeros(1, 2, 4), None, 0.0, 2, None, False)
+
+
+@pytest.mark.parametrize(
+    ("env", "reason"),
+    [({"VISIONMOE_NATIVE": "0"}, "disabled by VISIONMOE_NATIVE"), ({"CC": "no-such-cc"}, "no C compiler found")],
+)
+def test_without_the_kernel_the_layer_runs_its_aten_path(env, reason, tmp_path):
+    # No compiler (or switched off): available() says why, and the layer trains on its ATen path.
+    code = (
+        "import torch; from visionmoe import MoE, native\n"
+        "print(native.available(), native.unavailable_reason())\n"
+        "layer = MoE(8, 8, 16, k=2); y = layer(torch.randn(2, 8, 4, 4)); (y.sum() + layer.aux_loss).backward()\n"
+        "print(bool(torch.isfinite(layer.router.weight.grad).all()))\n"
+    )
+    environ = {**os.environ, "VISIONMOE_CACHE": str(tmp_path), **env}
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=environ, check=True)
+    lines = done.stdout.splitlines()
+    assert lines[0].startswith("False") and reason in lines[0] and lines[1] == "True"
+    assert not list(tmp_path.rglob("*.so"))
+
+
+@needs_kernel
+def test_the_kernel_is_built_once_into_the_cache(tmp_path):
+    code = "from visionmoe import native; print(native.available())"
+    environ = {**os.environ, "VISIONMOE_CACHE": str(tmp_path)}
+    for _ in range(2):
+        done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=environ, check=True)
+        assert done.stdout.strip() == "True"
+    [built] = list(tmp_path.rglob("*.so"))
+    assert built.parent == tmp_path / "native" and not [p for p in built.parent.iterdir() if p != built]

@@ -1,0 +1,327 @@
+/* The noisy top-k router of visionmoe (V-MoE token choice) in one pass forward and one backward, on the CPU.
+ *
+ * Plain C without torch headers (compiled on first use in about a second, called through ctypes from
+ * visionmoe/native/__init__.py). Forward, for each token: the noisy logits l + sigma * noise, their
+ * softmax (the gates), the stable top-k of the gates, the k-th largest noisy logit and the load loss's
+ * p = 1 - Phi((threshold - l) / sigma); per group, the choice-major capacity positions, the kept gate
+ * weights, and the per-expert sums of the gates (importance) and of p (load). Backward: the gradient of
+ * the logits from those of the gates, the weights and the two sums. What ATen computes in some thirty
+ * passes over (tokens, E) tensors, in two.
+ *
+ * exp and erfc are polynomial approximations (Cephes expf, relative error ~2e-7; Numerical Recipes'
+ * erfcc, ~1.2e-7) written so that GCC vectorises the loops over experts; the results agree with ATen's
+ * to float rounding, not bit for bit. The build uses -ffp-contract=off so that l + sigma * noise rounds
+ * as ATen's mul-then-add does (the same noisy logits, bit for bit).
+ *
+ * Work is split over routing groups into `threads` contiguous chunks, one POSIX thread each.
+ */
+#include <math.h>
+#include <pthread.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+#define MAX_THREADS 64
+#define MAX_K 64
+#define MIN_VALUES_PER_THREAD 32768
+
+typedef void (*chunk_fn)(void *ctx, int64_t begin, int64_t end);
+
+typedef struct {
+    chunk_fn fn;
+    void *ctx;
+    int64_t begin, end;
+} chunk_t;
+
+static void *run_chunk(void *arg) {
+    chunk_t *c = (chunk_t *)arg;
+    c->fn(c->ctx, c->begin, c->end);
+    return NULL;
+}
+
+/* fn over [0, n) in up to `threads` chunks of at least `grain` items; the caller runs the first. */
+static void parallel_for(int64_t n, int64_t grain, int threads, chunk_fn fn, void *ctx) {
+    int64_t chunks = threads < 1 ? 1 : threads;
+    if (chunks > MAX_THREADS) chunks = MAX_THREADS;
+    if (grain < 1) grain = 1;
+    if (chunks > n / grain) chunks = n / grain;
+    if (chunks <= 1) {
+        fn(ctx, 0, n);
+        return;
+    }
+    chunk_t parts[MAX_THREADS];
+    pthread_t ids[MAX_THREADS];
+    int started[MAX_THREADS] = {0};
+    for (int64_t i = 0; i < chunks; i++) {
+        parts[i] = (chunk_t){fn, ctx, n * i / chunks, n * (i + 1) / chunks};
+    }
+    for (int64_t i = 1; i < chunks; i++) started[i] = pthread_create(&ids[i], NULL, run_chunk, &parts[i]) == 0;
+    run_chunk(&parts[0]);
+    for (int64_t i = 1; i < chunks; i++) {
+        if (started[i])
+            pthread_join(ids[i], NULL);
+        else
+            run_chunk(&parts[i]); /* no thread to be had: run it here */
+    }
+}
+
+static int64_t group_grain(int64_t S, int64_t E) {
+    int64_t per_group = S * E;
+    return per_group >= MIN_VALUES_PER_THREAD ? 1 : (MIN_VALUES_PER_THREAD + per_group - 1) / per_group;
+}
+
+/* ---- exp and erfc on 8 lanes ---------------------------------------------------------------------------
+ * GCC/Clang vector extensions: one 32-byte vector (AVX2 with -march=native; two SSE halves elsewhere, or
+ * NEON) holds 8 experts of a token; E must be a multiple of 8. No libm calls, no branches. */
+
+typedef float v8f __attribute__((vector_size(32)));
+typedef int32_t v8i __attribute__((vector_size(32)));
+
+static inline v8f load8(const float *p) {
+    v8f v;
+    memcpy(&v, p, sizeof v);
+    return v;
+}
+
+static inline void store8(float *p, v8f v) { memcpy(p, &v, sizeof v); }
+
+static inline v8f select8(v8i mask, v8f a, v8f b) { return (v8f)((mask & (v8i)a) | (~mask & (v8i)b)); }
+
+static inline v8f splat8(float x) { return (v8f){x, x, x, x, x, x, x, x}; }
+
+/* Cephes expf: x = n ln2 + r, |r| <= ln2 / 2, exp(r) by a degree-6 polynomial, 2^n by the exponent bits;
+ * relative error ~2e-7 on [-87, 88] (clamped there: e^-87 ~ 1.6e-38, the smallest normal float). */
+static inline v8f exp8(v8f x) {
+    x = select8(x < -87.0f, splat8(-87.0f), x);
+    x = select8(x > 88.0f, splat8(88.0f), x);
+    const v8f magic = splat8(12582912.0f); /* 1.5 * 2^23: adding it rounds to an integer */
+    v8f t = x * 1.44269504088896341f + magic;
+    v8i n = (v8i)t - (v8i)magic;
+    v8f nf = t - magic;
+    v8f r = x - nf * 0.693359375f;
+    r = r - nf * -2.12194440e-4f;
+    v8f p = splat8(1.9875691500e-4f);
+    p = p * r + 1.3981999507e-3f;
+    p = p * r + 8.3334519073e-3f;
+    p = p * r + 4.1665795894e-2f;
+    p = p * r + 1.6666665459e-1f;
+    p = p * r + 5.0000001201e-1f;
+    p = p * r * r + r + 1.0f;
+    return p * (v8f)((n + 127) << 23);
+}
+
+/* Numerical Recipes' erfcc (Chebyshev fit), fractional error < 1.2e-7 (to float rounding here). */
+static inline v8f erfc8(v8f x) {
+    v8f z = (v8f)((v8i)x & 0x7fffffff);
+    v8f t = 1.0f / (1.0f + 0.5f * z);
+    v8f poly = -0.82215223f + t * 0.17087277f;
+    poly = 1.48851587f + t * poly;
+    poly = -1.13520398f + t * poly;
+    poly = 0.27886807f + t * poly;
+    poly = -0.18628806f + t * poly;
+    poly = 0.09678418f + t * poly;
+    poly = 0.37409196f + t * poly;
+    poly = 1.00002368f + t * poly;
+    poly = -1.26551223f + t * poly;
+    v8f r = t * exp8(-z * z + poly);
+    return select8(x >= 0.0f, r, 2.0f - r);
+}
+
+static inline float hsum8(v8f v) { /* in lane order, as a loop over experts would add */
+    float s = v[0];
+    for (int i = 1; i < 8; i++) s += v[i];
+    return s;
+}
+
+/* chosen[0..K): the indices of the K largest of row[0..E) in order, ties to the lower index, as a stable
+ * descending sort orders them (the row holds no NaN and no -inf). Branch-free: per pick, the maximum,
+ * then the lowest index holding it, which is then masked out in the scratch copy. */
+static inline void top_k(const float *row, int64_t E, int64_t K, int64_t *chosen, float *scratch) {
+    memcpy(scratch, row, (size_t)E * sizeof(float));
+    for (int64_t j = 0; j < K; j++) {
+        float m = -INFINITY;
+        for (int64_t e = 0; e < E; e++) m = scratch[e] > m ? scratch[e] : m;
+        int64_t best = E;
+        for (int64_t e = E - 1; e >= 0; e--) best = scratch[e] == m ? e : best;
+        chosen[j] = best;
+        scratch[best] = -INFINITY;
+    }
+}
+
+#ifdef __AVX2__
+#include <immintrin.h>
+
+/* top_k for E = 8 in AVX2: the maximum by a tree of lane swaps, its lowest lane by movemask. */
+static inline void top_k8(const float *row, int64_t K, int64_t *chosen) {
+    __m256 v = _mm256_loadu_ps(row);
+    const __m256i lanes = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+    for (int64_t j = 0; j < K; j++) {
+        __m256 m = _mm256_max_ps(v, _mm256_permute_ps(v, 0xB1));
+        m = _mm256_max_ps(m, _mm256_permute_ps(m, 0x4E));
+        m = _mm256_max_ps(m, _mm256_permute2f128_ps(m, m, 0x01));
+        const int best = __builtin_ctz((unsigned)_mm256_movemask_ps(_mm256_cmp_ps(v, m, _CMP_EQ_OQ)));
+        chosen[j] = best;
+        const __m256 hit = _mm256_castsi256_ps(_mm256_cmpeq_epi32(lanes, _mm256_set1_epi32(best)));
+        v = _mm256_blendv_ps(v, _mm256_set1_ps(-INFINITY), hit);
+    }
+}
+#define HAVE_TOP_K8 1
+#endif
+
+static inline void top_k_row(const float *row, int64_t E, int64_t K, int64_t *chosen, float *scratch) {
+#ifdef HAVE_TOP_K8
+    if (E == 8) {
+        top_k8(row, K, chosen);
+        return;
+    }
+#endif
+    top_k(row, E, K, chosen, scratch);
+}
+
+/* ---- forward ------------------------------------------------------------------------------------------ */
+
+typedef struct {
+    const float *logits, *noise;
+    float sigma, load_sigma;
+    int64_t S, E, K, capacity;
+    float *gates, *threshold, *weight;
+    int64_t *expert, *position, *offered;
+    uint8_t *kept;
+    double *importance, *load;
+} fwd_t;
+
+static void forward_chunk(void *arg, int64_t g0, int64_t g1) {
+    const fwd_t *a = (const fwd_t *)arg;
+    const int64_t S = a->S, E = a->E, K = a->K;
+    float *noisy = malloc((size_t)E * 4 * sizeof(float)), *imp = noisy + E, *ld = noisy + 2 * E, *scratch = noisy + 3 * E;
+    int64_t chosen[MAX_K];
+    for (int64_t g = g0; g < g1; g++) {
+        int64_t *expert = a->expert + g * K * S, *position = a->position + g * K * S;
+        int64_t *offered = a->offered + g * E;
+        double *importance = a->importance + g * E, *load = a->load ? a->load + g * E : NULL;
+        memset(imp, 0, (size_t)E * 2 * sizeof(float)); /* the group's sums, in float lanes */
+        for (int64_t s = 0; s < S; s++) {
+            const int64_t t = g * S + s;
+            const float *l = a->logits + t * E;
+            float *gate = a->gates + t * E;
+            float m = -INFINITY;
+            for (int64_t e = 0; e < E; e += 8) {
+                v8f v = load8(l + e);
+                if (a->noise) v = v + a->sigma * load8(a->noise + t * E + e); /* l + (sigma * n), as ATen */
+                store8(noisy + e, v);
+                for (int i = 0; i < 8; i++) m = v[i] > m ? v[i] : m;
+            }
+            float z = 0.0f;
+            for (int64_t e = 0; e < E; e += 8) {
+                v8f ex = exp8(load8(noisy + e) - m);
+                store8(gate + e, ex);
+                z += hsum8(ex);
+            }
+            const float inv = 1.0f / z;
+            for (int64_t e = 0; e < E; e += 8) {
+                v8f gv = load8(gate + e) * inv;
+                store8(gate + e, gv);
+                store8(imp + e, load8(imp + e) + gv);
+            }
+            top_k_row(gate, E, K, chosen, scratch);
+            for (int64_t j = 0; j < K; j++) expert[j * S + s] = chosen[j];
+            if (load) {
+                top_k_row(noisy, E, K, chosen, scratch);
+                const float thr = noisy[chosen[K - 1]]; /* the k-th largest noisy logit */
+                a->threshold[t] = thr;
+                for (int64_t e = 0; e < E; e += 8) {
+                    v8f q = (thr - load8(l + e)) / a->load_sigma;
+                    store8(ld + e, load8(ld + e) + 0.5f * erfc8(q * 0.70710678118654752f));
+                }
+            }
+        }
+        for (int64_t e = 0; e < E; e++) {
+            importance[e] = imp[e];
+            if (load) load[e] = ld[e];
+        }
+        /* choice-major priority: every first choice before any second choice, tokens in order */
+        memset(offered, 0, (size_t)E * sizeof(int64_t));
+        for (int64_t j = 0; j < K; j++)
+            for (int64_t s = 0; s < S; s++) {
+                const int64_t i = j * S + s, e = expert[i];
+                const int64_t p = offered[e]++;
+                const int keep = a->capacity < 0 || p < a->capacity;
+                position[i] = p;
+                a->kept[g * K * S + i] = (uint8_t)keep;
+                a->weight[g * K * S + i] = keep ? a->gates[(g * S + s) * E + e] : 0.0f;
+            }
+    }
+    free(noisy);
+}
+
+/* logits, noise (NULL: none) (G, S, E); sigma: the noise's scale; load_sigma > 0: compute the load loss's
+ * threshold (T) and per-group sums load (G, E), else both untouched (may be NULL). Out: gates (G, S, E);
+ * expert, position, kept, weight (G, K, S) choice-major; offered (G, E) assignments offered per expert;
+ * importance (G, E) the gates summed per group. capacity < 0: every assignment kept. K <= 64, E a multiple of 8. */
+void vmoe_router_forward(const float *logits, const float *noise, float sigma, float load_sigma, int64_t G, int64_t S,
+                         int64_t E, int64_t K, int64_t capacity, float *gates, float *threshold, int64_t *expert,
+                         int64_t *position, uint8_t *kept, float *weight, int64_t *offered, double *importance,
+                         double *load, int threads) {
+    fwd_t a = {logits,  noise,  sigma,    load_sigma, S,      E,       K,          capacity,
+               gates,   threshold, weight, expert,     position, offered, kept, importance, load_sigma > 0 ? load : NULL};
+    parallel_for(G, group_grain(S, E), threads, forward_chunk, &a);
+}
+
+/* ---- backward ----------------------------------------------------------------------------------------- */
+
+typedef struct {
+    const float *gates, *logits, *threshold, *d_gates, *d_weight, *d_importance, *d_load;
+    const int64_t *expert;
+    const uint8_t *kept;
+    float load_sigma;
+    int64_t S, E, K;
+    float *d_logits;
+} bwd_t;
+
+static void backward_chunk(void *arg, int64_t g0, int64_t g1) {
+    const bwd_t *a = (const bwd_t *)arg;
+    const int64_t S = a->S, E = a->E, K = a->K;
+    float *dg = malloc((size_t)E * sizeof(float));
+    /* d p / d l = phi(q) / sigma, q = (threshold - l) / sigma */
+    const float c = a->d_load ? 0.39894228040143268f / a->load_sigma : 0.0f;
+    for (int64_t g = g0; g < g1; g++) {
+        for (int64_t s = 0; s < S; s++) {
+            const int64_t t = g * S + s;
+            const float *gate = a->gates + t * E;
+            for (int64_t e = 0; e < E; e += 8) {
+                v8f v = a->d_gates ? load8(a->d_gates + t * E + e) : splat8(0.0f);
+                store8(dg + e, a->d_importance ? v + load8(a->d_importance + e) : v);
+            }
+            if (a->d_weight)
+                for (int64_t j = 0; j < K; j++) {
+                    const int64_t i = g * K * S + j * S + s;
+                    if (a->kept[i]) dg[a->expert[i]] += a->d_weight[i];
+                }
+            float dot = 0.0f;
+            for (int64_t e = 0; e < E; e += 8) dot += hsum8(load8(gate + e) * load8(dg + e));
+            float *out = a->d_logits + t * E;
+            for (int64_t e = 0; e < E; e += 8) {
+                v8f d = load8(gate + e) * (load8(dg + e) - dot);
+                if (a->d_load) {
+                    v8f q = (a->threshold[t] - load8(a->logits + t * E + e)) / a->load_sigma;
+                    d = d + load8(a->d_load + e) * c * exp8(-0.5f * q * q);
+                }
+                store8(out + e, d);
+            }
+        }
+    }
+    free(dg);
+}
+
+/* d_logits (G, S, E) from the gradients of the forward's gates (G, S, E), weight (G, K, S), importance (E)
+ * (summed over groups) and load (E); any of them NULL: zero. d_load needs logits, threshold, load_sigma. */
+void vmoe_router_backward(const float *gates, const float *logits, const float *threshold, float load_sigma,
+                          const int64_t *expert, const uint8_t *kept, const float *d_gates, const float *d_weight,
+                          const float *d_importance, const float *d_load, int64_t G, int64_t S, int64_t E, int64_t K,
+                          float *d_logits, int threads) {
+    bwd_t a = {gates, logits, threshold, d_gates, d_weight, d_importance, d_load, expert, kept, load_sigma,
+               S,     E,      K,         d_logits};
+    parallel_for(G, group_grain(S, E), threads, backward_chunk, &a);
+}
+
+int vmoe_abi_version(void) { return 1; }

@@ -15,6 +15,9 @@ plans without ``Routing.choices`` (the argsort + ``index_add_`` dispatch, and ``
 a full sort for the top-k, ``topk`` for the load loss's threshold and the router softmax along the last
 axis. Every path but the softmax is exact (that one differs in the last bit), so only the speed differs.
 
+``--aten`` adds a column for the first backend with the fused native router switched off
+(:func:`visionmoe.native.disabled`: the router's ATen path, as before it), in the same repeats.
+
 ``--vit`` instead re-runs ViT-sized shapes of the layer benchmark (benchmarks/layer_speed.py: images ×
 1024 tokens, d = 512, H = 2048, E = 8, top-2, capacity factor 1.25, no router noise, forward + backward)
 with the layer as it is (``auto``) and as it was (``before``), against the dense FFN of width 2·H.
@@ -67,6 +70,7 @@ import visionmoe.layers.moe
 import visionmoe.layers.routers
 import visionmoe.routing.losses
 import visionmoe.routing.plan
+from visionmoe import native
 from visionmoe.allocator import keep_freed_memory
 from visionmoe.analysis.speed import NO_NOISE, benchmark_header, interleaved_times, iqr
 from visionmoe.analysis.twin import dense_twin
@@ -118,7 +122,8 @@ def before_issue_22() -> Iterator[None]:
     for module, name, value in zip(modules, names, before, strict=True):
         setattr(module, name, value)
     try:
-        yield
+        with native.disabled():  # nor the fused router, which came after
+            yield
     finally:
         for module, name, value in zip(modules, names, saved, strict=True):
             setattr(module, name, value)
@@ -167,6 +172,14 @@ def measure(backbone: str, width: int, ratio: float, args: argparse.Namespace) -
             moe_step()
 
         steps[backend] = step
+    if args.aten:
+
+        def aten_step() -> None:
+            set_backend(moe, args.backends[0])
+            with native.disabled():
+                moe_step()
+
+        steps["aten"] = aten_step
     if args.before:
 
         def old_step() -> None:
@@ -406,6 +419,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--ratios", nargs="+", type=float, default=[1.0, 2.0, 4.0])
     parser.add_argument("--backends", nargs="+", choices=BACKENDS, default=["auto"])
     parser.add_argument("--before", action="store_true", help="add the code before issue 22 (see above)")
+    parser.add_argument("--aten", action="store_true", help="add the first backend without the fused router")
     parser.add_argument("--batch", type=int, default=128)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=9)
@@ -452,6 +466,7 @@ def main(argv: list[str] | None = None) -> int:
     print(benchmark_header("CNN training step: MoE in every stage vs the dense twin", args.threads), flush=True)
     columns = [
         *args.backends,
+        *(["aten"] if args.aten else []),
         *(["before"] if args.before else []),
         *(["compiled"] if args.compile else []),
         *(["floor"] if args.floor else []),

@@ -42,6 +42,10 @@ static void parallel_for(int64_t n, int64_t grain, int threads, chunk_fn fn, voi
         fn(ctx, 0, n);
         return;
     }
+#ifdef _OPENMP /* PyTorch's own OpenMP workers (one libgomp in the process), as visionmoe/native does */
+#pragma omp parallel for num_threads(chunks) schedule(static, 1)
+    for (int64_t i = 0; i < chunks; i++) fn(ctx, n * i / chunks, n * (i + 1) / chunks);
+#else
     chunk_t parts[MAX_THREADS];
     pthread_t ids[MAX_THREADS];
     int started[MAX_THREADS] = {0};
@@ -60,6 +64,7 @@ static void parallel_for(int64_t n, int64_t grain, int threads, chunk_fn fn, voi
         else
             run_chunk(&parts[i]); /* no thread to be had: run it here */
     }
+#endif
 }
 
 /* ---- routing ------------------------------------------------------------------------------------ */

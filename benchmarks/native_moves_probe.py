@@ -50,8 +50,10 @@ from visionmoe.analysis.speed import benchmark_header, interleaved_times
 from visionmoe.routing import Routing, token_choice
 
 SOURCE = Path(__file__).with_name("native_moves_probe.c")
-FLAGS = ("-O3", "-march=native", "-ffp-contract=off", "-fPIC", "-shared", "-pthread")
-"""``-ffp-contract=off``: no fused multiply-adds, so products and sums round as ATen's do."""
+FLAGS = ("-O3", "-march=native", "-ffp-contract=off", "-fPIC", "-shared", "-pthread", "-fopenmp")
+"""``-ffp-contract=off``: no fused multiply-adds, so products and sums round as ATen's do; ``-fopenmp``: threads
+from PyTorch's own OpenMP runtime (see ``visionmoe.native``; a first run of this probe with POSIX threads raced
+PyTorch's spinning OpenMP workers)."""
 MAX_K = 64
 _build_dir = tempfile.TemporaryDirectory(prefix="vmoe-native-")
 _lib: ctypes.CDLL | None = None

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from visionmoe import MoE
+from visionmoe import MoE, native
 from visionmoe.layers import dispatch, einsum_moe
 from visionmoe.layers.dispatch import apply_plan, choose_backend, combine
 from visionmoe.layers.experts import grouped_mm_supported
@@ -124,16 +124,26 @@ def test_auto_picks_padded_for_small_experts():
     # 2 × 2 · 512 = 2048 assignments over 4 experts: 512 rows each -> sorted.
     x = torch.randn(2, 512, 256)
     assert choose_backend(x, moe.experts, moe.router(x).plan) == "sorted"
-    # Small GELU experts (CNN feature maps, D·H <= 128·128) under token choice: padded while the routed
-    # rows hold at most 2**20 hidden values (2 groups × 1024 assignments × 64 here); sorted above it,
-    # and for ReLU experts. Expert choice plans keep the row rule.
+    # Small experts (CNN feature maps, D·H <= 128·128) under token choice: padded while the routed rows
+    # hold at most padded_hidden_values() hidden values; sorted above it. With ATen's row moves only GELU
+    # experts, up to 2**20 (2 groups × 1024 assignments × 64 here); with the native ones GELU up to 2**21
+    # and ReLU up to 2**20. Expert choice plans keep the row rule.
     small = MoE(16, 4, 64, router="topk", k=2)
-    x = torch.randn(2, 512, 16)
-    assert choose_backend(x, small.experts, small.router(x).plan) == "padded"
-    x_large = torch.randn(17, 512, 16)  # 17 groups × 1024 assignments × 64 > 2**20
-    assert choose_backend(x_large, small.experts, small.router(x_large).plan) == "sorted"
     relu = MoE(16, 4, 64, router="topk", k=2, activation=torch.nn.ReLU)
-    assert choose_backend(x, relu.experts, relu.router(x).plan) == "sorted"
+    x = torch.randn(2, 512, 16)
+    x_large = torch.randn(17, 512, 16)  # 17 groups × 1024 assignments × 64 > 2**20
+    x_larger = torch.randn(33, 512, 16)  # > 2**21
+    with native.disabled():
+        assert choose_backend(x, small.experts, small.router(x).plan) == "padded"
+        assert choose_backend(x_large, small.experts, small.router(x_large).plan) == "sorted"
+        assert choose_backend(x, relu.experts, relu.router(x).plan) == "sorted"
+    if native.available():
+        assert choose_backend(x, small.experts, small.router(x).plan) == "padded"
+        assert choose_backend(x_large, small.experts, small.router(x_large).plan) == "padded"
+        assert choose_backend(x_larger, small.experts, small.router(x_larger).plan) == "sorted"
+        assert choose_backend(x, relu.experts, relu.router(x).plan) == "padded"
+        assert choose_backend(x_large, relu.experts, relu.router(x_large).plan) == "sorted"
+        assert choose_backend(x.double(), relu.experts, relu.router(x.double()).plan) == "sorted"  # ATen moves
     # ... but not for tiny groups (S < 8·E: 5 tokens, 4 experts), nor in forward-only passes.
     x_small = torch.randn(2, 5, 16)
     expected = "grouped" if grouped_mm_supported(small.experts, x_small) else "padded"

@@ -1,5 +1,7 @@
-"""The fused native top-k router (visionmoe.native): the ATen router's plan, losses and gradients."""
+"""visionmoe.native: the fused top-k router (the ATen router's plan, losses and gradients) and the row moves
+(the ATen dispatch's output, bit for bit)."""
 
+import contextlib
 import os
 import subprocess
 import sys
@@ -9,6 +11,7 @@ import torch
 
 from visionmoe import MoE, native
 from visionmoe.layers import einsum_moe
+from visionmoe.layers.dispatch import token_choice_moe
 
 needs_kernel = pytest.mark.skipif(not native.available(), reason=f"no native kernel: {native.unavailable_reason()}")
 
@@ -65,6 +68,30 @@ def test_fused_router_gives_the_aten_routers_results(case, training):
     torch.testing.assert_close(stats.entropy_sum, stats0.entropy_sum, rtol=1e-5, atol=1e-6)
     for g, g0 in zip(grads, grads0, strict=True):
         torch.testing.assert_close(g, g0, rtol=1e-4, atol=1e-6)
+
+
+@needs_kernel
+@pytest.mark.parametrize("backend", ["padded", "sorted", "grouped"])
+@pytest.mark.parametrize(("experts", "k", "capacity_factor"), [(8, 2, 1.25), (8, 1, 0.5), (4, 3, None), (16, 2, 1.0)])
+def test_native_row_moves_give_the_aten_dispatch_bit_for_bit(backend, experts, k, capacity_factor):
+    # The same plan through the layer's row moves, native and ATen: the same output bit for bit (the same
+    # products and sums in the same order), the same gradients to rounding (the gates' row dot products).
+    torch.manual_seed(0)
+    layer = MoE(8, experts, 16, k=k, capacity_factor=capacity_factor)
+    x = torch.randn(3, 8, 6, 6).to(memory_format=torch.channels_last).permute(0, 2, 3, 1).reshape(3, 36, 8)
+    x.requires_grad_()
+    plan = layer.router(x).plan
+    runs = []
+    for on in (True, False):
+        with contextlib.nullcontext() if on else native.disabled():
+            y = token_choice_moe(x, plan, layer.experts, backend)
+            inputs = [x, plan.weight, *layer.experts.parameters()]
+            runs.append((y, torch.autograd.grad((y * y.detach().sign()).sum(), inputs, retain_graph=True)))
+    (y, grads), (y0, grads0) = runs
+    assert torch.equal(y, y0)
+    for g, g0 in zip(grads, grads0, strict=True):
+        torch.testing.assert_close(g, g0, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(y, einsum_moe(x, plan, layer.experts), rtol=1e-5, atol=1e-6)
 
 
 @needs_kernel

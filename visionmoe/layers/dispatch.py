@@ -16,13 +16,17 @@ Sparse plans have three backends, all exact (they compute the same sums in a dif
 Token-choice plans (``Routing.choices`` set: every token has exactly K assignments) take a path
 without a global sort or any scatter-add (:func:`token_choice_moe`): the sorted order comes from
 counting (:func:`counting_sort`), and rows move by gathers forward and backward (:func:`move_rows`).
+On the CPU in float32, a plan in token order takes :func:`native_token_choice_moe` instead: the same
+rows, products and sums, moved by :mod:`visionmoe.native`'s C kernels (one scatter, one gated gather).
 The other plans (expert choice) keep the argsort and ``index_add_``.
 
 ``auto`` picks ``padded`` while compiling, ``grouped`` on CUDA when available and aligned,
-``padded`` in training (grad enabled) for token choice with small GELU experts (D·H ≤ 128·128) whose
-routed rows hold at most 2**20 hidden values, S ≥ 8·E (the CNN feature-map regime, where one batched
-matmul beat E small GEMMs despite the capacity padding: BENCHMARKS.md, issue 22), for experts with
-fewer than 128 rows on average ``grouped`` (aligned sizes) or else ``padded``, and ``sorted`` otherwise.
+``padded`` in training (grad enabled) for token choice with small experts (D·H ≤ 128·128) whose routed
+rows hold at most :func:`padded_hidden_values` hidden values (GELU experts up to 2**20 with ATen's row
+moves; with the native ones GELU up to 2**21, other activations up to 2**20), S ≥ 8·E (the CNN
+feature-map regime, where one batched matmul beat E small GEMMs despite the capacity padding:
+BENCHMARKS.md, issue 22), for experts with fewer than 128 rows on average ``grouped`` (aligned sizes)
+or else ``padded``, and ``sorted`` otherwise.
 Soft MoE uses three batched matmuls; the dense router one FFN of width E·H.
 
 ``torch.compile(moe, fullgraph=True)`` traces every router in one graph, forward and backward
@@ -45,6 +49,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from visionmoe import native
 from visionmoe.layers.experts import Experts, grouped_mm_supported
 from visionmoe.routing.plan import DenseRouting, Plan, Routing, SoftRouting
 
@@ -70,6 +75,20 @@ almost every size (BENCHMARKS.md, "CNN feature maps", issue 22: a grid of CIFAR-
 activations). The count is static (shapes only), unlike a dropless plan's capacity."""
 
 
+NATIVE_PADDED_HIDDEN_VALUES = {"GELU": 2**21, "other": 2**20}
+"""With the native row moves (:mod:`visionmoe.native`) the same bounds, by the experts' activation: the
+buffers are filled and read back by one C pass each, so ``padded`` won up to twice as many GELU values and
+for ReLU experts too (BENCHMARKS.md, issue 22, eighth pass: the layer grid re-measured with them)."""
+
+
+def padded_hidden_values(experts: Experts, native_moves: bool) -> int:
+    """The most routed hidden values (G·A·H) for which ``auto`` takes ``padded`` in training (0: never)."""
+    gelu = isinstance(experts.act, nn.GELU)
+    if native_moves:
+        return NATIVE_PADDED_HIDDEN_VALUES["GELU" if gelu else "other"]
+    return PADDED_HIDDEN_VALUES if gelu else 0
+
+
 MIN_TOKENS_PER_EXPERT = 8
 """... and only for groups of at least this many tokens per expert (S ≥ 8·E, 64 for E = 8: every CNN
 feature map measured), not for tiny groups (a (B, D) head has one token per group, so its buffers would
@@ -87,12 +106,11 @@ def choose_backend(x: Tensor, experts: Experts, plan: Routing | None = None) -> 
         plan is not None
         and torch.is_grad_enabled()  # measured on training steps; forward-only passes keep the rules below
         and plan.choices is not None
-        and isinstance(experts.act, nn.GELU)
         and experts.dim * experts.hidden_dim <= SMALL_EXPERT_WEIGHTS
-        and plan.token.numel() * experts.hidden_dim <= PADDED_HIDDEN_VALUES
         and plan.num_tokens >= MIN_TOKENS_PER_EXPERT * plan.num_experts
+        and plan.token.numel() * experts.hidden_dim <= padded_hidden_values(experts, native.usable(x, plan.weight))
     ):
-        return "padded"  # small GELU token-choice experts on many tokens per group
+        return "padded"  # small token-choice experts on many tokens per group
     if plan is not None and plan.token.numel() < SMALL_EXPERT_ROWS * plan.num_experts:
         # G·A assignments offered over E experts: small per-expert GEMMs; one kernel call does better
         return "grouped" if grouped_mm_supported(experts, x) else "padded"
@@ -232,6 +250,8 @@ def token_choice_moe(x: Tensor, plan: Routing, experts: Experts, backend: str = 
         # Batch Prioritized Routing (a host sync to find out where it is free, on the CPU; else assumed)
         inverse = _inverse(priority, G * S)
         flat = move_rows(flat, priority, inverse)  # (G·S, D) tokens in priority order
+    elif native.usable(x, plan.weight):
+        return native_token_choice_moe(x, plan, experts, backend)
     if backend == "padded":
         group = torch.arange(G, device=x.device)[:, None]
         slot = torch.where(plan.kept, plan.expert * (G * C) + group * C + plan.position, E * G * C).reshape(-1)
@@ -259,6 +279,36 @@ def token_choice_moe(x: Tensor, plan: Routing, experts: Experts, backend: str = 
     if inverse is not None:
         y = move_rows(y, inverse, priority)  # priority order -> token order
     return y.reshape(G, S, D)
+
+
+def native_token_choice_moe(x: Tensor, plan: Routing, experts: Experts, backend: str = "sorted") -> Tensor:
+    """:func:`token_choice_moe` for a plan in token order (no Batch Prioritized Routing) on the CPU, its row
+    moves by :mod:`visionmoe.native`: each token's K buffer rows are one row of a (G·S, K) slot map, the
+    dispatch is one scatter of the tokens into the experts' rows (empty ones zero), the combine one gather
+    of each token's K expert rows summed with their gates; backward, the same moves again. The experts'
+    rows and the products and sums are :func:`token_choice_moe`'s, so the output is bit-identical to it
+    (the gates' gradients sum their row dot products in another order)."""
+    G, S, D = x.shape
+    K, E, C = plan.choices, plan.num_experts, plan.capacity
+    if backend == "padded":  # expert e's slot c of group g at row e·G·C + g·C + c
+        base = torch.arange(E)[None, :] * (G * C) + torch.arange(G)[:, None] * C  # (G, E)
+        rows = E * G * C
+    else:  # the kept rows sorted by expert, then group: counting_sort's order
+        per_group = plan.token.new_zeros(G, E).scatter_add_(1, plan.expert, plan.kept.long())  # (G, E)
+        counts = per_group.sum(0)  # (E,)
+        base = (counts.cumsum(0) - counts) + (per_group.cumsum(0) - per_group)
+        rows = int(counts.sum())  # host sync: the kept rows the experts process
+    slot = native.slot_map(plan.expert, plan.position, plan.kept, base, S)  # (G·S, K)
+    buffer = native.scatter_rows(x.reshape(G * S, D), slot, None, rows)  # (rows, D)
+    if backend == "padded":
+        h = experts(buffer.reshape(E, G * C, D), "batched").reshape(rows, D)
+    elif backend == "grouped":
+        ids = torch.repeat_interleave(torch.arange(E), counts, output_size=rows)
+        h = experts(buffer, "grouped", counts, ids)
+    else:
+        h = experts(buffer, "sorted", counts)
+    weight = plan.weight.reshape(G, K, S).transpose(1, 2).reshape(G * S, K)  # (G·S, K) token-major
+    return native.gather_rows(h, slot, weight).reshape(G, S, D)
 
 
 def padded_moe(x: Tensor, plan: Routing, experts: Experts, deterministic: bool = False) -> Tensor:

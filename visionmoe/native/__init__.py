@@ -1,21 +1,28 @@
-"""Native CPU kernels: the noisy top-k router in one pass forward and one backward.
+"""Native CPU kernels for the token-choice MoE layer: the noisy top-k router and the row moves.
 
 On CNN feature maps a token is 8-64 channels wide, so the router's (tokens, E) tensors are as large as
 the feature map itself, and the V-MoE router (noise, softmax, top-k, capacity positions, importance and
-load losses) runs some thirty ATen passes over them, forward and backward: more time than the dense
-FFN it stands beside (BENCHMARKS.md, issue 22). ``router.c`` does that work in one pass forward and one
-backward. It is plain C, compiled on first use with the system's C compiler (``$CC``, else ``cc``;
-about a second) into a per-user cache (``$VISIONMOE_CACHE``, else ``$XDG_CACHE_HOME/visionmoe``, else
-``~/.cache/visionmoe``), keyed by the source, the compiler and this CPU (``-march=native``), and called
-through ctypes. :class:`visionmoe.layers.TopKRouter` takes it where it applies (see
-:meth:`~visionmoe.layers.TopKRouter.fused`); the layer's dispatch and experts are unchanged.
+load losses) runs some thirty ATen passes over them, forward and backward, and the dispatch and combine
+a dozen more over the tokens: more time than the dense FFN they stand beside (BENCHMARKS.md, issue 22).
+``moe.c`` does the router in one pass forward and one backward (:func:`topk_router`, taken by
+:class:`visionmoe.layers.TopKRouter` where :meth:`~visionmoe.layers.TopKRouter.fused` says), and the
+dispatch and combine of a token-choice plan as one scatter and one gated gather over a (tokens, K) slot
+map, backward the same moves again (:func:`scatter_rows`, :func:`gather_rows`, :func:`rowdot`, taken by
+:func:`visionmoe.layers.dispatch.native_token_choice_moe`). The expert GEMMs stay in the BLAS.
+
+It is plain C, compiled on first use with the system's C compiler (``$CC``, else ``cc``; about a second)
+into a per-user cache (``$VISIONMOE_CACHE``, else ``$XDG_CACHE_HOME/visionmoe``, else
+``~/.cache/visionmoe``), keyed by the source, the compiler, its flags and this CPU (``-march=native``),
+and called through ctypes; with ``-fopenmp`` where PyTorch runs on OpenMP, so that its threads are
+PyTorch's own workers (POSIX threads raced them for the cores and lost the gain).
 
 Everything here is optional: without a C compiler, with ``VISIONMOE_NATIVE=0`` in the environment, or
-inside :func:`disabled`, :func:`available` is False and the router runs its ATen path. The two agree to
-float rounding, not bit for bit (the kernel's exp and erfc are its own polynomials; the noisy logits
-and the plan's integer parts are the same). The kernel takes float32 CPU tensors; other dtypes and
-devices, ``torch.compile`` and ``torch.export`` take the ATen path. Gradients of gradients (the Hessian
-analysis) are those of the ATen formula, recomputed in the backward pass when it builds a graph.
+inside :func:`disabled`, :func:`available` is False and the layer runs its ATen path. The row moves give
+the ATen path's output bit for bit; the router agrees with it to float rounding (its exp and erfc are
+its own polynomials; the noisy logits and the plan's integers are the same). The kernels take float32
+CPU tensors; other dtypes and devices, ``torch.compile`` and ``torch.export`` take the ATen path.
+Gradients of gradients (the Hessian analysis) flow: the moves' backward passes are moves, and the
+router's backward recomputes the ATen formula when it must build a graph.
 """
 
 from __future__ import annotations
@@ -39,9 +46,12 @@ from torch import Tensor
 
 log = logging.getLogger(__name__)
 
-SOURCE = Path(__file__).with_name("router.c")
+SOURCE = Path(__file__).with_name("moe.c")
 FLAGS = ("-O3", "-march=native", "-ffp-contract=off", "-fPIC", "-shared", "-pthread")
 """``-ffp-contract=off``: no fused multiply-adds, so products and sums round as ATen's do."""
+OPENMP = "-fopenmp"
+"""Added where PyTorch runs on OpenMP: the kernel's threads are then PyTorch's own (the process has one
+libgomp), not POSIX threads racing PyTorch's spinning OpenMP workers for the same cores."""
 ABI_VERSION = 1
 MAX_K = 64
 LANES = 8
@@ -77,22 +87,28 @@ def _compiler() -> str | None:
     return shutil.which(cc)
 
 
+def _flags() -> tuple[str, ...]:
+    openmp = "parallel backend: OpenMP" in torch.__config__.parallel_info()
+    return (*FLAGS, OPENMP) if openmp else FLAGS
+
+
 def _build() -> ctypes.CDLL:
     cc = _compiler()
     if cc is None:
         raise RuntimeError(f"no C compiler found (CC={os.environ.get('CC', 'cc')!r})")
     version = subprocess.run([cc, "--version"], capture_output=True, text=True, check=False).stdout
+    flags = _flags()
     key = hashlib.sha256(
-        "\0".join([SOURCE.read_text(), cc, version, " ".join(FLAGS), _cpu_signature()]).encode()
+        "\0".join([SOURCE.read_text(), cc, version, " ".join(flags), _cpu_signature()]).encode()
     ).hexdigest()[:16]
     target = cache_dir() / f"vmoe-{key}.so"
     if not target.exists():
         target.parent.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
             built = Path(tmp) / target.name
-            done = subprocess.run(
-                [cc, *FLAGS, str(SOURCE), "-o", str(built)], capture_output=True, text=True, check=False
-            )
+            done = subprocess.run([cc, *flags, str(SOURCE), "-o", str(built)], capture_output=True, text=True)
+            if done.returncode != 0 and OPENMP in flags:  # no OpenMP in this compiler: POSIX threads
+                done = subprocess.run([cc, *FLAGS, str(SOURCE), "-o", str(built)], capture_output=True, text=True)
             if done.returncode != 0:
                 raise RuntimeError(f"{cc} failed: {done.stderr.strip().splitlines()[-1:] or done.returncode}")
             os.replace(built, target)  # atomic: a concurrent build's rename is as good as ours
@@ -104,6 +120,10 @@ def _build() -> ctypes.CDLL:
     signatures = {
         "vmoe_router_forward": [ptr, ptr, f32, f32, i64, i64, i64, i64, i64, *[ptr] * 9, cint],
         "vmoe_router_backward": [ptr, ptr, ptr, f32, ptr, ptr, ptr, ptr, ptr, ptr, i64, i64, i64, i64, ptr, cint],
+        "vmoe_slots": [ptr, ptr, ptr, ptr, i64, i64, i64, i64, ptr, cint],
+        "vmoe_gather": [ptr, i64, ptr, ptr, i64, i64, i64, ptr, cint],
+        "vmoe_scatter": [ptr, i64, ptr, ptr, i64, i64, i64, ptr, i64, cint],
+        "vmoe_rowdot": [ptr, i64, ptr, i64, ptr, i64, i64, i64, ptr, cint],
     }
     for name, args in signatures.items():
         fn = getattr(lib, name)
@@ -213,9 +233,10 @@ class _TopKRouter(torch.autograd.Function):
             return _aten_backward(ctx, logits, noise, threshold, expert, kept, d_gates, d_weight, d_importance, d_load)
         G, S, E = gates.shape
         grads = [None if g is None else g.contiguous() for g in (d_gates, d_weight, d_importance, d_load)]
+        logits = logits.detach().contiguous()  # a name: a temporary would be freed before the call
         d_logits = torch.empty(G, S, E)
         _library().vmoe_router_backward(
-            *(_ptr(t) for t in (gates, logits.detach().contiguous(), threshold)),
+            *(_ptr(t) for t in (gates, logits, threshold)),
             ctx.sigma,
             *(_ptr(t) for t in (expert, kept, *grads)),
             G,
@@ -276,3 +297,138 @@ def topk_router(
     if load and not sigma > 0:
         raise ValueError(f"the load loss needs router noise, got sigma={sigma}")
     return _TopKRouter.apply(logits, noise, float(sigma), k, capacity, load)
+
+
+# ---- the layer's row moves ---------------------------------------------------------------------------
+
+
+def _rows(x: Tensor) -> tuple[Tensor, int]:
+    """A 2-D float tensor whose rows are contiguous, and its row stride (no copy when it has one)."""
+    if x.stride(-1) != 1 or (x.shape[0] > 1 and x.stride(0) < x.shape[1]):
+        x = x.contiguous()
+    return x, x.stride(0)
+
+
+def slot_map(expert: Tensor, position: Tensor, kept: Tensor, base: Tensor, num_tokens: int) -> Tensor:
+    """(G·S, K) buffer row of each token's j-th choice: ``base[g, e] + position``, -1 where dropped.
+
+    ``expert``, ``position``, ``kept``: (G, K·S) plan layout; ``base``: (G, E) int64 first row of each
+    (group, expert) block in the experts' buffer.
+    """
+    G, A = expert.shape
+    S = num_tokens
+    K = A // S
+    E = base.shape[1]
+    # bound to names: a temporary's memory would be freed before the call reads it
+    expert, position, kept, base = (t.contiguous() for t in (expert, position, kept, base))
+    slot = torch.empty(G * S, K, dtype=torch.int64)
+    _library().vmoe_slots(
+        _ptr(expert),
+        _ptr(position),
+        _ptr(kept),
+        _ptr(base),
+        G,
+        S,
+        E,
+        K,
+        _ptr(slot),
+        torch.get_num_threads(),
+    )
+    return slot
+
+
+def _gather(h: Tensor, slot: Tensor, weight: Tensor | None) -> Tensor:
+    h, stride = _rows(h)
+    T, K = slot.shape
+    y = torch.empty(T, h.shape[1], dtype=h.dtype)
+    w = None if weight is None else weight.detach().contiguous()
+    _library().vmoe_gather(_ptr(h), stride, _ptr(slot), _ptr(w), T, K, h.shape[1], _ptr(y), torch.get_num_threads())
+    return y
+
+
+def _scatter(x: Tensor, slot: Tensor, weight: Tensor | None, rows: int) -> Tensor:
+    x, stride = _rows(x)
+    T, K = slot.shape
+    buf = torch.empty(rows, x.shape[1], dtype=x.dtype)
+    w = None if weight is None else weight.detach().contiguous()
+    _library().vmoe_scatter(
+        _ptr(x), stride, _ptr(slot), _ptr(w), T, K, x.shape[1], _ptr(buf), rows, torch.get_num_threads()
+    )
+    return buf
+
+
+def _rowdot(a: Tensor, h: Tensor, slot: Tensor) -> Tensor:
+    a, a_stride = _rows(a)
+    h, h_stride = _rows(h)
+    T, K = slot.shape
+    out = torch.empty(T, K, dtype=a.dtype)
+    _library().vmoe_rowdot(
+        _ptr(a), a_stride, _ptr(h), h_stride, _ptr(slot), T, K, a.shape[1], _ptr(out), torch.get_num_threads()
+    )
+    return out
+
+
+class _Gather(torch.autograd.Function):
+    """y[t] = Σ_j w[t, j] · h[slot[t, j]]; d/dh = scatter(dy; w), d/dw = rowdot(dy, h)."""
+
+    @staticmethod
+    def forward(ctx, h: Tensor, slot: Tensor, weight: Tensor | None) -> Tensor:
+        ctx.save_for_backward(h, slot, weight)
+        ctx.rows = h.shape[0]
+        return _gather(h.detach(), slot, weight)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        h, slot, weight = ctx.saved_tensors
+        dh = scatter_rows(grad, slot, weight, ctx.rows) if ctx.needs_input_grad[0] else None
+        dw = rowdot(grad, h, slot) if weight is not None and ctx.needs_input_grad[2] else None
+        return dh, None, dw
+
+
+class _Scatter(torch.autograd.Function):
+    """buf[slot[t, j]] = w[t, j] · x[t], other rows 0; d/dx = gather(dbuf; w), d/dw = rowdot(x, dbuf)."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, slot: Tensor, weight: Tensor | None, rows: int) -> Tensor:
+        ctx.save_for_backward(x, slot, weight)
+        return _scatter(x.detach(), slot, weight, rows)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        x, slot, weight = ctx.saved_tensors
+        dx = gather_rows(grad, slot, weight) if ctx.needs_input_grad[0] else None
+        dw = rowdot(x, grad, slot) if weight is not None and ctx.needs_input_grad[2] else None
+        return dx, None, dw, None
+
+
+class _RowDot(torch.autograd.Function):
+    """r[t, j] = <a[t], h[slot[t, j]]>; d/da = gather(h; dr), d/dh = scatter(a; dr)."""
+
+    @staticmethod
+    def forward(ctx, a: Tensor, h: Tensor, slot: Tensor) -> Tensor:
+        ctx.save_for_backward(a, h, slot)
+        return _rowdot(a.detach(), h.detach(), slot)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        a, h, slot = ctx.saved_tensors
+        da = gather_rows(h, slot, grad) if ctx.needs_input_grad[0] else None
+        dh = scatter_rows(a, slot, grad, h.shape[0]) if ctx.needs_input_grad[1] else None
+        return da, dh, None
+
+
+def gather_rows(h: Tensor, slot: Tensor, weight: Tensor | None = None) -> Tensor:
+    """(T, D): ``y[t] = Σ_j weight[t, j] · h[slot[t, j]]`` over the j with ``slot[t, j] >= 0``
+    (``weight`` None: 1). ``h``: (R, D) float32; ``slot``: (T, K) int64, contiguous."""
+    return _Gather.apply(h, slot, weight)
+
+
+def scatter_rows(x: Tensor, slot: Tensor, weight: Tensor | None, rows: int) -> Tensor:
+    """(rows, D): ``buf[slot[t, j]] = weight[t, j] · x[t]``, zeros in every row no slot names.
+    Each row may be named by at most one (t, j)."""
+    return _Scatter.apply(x, slot, weight, rows)
+
+
+def rowdot(a: Tensor, h: Tensor, slot: Tensor) -> Tensor:
+    """(T, K): ``<a[t], h[slot[t, j]]>``, 0 where ``slot[t, j] < 0``."""
+    return _RowDot.apply(a, h, slot)

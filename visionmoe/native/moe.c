@@ -1,4 +1,5 @@
-/* The noisy top-k router of visionmoe (V-MoE token choice) in one pass forward and one backward, on the CPU.
+/* visionmoe's native CPU kernels: the noisy top-k router (V-MoE token choice) in one pass forward and one
+ * backward, and the MoE layer's row moves (dispatch and combine of a token-choice plan), forward and back.
  *
  * Plain C without torch headers (compiled on first use in about a second, called through ctypes from
  * visionmoe/native/__init__.py). Forward, for each token: the noisy logits l + sigma * noise, their
@@ -13,7 +14,11 @@
  * to float rounding, not bit for bit. The build uses -ffp-contract=off so that l + sigma * noise rounds
  * as ATen's mul-then-add does (the same noisy logits, bit for bit).
  *
- * Work is split over routing groups into `threads` contiguous chunks, one POSIX thread each.
+ * The row moves are copies and gated sums of whole rows, in the order ATen's path computes them (products
+ * rounded, then summed over a token's choices from the first), so the layer's output is bit-identical to
+ * its ATen path; only the row dot products of the gates' gradients sum in another order.
+ *
+ * Work is split over routing groups or tokens into `threads` contiguous chunks (see parallel_for).
  */
 #include <math.h>
 #include <pthread.h>
@@ -27,6 +32,7 @@
 
 typedef void (*chunk_fn)(void *ctx, int64_t begin, int64_t end);
 
+#ifndef _OPENMP
 typedef struct {
     chunk_fn fn;
     void *ctx;
@@ -38,8 +44,11 @@ static void *run_chunk(void *arg) {
     c->fn(c->ctx, c->begin, c->end);
     return NULL;
 }
+#endif
 
-/* fn over [0, n) in up to `threads` chunks of at least `grain` items; the caller runs the first. */
+/* fn over [0, n) in up to `threads` chunks of at least `grain` items. Built with OpenMP (the default),
+ * the chunks run on the OpenMP runtime already in the process: PyTorch's own libgomp, whose workers
+ * would otherwise spin on the cores our threads need. Without it, one POSIX thread per chunk. */
 static void parallel_for(int64_t n, int64_t grain, int threads, chunk_fn fn, void *ctx) {
     int64_t chunks = threads < 1 ? 1 : threads;
     if (chunks > MAX_THREADS) chunks = MAX_THREADS;
@@ -49,6 +58,10 @@ static void parallel_for(int64_t n, int64_t grain, int threads, chunk_fn fn, voi
         fn(ctx, 0, n);
         return;
     }
+#ifdef _OPENMP
+#pragma omp parallel for num_threads(chunks) schedule(static, 1)
+    for (int64_t i = 0; i < chunks; i++) fn(ctx, n * i / chunks, n * (i + 1) / chunks);
+#else
     chunk_t parts[MAX_THREADS];
     pthread_t ids[MAX_THREADS];
     int started[MAX_THREADS] = {0};
@@ -63,6 +76,7 @@ static void parallel_for(int64_t n, int64_t grain, int threads, chunk_fn fn, voi
         else
             run_chunk(&parts[i]); /* no thread to be had: run it here */
     }
+#endif
 }
 
 static int64_t group_grain(int64_t S, int64_t E) {
@@ -322,6 +336,136 @@ void vmoe_router_backward(const float *gates, const float *logits, const float *
     bwd_t a = {gates, logits, threshold, d_gates, d_weight, d_importance, d_load, expert, kept, load_sigma,
                S,     E,      K,         d_logits};
     parallel_for(G, group_grain(S, E), threads, backward_chunk, &a);
+}
+
+/* ---- the layer's row moves: dispatch and combine over a (tokens, K) slot map ------------------------ */
+
+#define MIN_ROWS 4096
+
+typedef struct {
+    const int64_t *expert, *position, *base;
+    const uint8_t *kept;
+    int64_t S, E, K;
+    int64_t *slot;
+} slots_t;
+
+static void slots_chunk(void *arg, int64_t g0, int64_t g1) {
+    const slots_t *a = (const slots_t *)arg;
+    const int64_t S = a->S, K = a->K;
+    for (int64_t g = g0; g < g1; g++)
+        for (int64_t j = 0; j < K; j++)
+            for (int64_t s = 0; s < S; s++) {
+                int64_t i = (g * K + j) * S + s;
+                a->slot[(g * S + s) * K + j] = a->kept[i] ? a->base[g * a->E + a->expert[i]] + a->position[i] : -1;
+            }
+}
+
+/* slot (G·S, K): the buffer row of token s's j-th choice, base[g, e] + position, or -1 where dropped.
+ * expert, position, kept (G, K, S); base (G, E). */
+void vmoe_slots(const int64_t *expert, const int64_t *position, const uint8_t *kept, const int64_t *base,
+                int64_t G, int64_t S, int64_t E, int64_t K, int64_t *slot, int threads) {
+    slots_t a = {expert, position, base, kept, S, E, K, slot};
+    parallel_for(G, (MIN_ROWS + S - 1) / S, threads, slots_chunk, &a);
+}
+
+typedef struct {
+    const float *src;
+    int64_t src_stride;
+    const int64_t *slot;
+    const float *weight;
+    int64_t K, D;
+    float *dst;
+    int64_t dst_stride;
+} rows_t;
+
+static void gather_chunk(void *arg, int64_t t0, int64_t t1) {
+    const rows_t *a = (const rows_t *)arg;
+    const int64_t K = a->K, D = a->D;
+    for (int64_t t = t0; t < t1; t++) {
+        float *y = a->dst + t * a->dst_stride;
+        for (int64_t d = 0; d < D; d++) y[d] = 0.0f;
+        for (int64_t j = 0; j < K; j++) {
+            int64_t r = a->slot[t * K + j];
+            if (r < 0) continue;
+            const float *h = a->src + r * a->src_stride;
+            if (a->weight) {
+                const float w = a->weight[t * K + j];
+                for (int64_t d = 0; d < D; d++) y[d] += h[d] * w;
+            } else {
+                for (int64_t d = 0; d < D; d++) y[d] += h[d];
+            }
+        }
+    }
+}
+
+/* y[t] = Σ_j weight[t, j] · h[slot[t, j]] over the j with slot >= 0 (weight NULL: 1), for T rows of
+ * width D; y contiguous (T, D). Each product rounded, then summed in j order from 0. */
+void vmoe_gather(const float *h, int64_t h_stride, const int64_t *slot, const float *weight, int64_t T, int64_t K,
+                 int64_t D, float *y, int threads) {
+    rows_t a = {h, h_stride, slot, weight, K, D, y, D};
+    parallel_for(T, MIN_ROWS, threads, gather_chunk, &a);
+}
+
+static void scatter_chunk(void *arg, int64_t t0, int64_t t1) {
+    const rows_t *a = (const rows_t *)arg;
+    const int64_t K = a->K, D = a->D;
+    for (int64_t t = t0; t < t1; t++) {
+        const float *x = a->src + t * a->src_stride;
+        for (int64_t j = 0; j < K; j++) {
+            int64_t r = a->slot[t * K + j];
+            if (r < 0) continue;
+            float *b = a->dst + r * a->dst_stride;
+            if (a->weight) {
+                const float w = a->weight[t * K + j];
+                for (int64_t d = 0; d < D; d++) b[d] = x[d] * w;
+            } else {
+                memcpy(b, x, (size_t)D * sizeof(float));
+            }
+        }
+    }
+}
+
+/* buf[slot[t, j]] = weight[t, j] · x[t] (weight NULL: 1) for the j with slot >= 0, every other of the
+ * `rows` rows of buf zero. Each slot must be named at most once. buf contiguous (rows, D). */
+void vmoe_scatter(const float *x, int64_t x_stride, const int64_t *slot, const float *weight, int64_t T, int64_t K,
+                  int64_t D, float *buf, int64_t rows, int threads) {
+    memset(buf, 0, (size_t)(rows * D) * sizeof(float));
+    rows_t a = {x, x_stride, slot, weight, K, D, buf, D};
+    parallel_for(T, MIN_ROWS, threads, scatter_chunk, &a);
+}
+
+typedef struct {
+    const float *a;
+    int64_t a_stride;
+    const float *h;
+    int64_t h_stride;
+    const int64_t *slot;
+    int64_t K, D;
+    float *out;
+} dot_t;
+
+static void rowdot_chunk(void *arg, int64_t t0, int64_t t1) {
+    const dot_t *p = (const dot_t *)arg;
+    const int64_t K = p->K, D = p->D;
+    for (int64_t t = t0; t < t1; t++) {
+        const float *a = p->a + t * p->a_stride;
+        for (int64_t j = 0; j < K; j++) {
+            int64_t r = p->slot[t * K + j];
+            float sum = 0.0f;
+            if (r >= 0) {
+                const float *h = p->h + r * p->h_stride;
+                for (int64_t d = 0; d < D; d++) sum += a[d] * h[d];
+            }
+            p->out[t * K + j] = sum;
+        }
+    }
+}
+
+/* out[t, j] = <a[t], h[slot[t, j]]>, 0 where slot < 0; out contiguous (T, K). */
+void vmoe_rowdot(const float *a, int64_t a_stride, const float *h, int64_t h_stride, const int64_t *slot, int64_t T,
+                 int64_t K, int64_t D, float *out, int threads) {
+    dot_t p = {a, a_stride, h, h_stride, slot, K, D, out};
+    parallel_for(T, MIN_ROWS, threads, rowdot_chunk, &p);
 }
 
 int vmoe_abi_version(void) { return 1; }

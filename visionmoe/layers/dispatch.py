@@ -250,7 +250,7 @@ def token_choice_moe(x: Tensor, plan: Routing, experts: Experts, backend: str = 
         # Batch Prioritized Routing (a host sync to find out where it is free, on the CPU; else assumed)
         inverse = _inverse(priority, G * S)
         flat = move_rows(flat, priority, inverse)  # (G·S, D) tokens in priority order
-    elif native.usable(x, plan.weight):
+    elif x.numel() and native.usable(x, plan.weight):
         return native_token_choice_moe(x, plan, experts, backend)
     if backend == "padded":
         group = torch.arange(G, device=x.device)[:, None]

@@ -81,6 +81,7 @@ static void parallel_for(int64_t n, int64_t grain, int threads, chunk_fn fn, voi
 
 static int64_t group_grain(int64_t S, int64_t E) {
     int64_t per_group = S * E;
+    if (per_group < 1) return INT64_MAX; /* no work: one chunk */
     return per_group >= MIN_VALUES_PER_THREAD ? 1 : (MIN_VALUES_PER_THREAD + per_group - 1) / per_group;
 }
 
@@ -365,7 +366,7 @@ static void slots_chunk(void *arg, int64_t g0, int64_t g1) {
 void vmoe_slots(const int64_t *expert, const int64_t *position, const uint8_t *kept, const int64_t *base,
                 int64_t G, int64_t S, int64_t E, int64_t K, int64_t *slot, int threads) {
     slots_t a = {expert, position, base, kept, S, E, K, slot};
-    parallel_for(G, (MIN_ROWS + S - 1) / S, threads, slots_chunk, &a);
+    parallel_for(G, S > 0 ? (MIN_ROWS + S - 1) / S : INT64_MAX, threads, slots_chunk, &a);
 }
 
 typedef struct {

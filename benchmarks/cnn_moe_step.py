@@ -337,10 +337,17 @@ def vit_row(images: int, args: argparse.Namespace) -> str:
         with before_issue_22():
             fwdbwd(moe)
 
+    def aten() -> None:
+        with native.disabled():
+            fwdbwd(moe)
+
     steps = {"dense": lambda: fwdbwd(dense), "auto": lambda: fwdbwd(moe), "before": before}
+    if args.aten:
+        steps["aten"] = aten
     times = interleaved_times(steps, threads=args.threads, repeats=args.repeats)
     ratio = {n: [t / tw for t, tw in zip(ts, times["dense"], strict=True)] for n, ts in times.items()}
-    cells = [f"{statistics.median(ratio[n]):.2f} ± {iqr(ratio[n]):.2f}" for n in ("auto", "before")]
+    columns = ("auto", "before", "aten") if args.aten else ("auto", "before")
+    cells = [f"{statistics.median(ratio[n]):.2f} ± {iqr(ratio[n]):.2f}" for n in columns]
     return f"| {images} × 1024 | {statistics.median(times['dense']) * 1e3:.0f} | " + " | ".join(cells) + " |"
 
 
@@ -459,7 +466,11 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.vit:
         print(benchmark_header("MoE layer at ViT shapes: after vs before issue 22", args.threads), flush=True)
-        print("\n| images × tokens | dense ms | auto / dense | before / dense |\n|---|---|---|---|", flush=True)
+        extra = (" aten / dense |", "---|") if args.aten else ("", "")
+        print(
+            f"\n| images × tokens | dense ms | auto / dense | before / dense |{extra[0]}\n|---|---|---|---|{extra[1]}",
+            flush=True,
+        )
         for images in args.vit_images:
             print(vit_row(images, args), flush=True)
         return 0

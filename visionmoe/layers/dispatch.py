@@ -298,8 +298,8 @@ def native_token_choice_moe(x: Tensor, plan: Routing, experts: Experts, backend:
         counts = per_group.sum(0)  # (E,)
         base = (counts.cumsum(0) - counts) + (per_group.cumsum(0) - per_group)
         rows = int(counts.sum())  # host sync: the kept rows the experts process
-    slot = native.slot_map(plan.expert, plan.position, plan.kept, base, S)  # (G·S, K)
-    buffer = native.scatter_rows(x.reshape(G * S, D), slot, None, rows)  # (rows, D)
+    rowmap = native.slot_map(plan.expert, plan.position, plan.kept, base, S, rows)  # (G·S, K) and back
+    buffer = native.scatter_rows(x.reshape(G * S, D), rowmap)  # (rows, D)
     if backend == "padded":
         h = experts(buffer.reshape(E, G * C, D), "batched").reshape(rows, D)
     elif backend == "grouped":
@@ -308,7 +308,7 @@ def native_token_choice_moe(x: Tensor, plan: Routing, experts: Experts, backend:
     else:
         h = experts(buffer, "sorted", counts)
     weight = plan.weight.reshape(G, K, S).transpose(1, 2).reshape(G * S, K)  # (G·S, K) token-major
-    return native.gather_rows(h, slot, weight).reshape(G, S, D)
+    return native.gather_rows(h, rowmap, weight).reshape(G, S, D)
 
 
 def padded_moe(x: Tensor, plan: Routing, experts: Experts, deterministic: bool = False) -> Tensor:

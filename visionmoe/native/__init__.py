@@ -40,6 +40,7 @@ import tempfile
 import threading
 from collections.abc import Iterator
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 from torch import Tensor
@@ -120,9 +121,9 @@ def _build() -> ctypes.CDLL:
     signatures = {
         "vmoe_router_forward": [ptr, ptr, f32, f32, i64, i64, i64, i64, i64, *[ptr] * 9, cint],
         "vmoe_router_backward": [ptr, ptr, ptr, f32, ptr, ptr, ptr, ptr, ptr, ptr, i64, i64, i64, i64, ptr, cint],
-        "vmoe_slots": [ptr, ptr, ptr, ptr, i64, i64, i64, i64, ptr, cint],
+        "vmoe_slots": [ptr, ptr, ptr, ptr, i64, i64, i64, i64, ptr, ptr, i64, cint],
         "vmoe_gather": [ptr, i64, ptr, ptr, i64, i64, i64, ptr, cint],
-        "vmoe_scatter": [ptr, i64, ptr, ptr, i64, i64, i64, ptr, i64, cint],
+        "vmoe_scatter": [ptr, i64, ptr, ptr, i64, i64, ptr, i64, cint],
         "vmoe_rowdot": [ptr, i64, ptr, i64, ptr, i64, i64, i64, ptr, cint],
     }
     for name, args in signatures.items():
@@ -309,11 +310,19 @@ def _rows(x: Tensor) -> tuple[Tensor, int]:
     return x, x.stride(0)
 
 
-def slot_map(expert: Tensor, position: Tensor, kept: Tensor, base: Tensor, num_tokens: int) -> Tensor:
-    """(G·S, K) buffer row of each token's j-th choice: ``base[g, e] + position``, -1 where dropped.
+class RowMap(NamedTuple):
+    """Where a token-choice plan's rows go: ``slot`` (T, K) the buffer row of each token's j-th choice (-1
+    where dropped), and ``source`` (rows,) its inverse, t·K + j for the row that choice fills (-1: none)."""
+
+    slot: Tensor
+    source: Tensor
+
+
+def slot_map(expert: Tensor, position: Tensor, kept: Tensor, base: Tensor, num_tokens: int, rows: int) -> RowMap:
+    """The :class:`RowMap` of a plan: token s's j-th choice fills buffer row ``base[g, e] + position``.
 
     ``expert``, ``position``, ``kept``: (G, K·S) plan layout; ``base``: (G, E) int64 first row of each
-    (group, expert) block in the experts' buffer.
+    (group, expert) block in the experts' buffer of ``rows`` rows.
     """
     G, A = expert.shape
     S = num_tokens
@@ -322,19 +331,15 @@ def slot_map(expert: Tensor, position: Tensor, kept: Tensor, base: Tensor, num_t
     # bound to names: a temporary's memory would be freed before the call reads it
     expert, position, kept, base = (t.contiguous() for t in (expert, position, kept, base))
     slot = torch.empty(G * S, K, dtype=torch.int64)
+    source = torch.empty(rows, dtype=torch.int64)
     _library().vmoe_slots(
-        _ptr(expert),
-        _ptr(position),
-        _ptr(kept),
-        _ptr(base),
-        G,
-        S,
-        E,
-        K,
-        _ptr(slot),
-        torch.get_num_threads(),
+        *(_ptr(t) for t in (expert, position, kept, base)), G, S, E, K, _ptr(slot), _ptr(source), rows, _threads()
     )
-    return slot
+    return RowMap(slot, source)
+
+
+def _threads() -> int:
+    return torch.get_num_threads()
 
 
 def _gather(h: Tensor, slot: Tensor, weight: Tensor | None) -> Tensor:
@@ -342,18 +347,16 @@ def _gather(h: Tensor, slot: Tensor, weight: Tensor | None) -> Tensor:
     T, K = slot.shape
     y = torch.empty(T, h.shape[1], dtype=h.dtype)
     w = None if weight is None else weight.detach().contiguous()
-    _library().vmoe_gather(_ptr(h), stride, _ptr(slot), _ptr(w), T, K, h.shape[1], _ptr(y), torch.get_num_threads())
+    _library().vmoe_gather(_ptr(h), stride, _ptr(slot), _ptr(w), T, K, h.shape[1], _ptr(y), _threads())
     return y
 
 
-def _scatter(x: Tensor, slot: Tensor, weight: Tensor | None, rows: int) -> Tensor:
+def _scatter(x: Tensor, rowmap: RowMap, weight: Tensor | None) -> Tensor:
     x, stride = _rows(x)
-    T, K = slot.shape
+    K, rows = rowmap.slot.shape[1], rowmap.source.shape[0]
     buf = torch.empty(rows, x.shape[1], dtype=x.dtype)
     w = None if weight is None else weight.detach().contiguous()
-    _library().vmoe_scatter(
-        _ptr(x), stride, _ptr(slot), _ptr(w), T, K, x.shape[1], _ptr(buf), rows, torch.get_num_threads()
-    )
+    _library().vmoe_scatter(_ptr(x), stride, _ptr(rowmap.source), _ptr(w), K, x.shape[1], _ptr(buf), rows, _threads())
     return buf
 
 
@@ -362,9 +365,7 @@ def _rowdot(a: Tensor, h: Tensor, slot: Tensor) -> Tensor:
     h, h_stride = _rows(h)
     T, K = slot.shape
     out = torch.empty(T, K, dtype=a.dtype)
-    _library().vmoe_rowdot(
-        _ptr(a), a_stride, _ptr(h), h_stride, _ptr(slot), T, K, a.shape[1], _ptr(out), torch.get_num_threads()
-    )
+    _library().vmoe_rowdot(_ptr(a), a_stride, _ptr(h), h_stride, _ptr(slot), T, K, a.shape[1], _ptr(out), _threads())
     return out
 
 
@@ -372,16 +373,16 @@ class _Gather(torch.autograd.Function):
     """y[t] = Σ_j w[t, j] · h[slot[t, j]]; d/dh = scatter(dy; w), d/dw = rowdot(dy, h)."""
 
     @staticmethod
-    def forward(ctx, h: Tensor, slot: Tensor, weight: Tensor | None) -> Tensor:
-        ctx.save_for_backward(h, slot, weight)
-        ctx.rows = h.shape[0]
-        return _gather(h.detach(), slot, weight)
+    def forward(ctx, h: Tensor, rowmap: RowMap, weight: Tensor | None) -> Tensor:
+        ctx.save_for_backward(h, weight)
+        ctx.rowmap = rowmap  # integer maps, no gradient
+        return _gather(h.detach(), rowmap.slot, weight)
 
     @staticmethod
     def backward(ctx, grad: Tensor):
-        h, slot, weight = ctx.saved_tensors
-        dh = scatter_rows(grad, slot, weight, ctx.rows) if ctx.needs_input_grad[0] else None
-        dw = rowdot(grad, h, slot) if weight is not None and ctx.needs_input_grad[2] else None
+        h, weight = ctx.saved_tensors
+        dh = scatter_rows(grad, ctx.rowmap, weight) if ctx.needs_input_grad[0] else None
+        dw = rowdot(grad, h, ctx.rowmap) if weight is not None and ctx.needs_input_grad[2] else None
         return dh, None, dw
 
 
@@ -389,46 +390,48 @@ class _Scatter(torch.autograd.Function):
     """buf[slot[t, j]] = w[t, j] · x[t], other rows 0; d/dx = gather(dbuf; w), d/dw = rowdot(x, dbuf)."""
 
     @staticmethod
-    def forward(ctx, x: Tensor, slot: Tensor, weight: Tensor | None, rows: int) -> Tensor:
-        ctx.save_for_backward(x, slot, weight)
-        return _scatter(x.detach(), slot, weight, rows)
+    def forward(ctx, x: Tensor, rowmap: RowMap, weight: Tensor | None) -> Tensor:
+        ctx.save_for_backward(x, weight)
+        ctx.rowmap = rowmap
+        return _scatter(x.detach(), rowmap, weight)
 
     @staticmethod
     def backward(ctx, grad: Tensor):
-        x, slot, weight = ctx.saved_tensors
-        dx = gather_rows(grad, slot, weight) if ctx.needs_input_grad[0] else None
-        dw = rowdot(x, grad, slot) if weight is not None and ctx.needs_input_grad[2] else None
-        return dx, None, dw, None
+        x, weight = ctx.saved_tensors
+        dx = gather_rows(grad, ctx.rowmap, weight) if ctx.needs_input_grad[0] else None
+        dw = rowdot(x, grad, ctx.rowmap) if weight is not None and ctx.needs_input_grad[2] else None
+        return dx, None, dw
 
 
 class _RowDot(torch.autograd.Function):
     """r[t, j] = <a[t], h[slot[t, j]]>; d/da = gather(h; dr), d/dh = scatter(a; dr)."""
 
     @staticmethod
-    def forward(ctx, a: Tensor, h: Tensor, slot: Tensor) -> Tensor:
-        ctx.save_for_backward(a, h, slot)
-        return _rowdot(a.detach(), h.detach(), slot)
+    def forward(ctx, a: Tensor, h: Tensor, rowmap: RowMap) -> Tensor:
+        ctx.save_for_backward(a, h)
+        ctx.rowmap = rowmap
+        return _rowdot(a.detach(), h.detach(), rowmap.slot)
 
     @staticmethod
     def backward(ctx, grad: Tensor):
-        a, h, slot = ctx.saved_tensors
-        da = gather_rows(h, slot, grad) if ctx.needs_input_grad[0] else None
-        dh = scatter_rows(a, slot, grad, h.shape[0]) if ctx.needs_input_grad[1] else None
+        a, h = ctx.saved_tensors
+        da = gather_rows(h, ctx.rowmap, grad) if ctx.needs_input_grad[0] else None
+        dh = scatter_rows(a, ctx.rowmap, grad) if ctx.needs_input_grad[1] else None
         return da, dh, None
 
 
-def gather_rows(h: Tensor, slot: Tensor, weight: Tensor | None = None) -> Tensor:
+def gather_rows(h: Tensor, rowmap: RowMap, weight: Tensor | None = None) -> Tensor:
     """(T, D): ``y[t] = Σ_j weight[t, j] · h[slot[t, j]]`` over the j with ``slot[t, j] >= 0``
-    (``weight`` None: 1). ``h``: (R, D) float32; ``slot``: (T, K) int64, contiguous."""
-    return _Gather.apply(h, slot, weight)
+    (``weight`` None: 1). ``h``: (rows, D) float32."""
+    return _Gather.apply(h, rowmap, weight)
 
 
-def scatter_rows(x: Tensor, slot: Tensor, weight: Tensor | None, rows: int) -> Tensor:
-    """(rows, D): ``buf[slot[t, j]] = weight[t, j] · x[t]``, zeros in every row no slot names.
-    Each row may be named by at most one (t, j)."""
-    return _Scatter.apply(x, slot, weight, rows)
+def scatter_rows(x: Tensor, rowmap: RowMap, weight: Tensor | None = None) -> Tensor:
+    """(rows, D): ``buf[slot[t, j]] = weight[t, j] · x[t]``, zeros in every row no choice fills; each row
+    written once, in order (by ``rowmap.source``)."""
+    return _Scatter.apply(x, rowmap, weight)
 
 
-def rowdot(a: Tensor, h: Tensor, slot: Tensor) -> Tensor:
+def rowdot(a: Tensor, h: Tensor, rowmap: RowMap) -> Tensor:
     """(T, K): ``<a[t], h[slot[t, j]]>``, 0 where ``slot[t, j] < 0``."""
-    return _RowDot.apply(a, h, slot)
+    return _RowDot.apply(a, h, rowmap)

@@ -347,7 +347,7 @@ typedef struct {
     const int64_t *expert, *position, *base;
     const uint8_t *kept;
     int64_t S, E, K;
-    int64_t *slot;
+    int64_t *slot, *source;
 } slots_t;
 
 static void slots_chunk(void *arg, int64_t g0, int64_t g1) {
@@ -356,16 +356,21 @@ static void slots_chunk(void *arg, int64_t g0, int64_t g1) {
     for (int64_t g = g0; g < g1; g++)
         for (int64_t j = 0; j < K; j++)
             for (int64_t s = 0; s < S; s++) {
-                int64_t i = (g * K + j) * S + s;
-                a->slot[(g * S + s) * K + j] = a->kept[i] ? a->base[g * a->E + a->expert[i]] + a->position[i] : -1;
+                const int64_t i = (g * K + j) * S + s, at = (g * S + s) * K + j;
+                const int64_t r = a->kept[i] ? a->base[g * a->E + a->expert[i]] + a->position[i] : -1;
+                a->slot[at] = r;
+                if (r >= 0) a->source[r] = at;
             }
 }
 
-/* slot (G·S, K): the buffer row of token s's j-th choice, base[g, e] + position, or -1 where dropped.
+/* slot (G·S, K): the buffer row of token s's j-th choice, base[g, e] + position, or -1 where dropped;
+ * source (rows): the inverse, (g·S + s)·K + j for the row that choice fills, -1 for a row none fills.
  * expert, position, kept (G, K, S); base (G, E). */
 void vmoe_slots(const int64_t *expert, const int64_t *position, const uint8_t *kept, const int64_t *base,
-                int64_t G, int64_t S, int64_t E, int64_t K, int64_t *slot, int threads) {
-    slots_t a = {expert, position, base, kept, S, E, K, slot};
+                int64_t G, int64_t S, int64_t E, int64_t K, int64_t *slot, int64_t *source, int64_t rows,
+                int threads) {
+    memset(source, 0xff, (size_t)rows * sizeof(int64_t)); /* -1 */
+    slots_t a = {expert, position, base, kept, S, E, K, slot, source};
     parallel_for(G, S > 0 ? (MIN_ROWS + S - 1) / S : INT64_MAX, threads, slots_chunk, &a);
 }
 
@@ -407,32 +412,32 @@ void vmoe_gather(const float *h, int64_t h_stride, const int64_t *slot, const fl
     parallel_for(T, MIN_ROWS, threads, gather_chunk, &a);
 }
 
-static void scatter_chunk(void *arg, int64_t t0, int64_t t1) {
-    const rows_t *a = (const rows_t *)arg;
+static void scatter_chunk(void *arg, int64_t r0, int64_t r1) {
+    const rows_t *a = (const rows_t *)arg; /* slot: here the source of each buffer row */
     const int64_t K = a->K, D = a->D;
-    for (int64_t t = t0; t < t1; t++) {
-        const float *x = a->src + t * a->src_stride;
-        for (int64_t j = 0; j < K; j++) {
-            int64_t r = a->slot[t * K + j];
-            if (r < 0) continue;
-            float *b = a->dst + r * a->dst_stride;
-            if (a->weight) {
-                const float w = a->weight[t * K + j];
-                for (int64_t d = 0; d < D; d++) b[d] = x[d] * w;
-            } else {
-                memcpy(b, x, (size_t)D * sizeof(float));
-            }
+    for (int64_t r = r0; r < r1; r++) {
+        float *b = a->dst + r * a->dst_stride;
+        const int64_t at = a->slot[r];
+        if (at < 0) {
+            memset(b, 0, (size_t)D * sizeof(float));
+            continue;
+        }
+        const float *x = a->src + (at / K) * a->src_stride;
+        if (a->weight) {
+            const float w = a->weight[at];
+            for (int64_t d = 0; d < D; d++) b[d] = x[d] * w;
+        } else {
+            memcpy(b, x, (size_t)D * sizeof(float));
         }
     }
 }
 
-/* buf[slot[t, j]] = weight[t, j] · x[t] (weight NULL: 1) for the j with slot >= 0, every other of the
- * `rows` rows of buf zero. Each slot must be named at most once. buf contiguous (rows, D). */
-void vmoe_scatter(const float *x, int64_t x_stride, const int64_t *slot, const float *weight, int64_t T, int64_t K,
+/* buf[r] = weight[t, j] · x[t] (weight NULL: 1) where source[r] = t·K + j, zero where source[r] < 0: every
+ * row of buf written once, in order. buf contiguous (rows, D). */
+void vmoe_scatter(const float *x, int64_t x_stride, const int64_t *source, const float *weight, int64_t K,
                   int64_t D, float *buf, int64_t rows, int threads) {
-    memset(buf, 0, (size_t)(rows * D) * sizeof(float));
-    rows_t a = {x, x_stride, slot, weight, K, D, buf, D};
-    parallel_for(T, MIN_ROWS, threads, scatter_chunk, &a);
+    rows_t a = {x, x_stride, source, weight, K, D, buf, D};
+    parallel_for(rows, MIN_ROWS, threads, scatter_chunk, &a);
 }
 
 typedef struct {

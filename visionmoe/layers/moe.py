@@ -147,7 +147,9 @@ class MoE(nn.Module):
             return restore(y.reshape(B, N, D))
         self.aux_loss = routed.aux_loss
         self.last_aux_losses = routed.aux_losses
-        self.last_stats = routing_stats(routed.plan, routed.gates, grouped.shape[0], grouped.shape[1])
+        self.last_stats = routing_stats(
+            routed.plan, routed.gates, grouped.shape[0], grouped.shape[1], entropy_sum=routed.entropy_sum
+        )
         return restore(y.reshape(B, N, D))
 
     def to_tokens(self, x: Tensor) -> tuple[Tensor, Callable[[Tensor], Tensor]]:

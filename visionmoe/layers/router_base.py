@@ -37,6 +37,7 @@ class RouterOutput:
     aux_loss: Tensor  # scalar: Σ weight · loss over the router's enabled aux losses
     aux_losses: dict[str, Tensor]  # each enabled loss, unweighted and detached, for logging
     gates: Tensor | None  # (G, S, E) routing distribution per token (for entropy), or None
+    entropy_sum: Tensor | None = None  # Σ over tokens of the gates' entropy, where the router has it already
 
 
 class Router(nn.Module):

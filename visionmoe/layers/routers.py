@@ -169,7 +169,7 @@ class TopKRouter(Capacity, LinearRouter):
         noise = torch.randn_like(logits) if self.training and self.noise_std > 0 else None  # the same draws
         capacity = self.group_capacity(S)
         load = "load" in self.aux_loss_weights
-        gates, weight, importance, load_sums, expert, position, kept = native.topk_router(
+        gates, weight, importance, load_sums, expert, position, kept, entropy = native.topk_router(
             logits, noise, self.noise_std, self.k, capacity, load
         )
         if capacity is None:
@@ -180,7 +180,7 @@ class TopKRouter(Capacity, LinearRouter):
         plan = Routing(token, expert, position, weight, kept, S, E, capacity, choices=self.k)
         sums = {"importance": importance, "load": load_sums}
         aux, logged = self._weighted_aux(logits, lambda name, reduce: cv_squared_loss(sums[name], reduce))
-        return RouterOutput(plan, aux, logged, gates)
+        return RouterOutput(plan, aux, logged, gates, entropy_sum=entropy)
 
 
 class SinkhornTopKRouter(TopKRouter):

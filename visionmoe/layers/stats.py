@@ -77,8 +77,12 @@ class RoutingStats:
 
 
 @torch.no_grad()
-def routing_stats(plan: Plan, gates: Tensor | None, num_groups: int, num_tokens: int) -> RoutingStats:
-    """Statistics of one forward pass. gates: (G, S, E) routing distribution, or None (dense)."""
+def routing_stats(
+    plan: Plan, gates: Tensor | None, num_groups: int, num_tokens: int, entropy_sum: Tensor | None = None
+) -> RoutingStats:
+    """Statistics of one forward pass. gates: (G, S, E) routing distribution, or None (dense);
+    ``entropy_sum``: their entropy summed over the tokens, where the router computed it (the fused
+    top-k router), instead of computing it here from ``gates``."""
     load = plan.tokens_per_expert().double()
     device = load.device
     tokens = torch.tensor(float(num_groups * num_tokens), dtype=torch.float64, device=device)
@@ -91,7 +95,9 @@ def routing_stats(plan: Plan, gates: Tensor | None, num_groups: int, num_tokens:
         dropped = (~plan.kept).sum().double()
     else:
         unrouted, assignments, dropped = zero, zero.clone(), zero.clone()
-    if gates is None:
+    if entropy_sum is not None:
+        entropy = entropy_sum.detach().double()
+    elif gates is None:
         entropy = torch.full((), math.nan, dtype=torch.float64, device=device)
     else:
         entropy = -torch.xlogy(gates, gates).sum().double()

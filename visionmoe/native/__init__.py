@@ -119,7 +119,7 @@ def _build() -> ctypes.CDLL:
     i64, ptr, cint = ctypes.c_int64, ctypes.c_void_p, ctypes.c_int
     f32 = ctypes.c_float
     signatures = {
-        "vmoe_router_forward": [ptr, ptr, f32, f32, i64, i64, i64, i64, i64, *[ptr] * 9, cint],
+        "vmoe_router_forward": [ptr, ptr, f32, f32, i64, i64, i64, i64, i64, *[ptr] * 10, cint],
         "vmoe_router_backward": [ptr, ptr, ptr, f32, ptr, ptr, ptr, ptr, ptr, ptr, i64, i64, i64, i64, ptr, cint],
         "vmoe_slots": [ptr, ptr, ptr, ptr, i64, i64, i64, i64, ptr, ptr, i64, cint],
         "vmoe_gather": [ptr, i64, ptr, ptr, i64, i64, i64, ptr, cint],
@@ -205,6 +205,7 @@ class _TopKRouter(torch.autograd.Function):
         offered = torch.empty(G, E, dtype=torch.int64)
         importance = torch.empty(G, E, dtype=torch.float64)
         load_sums = torch.empty(G, E, dtype=torch.float64) if load else None
+        entropy = torch.empty(G, dtype=torch.float64)
         lib.vmoe_router_forward(
             *(_ptr(t) for t in (logits_c, noise_c)),
             sigma,
@@ -215,15 +216,17 @@ class _TopKRouter(torch.autograd.Function):
             k,
             -1 if capacity is None else capacity,
             *(_ptr(t) for t in (gates, threshold, expert, position, kept, weight, offered, importance, load_sums)),
+            _ptr(entropy),
             torch.get_num_threads(),
         )
         importance = importance.sum(0, keepdim=True).float()  # (1, E): over every token of the batch
         load_sums = load_sums.sum(0, keepdim=True).float() if load else torch.zeros(1, E)
         ctx.save_for_backward(logits, noise, gates, threshold, expert, kept)
         ctx.sigma, ctx.load, ctx.k = sigma, load, k
-        ctx.mark_non_differentiable(expert, position, kept)
+        entropy = entropy.sum()  # Σ over every token of its gates' entropy (nats)
+        ctx.mark_non_differentiable(expert, position, kept, entropy)
         ctx.set_materialize_grads(False)
-        return gates, weight, importance, load_sums, expert, position, kept
+        return gates, weight, importance, load_sums, expert, position, kept, entropy
 
     @staticmethod
     def backward(ctx, d_gates, d_weight, d_importance, d_load, *_):
@@ -288,7 +291,8 @@ def topk_router(
     loss's per-expert sums (needs ``sigma`` > 0). Returns ``gates`` (G, S, E), ``weight`` (G, K·S) the kept
     gate values in the plan's choice-major layout, ``importance`` and ``load`` (1, E) per-expert sums over
     every token (zeros unless ``load``), all differentiable in ``logits``; and ``expert``, ``position``,
-    ``kept`` (G, K·S), as :func:`visionmoe.routing.token_choice` gives them.
+    ``kept`` (G, K·S), as :func:`visionmoe.routing.token_choice` gives them, and ``entropy`` (float64
+    scalar) the gates' entropy summed over the tokens, for :class:`visionmoe.layers.RoutingStats`.
     """
     if not 1 <= k <= min(logits.shape[-1], MAX_K) or logits.shape[-1] % LANES:
         raise ValueError(

@@ -202,7 +202,7 @@ typedef struct {
     float *gates, *threshold, *weight;
     int64_t *expert, *position, *offered;
     uint8_t *kept;
-    double *importance, *load;
+    double *importance, *load, *entropy;
 } fwd_t;
 
 static void forward_chunk(void *arg, int64_t g0, int64_t g1) {
@@ -215,6 +215,7 @@ static void forward_chunk(void *arg, int64_t g0, int64_t g1) {
         int64_t *offered = a->offered + g * E;
         double *importance = a->importance + g * E, *load = a->load ? a->load + g * E : NULL;
         memset(imp, 0, (size_t)E * 2 * sizeof(float)); /* the group's sums, in float lanes */
+        double entropy = 0.0;
         for (int64_t s = 0; s < S; s++) {
             const int64_t t = g * S + s;
             const float *l = a->logits + t * E;
@@ -226,13 +227,17 @@ static void forward_chunk(void *arg, int64_t g0, int64_t g1) {
                 store8(noisy + e, v);
                 for (int i = 0; i < 8; i++) m = v[i] > m ? v[i] : m;
             }
-            float z = 0.0f;
+            float z = 0.0f, spread = 0.0f;
             for (int64_t e = 0; e < E; e += 8) {
-                v8f ex = exp8(load8(noisy + e) - m);
+                v8f shifted = load8(noisy + e) - m;
+                v8f ex = exp8(shifted);
                 store8(gate + e, ex);
                 z += hsum8(ex);
+                spread += hsum8(ex * shifted);
             }
             const float inv = 1.0f / z;
+            /* the gates' entropy, -sum g log g with log g = (noisy - m) - log z: one log per token */
+            entropy += (double)(logf(z) - spread * inv);
             for (int64_t e = 0; e < E; e += 8) {
                 v8f gv = load8(gate + e) * inv;
                 store8(gate + e, gv);
@@ -254,6 +259,7 @@ static void forward_chunk(void *arg, int64_t g0, int64_t g1) {
             importance[e] = imp[e];
             if (load) load[e] = ld[e];
         }
+        a->entropy[g] = entropy;
         /* choice-major priority: every first choice before any second choice, tokens in order */
         memset(offered, 0, (size_t)E * sizeof(int64_t));
         for (int64_t j = 0; j < K; j++)
@@ -272,13 +278,15 @@ static void forward_chunk(void *arg, int64_t g0, int64_t g1) {
 /* logits, noise (NULL: none) (G, S, E); sigma: the noise's scale; load_sigma > 0: compute the load loss's
  * threshold (T) and per-group sums load (G, E), else both untouched (may be NULL). Out: gates (G, S, E);
  * expert, position, kept, weight (G, K, S) choice-major; offered (G, E) assignments offered per expert;
- * importance (G, E) the gates summed per group. capacity < 0: every assignment kept. K <= 64, E a multiple of 8. */
+ * importance (G, E) the gates summed per group; entropy (G) the gates' entropy summed per group (nats).
+ * capacity < 0: every assignment kept. K <= 64, E a multiple of 8. */
 void vmoe_router_forward(const float *logits, const float *noise, float sigma, float load_sigma, int64_t G, int64_t S,
                          int64_t E, int64_t K, int64_t capacity, float *gates, float *threshold, int64_t *expert,
                          int64_t *position, uint8_t *kept, float *weight, int64_t *offered, double *importance,
-                         double *load, int threads) {
-    fwd_t a = {logits,  noise,  sigma,    load_sigma, S,      E,       K,          capacity,
-               gates,   threshold, weight, expert,     position, offered, kept, importance, load_sigma > 0 ? load : NULL};
+                         double *load, double *entropy, int threads) {
+    fwd_t a = {logits, noise,  sigma,    load_sigma, S,       E,    K,          capacity,
+               gates,  threshold, weight, expert,     position, offered, kept, importance,
+               load_sigma > 0 ? load : NULL, entropy};
     parallel_for(G, group_grain(S, E), threads, forward_chunk, &a);
 }
 

@@ -18,9 +18,6 @@ axis. Every path but the softmax is exact (that one differs in the last bit), so
 ``--aten`` adds a column for the first backend with the fused native router switched off
 (:func:`visionmoe.native.disabled`: the router's ATen path, as before it), in the same repeats.
 
-``--plain-experts`` adds a column for the first backend with every expert GEMM in the plain (E, T, D)
-layout (``visionmoe.layers.experts.TRANSPOSED_MAX_DIM = 0``: no transposed rows at D <= 8).
-
 ``--vit`` instead re-runs ViT-sized shapes of the layer benchmark (benchmarks/layer_speed.py: images ×
 1024 tokens, d = 512, H = 2048, E = 8, top-2, capacity factor 1.25, no router noise, forward + backward)
 with the layer as it is (``auto``) and as it was (``before``), against the dense FFN of width 2·H.
@@ -69,7 +66,6 @@ import torch
 import torch.nn.functional as F
 from torch.profiler import ProfilerActivity, profile
 
-import visionmoe.layers.experts
 import visionmoe.layers.moe
 import visionmoe.layers.routers
 import visionmoe.routing.losses
@@ -184,17 +180,6 @@ def measure(backbone: str, width: int, ratio: float, args: argparse.Namespace) -
                 moe_step()
 
         steps["aten"] = aten_step
-    if args.plain_experts:
-
-        def plain_step() -> None:
-            set_backend(moe, args.backends[0])
-            saved, visionmoe.layers.experts.TRANSPOSED_MAX_DIM = visionmoe.layers.experts.TRANSPOSED_MAX_DIM, 0
-            try:
-                moe_step()
-            finally:
-                visionmoe.layers.experts.TRANSPOSED_MAX_DIM = saved
-
-        steps["plain experts"] = plain_step
     if args.before:
 
         def old_step() -> None:
@@ -442,9 +427,6 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--backends", nargs="+", choices=BACKENDS, default=["auto"])
     parser.add_argument("--before", action="store_true", help="add the code before issue 22 (see above)")
     parser.add_argument("--aten", action="store_true", help="add the first backend without the fused router")
-    parser.add_argument(
-        "--plain-experts", action="store_true", help="add the first backend with no transposed expert GEMMs"
-    )
     parser.add_argument("--batch", type=int, default=128)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=9)
@@ -496,7 +478,6 @@ def main(argv: list[str] | None = None) -> int:
     columns = [
         *args.backends,
         *(["aten"] if args.aten else []),
-        *(["plain experts"] if args.plain_experts else []),
         *(["before"] if args.before else []),
         *(["compiled"] if args.compile else []),
         *(["floor"] if args.floor else []),

@@ -8,10 +8,6 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import Tensor, nn
 
-TRANSPOSED_MAX_DIM = 8
-"""Experts at most this wide (D) run their batched GEMMs on transposed rows on the CPU (see
-:meth:`Experts.forward_batched`); from D = 16 the plain layout was faster."""
-
 
 class Experts(nn.Module):
     """E two-layer MLPs ``x -> act(x W1_e + b1_e) W2_e + b2_e`` with stacked weights.
@@ -90,27 +86,11 @@ class Experts(nn.Module):
         raise ValueError(f"unknown experts layout {layout!r}; expected batched, sorted, grouped or all")
 
     def forward_batched(self, x: Tensor) -> Tensor:
-        """(E, T, D) -> (E, T, D): one batched matmul per layer (padded buffers, Soft MoE slots).
-
-        For D <= :data:`TRANSPOSED_MAX_DIM` on the CPU the GEMMs run on the transposed rows, (E, D, T) and
-        (E, H, T): batched GEMMs whose outputs are D = 8 wide ran 25-30% slower, forward and backward, than
-        the same products with the T rows as columns, copies included (BENCHMARKS.md, issue 22).
-        """
-        if x.device.type == "cpu" and self.dim <= TRANSPOSED_MAX_DIM:
-            return self._forward_transposed(x)
+        """(E, T, D) -> (E, T, D): one batched matmul per layer (padded buffers, Soft MoE slots)."""
         # baddbmm: the bias added inside the GEMM, not in a second pass over (E, T, H)
         h = torch.bmm(x, self.w1) if self.b1 is None else torch.baddbmm(self.b1[:, None, :], x, self.w1)  # (E, T, H)
         h = self.act(h)
         return torch.bmm(h, self.w2) if self.b2 is None else torch.baddbmm(self.b2[:, None, :], h, self.w2)
-
-    def _forward_transposed(self, x: Tensor) -> Tensor:
-        """:meth:`forward_batched` as (E, H, D) @ (E, D, T) products: the same sums, T as the columns."""
-        xt = x.transpose(1, 2).contiguous()  # (E, D, T)
-        w1t, w2t = self.w1.transpose(1, 2), self.w2.transpose(1, 2)  # (E, H, D), (E, D, H)
-        h = torch.bmm(w1t, xt) if self.b1 is None else torch.baddbmm(self.b1[:, :, None], w1t, xt)  # (E, H, T)
-        h = self.act(h)
-        y = torch.bmm(w2t, h) if self.b2 is None else torch.baddbmm(self.b2[:, :, None], w2t, h)  # (E, D, T)
-        return y.transpose(1, 2).contiguous()
 
     def forward_sorted(self, x: Tensor, counts: Sequence[int]) -> Tensor:
         """(N, D) rows sorted by expert, ``counts[e]`` rows for expert e -> (N, D).

@@ -97,6 +97,27 @@ def test_one_expert_equals_plain_ffn():
     torch.testing.assert_close(dense(x), ffn(x), rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("bias", [True, False])
+def test_batched_experts_are_each_experts_mlp(bias):
+    # forward_batched (padded buffers, Soft MoE slots) against each expert as a plain MLP, with gradients.
+    torch.manual_seed(0)
+    experts = visionmoe.Experts(3, 8, 6, bias=bias)
+    x = torch.randn(3, 7, 8, requires_grad=True)
+    y = experts(x, "batched")
+    expected = torch.stack(
+        [
+            torch.nn.functional.gelu(x[e] @ experts.w1[e] + (experts.b1[e] if bias else 0)) @ experts.w2[e]
+            + (experts.b2[e] if bias else 0)
+            for e in range(3)
+        ]
+    )
+    torch.testing.assert_close(y, expected, rtol=1e-5, atol=1e-6)
+    g = torch.randn_like(y)
+    params = [x, *experts.parameters()]
+    for a, b in zip(torch.autograd.grad(y, params, g), torch.autograd.grad(expected, params, g), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
 def test_dense_router_is_ffn_of_width_e_times_h():
     # Σ_e W2_e act(W1_e x + b1_e) + Σ_e b2_e is an FFN whose hidden units are the experts' side by side.
     moe = make("dense", {}, experts=3, hidden=5)

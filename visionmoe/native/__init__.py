@@ -31,7 +31,6 @@ import contextlib
 import ctypes
 import hashlib
 import logging
-import math
 import os
 import platform
 import shutil
@@ -119,7 +118,7 @@ def _build() -> ctypes.CDLL:
     i64, ptr, cint = ctypes.c_int64, ctypes.c_void_p, ctypes.c_int
     f32 = ctypes.c_float
     signatures = {
-        "vmoe_router_forward": [ptr, ptr, f32, f32, i64, i64, i64, i64, i64, *[ptr] * 10, cint],
+        "vmoe_router_forward": [ptr, ptr, f32, f32, i64, i64, i64, i64, i64, *[ptr] * 9, cint],
         "vmoe_router_backward": [ptr, ptr, ptr, f32, ptr, ptr, ptr, ptr, ptr, ptr, i64, i64, i64, i64, ptr, cint],
         "vmoe_slots": [ptr, ptr, ptr, ptr, i64, i64, i64, i64, ptr, ptr, i64, cint],
         "vmoe_gather": [ptr, i64, ptr, ptr, i64, i64, i64, ptr, cint],
@@ -202,7 +201,6 @@ class _TopKRouter(torch.autograd.Function):
         threshold = torch.empty(G * S) if load else None
         expert, position = torch.empty(G, k * S, dtype=torch.int64), torch.empty(G, k * S, dtype=torch.int64)
         kept, weight = torch.empty(G, k * S, dtype=torch.bool), torch.empty(G, k * S)
-        offered = torch.empty(G, E, dtype=torch.int64)
         importance = torch.empty(G, E, dtype=torch.float64)
         load_sums = torch.empty(G, E, dtype=torch.float64) if load else None
         entropy = torch.empty(G, dtype=torch.float64)
@@ -215,9 +213,9 @@ class _TopKRouter(torch.autograd.Function):
             E,
             k,
             -1 if capacity is None else capacity,
-            *(_ptr(t) for t in (gates, threshold, expert, position, kept, weight, offered, importance, load_sums)),
+            *(_ptr(t) for t in (gates, threshold, expert, position, kept, weight, importance, load_sums)),
             _ptr(entropy),
-            torch.get_num_threads(),
+            _threads(),
         )
         importance = importance.sum(0, keepdim=True).float()  # (1, E): over every token of the batch
         load_sums = load_sums.sum(0, keepdim=True).float() if load else torch.zeros(1, E)
@@ -248,14 +246,16 @@ class _TopKRouter(torch.autograd.Function):
             E,
             ctx.k,
             _ptr(d_logits),
-            torch.get_num_threads(),
+            _threads(),
         )
         return d_logits, None, None, None, None, None
 
 
 def _aten_backward(ctx, logits, noise, threshold, expert, kept, d_gates, d_weight, d_importance, d_load):
     """The logits' gradient as a differentiable function: the forward's maths in ATen operators."""
+    from visionmoe.routing.losses import stay_probability
     from visionmoe.routing.plan import softmax_experts
+    from visionmoe.routing.token_choice import gate_weights
 
     G, S, E = logits.shape
     noisy = logits if noise is None else logits + ctx.sigma * noise
@@ -265,15 +265,13 @@ def _aten_backward(ctx, logits, noise, threshold, expert, kept, d_gates, d_weigh
         outputs.append(gates)
         grads.append(d_gates)
     if d_weight is not None:
-        token = torch.arange(S).repeat(G, ctx.k)
-        outputs.append(gates.reshape(G, S * E).gather(1, token * E + expert) * kept)
+        outputs.append(gate_weights(gates, torch.arange(S).repeat(G, ctx.k), expert, kept))
         grads.append(d_weight)
     if d_importance is not None:
         outputs.append(gates.reshape(1, G * S, E).sum(1))
         grads.append(d_importance)
     if d_load is not None:
-        q = (threshold.reshape(G, S, 1) - logits) / ctx.sigma
-        outputs.append((0.5 * torch.erfc(q / math.sqrt(2.0))).reshape(1, G * S, E).sum(1))
+        outputs.append(stay_probability(logits, threshold.reshape(G, S, 1), ctx.sigma).reshape(1, G * S, E).sum(1))
         grads.append(d_load)
     if not outputs:
         return None, None, None, None, None, None

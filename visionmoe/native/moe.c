@@ -200,7 +200,7 @@ typedef struct {
     float sigma, load_sigma;
     int64_t S, E, K, capacity;
     float *gates, *threshold, *weight;
-    int64_t *expert, *position, *offered;
+    int64_t *expert, *position;
     uint8_t *kept;
     double *importance, *load, *entropy;
 } fwd_t;
@@ -209,10 +209,10 @@ static void forward_chunk(void *arg, int64_t g0, int64_t g1) {
     const fwd_t *a = (const fwd_t *)arg;
     const int64_t S = a->S, E = a->E, K = a->K;
     float *noisy = malloc((size_t)E * 4 * sizeof(float)), *imp = noisy + E, *ld = noisy + 2 * E, *scratch = noisy + 3 * E;
+    int64_t *offered = malloc((size_t)E * sizeof(int64_t)); /* assignments offered to each expert so far */
     int64_t chosen[MAX_K];
     for (int64_t g = g0; g < g1; g++) {
         int64_t *expert = a->expert + g * K * S, *position = a->position + g * K * S;
-        int64_t *offered = a->offered + g * E;
         double *importance = a->importance + g * E, *load = a->load ? a->load + g * E : NULL;
         memset(imp, 0, (size_t)E * 2 * sizeof(float)); /* the group's sums, in float lanes */
         double entropy = 0.0;
@@ -273,20 +273,21 @@ static void forward_chunk(void *arg, int64_t g0, int64_t g1) {
             }
     }
     free(noisy);
+    free(offered);
 }
 
 /* logits, noise (NULL: none) (G, S, E); sigma: the noise's scale; load_sigma > 0: compute the load loss's
  * threshold (T) and per-group sums load (G, E), else both untouched (may be NULL). Out: gates (G, S, E);
- * expert, position, kept, weight (G, K, S) choice-major; offered (G, E) assignments offered per expert;
+ * expert, position, kept, weight (G, K, S) choice-major;
  * importance (G, E) the gates summed per group; entropy (G) the gates' entropy summed per group (nats).
  * capacity < 0: every assignment kept. K <= 64, E a multiple of 8. */
 void vmoe_router_forward(const float *logits, const float *noise, float sigma, float load_sigma, int64_t G, int64_t S,
                          int64_t E, int64_t K, int64_t capacity, float *gates, float *threshold, int64_t *expert,
-                         int64_t *position, uint8_t *kept, float *weight, int64_t *offered, double *importance,
-                         double *load, double *entropy, int threads) {
-    fwd_t a = {logits, noise,  sigma,    load_sigma, S,       E,    K,          capacity,
-               gates,  threshold, weight, expert,     position, offered, kept, importance,
-               load_sigma > 0 ? load : NULL, entropy};
+                         int64_t *position, uint8_t *kept, float *weight, double *importance, double *load,
+                         double *entropy, int threads) {
+    fwd_t a = {logits, noise,    sigma,  load_sigma, S,        E,    K,          capacity,
+               gates,  threshold, weight, expert,     position, kept, importance, load_sigma > 0 ? load : NULL,
+               entropy};
     parallel_for(G, group_grain(S, E), threads, forward_chunk, &a);
 }
 

@@ -59,9 +59,14 @@ def load_loss(logits: Tensor, noisy_logits: Tensor, noise_std: float, k: int, re
     if not noise_std > 0:
         raise ValueError(f"load_loss needs router noise, got noise_std={noise_std}")
     threshold = _kth_largest(noisy_logits.detach(), k)  # (G, S, 1)
+    return cv_squared_loss(stay_probability(logits, threshold, noise_std).sum(dim=1), reduce)
+
+
+def stay_probability(logits: Tensor, threshold: Tensor, noise_std: float) -> Tensor:
+    """p = 1 - Φ((threshold - logits) / σ): the load loss's chance that each expert stays among a token's
+    top-k if only its own noise were redrawn (``threshold``: the k-th largest noisy logit, (..., 1))."""
     z = (threshold - logits) / noise_std
-    p = 0.5 * torch.erfc(z / math.sqrt(2.0))  # 1 - Φ(z), accurate in the tail
-    return cv_squared_loss(p.sum(dim=1), reduce)
+    return 0.5 * torch.erfc(z / math.sqrt(2.0))  # accurate in the tail
 
 
 def cv_squared_loss(per_expert: Tensor, reduce: Reduce | None = None) -> Tensor:

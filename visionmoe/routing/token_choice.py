@@ -57,10 +57,17 @@ def token_choice(
     if capacity is None:
         capacity = int(position.max()) + 1 if position.numel() else 1
     kept = position < capacity
-    weight = gates.reshape(G, S * E).gather(1, token * E + expert) * kept  # (G, A): gate of (s, e)
+    weight = gate_weights(gates, token, expert, kept)  # (G, A): gate of (s, e)
     if renormalize:
         weight = renormalized(weight, token, S)
     return Routing(token, expert, position, weight, kept, S, E, capacity, choices=k)
+
+
+def gate_weights(gates: Tensor, token: Tensor, expert: Tensor, kept: Tensor) -> Tensor:
+    """(G, A) combine weights: the gate of each assignment's (token, expert) in (G, S, E) ``gates``, 0 where
+    not ``kept``."""
+    G, S, E = gates.shape
+    return gates.reshape(G, S * E).gather(1, token * E + expert) * kept
 
 
 def renormalized(weight: Tensor, token: Tensor, num_tokens: int) -> Tensor:

@@ -265,8 +265,11 @@ def all_experts_masked(x: torch.Tensor, plan: visionmoe.routing.plan.Routing, ex
 def layer_grid(args: argparse.Namespace) -> None:
     """sorted / padded for one MoE layer at each CNN stage shape, GELU and ReLU experts (see above)."""
     extra = " all experts ms | all experts / auto | max abs diff |" if args.all_experts else ""
-    print(f"\n| activation | D | H | positions | G·A·H | padded ms | sorted ms | sorted / padded | auto |{extra}")
-    print("|---|---|---|---|---|---|---|---|---|" + "---|" * (3 if args.all_experts else 0))
+    print(
+        "\n| activation | D | H | positions | G·A·H | padded ms | sorted ms | fused ms | sorted / padded "
+        f"| fused / min(padded, sorted) | auto |{extra}"
+    )
+    print("|---|---|---|---|---|---|---|---|---|---|---|" + "---|" * (3 if args.all_experts else 0))
     for activation in (torch.nn.GELU, torch.nn.ReLU):
         for width in args.widths:
             for ratio in args.ratios:
@@ -290,16 +293,14 @@ def layer_grid(args: argparse.Namespace) -> None:
                             return
                         (layer(x).square().mean() + layer.aux_loss).backward()
 
-                    candidates = (
-                        ("padded", "sorted", "auto", "all experts") if args.all_experts else ("padded", "sorted")
-                    )
+                    candidates = ("padded", "sorted", "fused", *(("auto", "all experts") if args.all_experts else ()))
                     times = interleaved_times(
                         {b: lambda b=b: step(b) for b in candidates},
                         threads=args.threads,
                         repeats=args.repeats,
                         min_run_time=args.min_run_time,
                     )
-                    padded, sorted_ = (statistics.median(times[b]) * 1e3 for b in ("padded", "sorted"))
+                    padded, sorted_, fused = (statistics.median(times[b]) * 1e3 for b in ("padded", "sorted", "fused"))
                     layer.backend = "auto"
                     with torch.no_grad():
                         tokens = layer.group(layer.to_tokens(x)[0])
@@ -308,7 +309,8 @@ def layer_grid(args: argparse.Namespace) -> None:
                         chosen = choose_backend(tokens, layer.experts, plan)
                     row = (
                         f"| {activation.__name__} | {dim} | {hidden} | {side}² | {plan.token.numel() * hidden:,} | "
-                        f"{padded:.1f} | {sorted_:.1f} | {sorted_ / padded:.2f} | {chosen} |"
+                        f"{padded:.1f} | {sorted_:.1f} | {fused:.1f} | {sorted_ / padded:.2f} | "
+                        f"{fused / min(padded, sorted_):.2f} | {chosen} |"
                     )
                     if args.all_experts:
                         dense = statistics.median(times["all experts"]) * 1e3

@@ -35,7 +35,7 @@ def run_backend(moe, x, plan, backend, deterministic=False):
 
 
 def backends_for(moe, x):
-    names = ["sorted", "padded"]
+    names = ["sorted", "padded", "fused"]  # fused: in C where it applies, else auto's other choice
     if grouped_mm_supported(moe.experts, x):
         names.append("grouped")
     return names
@@ -62,7 +62,7 @@ def test_backends_equal_reference(name, opts, dim, hidden, experts):
                 torch.testing.assert_close(grads[key], ref_grads[key], rtol=1e-4, atol=1e-5, msg=f"{backend} {key}")
 
 
-@pytest.mark.parametrize("backend", ["sorted", "padded", "grouped"])
+@pytest.mark.parametrize("backend", ["sorted", "padded", "grouped", "fused"])
 def test_empty_experts_get_zero_gradients(backend):
     # Every token prefers expert 0: experts 1..3 receive nothing on every backend.
     moe = MoE(16, 4, 8, router="topk", k=1, capacity_factor=1.0, backend=backend, router_options={"noise_std": 0.0})
@@ -264,3 +264,30 @@ def test_move_rows_sums_a_two_dimensional_index():
     torch.testing.assert_close(dx, torch.stack([grad[1] + grad[3], grad[0], grad[2]]))
     assert torch.autograd.gradcheck(lambda x: move_rows(x, token, slots, True, True), (x,))
     assert torch.autograd.gradgradcheck(lambda x: move_rows(x, token, slots, True, True), (x,))
+
+
+def test_auto_picks_fused_for_the_smallest_relu_experts_in_training():
+    # Token-choice ReLU experts with D·H <= 256 (CNN stage-1 shapes) in training, where the kernel runs;
+    # GELU or larger experts, forward-only passes, float64 and a counting dispatch mode keep the old rules.
+    from torch.utils.flop_counter import FlopCounterMode
+
+    relu = MoE(8, 8, 32, router="topk", k=2, activation=torch.nn.ReLU)
+    x = torch.randn(2, 64, 8)
+    plan = relu.router(x).plan
+    assert choose_backend(x, relu.experts, plan) == (
+        "fused" if native.available() else dispatch.unfused_backend(x, relu.experts, plan)
+    )
+    gelu = MoE(8, 8, 32, router="topk", k=2)
+    wider = MoE(16, 8, 32, router="topk", k=2, activation=torch.nn.ReLU)
+    assert choose_backend(x, gelu.experts, gelu.router(x).plan) != "fused"
+    x16 = torch.randn(2, 64, 16)
+    assert choose_backend(x16, wider.experts, wider.router(x16).plan) != "fused"
+    with torch.no_grad():
+        assert choose_backend(x, relu.experts, plan) != "fused"
+    with native.disabled():
+        assert choose_backend(x, relu.experts, plan) != "fused"
+    with FlopCounterMode(display=False):
+        assert choose_backend(x, relu.experts, plan) != "fused"
+    handle = relu.experts.register_forward_hook(lambda *args: None)
+    assert choose_backend(x, relu.experts, plan) != "fused"
+    handle.remove()

@@ -12,6 +12,7 @@ import torch
 from visionmoe import MoE, native
 from visionmoe.layers import einsum_moe
 from visionmoe.layers.dispatch import token_choice_moe
+from visionmoe.layers.experts import Experts
 
 needs_kernel = pytest.mark.skipif(not native.available(), reason=f"no native kernel: {native.unavailable_reason()}")
 
@@ -196,3 +197,136 @@ def test_the_kernel_is_built_once_into_the_cache(tmp_path):
         assert done.stdout.strip() == "True"
     [built] = list(tmp_path.rglob("*.so"))
     assert built.parent == tmp_path / "native" and not [p for p in built.parent.iterdir() if p != built]
+
+
+# ---- the fused backend: small experts token by token in C ------------------------------------------------
+
+
+def ffn_inputs(tokens, k, dim, hidden, experts, activation, bias, seed=0):
+    torch.manual_seed(seed)
+    layer = Experts(experts, dim, hidden, activation=activation, bias=bias)
+    x = torch.randn(tokens, dim, requires_grad=True)
+    expert = torch.randint(0, experts, (tokens, k))
+    expert[torch.rand(tokens, k) < 0.25] = -1  # dropped choices
+    weight = torch.rand(tokens, k, requires_grad=True)
+    return layer, x, expert, weight
+
+
+@needs_kernel
+@pytest.mark.parametrize("activation", [torch.nn.ReLU, torch.nn.GELU])
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize(
+    ("tokens", "k", "dim", "hidden", "experts"), [(37, 2, 8, 16, 8), (3000, 1, 16, 8, 3), (9, 3, 24, 40, 4)]
+)
+def test_fused_experts_give_the_aten_formula(activation, bias, tokens, k, dim, hidden, experts):
+    layer, x, expert, weight = ffn_inputs(tokens, k, dim, hidden, experts, activation, bias)
+    params = [x, weight, *layer.parameters()]
+    y = native.expert_ffn(x, expert, weight, layer)
+    y0 = native._ffn_reference(x, expert, weight, layer.w1, layer.b1, layer.w2, layer.b2, layer.act)
+    grad = torch.randn_like(y)
+    torch.testing.assert_close(y, y0, rtol=1e-5, atol=1e-5)
+    grads = torch.autograd.grad(y, params, grad, retain_graph=True)
+    for g, g0 in zip(grads, torch.autograd.grad(y0, params, grad), strict=True):
+        torch.testing.assert_close(g, g0, rtol=1e-4, atol=1e-5)
+    # a dropped choice contributes nothing and its gate gets no gradient
+    (dweight,) = torch.autograd.grad(y, weight, grad)
+    assert bool((dweight[expert < 0] == 0).all())
+
+
+@needs_kernel
+def test_fused_experts_hand_computed():
+    # One expert, D = H = 8, identity-like weights: y = w · relu(x + b1) · 2 + w · b2.
+    layer = Experts(1, 8, 8, activation=torch.nn.ReLU)
+    with torch.no_grad():
+        layer.w1.copy_(torch.eye(8))
+        layer.w2.copy_(2 * torch.eye(8))
+        layer.b1.fill_(-1.0)
+        layer.b2.fill_(0.5)
+    x = torch.arange(8.0).reshape(1, 8)
+    y = native.expert_ffn(x, torch.tensor([[0, -1]]), torch.tensor([[0.25, 0.75]]), layer)
+    expected = 0.25 * (2 * torch.clamp(torch.arange(8.0) - 1, min=0) + 0.5)
+    assert torch.equal(y[0], expected)
+
+
+@needs_kernel
+def test_fused_experts_weight_gradients_ignore_the_thread_count():
+    # The weights' gradients are summed per fixed chunk of tokens, then over chunks in order: bit-identical
+    # whatever the threads (5000 tokens: 5 chunks).
+    layer, x, expert, weight = ffn_inputs(5000, 2, 8, 16, 8, torch.nn.GELU, True)
+    assert native._ffn_chunk(5000, 8 * (2 * 8 * 16 + 24)) == 1000
+    threads = torch.get_num_threads()
+    runs = []
+    try:
+        for n in (1, 2):
+            torch.set_num_threads(n)
+            y = native.expert_ffn(x, expert, weight, layer)
+            runs.append((y, *torch.autograd.grad(y.square().sum(), [x, weight, *layer.parameters()])))
+    finally:
+        torch.set_num_threads(threads)
+    for a, b in zip(*runs, strict=True):
+        assert torch.equal(a, b)
+
+
+def test_fused_expert_chunks_depend_on_the_shapes_only():
+    assert native._ffn_chunk(10, 100) == 10  # one chunk
+    assert native._ffn_chunk(1024 * 64 * 4, 100) == 4096  # at most FFN_MAX_CHUNKS chunks
+    assert native._ffn_chunk(100_000, native.FFN_MAX_PARTIAL // 2) == 50_000  # 2 buffers fit the budget
+    assert native._ffn_chunk(100_000, 2 * native.FFN_MAX_PARTIAL) == 100_000  # one buffer, even over it
+
+
+@needs_kernel
+def test_fused_layer_gradients_of_gradients_are_the_aten_formulas():
+    # The Hessian analysis on a model with the fused backend: the backward builds the ATen formula's graph.
+    torch.manual_seed(0)
+    layer = MoE(8, 8, 16, k=2, activation=torch.nn.ReLU, backend="fused").eval()
+    x = torch.randn(2, 8, 4, 4)
+    params = list(layer.parameters())
+    v = [torch.randn_like(p) for p in params]
+
+    def hvp():
+        loss = layer(x).square().sum() + 100 * layer.aux_loss
+        g = torch.autograd.grad(loss, params, create_graph=True)
+        return torch.autograd.grad(sum((gi * vi).sum() for gi, vi in zip(g, v, strict=True)), params)
+
+    fused = hvp()
+    layer.backend = "sorted"
+    for a, b in zip(fused, hvp(), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+def test_fused_backend_runs_auto_elsewhere():
+    # Where the kernel cannot run (GELU tanh, H not a multiple of 8, float64, no kernel), the fused backend
+    # computes the layer by auto's other choice: the same result.
+    torch.manual_seed(0)
+    tanh = MoE(8, 8, 16, k=2, activation=lambda t: torch.nn.functional.gelu(t, approximate="tanh"))
+    for layer in (tanh, MoE(8, 8, 12, k=2), MoE(8, 8, 16, k=2).double()):
+        layer.eval()  # no router noise: the same plan twice
+        x = torch.randn(2, 8, 4, 4, dtype=layer.experts.w1.dtype)
+        layer.backend = "fused"
+        y = layer(x)
+        layer.backend = "sorted"
+        torch.testing.assert_close(y, layer(x))
+    layer = MoE(8, 8, 16, k=2, activation=torch.nn.ReLU).eval()
+    with native.disabled():
+        layer.backend = "fused"
+        y = layer(x.float())
+    layer.backend = "sorted"
+    torch.testing.assert_close(y, layer(x.float()))
+
+
+def test_flop_counting_sees_the_experts_of_the_fused_backend():
+    # FlopCounterMode (the rho analysis) counts the experts' GEMMs: under it the fused backend runs auto's
+    # other choice, whose GEMMs it sees.
+    from torch.utils.flop_counter import FlopCounterMode
+
+    torch.manual_seed(0)
+    layer = MoE(8, 8, 16, k=2, activation=torch.nn.ReLU).eval()
+    x = torch.randn(2, 8, 16, 16)  # 1,024 assignments: not grouped_mm (which FlopCounterMode has no formula for)
+    counts = {}
+    for backend in ("fused", "auto"):
+        layer.backend = backend
+        with FlopCounterMode(display=False) as counter:
+            layer(x)
+        counts[backend] = counter.get_flop_counts()
+    assert counts["fused"]["MoE.experts"] == counts["auto"]["MoE.experts"]
+    assert sum(counts["fused"]["MoE.experts"].values()) > 0

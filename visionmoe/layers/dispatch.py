@@ -1,6 +1,6 @@
 """Running experts on a routing plan: the fast paths, and the D/C einsum reference.
 
-Sparse plans have three backends, all exact (they compute the same sums in a different order):
+Sparse plans have four backends, all exact (they compute the same sums in a different order):
 
     sorted   — stable argsort of the kept assignments by expert, gather their token rows, one GEMM
                per expert on its contiguous block (weights split with ``unbind``: backward is one
@@ -12,6 +12,12 @@ Sparse plans have three backends, all exact (they compute the same sums in a dif
     padded   — V-MoE style buffers (E, G·C, D) filled by scatter, one batched matmul per layer,
                gathered back. Static shapes and no host sync (``torch.compile`` full graph, CUDA
                graphs); executes the capacity padding.
+    fused    — token-choice plans on the CPU in float32, in token order, for ReLU or exact-GELU experts
+               with D and H multiples of 8: each token's K experts computed from its row in one C pass
+               (:func:`visionmoe.native.expert_ffn`; no buffers, backward recomputes the hidden
+               layer), for small experts whose weights stay in the cache. Elsewhere (other plans,
+               devices, activations, no C compiler, hooks on the experts, ``FlopCounterMode``) it
+               runs what ``auto`` would pick among the other three.
 
 Token-choice plans (``Routing.choices`` set: every token has exactly K assignments) take a path
 without a global sort or any scatter-add (:func:`token_choice_moe`): the sorted order comes from
@@ -21,6 +27,7 @@ rows, products and sums, moved by :mod:`visionmoe.native`'s C kernels (one scatt
 The other plans (expert choice) keep the argsort and ``index_add_``.
 
 ``auto`` picks ``padded`` while compiling, ``grouped`` on CUDA when available and aligned,
+``fused`` in training for token-choice ReLU experts with D·H ≤ 256 where the kernel can run,
 ``padded`` in training (grad enabled) for token choice with small experts (D·H ≤ 128·128) whose routed
 rows hold at most :func:`padded_hidden_values` hidden values (GELU experts up to 2**20 with ATen's row
 moves; with the native ones GELU up to 2**21, other activations up to 2**20), S ≥ 8·E (the CNN
@@ -53,7 +60,7 @@ from visionmoe import native
 from visionmoe.layers.experts import Experts, grouped_mm_supported
 from visionmoe.routing.plan import DenseRouting, Plan, Routing, SoftRouting
 
-BACKENDS = ("auto", "sorted", "grouped", "padded")
+BACKENDS = ("auto", "sorted", "grouped", "padded", "fused")
 
 
 SMALL_EXPERT_ROWS = 128
@@ -96,8 +103,31 @@ be mostly padding). A static rule: every rank of an expert-parallel layer must p
 so the data-dependent capacity of a dropless plan cannot enter it."""
 
 
+FUSED_EXPERT_WEIGHTS = 16 * 16
+"""``auto`` takes ``fused`` in training for token-choice ReLU experts with D·H at most this (D = 8 with H up to
+32, D = H = 16): there the per-token C kernel beat the BLAS paths at the layer level (0.76-0.79 of the
+faster of ``padded`` and ``sorted`` at D = 8, about 0.95 at D = H = 16); from D·H = 512, and for GELU
+experts at every size (three erfc per hidden value, forward and recomputed backward), it lost
+(BENCHMARKS.md, issue 22, ninth pass)."""
+
+
 def choose_backend(x: Tensor, experts: Experts, plan: Routing | None = None) -> str:
     """The ``auto`` choice for a sparse plan on this input (decided from shapes only: no host sync)."""
+    if (
+        plan is not None
+        and plan.choices is not None
+        and torch.is_grad_enabled()
+        and experts.dim * experts.hidden_dim <= FUSED_EXPERT_WEIGHTS
+        and native.ffn_activation(experts.act) == native.FFN_ACTIVATIONS["ReLU"]
+        and native.usable(x, plan.weight)
+        and native.ffn_supported(experts)
+    ):
+        return "fused"
+    return unfused_backend(x, experts, plan)
+
+
+def unfused_backend(x: Tensor, experts: Experts, plan: Routing | None = None) -> str:
+    """``auto``'s choice among the backends other than ``fused``."""
     if torch.compiler.is_compiling():
         return "padded"  # static shapes, no data-dependent split
     if x.is_cuda and grouped_mm_supported(experts, x) and torch.cuda.get_device_capability(x.device)[0] >= 9:
@@ -133,10 +163,12 @@ def sparse_moe(
     """(G, S, D) tokens -> (G, S, D) through a sparse plan."""
     if backend == "auto":
         backend = choose_backend(x, experts, plan)
-    if backend not in ("sorted", "grouped", "padded"):
+    if backend not in BACKENDS[1:]:
         raise ValueError(f"unknown MoE backend {backend!r}; choose one of: {', '.join(BACKENDS)}")
     if plan.choices is not None:
         return token_choice_moe(x, plan, experts, backend)
+    if backend == "fused":  # token-choice plans only: this one takes what auto would without it
+        backend = unfused_backend(x, experts, plan)
     if backend == "padded":
         return padded_moe(x, plan, experts, deterministic)
     G, S, D = x.shape
@@ -252,6 +284,8 @@ def token_choice_moe(x: Tensor, plan: Routing, experts: Experts, backend: str = 
         flat = move_rows(flat, priority, inverse)  # (G·S, D) tokens in priority order
     elif x.numel() and native.usable(x, plan.weight):
         return native_token_choice_moe(x, plan, experts, backend)
+    if backend == "fused":  # no native kernels here (or a plan out of token order): auto's other choice
+        backend = unfused_backend(x, experts, plan)
     if backend == "padded":
         group = torch.arange(G, device=x.device)[:, None]
         slot = torch.where(plan.kept, plan.expert * (G * C) + group * C + plan.position, E * G * C).reshape(-1)
@@ -290,6 +324,12 @@ def native_token_choice_moe(x: Tensor, plan: Routing, experts: Experts, backend:
     (the gates' gradients sum their row dot products in another order)."""
     G, S, D = x.shape
     K, E, C = plan.choices, plan.num_experts, plan.capacity
+    if backend == "fused":
+        if native.ffn_supported(experts):
+            expert = torch.where(plan.kept, plan.expert, -1).reshape(G, K, S).transpose(1, 2).reshape(G * S, K)
+            weight = plan.weight.reshape(G, K, S).transpose(1, 2).reshape(G * S, K)
+            return native.expert_ffn(x.reshape(G * S, D), expert, weight, experts).reshape(G, S, D)
+        backend = unfused_backend(x, experts, plan)
     if backend == "padded":  # expert e's slot c of group g at row e·G·C + g·C + c
         base = torch.arange(E)[None, :] * (G * C) + torch.arange(G)[:, None] * C  # (G, E)
         rows = E * G * C

@@ -65,7 +65,7 @@ class MoE(nn.Module):
         aux_loss_weights: which aux losses the router adds, by name (see the router's docstring).
         router_options: further router settings by name (``noise_std``, ``batch_priority``,
             ``slots_per_expert``, ...); unknown names are rejected with the valid list.
-        backend: how sparse plans run: "auto", "sorted", "grouped" or "padded" (see
+        backend: how sparse plans run: "auto", "sorted", "grouped", "padded" or "fused" (see
             :mod:`visionmoe.layers.dispatch`); all give the same result.
         deterministic: combine without atomic scatter-adds (bit-identical runs on CUDA).
 

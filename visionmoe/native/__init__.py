@@ -8,7 +8,9 @@ a dozen more over the tokens: more time than the dense FFN they stand beside (BE
 :class:`visionmoe.layers.TopKRouter` where :meth:`~visionmoe.layers.TopKRouter.fused` says), and the
 dispatch and combine of a token-choice plan as one scatter and one gated gather over a (tokens, K) slot
 map, backward the same moves again (:func:`scatter_rows`, :func:`gather_rows`, :func:`rowdot`, taken by
-:func:`visionmoe.layers.dispatch.native_token_choice_moe`). The expert GEMMs stay in the BLAS.
+:func:`visionmoe.layers.dispatch.native_token_choice_moe`). The expert GEMMs stay in the BLAS, except for
+the ``fused`` backend (:func:`expert_ffn`): small experts computed token by token in C, dispatch and
+combine included, for the narrowest feature maps, where the BLAS's GEMMs on 8-wide rows are slow.
 
 It is plain C, compiled on first use with the system's C compiler (``$CC``, else ``cc``; about a second)
 into a per-user cache (``$VISIONMOE_CACHE``, else ``$XDG_CACHE_HOME/visionmoe``, else
@@ -52,7 +54,7 @@ FLAGS = ("-O3", "-march=native", "-ffp-contract=off", "-fPIC", "-shared", "-pthr
 OPENMP = "-fopenmp"
 """Added where PyTorch runs on OpenMP: the kernel's threads are then PyTorch's own (the process has one
 libgomp), not POSIX threads racing PyTorch's spinning OpenMP workers for the same cores."""
-ABI_VERSION = 1
+ABI_VERSION = 2
 MAX_K = 64
 LANES = 8
 """The kernel holds 8 experts of a token in one vector: E must be a multiple of it."""
@@ -124,6 +126,8 @@ def _build() -> ctypes.CDLL:
         "vmoe_gather": [ptr, i64, ptr, ptr, i64, i64, i64, ptr, cint],
         "vmoe_scatter": [ptr, i64, ptr, ptr, i64, i64, ptr, i64, cint],
         "vmoe_rowdot": [ptr, i64, ptr, i64, ptr, i64, i64, i64, ptr, cint],
+        "vmoe_ffn_forward": [ptr, i64, *[ptr] * 6, i64, i64, i64, i64, cint, ptr, cint],
+        "vmoe_ffn_backward": [ptr, i64, *[ptr] * 9, i64, i64, i64, i64, i64, i64, cint, i64, *[ptr] * 4, cint],
     }
     for name, args in signatures.items():
         fn = getattr(lib, name)
@@ -437,3 +441,126 @@ def scatter_rows(x: Tensor, rowmap: RowMap, weight: Tensor | None = None) -> Ten
 def rowdot(a: Tensor, h: Tensor, rowmap: RowMap) -> Tensor:
     """(T, K): ``<a[t], h[slot[t, j]]>``, 0 where ``slot[t, j] < 0``."""
     return _RowDot.apply(a, h, rowmap)
+
+
+# ---- small experts, fused with the row moves -------------------------------------------------------------
+
+FFN_ACTIVATIONS = {"ReLU": 1, "GELU": 2}
+"""The experts' activations the fused kernel computes (codes of moe.c): ``nn.ReLU`` and exact ``nn.GELU``."""
+FFN_CHUNK = 1024
+"""Tokens whose weight gradients one private buffer sums (fewer chunks for large experts, see _ffn_chunk)."""
+FFN_MAX_CHUNKS = 64
+FFN_MAX_PARTIAL = 2**21
+"""Floats of per-chunk weight gradients in all (8 MB), at most (unless one chunk needs more)."""
+
+
+def ffn_activation(act: object) -> int:
+    """moe.c's code of an experts' activation module (0: not one the kernel has)."""
+    if type(act) is torch.nn.ReLU:
+        return FFN_ACTIVATIONS["ReLU"]
+    if type(act) is torch.nn.GELU and act.approximate == "none":
+        return FFN_ACTIVATIONS["GELU"]
+    return 0
+
+
+def ffn_supported(experts: torch.nn.Module) -> bool:
+    """Whether :func:`expert_ffn` can run these :class:`~visionmoe.layers.Experts`: D and H multiples of 8,
+    a ReLU or exact GELU activation, and nothing that must see the experts' own calls (forward hooks on
+    them, or a dispatch mode such as ``FlopCounterMode`` counting their GEMMs)."""
+    if experts.dim % LANES or experts.hidden_dim % LANES or not ffn_activation(experts.act):
+        return False
+    if experts._forward_hooks or experts._forward_pre_hooks:
+        return False
+    return torch.utils._python_dispatch._get_current_dispatch_mode() is None
+
+
+def _ffn_chunk(tokens: int, per_chunk: int) -> int:
+    """Tokens per private weight-gradient buffer: a function of the shapes only (not of the thread count),
+    so the sums are the same whatever the threads."""
+    chunks = min(-(-tokens // FFN_CHUNK), FFN_MAX_CHUNKS, max(1, FFN_MAX_PARTIAL // per_chunk))
+    return max(1, -(-tokens // max(1, chunks)))
+
+
+class _ExpertFFN(torch.autograd.Function):
+    """y[t] = Σ_j w[t, j] · expert_{e[t, j]}(x[t]) over the kept choices (e >= 0), in one C pass."""
+
+    @staticmethod
+    def forward(ctx, x, expert, weight, w1, b1, w2, b2, act):
+        T, D = x.shape
+        K, H = expert.shape[1], w1.shape[2]
+        xr, stride = _rows(x.detach())
+        expert_c, weight_c = expert.contiguous(), weight.detach().contiguous()
+        params = [None if t is None else t.detach().contiguous() for t in (w1, b1, w2, b2)]
+        y = torch.empty(T, D)
+        _library().vmoe_ffn_forward(
+            _ptr(xr), stride, *(_ptr(t) for t in (expert_c, weight_c, *params)), T, K, D, H,
+            ffn_activation(act), _ptr(y), _threads(),
+        )  # fmt: skip
+        ctx.save_for_backward(x, expert, weight, w1, b1, w2, b2)
+        ctx.act = act
+        ctx.set_materialize_grads(False)
+        return y
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, expert, weight, w1, b1, w2, b2 = ctx.saved_tensors
+        if grad is None:
+            return (None,) * 8
+        if torch.is_grad_enabled():  # a graph of the gradient is wanted (double backward): the ATen formula's
+            inputs = [(i, t) for i, t in enumerate((x, None, weight, w1, b1, w2, b2)) if ctx.needs_input_grad[i]]
+            out = _ffn_reference(x, expert, weight, w1, b1, w2, b2, ctx.act)
+            found = torch.autograd.grad(out, [t for _, t in inputs], grad, create_graph=True, allow_unused=True)
+            result = [None] * 8
+            for (i, _), g in zip(inputs, found, strict=True):
+                result[i] = g
+            return tuple(result)
+        T, D = x.shape
+        E, _, H = w1.shape
+        K = expert.shape[1]
+        xr, x_stride = _rows(x.detach())
+        dy, dy_stride = _rows(grad)
+        expert_c, weight_c = expert.contiguous(), weight.detach().contiguous()
+        params = [None if t is None else t.detach().contiguous() for t in (w1, b1, w2, b2)]
+        w1t, w2t = (w.detach().transpose(1, 2).contiguous() for w in (w1, w2))
+        sizes = [E * D * H, E * H * D, *([E * H] if b1 is not None else []), *([E * D] if b2 is not None else [])]
+        per_chunk = sum(sizes)
+        chunk = _ffn_chunk(T, per_chunk)
+        grads = torch.empty(per_chunk)
+        partial = torch.empty(-(-T // chunk) * per_chunk)
+        dx = torch.empty(T, D) if ctx.needs_input_grad[0] else None
+        dweight = torch.empty(T, K) if ctx.needs_input_grad[2] else None
+        _library().vmoe_ffn_backward(
+            _ptr(xr), x_stride, *(_ptr(t) for t in (expert_c, weight_c, *params, w1t, w2t, dy)), dy_stride,
+            T, K, D, H, E, ffn_activation(ctx.act), chunk, *(_ptr(t) for t in (dx, dweight, grads, partial)),
+            _threads(),
+        )  # fmt: skip
+        parts = iter(grads.split(sizes))
+        dw1, dw2 = next(parts).view(E, D, H), next(parts).view(E, H, D)
+        db1 = next(parts).view(E, H) if b1 is not None else None
+        db2 = next(parts).view(E, D) if b2 is not None else None
+        return dx, None, dweight, dw1, db1, dw2, db2, None
+
+
+def _ffn_reference(x, expert, weight, w1, b1, w2, b2, act):
+    """:class:`_ExpertFFN`'s forward in ATen operators (differentiable to any order): each kept choice's
+    expert weights gathered per row, batched matmuls of one row, the gated rows added to their tokens."""
+    T, K = expert.shape
+    flat = expert.reshape(-1)
+    keep = (flat >= 0).nonzero().squeeze(1)  # the kept (token, choice) pairs, t·K + j
+    e, t = flat[keep], keep // K
+    a = torch.bmm(x[t].unsqueeze(1), w1[e]).squeeze(1)  # (N, H)
+    if b1 is not None:
+        a = a + b1[e]
+    o = torch.bmm(act(a).unsqueeze(1), w2[e]).squeeze(1)  # (N, D)
+    if b2 is not None:
+        o = o + b2[e]
+    return x.new_zeros(T, x.shape[1]).index_add(0, t, o * weight.reshape(-1)[keep, None])
+
+
+def expert_ffn(x: Tensor, expert: Tensor, weight: Tensor, experts: torch.nn.Module) -> Tensor:
+    """(T, D): ``y[t] = Σ_j weight[t, j] · expert_e(x[t])``, e = ``expert[t, j]``, over the j with e >= 0,
+    the :class:`~visionmoe.layers.Experts` computed token by token in C (the dispatch, the experts and
+    the combine of a token-choice plan in one pass; no expert buffers). ``x``: (T, D) float32; ``expert``
+    (T, K) int64, -1 for a dropped choice; ``weight`` (T, K). Needs :func:`ffn_supported`. Differentiable
+    in ``x``, ``weight`` and the experts' parameters (double backward by the ATen formula)."""
+    return _ExpertFFN.apply(x, expert, weight, experts.w1, experts.b1, experts.w2, experts.b2, experts.act)

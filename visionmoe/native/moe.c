@@ -1,5 +1,6 @@
 /* visionmoe's native CPU kernels: the noisy top-k router (V-MoE token choice) in one pass forward and one
- * backward, and the MoE layer's row moves (dispatch and combine of a token-choice plan), forward and back.
+ * backward, the MoE layer's row moves (dispatch and combine of a token-choice plan), forward and back, and
+ * small experts computed token by token with the moves fused in (the `fused` backend, at the end).
  *
  * Plain C without torch headers (compiled on first use in about a second, called through ctypes from
  * visionmoe/native/__init__.py). Forward, for each token: the noisy logits l + sigma * noise, their
@@ -163,8 +164,11 @@ static inline void top_k(const float *row, int64_t E, int64_t K, int64_t *chosen
     }
 }
 
-#ifdef __AVX2__
+#if defined(__AVX2__) || defined(__FMA__)
 #include <immintrin.h>
+#endif
+
+#ifdef __AVX2__
 
 /* top_k for E = 8 in AVX2: the maximum by a tree of lane swaps, its lowest lane by movemask. */
 static inline void top_k8(const float *row, int64_t K, int64_t *chosen) {
@@ -483,4 +487,197 @@ void vmoe_rowdot(const float *a, int64_t a_stride, const float *h, int64_t h_str
     parallel_for(T, MIN_ROWS, threads, rowdot_chunk, &p);
 }
 
-int vmoe_abi_version(void) { return 1; }
+/* ---- small experts, fused with the row moves -------------------------------------------------------------
+ * For experts of a few thousand weights (CNN feature maps: D = 8-64, H = D-4D) each token's K expert MLPs
+ * are computed directly from its row, the weights staying in the L1/L2 cache: no buffers, no GEMM calls
+ * on 8-wide rows, nothing stored for backward but the input (backward recomputes each hidden layer).
+ * Forward: y[t] = Σ_j w[t, j] · (act(x[t] W1_e + b1_e) W2_e + b2_e), e = expert[t, j], the dropped
+ * choices (e < 0) skipped. Backward: dx, the gates' gradients <dy[t], expert_e(x[t])>, and the weights'
+ * gradients summed per chunk of tokens into a private buffer, then over the chunks in chunk order (the
+ * chunks depend on the shapes only, so the sums do not depend on the thread count). D and H must be
+ * multiples of 8. Sums run in another order than the BLAS's: equal to float rounding. */
+
+#define ACT_RELU 1
+#define ACT_GELU 2 /* exact: x Φ(x), Φ(x) = erfc(-x / √2) / 2 */
+
+#if defined(__FMA__)
+static inline v8f fma8(v8f a, v8f b, v8f c) { return (v8f)_mm256_fmadd_ps((__m256)a, (__m256)b, (__m256)c); }
+#else
+static inline v8f fma8(v8f a, v8f b, v8f c) { return a * b + c; }
+#endif
+
+static inline void act_forward(float *a, float *h, int64_t H, int act) {
+    for (int64_t i = 0; i < H; i += 8) {
+        v8f v = load8(a + i);
+        if (act == ACT_RELU)
+            v = select8(v > 0.0f, v, splat8(0.0f));
+        else
+            v = v * (0.5f * erfc8(v * -0.70710678118654752f));
+        store8(h + i, v);
+    }
+}
+
+/* dh <- dh · act'(a) */
+static inline void act_backward(const float *a, float *dh, int64_t H, int act) {
+    for (int64_t i = 0; i < H; i += 8) {
+        v8f v = load8(a + i), g = load8(dh + i);
+        if (act == ACT_RELU) {
+            g = select8(v > 0.0f, g, splat8(0.0f));
+        } else {
+            v8f cdf = 0.5f * erfc8(v * -0.70710678118654752f);
+            g = g * (cdf + v * (0.39894228040143268f * exp8(-0.5f * v * v)));
+        }
+        store8(dh + i, g);
+    }
+}
+
+/* out[0..N) = (bias or 0) + Σ_i s[i] · m[i·N ..], i < M: a vector-matrix product, by blocks of 8 of N,
+ * each block's sum split over two accumulators (even and odd i: half the dependency chain). */
+static inline void vecmat(const float *s, const float *m, const float *bias, int64_t M, int64_t N, float *out) {
+    for (int64_t n = 0; n < N; n += 8) {
+        v8f a0 = bias ? load8(bias + n) : splat8(0.0f), a1 = splat8(0.0f);
+        int64_t i = 0;
+        for (; i + 2 <= M; i += 2) {
+            a0 = fma8(splat8(s[i]), load8(m + i * N + n), a0);
+            a1 = fma8(splat8(s[i + 1]), load8(m + (i + 1) * N + n), a1);
+        }
+        if (i < M) a0 = fma8(splat8(s[i]), load8(m + i * N + n), a0);
+        store8(out + n, a0 + a1);
+    }
+}
+
+/* acc[i·N ..] += s[i] · v[0..N) for i < M: a rank-one update */
+static inline void outer_add(const float *s, const float *v, int64_t M, int64_t N, float *acc) {
+    for (int64_t i = 0; i < M; i++) {
+        const v8f si = splat8(s[i]);
+        float *row = acc + i * N;
+        for (int64_t n = 0; n < N; n += 8) store8(row + n, fma8(si, load8(v + n), load8(row + n)));
+    }
+}
+
+static inline void add_to(float *acc, const float *v, int64_t N) {
+    for (int64_t n = 0; n < N; n += 8) store8(acc + n, load8(acc + n) + load8(v + n));
+}
+
+typedef struct {
+    const float *x;
+    int64_t x_stride;
+    const int64_t *expert;
+    const float *weight, *w1, *b1, *w2, *b2, *w1t, *w2t, *dy;
+    int64_t dy_stride, K, D, H, E, T, chunk, per_chunk;
+    int act;
+    float *y, *dx, *dweight, *partial;
+} ffn_t;
+
+static void ffn_forward_chunk(void *arg, int64_t t0, int64_t t1) {
+    const ffn_t *p = (const ffn_t *)arg;
+    const int64_t K = p->K, D = p->D, H = p->H;
+    float *a = malloc((size_t)(2 * H + D) * sizeof(float)), *h = a + H, *o = h + H;
+    for (int64_t t = t0; t < t1; t++) {
+        const float *x = p->x + t * p->x_stride;
+        float *y = p->y + t * D;
+        memset(y, 0, (size_t)D * sizeof(float));
+        for (int64_t j = 0; j < K; j++) {
+            const int64_t e = p->expert[t * K + j];
+            if (e < 0) continue;
+            vecmat(x, p->w1 + e * D * H, p->b1 ? p->b1 + e * H : NULL, D, H, a);
+            act_forward(a, h, H, p->act);
+            vecmat(h, p->w2 + e * H * D, p->b2 ? p->b2 + e * D : NULL, H, D, o);
+            const v8f w = splat8(p->weight[t * K + j]);
+            for (int64_t d = 0; d < D; d += 8) store8(y + d, load8(y + d) + load8(o + d) * w);
+        }
+    }
+    free(a);
+}
+
+/* x (T, D) rows at x_stride; expert, weight (T, K); w1 (E, D, H), b1 (E, H) or NULL, w2 (E, H, D), b2 (E, D)
+ * or NULL; act 1 ReLU, 2 GELU. Out: y (T, D) contiguous. */
+void vmoe_ffn_forward(const float *x, int64_t x_stride, const int64_t *expert, const float *weight, const float *w1,
+                      const float *b1, const float *w2, const float *b2, int64_t T, int64_t K, int64_t D, int64_t H,
+                      int act, float *y, int threads) {
+    ffn_t p = {.x = x, .x_stride = x_stride, .expert = expert, .weight = weight, .w1 = w1, .b1 = b1, .w2 = w2,
+               .b2 = b2, .K = K, .D = D, .H = H, .T = T, .act = act, .y = y};
+    parallel_for(T, 256, threads, ffn_forward_chunk, &p);
+}
+
+static void ffn_backward_chunk(void *arg, int64_t c0, int64_t c1) {
+    const ffn_t *p = (const ffn_t *)arg;
+    const int64_t K = p->K, D = p->D, H = p->H, E = p->E;
+    float *a = malloc((size_t)(3 * H + 2 * D) * sizeof(float)), *h = a + H, *dh = h + H, *o = dh + H, *dout = o + D;
+    for (int64_t c = c0; c < c1; c++) {
+        float *dw1 = p->partial + c * p->per_chunk, *dw2 = dw1 + E * D * H;
+        float *db1 = dw2 + E * H * D, *db2 = db1 + (p->b1 ? E * H : 0); /* only where the biases are */
+        memset(dw1, 0, (size_t)p->per_chunk * sizeof(float));
+        const int64_t end = (c + 1) * p->chunk < p->T ? (c + 1) * p->chunk : p->T;
+        for (int64_t t = c * p->chunk; t < end; t++) {
+            const float *x = p->x + t * p->x_stride, *dy = p->dy + t * p->dy_stride;
+            float *dx = p->dx ? p->dx + t * D : NULL;
+            if (dx) memset(dx, 0, (size_t)D * sizeof(float));
+            for (int64_t j = 0; j < K; j++) {
+                const int64_t e = p->expert[t * K + j];
+                if (e < 0) {
+                    if (p->dweight) p->dweight[t * K + j] = 0.0f;
+                    continue;
+                }
+                vecmat(x, p->w1 + e * D * H, p->b1 ? p->b1 + e * H : NULL, D, H, a); /* recomputed */
+                act_forward(a, h, H, p->act);
+                if (p->dweight) {
+                    vecmat(h, p->w2 + e * H * D, p->b2 ? p->b2 + e * D : NULL, H, D, o);
+                    float dot = 0.0f;
+                    for (int64_t d = 0; d < D; d++) dot += dy[d] * o[d];
+                    p->dweight[t * K + j] = dot;
+                }
+                const v8f w = splat8(p->weight[t * K + j]);
+                for (int64_t d = 0; d < D; d += 8) store8(dout + d, load8(dy + d) * w);
+                outer_add(h, dout, H, D, dw2 + e * H * D);
+                if (p->b2) add_to(db2 + e * D, dout, D);
+                vecmat(dout, p->w2t + e * D * H, NULL, D, H, dh); /* W2_e dout */
+                act_backward(a, dh, H, p->act);
+                outer_add(x, dh, D, H, dw1 + e * D * H);
+                if (p->b1) add_to(db1 + e * H, dh, H);
+                if (dx) {
+                    vecmat(dh, p->w1t + e * H * D, NULL, H, D, o); /* W1_e dh */
+                    add_to(dx, o, D);
+                }
+            }
+        }
+    }
+    free(a);
+}
+
+typedef struct {
+    const float *partial;
+    int64_t chunks, per_chunk;
+    float *out;
+} sum_t;
+
+static void sum_chunk(void *arg, int64_t i0, int64_t i1) {
+    const sum_t *s = (const sum_t *)arg;
+    for (int64_t i = i0; i < i1; i++) {
+        float v = s->partial[i];
+        for (int64_t c = 1; c < s->chunks; c++) v += s->partial[c * s->per_chunk + i];
+        s->out[i] = v;
+    }
+}
+
+/* The backward of vmoe_ffn_forward for dy (T, D) at dy_stride; w1t (E, H, D) and w2t (E, D, H) are the
+ * weights transposed. Out: dx (T, D) or NULL, dweight (T, K) or NULL, and grads: dW1 (E, D, H), dW2
+ * (E, H, D), then db1 (E, H) and db2 (E, D) where b1 / b2 are given, contiguous; the tokens' terms summed
+ * per `chunk` tokens in `partial` ((T + chunk - 1) / chunk buffers of the grads' size), then over them. */
+void vmoe_ffn_backward(const float *x, int64_t x_stride, const int64_t *expert, const float *weight,
+                       const float *w1, const float *b1, const float *w2, const float *b2, const float *w1t,
+                       const float *w2t, const float *dy, int64_t dy_stride, int64_t T, int64_t K, int64_t D,
+                       int64_t H, int64_t E, int act, int64_t chunk, float *dx, float *dweight, float *grads,
+                       float *partial, int threads) {
+    const int64_t per_chunk = E * (2 * D * H + (b1 ? H : 0) + (b2 ? D : 0));
+    const int64_t chunks = (T + chunk - 1) / chunk;
+    ffn_t p = {.x = x, .x_stride = x_stride, .expert = expert, .weight = weight, .w1 = w1, .b1 = b1, .w2 = w2,
+               .b2 = b2, .w1t = w1t, .w2t = w2t, .dy = dy, .dy_stride = dy_stride, .K = K, .D = D, .H = H,
+               .E = E, .T = T, .chunk = chunk, .per_chunk = per_chunk, .act = act, .dx = dx, .dweight = dweight,
+               .partial = partial};
+    parallel_for(chunks, 1, threads, ffn_backward_chunk, &p);
+    sum_t s = {partial, chunks, per_chunk, grads};
+    parallel_for(per_chunk, 4096, threads, sum_chunk, &s);
+}
+
+int vmoe_abi_version(void) { return 2; }

@@ -209,6 +209,95 @@ typedef struct {
     double *importance, *load, *entropy;
 } fwd_t;
 
+#ifdef HAVE_TOP_K8
+/* r[i][j] <- r[j][i]: an 8 × 8 transpose in registers (rows of 8 tokens' experts <-> 8 experts' tokens) */
+static inline void transpose8(v8f *r) {
+    __m256 t[8], u[8];
+    for (int i = 0; i < 4; i++) {
+        t[2 * i] = _mm256_unpacklo_ps((__m256)r[2 * i], (__m256)r[2 * i + 1]);
+        t[2 * i + 1] = _mm256_unpackhi_ps((__m256)r[2 * i], (__m256)r[2 * i + 1]);
+    }
+    for (int i = 0; i < 2; i++) {
+        u[4 * i] = _mm256_shuffle_ps(t[4 * i], t[4 * i + 2], 0x44);
+        u[4 * i + 1] = _mm256_shuffle_ps(t[4 * i], t[4 * i + 2], 0xEE);
+        u[4 * i + 2] = _mm256_shuffle_ps(t[4 * i + 1], t[4 * i + 3], 0x44);
+        u[4 * i + 3] = _mm256_shuffle_ps(t[4 * i + 1], t[4 * i + 3], 0xEE);
+    }
+    for (int i = 0; i < 4; i++) {
+        r[i] = (v8f)_mm256_permute2f128_ps(u[i], u[i + 4], 0x20);
+        r[i + 4] = (v8f)_mm256_permute2f128_ps(u[i], u[i + 4], 0x31);
+    }
+}
+
+/* top_k8 for 8 tokens at once, one per lane, on their 8 experts' values val[e]: chosen[j] the j-th index per
+ * lane (ties to the lower expert, as top_k8), kth the K-th largest value per lane. */
+static inline void top_k8_lanes(const v8f *val, int64_t K, v8i *chosen, v8f *kth) {
+    v8f w[8];
+    for (int e = 0; e < 8; e++) w[e] = val[e];
+    for (int64_t j = 0; j < K; j++) {
+        v8f m = w[0];
+        for (int e = 1; e < 8; e++) m = select8(w[e] > m, w[e], m);
+        v8i idx = {0, 0, 0, 0, 0, 0, 0, 0};
+        for (int e = 7; e >= 0; e--) {
+            const v8i hit = (v8i)(w[e] == m);
+            idx = (hit & e) | (~hit & idx);
+        }
+        chosen[j] = idx;
+        *kth = m;
+        for (int e = 0; e < 8; e++) w[e] = select8(idx == e, splat8(-INFINITY), w[e]);
+    }
+}
+
+/* The per-token work of forward_chunk for tokens s .. s + 7 of group g, E = 8: the same operations on the
+ * same values, 8 tokens to a vector (one per lane) instead of 8 experts, so the dependency chains of one
+ * token's softmax, sums and top-k run side by side; the group's sums still add token by token, in order.
+ * The results are those of the per-token loop, bit for bit. */
+static void forward_block8(const fwd_t *a, int64_t g, int64_t s, int64_t *expert, float *imp, float *ld,
+                           double *entropy) {
+    const int64_t S = a->S, K = a->K, t = g * S + s;
+    v8f l[8], noisy[8], ex[8], rows[8];
+    for (int r = 0; r < 8; r++) l[r] = load8(a->logits + (t + r) * 8);
+    transpose8(l); /* l[e]: expert e's logit of the 8 tokens */
+    if (a->noise) {
+        for (int r = 0; r < 8; r++) noisy[r] = load8(a->noise + (t + r) * 8);
+        transpose8(noisy);
+        for (int e = 0; e < 8; e++) noisy[e] = l[e] + a->sigma * noisy[e];
+    } else {
+        for (int e = 0; e < 8; e++) noisy[e] = l[e];
+    }
+    v8f m = splat8(-INFINITY);
+    for (int e = 0; e < 8; e++) m = select8(noisy[e] > m, noisy[e], m);
+    v8f z = splat8(0.0f), spread = splat8(0.0f), zs = splat8(0.0f), ss = splat8(0.0f);
+    for (int e = 0; e < 8; e++) {
+        v8f shifted = noisy[e] - m;
+        ex[e] = exp8(shifted);
+        zs = e ? zs + ex[e] : ex[e]; /* hsum8's order: from expert 0 */
+        ss = e ? ss + ex[e] * shifted : ex[e] * shifted;
+    }
+    z = z + zs, spread = spread + ss;
+    const v8f inv = 1.0f / z, part = spread * inv;
+    for (int r = 0; r < 8; r++) *entropy += (double)(logf(z[r]) - part[r]);
+    for (int e = 0; e < 8; e++) rows[e] = ex[e] * inv; /* the gates, by expert */
+    v8i chosen[MAX_K];
+    v8f kth = splat8(-INFINITY);
+    top_k8_lanes(rows, K, chosen, &kth);
+    for (int64_t j = 0; j < K; j++)
+        for (int r = 0; r < 8; r++) expert[j * S + s + r] = chosen[j][r];
+    transpose8(rows); /* rows[r]: token r's gates */
+    for (int r = 0; r < 8; r++) {
+        store8(a->gates + (t + r) * 8, rows[r]);
+        store8(imp, load8(imp) + rows[r]);
+    }
+    if (ld) {
+        top_k8_lanes(noisy, K, chosen, &kth);
+        store8(a->threshold + t, kth); /* the k-th largest noisy logit of each token */
+        for (int e = 0; e < 8; e++) rows[e] = 0.5f * erfc8(((kth - l[e]) / a->load_sigma) * 0.70710678118654752f);
+        transpose8(rows);
+        for (int r = 0; r < 8; r++) store8(ld, load8(ld) + rows[r]);
+    }
+}
+#endif
+
 static void forward_chunk(void *arg, int64_t g0, int64_t g1) {
     const fwd_t *a = (const fwd_t *)arg;
     const int64_t S = a->S, E = a->E, K = a->K;
@@ -220,7 +309,12 @@ static void forward_chunk(void *arg, int64_t g0, int64_t g1) {
         double *importance = a->importance + g * E, *load = a->load ? a->load + g * E : NULL;
         memset(imp, 0, (size_t)E * 2 * sizeof(float)); /* the group's sums, in float lanes */
         double entropy = 0.0;
-        for (int64_t s = 0; s < S; s++) {
+        int64_t s = 0;
+#ifdef HAVE_TOP_K8
+        if (E == 8)
+            for (; s + 8 <= S; s += 8) forward_block8(a, g, s, expert, imp, load ? ld : NULL, &entropy);
+#endif
+        for (; s < S; s++) {
             const int64_t t = g * S + s;
             const float *l = a->logits + t * E;
             float *gate = a->gates + t * E;

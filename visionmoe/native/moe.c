@@ -400,6 +400,52 @@ typedef struct {
     float *d_logits;
 } bwd_t;
 
+#ifdef HAVE_TOP_K8
+/* backward_chunk's per-token work for tokens s .. s + 7 of group g, E = 8, 8 tokens to a vector (as
+ * forward_block8): the same operations on the same values, bit for bit. */
+static void backward_block8(const bwd_t *a, int64_t g, int64_t s, float c) {
+    const int64_t S = a->S, K = a->K, t = g * S + s;
+    v8f gate[8], dg[8], l[8];
+    for (int r = 0; r < 8; r++) gate[r] = load8(a->gates + (t + r) * 8);
+    transpose8(gate);
+    if (a->d_gates) {
+        for (int r = 0; r < 8; r++) dg[r] = load8(a->d_gates + (t + r) * 8);
+        transpose8(dg);
+    } else {
+        for (int e = 0; e < 8; e++) dg[e] = splat8(0.0f);
+    }
+    if (a->d_importance)
+        for (int e = 0; e < 8; e++) dg[e] = dg[e] + a->d_importance[e];
+    if (a->d_weight)
+        for (int64_t j = 0; j < K; j++) {
+            const int64_t i = g * K * S + j * S + s;
+            const v8f w = load8(a->d_weight + i);
+            v8i chosen, kept;
+            for (int r = 0; r < 8; r++) chosen[r] = (int32_t)a->expert[i + r], kept[r] = a->kept[i + r] ? -1 : 0;
+            for (int e = 0; e < 8; e++) dg[e] = select8(kept & (chosen == e), dg[e] + w, dg[e]);
+        }
+    v8f dot = gate[0] * dg[0];
+    for (int e = 1; e < 8; e++) dot = dot + gate[e] * dg[e];
+    dot = splat8(0.0f) + dot; /* as 0.0f + hsum8(...): the same zero's sign */
+    v8f thr = splat8(0.0f);
+    if (a->d_load) {
+        for (int r = 0; r < 8; r++) l[r] = load8(a->logits + (t + r) * 8);
+        transpose8(l);
+        thr = load8(a->threshold + t);
+    }
+    for (int e = 0; e < 8; e++) {
+        v8f d = gate[e] * (dg[e] - dot);
+        if (a->d_load) {
+            v8f q = (thr - l[e]) / a->load_sigma;
+            d = d + splat8(a->d_load[e]) * c * exp8(-0.5f * q * q);
+        }
+        dg[e] = d;
+    }
+    transpose8(dg);
+    for (int r = 0; r < 8; r++) store8(a->d_logits + (t + r) * 8, dg[r]);
+}
+#endif
+
 static void backward_chunk(void *arg, int64_t g0, int64_t g1) {
     const bwd_t *a = (const bwd_t *)arg;
     const int64_t S = a->S, E = a->E, K = a->K;
@@ -407,7 +453,12 @@ static void backward_chunk(void *arg, int64_t g0, int64_t g1) {
     /* d p / d l = phi(q) / sigma, q = (threshold - l) / sigma */
     const float c = a->d_load ? 0.39894228040143268f / a->load_sigma : 0.0f;
     for (int64_t g = g0; g < g1; g++) {
-        for (int64_t s = 0; s < S; s++) {
+        int64_t s = 0;
+#ifdef HAVE_TOP_K8
+        if (E == 8)
+            for (; s + 8 <= S; s += 8) backward_block8(a, g, s, c);
+#endif
+        for (; s < S; s++) {
             const int64_t t = g * S + s;
             const float *gate = a->gates + t * E;
             for (int64_t e = 0; e < E; e += 8) {

@@ -144,7 +144,8 @@ def test_fused_router_eight_tokens_at_a_time_give_the_one_token_results_bit_for_
     for shape in ((2, 32, 8), (64, 1, 8)):
         x = logits.reshape(shape).requires_grad_()
         gates, weight, importance, load, expert, *_ = native.topk_router(x, noise.reshape(shape), 0.3, 2, None, True)
-        (grad,) = torch.autograd.grad((gates * gates).sum() + (weight * weight).sum() + load.sum(), x)
+        loss = (gates * gates).sum() + (weight * weight).sum() + (importance * torch.arange(8.0)).sum() + load.sum()
+        (grad,) = torch.autograd.grad(loss, x)
         per_token = expert.reshape(shape[0], 2, shape[1]).transpose(1, 2).reshape(64, 2)
         runs.append((gates.reshape(64, 8), per_token, grad.reshape(64, 8)))
     for a, b in zip(*runs, strict=True):
@@ -354,3 +355,21 @@ def test_flop_counting_sees_the_experts_of_the_fused_backend():
         counts[backend] = counter.get_flop_counts()
     assert counts["fused"]["MoE.experts"] == counts["auto"]["MoE.experts"]
     assert sum(counts["fused"]["MoE.experts"].values()) > 0
+
+
+def test_fused_experts_refuse_what_they_cannot_compute():
+    # An Experts subclass (an expert-parallel shard holds some of the experts and exchanges rows in its own
+    # forward) is not computed by the kernel; expert ids out of range are refused before C reads memory.
+    from visionmoe.distributed.expert_parallel import ExpertShard
+
+    assert issubclass(ExpertShard, Experts)
+
+    class Shard(Experts):
+        pass
+
+    assert not native.ffn_supported(Shard(8, 8, 16, activation=torch.nn.ReLU))
+    assert native.ffn_supported(Experts(8, 8, 16, activation=torch.nn.ReLU)) == native.available()
+    if native.available():
+        layer = Experts(4, 8, 16, activation=torch.nn.ReLU)
+        with pytest.raises(ValueError, match=r"expert ids in \[-1, 4\), got"):
+            native.expert_ffn(torch.randn(3, 8), torch.tensor([[0, 4]] * 3), torch.ones(3, 2), layer)

@@ -464,9 +464,14 @@ def ffn_activation(act: object) -> int:
 
 
 def ffn_supported(experts: torch.nn.Module) -> bool:
-    """Whether :func:`expert_ffn` can run these :class:`~visionmoe.layers.Experts`: D and H multiples of 8,
-    a ReLU or exact GELU activation, and nothing that must see the experts' own calls (forward hooks on
-    them, or a dispatch mode such as ``FlopCounterMode`` counting their GEMMs)."""
+    """Whether :func:`expert_ffn` can run these experts: a plain :class:`~visionmoe.layers.Experts` (not a
+    subclass with its own forward, such as an expert-parallel shard, which holds some experts and exchanges
+    rows), D and H multiples of 8, a ReLU or exact GELU activation, and nothing that must see the experts'
+    own calls (forward hooks on them, or a dispatch mode such as ``FlopCounterMode`` counting their GEMMs)."""
+    from visionmoe.layers.experts import Experts
+
+    if type(experts) is not Experts:
+        return False
     if experts.dim % LANES or experts.hidden_dim % LANES or not ffn_activation(experts.act):
         return False
     if experts._forward_hooks or experts._forward_pre_hooks:
@@ -488,6 +493,8 @@ class _ExpertFFN(torch.autograd.Function):
     def forward(ctx, x, expert, weight, w1, b1, w2, b2, act):
         T, D = x.shape
         K, H = expert.shape[1], w1.shape[2]
+        if expert.numel() and not -1 <= int(expert.min()) <= int(expert.max()) < w1.shape[0]:
+            raise ValueError(f"expert_ffn needs expert ids in [-1, {w1.shape[0]}), got {expert.min()}..{expert.max()}")
         xr, stride = _rows(x.detach())
         expert_c, weight_c = expert.contiguous(), weight.detach().contiguous()
         params = [None if t is None else t.detach().contiguous() for t in (w1, b1, w2, b2)]

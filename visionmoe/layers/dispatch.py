@@ -27,7 +27,7 @@ rows, products and sums, moved by :mod:`visionmoe.native`'s C kernels (one scatt
 The other plans (expert choice) keep the argsort and ``index_add_``.
 
 ``auto`` picks ``padded`` while compiling, ``grouped`` on CUDA when available and aligned,
-``fused`` in training for token-choice ReLU experts with D·H ≤ 256 where the kernel can run,
+``fused`` in training for token-choice ReLU experts with D·H ≤ 512 where the kernel can run,
 ``padded`` in training (grad enabled) for token choice with small experts (D·H ≤ 128·128) whose routed
 rows hold at most :func:`padded_hidden_values` hidden values (GELU experts up to 2**20 with ATen's row
 moves; with the native ones GELU up to 2**21, other activations up to 2**20), S ≥ 8·E (the CNN
@@ -103,12 +103,12 @@ be mostly padding). A static rule: every rank of an expert-parallel layer must p
 so the data-dependent capacity of a dropless plan cannot enter it."""
 
 
-FUSED_EXPERT_WEIGHTS = 16 * 16
-"""``auto`` takes ``fused`` in training for token-choice ReLU experts with D·H at most this (D = 8 with H up to
-32, D = H = 16): there the per-token C kernel beat the BLAS paths at the layer level (0.76-0.79 of the
-faster of ``padded`` and ``sorted`` at D = 8, about 0.95 at D = H = 16); from D·H = 512, and for GELU
-experts at every size (three erfc per hidden value, forward and recomputed backward), it lost
-(BENCHMARKS.md, issue 22, ninth pass)."""
+FUSED_EXPERT_WEIGHTS = 16 * 32
+"""``auto`` takes ``fused`` in training for token-choice ReLU experts with D·H at most this: measured at
+D = 8 with H = 8-32 and at D = 16 with H = 16-32, the per-token C kernel beat the faster of ``padded``
+and ``sorted`` at the layer level (0.69-0.74 of it at D = 8, 0.88-0.91 at D = 16); from D·H = 1024 it
+was at par or slower (0.97-1.07, then worse), and so it was for GELU experts at every size (1.01 at
+best: three erfc per hidden value, forward and recomputed backward). BENCHMARKS.md, issue 22, ninth pass."""
 
 
 def choose_backend(x: Tensor, experts: Experts, plan: Routing | None = None) -> str:

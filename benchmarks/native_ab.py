@@ -62,9 +62,10 @@ def router_case(tokens: int, images: int):
         return native.topk_router(logits, noise, 1 / 8, 2, capacity, True)
 
     def both():
-        gates, weight, importance, load, *_ = forward()
+        outputs = forward()
+        gates, weight, importance, load, *_ = outputs
         loss = (gates * gates).sum() + (weight * weight).sum() + importance.square().sum() + load.square().sum()
-        return (*forward(), *torch.autograd.grad(loss, logits))
+        return (*outputs, *torch.autograd.grad(loss, logits))
 
     return {"router forward": forward, "router forward + backward": both}
 

@@ -651,7 +651,7 @@ static inline v8f fma8(v8f a, v8f b, v8f c) { return (v8f)_mm256_fmadd_ps((__m25
 static inline v8f fma8(v8f a, v8f b, v8f c) { return a * b + c; }
 #endif
 
-static inline void act_forward(float *a, float *h, int64_t H, int act) {
+static inline void act_forward(const float *a, float *h, int64_t H, int act) {
     for (int64_t i = 0; i < H; i += 8) {
         v8f v = load8(a + i);
         if (act == ACT_RELU)
@@ -662,16 +662,25 @@ static inline void act_forward(float *a, float *h, int64_t H, int act) {
     }
 }
 
-/* dh <- dh · act'(a) */
-static inline void act_backward(const float *a, float *dh, int64_t H, int act) {
+/* h = act(a) and, for GELU, its derivative at a into deriv: one erfc per value for both (backward) */
+static inline void act_with_derivative(const float *a, float *h, float *deriv, int64_t H, int act) {
+    if (act == ACT_RELU) {
+        act_forward(a, h, H, act);
+        return;
+    }
     for (int64_t i = 0; i < H; i += 8) {
-        v8f v = load8(a + i), g = load8(dh + i);
-        if (act == ACT_RELU) {
-            g = select8(v > 0.0f, g, splat8(0.0f));
-        } else {
-            v8f cdf = 0.5f * erfc8(v * -0.70710678118654752f);
-            g = g * (cdf + v * (0.39894228040143268f * exp8(-0.5f * v * v)));
-        }
+        v8f v = load8(a + i);
+        v8f cdf = 0.5f * erfc8(v * -0.70710678118654752f);
+        store8(h + i, v * cdf);
+        store8(deriv + i, cdf + v * (0.39894228040143268f * exp8(-0.5f * v * v)));
+    }
+}
+
+/* dh <- dh · act'(a) (deriv: act_with_derivative's, for GELU) */
+static inline void act_backward(const float *a, const float *deriv, float *dh, int64_t H, int act) {
+    for (int64_t i = 0; i < H; i += 8) {
+        v8f g = load8(dh + i);
+        g = act == ACT_RELU ? select8(load8(a + i) > 0.0f, g, splat8(0.0f)) : g * load8(deriv + i);
         store8(dh + i, g);
     }
 }
@@ -748,7 +757,8 @@ void vmoe_ffn_forward(const float *x, int64_t x_stride, const int64_t *expert, c
 static void ffn_backward_chunk(void *arg, int64_t c0, int64_t c1) {
     const ffn_t *p = (const ffn_t *)arg;
     const int64_t K = p->K, D = p->D, H = p->H, E = p->E;
-    float *a = malloc((size_t)(3 * H + 2 * D) * sizeof(float)), *h = a + H, *dh = h + H, *o = dh + H, *dout = o + D;
+    float *a = malloc((size_t)(4 * H + 2 * D) * sizeof(float)), *h = a + H, *dh = h + H, *deriv = dh + H;
+    float *o = deriv + H, *dout = o + D;
     for (int64_t c = c0; c < c1; c++) {
         float *dw1 = p->partial + c * p->per_chunk, *dw2 = dw1 + E * D * H;
         float *db1 = dw2 + E * H * D, *db2 = db1 + (p->b1 ? E * H : 0); /* only where the biases are */
@@ -765,7 +775,7 @@ static void ffn_backward_chunk(void *arg, int64_t c0, int64_t c1) {
                     continue;
                 }
                 vecmat(x, p->w1 + e * D * H, p->b1 ? p->b1 + e * H : NULL, D, H, a); /* recomputed */
-                act_forward(a, h, H, p->act);
+                act_with_derivative(a, h, deriv, H, p->act);
                 if (p->dweight) {
                     vecmat(h, p->w2 + e * H * D, p->b2 ? p->b2 + e * D : NULL, H, D, o);
                     float dot = 0.0f;
@@ -777,7 +787,7 @@ static void ffn_backward_chunk(void *arg, int64_t c0, int64_t c1) {
                 outer_add(h, dout, H, D, dw2 + e * H * D);
                 if (p->b2) add_to(db2 + e * D, dout, D);
                 vecmat(dout, p->w2t + e * D * H, NULL, D, H, dh); /* W2_e dout */
-                act_backward(a, dh, H, p->act);
+                act_backward(a, deriv, dh, H, p->act);
                 outer_add(x, dh, D, H, dw1 + e * D * H);
                 if (p->b1) add_to(db1 + e * H, dh, H);
                 if (dx) {

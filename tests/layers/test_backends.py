@@ -266,9 +266,10 @@ def test_move_rows_sums_a_two_dimensional_index():
     assert torch.autograd.gradgradcheck(lambda x: move_rows(x, token, slots, True, True), (x,))
 
 
-def test_auto_picks_fused_for_the_smallest_relu_experts_in_training():
-    # Token-choice ReLU experts with D·H <= 512 (CNN stage-1 shapes) in training, where the kernel runs;
-    # GELU or larger experts, forward-only passes, float64 and a counting dispatch mode keep the old rules.
+def test_auto_picks_fused_for_the_smallest_experts_in_training():
+    # Token-choice ReLU experts with D·H <= 512 (CNN stage-1 shapes), GELU ones at D = 8, in training, where
+    # the kernel runs; wider GELU or larger experts, forward-only passes, float64 and a counting dispatch
+    # mode keep the old rules.
     from torch.utils.flop_counter import FlopCounterMode
 
     relu = MoE(8, 8, 32, router="topk", k=2, activation=torch.nn.ReLU)
@@ -277,11 +278,13 @@ def test_auto_picks_fused_for_the_smallest_relu_experts_in_training():
     assert choose_backend(x, relu.experts, plan) == (
         "fused" if native.available() else dispatch.unfused_backend(x, relu.experts, plan)
     )
-    gelu = MoE(8, 8, 32, router="topk", k=2)
+    gelu = MoE(16, 8, 16, router="topk", k=2)  # GELU experts only at D = 8
+    gelu8 = MoE(8, 8, 32, router="topk", k=2)
     wider = MoE(16, 8, 64, router="topk", k=2, activation=torch.nn.ReLU)
     widest_fused = MoE(16, 8, 32, router="topk", k=2, activation=torch.nn.ReLU)
-    assert choose_backend(x, gelu.experts, gelu.router(x).plan) != "fused"
     x16 = torch.randn(2, 64, 16)
+    assert choose_backend(x16, gelu.experts, gelu.router(x16).plan) != "fused"
+    assert (choose_backend(x, gelu8.experts, gelu8.router(x).plan) == "fused") == native.available()
     assert choose_backend(x16, wider.experts, wider.router(x16).plan) != "fused"
     fused_here = choose_backend(x16, widest_fused.experts, widest_fused.router(x16).plan) == "fused"
     assert fused_here == native.available()

@@ -26,8 +26,8 @@ On the CPU in float32, a plan in token order takes :func:`native_token_choice_mo
 rows, products and sums, moved by :mod:`visionmoe.native`'s C kernels (one scatter, one gated gather).
 The other plans (expert choice) keep the argsort and ``index_add_``.
 
-``auto`` picks ``padded`` while compiling, ``grouped`` on CUDA when available and aligned,
-``fused`` in training for token-choice ReLU experts with D·H ≤ 512 where the kernel can run,
+``auto`` picks ``padded`` while compiling, ``grouped`` on CUDA when available and aligned, ``fused``
+in training for token-choice experts with D·H ≤ 512 (ReLU, or GELU at D = 8) where the kernel can run,
 ``padded`` in training (grad enabled) for token choice with small experts (D·H ≤ 128·128) whose routed
 rows hold at most :func:`padded_hidden_values` hidden values (GELU experts up to 2**20 with ATen's row
 moves; with the native ones GELU up to 2**21, other activations up to 2**20), S ≥ 8·E (the CNN
@@ -106,9 +106,13 @@ so the data-dependent capacity of a dropless plan cannot enter it."""
 FUSED_EXPERT_WEIGHTS = 16 * 32
 """``auto`` takes ``fused`` in training for token-choice ReLU experts with D·H at most this: measured at
 D = 8 with H = 8-32 and at D = 16 with H = 16-32, the per-token C kernel beat the faster of ``padded``
-and ``sorted`` at the layer level (0.69-0.74 of it at D = 8, 0.88-0.91 at D = 16); from D·H = 1024 it
-was at par or slower (0.97-1.07, then worse), and so it was for GELU experts at every size (1.01 at
-best: three erfc per hidden value, forward and recomputed backward). BENCHMARKS.md, issue 22, ninth pass."""
+and ``sorted`` at the layer level (0.68-0.74 of it at D = 8, 0.81-0.93 at D = 16); from D·H = 1024 it
+was at par or slower (0.97-1.17, then worse). BENCHMARKS.md, issue 22, ninth pass."""
+
+FUSED_GELU_DIM = 8
+"""... and for exact-GELU experts only at D up to this (and D·H within the bound): 0.88-0.94 at D = 8 with
+H = 8-32, 1.06-1.21 at D = 16, where the erfc behind each hidden value (once forward, once in the
+recomputing backward) outweighs the buffers saved."""
 
 
 def choose_backend(x: Tensor, experts: Experts, plan: Routing | None = None) -> str:
@@ -118,7 +122,10 @@ def choose_backend(x: Tensor, experts: Experts, plan: Routing | None = None) -> 
         and plan.choices is not None
         and torch.is_grad_enabled()
         and experts.dim * experts.hidden_dim <= FUSED_EXPERT_WEIGHTS
-        and native.ffn_activation(experts.act) == native.FFN_ACTIVATIONS["ReLU"]
+        and (
+            native.ffn_activation(experts.act) == native.FFN_ACTIVATIONS["ReLU"]
+            or (native.ffn_activation(experts.act) == native.FFN_ACTIVATIONS["GELU"] and experts.dim <= FUSED_GELU_DIM)
+        )
         and native.usable(x, plan.weight)
         and native.ffn_supported(experts)
     ):

@@ -153,6 +153,15 @@ def test_fused_router_eight_tokens_at_a_time_give_the_one_token_results_bit_for_
     assert runs[0][1][40:].tolist() == torch.sort(logits[40:], dim=1, stable=True, descending=True)[1][:, :2].tolist()
 
 
+def hessian_vector_product(layer: MoE, x: torch.Tensor) -> list[torch.Tensor]:
+    """H v of the layer's loss in its parameters (as the Hessian analysis builds it), v drawn with seed 1."""
+    params = list(layer.parameters())
+    v = [torch.randn(p.shape, generator=torch.Generator().manual_seed(1)) for p in params]
+    loss = layer(x).square().sum() + 100 * layer.aux_loss
+    g = torch.autograd.grad(loss, params, create_graph=True)
+    return list(torch.autograd.grad(sum((gi * vi).sum() for gi, vi in zip(g, v, strict=True)), params))
+
+
 @needs_kernel
 def test_fused_router_gradients_of_gradients_are_the_aten_formulas():
     # The Hessian analysis differentiates twice (eval mode, create_graph): the backward then builds the
@@ -160,17 +169,9 @@ def test_fused_router_gradients_of_gradients_are_the_aten_formulas():
     torch.manual_seed(0)
     layer = MoE(8, 8, 16, k=2).eval()
     x = torch.randn(2, 8, 4, 4)
-    params = list(layer.parameters())
-    v = [torch.randn_like(p) for p in params]
-
-    def hvp():
-        loss = layer(x).square().sum() + 100 * layer.aux_loss
-        g = torch.autograd.grad(loss, params, create_graph=True)
-        return torch.autograd.grad(sum((gi * vi).sum() for gi, vi in zip(g, v, strict=True)), params)
-
-    fused = hvp()
+    fused = hessian_vector_product(layer, x)
     with native.disabled():
-        aten = hvp()
+        aten = hessian_vector_product(layer, x)
     for a, b in zip(fused, aten, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
 
@@ -305,17 +306,9 @@ def test_fused_layer_gradients_of_gradients_are_the_aten_formulas():
     torch.manual_seed(0)
     layer = MoE(8, 8, 16, k=2, activation=torch.nn.ReLU, backend="fused").eval()
     x = torch.randn(2, 8, 4, 4)
-    params = list(layer.parameters())
-    v = [torch.randn_like(p) for p in params]
-
-    def hvp():
-        loss = layer(x).square().sum() + 100 * layer.aux_loss
-        g = torch.autograd.grad(loss, params, create_graph=True)
-        return torch.autograd.grad(sum((gi * vi).sum() for gi, vi in zip(g, v, strict=True)), params)
-
-    fused = hvp()
+    fused = hessian_vector_product(layer, x)
     layer.backend = "sorted"
-    for a, b in zip(fused, hvp(), strict=True):
+    for a, b in zip(fused, hessian_vector_product(layer, x), strict=True):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
 
 

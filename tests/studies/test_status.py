@@ -97,3 +97,32 @@ def test_cli_status(tmp_path, capsys):
     printed = capsys.readouterr().out
     assert "8 runs (8 pending); about 0.0 h of runs left at one job, plus 8 run(s)" in printed
     assert not out.exists()  # nothing written
+
+
+@pytest.mark.parametrize(
+    ("mode", "extra", "named"),
+    [
+        ("--status", ["--jobs", "2"], "--jobs"),
+        ("--status", ["--retries", "3"], "--retries"),
+        ("--estimate", ["--reuse", "runs/old"], "--reuse"),
+        ("--estimate", ["--executor", "inline"], "--executor"),
+        ("--estimate", ["--status"], "--status"),
+    ],
+)
+def test_status_and_estimate_refuse_options_they_would_ignore(mode, extra, named, tmp_path):
+    # --status and --estimate train nothing: an option that only changes how runs train is named, not
+    # silently dropped (--jobs still counts for --estimate: its time left is at that many jobs).
+    out = tmp_path / "topk"
+    with pytest.raises(SystemExit, match=f"visionmoe sweep: {mode} trains nothing, so {named} would be ignored"):
+        main(["sweep", "--preset", "topk", "--tiny", "--out", str(out), mode, *extra])
+    assert not out.exists()
+
+
+def test_a_preset_given_as_a_yaml_path_names_the_sweep_by_its_stem(tmp_path, monkeypatch, capsys):
+    # Not "runs/configs/my_recipe.yaml": the sweep is my_recipe, in runs/my_recipe.
+    recipe = tmp_path / "configs" / "my_recipe.yaml"
+    recipe.parent.mkdir()
+    recipe.write_text("base: cifar10_moe\n")
+    monkeypatch.chdir(tmp_path)
+    assert main(["sweep", "--preset", "configs/my_recipe.yaml", "--status", "train.epochs=1,2"]) == 0
+    assert "sweep my_recipe in runs/my_recipe" in capsys.readouterr().out

@@ -7,6 +7,7 @@ the other commands never need (BENCHMARKS.md, "Start-up of the command line").
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 import yaml
 
@@ -66,6 +67,25 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     report.set_defaults(func=_report)
 
 
+RUN_OPTIONS = {"--retries": ("retries", 1), "--executor": ("executor", "local"), "--slurm": ("slurm", [])}
+"""Options that only change how runs are trained: ``--status`` and ``--estimate`` train nothing."""
+
+
+def _refuse_run_options(args: argparse.Namespace) -> None:
+    """``--status``/``--estimate`` with an option they would ignore: one line naming it (``--jobs`` counts
+    for ``--estimate``, whose time left is at that many jobs; ``--reuse`` for neither)."""
+    mode = "--estimate" if args.estimate else "--status"
+    ignored = [flag for flag, (field, default) in RUN_OPTIONS.items() if getattr(args, field) != default]
+    if args.reuse:
+        ignored.append("--reuse")
+    if args.status and args.jobs != 1:
+        ignored.append("--jobs")
+    if args.status and args.estimate:
+        ignored.append("--status")
+    if ignored:
+        raise ValueError(f"{mode} trains nothing, so {', '.join(ignored)} would be ignored; drop it or run the sweep")
+
+
 def _sweep(args: argparse.Namespace) -> int:
     from visionmoe.studies import STUDIES, Sweep, get_study, parse_seeds, run_sweep
     from visionmoe.studies.estimate import estimate_markdown, estimate_sweep
@@ -90,10 +110,12 @@ def _sweep(args: argparse.Namespace) -> int:
                     f"no preset {args.preset!r}: study presets {', '.join(STUDIES)}; "
                     f"training presets {', '.join(preset_names())} (or a YAML file)"
                 ) from None
-            sweep = extend(
-                Sweep(args.preset, args.preset, seeds=seeds or (0,), twins=not args.no_twins), args.overrides
-            )
+            # a YAML path names the sweep by its file's stem (runs/<stem>, the report's study column)
+            name = Path(args.preset).stem if Path(args.preset).suffix in (".yaml", ".yml") else args.preset
+            sweep = extend(Sweep(name, args.preset, seeds=seeds or (0,), twins=not args.no_twins), args.overrides)
         out = args.out or f"runs/{sweep.name}{'-tiny' if args.tiny else ''}"
+        if args.estimate or args.status:
+            _refuse_run_options(args)
         if args.estimate:
             table = estimate_sweep(sweep, seeds=seeds, jobs=args.jobs, steps=args.estimate_steps, out=out)
             print(estimate_markdown(table, f"sweep {sweep.name}"))

@@ -328,7 +328,8 @@ def native_token_choice_moe(x: Tensor, plan: Routing, experts: Experts, backend:
     dispatch is one scatter of the tokens into the experts' rows (empty ones zero), the combine one gather
     of each token's K expert rows summed with their gates; backward, the same moves again. The experts'
     rows and the products and sums are :func:`token_choice_moe`'s, so the output is bit-identical to it
-    (the gates' gradients sum their row dot products in another order)."""
+    (the gates' gradients sum their row dot products in another order). ``fused``: no rows move at all;
+    :func:`visionmoe.native.expert_ffn` computes each token's experts from its row (same sums, another order)."""
     G, S, D = x.shape
     K, E, C = plan.choices, plan.num_experts, plan.capacity
     if backend == "fused":

@@ -292,3 +292,37 @@ def test_ranks_augment_only_their_rows_and_reassemble_one_process_batch(world_si
             rows = shard_rows(16, r, world_size)
             rx, ry = per_rank[r][step]
             assert torch.equal(rx, x[rows]) and torch.equal(ry, y[rows])
+
+
+def test_a_rank_whose_piece_of_a_batch_is_all_unreadable_skips_the_step_with_every_rank(tmp_path, one_thread):
+    # Under torchrun each rank decodes only its rows of a batch. One row per rank and one unreadable image:
+    # once per epoch one rank's piece is empty. That rank used to drop the batch and take one step fewer,
+    # while the other's gradient all-reduce waited on it (a hang). Now every rank skips that step, as one
+    # process skips the batch: the same epochs, steps and schedule.
+    from standins import write_tiny_imagenet
+
+    root = write_tiny_imagenet(tmp_path / "data", num_classes=3, per_class=4, size=16)
+    bad = sorted((root / "tiny-imagenet-200" / "train" / "n00000000" / "images").iterdir())[0]
+    bad.write_bytes(b"not an image")
+    overrides = [
+        "data.dataset=tiny-imagenet",
+        f"data.data_dir={root}",
+        "data.loader=stream",
+        "data.image_size=16",
+        "data.workers=0",
+        "data.batch_size=2",
+        "data.eval_batch_size=4",
+        "data.skip_corrupt=true",
+        "model.name=cnn_resnet_cifar_moe",
+        "model.kwargs={width: 8}",
+        "train.epochs=2",
+        f"train.out_dir={tmp_path}",
+        "train.run_name=two",
+        "train.progress=false",
+        "train.tensorboard=false",
+        "train.threads=1",
+    ]
+    run_workers("train", 2, tmp_path, overrides, timeout=120)
+    assert [(r["epoch"], r["step"]) for r in records(tmp_path / "two")] == [(1.0, 6), (2.0, 12)]
+    summary = json.loads((tmp_path / "two" / "summary.json").read_text())
+    assert summary["steps"] == 12 and summary["stopped"] == "completed"

@@ -367,8 +367,10 @@ class StreamLoader(TensorLoader):
                 images.append(image)
                 if label >= 0:
                     labels.append(label)
-            if not images:
-                continue  # every image of this batch was unreadable (and skipped)
+            if not images:  # every image of this batch (or of this rank's piece of it) was unreadable
+                if self.rows is not None:  # under torchrun: an empty batch, so the ranks still count the same steps
+                    yield torch.empty(0), torch.empty(0, dtype=torch.long)
+                continue
             x = normalize(torch.stack(images), self.mean, self.std, channels_last=self.channels_last)
             yield x, torch.tensor(labels, dtype=torch.long)
         self.epoch, self.step = epoch + 1, 0

@@ -46,6 +46,8 @@ def evaluate(
     routing: dict[str, RoutingStatsAccumulator] = {}
     loader.step = 0
     for x, y in loader:
+        if x.numel() == 0:  # a rank's piece whose every image was unreadable (data.skip_corrupt): nothing to score
+            continue
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
         with autocast() if autocast is not None else nullcontext():
             logits = model(x).float()[: len(y)]  # (B, classes)

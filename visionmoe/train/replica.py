@@ -67,6 +67,10 @@ class Replica:
         """Whether every process stops now (they must stop at the same step): rank 0's clock decides."""
         return local
 
+    def agree_any(self, local: bool) -> bool:
+        """Whether ``local`` holds on any process (every process gets the same answer)."""
+        return local
+
     def eval_reduce(self) -> Callable[[ClassificationMeter, dict], dict] | None:
         """:func:`visionmoe.train.evaluation.evaluate`'s ``reduce``: test sums over every process."""
         return None
@@ -138,6 +142,9 @@ class DistributedReplica(Replica):
 
     def agree_time_is_up(self, local: bool) -> bool:
         return distributed.data.sum_across_ranks({"up": local and self.is_main})["up"] > 0
+
+    def agree_any(self, local: bool) -> bool:
+        return distributed.data.sum_across_ranks({"any": local})["any"] > 0
 
     def eval_reduce(self) -> Callable[[ClassificationMeter, dict], dict] | None:
         return _sum_eval_across_ranks

@@ -265,6 +265,11 @@ class Trainer:
         x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
         if self.mixer is not None and len(y) % 2:  # a streamed batch lost an unreadable image (data.skip_corrupt)
             x, y = x[:-1], y[:-1]  # mixup pairs rows: keep an even count
+        if self.config.data.skip_corrupt and self.replica.agree_any(len(y) == 0):
+            # no image left here (or on another rank: every rank must take the same steps, or their
+            # collectives fall out of step): a step without an update, everywhere
+            self.scheduler.step()
+            return
         target: Tensor = y
         if self.mixer is not None:
             x, target = self.mixer(x, y, seed=step_seed(self.config.train.seed, self.step))

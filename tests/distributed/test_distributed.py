@@ -298,12 +298,14 @@ def test_a_rank_whose_piece_of_a_batch_is_all_unreadable_skips_the_step_with_eve
     # Under torchrun each rank decodes only its rows of a batch. One row per rank and one unreadable image:
     # once per epoch one rank's piece is empty. That rank used to drop the batch and take one step fewer,
     # while the other's gradient all-reduce waited on it (a hang). Now every rank skips that step, as one
-    # process skips the batch: the same epochs, steps and schedule.
+    # process skips the batch: the same epochs, steps and schedule. In evaluation the rank forwards a blank
+    # image instead (expert-parallel layers exchange rows in every forward), which is not scored.
     from standins import write_tiny_imagenet
 
     root = write_tiny_imagenet(tmp_path / "data", num_classes=3, per_class=4, size=16)
     bad = sorted((root / "tiny-imagenet-200" / "train" / "n00000000" / "images").iterdir())[0]
     bad.write_bytes(b"not an image")
+    (root / "tiny-imagenet-200" / "val" / "images" / "val_2.JPEG").write_bytes(b"not an image")  # rank 0's, batch 1
     overrides = [
         "data.dataset=tiny-imagenet",
         f"data.data_dir={root}",
@@ -311,7 +313,7 @@ def test_a_rank_whose_piece_of_a_batch_is_all_unreadable_skips_the_step_with_eve
         "data.image_size=16",
         "data.workers=0",
         "data.batch_size=2",
-        "data.eval_batch_size=4",
+        "data.eval_batch_size=2",
         "data.skip_corrupt=true",
         "model.name=cnn_resnet_cifar_moe",
         "model.kwargs={width: 8}",
@@ -321,8 +323,10 @@ def test_a_rank_whose_piece_of_a_batch_is_all_unreadable_skips_the_step_with_eve
         "train.progress=false",
         "train.tensorboard=false",
         "train.threads=1",
+        "train.expert_parallel=2",  # its all_to_all in every forward: evaluation must keep the ranks together too
     ]
     run_workers("train", 2, tmp_path, overrides, timeout=120)
     assert [(r["epoch"], r["step"]) for r in records(tmp_path / "two")] == [(1.0, 6), (2.0, 12)]
     summary = json.loads((tmp_path / "two" / "summary.json").read_text())
     assert summary["steps"] == 12 and summary["stopped"] == "completed"
+    assert summary["test"]["samples"] == 5  # six validation images, one unreadable; rank 0's blank not scored

@@ -37,12 +37,7 @@ def build(source: str, target: Path) -> ctypes.CDLL:
     src.write_text(source)
     cc = native._compiler()
     subprocess.run([cc, *native._flags(), str(src), "-o", str(target)], check=True, capture_output=True)
-    lib = ctypes.CDLL(str(target))
-    for name in dir(native._library()):
-        if name.startswith("vmoe_") and hasattr(lib, name):
-            fn, ref = getattr(lib, name), getattr(native._library(), name)
-            fn.argtypes, fn.restype = ref.argtypes, ref.restype
-    return lib
+    return native.typed(ctypes.CDLL(str(target)))
 
 
 def using(lib: ctypes.CDLL, fn):

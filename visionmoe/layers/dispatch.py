@@ -117,14 +117,15 @@ recomputing backward) outweighs the buffers saved."""
 
 def choose_backend(x: Tensor, experts: Experts, plan: Routing | None = None) -> str:
     """The ``auto`` choice for a sparse plan on this input (decided from shapes only: no host sync)."""
+    activation = native.ffn_activation(experts.act)
     if (
         plan is not None
         and plan.choices is not None
         and torch.is_grad_enabled()
         and experts.dim * experts.hidden_dim <= FUSED_EXPERT_WEIGHTS
         and (
-            native.ffn_activation(experts.act) == native.FFN_ACTIVATIONS["ReLU"]
-            or (native.ffn_activation(experts.act) == native.FFN_ACTIVATIONS["GELU"] and experts.dim <= FUSED_GELU_DIM)
+            activation == native.FFN_ACTIVATIONS["ReLU"]
+            or (activation == native.FFN_ACTIVATIONS["GELU"] and experts.dim <= FUSED_GELU_DIM)
         )
         and native.usable(x, plan.weight)
         and native.ffn_supported(experts)

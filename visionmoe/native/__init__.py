@@ -94,6 +94,29 @@ def _flags() -> tuple[str, ...]:
     return (*FLAGS, OPENMP) if openmp else FLAGS
 
 
+_i64, _ptr_t, _int, _f32 = ctypes.c_int64, ctypes.c_void_p, ctypes.c_int, ctypes.c_float
+SIGNATURES = {
+    "vmoe_router_forward": [_ptr_t, _ptr_t, _f32, _f32, *[_i64] * 5, *[_ptr_t] * 9, _int],
+    "vmoe_router_backward": [*[_ptr_t] * 3, _f32, *[_ptr_t] * 6, *[_i64] * 4, _ptr_t, _int],
+    "vmoe_slots": [*[_ptr_t] * 4, *[_i64] * 4, _ptr_t, _ptr_t, _i64, _int],
+    "vmoe_gather": [_ptr_t, _i64, _ptr_t, _ptr_t, _i64, _i64, _i64, _ptr_t, _int],
+    "vmoe_scatter": [_ptr_t, _i64, _ptr_t, _ptr_t, _i64, _i64, _ptr_t, _i64, _int],
+    "vmoe_rowdot": [_ptr_t, _i64, _ptr_t, _i64, _ptr_t, _i64, _i64, _i64, _ptr_t, _int],
+    "vmoe_ffn_forward": [_ptr_t, _i64, *[_ptr_t] * 6, *[_i64] * 4, _int, _ptr_t, _int],
+    "vmoe_ffn_backward": [_ptr_t, _i64, *[_ptr_t] * 9, *[_i64] * 6, _int, _i64, *[_ptr_t] * 4, _int],
+}
+"""moe.c's functions and their argument types (every one returns nothing)."""
+
+
+def typed(lib: ctypes.CDLL) -> ctypes.CDLL:
+    """``lib`` with the argument types of each of :data:`SIGNATURES`' functions it has."""
+    for name, args in SIGNATURES.items():
+        if hasattr(lib, name):
+            fn = getattr(lib, name)
+            fn.argtypes, fn.restype = args, None
+    return lib
+
+
 def _build() -> ctypes.CDLL:
     cc = _compiler()
     if cc is None:
@@ -117,22 +140,7 @@ def _build() -> ctypes.CDLL:
     lib = ctypes.CDLL(str(target))
     if lib.vmoe_abi_version() != ABI_VERSION:
         raise RuntimeError(f"{target} has ABI {lib.vmoe_abi_version()}, expected {ABI_VERSION}")
-    i64, ptr, cint = ctypes.c_int64, ctypes.c_void_p, ctypes.c_int
-    f32 = ctypes.c_float
-    signatures = {
-        "vmoe_router_forward": [ptr, ptr, f32, f32, i64, i64, i64, i64, i64, *[ptr] * 9, cint],
-        "vmoe_router_backward": [ptr, ptr, ptr, f32, ptr, ptr, ptr, ptr, ptr, ptr, i64, i64, i64, i64, ptr, cint],
-        "vmoe_slots": [ptr, ptr, ptr, ptr, i64, i64, i64, i64, ptr, ptr, i64, cint],
-        "vmoe_gather": [ptr, i64, ptr, ptr, i64, i64, i64, ptr, cint],
-        "vmoe_scatter": [ptr, i64, ptr, ptr, i64, i64, ptr, i64, cint],
-        "vmoe_rowdot": [ptr, i64, ptr, i64, ptr, i64, i64, i64, ptr, cint],
-        "vmoe_ffn_forward": [ptr, i64, *[ptr] * 6, i64, i64, i64, i64, cint, ptr, cint],
-        "vmoe_ffn_backward": [ptr, i64, *[ptr] * 9, i64, i64, i64, i64, i64, i64, cint, i64, *[ptr] * 4, cint],
-    }
-    for name, args in signatures.items():
-        fn = getattr(lib, name)
-        fn.argtypes, fn.restype = args, None
-    return lib
+    return typed(lib)
 
 
 def _library() -> ctypes.CDLL | None:
@@ -493,8 +501,10 @@ class _ExpertFFN(torch.autograd.Function):
     def forward(ctx, x, expert, weight, w1, b1, w2, b2, act):
         T, D = x.shape
         K, H = expert.shape[1], w1.shape[2]
-        if expert.numel() and not -1 <= int(expert.min()) <= int(expert.max()) < w1.shape[0]:
-            raise ValueError(f"expert_ffn needs expert ids in [-1, {w1.shape[0]}), got {expert.min()}..{expert.max()}")
+        if expert.numel():
+            low, high = (int(v) for v in torch.aminmax(expert))  # one pass
+            if not -1 <= low <= high < w1.shape[0]:
+                raise ValueError(f"expert_ffn needs expert ids in [-1, {w1.shape[0]}), got {low}..{high}")
         xr, stride = _rows(x.detach())
         expert_c, weight_c = expert.contiguous(), weight.detach().contiguous()
         params = [None if t is None else t.detach().contiguous() for t in (w1, b1, w2, b2)]

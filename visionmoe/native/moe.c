@@ -267,14 +267,14 @@ static void forward_block8(const fwd_t *a, int64_t g, int64_t s, int64_t *expert
     }
     v8f m = splat8(-INFINITY);
     for (int e = 0; e < 8; e++) m = select8(noisy[e] > m, noisy[e], m);
-    v8f z = splat8(0.0f), spread = splat8(0.0f), zs = splat8(0.0f), ss = splat8(0.0f);
+    v8f zs, ss; /* the sums over experts in hsum8's order, from expert 0 */
     for (int e = 0; e < 8; e++) {
         v8f shifted = noisy[e] - m;
         ex[e] = exp8(shifted);
-        zs = e ? zs + ex[e] : ex[e]; /* hsum8's order: from expert 0 */
+        zs = e ? zs + ex[e] : ex[e];
         ss = e ? ss + ex[e] * shifted : ex[e] * shifted;
     }
-    z = z + zs, spread = spread + ss;
+    const v8f z = 0.0f + zs, spread = 0.0f + ss; /* as 0.0f + hsum8(...): the same zero's sign */
     const v8f inv = 1.0f / z, part = spread * inv;
     for (int r = 0; r < 8; r++) *entropy += (double)(logf(z[r]) - part[r]);
     for (int e = 0; e < 8; e++) rows[e] = ex[e] * inv; /* the gates, by expert */

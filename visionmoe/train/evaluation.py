@@ -45,17 +45,17 @@ def evaluate(
     meter = ClassificationMeter(num_classes, bins)
     routing: dict[str, RoutingStatsAccumulator] = {}
     loader.step = 0
-    blank = None
+    last = None  # the previous batch's first image (a view): the shape of a stand-in
     for x, y in loader:
         if x.numel() == 0:
             # a rank's piece whose every image was unreadable (data.skip_corrupt): nothing to score, but under
             # torchrun the ranks forward together (expert-parallel and FSDP layers exchange rows in forward),
             # so a blank image of the last batch's shape stands in, unscored (before any batch: skipped)
-            if blank is None:
+            if last is None:
                 continue
-            x = blank
+            x = torch.zeros_like(last)
         else:
-            blank = torch.zeros_like(x[:1])
+            last = x[:1]
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
         with autocast() if autocast is not None else nullcontext():
             logits = model(x).float()[: len(y)]  # (B, classes)

@@ -49,6 +49,10 @@ the issue named and the layer does not take: every expert on every token, weight
 combine matrix (:func:`all_experts_masked`: two GEMMs of width E·H, no sort, gather or scatter), timed
 in the same repeats, with its largest difference from ``auto``'s output.
 
+``--layer-grid --loops`` times the ``fused`` backend's two loops, token by token and tiled by expert
+(:func:`visionmoe.native.ffn_tiled`), against ``padded`` and ``sorted`` at the same shapes: the
+measurement behind which loop ``fused`` takes and where ``auto`` takes ``fused``.
+
 ``--profile`` instead prints the torch.profiler table of one MoE step of the first cell, its time
 broken down by operator. ``--quick`` runs one tiny cell to check the script, measuring nothing.
 """
@@ -262,8 +266,22 @@ def all_experts_masked(x: torch.Tensor, plan: visionmoe.routing.plan.Routing, ex
     return torch.addmm(c @ experts.b2, h, experts.w2.reshape(E * H, D)).reshape(G, S, D)
 
 
+@contextlib.contextmanager
+def fused_loop(loop: str) -> Iterator[None]:
+    """The ``fused`` backend with its loop forced: "tokenwise" or "tiled" (see :func:`native.ffn_tiled`)."""
+    saved = native.ffn_tiled
+    native.ffn_tiled = lambda *_: loop == "tiled"
+    try:
+        yield
+    finally:
+        native.ffn_tiled = saved
+
+
 def layer_grid(args: argparse.Namespace) -> None:
     """sorted / padded for one MoE layer at each CNN stage shape, GELU and ReLU experts (see above)."""
+    if args.loops:
+        loop_grid(args)
+        return
     extra = " all experts ms | all experts / auto | max abs diff |" if args.all_experts else ""
     print(
         "\n| activation | D | H | positions | G·A·H | padded ms | sorted ms | fused ms | sorted / padded "
@@ -320,6 +338,49 @@ def layer_grid(args: argparse.Namespace) -> None:
                                 tokens, plan, layer.experts
                             )
                         row += f" {dense:.1f} | {dense / auto:.2f} | {diff.abs().max():.1e} |"
+                    print(row, flush=True)
+
+
+def loop_grid(args: argparse.Namespace) -> None:
+    """The fused backend's two loops, token by token and tiled by expert, against padded and sorted, at the
+    layer grid's shapes: the measurement behind :func:`visionmoe.native.ffn_tiled` and ``auto``'s rule."""
+    names = ("padded", "sorted", "tokenwise", "tiled")
+    print("\n| activation | D | H | positions | " + " | ".join(f"{n} ms" for n in names) + " | best | auto |")
+    print("|---|---|---|---|" + "---|" * (len(names) + 2))
+    for activation in (torch.nn.GELU, torch.nn.ReLU):
+        for width in args.widths:
+            for ratio in args.ratios:
+                for stage, side in enumerate((32, 16, 8)):
+                    dim, hidden = width * 2**stage, int(ratio * width * 2**stage)
+                    torch.manual_seed(0)
+                    layer = MoE(dim, 8, hidden, router="topk", k=2, activation=activation).train()
+                    x = torch.randn(args.batch, dim, side, side).contiguous(memory_format=torch.channels_last)
+                    x.requires_grad_()
+
+                    def step(name: str, layer: MoE = layer, x: torch.Tensor = x) -> None:
+                        layer.backend = "fused" if name in ("tokenwise", "tiled") else name
+                        x.grad = None
+                        layer.zero_grad(set_to_none=True)
+                        with fused_loop(name) if name in ("tokenwise", "tiled") else contextlib.nullcontext():
+                            (layer(x).square().mean() + layer.aux_loss).backward()
+
+                    times = interleaved_times(
+                        {n: lambda n=n: step(n) for n in names},
+                        threads=args.threads,
+                        repeats=args.repeats,
+                        min_run_time=args.min_run_time,
+                    )
+                    ms = {n: statistics.median(times[n]) * 1e3 for n in names}
+                    with torch.no_grad():
+                        tokens = layer.group(layer.to_tokens(x)[0])
+                        plan = layer.router(tokens).plan
+                    with torch.enable_grad():
+                        chosen = choose_backend(tokens, layer.experts, plan)
+                    if chosen == "fused":
+                        chosen = "tiled" if native.ffn_tiled(dim, hidden, layer.experts.act) else "tokenwise"
+                    cells = " | ".join(f"{ms[n]:.1f}" for n in names)
+                    best = min(ms, key=ms.get)
+                    row = f"| {activation.__name__} | {dim} | {hidden} | {side}² | {cells} | {best} | {chosen} |"
                     print(row, flush=True)
 
 
@@ -445,6 +506,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--layer-grid", action="store_true", help="padded vs sorted per layer shape (see above)")
     parser.add_argument(
         "--all-experts", action="store_true", help="--layer-grid: add every expert on every token, masked (see above)"
+    )
+    parser.add_argument(
+        "--loops", action="store_true", help="--layer-grid: the fused backend's two loops against padded and sorted"
     )
     parser.add_argument("--profile", action="store_true", help="profile the first cell instead of timing")
     parser.add_argument("--rows", type=int, default=0, help="--profile: also print this many operators")

@@ -4,9 +4,9 @@ does it give the same numbers?
 Builds ``moe.c`` as committed at ``--base`` (a git revision) and as it is in the working tree, loads both
 into one process and, on CNN stage shapes (``--batch`` images of 32², 16², 8² tokens, E = 8, noisy top-2,
 capacity factor 1.25, both V-MoE losses), times each library's fused router (forward; forward and backward)
-and, where both have it, the fused experts (``visionmoe.native.expert_ffn``, ReLU and GELU, forward and
-backward), interleaved round-robin, median of ``--repeats``. Each row also says whether the two give the
-same outputs and gradients bit for bit.
+and, where both have it, the fused experts (``visionmoe.native.expert_ffn`` with the loop it takes at that
+shape, ReLU and GELU, forward and backward), interleaved round-robin, median of ``--repeats``. Each row
+also says whether the two give the same outputs and gradients bit for bit.
 
     python benchmarks/native_ab.py --base HEAD~1 --threads 2 --repeats 15
 """
@@ -73,11 +73,14 @@ def ffn_case(tokens: int, dim: int, hidden: int, activation):
     weight = torch.rand(tokens, 2, requires_grad=True)
     grad = torch.randn(tokens, dim)
 
+    tiled = native.ffn_tiled(dim, hidden, experts.act)
+
     def both():
-        y = native.expert_ffn(x, expert, weight, experts)
+        y = native.expert_ffn(x, expert, weight, experts, tiled=tiled)
         return (y, *torch.autograd.grad(y, [x, weight, *experts.parameters()], grad))
 
-    return {f"experts D={dim} H={hidden} {activation.__name__}": both}
+    loop = "tiled" if tiled else "token by token"
+    return {f"experts D={dim} H={hidden} {activation.__name__} ({loop})": both}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -113,7 +116,8 @@ def main(argv: list[str] | None = None) -> int:
             for activation in (torch.nn.ReLU, torch.nn.GELU):
                 cases += [(tokens, name, fn) for name, fn in ffn_case(tokens, width, width, activation).items()]
         for tokens, name, fn in cases:
-            present = all(hasattr(lib, "vmoe_ffn_forward") for lib in libs.values()) or not name.startswith("experts")
+            needs = "vmoe_tiled_forward" if name.endswith("(tiled)") else "vmoe_ffn_forward"
+            present = all(hasattr(lib, needs) for lib in libs.values()) or not name.startswith("experts")
             if not present:
                 continue
             outputs = {side: using(lib, fn)() for side, lib in libs.items()}

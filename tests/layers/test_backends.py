@@ -5,7 +5,7 @@ import torch
 
 from visionmoe import MoE, native
 from visionmoe.layers import dispatch, einsum_moe
-from visionmoe.layers.dispatch import apply_plan, choose_backend, combine
+from visionmoe.layers.dispatch import apply_plan, choose_backend, combine, unfused_backend
 from visionmoe.layers.experts import grouped_mm_supported
 
 SPARSE_CASES = [
@@ -19,7 +19,7 @@ SPARSE_CASES = [
     ("sparse_expert_choice", {"capacity_factor": 1.0}),
 ]
 # (dim, hidden): aligned for grouped_mm, and odd sizes that defeat alignment.
-SIZES = [(16, 24), (13, 7)]
+SIZES = [(16, 24), (16, 48), (13, 7)]  # D·H: fused token by token at 384, tiled by expert at 768
 
 
 def run_backend(moe, x, plan, backend, deterministic=False):
@@ -42,7 +42,7 @@ def backends_for(moe, x):
 
 
 @pytest.mark.parametrize(("name", "opts"), SPARSE_CASES, ids=[f"{n}-{i}" for i, (n, _) in enumerate(SPARSE_CASES)])
-@pytest.mark.parametrize(("dim", "hidden"), SIZES, ids=["aligned", "odd"])
+@pytest.mark.parametrize(("dim", "hidden"), SIZES, ids=["aligned", "wider", "odd"])
 @pytest.mark.parametrize("experts", [1, 5])
 def test_backends_equal_reference(name, opts, dim, hidden, experts):
     if name in ("topk", "sinkhorn_topk"):
@@ -62,10 +62,12 @@ def test_backends_equal_reference(name, opts, dim, hidden, experts):
                 torch.testing.assert_close(grads[key], ref_grads[key], rtol=1e-4, atol=1e-5, msg=f"{backend} {key}")
 
 
+@pytest.mark.parametrize("hidden", [8, 48])  # fused: token by token, tiled by expert
 @pytest.mark.parametrize("backend", ["sorted", "padded", "grouped", "fused"])
-def test_empty_experts_get_zero_gradients(backend):
+def test_empty_experts_get_zero_gradients(backend, hidden):
     # Every token prefers expert 0: experts 1..3 receive nothing on every backend.
-    moe = MoE(16, 4, 8, router="topk", k=1, capacity_factor=1.0, backend=backend, router_options={"noise_std": 0.0})
+    options = {"noise_std": 0.0}
+    moe = MoE(16, 4, hidden, router="topk", k=1, capacity_factor=1.0, backend=backend, router_options=options)
     with torch.no_grad():
         moe.router.weight.zero_()
         moe.router.weight[0].fill_(1.0)
@@ -92,7 +94,7 @@ def test_auto_falls_back_when_grouped_mm_is_absent(monkeypatch):
     monkeypatch.delattr(torch, "_grouped_mm", raising=False)
     assert not grouped_mm_supported(moe.experts, x)
     assert choose_backend(x, moe.experts) == "sorted"
-    assert choose_backend(x, moe.experts, plan) == "padded"
+    assert unfused_backend(x, moe.experts, plan) == "padded"  # (auto's choice but for fused, where that runs)
     assert moe(x).shape == x.shape
 
 
@@ -127,27 +129,28 @@ def test_auto_picks_padded_for_small_experts():
     # Small experts (CNN feature maps, D·H <= 128·128) under token choice: padded while the routed rows
     # hold at most padded_hidden_values() hidden values; sorted above it. With ATen's row moves only GELU
     # experts, up to 2**20 (2 groups × 1024 assignments × 64 here); with the native ones GELU up to 2**21
-    # and ReLU up to 2**20. Expert choice plans keep the row rule.
+    # and ReLU up to 2**20. Expert choice plans keep the row rule. (Where the C kernel runs, auto takes
+    # fused for these experts, D = 16 and H = 64, first: these are the rules among the other backends.)
     small = MoE(16, 4, 64, router="topk", k=2)
     relu = MoE(16, 4, 64, router="topk", k=2, activation=torch.nn.ReLU)
     x = torch.randn(2, 512, 16)
     x_large = torch.randn(17, 512, 16)  # 17 groups × 1024 assignments × 64 > 2**20
     x_larger = torch.randn(33, 512, 16)  # > 2**21
     with native.disabled():
-        assert choose_backend(x, small.experts, small.router(x).plan) == "padded"
-        assert choose_backend(x_large, small.experts, small.router(x_large).plan) == "sorted"
-        assert choose_backend(x, relu.experts, relu.router(x).plan) == "sorted"
+        assert unfused_backend(x, small.experts, small.router(x).plan) == "padded"
+        assert unfused_backend(x_large, small.experts, small.router(x_large).plan) == "sorted"
+        assert unfused_backend(x, relu.experts, relu.router(x).plan) == "sorted"
     if native.available():
-        assert choose_backend(x, small.experts, small.router(x).plan) == "padded"
-        assert choose_backend(x_large, small.experts, small.router(x_large).plan) == "padded"
-        assert choose_backend(x_larger, small.experts, small.router(x_larger).plan) == "sorted"
-        assert choose_backend(x, relu.experts, relu.router(x).plan) == "padded"
-        assert choose_backend(x_large, relu.experts, relu.router(x_large).plan) == "sorted"
-        assert choose_backend(x.double(), relu.experts, relu.router(x.double()).plan) == "sorted"  # ATen moves
+        assert unfused_backend(x, small.experts, small.router(x).plan) == "padded"
+        assert unfused_backend(x_large, small.experts, small.router(x_large).plan) == "padded"
+        assert unfused_backend(x_larger, small.experts, small.router(x_larger).plan) == "sorted"
+        assert unfused_backend(x, relu.experts, relu.router(x).plan) == "padded"
+        assert unfused_backend(x_large, relu.experts, relu.router(x_large).plan) == "sorted"
+        assert unfused_backend(x.double(), relu.experts, relu.router(x.double()).plan) == "sorted"  # ATen moves
     # ... but not for tiny groups (S < 8·E: 5 tokens, 4 experts), nor in forward-only passes.
     x_small = torch.randn(2, 5, 16)
     expected = "grouped" if grouped_mm_supported(small.experts, x_small) else "padded"
-    assert choose_backend(x_small, small.experts, small.router(x_small).plan) == expected
+    assert unfused_backend(x_small, small.experts, small.router(x_small).plan) == expected
     with torch.no_grad():
         assert choose_backend(x, small.experts, small.router(x).plan) == "sorted"
     chooser = MoE(16, 4, 64, router="expert_choice", capacity_factor=2.0)
@@ -267,9 +270,9 @@ def test_move_rows_sums_a_two_dimensional_index():
 
 
 def test_auto_picks_fused_for_the_smallest_experts_in_training():
-    # Token-choice ReLU experts with D·H <= 512 (CNN stage-1 shapes), GELU ones at D = 8, in training, where
-    # the kernel runs; wider GELU or larger experts, forward-only passes, float64 and a counting dispatch
-    # mode keep the old rules.
+    # Token-choice experts (ReLU or GELU) with D·H <= 512 (the kernel's token-by-token loop), or D <= 32 with
+    # H >= 2·D (its loop tiled by expert), in training, where the kernel runs; other shapes, forward-only
+    # passes, float64 and a counting dispatch mode keep the other backends' rules.
     from torch.utils.flop_counter import FlopCounterMode
 
     relu = MoE(8, 8, 32, router="topk", k=2, activation=torch.nn.ReLU)
@@ -278,16 +281,15 @@ def test_auto_picks_fused_for_the_smallest_experts_in_training():
     assert choose_backend(x, relu.experts, plan) == (
         "fused" if native.available() else dispatch.unfused_backend(x, relu.experts, plan)
     )
-    gelu = MoE(16, 8, 16, router="topk", k=2)  # GELU experts only at D = 8
-    gelu8 = MoE(8, 8, 32, router="topk", k=2)
-    wider = MoE(16, 8, 64, router="topk", k=2, activation=torch.nn.ReLU)
-    widest_fused = MoE(16, 8, 32, router="topk", k=2, activation=torch.nn.ReLU)
-    x16 = torch.randn(2, 64, 16)
-    assert choose_backend(x16, gelu.experts, gelu.router(x16).plan) != "fused"
-    assert (choose_backend(x, gelu8.experts, gelu8.router(x).plan) == "fused") == native.available()
-    assert choose_backend(x16, wider.experts, wider.router(x16).plan) != "fused"
-    fused_here = choose_backend(x16, widest_fused.experts, widest_fused.router(x16).plan) == "fused"
-    assert fused_here == native.available()
+    for dim, hidden, fused in [(16, 16, True), (16, 32, True), (8, 32, True), (16, 64, True), (32, 64, True),
+                               (32, 128, True), (32, 32, False), (64, 128, False), (64, 64, False)]:  # fmt: skip
+        for activation in (torch.nn.ReLU, torch.nn.GELU):
+            layer = MoE(dim, 8, hidden, router="topk", k=2, activation=activation)
+            xd = torch.randn(2, 64, dim)
+            chosen = choose_backend(xd, layer.experts, layer.router(xd).plan)
+            assert (chosen == "fused") == (fused and native.available()), (dim, hidden, activation, chosen)
+            if fused and native.available():  # which loop: token by token up to D·H = 512
+                assert native.ffn_tiled(dim, hidden, layer.experts.act) == (dim * hidden > 512)
     with torch.no_grad():
         assert choose_backend(x, relu.experts, plan) != "fused"
     with native.disabled():

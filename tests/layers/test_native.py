@@ -235,19 +235,23 @@ def ffn_inputs(tokens, k, dim, hidden, experts, activation, bias, seed=0):
 
 
 @needs_kernel
+@pytest.mark.parametrize("tiled", [False, True], ids=["tokenwise", "tiled"])
 @pytest.mark.parametrize("activation", [torch.nn.ReLU, torch.nn.GELU])
 @pytest.mark.parametrize("bias", [True, False])
 @pytest.mark.parametrize(
-    ("tokens", "k", "dim", "hidden", "experts"), [(37, 2, 8, 16, 8), (3000, 1, 16, 8, 3), (9, 3, 24, 40, 4)]
+    ("tokens", "k", "dim", "hidden", "experts"),
+    [(37, 2, 8, 16, 8), (3000, 1, 16, 8, 3), (9, 3, 24, 40, 4), (203, 2, 32, 64, 8)],
 )
-def test_fused_experts_give_the_aten_formula(activation, bias, tokens, k, dim, hidden, experts):
+def test_fused_experts_give_the_aten_formula(tiled, activation, bias, tokens, k, dim, hidden, experts):
     # Against the ATen formula in float64 (whose float32 run is itself not deterministic: its indexing
-    # backward accumulates in a varying order), to float32 rounding of sums over up to 3,000 tokens.
+    # backward accumulates in a varying order), to float32 rounding of sums over up to 3,000 tokens; both
+    # loops: token by token and tiled by expert (experts' row counts not multiples of the tile's 4 rows,
+    # H with and without a 16-column block, 24 = 16 + 8 with a last block of 8).
     layer, x, expert, weight = ffn_inputs(tokens, k, dim, hidden, experts, activation, bias)
     params = [x, weight, *layer.parameters()]
     exact = [p.detach().double().requires_grad_() for p in params]
     w1, w2, b1, b2 = exact[2:] if bias else (*exact[2:], None, None)
-    y = native.expert_ffn(x, expert, weight, layer)
+    y = native.expert_ffn(x, expert, weight, layer, tiled=tiled)
     y0 = native._ffn_reference(exact[0], expert, exact[1], w1, b1, w2, b2, layer.act)
     grad = torch.randn_like(y)
     torch.testing.assert_close(y, y0.float(), rtol=1e-5, atol=1e-5)
@@ -255,12 +259,36 @@ def test_fused_experts_give_the_aten_formula(activation, bias, tokens, k, dim, h
     for g, g0 in pairs:
         torch.testing.assert_close(g, g0.float(), rtol=1e-5, atol=1e-6 * float(g0.abs().max()) + 1e-6)
     # a dropped choice contributes nothing and its gate gets no gradient
-    (dweight,) = torch.autograd.grad(native.expert_ffn(x, expert, weight, layer), weight, grad)
+    (dweight,) = torch.autograd.grad(native.expert_ffn(x, expert, weight, layer, tiled=tiled), weight, grad)
     assert bool((dweight[expert < 0] == 0).all())
 
 
 @needs_kernel
-def test_fused_experts_hand_computed():
+@pytest.mark.parametrize("tiled", [False, True], ids=["tokenwise", "tiled"])
+def test_fused_experts_with_every_choice_dropped(tiled):
+    # No kept choice at all (and so experts without rows): zero output, zero gradients everywhere.
+    layer, x, expert, weight = ffn_inputs(10, 2, 8, 16, 4, torch.nn.GELU, True)
+    expert[:] = -1
+    y = native.expert_ffn(x, expert, weight, layer, tiled=tiled)
+    assert not y.any()
+    for g in torch.autograd.grad(y, [x, weight, *layer.parameters()], torch.randn_like(y)):
+        assert not g.any()
+
+
+@needs_kernel
+def test_fused_experts_by_default_tile_the_larger_experts():
+    # expert_ffn's default: token by token up to FFN_TOKENWISE_WEIGHTS weights per layer (D·H), tiled above.
+    # The two loops sum in other orders, so a default run equals one of them bit for bit.
+    for hidden, tiled in ((native.FFN_TOKENWISE_WEIGHTS // 8, False), (native.FFN_TOKENWISE_WEIGHTS // 8 + 8, True)):
+        layer, x, expert, weight = ffn_inputs(300, 2, 8, hidden, 8, torch.nn.ReLU, True)
+        y = native.expert_ffn(x, expert, weight, layer)
+        assert torch.equal(y, native.expert_ffn(x, expert, weight, layer, tiled=tiled))
+        assert not torch.equal(y, native.expert_ffn(x, expert, weight, layer, tiled=not tiled))
+
+
+@needs_kernel
+@pytest.mark.parametrize("tiled", [False, True], ids=["tokenwise", "tiled"])
+def test_fused_experts_hand_computed(tiled):
     # One expert, D = H = 8, identity-like weights: y = w · relu(x + b1) · 2 + w · b2.
     layer = Experts(1, 8, 8, activation=torch.nn.ReLU)
     with torch.no_grad():
@@ -269,28 +297,31 @@ def test_fused_experts_hand_computed():
         layer.b1.fill_(-1.0)
         layer.b2.fill_(0.5)
     x = torch.arange(8.0).reshape(1, 8)
-    y = native.expert_ffn(x, torch.tensor([[0, -1]]), torch.tensor([[0.25, 0.75]]), layer)
+    y = native.expert_ffn(x, torch.tensor([[0, -1]]), torch.tensor([[0.25, 0.75]]), layer, tiled=tiled)
     expected = 0.25 * (2 * torch.clamp(torch.arange(8.0) - 1, min=0) + 0.5)
     assert torch.equal(y[0], expected)
 
 
 @needs_kernel
-def test_fused_experts_weight_gradients_ignore_the_thread_count():
-    # The weights' gradients are summed per fixed chunk of tokens, then over chunks in order: bit-identical
-    # whatever the threads (5000 tokens: 5 chunks).
+@pytest.mark.parametrize("tiled", [False, True], ids=["tokenwise", "tiled"])
+def test_fused_experts_weight_gradients_ignore_the_thread_count(tiled):
+    # Token by token, the weights' gradients are summed per fixed chunk of tokens, then over chunks in
+    # order (5000 tokens: 5 chunks); tiled, each expert's by one thread, its rows in order: bit-identical
+    # whatever the threads.
     layer, x, expert, weight = ffn_inputs(5000, 2, 8, 16, 8, torch.nn.GELU, True)
     assert native._ffn_chunk(5000, 8 * (2 * 8 * 16 + 24)) == 1000
     threads = torch.get_num_threads()
     runs = []
     try:
-        for n in (1, 2):
+        for n in (1, 2, 3):
             torch.set_num_threads(n)
-            y = native.expert_ffn(x, expert, weight, layer)
+            y = native.expert_ffn(x, expert, weight, layer, tiled=tiled)
             runs.append((y, *torch.autograd.grad(y.square().sum(), [x, weight, *layer.parameters()])))
     finally:
         torch.set_num_threads(threads)
-    for a, b in zip(*runs, strict=True):
-        assert torch.equal(a, b)
+    for run in runs[1:]:
+        for a, b in zip(runs[0], run, strict=True):
+            assert torch.equal(a, b)
 
 
 def test_fused_expert_chunks_depend_on_the_shapes_only():

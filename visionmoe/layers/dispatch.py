@@ -13,9 +13,11 @@ Sparse plans have four backends, all exact (they compute the same sums in a diff
                gathered back. Static shapes and no host sync (``torch.compile`` full graph, CUDA
                graphs); executes the capacity padding.
     fused    — token-choice plans on the CPU in float32, in token order, for ReLU or exact-GELU experts
-               with D and H multiples of 8: each token's K experts computed from its row in one C pass
-               (:func:`visionmoe.native.expert_ffn`; no buffers, backward recomputes the hidden
-               layer), for small experts whose weights stay in the cache. Elsewhere (other plans,
+               with D and H multiples of 8, in C (:func:`visionmoe.native.expert_ffn`): the smallest
+               experts (D·H ≤ 512) token by token, each token's K experts from its row in one pass (no
+               buffers; backward recomputes the hidden layer); larger ones tiled by expert, the kept
+               assignments sorted by expert and run a few rows at a time through register-tiled
+               products (no capacity padding; the pre-activations kept for backward). Elsewhere (other plans,
                devices, activations, no C compiler, hooks on the experts, ``FlopCounterMode``) it
                runs what ``auto`` would pick among the other three.
 
@@ -27,7 +29,7 @@ rows, products and sums, moved by :mod:`visionmoe.native`'s C kernels (one scatt
 The other plans (expert choice) keep the argsort and ``index_add_``.
 
 ``auto`` picks ``padded`` while compiling, ``grouped`` on CUDA when available and aligned, ``fused``
-in training for token-choice experts with D·H ≤ 512 (ReLU, or GELU at D = 8) where the kernel can run,
+in training for token-choice experts with D·H ≤ 512, or D ≤ 32 with H ≥ 2·D, where the kernel can run,
 ``padded`` in training (grad enabled) for token choice with small experts (D·H ≤ 128·128) whose routed
 rows hold at most :func:`padded_hidden_values` hidden values (GELU experts up to 2**20 with ATen's row
 moves; with the native ones GELU up to 2**21, other activations up to 2**20), S ≥ 8·E (the CNN
@@ -103,30 +105,26 @@ be mostly padding). A static rule: every rank of an expert-parallel layer must p
 so the data-dependent capacity of a dropless plan cannot enter it."""
 
 
-FUSED_EXPERT_WEIGHTS = 16 * 32
-"""``auto`` takes ``fused`` in training for token-choice ReLU experts with D·H at most this: measured at
-D = 8 with H = 8-32 and at D = 16 with H = 16-32, the per-token C kernel beat the faster of ``padded``
-and ``sorted`` at the layer level (0.68-0.74 of it at D = 8, 0.81-0.93 at D = 16); from D·H = 1024 it
-was at par or slower (0.97-1.17, then worse). BENCHMARKS.md, issue 22, ninth pass."""
+FUSED_EXPERT_WEIGHTS = native.FFN_TOKENWISE_WEIGHTS
+"""``auto`` takes ``fused`` in training for token-choice experts (ReLU or exact GELU) with D·H at most this
+(the kernel's token-by-token loop, :func:`visionmoe.native.ffn_tiled`): at D = 8 with H = 8-32 and at
+D = 16 with H = 16-32 it beat the faster of ``padded`` and ``sorted`` at the layer level
+(BENCHMARKS.md, issue 22, ninth and tenth passes) ..."""
 
-FUSED_GELU_DIM = 8
-"""... and for exact-GELU experts only at D up to this (and D·H within the bound): 0.88-0.94 at D = 8 with
-H = 8-32, 1.06-1.21 at D = 16, where the erfc behind each hidden value (once forward, once in the
-recomputing backward) outweighs the buffers saved."""
+FUSED_TILED_DIM = 32
+"""... and above it, for D at most this with H ≥ 2·D (the kernel's loop tiled by expert): the shapes
+where the tiled loop was at or below the faster of ``padded`` and ``sorted`` in the tenth pass's grid
+(0.86-1.06 at D = 16-32, H = 2D-4D); at D = 32, H = D and from D = 64 it was at par or slower."""
 
 
 def choose_backend(x: Tensor, experts: Experts, plan: Routing | None = None) -> str:
     """The ``auto`` choice for a sparse plan on this input (decided from shapes only: no host sync)."""
-    activation = native.ffn_activation(experts.act)
+    D, H = experts.dim, experts.hidden_dim
     if (
         plan is not None
         and plan.choices is not None
         and torch.is_grad_enabled()
-        and experts.dim * experts.hidden_dim <= FUSED_EXPERT_WEIGHTS
-        and (
-            activation == native.FFN_ACTIVATIONS["ReLU"]
-            or (activation == native.FFN_ACTIVATIONS["GELU"] and experts.dim <= FUSED_GELU_DIM)
-        )
+        and (D * H <= FUSED_EXPERT_WEIGHTS or (D <= FUSED_TILED_DIM and H >= 2 * D))
         and native.usable(x, plan.weight)
         and native.ffn_supported(experts)
     ):

@@ -9,8 +9,10 @@ a dozen more over the tokens: more time than the dense FFN they stand beside (BE
 dispatch and combine of a token-choice plan as one scatter and one gated gather over a (tokens, K) slot
 map, backward the same moves again (:func:`scatter_rows`, :func:`gather_rows`, :func:`rowdot`, taken by
 :func:`visionmoe.layers.dispatch.native_token_choice_moe`). The expert GEMMs stay in the BLAS, except for
-the ``fused`` backend (:func:`expert_ffn`): small experts computed token by token in C, dispatch and
-combine included, for the narrowest feature maps, where the BLAS's GEMMs on 8-wide rows are slow.
+the ``fused`` backend (:func:`expert_ffn`): small experts computed in C, dispatch and combine included,
+for the narrow feature maps where the BLAS's GEMMs on 8-64-wide rows are slow: the smallest token by
+token, larger ones tiled by expert (the kept assignments sorted by expert, a few rows at a time through
+register-tiled products; no capacity padding).
 
 It is plain C, compiled on first use with the system's C compiler (``$CC``, else ``cc``; about a second)
 into a per-user cache (``$VISIONMOE_CACHE``, else ``$XDG_CACHE_HOME/visionmoe``, else
@@ -54,7 +56,7 @@ FLAGS = ("-O3", "-march=native", "-ffp-contract=off", "-fPIC", "-shared", "-pthr
 OPENMP = "-fopenmp"
 """Added where PyTorch runs on OpenMP: the kernel's threads are then PyTorch's own (the process has one
 libgomp), not POSIX threads racing PyTorch's spinning OpenMP workers for the same cores."""
-ABI_VERSION = 2
+ABI_VERSION = 3
 MAX_K = 64
 LANES = 8
 """The kernel holds 8 experts of a token in one vector: E must be a multiple of it."""
@@ -104,6 +106,8 @@ SIGNATURES = {
     "vmoe_rowdot": [_ptr_t, _i64, _ptr_t, _i64, _ptr_t, _i64, _i64, _i64, _ptr_t, _int],
     "vmoe_ffn_forward": [_ptr_t, _i64, *[_ptr_t] * 6, *[_i64] * 4, _int, _ptr_t, _int],
     "vmoe_ffn_backward": [_ptr_t, _i64, *[_ptr_t] * 9, *[_i64] * 6, _int, _i64, *[_ptr_t] * 4, _int],
+    "vmoe_tiled_forward": [_ptr_t, _i64, *[_ptr_t] * 6, *[_i64] * 5, _int, *[_ptr_t] * 5, _int],
+    "vmoe_tiled_backward": [_ptr_t, _i64, *[_ptr_t] * 5, *[_i64] * 6, _int, _int, _int, *[_ptr_t] * 8, _int],
 }
 """moe.c's functions and their argument types (every one returns nothing)."""
 
@@ -455,6 +459,8 @@ def rowdot(a: Tensor, h: Tensor, rowmap: RowMap) -> Tensor:
 
 FFN_ACTIVATIONS = {"ReLU": 1, "GELU": 2}
 """The experts' activations the fused kernel computes (codes of moe.c): ``nn.ReLU`` and exact ``nn.GELU``."""
+FFN_TOKENWISE_WEIGHTS = 512
+"""Experts of at most this many weights per layer (D·H) run token by token, larger ones tiled by expert."""
 FFN_CHUNK = 1024
 """Tokens whose weight gradients one private buffer sums (fewer chunks for large experts, see _ffn_chunk)."""
 FFN_MAX_CHUNKS = 64
@@ -487,6 +493,12 @@ def ffn_supported(experts: torch.nn.Module) -> bool:
     return torch.utils._python_dispatch._get_current_dispatch_mode() is None
 
 
+def ffn_tiled(dim: int, hidden: int, act: object) -> bool:
+    """Whether :func:`expert_ffn` computes these experts tiled by expert (else token by token): the experts
+    above :data:`FFN_TOKENWISE_WEIGHTS` weights (D·H) per layer."""
+    return dim * hidden > FFN_TOKENWISE_WEIGHTS
+
+
 def _ffn_chunk(tokens: int, per_chunk: int) -> int:
     """Tokens per private weight-gradient buffer: a function of the shapes only (not of the thread count),
     so the sums are the same whatever the threads."""
@@ -495,39 +507,51 @@ def _ffn_chunk(tokens: int, per_chunk: int) -> int:
 
 
 class _ExpertFFN(torch.autograd.Function):
-    """y[t] = Σ_j w[t, j] · expert_{e[t, j]}(x[t]) over the kept choices (e >= 0), in one C pass."""
+    """y[t] = Σ_j w[t, j] · expert_{e[t, j]}(x[t]) over the kept choices (e >= 0), in one C pass: token by
+    token, or (``tiled``) by expert, a few assignments at a time."""
 
     @staticmethod
-    def forward(ctx, x, expert, weight, w1, b1, w2, b2, act):
+    def forward(ctx, x, expert, weight, w1, b1, w2, b2, act, tiled):
         T, D = x.shape
-        K, H = expert.shape[1], w1.shape[2]
+        (E, _, H), K = w1.shape, expert.shape[1]
         if expert.numel():
             low, high = (int(v) for v in torch.aminmax(expert))  # one pass
-            if not -1 <= low <= high < w1.shape[0]:
-                raise ValueError(f"expert_ffn needs expert ids in [-1, {w1.shape[0]}), got {low}..{high}")
+            if not -1 <= low <= high < E:
+                raise ValueError(f"expert_ffn needs expert ids in [-1, {E}), got {low}..{high}")
         xr, stride = _rows(x.detach())
         expert_c, weight_c = expert.contiguous(), weight.detach().contiguous()
         params = [None if t is None else t.detach().contiguous() for t in (w1, b1, w2, b2)]
         y = torch.empty(T, D)
-        _library().vmoe_ffn_forward(
-            _ptr(xr), stride, *(_ptr(t) for t in (expert_c, weight_c, *params)), T, K, D, H,
-            ffn_activation(act), _ptr(y), _threads(),
-        )  # fmt: skip
-        ctx.save_for_backward(x, expert, weight, w1, b1, w2, b2)
+        saved = ()
+        if tiled:  # the assignments sorted by expert, their pre-activations and outputs: the backward's
+            order, offsets = torch.empty(T * K, dtype=torch.int64), torch.empty(E + 1, dtype=torch.int64)
+            hidden = torch.empty(T * K, H) if any(ctx.needs_input_grad) else None
+            outputs = torch.empty(T * K, D)
+            _library().vmoe_tiled_forward(
+                _ptr(xr), stride, *(_ptr(t) for t in (expert_c, weight_c, *params)), T, K, D, H, E,
+                ffn_activation(act), *(_ptr(t) for t in (order, offsets, hidden, outputs, y)), _threads(),
+            )  # fmt: skip
+            saved = (order, offsets, hidden, outputs)
+        else:
+            _library().vmoe_ffn_forward(
+                _ptr(xr), stride, *(_ptr(t) for t in (expert_c, weight_c, *params)), T, K, D, H,
+                ffn_activation(act), _ptr(y), _threads(),
+            )  # fmt: skip
+        ctx.save_for_backward(x, expert, weight, w1, b1, w2, b2, *saved)
         ctx.act = act
         ctx.set_materialize_grads(False)
         return y
 
     @staticmethod
     def backward(ctx, grad):
-        x, expert, weight, w1, b1, w2, b2 = ctx.saved_tensors
+        x, expert, weight, w1, b1, w2, b2, *tiled = ctx.saved_tensors
         if grad is None:
-            return (None,) * 8
+            return (None,) * 9
         if torch.is_grad_enabled():  # a graph of the gradient is wanted (double backward): the ATen formula's
             inputs = [(i, t) for i, t in enumerate((x, None, weight, w1, b1, w2, b2)) if ctx.needs_input_grad[i]]
             out = _ffn_reference(x, expert, weight, w1, b1, w2, b2, ctx.act)
             found = torch.autograd.grad(out, [t for _, t in inputs], grad, create_graph=True, allow_unused=True)
-            result = [None] * 8
+            result = [None] * 9
             for (i, _), g in zip(inputs, found, strict=True):
                 result[i] = g
             return tuple(result)
@@ -541,21 +565,29 @@ class _ExpertFFN(torch.autograd.Function):
         w1t, w2t = (w.detach().transpose(1, 2).contiguous() for w in (w1, w2))
         sizes = [E * D * H, E * H * D, *([E * H] if b1 is not None else []), *([E * D] if b2 is not None else [])]
         per_chunk = sum(sizes)
-        chunk = _ffn_chunk(T, per_chunk)
         grads = torch.empty(per_chunk)
-        partial = torch.empty(-(-T // chunk) * per_chunk)
         dx = torch.empty(T, D) if ctx.needs_input_grad[0] else None
         dweight = torch.empty(T, K) if ctx.needs_input_grad[2] else None
-        _library().vmoe_ffn_backward(
-            _ptr(xr), x_stride, *(_ptr(t) for t in (expert_c, weight_c, *params, w1t, w2t, dy)), dy_stride,
-            T, K, D, H, E, ffn_activation(ctx.act), chunk, *(_ptr(t) for t in (dx, dweight, grads, partial)),
-            _threads(),
-        )  # fmt: skip
+        if tiled:
+            rows = torch.empty(T * K, D) if dx is not None else None  # each kept choice's input gradient
+            _library().vmoe_tiled_backward(
+                _ptr(xr), x_stride, *(_ptr(t) for t in (expert_c, weight_c, w1t, w2t, dy)), dy_stride, T, K, D, H,
+                E, ffn_activation(ctx.act), b1 is not None, b2 is not None,
+                *(_ptr(t) for t in (*tiled, rows, dx, dweight, grads)), _threads(),
+            )  # fmt: skip
+        else:
+            chunk = _ffn_chunk(T, per_chunk)
+            partial = torch.empty(-(-T // chunk) * per_chunk)
+            _library().vmoe_ffn_backward(
+                _ptr(xr), x_stride, *(_ptr(t) for t in (expert_c, weight_c, *params, w1t, w2t, dy)), dy_stride,
+                T, K, D, H, E, ffn_activation(ctx.act), chunk, *(_ptr(t) for t in (dx, dweight, grads, partial)),
+                _threads(),
+            )  # fmt: skip
         parts = iter(grads.split(sizes))
         dw1, dw2 = next(parts).view(E, D, H), next(parts).view(E, H, D)
         db1 = next(parts).view(E, H) if b1 is not None else None
         db2 = next(parts).view(E, D) if b2 is not None else None
-        return dx, None, dweight, dw1, db1, dw2, db2, None
+        return dx, None, dweight, dw1, db1, dw2, db2, None, None
 
 
 def _ffn_reference(x, expert, weight, w1, b1, w2, b2, act):
@@ -574,10 +606,15 @@ def _ffn_reference(x, expert, weight, w1, b1, w2, b2, act):
     return x.new_zeros(T, x.shape[1]).index_add(0, t, o * weight.reshape(-1)[keep, None])
 
 
-def expert_ffn(x: Tensor, expert: Tensor, weight: Tensor, experts: torch.nn.Module) -> Tensor:
+def expert_ffn(
+    x: Tensor, expert: Tensor, weight: Tensor, experts: torch.nn.Module, tiled: bool | None = None
+) -> Tensor:
     """(T, D): ``y[t] = Σ_j weight[t, j] · expert_e(x[t])``, e = ``expert[t, j]``, over the j with e >= 0,
     the :class:`~visionmoe.layers.Experts` computed token by token in C (the dispatch, the experts and
     the combine of a token-choice plan in one pass; no expert buffers). ``x``: (T, D) float32; ``expert``
     (T, K) int64, -1 for a dropped choice; ``weight`` (T, K). Needs :func:`ffn_supported`. Differentiable
     in ``x``, ``weight`` and the experts' parameters (double backward by the ATen formula)."""
-    return _ExpertFFN.apply(x, expert, weight, experts.w1, experts.b1, experts.w2, experts.b2, experts.act)
+    if tiled is None:
+        tiled = ffn_tiled(experts.dim, experts.hidden_dim, experts.act)
+    args = (experts.w1, experts.b1, experts.w2, experts.b2, experts.act, tiled)
+    return _ExpertFFN.apply(x, expert, weight, *args)

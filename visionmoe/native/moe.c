@@ -1,6 +1,7 @@
 /* visionmoe's native CPU kernels: the noisy top-k router (V-MoE token choice) in one pass forward and one
  * backward, the MoE layer's row moves (dispatch and combine of a token-choice plan), forward and back, and
- * small experts computed token by token with the moves fused in (the `fused` backend, at the end).
+ * small experts computed with the moves fused in (the `fused` backend, at the end): token by token, or
+ * tiled by expert.
  *
  * Plain C without torch headers (compiled on first use in about a second, called through ctypes from
  * visionmoe/native/__init__.py). Forward, for each token: the noisy logits l + sigma * noise, their
@@ -11,7 +12,7 @@
  * passes over (tokens, E) tensors, in two.
  *
  * exp and erfc are polynomial approximations (Cephes expf, relative error ~2e-7; Numerical Recipes'
- * erfcc, ~1.2e-7) written so that GCC vectorises the loops over experts; the results agree with ATen's
+ * erfcc, ~1.2e-7; the experts' GELU takes ATen's erf formula, see normal_cdf8) written so that GCC vectorises the loops over experts; the results agree with ATen's
  * to float rounding, not bit for bit. The build uses -ffp-contract=off so that l + sigma * noise rounds
  * as ATen's mul-then-add does (the same noisy logits, bit for bit).
  *
@@ -643,7 +644,7 @@ void vmoe_rowdot(const float *a, int64_t a_stride, const float *h, int64_t h_str
  * multiples of 8. Sums run in another order than the BLAS's: equal to float rounding. */
 
 #define ACT_RELU 1
-#define ACT_GELU 2 /* exact: x Φ(x), Φ(x) = erfc(-x / √2) / 2 */
+#define ACT_GELU 2 /* exact: x Φ(x), Φ the normal CDF (normal_cdf8) */
 
 #if defined(__FMA__)
 static inline v8f fma8(v8f a, v8f b, v8f c) { return (v8f)_mm256_fmadd_ps((__m256)a, (__m256)b, (__m256)c); }
@@ -651,28 +652,44 @@ static inline v8f fma8(v8f a, v8f b, v8f c) { return (v8f)_mm256_fmadd_ps((__m25
 static inline v8f fma8(v8f a, v8f b, v8f c) { return a * b + c; }
 #endif
 
+/* The normal CDF Φ(v) = (1 + erf(v / √2)) / 2 with erf by Abramowitz & Stegun 7.1.26 (absolute error
+ * < 1.5e-7: the formula of ATen's own vectorised erf, which its CPU GELU uses), and into *gauss the
+ * exp(-v² / 2) that formula computes, which the derivative's density reuses: one exp per value for both. */
+static inline v8f normal_cdf8(v8f v, v8f *gauss) {
+    const v8f u = (v8f)((v8i)v & 0x7fffffff) * 0.70710678118654752f; /* |v| / √2 */
+    const v8f t = 1.0f / (1.0f + 0.3275911f * u);
+    v8f r = 1.061405429f * t - 1.453152027f;
+    r = r * t + 1.421413741f;
+    r = r * t - 0.284496736f;
+    r = r * t + 0.254829592f;
+    *gauss = exp8(-u * u);
+    const v8f tail = 0.5f * (r * t * *gauss); /* (1 - erf(|v| / √2)) / 2 = Φ(-|v|) */
+    return select8(v >= 0.0f, 1.0f - tail, tail);
+}
+
 static inline void act_forward(const float *a, float *h, int64_t H, int act) {
+    v8f gauss;
     for (int64_t i = 0; i < H; i += 8) {
         v8f v = load8(a + i);
         if (act == ACT_RELU)
             v = select8(v > 0.0f, v, splat8(0.0f));
         else
-            v = v * (0.5f * erfc8(v * -0.70710678118654752f));
+            v = v * normal_cdf8(v, &gauss);
         store8(h + i, v);
     }
 }
 
-/* h = act(a) and, for GELU, its derivative at a into deriv: one erfc per value for both (backward) */
+/* h = act(a) and, for GELU, its derivative Φ(a) + a φ(a) into deriv: one exp per value for both */
 static inline void act_with_derivative(const float *a, float *h, float *deriv, int64_t H, int act) {
     if (act == ACT_RELU) {
         act_forward(a, h, H, act);
         return;
     }
     for (int64_t i = 0; i < H; i += 8) {
-        v8f v = load8(a + i);
-        v8f cdf = 0.5f * erfc8(v * -0.70710678118654752f);
+        v8f v = load8(a + i), gauss;
+        v8f cdf = normal_cdf8(v, &gauss);
         store8(h + i, v * cdf);
-        store8(deriv + i, cdf + v * (0.39894228040143268f * exp8(-0.5f * v * v)));
+        store8(deriv + i, cdf + v * (0.39894228040143268f * gauss));
     }
 }
 
@@ -835,4 +852,273 @@ void vmoe_ffn_backward(const float *x, int64_t x_stride, const int64_t *expert, 
     parallel_for(per_chunk, 4096, threads, sum_chunk, &s);
 }
 
-int vmoe_abi_version(void) { return 2; }
+/* ---- experts tiled by expert: small GEMMs in registers ----------------------------------------------------
+ * The same layer as vmoe_ffn_forward / vmoe_ffn_backward for experts too large for the token-by-token loop
+ * (D·H above a few hundred): the kept assignments are sorted by expert (a counting sort, stable: by
+ * assignment t·K + j within an expert), and each expert runs its assignments MR rows at a time through
+ * register-tiled products (MR rows × 16 columns of accumulators), the rows gathered from x and the outputs
+ * written per assignment (no padded capacity buffers: dropped choices cost nothing). Backward recomputes the
+ * hidden layer per tile and adds the weights' gradients as rank-MR updates, one expert per thread, tiles in
+ * order: sums in a fixed order whatever the thread count. A token's K outputs (and input gradients) are then
+ * added in choice order. */
+
+#define MR 4
+
+/* c[r, 0..N) = (bias or 0) + Σ_k a[r, k] · b[k, 0..N) for r < MR: a at row stride lda, b (Kd, N) row-major,
+ * c at row stride ldc; N a multiple of 8. One accumulator per output vector, k in order. */
+static inline void gemm_rows(const float *a, int64_t lda, const float *b, const float *bias, int64_t Kd, int64_t N,
+                             float *c, int64_t ldc) {
+    int64_t n = 0;
+    for (; n + 16 <= N; n += 16) {
+        const v8f i0 = bias ? load8(bias + n) : splat8(0.0f), i1 = bias ? load8(bias + n + 8) : splat8(0.0f);
+        v8f c00 = i0, c01 = i1, c10 = i0, c11 = i1, c20 = i0, c21 = i1, c30 = i0, c31 = i1;
+        for (int64_t k = 0; k < Kd; k++) {
+            const v8f b0 = load8(b + k * N + n), b1 = load8(b + k * N + n + 8);
+            v8f s = splat8(a[k]);
+            c00 = fma8(s, b0, c00), c01 = fma8(s, b1, c01);
+            s = splat8(a[lda + k]);
+            c10 = fma8(s, b0, c10), c11 = fma8(s, b1, c11);
+            s = splat8(a[2 * lda + k]);
+            c20 = fma8(s, b0, c20), c21 = fma8(s, b1, c21);
+            s = splat8(a[3 * lda + k]);
+            c30 = fma8(s, b0, c30), c31 = fma8(s, b1, c31);
+        }
+        store8(c + n, c00), store8(c + n + 8, c01);
+        store8(c + ldc + n, c10), store8(c + ldc + n + 8, c11);
+        store8(c + 2 * ldc + n, c20), store8(c + 2 * ldc + n + 8, c21);
+        store8(c + 3 * ldc + n, c30), store8(c + 3 * ldc + n + 8, c31);
+    }
+    if (n < N) { /* the last 8 columns */
+        const v8f i0 = bias ? load8(bias + n) : splat8(0.0f);
+        v8f c0 = i0, c1 = i0, c2 = i0, c3 = i0;
+        for (int64_t k = 0; k < Kd; k++) {
+            const v8f b0 = load8(b + k * N + n);
+            c0 = fma8(splat8(a[k]), b0, c0);
+            c1 = fma8(splat8(a[lda + k]), b0, c1);
+            c2 = fma8(splat8(a[2 * lda + k]), b0, c2);
+            c3 = fma8(splat8(a[3 * lda + k]), b0, c3);
+        }
+        store8(c + n, c0), store8(c + ldc + n, c1), store8(c + 2 * ldc + n, c2), store8(c + 3 * ldc + n, c3);
+    }
+}
+
+/* acc[k, 0..N) += Σ_r a[r, k] · b[r, 0..N), r = 0 .. R - 1 in order (a product per FMA, as a loop over r
+ * would add): a (R, Kd), b (R, N) contiguous, acc (Kd, N); Kd a multiple of 4, N of 8. Blocks of 4 × 16
+ * stay in registers over the R rows. */
+static inline void gemm_tn(const float *a, int64_t Kd, const float *b, int64_t N, int64_t R, float *acc) {
+    for (int64_t k = 0; k < Kd; k += 4) {
+        float *c = acc + k * N;
+        int64_t n = 0;
+        for (; n + 16 <= N; n += 16) {
+            v8f c00 = load8(c + n), c01 = load8(c + n + 8), c10 = load8(c + N + n), c11 = load8(c + N + n + 8);
+            v8f c20 = load8(c + 2 * N + n), c21 = load8(c + 2 * N + n + 8);
+            v8f c30 = load8(c + 3 * N + n), c31 = load8(c + 3 * N + n + 8);
+            for (int64_t r = 0; r < R; r++) {
+                const v8f b0 = load8(b + r * N + n), b1 = load8(b + r * N + n + 8);
+                const float *ar = a + r * Kd + k;
+                v8f s = splat8(ar[0]);
+                c00 = fma8(s, b0, c00), c01 = fma8(s, b1, c01);
+                s = splat8(ar[1]);
+                c10 = fma8(s, b0, c10), c11 = fma8(s, b1, c11);
+                s = splat8(ar[2]);
+                c20 = fma8(s, b0, c20), c21 = fma8(s, b1, c21);
+                s = splat8(ar[3]);
+                c30 = fma8(s, b0, c30), c31 = fma8(s, b1, c31);
+            }
+            store8(c + n, c00), store8(c + n + 8, c01), store8(c + N + n, c10), store8(c + N + n + 8, c11);
+            store8(c + 2 * N + n, c20), store8(c + 2 * N + n + 8, c21);
+            store8(c + 3 * N + n, c30), store8(c + 3 * N + n + 8, c31);
+        }
+        if (n < N) {
+            v8f c0 = load8(c + n), c1 = load8(c + N + n), c2 = load8(c + 2 * N + n), c3 = load8(c + 3 * N + n);
+            for (int64_t r = 0; r < R; r++) {
+                const v8f b0 = load8(b + r * N + n);
+                const float *ar = a + r * Kd + k;
+                c0 = fma8(splat8(ar[0]), b0, c0), c1 = fma8(splat8(ar[1]), b0, c1);
+                c2 = fma8(splat8(ar[2]), b0, c2), c3 = fma8(splat8(ar[3]), b0, c3);
+            }
+            store8(c + n, c0), store8(c + N + n, c1), store8(c + 2 * N + n, c2), store8(c + 3 * N + n, c3);
+        }
+    }
+}
+
+typedef struct {
+    const float *x, *weight, *w1, *b1, *w2, *b2, *w1t, *w2t, *dy;
+    int64_t x_stride, dy_stride, K, D, H, E, T;
+    const int64_t *expert, *order, *offsets;
+    int act, bias1, bias2; /* backward: whether the experts have b1, b2 (their gradients' place in grads) */
+    float *hidden;       /* each kept choice's pre-activation (T·K, H): forward's output, backward's input */
+    float *outputs;      /* each kept choice's expert output, unweighted (T·K, D): likewise */
+    float *rows, *grads; /* backward: each kept choice's input gradient (T·K, D); the weights' gradients */
+    float *y, *dweight;  /* forward's y, or backward's dx (T, D); backward's dweight (T, K) or NULL */
+} tiled_t;
+
+/* order[offsets[e] .. offsets[e + 1]): expert e's kept assignments t·K + j, ascending */
+static void sort_by_expert(const int64_t *expert, int64_t N, int64_t E, int64_t *order, int64_t *offsets) {
+    memset(offsets, 0, (size_t)(E + 1) * sizeof(int64_t));
+    for (int64_t i = 0; i < N; i++)
+        if (expert[i] >= 0) offsets[expert[i] + 1]++;
+    for (int64_t e = 0; e < E; e++) offsets[e + 1] += offsets[e];
+    int64_t *next = malloc((size_t)(E > 0 ? E : 1) * sizeof(int64_t));
+    memcpy(next, offsets, (size_t)E * sizeof(int64_t));
+    for (int64_t i = 0; i < N; i++)
+        if (expert[i] >= 0) order[next[expert[i]]++] = i;
+    free(next);
+}
+
+/* R rows of D: row r < m is src's row of assignment order[r] (its token's row, at stride; times scale[order[r]]
+ * where scale is given; by_assignment: row order[r] itself), zero rows after */
+static inline void gather_tile(const float *src, int64_t stride, int by_assignment, const int64_t *order, int64_t m,
+                               int64_t R, int64_t K, int64_t D, const float *scale, float *tile) {
+    for (int64_t r = 0; r < R; r++) {
+        float *row = tile + r * D;
+        if (r >= m) {
+            memset(row, 0, (size_t)D * sizeof(float));
+            continue;
+        }
+        const float *s = src + (by_assignment ? order[r] : order[r] / K) * stride;
+        if (!scale) {
+            memcpy(row, s, (size_t)D * sizeof(float));
+            continue;
+        }
+        const v8f w = splat8(scale[order[r]]);
+        for (int64_t d = 0; d < D; d += 8) store8(row + d, load8(s + d) * w);
+    }
+}
+
+static void tiled_forward_chunk(void *arg, int64_t e0, int64_t e1) {
+    const tiled_t *p = (const tiled_t *)arg;
+    const int64_t K = p->K, D = p->D, H = p->H;
+    float *xt = malloc((size_t)MR * (2 * D + 2 * H) * sizeof(float)), *a = xt + MR * D, *h = a + MR * H;
+    float *o = h + MR * H;
+    for (int64_t e = e0; e < e1; e++) {
+        const float *w1 = p->w1 + e * D * H, *w2 = p->w2 + e * H * D;
+        const float *b1 = p->b1 ? p->b1 + e * H : NULL, *b2 = p->b2 ? p->b2 + e * D : NULL;
+        for (int64_t i = p->offsets[e]; i < p->offsets[e + 1]; i += MR) {
+            const int64_t m = p->offsets[e + 1] - i < MR ? p->offsets[e + 1] - i : MR;
+            const int64_t *at = p->order + i;
+            gather_tile(p->x, p->x_stride, 0, at, m, MR, K, D, NULL, xt);
+            gemm_rows(xt, D, w1, b1, D, H, a, H);
+            act_forward(a, h, MR * H, p->act);
+            gemm_rows(h, H, w2, b2, H, D, o, D);
+            for (int64_t r = 0; r < m; r++) {
+                memcpy(p->outputs + at[r] * D, o + r * D, (size_t)D * sizeof(float));
+                if (p->hidden) memcpy(p->hidden + at[r] * H, a + r * H, (size_t)H * sizeof(float));
+            }
+        }
+    }
+    free(xt);
+}
+
+/* out[t] = Σ_j (weight[t·K + j] or 1) · src[t·K + j] over the kept choices, j in order (0 where none is) */
+static void add_choices(const tiled_t *p, int64_t t0, int64_t t1, const float *src, const float *weight,
+                        float *dst) {
+    const int64_t K = p->K, D = p->D;
+    for (int64_t t = t0; t < t1; t++) {
+        float *out = dst + t * D;
+        int first = 1;
+        for (int64_t j = 0; j < K; j++) {
+            if (p->expert[t * K + j] < 0) continue;
+            const float *row = src + (t * K + j) * D;
+            const v8f w = splat8(weight ? weight[t * K + j] : 1.0f);
+            for (int64_t d = 0; d < D; d += 8) {
+                const v8f v = weight ? load8(row + d) * w : load8(row + d);
+                store8(out + d, first ? v : load8(out + d) + v);
+            }
+            first = 0;
+        }
+        if (first) memset(out, 0, (size_t)D * sizeof(float));
+    }
+}
+
+static void combine_outputs_chunk(void *arg, int64_t t0, int64_t t1) {
+    const tiled_t *p = (const tiled_t *)arg;
+    add_choices(p, t0, t1, p->outputs, p->weight, p->y);
+}
+
+static void combine_input_grads_chunk(void *arg, int64_t t0, int64_t t1) {
+    const tiled_t *p = (const tiled_t *)arg;
+    add_choices(p, t0, t1, p->rows, NULL, p->y);
+}
+
+/* As vmoe_ffn_forward (the weighted products rounded, then summed over a token's choices in order);
+ * order (T·K) and offsets (E + 1) receive the kept assignments sorted by expert, outputs (T·K, D) each
+ * one's expert output and hidden (T·K, H), unless NULL, its pre-activation: the backward's inputs. */
+void vmoe_tiled_forward(const float *x, int64_t x_stride, const int64_t *expert, const float *weight, const float *w1,
+                        const float *b1, const float *w2, const float *b2, int64_t T, int64_t K, int64_t D, int64_t H,
+                        int64_t E, int act, int64_t *order, int64_t *offsets, float *hidden, float *outputs, float *y,
+                        int threads) {
+    sort_by_expert(expert, T * K, E, order, offsets);
+    tiled_t p = {.x = x, .weight = weight, .w1 = w1, .b1 = b1, .w2 = w2, .b2 = b2, .x_stride = x_stride, .K = K,
+                 .D = D, .H = H, .E = E, .T = T, .expert = expert, .order = order, .offsets = offsets, .act = act,
+                 .hidden = hidden, .outputs = outputs, .y = y};
+    parallel_for(E, 1, threads, tiled_forward_chunk, &p);
+    parallel_for(T, MIN_ROWS, threads, combine_outputs_chunk, &p);
+}
+
+#define TB 32 /* rows of a backward tile: the weights' gradients are rank-TB updates */
+
+static void tiled_backward_chunk(void *arg, int64_t e0, int64_t e1) {
+    const tiled_t *p = (const tiled_t *)arg;
+    const int64_t K = p->K, D = p->D, H = p->H, E = p->E;
+    float *xt = malloc((size_t)TB * (3 * D + 4 * H) * sizeof(float)), *dout = xt + TB * D, *dxt = dout + TB * D;
+    float *a = dxt + TB * D, *h = a + TB * H, *deriv = h + TB * H, *dh = deriv + TB * H;
+    for (int64_t e = e0; e < e1; e++) {
+        const float *w1t = p->w1t + e * H * D, *w2t = p->w2t + e * D * H;
+        float *dw1 = p->grads + e * D * H, *dw2 = p->grads + E * D * H + e * H * D;
+        float *db1 = p->bias1 ? p->grads + 2 * E * D * H + e * H : NULL;
+        float *db2 = p->bias2 ? p->grads + 2 * E * D * H + (p->bias1 ? E * H : 0) + e * D : NULL;
+        memset(dw1, 0, (size_t)D * H * sizeof(float));
+        memset(dw2, 0, (size_t)H * D * sizeof(float));
+        if (db1) memset(db1, 0, (size_t)H * sizeof(float));
+        if (db2) memset(db2, 0, (size_t)D * sizeof(float));
+        for (int64_t i = p->offsets[e]; i < p->offsets[e + 1]; i += TB) {
+            const int64_t m = p->offsets[e + 1] - i < TB ? p->offsets[e + 1] - i : TB;
+            const int64_t R = (m + MR - 1) / MR * MR; /* rows computed: m, then zero rows up to MR's multiple */
+            const int64_t *at = p->order + i;
+            gather_tile(p->x, p->x_stride, 0, at, m, R, K, D, NULL, xt);
+            gather_tile(p->dy, p->dy_stride, 0, at, m, R, K, D, p->weight, dout); /* w · dy */
+            gather_tile(p->hidden, H, 1, at, m, R, K, H, NULL, a);
+            act_with_derivative(a, h, deriv, R * H, p->act);
+            for (int64_t r = 0; r < R; r += MR) gemm_rows(dout + r * D, D, w2t, NULL, D, H, dh + r * H, H);
+            act_backward(a, deriv, dh, R * H, p->act); /* zero rows of dout: zero rows of dh */
+            if (p->rows)
+                for (int64_t r = 0; r < R; r += MR) gemm_rows(dh + r * H, H, w1t, NULL, H, D, dxt + r * D, D);
+            for (int64_t r = 0; r < m; r++) {
+                if (p->dweight) {
+                    const float *dy = p->dy + (at[r] / K) * p->dy_stride, *o = p->outputs + at[r] * D;
+                    float dot = 0.0f;
+                    for (int64_t d = 0; d < D; d++) dot += dy[d] * o[d];
+                    p->dweight[at[r]] = dot;
+                }
+                if (p->rows) memcpy(p->rows + at[r] * D, dxt + r * D, (size_t)D * sizeof(float));
+                if (db1) add_to(db1, dh + r * H, H);
+                if (db2) add_to(db2, dout + r * D, D);
+            }
+            gemm_tn(h, H, dout, D, R, dw2); /* zero rows of dout and dh add nothing */
+            gemm_tn(xt, D, dh, H, R, dw1);
+        }
+    }
+    free(xt);
+}
+
+/* As vmoe_ffn_backward, for order, offsets, hidden and outputs from vmoe_tiled_forward (the same expert
+ * ids and weights): rows (T·K, D) is scratch (may be NULL without dx); grads as there, written directly
+ * (one expert per thread, its rows in order). Dropped choices get dweight 0. */
+void vmoe_tiled_backward(const float *x, int64_t x_stride, const int64_t *expert, const float *weight,
+                         const float *w1t, const float *w2t, const float *dy, int64_t dy_stride, int64_t T, int64_t K,
+                         int64_t D, int64_t H, int64_t E, int act, int bias1, int bias2, const int64_t *order,
+                         const int64_t *offsets, float *hidden, float *outputs, float *rows, float *dx,
+                         float *dweight, float *grads, int threads) {
+    tiled_t p = {.x = x, .weight = weight, .w1t = w1t, .w2t = w2t, .dy = dy, .x_stride = x_stride,
+                 .dy_stride = dy_stride, .K = K, .D = D, .H = H, .E = E, .T = T, .expert = expert, .order = order,
+                 .offsets = offsets, .act = act, .bias1 = bias1, .bias2 = bias2, .hidden = hidden,
+                 .outputs = outputs, .rows = dx ? rows : NULL, .grads = grads, .y = dx, .dweight = dweight};
+    if (dweight)
+        for (int64_t i = 0; i < T * K; i++)
+            if (expert[i] < 0) dweight[i] = 0.0f;
+    parallel_for(E, 1, threads, tiled_backward_chunk, &p);
+    if (dx) parallel_for(T, MIN_ROWS, threads, combine_input_grads_chunk, &p);
+}
+
+int vmoe_abi_version(void) { return 3; }

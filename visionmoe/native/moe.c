@@ -652,17 +652,46 @@ static inline v8f fma8(v8f a, v8f b, v8f c) { return (v8f)_mm256_fmadd_ps((__m25
 static inline v8f fma8(v8f a, v8f b, v8f c) { return a * b + c; }
 #endif
 
+#if defined(__AVX__)
+/* 1 / d: the hardware's 12-bit estimate and one Newton step (relative error ~1e-7, well inside erf's) */
+static inline v8f reciprocal8(v8f d) {
+    const v8f r = (v8f)_mm256_rcp_ps((__m256)d);
+    return r * fma8(-d, r, splat8(2.0f));
+}
+#else
+static inline v8f reciprocal8(v8f d) { return 1.0f / d; }
+#endif
+
+/* exp8's polynomial with fused multiply-adds (the experts' GELU only: the router keeps exp8's roundings) */
+static inline v8f exp8_fma(v8f x) {
+    x = select8(x < -87.0f, splat8(-87.0f), x);
+    const v8f magic = splat8(12582912.0f);
+    const v8f t = fma8(x, splat8(1.44269504088896341f), magic);
+    const v8i n = (v8i)t - (v8i)magic;
+    const v8f nf = t - magic;
+    v8f r = fma8(nf, splat8(-0.693359375f), x);
+    r = fma8(nf, splat8(2.12194440e-4f), r);
+    v8f p = fma8(splat8(1.9875691500e-4f), r, splat8(1.3981999507e-3f));
+    p = fma8(p, r, splat8(8.3334519073e-3f));
+    p = fma8(p, r, splat8(4.1665795894e-2f));
+    p = fma8(p, r, splat8(1.6666665459e-1f));
+    p = fma8(p, r, splat8(5.0000001201e-1f));
+    p = fma8(p * r, r, r + 1.0f);
+    return p * (v8f)((n + 127) << 23);
+}
+
 /* The normal CDF Φ(v) = (1 + erf(v / √2)) / 2 with erf by Abramowitz & Stegun 7.1.26 (absolute error
  * < 1.5e-7: the formula of ATen's own vectorised erf, which its CPU GELU uses), and into *gauss the
- * exp(-v² / 2) that formula computes, which the derivative's density reuses: one exp per value for both. */
+ * exp(-v² / 2) that formula computes, which the derivative's density reuses: one exp per value for both.
+ * Arguments below -87 give exp's clamp, e^-87: a tail of ~1e-38 where the true one is 0. */
 static inline v8f normal_cdf8(v8f v, v8f *gauss) {
     const v8f u = (v8f)((v8i)v & 0x7fffffff) * 0.70710678118654752f; /* |v| / √2 */
-    const v8f t = 1.0f / (1.0f + 0.3275911f * u);
-    v8f r = 1.061405429f * t - 1.453152027f;
-    r = r * t + 1.421413741f;
-    r = r * t - 0.284496736f;
-    r = r * t + 0.254829592f;
-    *gauss = exp8(-u * u);
+    const v8f t = reciprocal8(fma8(splat8(0.3275911f), u, splat8(1.0f)));
+    v8f r = fma8(splat8(1.061405429f), t, splat8(-1.453152027f));
+    r = fma8(r, t, splat8(1.421413741f));
+    r = fma8(r, t, splat8(-0.284496736f));
+    r = fma8(r, t, splat8(0.254829592f));
+    *gauss = exp8_fma(-u * u);
     const v8f tail = 0.5f * (r * t * *gauss); /* (1 - erf(|v| / √2)) / 2 = Φ(-|v|) */
     return select8(v >= 0.0f, 1.0f - tail, tail);
 }
@@ -862,7 +891,12 @@ void vmoe_ffn_backward(const float *x, int64_t x_stride, const int64_t *expert, 
  * order: sums in a fixed order whatever the thread count. A token's K outputs (and input gradients) are then
  * added in choice order. */
 
-#define MR 4
+#define MR 4  /* rows of the register tiles */
+#define TB 32 /* rows of a tile of one expert's assignments: the weights' gradients are rank-TB updates */
+
+static inline void copy_row(float *dst, const float *src, int64_t N) { /* N a multiple of 8 */
+    for (int64_t n = 0; n < N; n += 8) store8(dst + n, load8(src + n));
+}
 
 /* c[r, 0..N) = (bias or 0) + Σ_k a[r, k] · b[k, 0..N) for r < MR: a at row stride lda, b (Kd, N) row-major,
  * c at row stride ldc; N a multiple of 8. One accumulator per output vector, k in order. */
@@ -973,12 +1007,12 @@ static inline void gather_tile(const float *src, int64_t stride, int by_assignme
     for (int64_t r = 0; r < R; r++) {
         float *row = tile + r * D;
         if (r >= m) {
-            memset(row, 0, (size_t)D * sizeof(float));
+            for (int64_t d = 0; d < D; d += 8) store8(row + d, splat8(0.0f));
             continue;
         }
         const float *s = src + (by_assignment ? order[r] : order[r] / K) * stride;
         if (!scale) {
-            memcpy(row, s, (size_t)D * sizeof(float));
+            copy_row(row, s, D);
             continue;
         }
         const v8f w = splat8(scale[order[r]]);
@@ -989,21 +1023,21 @@ static inline void gather_tile(const float *src, int64_t stride, int by_assignme
 static void tiled_forward_chunk(void *arg, int64_t e0, int64_t e1) {
     const tiled_t *p = (const tiled_t *)arg;
     const int64_t K = p->K, D = p->D, H = p->H;
-    float *xt = malloc((size_t)MR * (2 * D + 2 * H) * sizeof(float)), *a = xt + MR * D, *h = a + MR * H;
-    float *o = h + MR * H;
+    float *xt = malloc((size_t)TB * (2 * D + 2 * H) * sizeof(float)), *a = xt + TB * D, *h = a + TB * H;
+    float *o = h + TB * H;
     for (int64_t e = e0; e < e1; e++) {
         const float *w1 = p->w1 + e * D * H, *w2 = p->w2 + e * H * D;
         const float *b1 = p->b1 ? p->b1 + e * H : NULL, *b2 = p->b2 ? p->b2 + e * D : NULL;
-        for (int64_t i = p->offsets[e]; i < p->offsets[e + 1]; i += MR) {
-            const int64_t m = p->offsets[e + 1] - i < MR ? p->offsets[e + 1] - i : MR;
-            const int64_t *at = p->order + i;
-            gather_tile(p->x, p->x_stride, 0, at, m, MR, K, D, NULL, xt);
-            gemm_rows(xt, D, w1, b1, D, H, a, H);
-            act_forward(a, h, MR * H, p->act);
-            gemm_rows(h, H, w2, b2, H, D, o, D);
+        for (int64_t i = p->offsets[e]; i < p->offsets[e + 1]; i += TB) {
+            const int64_t m = p->offsets[e + 1] - i < TB ? p->offsets[e + 1] - i : TB;
+            const int64_t R = (m + MR - 1) / MR * MR, *at = p->order + i;
+            gather_tile(p->x, p->x_stride, 0, at, m, R, K, D, NULL, xt);
+            for (int64_t r = 0; r < R; r += MR) gemm_rows(xt + r * D, D, w1, b1, D, H, a + r * H, H);
+            act_forward(a, h, R * H, p->act);
+            for (int64_t r = 0; r < R; r += MR) gemm_rows(h + r * H, H, w2, b2, H, D, o + r * D, D);
             for (int64_t r = 0; r < m; r++) {
-                memcpy(p->outputs + at[r] * D, o + r * D, (size_t)D * sizeof(float));
-                if (p->hidden) memcpy(p->hidden + at[r] * H, a + r * H, (size_t)H * sizeof(float));
+                copy_row(p->outputs + at[r] * D, o + r * D, D);
+                if (p->hidden) copy_row(p->hidden + at[r] * H, a + r * H, H);
             }
         }
     }
@@ -1056,8 +1090,6 @@ void vmoe_tiled_forward(const float *x, int64_t x_stride, const int64_t *expert,
     parallel_for(T, MIN_ROWS, threads, combine_outputs_chunk, &p);
 }
 
-#define TB 32 /* rows of a backward tile: the weights' gradients are rank-TB updates */
-
 static void tiled_backward_chunk(void *arg, int64_t e0, int64_t e1) {
     const tiled_t *p = (const tiled_t *)arg;
     const int64_t K = p->K, D = p->D, H = p->H, E = p->E;
@@ -1085,13 +1117,13 @@ static void tiled_backward_chunk(void *arg, int64_t e0, int64_t e1) {
             if (p->rows)
                 for (int64_t r = 0; r < R; r += MR) gemm_rows(dh + r * H, H, w1t, NULL, H, D, dxt + r * D, D);
             for (int64_t r = 0; r < m; r++) {
-                if (p->dweight) {
+                if (p->dweight) { /* <dy, o>: 8 lanes of partial sums over d, then across the lanes */
                     const float *dy = p->dy + (at[r] / K) * p->dy_stride, *o = p->outputs + at[r] * D;
-                    float dot = 0.0f;
-                    for (int64_t d = 0; d < D; d++) dot += dy[d] * o[d];
-                    p->dweight[at[r]] = dot;
+                    v8f dot = load8(dy) * load8(o);
+                    for (int64_t d = 8; d < D; d += 8) dot = fma8(load8(dy + d), load8(o + d), dot);
+                    p->dweight[at[r]] = hsum8(dot);
                 }
-                if (p->rows) memcpy(p->rows + at[r] * D, dxt + r * D, (size_t)D * sizeof(float));
+                if (p->rows) copy_row(p->rows + at[r] * D, dxt + r * D, D);
                 if (db1) add_to(db1, dh + r * H, H);
                 if (db2) add_to(db2, dout + r * D, D);
             }

@@ -14,10 +14,10 @@ Sparse plans have four backends, all exact (they compute the same sums in a diff
                graphs); executes the capacity padding.
     fused    — token-choice plans on the CPU in float32, in token order, for ReLU or exact-GELU experts
                with D and H multiples of 8, in C (:func:`visionmoe.native.expert_ffn`): the smallest
-               experts (D·H ≤ 512) token by token, each token's K experts from its row in one pass (no
-               buffers; backward recomputes the hidden layer); larger ones tiled by expert, the kept
-               assignments sorted by expert and run a few rows at a time through register-tiled
-               products (no capacity padding; the pre-activations kept for backward). Elsewhere (other plans,
+               experts (D·H ≤ 512) token by token, each token's K experts from its row in one pass;
+               larger ones tiled by expert, the kept assignments sorted by expert and run a few rows at
+               a time through register-tiled products. No capacity padding; each choice's
+               pre-activation and output are kept for backward. Elsewhere (other plans,
                devices, activations, no C compiler, hooks on the experts, ``FlopCounterMode``) it
                runs what ``auto`` would pick among the other three.
 

@@ -104,8 +104,8 @@ SIGNATURES = {
     "vmoe_gather": [_ptr_t, _i64, _ptr_t, _ptr_t, _i64, _i64, _i64, _ptr_t, _int],
     "vmoe_scatter": [_ptr_t, _i64, _ptr_t, _ptr_t, _i64, _i64, _ptr_t, _i64, _int],
     "vmoe_rowdot": [_ptr_t, _i64, _ptr_t, _i64, _ptr_t, _i64, _i64, _i64, _ptr_t, _int],
-    "vmoe_ffn_forward": [_ptr_t, _i64, *[_ptr_t] * 6, *[_i64] * 4, _int, _ptr_t, _int],
-    "vmoe_ffn_backward": [_ptr_t, _i64, *[_ptr_t] * 9, *[_i64] * 6, _int, _i64, *[_ptr_t] * 4, _int],
+    "vmoe_ffn_forward": [_ptr_t, _i64, *[_ptr_t] * 6, *[_i64] * 4, _int, *[_ptr_t] * 3, _int],
+    "vmoe_ffn_backward": [_ptr_t, _i64, *[_ptr_t] * 5, *[_i64] * 6, _int, _int, _int, _i64, *[_ptr_t] * 6, _int],
     "vmoe_tiled_forward": [_ptr_t, _i64, *[_ptr_t] * 6, *[_i64] * 5, _int, *[_ptr_t] * 5, _int],
     "vmoe_tiled_backward": [_ptr_t, _i64, *[_ptr_t] * 5, *[_i64] * 6, _int, _int, _int, *[_ptr_t] * 8, _int],
 }
@@ -522,21 +522,22 @@ class _ExpertFFN(torch.autograd.Function):
         expert_c, weight_c = expert.contiguous(), weight.detach().contiguous()
         params = [None if t is None else t.detach().contiguous() for t in (w1, b1, w2, b2)]
         y = torch.empty(T, D)
-        saved = ()
-        if tiled:  # the assignments sorted by expert, their pre-activations and outputs: the backward's
+        # each kept choice's pre-activation and unweighted output, for the backward to reuse
+        hidden = torch.empty(T * K, H) if any(ctx.needs_input_grad) else None
+        outputs = torch.empty(T * K, D) if any(ctx.needs_input_grad) or tiled else None
+        if tiled:  # and the assignments sorted by expert
             order, offsets = torch.empty(T * K, dtype=torch.int64), torch.empty(E + 1, dtype=torch.int64)
-            hidden = torch.empty(T * K, H) if any(ctx.needs_input_grad) else None
-            outputs = torch.empty(T * K, D)
             _library().vmoe_tiled_forward(
                 _ptr(xr), stride, *(_ptr(t) for t in (expert_c, weight_c, *params)), T, K, D, H, E,
                 ffn_activation(act), *(_ptr(t) for t in (order, offsets, hidden, outputs, y)), _threads(),
             )  # fmt: skip
-            saved = (order, offsets, hidden, outputs)
+            saved = (hidden, outputs, order, offsets)
         else:
             _library().vmoe_ffn_forward(
                 _ptr(xr), stride, *(_ptr(t) for t in (expert_c, weight_c, *params)), T, K, D, H,
-                ffn_activation(act), _ptr(y), _threads(),
+                ffn_activation(act), *(_ptr(t) for t in (hidden, outputs, y)), _threads(),
             )  # fmt: skip
+            saved = (hidden, outputs)
         ctx.save_for_backward(x, expert, weight, w1, b1, w2, b2, *saved)
         ctx.act = act
         ctx.set_materialize_grads(False)
@@ -544,7 +545,7 @@ class _ExpertFFN(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad):
-        x, expert, weight, w1, b1, w2, b2, *tiled = ctx.saved_tensors
+        x, expert, weight, w1, b1, w2, b2, hidden, outputs, *tiled = ctx.saved_tensors
         if grad is None:
             return (None,) * 9
         if torch.is_grad_enabled():  # a graph of the gradient is wanted (double backward): the ATen formula's
@@ -561,7 +562,6 @@ class _ExpertFFN(torch.autograd.Function):
         xr, x_stride = _rows(x.detach())
         dy, dy_stride = _rows(grad)
         expert_c, weight_c = expert.contiguous(), weight.detach().contiguous()
-        params = [None if t is None else t.detach().contiguous() for t in (w1, b1, w2, b2)]
         w1t, w2t = (w.detach().transpose(1, 2).contiguous() for w in (w1, w2))
         sizes = [E * D * H, E * H * D, *([E * H] if b1 is not None else []), *([E * D] if b2 is not None else [])]
         per_chunk = sum(sizes)
@@ -573,15 +573,15 @@ class _ExpertFFN(torch.autograd.Function):
             _library().vmoe_tiled_backward(
                 _ptr(xr), x_stride, *(_ptr(t) for t in (expert_c, weight_c, w1t, w2t, dy)), dy_stride, T, K, D, H,
                 E, ffn_activation(ctx.act), b1 is not None, b2 is not None,
-                *(_ptr(t) for t in (*tiled, rows, dx, dweight, grads)), _threads(),
+                *(_ptr(t) for t in (*tiled, hidden, outputs, rows, dx, dweight, grads)), _threads(),
             )  # fmt: skip
         else:
             chunk = _ffn_chunk(T, per_chunk)
             partial = torch.empty(-(-T // chunk) * per_chunk)
             _library().vmoe_ffn_backward(
-                _ptr(xr), x_stride, *(_ptr(t) for t in (expert_c, weight_c, *params, w1t, w2t, dy)), dy_stride,
-                T, K, D, H, E, ffn_activation(ctx.act), chunk, *(_ptr(t) for t in (dx, dweight, grads, partial)),
-                _threads(),
+                _ptr(xr), x_stride, *(_ptr(t) for t in (expert_c, weight_c, w1t, w2t, dy)), dy_stride, T, K, D, H,
+                E, ffn_activation(ctx.act), b1 is not None, b2 is not None, chunk,
+                *(_ptr(t) for t in (hidden, outputs, dx, dweight, grads, partial)), _threads(),
             )  # fmt: skip
         parts = iter(grads.split(sizes))
         dw1, dw2 = next(parts).view(E, D, H), next(parts).view(E, H, D)

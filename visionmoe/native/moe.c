@@ -635,8 +635,8 @@ void vmoe_rowdot(const float *a, int64_t a_stride, const float *h, int64_t h_str
 
 /* ---- small experts, fused with the row moves -------------------------------------------------------------
  * For experts of a few thousand weights (CNN feature maps: D = 8-64, H = D-4D) each token's K expert MLPs
- * are computed directly from its row, the weights staying in the L1/L2 cache: no buffers, no GEMM calls
- * on 8-wide rows, nothing stored for backward but the input (backward recomputes each hidden layer).
+ * are computed directly from its row, the weights staying in the L1/L2 cache: no capacity buffers, no GEMM
+ * calls on 8-wide rows; each choice's pre-activation and unweighted output are kept for the backward.
  * Forward: y[t] = Σ_j w[t, j] · (act(x[t] W1_e + b1_e) W2_e + b2_e), e = expert[t, j], the dropped
  * choices (e < 0) skipped. Backward: dx, the gates' gradients <dy[t], expert_e(x[t])>, and the weights'
  * gradients summed per chunk of tokens into a private buffer, then over the chunks in chunk order (the
@@ -765,14 +765,15 @@ typedef struct {
     const int64_t *expert;
     const float *weight, *w1, *b1, *w2, *b2, *w1t, *w2t, *dy;
     int64_t dy_stride, K, D, H, E, T, chunk, per_chunk;
-    int act;
+    int act, bias1, bias2; /* backward: whether the experts have b1, b2 */
     float *y, *dx, *dweight, *partial;
+    float *hidden, *outputs; /* each choice's pre-activation (T·K, H) and unweighted output (T·K, D), or NULL */
 } ffn_t;
 
 static void ffn_forward_chunk(void *arg, int64_t t0, int64_t t1) {
     const ffn_t *p = (const ffn_t *)arg;
     const int64_t K = p->K, D = p->D, H = p->H;
-    float *a = malloc((size_t)(2 * H + D) * sizeof(float)), *h = a + H, *o = h + H;
+    float *buf = malloc((size_t)(2 * H + D) * sizeof(float));
     for (int64_t t = t0; t < t1; t++) {
         const float *x = p->x + t * p->x_stride;
         float *y = p->y + t * D;
@@ -780,6 +781,8 @@ static void ffn_forward_chunk(void *arg, int64_t t0, int64_t t1) {
         for (int64_t j = 0; j < K; j++) {
             const int64_t e = p->expert[t * K + j];
             if (e < 0) continue;
+            float *a = p->hidden ? p->hidden + (t * K + j) * H : buf, *h = buf + H;
+            float *o = p->outputs ? p->outputs + (t * K + j) * D : buf + 2 * H;
             vecmat(x, p->w1 + e * D * H, p->b1 ? p->b1 + e * H : NULL, D, H, a);
             act_forward(a, h, H, p->act);
             vecmat(h, p->w2 + e * H * D, p->b2 ? p->b2 + e * D : NULL, H, D, o);
@@ -787,27 +790,28 @@ static void ffn_forward_chunk(void *arg, int64_t t0, int64_t t1) {
             for (int64_t d = 0; d < D; d += 8) store8(y + d, load8(y + d) + load8(o + d) * w);
         }
     }
-    free(a);
+    free(buf);
 }
 
 /* x (T, D) rows at x_stride; expert, weight (T, K); w1 (E, D, H), b1 (E, H) or NULL, w2 (E, H, D), b2 (E, D)
- * or NULL; act 1 ReLU, 2 GELU. Out: y (T, D) contiguous. */
+ * or NULL; act 1 ReLU, 2 GELU. Out: y (T, D) contiguous; hidden (T·K, H) and outputs (T·K, D), unless NULL,
+ * each kept choice's pre-activation and unweighted expert output (the backward's, then, to reuse). */
 void vmoe_ffn_forward(const float *x, int64_t x_stride, const int64_t *expert, const float *weight, const float *w1,
                       const float *b1, const float *w2, const float *b2, int64_t T, int64_t K, int64_t D, int64_t H,
-                      int act, float *y, int threads) {
+                      int act, float *hidden, float *outputs, float *y, int threads) {
     ffn_t p = {.x = x, .x_stride = x_stride, .expert = expert, .weight = weight, .w1 = w1, .b1 = b1, .w2 = w2,
-               .b2 = b2, .K = K, .D = D, .H = H, .T = T, .act = act, .y = y};
+               .b2 = b2, .K = K, .D = D, .H = H, .T = T, .act = act, .y = y, .hidden = hidden, .outputs = outputs};
     parallel_for(T, 256, threads, ffn_forward_chunk, &p);
 }
 
 static void ffn_backward_chunk(void *arg, int64_t c0, int64_t c1) {
     const ffn_t *p = (const ffn_t *)arg;
     const int64_t K = p->K, D = p->D, H = p->H, E = p->E;
-    float *a = malloc((size_t)(4 * H + 2 * D) * sizeof(float)), *h = a + H, *dh = h + H, *deriv = dh + H;
+    float *h = malloc((size_t)(3 * H + 2 * D) * sizeof(float)), *dh = h + H, *deriv = dh + H;
     float *o = deriv + H, *dout = o + D;
     for (int64_t c = c0; c < c1; c++) {
         float *dw1 = p->partial + c * p->per_chunk, *dw2 = dw1 + E * D * H;
-        float *db1 = dw2 + E * H * D, *db2 = db1 + (p->b1 ? E * H : 0); /* only where the biases are */
+        float *db1 = dw2 + E * H * D, *db2 = db1 + (p->bias1 ? E * H : 0); /* only where the biases are */
         memset(dw1, 0, (size_t)p->per_chunk * sizeof(float));
         const int64_t end = (c + 1) * p->chunk < p->T ? (c + 1) * p->chunk : p->T;
         for (int64_t t = c * p->chunk; t < end; t++) {
@@ -820,22 +824,21 @@ static void ffn_backward_chunk(void *arg, int64_t c0, int64_t c1) {
                     if (p->dweight) p->dweight[t * K + j] = 0.0f;
                     continue;
                 }
-                vecmat(x, p->w1 + e * D * H, p->b1 ? p->b1 + e * H : NULL, D, H, a); /* recomputed */
-                act_with_derivative(a, h, deriv, H, p->act);
+                const float *pre = p->hidden + (t * K + j) * H, *out = p->outputs + (t * K + j) * D;
+                act_with_derivative(pre, h, deriv, H, p->act);
                 if (p->dweight) {
-                    vecmat(h, p->w2 + e * H * D, p->b2 ? p->b2 + e * D : NULL, H, D, o);
                     float dot = 0.0f;
-                    for (int64_t d = 0; d < D; d++) dot += dy[d] * o[d];
+                    for (int64_t d = 0; d < D; d++) dot += dy[d] * out[d];
                     p->dweight[t * K + j] = dot;
                 }
                 const v8f w = splat8(p->weight[t * K + j]);
                 for (int64_t d = 0; d < D; d += 8) store8(dout + d, load8(dy + d) * w);
                 outer_add(h, dout, H, D, dw2 + e * H * D);
-                if (p->b2) add_to(db2 + e * D, dout, D);
+                if (p->bias2) add_to(db2 + e * D, dout, D);
                 vecmat(dout, p->w2t + e * D * H, NULL, D, H, dh); /* W2_e dout */
-                act_backward(a, deriv, dh, H, p->act);
+                act_backward(pre, deriv, dh, H, p->act);
                 outer_add(x, dh, D, H, dw1 + e * D * H);
-                if (p->b1) add_to(db1 + e * H, dh, H);
+                if (p->bias1) add_to(db1 + e * H, dh, H);
                 if (dx) {
                     vecmat(dh, p->w1t + e * H * D, NULL, H, D, o); /* W1_e dh */
                     add_to(dx, o, D);
@@ -843,7 +846,7 @@ static void ffn_backward_chunk(void *arg, int64_t c0, int64_t c1) {
             }
         }
     }
-    free(a);
+    free(h);
 }
 
 typedef struct {
@@ -862,20 +865,20 @@ static void sum_chunk(void *arg, int64_t i0, int64_t i1) {
 }
 
 /* The backward of vmoe_ffn_forward for dy (T, D) at dy_stride; w1t (E, H, D) and w2t (E, D, H) are the
- * weights transposed. Out: dx (T, D) or NULL, dweight (T, K) or NULL, and grads: dW1 (E, D, H), dW2
+ * weights transposed, bias1 / bias2 whether the experts have b1 / b2. Out: dx (T, D) or NULL, dweight (T, K) or NULL, and grads: dW1 (E, D, H), dW2
  * (E, H, D), then db1 (E, H) and db2 (E, D) where b1 / b2 are given, contiguous; the tokens' terms summed
- * per `chunk` tokens in `partial` ((T + chunk - 1) / chunk buffers of the grads' size), then over them. */
+ * per `chunk` tokens in `partial` ((T + chunk - 1) / chunk buffers of the grads' size), then over them.
+ * hidden and outputs: the forward's (read only). */
 void vmoe_ffn_backward(const float *x, int64_t x_stride, const int64_t *expert, const float *weight,
-                       const float *w1, const float *b1, const float *w2, const float *b2, const float *w1t,
-                       const float *w2t, const float *dy, int64_t dy_stride, int64_t T, int64_t K, int64_t D,
-                       int64_t H, int64_t E, int act, int64_t chunk, float *dx, float *dweight, float *grads,
-                       float *partial, int threads) {
-    const int64_t per_chunk = E * (2 * D * H + (b1 ? H : 0) + (b2 ? D : 0));
+                       const float *w1t, const float *w2t, const float *dy, int64_t dy_stride, int64_t T, int64_t K,
+                       int64_t D, int64_t H, int64_t E, int act, int bias1, int bias2, int64_t chunk, float *hidden,
+                       float *outputs, float *dx, float *dweight, float *grads, float *partial, int threads) {
+    const int64_t per_chunk = E * (2 * D * H + (bias1 ? H : 0) + (bias2 ? D : 0));
     const int64_t chunks = (T + chunk - 1) / chunk;
-    ffn_t p = {.x = x, .x_stride = x_stride, .expert = expert, .weight = weight, .w1 = w1, .b1 = b1, .w2 = w2,
-               .b2 = b2, .w1t = w1t, .w2t = w2t, .dy = dy, .dy_stride = dy_stride, .K = K, .D = D, .H = H,
-               .E = E, .T = T, .chunk = chunk, .per_chunk = per_chunk, .act = act, .dx = dx, .dweight = dweight,
-               .partial = partial};
+    ffn_t p = {.x = x, .x_stride = x_stride, .expert = expert, .weight = weight, .w1t = w1t, .w2t = w2t, .dy = dy,
+               .dy_stride = dy_stride, .K = K, .D = D, .H = H, .E = E, .T = T, .chunk = chunk,
+               .per_chunk = per_chunk, .act = act, .bias1 = bias1, .bias2 = bias2, .dx = dx, .dweight = dweight,
+               .partial = partial, .hidden = hidden, .outputs = outputs};
     parallel_for(chunks, 1, threads, ffn_backward_chunk, &p);
     sum_t s = {partial, chunks, per_chunk, grads};
     parallel_for(per_chunk, 4096, threads, sum_chunk, &s);
@@ -886,10 +889,10 @@ void vmoe_ffn_backward(const float *x, int64_t x_stride, const int64_t *expert, 
  * (D·H above a few hundred): the kept assignments are sorted by expert (a counting sort, stable: by
  * assignment t·K + j within an expert), and each expert runs its assignments MR rows at a time through
  * register-tiled products (MR rows × 16 columns of accumulators), the rows gathered from x and the outputs
- * written per assignment (no padded capacity buffers: dropped choices cost nothing). Backward recomputes the
- * hidden layer per tile and adds the weights' gradients as rank-MR updates, one expert per thread, tiles in
- * order: sums in a fixed order whatever the thread count. A token's K outputs (and input gradients) are then
- * added in choice order. */
+ * written per assignment (no padded capacity buffers: dropped choices cost nothing); the pre-activations
+ * and outputs are kept for the backward, which adds the weights' gradients as rank-TB updates, one expert
+ * per thread, tiles in order: sums in a fixed order whatever the thread count. A token's K outputs (and
+ * input gradients) are then added in choice order. */
 
 #define MR 4  /* rows of the register tiles */
 #define TB 32 /* rows of a tile of one expert's assignments: the weights' gradients are rank-TB updates */

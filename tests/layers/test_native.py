@@ -265,6 +265,38 @@ def test_fused_experts_give_the_aten_formula(tiled, activation, bias, tokens, k,
 
 @needs_kernel
 @pytest.mark.parametrize("tiled", [False, True], ids=["tokenwise", "tiled"])
+def test_fused_gelu_is_the_exact_gelu_and_its_derivative(tiled):
+    # One expert with identity weights: y = GELU(x), over [-12, 12] (both tails; Φ by the erf formula of
+    # ATen's own GELU): as close to the float64 GELU and its derivative as ATen's float32 GELU is (both
+    # ~4e-7 here).
+    layer = Experts(1, 8, 8, activation=torch.nn.GELU, bias=False)
+    with torch.no_grad():
+        layer.w1.copy_(torch.eye(8))
+        layer.w2.copy_(torch.eye(8))
+    x = torch.linspace(-12, 12, 8 * 1001).reshape(-1, 8).requires_grad_()
+    one = torch.zeros(x.shape[0], 1, dtype=torch.int64)
+    y = native.expert_ffn(x, one, torch.ones(x.shape[0], 1), layer, tiled=tiled)
+    (dx,) = torch.autograd.grad(y.sum(), x)
+    exact = x.detach().double().requires_grad_()
+    gelu = torch.nn.functional.gelu(exact)
+    (slope,) = torch.autograd.grad(gelu.sum(), exact)
+    assert float((y - gelu).detach().abs().max()) < 1e-6
+    assert float((dx - slope).detach().abs().max()) < 1e-6
+
+
+@needs_kernel
+@pytest.mark.parametrize("tiled", [False, True], ids=["tokenwise", "tiled"])
+def test_fused_experts_without_grad_give_the_same_output(tiled):
+    # Without autograd the kernels keep nothing for a backward (no pre-activations or outputs stored):
+    # the same output, bit for bit.
+    layer, x, expert, weight = ffn_inputs(300, 2, 16, 48, 8, torch.nn.GELU, True)
+    y = native.expert_ffn(x, expert, weight, layer, tiled=tiled)
+    with torch.no_grad():
+        assert torch.equal(native.expert_ffn(x, expert, weight, layer, tiled=tiled), y)
+
+
+@needs_kernel
+@pytest.mark.parametrize("tiled", [False, True], ids=["tokenwise", "tiled"])
 def test_fused_experts_with_every_choice_dropped(tiled):
     # No kept choice at all (and so experts without rows): zero output, zero gradients everywhere.
     layer, x, expert, weight = ffn_inputs(10, 2, 8, 16, 4, torch.nn.GELU, True)

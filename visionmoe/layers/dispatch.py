@@ -14,7 +14,7 @@ Sparse plans have four backends, all exact (they compute the same sums in a diff
                graphs); executes the capacity padding.
     fused    — token-choice plans on the CPU in float32, in token order, for ReLU or exact-GELU experts
                with D and H multiples of 8, in C (:func:`visionmoe.native.expert_ffn`): the smallest
-               experts (D·H ≤ 512) token by token, each token's K experts from its row in one pass;
+               experts (D·H ≤ 1024) token by token, each token's K experts from its row in one pass;
                larger ones tiled by expert, the kept assignments sorted by expert and run a few rows at
                a time through register-tiled products. No capacity padding; each choice's
                pre-activation and output are kept for backward. Elsewhere (other plans,
@@ -29,7 +29,7 @@ rows, products and sums, moved by :mod:`visionmoe.native`'s C kernels (one scatt
 The other plans (expert choice) keep the argsort and ``index_add_``.
 
 ``auto`` picks ``padded`` while compiling, ``grouped`` on CUDA when available and aligned, ``fused``
-in training for token-choice experts with D·H ≤ 512, or D ≤ 32 with H ≥ 2·D, where the kernel can run,
+in training for token-choice experts with D·H ≤ 1024, or D ≤ 32 with H ≥ 2·D, where the kernel can run,
 ``padded`` in training (grad enabled) for token choice with small experts (D·H ≤ 128·128) whose routed
 rows hold at most :func:`padded_hidden_values` hidden values (GELU experts up to 2**20 with ATen's row
 moves; with the native ones GELU up to 2**21, other activations up to 2**20), S ≥ 8·E (the CNN
@@ -107,14 +107,13 @@ so the data-dependent capacity of a dropless plan cannot enter it."""
 
 FUSED_EXPERT_WEIGHTS = native.FFN_TOKENWISE_WEIGHTS
 """``auto`` takes ``fused`` in training for token-choice experts (ReLU or exact GELU) with D·H at most this
-(the kernel's token-by-token loop, :func:`visionmoe.native.ffn_tiled`): at D = 8 with H = 8-32 and at
-D = 16 with H = 16-32 it beat the faster of ``padded`` and ``sorted`` at the layer level
-(BENCHMARKS.md, issue 22, ninth and tenth passes) ..."""
+(the kernel's token-by-token loop, :func:`visionmoe.native.ffn_tiled`): from D = 8 to D·H = 1024 (D = 16
+with H = 64, D = 32 with H = 32) it was at or below the faster of ``padded`` and ``sorted`` at the layer
+level (BENCHMARKS.md, issue 22, tenth pass) ..."""
 
 FUSED_TILED_DIM = 32
-"""... and above it, for D at most this with H ≥ 2·D (the kernel's loop tiled by expert): the shapes
-where the tiled loop was at or below the faster of ``padded`` and ``sorted`` in the tenth pass's grid
-(0.86-1.06 at D = 16-32, H = 2D-4D); at D = 32, H = D and from D = 64 it was at par or slower."""
+"""... and above it, for D at most this with H ≥ 2·D (the kernel's loop tiled by expert): D = 32 with
+H = 64-128, where the tiled loop was at or below them too; from D = 64 it was at par or slower."""
 
 
 def choose_backend(x: Tensor, experts: Experts, plan: Routing | None = None) -> str:

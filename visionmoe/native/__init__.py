@@ -459,7 +459,7 @@ def rowdot(a: Tensor, h: Tensor, rowmap: RowMap) -> Tensor:
 
 FFN_ACTIVATIONS = {"ReLU": 1, "GELU": 2}
 """The experts' activations the fused kernel computes (codes of moe.c): ``nn.ReLU`` and exact ``nn.GELU``."""
-FFN_TOKENWISE_WEIGHTS = 512
+FFN_TOKENWISE_WEIGHTS = 1024
 """Experts of at most this many weights per layer (D·H) run token by token, larger ones tiled by expert."""
 FFN_CHUNK = 1024
 """Tokens whose weight gradients one private buffer sums (fewer chunks for large experts, see _ffn_chunk)."""

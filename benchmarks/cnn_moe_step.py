@@ -527,7 +527,8 @@ def main(argv: list[str] | None = None) -> int:
         profile_step(args.backbones[0], args.widths[0], args.ratios[0], args)
         return 0
     if args.layer_grid:
-        print(benchmark_header("MoE layer at CNN stage shapes: padded vs sorted", args.threads), flush=True)
+        title = "the fused backend's loops, padded and sorted" if args.loops else "padded, sorted and fused"
+        print(benchmark_header(f"MoE layer at CNN stage shapes: {title}", args.threads), flush=True)
         layer_grid(args)
         return 0
     if args.vit:

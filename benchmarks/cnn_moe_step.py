@@ -377,7 +377,7 @@ def loop_grid(args: argparse.Namespace) -> None:
                     with torch.enable_grad():
                         chosen = choose_backend(tokens, layer.experts, plan)
                     if chosen == "fused":
-                        chosen = "tiled" if native.ffn_tiled(dim, hidden, layer.experts.act) else "tokenwise"
+                        chosen = "tiled" if native.ffn_tiled(dim, hidden) else "tokenwise"
                     cells = " | ".join(f"{ms[n]:.1f}" for n in names)
                     best = min(ms, key=ms.get)
                     row = f"| {activation.__name__} | {dim} | {hidden} | {side}² | {cells} | {best} | {chosen} |"

@@ -493,7 +493,7 @@ def ffn_supported(experts: torch.nn.Module) -> bool:
     return torch.utils._python_dispatch._get_current_dispatch_mode() is None
 
 
-def ffn_tiled(dim: int, hidden: int, act: object) -> bool:
+def ffn_tiled(dim: int, hidden: int) -> bool:
     """Whether :func:`expert_ffn` computes these experts tiled by expert (else token by token): the experts
     above :data:`FFN_TOKENWISE_WEIGHTS` weights (D·H) per layer."""
     return dim * hidden > FFN_TOKENWISE_WEIGHTS
@@ -610,11 +610,15 @@ def expert_ffn(
     x: Tensor, expert: Tensor, weight: Tensor, experts: torch.nn.Module, tiled: bool | None = None
 ) -> Tensor:
     """(T, D): ``y[t] = Σ_j weight[t, j] · expert_e(x[t])``, e = ``expert[t, j]``, over the j with e >= 0,
-    the :class:`~visionmoe.layers.Experts` computed token by token in C (the dispatch, the experts and
-    the combine of a token-choice plan in one pass; no expert buffers). ``x``: (T, D) float32; ``expert``
-    (T, K) int64, -1 for a dropped choice; ``weight`` (T, K). Needs :func:`ffn_supported`. Differentiable
-    in ``x``, ``weight`` and the experts' parameters (double backward by the ATen formula)."""
+    the :class:`~visionmoe.layers.Experts` computed in C (the dispatch, the experts and the combine of a
+    token-choice plan in one pass; no capacity buffers): token by token, or with ``tiled`` by expert, a
+    few assignments at a time (None: :func:`ffn_tiled`'s choice from the shapes). ``x``: (T, D) float32;
+    ``expert`` (T, K) int64, -1 for a dropped choice; ``weight`` (T, K). Needs :func:`ffn_supported`.
+    In training each kept choice's pre-activation and output are kept for the backward ((T·K, H + D)
+    floats). Differentiable in ``x``, ``weight`` and the experts' parameters (double backward by the ATen
+    formula). The two loops sum in other orders: equal to float rounding, each deterministic and
+    independent of the thread count."""
     if tiled is None:
-        tiled = ffn_tiled(experts.dim, experts.hidden_dim, experts.act)
+        tiled = ffn_tiled(experts.dim, experts.hidden_dim)
     args = (experts.w1, experts.b1, experts.w2, experts.b2, experts.act, tiled)
     return _ExpertFFN.apply(x, expert, weight, *args)

@@ -13,6 +13,7 @@ from visionmoe import MoE, native
 from visionmoe.layers import einsum_moe
 from visionmoe.layers.dispatch import token_choice_moe
 from visionmoe.layers.experts import Experts
+from visionmoe.layers.routers import TopKRouter
 
 needs_kernel = pytest.mark.skipif(not native.available(), reason=f"no native kernel: {native.unavailable_reason()}")
 
@@ -429,3 +430,59 @@ def test_fused_experts_refuse_what_they_cannot_compute():
         layer = Experts(4, 8, 16, activation=torch.nn.ReLU)
         with pytest.raises(ValueError, match=r"expert ids in \[-1, 4\), got"):
             native.expert_ffn(torch.randn(3, 8), torch.tensor([[0, 4]] * 3), torch.ones(3, 2), layer)
+
+
+@needs_kernel
+@pytest.mark.parametrize(("shape", "experts"), [((4, 37, 16), 8), ((2, 1024, 8), 8), ((3, 5, 64), 16)])
+def test_router_logits_are_the_linear_map(shape, experts):
+    # x Wᵀ and its gradients against the float64 F.linear, to float32 rounding; also on a channels-last
+    # map's token view (rows of D at a stride, as MoE.to_tokens hands them to the router).
+    torch.manual_seed(0)
+    x = torch.randn(*shape, requires_grad=True)
+    weight = torch.randn(experts, shape[-1], requires_grad=True)
+    y = native.router_logits(x, weight)
+    grad = torch.randn_like(y)
+    exact = [t.detach().double().requires_grad_() for t in (x, weight)]
+    y0 = torch.nn.functional.linear(*exact)
+    torch.testing.assert_close(y, y0.float(), rtol=1e-5, atol=1e-5)
+    found, expected = torch.autograd.grad(y, [x, weight], grad), torch.autograd.grad(y0, exact, grad.double())
+    for g, g0 in zip(found, expected, strict=True):
+        torch.testing.assert_close(g, g0.float(), rtol=1e-5, atol=1e-5 * float(g0.abs().max()))
+    image = torch.randn(2, shape[-1], 4, 4).contiguous(memory_format=torch.channels_last)
+    tokens = image.permute(0, 2, 3, 1).reshape(2, 16, shape[-1])  # a view, rows at a stride
+    torch.testing.assert_close(native.router_logits(tokens, weight), tokens @ weight.t(), rtol=1e-5, atol=1e-5)
+
+
+@needs_kernel
+def test_router_logits_weight_gradient_ignores_the_thread_count():
+    # dW summed per fixed chunk of tokens (5000 tokens: 5 chunks), then over the chunks in order.
+    torch.manual_seed(0)
+    x = torch.randn(5000, 16, requires_grad=True)
+    weight = torch.randn(8, 16, requires_grad=True)
+    grad = torch.randn(5000, 8)
+    threads = torch.get_num_threads()
+    runs = []
+    try:
+        for n in (1, 2, 3):
+            torch.set_num_threads(n)
+            runs.append(torch.autograd.grad(native.router_logits(x, weight), [x, weight], grad))
+    finally:
+        torch.set_num_threads(threads)
+    for run in runs[1:]:
+        for a, b in zip(runs[0], run, strict=True):
+            assert torch.equal(a, b)
+
+
+def test_router_logits_fall_back_where_the_kernel_does_not_apply():
+    # D or E not a multiple of 8, float64, or a dispatch mode counting FLOPs (the rho analysis must see the
+    # router's GEMM): F.linear, counted.
+    from torch.utils.flop_counter import FlopCounterMode
+
+    assert not native.logits_supported(torch.randn(2, 12), torch.randn(8, 12))
+    assert not native.logits_supported(torch.randn(2, 16), torch.randn(6, 16))
+    assert not native.logits_supported(torch.randn(2, 16).double(), torch.randn(8, 16).double())
+    assert native.logits_supported(torch.randn(2, 16), torch.randn(8, 16)) == native.available()
+    router = TopKRouter(16, 8, k=2)
+    with FlopCounterMode(display=False) as counter:
+        router.logits(torch.randn(3, 10, 16))
+    assert counter.get_total_flops() == 2 * 30 * 16 * 8

@@ -14,7 +14,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from visionmoe import checks
+from visionmoe import checks, native
 from visionmoe.routing import (
     AUX_LOSSES,
     Plan,
@@ -171,6 +171,8 @@ class LinearRouter(Router):
     ``mlp_hidden_dim`` (an int) makes the map an MLP instead: Linear(D, M) → GELU → Linear(M, E),
     the "MLP router" Videau et al. (2025) compare with the plain linear one (which they find best).
     The output layer keeps the name ``weight`` (E, M), so code that reads a router's gate finds it.
+    On the CPU in float32 with D and E multiples of 8, the plain linear map runs in C
+    (:func:`visionmoe.native.router_logits`; equal to ``F.linear`` to float rounding).
     """
 
     supported_aux_losses = ("importance", "switch", "z", "balance_kl")
@@ -203,7 +205,11 @@ class LinearRouter(Router):
         x = x.float()
         if self.hidden is not None:  # (G, S, D) -> (G, S, M)
             x = F.gelu(F.linear(x, self.hidden.weight.float(), self.hidden.bias.float()))
-        logits = F.linear(x, self.weight.float())  # (G, S, E), fp32 as V-MoE
+        weight = self.weight.float()
+        if self.hidden is None and native.logits_supported(x, weight):  # CNN maps: one C pass, not a BLAS call
+            logits = native.router_logits(x, weight)
+        else:
+            logits = F.linear(x, weight)  # (G, S, E), fp32 as V-MoE
         check_finite(logits, self.name)
         return logits
 

@@ -8,11 +8,12 @@ a dozen more over the tokens: more time than the dense FFN they stand beside (BE
 :class:`visionmoe.layers.TopKRouter` where :meth:`~visionmoe.layers.TopKRouter.fused` says), and the
 dispatch and combine of a token-choice plan as one scatter and one gated gather over a (tokens, K) slot
 map, backward the same moves again (:func:`scatter_rows`, :func:`gather_rows`, :func:`rowdot`, taken by
-:func:`visionmoe.layers.dispatch.native_token_choice_moe`). The expert GEMMs stay in the BLAS, except for
-the ``fused`` backend (:func:`expert_ffn`): small experts computed in C, dispatch and combine included,
-for the narrow feature maps where the BLAS's GEMMs on 8-64-wide rows are slow: the smallest token by
-token, larger ones tiled by expert (the kept assignments sorted by expert, a few rows at a time through
-register-tiled products; no capacity padding).
+:func:`visionmoe.layers.dispatch.native_token_choice_moe`), and the routers' logits ``x Wᵀ`` one token at
+a time (:func:`router_logits`, taken by :meth:`visionmoe.layers.router_base.LinearRouter.logits`). The
+expert GEMMs stay in the BLAS, except for the ``fused`` backend (:func:`expert_ffn`): small experts
+computed in C, dispatch and combine included, for the narrow feature maps where the BLAS's GEMMs on
+8-64-wide rows are slow: the smallest token by token, larger ones tiled by expert (the kept assignments
+sorted by expert, a few rows at a time through register-tiled products; no capacity padding).
 
 It is plain C, compiled on first use with the system's C compiler (``$CC``, else ``cc``; about a second)
 into a per-user cache (``$VISIONMOE_CACHE``, else ``$XDG_CACHE_HOME/visionmoe``, else
@@ -106,6 +107,8 @@ SIGNATURES = {
     "vmoe_rowdot": [_ptr_t, _i64, _ptr_t, _i64, _ptr_t, _i64, _i64, _i64, _ptr_t, _int],
     "vmoe_ffn_forward": [_ptr_t, _i64, *[_ptr_t] * 6, *[_i64] * 4, _int, *[_ptr_t] * 3, _int],
     "vmoe_ffn_backward": [_ptr_t, _i64, *[_ptr_t] * 5, *[_i64] * 6, _int, _int, _int, _i64, *[_ptr_t] * 6, _int],
+    "vmoe_linear_forward": [_ptr_t, _i64, _ptr_t, *[_i64] * 3, _ptr_t, _int],
+    "vmoe_linear_backward": [_ptr_t, _i64, _ptr_t, _ptr_t, *[_i64] * 4, *[_ptr_t] * 3, _int],
     "vmoe_tiled_forward": [_ptr_t, _i64, *[_ptr_t] * 6, *[_i64] * 5, _int, *[_ptr_t] * 5, _int],
     "vmoe_tiled_backward": [_ptr_t, _i64, *[_ptr_t] * 5, *[_i64] * 6, _int, _int, _int, *[_ptr_t] * 8, _int],
 }
@@ -622,3 +625,61 @@ def expert_ffn(
         tiled = ffn_tiled(experts.dim, experts.hidden_dim)
     args = (experts.w1, experts.b1, experts.w2, experts.b2, experts.act, tiled)
     return _ExpertFFN.apply(x, expert, weight, *args)
+
+
+# ---- the routers' logits -----------------------------------------------------------------------------------
+
+
+def logits_supported(x: Tensor, weight: Tensor) -> bool:
+    """Whether :func:`router_logits` can compute ``x Wᵀ`` here: float32 CPU tensors with the kernel built, D
+    and E multiples of 8, and no dispatch mode (``FlopCounterMode``) that must see the router's GEMM."""
+    E, D = weight.shape
+    if D % LANES or E % LANES or not usable(x, weight):
+        return False
+    return torch.utils._python_dispatch._get_current_dispatch_mode() is None
+
+
+class _Logits(torch.autograd.Function):
+    """(..., D) tokens, (E, D) weight -> (..., E) logits, one C pass each way."""
+
+    @staticmethod
+    def forward(ctx, x, weight):
+        E, D = weight.shape
+        xr, stride = _rows(x.detach().reshape(-1, D))
+        T = xr.shape[0]
+        wt = weight.detach().t().contiguous()
+        out = torch.empty(T, E)
+        _library().vmoe_linear_forward(_ptr(xr), stride, _ptr(wt), T, D, E, _ptr(out), _threads())
+        ctx.save_for_backward(x, weight)
+        ctx.set_materialize_grads(False)
+        return out.reshape(*x.shape[:-1], E)
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, weight = ctx.saved_tensors
+        if grad is None:
+            return None, None
+        E, D = weight.shape
+        if torch.is_grad_enabled():  # a graph of the gradient is wanted (double backward): ATen's products
+            dx = grad @ weight if ctx.needs_input_grad[0] else None
+            dw = grad.reshape(-1, E).t() @ x.reshape(-1, D) if ctx.needs_input_grad[1] else None
+            return dx, dw
+        xr, stride = _rows(x.detach().reshape(-1, D))
+        T = xr.shape[0]
+        dl = grad.reshape(T, E).contiguous()
+        chunk = _ffn_chunk(T, E * D)
+        dx = torch.empty(T, D) if ctx.needs_input_grad[0] else None
+        dw, partial = torch.empty(E, D), torch.empty(-(-T // chunk) * E * D)
+        _library().vmoe_linear_backward(
+            _ptr(xr), stride, _ptr(weight.detach().contiguous()), _ptr(dl), T, D, E, chunk,
+            *(_ptr(t) for t in (dx, dw, partial)), _threads(),
+        )  # fmt: skip
+        return (None if dx is None else dx.reshape(x.shape)), (dw if ctx.needs_input_grad[1] else None)
+
+
+def router_logits(x: Tensor, weight: Tensor) -> Tensor:
+    """``x Wᵀ`` for a bias-free router: (..., D) float32 tokens, (E, D) weight -> (..., E), in C (a
+    vector-matrix product per token; backward the same, the weight's gradient summed per fixed chunk of
+    tokens). Needs :func:`logits_supported`. Equal to ``F.linear`` to float rounding; double backward by
+    ATen's products."""
+    return _Logits.apply(x, weight)

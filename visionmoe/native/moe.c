@@ -1156,4 +1156,55 @@ void vmoe_tiled_backward(const float *x, int64_t x_stride, const int64_t *expert
     if (dx) parallel_for(T, MIN_ROWS, threads, combine_input_grads_chunk, &p);
 }
 
+/* ---- the routers' logits: a bias-free linear map ----------------------------------------------------------
+ * logits[t] = W x[t] for T tokens of D channels (rows at x_stride), W (E, D) given transposed as wt (D, E):
+ * one vector-matrix product per token, where a BLAS call on (T, 8) x (8, 8) mostly moves memory. Backward:
+ * dx[t] = dl[t] W, and dW = Σ_t dl[t] ⊗ x[t] summed per chunk of tokens into a private buffer, then over
+ * the chunks in order (the chunks depend on the shapes only: the sums do not depend on the thread count).
+ * E a multiple of 8 (forward), D a multiple of 8 (backward). */
+
+typedef struct {
+    const float *x, *wt, *w, *dl;
+    int64_t x_stride, D, E, T, chunk;
+    float *out, *dx, *partial;
+} lin_t;
+
+static void linear_forward_chunk(void *arg, int64_t t0, int64_t t1) {
+    const lin_t *p = (const lin_t *)arg;
+    for (int64_t t = t0; t < t1; t++) vecmat(p->x + t * p->x_stride, p->wt, NULL, p->D, p->E, p->out + t * p->E);
+}
+
+void vmoe_linear_forward(const float *x, int64_t x_stride, const float *wt, int64_t T, int64_t D, int64_t E,
+                         float *out, int threads) {
+    lin_t p = {.x = x, .wt = wt, .x_stride = x_stride, .D = D, .E = E, .T = T, .out = out};
+    parallel_for(T, MIN_ROWS, threads, linear_forward_chunk, &p);
+}
+
+static void linear_backward_chunk(void *arg, int64_t c0, int64_t c1) {
+    const lin_t *p = (const lin_t *)arg;
+    const int64_t D = p->D, E = p->E;
+    for (int64_t c = c0; c < c1; c++) {
+        float *acc = p->partial + c * E * D;
+        memset(acc, 0, (size_t)E * D * sizeof(float));
+        const int64_t end = (c + 1) * p->chunk < p->T ? (c + 1) * p->chunk : p->T;
+        for (int64_t t = c * p->chunk; t < end; t++) {
+            const float *dl = p->dl + t * E;
+            if (p->dx) vecmat(dl, p->w, NULL, E, D, p->dx + t * D);
+            outer_add(dl, p->x + t * p->x_stride, E, D, acc);
+        }
+    }
+}
+
+/* w (E, D); dl (T, E) contiguous. Out: dx (T, D) or NULL; dw (E, D); partial: (T + chunk - 1) / chunk
+ * buffers of E·D floats. */
+void vmoe_linear_backward(const float *x, int64_t x_stride, const float *w, const float *dl, int64_t T, int64_t D,
+                          int64_t E, int64_t chunk, float *dx, float *dw, float *partial, int threads) {
+    const int64_t chunks = (T + chunk - 1) / chunk;
+    lin_t p = {.x = x, .w = w, .dl = dl, .x_stride = x_stride, .D = D, .E = E, .T = T, .chunk = chunk, .dx = dx,
+               .partial = partial};
+    parallel_for(chunks, 1, threads, linear_backward_chunk, &p);
+    sum_t s = {partial, chunks, E * D, dw};
+    parallel_for(E * D, 4096, threads, sum_chunk, &s);
+}
+
 int vmoe_abi_version(void) { return 3; }

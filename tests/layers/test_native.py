@@ -474,14 +474,16 @@ def test_router_logits_weight_gradient_ignores_the_thread_count():
 
 
 def test_router_logits_fall_back_where_the_kernel_does_not_apply():
-    # D or E not a multiple of 8, float64, or a dispatch mode counting FLOPs (the rho analysis must see the
-    # router's GEMM): F.linear, counted.
+    # D or E not a multiple of 8, D above LOGITS_MAX_DIM, float64, or a dispatch mode counting FLOPs (the rho
+    # analysis must see the router's GEMM): F.linear, counted.
     from torch.utils.flop_counter import FlopCounterMode
 
     assert not native.logits_supported(torch.randn(2, 12), torch.randn(8, 12))
     assert not native.logits_supported(torch.randn(2, 16), torch.randn(6, 16))
     assert not native.logits_supported(torch.randn(2, 16).double(), torch.randn(8, 16).double())
+    assert not native.logits_supported(torch.randn(2, 64), torch.randn(8, 64))  # from D = 64: the BLAS
     assert native.logits_supported(torch.randn(2, 16), torch.randn(8, 16)) == native.available()
+    assert native.logits_supported(torch.randn(2, 32), torch.randn(8, 32)) == native.available()
     router = TopKRouter(16, 8, k=2)
     with FlopCounterMode(display=False) as counter:
         router.logits(torch.randn(3, 10, 16))

@@ -171,7 +171,7 @@ class LinearRouter(Router):
     ``mlp_hidden_dim`` (an int) makes the map an MLP instead: Linear(D, M) → GELU → Linear(M, E),
     the "MLP router" Videau et al. (2025) compare with the plain linear one (which they find best).
     The output layer keeps the name ``weight`` (E, M), so code that reads a router's gate finds it.
-    On the CPU in float32 with D and E multiples of 8, the plain linear map runs in C
+    On the CPU in float32 with D ≤ 32 and D, E multiples of 8, the plain linear map runs in C
     (:func:`visionmoe.native.router_logits`; equal to ``F.linear`` to float rounding).
     """
 

@@ -630,11 +630,18 @@ def expert_ffn(
 # ---- the routers' logits -----------------------------------------------------------------------------------
 
 
+LOGITS_MAX_DIM = 32
+"""Tokens of at most this many channels take :func:`router_logits` (CNN feature maps; forward + backward
+against ``F.linear``: 0.44 at D = 8 on 65,536 tokens, 0.69-0.91 at D = 16-32, 1.08 at D = 64, and from
+0.70 to 1.64 at ViT widths, D = 128-512, by shape: ``benchmarks/router_logits.py``)."""
+
+
 def logits_supported(x: Tensor, weight: Tensor) -> bool:
-    """Whether :func:`router_logits` can compute ``x Wᵀ`` here: float32 CPU tensors with the kernel built, D
-    and E multiples of 8, and no dispatch mode (``FlopCounterMode``) that must see the router's GEMM."""
+    """Whether :func:`router_logits` computes ``x Wᵀ`` here: float32 CPU tensors with the kernel built, D and
+    E multiples of 8, D at most :data:`LOGITS_MAX_DIM`, and no dispatch mode (``FlopCounterMode``) that
+    must see the router's GEMM."""
     E, D = weight.shape
-    if D % LANES or E % LANES or not usable(x, weight):
+    if D % LANES or E % LANES or D > LOGITS_MAX_DIM or not usable(x, weight):
         return False
     return torch.utils._python_dispatch._get_current_dispatch_mode() is None
 

@@ -225,6 +225,21 @@ def test_the_kernel_is_built_once_into_the_cache(tmp_path):
 # ---- the fused backend: small experts token by token in C ------------------------------------------------
 
 
+def assert_same_at_every_thread_count(run, counts=(1, 2, 3)):
+    """``run()``'s tensors are bit-identical whatever torch's (and so the kernels') thread count."""
+    threads = torch.get_num_threads()
+    runs = []
+    try:
+        for n in counts:
+            torch.set_num_threads(n)
+            runs.append(run())
+    finally:
+        torch.set_num_threads(threads)
+    for other in runs[1:]:
+        for a, b in zip(runs[0], other, strict=True):
+            assert torch.equal(a, b)
+
+
 def ffn_inputs(tokens, k, dim, hidden, experts, activation, bias, seed=0):
     torch.manual_seed(seed)
     layer = Experts(experts, dim, hidden, activation=activation, bias=bias)
@@ -343,18 +358,12 @@ def test_fused_experts_weight_gradients_ignore_the_thread_count(tiled):
     # whatever the threads.
     layer, x, expert, weight = ffn_inputs(5000, 2, 8, 16, 8, torch.nn.GELU, True)
     assert native._ffn_chunk(5000, 8 * (2 * 8 * 16 + 24)) == 1000
-    threads = torch.get_num_threads()
-    runs = []
-    try:
-        for n in (1, 2, 3):
-            torch.set_num_threads(n)
-            y = native.expert_ffn(x, expert, weight, layer, tiled=tiled)
-            runs.append((y, *torch.autograd.grad(y.square().sum(), [x, weight, *layer.parameters()])))
-    finally:
-        torch.set_num_threads(threads)
-    for run in runs[1:]:
-        for a, b in zip(runs[0], run, strict=True):
-            assert torch.equal(a, b)
+
+    def run():
+        y = native.expert_ffn(x, expert, weight, layer, tiled=tiled)
+        return (y, *torch.autograd.grad(y.square().sum(), [x, weight, *layer.parameters()]))
+
+    assert_same_at_every_thread_count(run)
 
 
 def test_fused_expert_chunks_depend_on_the_shapes_only():
@@ -460,17 +469,7 @@ def test_router_logits_weight_gradient_ignores_the_thread_count():
     x = torch.randn(5000, 16, requires_grad=True)
     weight = torch.randn(8, 16, requires_grad=True)
     grad = torch.randn(5000, 8)
-    threads = torch.get_num_threads()
-    runs = []
-    try:
-        for n in (1, 2, 3):
-            torch.set_num_threads(n)
-            runs.append(torch.autograd.grad(native.router_logits(x, weight), [x, weight], grad))
-    finally:
-        torch.set_num_threads(threads)
-    for run in runs[1:]:
-        for a, b in zip(runs[0], run, strict=True):
-            assert torch.equal(a, b)
+    assert_same_at_every_thread_count(lambda: torch.autograd.grad(native.router_logits(x, weight), [x, weight], grad))
 
 
 def test_router_logits_fall_back_where_the_kernel_does_not_apply():

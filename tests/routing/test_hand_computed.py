@@ -346,9 +346,11 @@ def test_sparse_expert_choice_router_module_takes_gamma():
 
 @pytest.mark.parametrize(("noise_std", "sigma"), [(None, 0.25), (0.5, 0.5)])
 def test_topk_router_noise_scale(noise_std, sigma):
-    # V-MoE's training gates softmax(x Wᵀ + σ ε), ε ~ N(0, 1) (randn_like of the logits), with σ = 1/E
-    # = 1/4 by default. Redrawing ε under the same seed recomputes them; σ = 1 would give other gates.
+    # V-MoE's training gates softmax(x Wᵀ + σ ε), ε ~ N(0, 1) (the counter-based stream of
+    # visionmoe.routing.noise, keyed from the default generator), with σ = 1/E = 1/4 by default. Redrawing ε
+    # under the same seed recomputes them; σ = 1 would give other gates.
     from visionmoe.layers import TopKRouter
+    from visionmoe.routing.noise import counter_normal, draw_key
 
     router = TopKRouter(3, 4, k=1, capacity_factor=None, noise_std=noise_std).train()
     assert router.noise_std == sigma
@@ -357,7 +359,7 @@ def test_topk_router_noise_scale(noise_std, sigma):
     torch.manual_seed(7)
     out = router(x)
     torch.manual_seed(7)
-    eps = torch.randn(2, 5, 4)
+    eps = counter_normal((2, 5, 4), draw_key())
     torch.testing.assert_close(out.gates, (logits + sigma * eps).softmax(-1))
     assert not torch.allclose(out.gates, (logits + eps).softmax(-1), atol=1e-3)
     # Top-1 is taken on the noisy gates; eval mode adds no noise.

@@ -26,9 +26,23 @@ from visionmoe.routing import (
     z_loss,
 )
 from visionmoe.routing.capacity import check_capacity_factor
+from visionmoe.routing.noise import counter_normal, draw_key
 
 SAME = "same"
 """``eval_capacity_factor=SAME`` evaluates with the training capacity factor."""
+
+
+def router_noise(like: Tensor) -> Tensor:
+    """Standard normal noise shaped like ``like`` (a router's logits). On the CPU, the counter-based stream
+    of :mod:`visionmoe.routing.noise` under a key drawn from the default generator: by the native kernel
+    where ``like`` can take it, else by torch ops (the same draws to the rounding of log, sin and cos).
+    Elsewhere ``torch.randn_like`` (one kernel on a GPU, cheaper than the torch ops' launches)."""
+    if like.device.type != "cpu":
+        return torch.randn_like(like)
+    key = draw_key()
+    if native.usable(like):
+        return native.standard_normal(like.shape, key.tolist())
+    return counter_normal(like.shape, key).to(like.dtype)
 
 
 @dataclass(frozen=True)

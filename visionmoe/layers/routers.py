@@ -24,6 +24,7 @@ from visionmoe.layers.router_base import (
     Router,
     RouterOutput,
     check_finite,
+    router_noise,
     set_aux_loss_group,
 )
 from visionmoe.routing import (
@@ -146,7 +147,7 @@ class TopKRouter(Capacity, LinearRouter):
             return self._forward_fused(logits)
         noisy = logits
         if self.training and self.noise_std > 0:
-            noisy = logits + self.noise_std * torch.randn_like(logits)
+            noisy = logits + self.noise_std * router_noise(logits)
         gates = softmax_experts(noisy)  # (G, S, E)
         plan = token_choice(
             gates,
@@ -166,7 +167,7 @@ class TopKRouter(Capacity, LinearRouter):
     def _forward_fused(self, logits: Tensor) -> RouterOutput:
         """:meth:`forward` in one native pass each way; the same plan, losses and gates to float rounding."""
         G, S, E = logits.shape
-        noise = torch.randn_like(logits) if self.training and self.noise_std > 0 else None  # the same draws
+        noise = router_noise(logits) if self.training and self.noise_std > 0 else None  # the same draws
         capacity = self.group_capacity(S)
         load = "load" in self.aux_loss_weights
         gates, weight, importance, load_sums, expert, position, kept, entropy = native.topk_router(

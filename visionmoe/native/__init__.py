@@ -9,11 +9,13 @@ a dozen more over the tokens: more time than the dense FFN they stand beside (BE
 dispatch and combine of a token-choice plan as one scatter and one gated gather over a (tokens, K) slot
 map, backward the same moves again (:func:`scatter_rows`, :func:`gather_rows`, :func:`rowdot`, taken by
 :func:`visionmoe.layers.dispatch.native_token_choice_moe`), and the routers' logits ``x Wᵀ`` one token at
-a time (:func:`router_logits`, taken by :meth:`visionmoe.layers.router_base.LinearRouter.logits`). The
-expert GEMMs stay in the BLAS, except for the ``fused`` backend (:func:`expert_ffn`): small experts
-computed in C, dispatch and combine included, for the narrow feature maps where the BLAS's GEMMs on
-8-64-wide rows are slow: the smallest token by token, larger ones tiled by expert (the kept assignments
-sorted by expert, a few rows at a time through register-tiled products; no capacity padding).
+a time (:func:`router_logits`, taken by :meth:`visionmoe.layers.router_base.LinearRouter.logits`), and
+the routers' noise (:func:`standard_normal`, the counter-based stream of :mod:`visionmoe.routing.noise`,
+taken by :func:`visionmoe.layers.router_base.router_noise`). The expert GEMMs stay in the BLAS, except
+for the ``fused`` backend (:func:`expert_ffn`): small experts computed in C, dispatch and combine
+included, for the narrow feature maps where the BLAS's GEMMs on 8-64-wide rows are slow: the smallest
+token by token, larger ones tiled by expert (the kept assignments sorted by expert, a few rows at a time
+through register-tiled products; no capacity padding).
 
 It is plain C, compiled on first use with the system's C compiler (``$CC``, else ``cc``; some seconds: 12 s
 with gcc -O3 on 2 cores) into a per-user cache (``$VISIONMOE_CACHE``, else ``$XDG_CACHE_HOME/visionmoe``, else
@@ -24,7 +26,8 @@ workers (POSIX threads raced them for the cores and lost the gain).
 Everything here is optional: without a C compiler, with ``VISIONMOE_NATIVE=0`` in the environment, or
 inside :func:`disabled`, :func:`available` is False and the layer runs its ATen path. The row moves give
 the ATen path's output bit for bit; the router agrees with it to float rounding (its exp and erfc are
-its own polynomials; the noisy logits and the plan's integers are the same). The kernels take float32
+its own polynomials; given the same noise, the noisy logits and the plan's integers are the same), and so
+does the noise (the same 32-bit words; log, sin and cos rounded by other polynomials). The kernels take float32
 CPU tensors; other dtypes and devices, ``torch.compile`` and ``torch.export`` take the ATen path.
 Gradients of gradients (the Hessian analysis) flow: the moves' backward passes are moves, and the
 router's backward recomputes the ATen formula when it must build a graph.
@@ -42,7 +45,7 @@ import shutil
 import subprocess
 import tempfile
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import NamedTuple
 
@@ -97,7 +100,7 @@ def _flags() -> tuple[str, ...]:
     return (*FLAGS, OPENMP) if openmp else FLAGS
 
 
-_i64, _ptr_t, _int, _f32 = ctypes.c_int64, ctypes.c_void_p, ctypes.c_int, ctypes.c_float
+_i64, _ptr_t, _int, _f32, _u32 = ctypes.c_int64, ctypes.c_void_p, ctypes.c_int, ctypes.c_float, ctypes.c_uint32
 SIGNATURES = {
     "vmoe_router_forward": [_ptr_t, _ptr_t, _f32, _f32, *[_i64] * 5, *[_ptr_t] * 9, _int],
     "vmoe_router_backward": [*[_ptr_t] * 3, _f32, *[_ptr_t] * 6, *[_i64] * 4, _ptr_t, _int],
@@ -111,6 +114,7 @@ SIGNATURES = {
     "vmoe_linear_backward": [_ptr_t, _i64, _ptr_t, _ptr_t, *[_i64] * 4, *[_ptr_t] * 3, _int],
     "vmoe_tiled_forward": [_ptr_t, _i64, *[_ptr_t] * 6, *[_i64] * 5, _int, *[_ptr_t] * 5, _int],
     "vmoe_tiled_backward": [_ptr_t, _i64, *[_ptr_t] * 5, *[_i64] * 6, _int, _int, _int, *[_ptr_t] * 8, _int],
+    "vmoe_normal": [_u32, _u32, _i64, _ptr_t, _int],
 }
 """moe.c's functions and their argument types (every one returns nothing)."""
 
@@ -690,3 +694,22 @@ def router_logits(x: Tensor, weight: Tensor) -> Tensor:
     tokens). Needs :func:`logits_supported`. Equal to ``F.linear`` to float rounding; double backward by
     ATen's products."""
     return _Logits.apply(x, weight)
+
+
+# ---- the routers' noise -------------------------------------------------------------------------------------
+
+
+def standard_normal(shape: Sequence[int], key: Sequence[int]) -> Tensor:
+    """Draws 0 .. n - 1 of the counter-based standard normal stream keyed by ``key`` (two integers in
+    [0, 2³²)) as a float32 CPU tensor of ``shape``: the draws of
+    :func:`visionmoe.routing.noise.counter_normal` (the same 32-bit words; log, sin and cos rounded by
+    moe.c's polynomials instead of ATen's), at any thread count. Needs :func:`available`."""
+    from visionmoe.routing.noise import check_stream_length
+
+    k0, k1 = (int(k) for k in key)
+    if not (0 <= k0 < 2**32 and 0 <= k1 < 2**32):
+        raise ValueError(f"key must be two integers in [0, 2**32), got key={tuple(key)}")
+    n = check_stream_length(shape)
+    out = torch.empty(tuple(shape))
+    _library().vmoe_normal(k0, k1, n, _ptr(out), _threads())
+    return out

@@ -1,7 +1,7 @@
 /* visionmoe's native CPU kernels: the noisy top-k router (V-MoE token choice) in one pass forward and one
- * backward, the MoE layer's row moves (dispatch and combine of a token-choice plan), forward and back, and
- * small experts computed with the moves fused in (the `fused` backend, at the end): token by token, or
- * tiled by expert.
+ * backward, the MoE layer's row moves (dispatch and combine of a token-choice plan), forward and back, small
+ * experts computed with the moves fused in (the `fused` backend): token by token, or tiled by expert; the
+ * routers' logits, and their noise (a counter-based normal stream, at the end).
  *
  * Plain C without torch headers (compiled on first use, 12 s with gcc -O3 on 2 cores; called through
  * ctypes from visionmoe/native/__init__.py). Forward, for each token: the noisy logits l + sigma * noise,
@@ -1206,6 +1206,136 @@ void vmoe_linear_backward(const float *x, int64_t x_stride, const float *w, cons
     parallel_for(chunks, 1, threads, linear_backward_chunk, &p);
     sum_t s = {partial, chunks, E * D, dw};
     parallel_for(E * D, 4096, threads, sum_chunk, &s);
+}
+
+/* ---- the routers' noise: standard normal draws from a counter-based stream --------------------------------
+ * Draw i of the stream keyed (k0, k1) depends on i and the key alone, so every split over threads gives the
+ * same draws, and visionmoe.routing.noise computes the same 32-bit words with torch ops (its draws then differ
+ * from these by the rounding of log, sin and cos only). Word i: mix(mix(i ^ k0) ^ k1), mix being Wellons'
+ * triple32 (a bijection of 32-bit words with near-ideal avalanche). Block b of 16 draws takes words 16b to
+ * 16b + 15: u = 1 - (w >> 8) 2^-24 in (0, 1] from the first eight, v = (w >> 8) 2^-24 in [0, 1) from the last
+ * eight, and Box-Muller gives draw 16b + j = r cos 2πv and draw 16b + 8 + j = r sin 2πv, r = sqrt(-2 log u)
+ * (so |draw| <= 5.77, as with torch.randn's 24-bit uniforms). Four blocks at a time (NORMAL_BLOCKS), whose
+ * independent hash and polynomial chains the core overlaps: 0.14 of torch.randn's time for 524,288 draws on 2
+ * threads, 0.28 on one (benchmarks/router_noise.py). */
+
+typedef uint32_t v8u __attribute__((vector_size(32)));
+
+static inline v8u mix8(v8u x) {
+    x ^= x >> 17;
+    x *= 0xed5ad4bbu;
+    x ^= x >> 11;
+    x *= 0xac4c1b51u;
+    x ^= x >> 15;
+    x *= 0x31848babu;
+    x ^= x >> 14;
+    return x;
+}
+
+/* Cephes logf for normal x > 0: x = m 2^e with m in [√½, √2), log(1 + (m - 1)) by a degree-9 polynomial;
+ * relative error ~1e-7 */
+static inline v8f log8(v8f x) {
+    const v8i bits = (v8i)x;
+    v8i e = ((bits >> 23) & 0xff) - 126; /* x = m 2^e, m in [1/2, 1) */
+    v8f m = (v8f)((bits & 0x007fffff) | 0x3f000000);
+    const v8i small = m < 0.70710678118654752f;
+    e = e + small;                                    /* -1 where m < √½ ... */
+    m = m + (v8f)(small & (v8i)m) - 1.0f;             /* ... and m doubled there */
+    const v8f z = m * m;
+    v8f y = splat8(7.0376836292e-2f);
+    y = y * m - 1.1514610310e-1f;
+    y = y * m + 1.1676998740e-1f;
+    y = y * m - 1.2420140846e-1f;
+    y = y * m + 1.4249322787e-1f;
+    y = y * m - 1.6668057665e-1f;
+    y = y * m + 2.0000714765e-1f;
+    y = y * m - 2.4999993993e-1f;
+    y = y * m + 3.3333331174e-1f;
+    y = y * m * z;
+    const v8f ef = __builtin_convertvector(e, v8f);
+    y = y + ef * -2.12194440e-4f;
+    y = y - 0.5f * z;
+    return m + y + ef * 0.693359375f;
+}
+
+#if defined(__AVX2__)
+static inline v8f sqrt8(v8f x) { return (v8f)_mm256_sqrt_ps((__m256)x); }
+#else
+static inline v8f sqrt8(v8f x) {
+    for (int i = 0; i < 8; i++) x[i] = sqrtf(x[i]);
+    return x;
+}
+#endif
+
+static inline v8f flip_sign8(v8i mask, v8f x) { return (v8f)((v8i)x ^ (mask & INT32_MIN)); }
+
+#define NORMAL_BLOCKS 4 /* blocks of 16 draws computed side by side: independent chains for the core to overlap */
+#define EACH for (int i = 0; i < NORMAL_BLOCKS; i++)
+
+/* draws first .. first + 16 NORMAL_BLOCKS - 1 of the stream keyed (k0, k1) into out */
+static inline void normal_blocks(uint32_t first, uint32_t k0, uint32_t k1, float *out) {
+    const v8u lane = {0, 1, 2, 3, 4, 5, 6, 7};
+    const float ulp = 5.9604644775390625e-8f; /* 2^-24 */
+    v8u wu[NORMAL_BLOCKS], wv[NORMAL_BLOCKS];
+    v8f r[NORMAL_BLOCKS], y[NORMAL_BLOCKS];
+    EACH wu[i] = (first + 16u * i + lane) ^ k0;
+    EACH wv[i] = (first + 16u * i + 8u + lane) ^ k0;
+    EACH wu[i] = mix8(wu[i]) ^ k1;
+    EACH wv[i] = mix8(wv[i]) ^ k1;
+    EACH wu[i] = mix8(wu[i]);
+    EACH wv[i] = mix8(wv[i]);
+    EACH r[i] = sqrt8(log8(1.0f - __builtin_convertvector((v8i)(wu[i] >> 8), v8f) * ulp) * -2.0f);
+    EACH y[i] = __builtin_convertvector((v8i)(wv[i] >> 8), v8f) * (4.0f * ulp); /* 4v, exact */
+    EACH {
+        /* 2πv = q π/2 + φ: q the nearest integer to 4v (ties to even), φ = (4v - q) π/2 in [-π/4, π/4] */
+        const v8f magic = splat8(12582912.0f); /* 1.5 * 2^23: adding it rounds to an integer */
+        const v8f shifted = y[i] + magic;
+        const v8i q = (v8i)shifted - (v8i)magic;
+        const v8f phi = (y[i] - (shifted - magic)) * 1.57079632679489662f;
+        const v8f z = phi * phi;
+        /* Cephes sinf and cosf on [-π/4, π/4] */
+        v8f s = splat8(-1.9515295891e-4f);
+        s = s * z + 8.3321608736e-3f;
+        s = s * z - 1.6666654611e-1f;
+        s = s * z * phi + phi;
+        v8f c = splat8(2.443315711809948e-5f);
+        c = c * z - 1.388731625493765e-3f;
+        c = c * z + 4.166664568298827e-2f;
+        c = c * z * z - 0.5f * z + 1.0f;
+        /* rotate by q quarter turns: (cos, sin) = (c, s), (-s, c), (-c, -s), (s, -c) */
+        const v8i odd = -(q & 1);
+        const v8f cos_abs = select8(odd, s, c), sin_abs = select8(odd, c, s);
+        store8(out + 16 * i, r[i] * flip_sign8(-(((q + 1) >> 1) & 1), cos_abs));
+        store8(out + 16 * i + 8, r[i] * flip_sign8(-((q >> 1) & 1), sin_abs));
+    }
+}
+#undef EACH
+
+typedef struct {
+    uint32_t k0, k1;
+    int64_t n;
+    float *out;
+} normal_t;
+
+static void normal_chunk(void *arg, int64_t b0, int64_t b1) {
+    const normal_t *a = (const normal_t *)arg;
+    const int64_t per = 16 * NORMAL_BLOCKS;
+    for (int64_t b = b0; b < b1; b++) {
+        const int64_t at = per * b;
+        if (at + per <= a->n) {
+            normal_blocks((uint32_t)at, a->k0, a->k1, a->out + at);
+        } else {
+            float part[16 * NORMAL_BLOCKS];
+            normal_blocks((uint32_t)at, a->k0, a->k1, part);
+            memcpy(a->out + at, part, (size_t)(a->n - at) * sizeof(float));
+        }
+    }
+}
+
+/* out[0..n): draws 0 .. n - 1 of the stream keyed (k0, k1); n <= 2^32 */
+void vmoe_normal(uint32_t k0, uint32_t k1, int64_t n, float *out, int threads) {
+    normal_t a = {k0, k1, n, out};
+    parallel_for((n + 16 * NORMAL_BLOCKS - 1) / (16 * NORMAL_BLOCKS), 1024, threads, normal_chunk, &a);
 }
 
 int vmoe_abi_version(void) { return 3; }

@@ -1,5 +1,7 @@
 """Every dispatch backend equals the one-hot einsum reference, outputs and gradients."""
 
+import contextlib
+
 import pytest
 import torch
 
@@ -224,6 +226,31 @@ def test_token_choice_path_equals_the_general_sorted_path():
         torch.testing.assert_close(dx, ref_dx, rtol=1e-5, atol=1e-6)
         for key in ref_grads:
             torch.testing.assert_close(grads[key], ref_grads[key], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("on", [True, False], ids=["native", "aten"])
+@pytest.mark.parametrize("batch_priority", [False, True])
+def test_token_order_skips_only_the_check_for_a_permutation(on, batch_priority):
+    # The routers mark a plan in token order (token_order=True: no Batch Prioritized Routing); the layer then
+    # skips the priority permutation and its check. The same plan unmarked takes the check: the same numbers.
+    import dataclasses
+
+    torch.manual_seed(0)
+    options = {"batch_priority": batch_priority}
+    moe = MoE(16, 4, 24, router="topk", k=2, capacity_factor=0.75, router_options=options)
+    x = torch.randn(2, 9, 16)
+    with contextlib.nullcontext() if on else native.disabled():
+        plan = moe.router(x).plan
+        assert plan.token_order is not batch_priority
+        if not batch_priority:
+            assert torch.equal(plan.token, torch.arange(9).repeat(2).expand(2, -1))
+        unmarked = dataclasses.replace(plan, token_order=False)
+        for backend in backends_for(moe, x):
+            y, dx, grads = run_backend(moe, x, plan, backend)
+            ref_y, ref_dx, ref_grads = run_backend(moe, x, unmarked, backend)
+            assert torch.equal(y, ref_y) and torch.equal(dx, ref_dx)
+            assert all(torch.equal(grads[key], ref_grads[key]) for key in ref_grads)
+            torch.testing.assert_close(y, run_backend(moe, x, plan, "reference")[0], rtol=1e-5, atol=1e-6)
 
 
 def test_token_choice_path_has_the_oracles_second_derivatives():

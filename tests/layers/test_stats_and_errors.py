@@ -1,16 +1,29 @@
 """Routing statistics, their accumulation, aux-loss configuration, and one-line errors on bad input."""
 
+import contextlib
+import dataclasses
 import math
 
 import pytest
 import torch
 
-from visionmoe import MoE, RoutingStatsAccumulator
+from visionmoe import MoE, RoutingStatsAccumulator, native
 from visionmoe.layers import ROUTERS, routing_stats
 from visionmoe.routing import token_choice
 
+needs_kernel = pytest.mark.skipif(not native.available(), reason=f"no native kernel: {native.unavailable_reason()}")
 
-def test_stats_by_hand():
+
+@pytest.fixture(params=["native", "aten"])
+def counts_path(request):
+    """Token-choice statistics counted by the C pass (native.plan_counts) and by ATen's scatter_add_."""
+    if request.param == "native" and not native.available():
+        pytest.skip(f"no native kernel: {native.unavailable_reason()}")
+    with contextlib.nullcontext() if request.param == "native" else native.disabled():
+        yield request.param
+
+
+def test_stats_by_hand(counts_path):
     # Gates t0 = [0.7, 0.3], t1 = [0.6, 0.4], t2 = [0.2, 0.8], k=1, C=1: t1 is dropped.
     # Loads [1, 1]: CV 0, max/mean 1. One of three assignments dropped, one token unrouted.
     gates = torch.tensor([[[0.7, 0.3], [0.6, 0.4], [0.2, 0.8]]])
@@ -24,7 +37,7 @@ def test_stats_by_hand():
     assert stats.router_entropy == pytest.approx(sum(h) / 3, rel=1e-6)
 
 
-def test_unbalanced_load_stats_by_hand():
+def test_unbalanced_load_stats_by_hand(counts_path):
     # k=1, dropless: t0, t1, t2 pick e0 (0.7, 0.6, 0.9), t3 picks e1 (0.8): loads [3, 1].
     # Mean 2, population std √(((3-2)² + (1-2)²)/2) = 1, so CV = 1/2 = 0.5 (the sample std √2 would give 0.71);
     # max/mean = 3/2 = 1.5.
@@ -36,7 +49,7 @@ def test_unbalanced_load_stats_by_hand():
     assert stats.as_dict()["load_cv"] == 0.5 and stats.as_dict()["load_max_over_mean"] == 1.5
 
 
-def test_accumulator_sums_batches():
+def test_accumulator_sums_batches(counts_path):
     # Batch 1 loads [1, 1] with 1 of 3 dropped; batch 2 (k=2, dropless) loads [3, 3], none dropped.
     # Together: loads [4, 4], 1 of 9 assignments dropped, 1 of 6 tokens unrouted.
     gates = torch.tensor([[[0.7, 0.3], [0.6, 0.4], [0.2, 0.8]]])
@@ -51,6 +64,37 @@ def test_accumulator_sums_batches():
     acc.reset()
     with pytest.raises(RuntimeError, match="before any update"):
         acc.compute()
+
+
+@needs_kernel
+def test_plan_counts_by_hand():
+    # K = 2, S = 3, choice-major: first choices e0 (kept), e1 (kept), e0 (dropped); second choices e1 (kept),
+    # e1 (dropped), e0 (dropped). Kept per expert [1, 2]; token 2 has no kept choice.
+    expert = torch.tensor([[0, 1, 0, 1, 1, 0]])
+    kept = torch.tensor([[True, True, False, True, False, False]])
+    counts, unrouted = native.plan_counts(expert, kept, 2, 2)
+    assert counts.tolist() == [[1, 2]] and unrouted.tolist() == [1]
+    with pytest.raises(ValueError, match=r"expert ids in \[0, 2\), got 1 outside"):
+        native.plan_counts(torch.tensor([[0, 2]]), torch.tensor([[True, True]]), 1, 2)
+    with pytest.raises(ValueError, match=r"K = 4 dividing K·S"):
+        native.plan_counts(expert, kept, 4, 2)
+
+
+@needs_kernel
+@pytest.mark.parametrize(
+    ("k", "capacity", "batch_priority"), [(1, 2, False), (2, 3, True), (3, 4, False), (2, None, True)]
+)
+def test_token_choice_stats_are_the_same_counted_in_c_or_by_aten(k, capacity, batch_priority):
+    torch.manual_seed(0)
+    gates = torch.randn(4, 37, 6).softmax(-1)
+    plan = token_choice(gates, k, capacity, batch_priority=batch_priority)
+    assert plan.token_order is not batch_priority
+    stats = routing_stats(plan, gates, 4, 37)
+    with native.disabled():
+        reference = routing_stats(plan, gates, 4, 37)
+    for field in dataclasses.fields(stats):
+        assert torch.equal(getattr(stats, field.name), getattr(reference, field.name)), field.name
+    assert stats.unrouted > 0 or capacity is None
 
 
 def test_layer_records_stats_every_forward():

@@ -279,15 +279,16 @@ def token_choice_moe(x: Tensor, plan: Routing, experts: Experts, backend: str = 
     """
     G, S, D = x.shape
     K, E, C = plan.choices, plan.num_experts, plan.capacity
-    arange = torch.arange(G * S, device=x.device)
     flat = x.reshape(G * S, D)
-    priority = (plan.token[:, :S] + S * torch.arange(G, device=x.device)[:, None]).reshape(-1)  # (G·S,) token rows
-    inverse = None
-    if x.device.type != "cpu" or torch.compiler.is_compiling() or not torch.equal(priority, arange):
-        # Batch Prioritized Routing (a host sync to find out where it is free, on the CPU; else assumed)
-        inverse = _inverse(priority, G * S)
-        flat = move_rows(flat, priority, inverse)  # (G·S, D) tokens in priority order
-    elif x.numel() and native.usable(x, plan.weight):
+    inverse = priority = None
+    if not plan.token_order:
+        priority = (plan.token[:, :S] + S * torch.arange(G, device=x.device)[:, None]).reshape(-1)  # (G·S,) rows
+        arange = torch.arange(G * S, device=x.device)
+        if x.device.type != "cpu" or torch.compiler.is_compiling() or not torch.equal(priority, arange):
+            # Batch Prioritized Routing (a host sync to find out where it is free, on the CPU; else assumed)
+            inverse = _inverse(priority, G * S)
+            flat = move_rows(flat, priority, inverse)  # (G·S, D) tokens in priority order
+    if inverse is None and x.numel() and native.usable(x, plan.weight):
         return native_token_choice_moe(x, plan, experts, backend)
     if backend == "fused":  # no native kernels here (or a plan out of token order): auto's other choice
         backend = unfused_backend(x, experts, plan)
@@ -340,7 +341,7 @@ def native_token_choice_moe(x: Tensor, plan: Routing, experts: Experts, backend:
         base = torch.arange(E)[None, :] * (G * C) + torch.arange(G)[:, None] * C  # (G, E)
         rows = E * G * C
     else:  # the kept rows sorted by expert, then group: counting_sort's order
-        per_group = plan.token.new_zeros(G, E).scatter_add_(1, plan.expert, plan.kept.long())  # (G, E)
+        per_group, _ = native.plan_counts(plan.expert, plan.kept, K, E)  # (G, E) kept rows
         counts = per_group.sum(0)  # (E,)
         base = (counts.cumsum(0) - counts) + (per_group.cumsum(0) - per_group)
         rows = int(counts.sum())  # host sync: the kept rows the experts process

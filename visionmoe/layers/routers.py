@@ -175,10 +175,10 @@ class TopKRouter(Capacity, LinearRouter):
         )
         if capacity is None:
             capacity = int(position.max()) + 1 if position.numel() else 1
-        token = torch.arange(S).repeat(G, self.k)  # (G, K·S): token s for every choice j
+        token = torch.arange(S).repeat(self.k).expand(G, -1)  # (G, K·S): token s for every choice j (a view)
         if self.renormalize:
             weight = renormalized(weight, token, S)
-        plan = Routing(token, expert, position, weight, kept, S, E, capacity, choices=self.k)
+        plan = Routing(token, expert, position, weight, kept, S, E, capacity, choices=self.k, token_order=True)
         sums = {"importance": importance, "load": load_sums}
         aux, logged = self._weighted_aux(logits, lambda name, reduce: cv_squared_loss(sums[name], reduce))
         return RouterOutput(plan, aux, logged, gates, entropy_sum=entropy)

@@ -8,6 +8,7 @@ from dataclasses import dataclass, fields
 import torch
 from torch import Tensor
 
+from visionmoe import native
 from visionmoe.routing.plan import Plan, Routing
 
 
@@ -83,18 +84,25 @@ def routing_stats(
     """Statistics of one forward pass. gates: (G, S, E) routing distribution, or None (dense);
     ``entropy_sum``: their entropy summed over the tokens, where the router computed it (the fused
     top-k router), instead of computing it here from ``gates``."""
-    load = plan.tokens_per_expert().double()
-    device = load.device
-    tokens = torch.tensor(float(num_groups * num_tokens), dtype=torch.float64, device=device)
-    zero = torch.zeros((), dtype=torch.float64, device=device)
     if isinstance(plan, Routing):
-        routed = torch.zeros(num_groups, num_tokens, dtype=torch.long, device=device)
-        routed.scatter_add_(1, plan.token, plan.kept.long())  # kept assignments per token
-        unrouted = (routed == 0).sum().double()
+        device = plan.kept.device
         assignments = torch.tensor(float(plan.kept.numel()), dtype=torch.float64, device=device)
-        dropped = (~plan.kept).sum().double()
+        if plan.choices and native.usable(plan.weight):  # one C pass over the choice-major plan
+            per_group, unrouted_per_group = native.plan_counts(plan.expert, plan.kept, plan.choices, plan.num_experts)
+            load = per_group.sum(0).double()
+            unrouted = unrouted_per_group.sum().double()
+            dropped = assignments - load.sum()
+        else:
+            load = plan.tokens_per_expert().double()
+            routed = torch.zeros(num_groups, num_tokens, dtype=torch.long, device=device)
+            routed.scatter_add_(1, plan.token, plan.kept.long())  # kept assignments per token
+            unrouted = (routed == 0).sum().double()
+            dropped = (~plan.kept).sum().double()
     else:
-        unrouted, assignments, dropped = zero, zero.clone(), zero.clone()
+        load = plan.tokens_per_expert().double()
+        device = load.device
+        unrouted, assignments, dropped = (torch.zeros((), dtype=torch.float64, device=device) for _ in range(3))
+    tokens = torch.tensor(float(num_groups * num_tokens), dtype=torch.float64, device=device)
     if entropy_sum is not None:
         entropy = entropy_sum.detach().double()
     elif gates is None:

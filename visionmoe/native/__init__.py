@@ -115,6 +115,7 @@ SIGNATURES = {
     "vmoe_tiled_forward": [_ptr_t, _i64, *[_ptr_t] * 6, *[_i64] * 5, _int, *[_ptr_t] * 5, _int],
     "vmoe_tiled_backward": [_ptr_t, _i64, *[_ptr_t] * 5, *[_i64] * 6, _int, _int, _int, *[_ptr_t] * 8, _int],
     "vmoe_normal": [_u32, _u32, _i64, _ptr_t, _int],
+    "vmoe_plan_counts": [_ptr_t, _ptr_t, *[_i64] * 4, *[_ptr_t] * 3, _int],
 }
 """moe.c's functions and their argument types (every one returns nothing)."""
 
@@ -694,6 +695,32 @@ def router_logits(x: Tensor, weight: Tensor) -> Tensor:
     tokens). Needs :func:`logits_supported`. Equal to ``F.linear`` to float rounding; double backward by
     ATen's products."""
     return _Logits.apply(x, weight)
+
+
+# ---- a token-choice plan's counts --------------------------------------------------------------------------
+
+
+def plan_counts(expert: Tensor, kept: Tensor, choices: int, num_experts: int) -> tuple[Tensor, Tensor]:
+    """Of a choice-major token-choice plan (``expert`` (G, K·S) int64, ``kept`` (G, K·S) bool, assignment
+    j·S + i the j-th choice of the i-th token): the kept assignments per group and expert (G, E) and the
+    tokens with no kept choice per group (G,), as int64, in one C pass (what ``scatter_add_`` and a
+    per-token sum compute in several). Needs :func:`available`."""
+    G, A = expert.shape
+    if kept.shape != expert.shape or kept.dtype != torch.bool or A % max(choices, 1):
+        raise ValueError(
+            f"plan_counts needs expert and kept of one shape (G, K·S), kept bool, K = {choices} dividing K·S; "
+            f"got expert {tuple(expert.shape)}, kept {tuple(kept.shape)} {kept.dtype}"
+        )
+    expert_c, kept_c = expert.detach().contiguous(), kept.detach().contiguous()
+    counts, unrouted = torch.empty(G, num_experts, dtype=torch.int64), torch.empty(G, dtype=torch.int64)
+    invalid = torch.empty(G, dtype=torch.int64)
+    _library().vmoe_plan_counts(
+        _ptr(expert_c), _ptr(kept_c), G, choices, A // max(choices, 1), num_experts,
+        *(_ptr(t) for t in (counts, unrouted, invalid)), _threads(),
+    )  # fmt: skip
+    if bad := int(invalid.sum()):
+        raise ValueError(f"plan_counts needs expert ids in [0, {num_experts}), got {bad} outside")
+    return counts, unrouted
 
 
 # ---- the routers' noise -------------------------------------------------------------------------------------

@@ -1208,6 +1208,51 @@ void vmoe_linear_backward(const float *x, int64_t x_stride, const float *w, cons
     parallel_for(E * D, 4096, threads, sum_chunk, &s);
 }
 
+/* ---- a token-choice plan's counts -------------------------------------------------------------------------
+ * For the routing statistics and the sorted dispatch: per group, the kept assignments of each expert and the
+ * tokens none of whose K choices was kept, from a choice-major plan (assignment j·S + i is the j-th choice of
+ * the i-th token). Integer sums: exact in any order. */
+
+typedef struct {
+    const int64_t *expert;
+    const uint8_t *kept;
+    int64_t K, S, E;
+    int64_t *counts, *unrouted, *invalid;
+} counts_t;
+
+static void counts_chunk(void *arg, int64_t g0, int64_t g1) {
+    const counts_t *a = (const counts_t *)arg;
+    const int64_t K = a->K, S = a->S, E = a->E;
+    for (int64_t g = g0; g < g1; g++) {
+        const int64_t *expert = a->expert + g * K * S;
+        const uint8_t *kept = a->kept + g * K * S;
+        int64_t *counts = a->counts + g * E, invalid = 0, unrouted = 0;
+        memset(counts, 0, (size_t)E * sizeof(int64_t));
+        for (int64_t i = 0; i < K * S; i++) {
+            const int64_t e = expert[i];
+            if ((uint64_t)e < (uint64_t)E)
+                counts[e] += kept[i] != 0;
+            else
+                invalid++;
+        }
+        for (int64_t i = 0; i < S; i++) {
+            uint8_t any = 0;
+            for (int64_t j = 0; j < K; j++) any |= kept[j * S + i];
+            unrouted += !any;
+        }
+        a->unrouted[g] = unrouted;
+        a->invalid[g] = invalid;
+    }
+}
+
+/* expert (G, K·S) int64, kept (G, K·S) bytes 0/1, choice-major. Out: counts (G, E) kept assignments per group
+ * and expert; unrouted (G) tokens with no kept choice; invalid (G) expert ids outside [0, E) (not counted). */
+void vmoe_plan_counts(const int64_t *expert, const uint8_t *kept, int64_t G, int64_t K, int64_t S, int64_t E,
+                      int64_t *counts, int64_t *unrouted, int64_t *invalid, int threads) {
+    counts_t a = {expert, kept, K, S, E, counts, unrouted, invalid};
+    parallel_for(G, group_grain(S * K, 1), threads, counts_chunk, &a);
+}
+
 /* ---- the routers' noise: standard normal draws from a counter-based stream --------------------------------
  * Draw i of the stream keyed (k0, k1) depends on i and the key alone, so every split over threads gives the
  * same draws, and visionmoe.routing.noise computes the same 32-bit words with torch ops (its draws then differ

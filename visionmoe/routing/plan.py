@@ -42,6 +42,9 @@ class Routing:
             (assignment j·S + i is the j-th choice of the i-th token in priority order, so
             ``token[:, j·S + i]`` is the same token for every j), and the kept assignments of each
             expert and group hold positions 0, 1, ... without gaps.
+        token_order: True promises ``token[:, j·S + i] == i`` (a token-choice plan in token order, no
+            Batch Prioritized Routing), so the layer needs no permutation to and from priority order nor
+            a check for one. False promises nothing.
     """
 
     token: Tensor
@@ -53,6 +56,7 @@ class Routing:
     num_experts: int
     capacity: int
     choices: int | None = None
+    token_order: bool = False
 
     @property
     def num_groups(self) -> int:

@@ -60,7 +60,7 @@ def token_choice(
     weight = gate_weights(gates, token, expert, kept)  # (G, A): gate of (s, e)
     if renormalize:
         weight = renormalized(weight, token, S)
-    return Routing(token, expert, position, weight, kept, S, E, capacity, choices=k)
+    return Routing(token, expert, position, weight, kept, S, E, capacity, choices=k, token_order=not batch_priority)
 
 
 def gate_weights(gates: Tensor, token: Tensor, expert: Tensor, kept: Tensor) -> Tensor:

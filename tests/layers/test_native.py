@@ -97,6 +97,21 @@ def test_native_row_moves_give_the_aten_dispatch_bit_for_bit(backend, experts, k
 
 
 @needs_kernel
+@pytest.mark.parametrize(("groups", "k", "tokens"), [(1, 1, 5), (3, 2, 37), (2, 4, 9)])
+def test_token_major_experts_is_the_transposed_masked_plan(groups, k, tokens):
+    torch.manual_seed(0)
+    expert = torch.randint(0, 8, (groups, k * tokens))
+    kept = torch.rand(groups, k * tokens) < 0.7
+    expected = torch.where(kept, expert, -1).reshape(groups, k, tokens).transpose(1, 2).reshape(-1, k)
+    assert torch.equal(native.token_major_experts(expert, kept, k), expected)
+    # by hand: one group, K = 2, S = 2: choices (e3 kept, e5 dropped | e1 kept, e0 kept) -> [[3, 1], [-1, 0]]
+    hand = native.token_major_experts(torch.tensor([[3, 5, 1, 0]]), torch.tensor([[True, False, True, True]]), 2)
+    assert hand.tolist() == [[3, 1], [-1, 0]]
+    with pytest.raises(ValueError, match="K = 3 dividing"):
+        native.token_major_experts(torch.zeros(1, 4, dtype=torch.int64), torch.ones(1, 4, dtype=torch.bool), 3)
+
+
+@needs_kernel
 def test_fused_layer_equals_the_einsum_reference_and_ignores_the_thread_count():
     torch.manual_seed(0)
     layer = MoE(8, 8, 16, k=2, capacity_factor=0.75).eval()

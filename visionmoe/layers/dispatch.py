@@ -333,7 +333,7 @@ def native_token_choice_moe(x: Tensor, plan: Routing, experts: Experts, backend:
     K, E, C = plan.choices, plan.num_experts, plan.capacity
     if backend == "fused":
         if native.ffn_supported(experts):
-            expert = torch.where(plan.kept, plan.expert, -1).reshape(G, K, S).transpose(1, 2).reshape(G * S, K)
+            expert = native.token_major_experts(plan.expert, plan.kept, K)  # (G·S, K), -1 where dropped
             weight = plan.weight.reshape(G, K, S).transpose(1, 2).reshape(G * S, K)
             return native.expert_ffn(x.reshape(G * S, D), expert, weight, experts).reshape(G, S, D)
         backend = unfused_backend(x, experts, plan)

@@ -11,7 +11,9 @@ map, backward the same moves again (:func:`scatter_rows`, :func:`gather_rows`, :
 :func:`visionmoe.layers.dispatch.native_token_choice_moe`), and the routers' logits ``x Wᵀ`` one token at
 a time (:func:`router_logits`, taken by :meth:`visionmoe.layers.router_base.LinearRouter.logits`), and
 the routers' noise (:func:`standard_normal`, the counter-based stream of :mod:`visionmoe.routing.noise`,
-taken by :func:`visionmoe.layers.router_base.router_noise`). The expert GEMMs stay in the BLAS, except
+taken by :func:`visionmoe.layers.router_base.router_noise`), and a plan's counts for the routing
+statistics and its token-major expert ids for the ``fused`` backend (:func:`plan_counts`,
+:func:`token_major_experts`). The expert GEMMs stay in the BLAS, except
 for the ``fused`` backend (:func:`expert_ffn`): small experts computed in C, dispatch and combine
 included, for the narrow feature maps where the BLAS's GEMMs on 8-64-wide rows are slow: the smallest
 token by token, larger ones tiled by expert (the kept assignments sorted by expert, a few rows at a time
@@ -116,6 +118,7 @@ SIGNATURES = {
     "vmoe_tiled_backward": [_ptr_t, _i64, *[_ptr_t] * 5, *[_i64] * 6, _int, _int, _int, *[_ptr_t] * 8, _int],
     "vmoe_normal": [_u32, _u32, _i64, _ptr_t, _int],
     "vmoe_plan_counts": [_ptr_t, _ptr_t, *[_i64] * 4, *[_ptr_t] * 3, _int],
+    "vmoe_token_major": [_ptr_t, _ptr_t, *[_i64] * 3, _ptr_t, _int],
 }
 """moe.c's functions and their argument types (every one returns nothing)."""
 
@@ -721,6 +724,23 @@ def plan_counts(expert: Tensor, kept: Tensor, choices: int, num_experts: int) ->
     if bad := int(invalid.sum()):
         raise ValueError(f"plan_counts needs expert ids in [0, {num_experts}), got {bad} outside")
     return counts, unrouted
+
+
+def token_major_experts(expert: Tensor, kept: Tensor, choices: int) -> Tensor:
+    """(G·S, K) int64: the expert of each token's j-th choice, -1 where it was dropped, from a choice-major
+    plan's (G, K·S) ``expert`` and ``kept``: ``torch.where(kept, expert, -1)`` transposed to token-major, in
+    one C pass. Needs :func:`available`."""
+    G, A = expert.shape
+    if kept.shape != expert.shape or kept.dtype != torch.bool or A % max(choices, 1):
+        raise ValueError(
+            f"token_major_experts needs expert and kept of one shape (G, K·S), kept bool, K = {choices} dividing "
+            f"K·S; got expert {tuple(expert.shape)}, kept {tuple(kept.shape)} {kept.dtype}"
+        )
+    S = A // max(choices, 1)
+    out = torch.empty(G * S, choices, dtype=torch.int64)
+    expert_c, kept_c = expert.detach().contiguous(), kept.detach().contiguous()
+    _library().vmoe_token_major(_ptr(expert_c), _ptr(kept_c), G, choices, S, _ptr(out), _threads())
+    return out
 
 
 # ---- the routers' noise -------------------------------------------------------------------------------------

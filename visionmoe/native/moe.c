@@ -11,9 +11,10 @@
  * the logits from those of the gates, the weights and the two sums. What ATen computes in some thirty
  * passes over (tokens, E) tensors, in two.
  *
- * exp and erfc are polynomial approximations (Cephes expf, relative error ~2e-7; Numerical Recipes'
- * erfcc, ~1.2e-7; the experts' GELU takes ATen's erf formula, see normal_cdf8) written so that GCC
- * vectorises the loops over experts; the results agree with ATen's to float rounding, not bit for bit.
+ * exp, log and erfc are polynomial approximations (Cephes expf, relative error ~2e-7; Cephes logf, ~1e-7;
+ * Numerical Recipes' erfcc, ~1.2e-7; the experts' GELU takes ATen's erf formula, see normal_cdf8) written so
+ * that GCC vectorises the loops over experts; the results agree with ATen's to float rounding, not bit for
+ * bit.
  * The build uses -ffp-contract=off so that l + sigma * noise rounds as ATen's mul-then-add does (the same
  * noisy logits, bit for bit).
  *
@@ -88,7 +89,7 @@ static int64_t group_grain(int64_t S, int64_t E) {
     return per_group >= MIN_VALUES_PER_THREAD ? 1 : (MIN_VALUES_PER_THREAD + per_group - 1) / per_group;
 }
 
-/* ---- exp and erfc on 8 lanes ---------------------------------------------------------------------------
+/* ---- exp, log and erfc on 8 lanes -------------------------------------------------------------------------
  * GCC/Clang vector extensions: one 32-byte vector (AVX2 with -march=native; two SSE halves elsewhere, or
  * NEON) holds 8 experts of a token; E must be a multiple of 8. No libm calls, no branches. */
 
@@ -143,6 +144,32 @@ static inline v8f erfc8(v8f x) {
     poly = -1.26551223f + t * poly;
     v8f r = t * exp8(-z * z + poly);
     return select8(x >= 0.0f, r, 2.0f - r);
+}
+
+/* Cephes logf for normal x > 0: x = m 2^e with m in [√½, √2), log(1 + (m - 1)) by a degree-9 polynomial;
+ * relative error ~1e-7 */
+static inline v8f log8(v8f x) {
+    const v8i bits = (v8i)x;
+    v8i e = ((bits >> 23) & 0xff) - 126; /* x = m 2^e, m in [1/2, 1) */
+    v8f m = (v8f)((bits & 0x007fffff) | 0x3f000000);
+    const v8i small = m < 0.70710678118654752f;
+    e = e + small;                                    /* -1 where m < √½ ... */
+    m = m + (v8f)(small & (v8i)m) - 1.0f;             /* ... and m doubled there */
+    const v8f z = m * m;
+    v8f y = splat8(7.0376836292e-2f);
+    y = y * m - 1.1514610310e-1f;
+    y = y * m + 1.1676998740e-1f;
+    y = y * m - 1.2420140846e-1f;
+    y = y * m + 1.4249322787e-1f;
+    y = y * m - 1.6668057665e-1f;
+    y = y * m + 2.0000714765e-1f;
+    y = y * m - 2.4999993993e-1f;
+    y = y * m + 3.3333331174e-1f;
+    y = y * m * z;
+    const v8f ef = __builtin_convertvector(e, v8f);
+    y = y + ef * -2.12194440e-4f;
+    y = y - 0.5f * z;
+    return m + y + ef * 0.693359375f;
 }
 
 static inline float hsum8(v8f v) { /* in lane order, as a loop over experts would add */
@@ -278,7 +305,8 @@ static void forward_block8(const fwd_t *a, int64_t g, int64_t s, int64_t *expert
     }
     const v8f z = 0.0f + zs, spread = 0.0f + ss; /* as 0.0f + hsum8(...): the same zero's sign */
     const v8f inv = 1.0f / z, part = spread * inv;
-    for (int r = 0; r < 8; r++) *entropy += (double)(logf(z[r]) - part[r]);
+    const v8f log_z = log8(z);
+    for (int r = 0; r < 8; r++) *entropy += (double)(log_z[r] - part[r]);
     for (int e = 0; e < 8; e++) rows[e] = ex[e] * inv; /* the gates, by expert */
     v8i chosen[MAX_K];
     v8f kth = splat8(-INFINITY);
@@ -303,7 +331,8 @@ static void forward_block8(const fwd_t *a, int64_t g, int64_t s, int64_t *expert
 static void forward_chunk(void *arg, int64_t g0, int64_t g1) {
     const fwd_t *a = (const fwd_t *)arg;
     const int64_t S = a->S, E = a->E, K = a->K;
-    float *noisy = malloc((size_t)E * 4 * sizeof(float)), *imp = noisy + E, *ld = noisy + 2 * E, *scratch = noisy + 3 * E;
+    float *noisy = malloc((size_t)E * 4 * sizeof(float)), *imp = noisy + E, *ld = noisy + 2 * E;
+    float *scratch = noisy + 3 * E;
     int64_t *offered = malloc((size_t)E * sizeof(int64_t)); /* assignments offered to each expert so far */
     int64_t chosen[MAX_K];
     for (int64_t g = g0; g < g1; g++) {
@@ -337,7 +366,7 @@ static void forward_chunk(void *arg, int64_t g0, int64_t g1) {
             }
             const float inv = 1.0f / z;
             /* the gates' entropy, -sum g log g with log g = (noisy - m) - log z: one log per token */
-            entropy += (double)(logf(z) - spread * inv);
+            entropy += (double)(log8(splat8(z))[0] - spread * inv); /* log8: as the 8-token blocks */
             for (int64_t e = 0; e < E; e += 8) {
                 v8f gv = load8(gate + e) * inv;
                 store8(gate + e, gv);
@@ -760,19 +789,23 @@ static inline void add_to(float *acc, const float *v, int64_t N) {
     for (int64_t n = 0; n < N; n += 8) store8(acc + n, load8(acc + n) + load8(v + n));
 }
 
+/* The arguments of both loops over the experts (token by token, and tiled by expert), forward and backward */
 typedef struct {
-    const float *x;
-    int64_t x_stride;
+    const float *x, *weight, *w1, *b1, *w2, *b2, *w1t, *w2t, *dy;
+    int64_t x_stride, dy_stride, K, D, H, E, T;
     const int64_t *expert;
-    const float *weight, *w1, *b1, *w2, *b2, *w1t, *w2t, *dy;
-    int64_t dy_stride, K, D, H, E, T, chunk, per_chunk;
-    int act, bias1, bias2; /* backward: whether the experts have b1, b2 */
-    float *y, *dx, *dweight, *partial;
-    float *hidden, *outputs; /* each choice's pre-activation (T·K, H) and unweighted output (T·K, D), or NULL */
-} ffn_t;
+    int act, bias1, bias2;   /* backward: whether the experts have b1, b2 (their gradients' place in grads) */
+    float *hidden, *outputs; /* each kept choice's pre-activation (T·K, H) and unweighted output (T·K, D) */
+    float *y, *dx, *dweight; /* forward's y (T, D); backward's dx (T, D) and dweight (T, K), each or NULL */
+    int64_t chunk, per_chunk; /* token by token: tokens per private weight-gradient buffer, and its floats */
+    float *partial;           /* token by token: those buffers */
+    const int64_t *order, *offsets; /* tiled: the kept choices sorted by expert, and each expert's first */
+    float *rows, *grads;            /* tiled backward: each kept choice's input gradient (T·K, D); the
+                                     * weights' gradients */
+} experts_t;
 
 static void ffn_forward_chunk(void *arg, int64_t t0, int64_t t1) {
-    const ffn_t *p = (const ffn_t *)arg;
+    const experts_t *p = (const experts_t *)arg;
     const int64_t K = p->K, D = p->D, H = p->H;
     float *buf = malloc((size_t)(2 * H + D) * sizeof(float));
     for (int64_t t = t0; t < t1; t++) {
@@ -800,13 +833,13 @@ static void ffn_forward_chunk(void *arg, int64_t t0, int64_t t1) {
 void vmoe_ffn_forward(const float *x, int64_t x_stride, const int64_t *expert, const float *weight, const float *w1,
                       const float *b1, const float *w2, const float *b2, int64_t T, int64_t K, int64_t D, int64_t H,
                       int act, float *hidden, float *outputs, float *y, int threads) {
-    ffn_t p = {.x = x, .x_stride = x_stride, .expert = expert, .weight = weight, .w1 = w1, .b1 = b1, .w2 = w2,
+    experts_t p = {.x = x, .x_stride = x_stride, .expert = expert, .weight = weight, .w1 = w1, .b1 = b1, .w2 = w2,
                .b2 = b2, .K = K, .D = D, .H = H, .T = T, .act = act, .y = y, .hidden = hidden, .outputs = outputs};
     parallel_for(T, 256, threads, ffn_forward_chunk, &p);
 }
 
 static void ffn_backward_chunk(void *arg, int64_t c0, int64_t c1) {
-    const ffn_t *p = (const ffn_t *)arg;
+    const experts_t *p = (const experts_t *)arg;
     const int64_t K = p->K, D = p->D, H = p->H, E = p->E;
     float *h = malloc((size_t)(3 * H + 2 * D) * sizeof(float)), *dh = h + H, *deriv = dh + H;
     float *o = deriv + H, *dout = o + D;
@@ -876,7 +909,7 @@ void vmoe_ffn_backward(const float *x, int64_t x_stride, const int64_t *expert, 
                        float *outputs, float *dx, float *dweight, float *grads, float *partial, int threads) {
     const int64_t per_chunk = E * (2 * D * H + (bias1 ? H : 0) + (bias2 ? D : 0));
     const int64_t chunks = (T + chunk - 1) / chunk;
-    ffn_t p = {.x = x, .x_stride = x_stride, .expert = expert, .weight = weight, .w1t = w1t, .w2t = w2t, .dy = dy,
+    experts_t p = {.x = x, .x_stride = x_stride, .expert = expert, .weight = weight, .w1t = w1t, .w2t = w2t, .dy = dy,
                .dy_stride = dy_stride, .K = K, .D = D, .H = H, .E = E, .T = T, .chunk = chunk,
                .per_chunk = per_chunk, .act = act, .bias1 = bias1, .bias2 = bias2, .dx = dx, .dweight = dweight,
                .partial = partial, .hidden = hidden, .outputs = outputs};
@@ -980,16 +1013,6 @@ static inline void gemm_tn(const float *a, int64_t Kd, const float *b, int64_t N
     }
 }
 
-typedef struct {
-    const float *x, *weight, *w1, *b1, *w2, *b2, *w1t, *w2t, *dy;
-    int64_t x_stride, dy_stride, K, D, H, E, T;
-    const int64_t *expert, *order, *offsets;
-    int act, bias1, bias2; /* backward: whether the experts have b1, b2 (their gradients' place in grads) */
-    float *hidden;       /* each kept choice's pre-activation (T·K, H): forward's output, backward's input */
-    float *outputs;      /* each kept choice's expert output, unweighted (T·K, D): likewise */
-    float *rows, *grads; /* backward: each kept choice's input gradient (T·K, D); the weights' gradients */
-    float *y, *dweight;  /* forward's y, or backward's dx (T, D); backward's dweight (T, K) or NULL */
-} tiled_t;
 
 /* order[offsets[e] .. offsets[e + 1]): expert e's kept assignments t·K + j, ascending */
 static void sort_by_expert(const int64_t *expert, int64_t N, int64_t E, int64_t *order, int64_t *offsets) {
@@ -1025,7 +1048,7 @@ static inline void gather_tile(const float *src, int64_t stride, int by_assignme
 }
 
 static void tiled_forward_chunk(void *arg, int64_t e0, int64_t e1) {
-    const tiled_t *p = (const tiled_t *)arg;
+    const experts_t *p = (const experts_t *)arg;
     const int64_t K = p->K, D = p->D, H = p->H;
     float *xt = malloc((size_t)TB * (2 * D + 2 * H) * sizeof(float)), *a = xt + TB * D, *h = a + TB * H;
     float *o = h + TB * H;
@@ -1049,7 +1072,7 @@ static void tiled_forward_chunk(void *arg, int64_t e0, int64_t e1) {
 }
 
 /* out[t] = Σ_j (weight[t·K + j] or 1) · src[t·K + j] over the kept choices, j in order (0 where none is) */
-static void add_choices(const tiled_t *p, int64_t t0, int64_t t1, const float *src, const float *weight,
+static void add_choices(const experts_t *p, int64_t t0, int64_t t1, const float *src, const float *weight,
                         float *dst) {
     const int64_t K = p->K, D = p->D;
     for (int64_t t = t0; t < t1; t++) {
@@ -1070,13 +1093,13 @@ static void add_choices(const tiled_t *p, int64_t t0, int64_t t1, const float *s
 }
 
 static void combine_outputs_chunk(void *arg, int64_t t0, int64_t t1) {
-    const tiled_t *p = (const tiled_t *)arg;
+    const experts_t *p = (const experts_t *)arg;
     add_choices(p, t0, t1, p->outputs, p->weight, p->y);
 }
 
 static void combine_input_grads_chunk(void *arg, int64_t t0, int64_t t1) {
-    const tiled_t *p = (const tiled_t *)arg;
-    add_choices(p, t0, t1, p->rows, NULL, p->y);
+    const experts_t *p = (const experts_t *)arg;
+    add_choices(p, t0, t1, p->rows, NULL, p->dx);
 }
 
 /* As vmoe_ffn_forward (the weighted products rounded, then summed over a token's choices in order);
@@ -1087,7 +1110,7 @@ void vmoe_tiled_forward(const float *x, int64_t x_stride, const int64_t *expert,
                         int64_t E, int act, int64_t *order, int64_t *offsets, float *hidden, float *outputs, float *y,
                         int threads) {
     sort_by_expert(expert, T * K, E, order, offsets);
-    tiled_t p = {.x = x, .weight = weight, .w1 = w1, .b1 = b1, .w2 = w2, .b2 = b2, .x_stride = x_stride, .K = K,
+    experts_t p = {.x = x, .weight = weight, .w1 = w1, .b1 = b1, .w2 = w2, .b2 = b2, .x_stride = x_stride, .K = K,
                  .D = D, .H = H, .E = E, .T = T, .expert = expert, .order = order, .offsets = offsets, .act = act,
                  .hidden = hidden, .outputs = outputs, .y = y};
     parallel_for(E, 1, threads, tiled_forward_chunk, &p);
@@ -1095,7 +1118,7 @@ void vmoe_tiled_forward(const float *x, int64_t x_stride, const int64_t *expert,
 }
 
 static void tiled_backward_chunk(void *arg, int64_t e0, int64_t e1) {
-    const tiled_t *p = (const tiled_t *)arg;
+    const experts_t *p = (const experts_t *)arg;
     const int64_t K = p->K, D = p->D, H = p->H, E = p->E;
     float *xt = malloc((size_t)TB * (3 * D + 4 * H) * sizeof(float)), *dout = xt + TB * D, *dxt = dout + TB * D;
     float *a = dxt + TB * D, *h = a + TB * H, *deriv = h + TB * H, *dh = deriv + TB * H;
@@ -1146,10 +1169,10 @@ void vmoe_tiled_backward(const float *x, int64_t x_stride, const int64_t *expert
                          int64_t D, int64_t H, int64_t E, int act, int bias1, int bias2, const int64_t *order,
                          const int64_t *offsets, float *hidden, float *outputs, float *rows, float *dx,
                          float *dweight, float *grads, int threads) {
-    tiled_t p = {.x = x, .weight = weight, .w1t = w1t, .w2t = w2t, .dy = dy, .x_stride = x_stride,
+    experts_t p = {.x = x, .weight = weight, .w1t = w1t, .w2t = w2t, .dy = dy, .x_stride = x_stride,
                  .dy_stride = dy_stride, .K = K, .D = D, .H = H, .E = E, .T = T, .expert = expert, .order = order,
                  .offsets = offsets, .act = act, .bias1 = bias1, .bias2 = bias2, .hidden = hidden,
-                 .outputs = outputs, .rows = dx ? rows : NULL, .grads = grads, .y = dx, .dweight = dweight};
+                 .outputs = outputs, .rows = dx ? rows : NULL, .grads = grads, .dx = dx, .dweight = dweight};
     if (dweight)
         for (int64_t i = 0; i < T * K; i++)
             if (expert[i] < 0) dweight[i] = 0.0f;
@@ -1253,6 +1276,32 @@ void vmoe_plan_counts(const int64_t *expert, const uint8_t *kept, int64_t G, int
     parallel_for(G, group_grain(S * K, 1), threads, counts_chunk, &a);
 }
 
+typedef struct {
+    const int64_t *expert;
+    const uint8_t *kept;
+    int64_t K, S;
+    int64_t *out;
+} major_t;
+
+static void token_major_chunk(void *arg, int64_t g0, int64_t g1) {
+    const major_t *a = (const major_t *)arg;
+    const int64_t K = a->K, S = a->S;
+    for (int64_t g = g0; g < g1; g++) {
+        const int64_t *expert = a->expert + g * K * S;
+        const uint8_t *kept = a->kept + g * K * S;
+        int64_t *out = a->out + g * S * K;
+        for (int64_t s = 0; s < S; s++)
+            for (int64_t j = 0; j < K; j++) out[s * K + j] = kept[j * S + s] ? expert[j * S + s] : -1;
+    }
+}
+
+/* expert (G, K·S) int64 and kept (G, K·S) bytes, choice-major. Out: (G·S, K) token-major, -1 where dropped. */
+void vmoe_token_major(const int64_t *expert, const uint8_t *kept, int64_t G, int64_t K, int64_t S, int64_t *out,
+                      int threads) {
+    major_t a = {expert, kept, K, S, out};
+    parallel_for(G, group_grain(S * K, 1), threads, token_major_chunk, &a);
+}
+
 /* ---- the routers' noise: standard normal draws from a counter-based stream --------------------------------
  * Draw i of the stream keyed (k0, k1) depends on i and the key alone, so every split over threads gives the
  * same draws, and visionmoe.routing.noise computes the same 32-bit words with torch ops (its draws then differ
@@ -1275,32 +1324,6 @@ static inline v8u mix8(v8u x) {
     x *= 0x31848babu;
     x ^= x >> 14;
     return x;
-}
-
-/* Cephes logf for normal x > 0: x = m 2^e with m in [√½, √2), log(1 + (m - 1)) by a degree-9 polynomial;
- * relative error ~1e-7 */
-static inline v8f log8(v8f x) {
-    const v8i bits = (v8i)x;
-    v8i e = ((bits >> 23) & 0xff) - 126; /* x = m 2^e, m in [1/2, 1) */
-    v8f m = (v8f)((bits & 0x007fffff) | 0x3f000000);
-    const v8i small = m < 0.70710678118654752f;
-    e = e + small;                                    /* -1 where m < √½ ... */
-    m = m + (v8f)(small & (v8i)m) - 1.0f;             /* ... and m doubled there */
-    const v8f z = m * m;
-    v8f y = splat8(7.0376836292e-2f);
-    y = y * m - 1.1514610310e-1f;
-    y = y * m + 1.1676998740e-1f;
-    y = y * m - 1.2420140846e-1f;
-    y = y * m + 1.4249322787e-1f;
-    y = y * m - 1.6668057665e-1f;
-    y = y * m + 2.0000714765e-1f;
-    y = y * m - 2.4999993993e-1f;
-    y = y * m + 3.3333331174e-1f;
-    y = y * m * z;
-    const v8f ef = __builtin_convertvector(e, v8f);
-    y = y + ef * -2.12194440e-4f;
-    y = y - 0.5f * z;
-    return m + y + ef * 0.693359375f;
 }
 
 #if defined(__AVX2__)

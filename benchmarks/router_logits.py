@@ -9,13 +9,11 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import sys
 
 import torch
 
 from visionmoe import native
-from visionmoe.allocator import keep_freed_memory
-from visionmoe.analysis.speed import benchmark_header, interleaved_times
+from visionmoe.analysis.speed import interleaved_times, start_native_benchmark
 
 SHAPES = [(64, 1024, 8), (64, 1024, 16), (64, 256, 16), (64, 256, 32), (64, 64, 64), (64, 64, 128), (16, 64, 128),
           (64, 16, 256), (8, 1024, 512), (1, 1024, 512)]  # fmt: skip
@@ -27,12 +25,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=15)
     args = parser.parse_args(argv)
-    if not native.available():
-        print(f"no native kernels here: {native.unavailable_reason()}", file=sys.stderr)
+    if not start_native_benchmark("router logits: C against F.linear, forward + backward", args.threads):
         return 1
-    keep_freed_memory()
-    torch.set_num_threads(args.threads)
-    print(benchmark_header("router logits: C against F.linear, forward + backward", args.threads))
     print("\n| tokens | D | C ms | F.linear ms | C / F.linear |\n|---|---|---|---|---|")
     for groups, tokens, dim in SHAPES:
         torch.manual_seed(0)

@@ -10,13 +10,11 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import sys
 
 import torch
 
 from visionmoe import native
-from visionmoe.allocator import keep_freed_memory
-from visionmoe.analysis.speed import benchmark_header, interleaved_times
+from visionmoe.analysis.speed import interleaved_times, start_native_benchmark
 from visionmoe.routing.noise import counter_normal
 
 TOKENS = [64 * 1024, 64 * 256, 64 * 64, 8 * 197]
@@ -29,12 +27,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=21)
     parser.add_argument("--experts", type=int, default=8)
     args = parser.parse_args(argv)
-    if not native.available():
-        print(f"no native kernels here: {native.unavailable_reason()}", file=sys.stderr)
+    if not start_native_benchmark("router noise: counter-based stream against torch.randn", args.threads):
         return 1
-    keep_freed_memory()
-    torch.set_num_threads(args.threads)
-    print(benchmark_header("router noise: counter-based stream against torch.randn", args.threads))
     print("\n| draws | torch.randn ms | C ms | torch ops ms | C / randn | torch ops / randn |")
     print("|---|---|---|---|---|---|")
     key = torch.tensor([12345, 67890])

@@ -78,6 +78,8 @@ def test_plan_counts_by_hand():
         native.plan_counts(torch.tensor([[0, 2]]), torch.tensor([[True, True]]), 1, 2)
     with pytest.raises(ValueError, match=r"K = 4 dividing K·S"):
         native.plan_counts(expert, kept, 4, 2)
+    with pytest.raises(ValueError, match=r"needs int64 expert and bool kept .* got expert \(1, 6\) torch.int32"):
+        native.plan_counts(expert.int(), kept, 2, 2)
 
 
 @needs_kernel

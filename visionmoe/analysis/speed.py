@@ -28,7 +28,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from visionmoe.allocator import KEPT, kept
+from visionmoe import native
+from visionmoe.allocator import KEPT, keep_freed_memory, kept
 from visionmoe.analysis.profile import profile_model
 from visionmoe.layers.dispatch import einsum_moe
 from visionmoe.layers.moe import MoE
@@ -397,6 +398,19 @@ def benchmark_header(title: str, threads: int, argv: Sequence[str] | None = None
         f"## {title}\n\nCommand: `{command}`\n\nMachine: {info['cpu']}, {info['cores']} cores, GPU {info['gpu']}, "
         f"torch {info['torch']}, threads={info['threads']}, malloc {info['malloc']}"
     )
+
+
+def start_native_benchmark(title: str, threads: int) -> bool:
+    """The start of a micro-benchmark of :mod:`visionmoe.native`'s kernels: False, the reason on stderr,
+    where they cannot run; else freed memory kept (no page faults in the timings), torch on ``threads``
+    threads and the header printed."""
+    if not native.available():
+        print(f"no native kernels here: {native.unavailable_reason()}", file=sys.stderr)
+        return False
+    keep_freed_memory()
+    torch.set_num_threads(threads)
+    print(benchmark_header(title, threads))
+    return True
 
 
 def fmt(value: Any, spec: str = ".3g") -> str:

@@ -703,22 +703,28 @@ def router_logits(x: Tensor, weight: Tensor) -> Tensor:
 # ---- a token-choice plan's counts --------------------------------------------------------------------------
 
 
+def _plan_arrays(expert: Tensor, kept: Tensor, choices: int, what: str) -> tuple[Tensor, Tensor]:
+    """A choice-major plan's ``expert`` and ``kept`` as contiguous arrays for C, checked."""
+    ok = expert.dim() == 2 and kept.shape == expert.shape and (expert.dtype, kept.dtype) == (torch.int64, torch.bool)
+    if not ok or choices < 1 or expert.shape[1] % choices:
+        raise ValueError(
+            f"{what} needs int64 expert and bool kept of one shape (G, K·S), K = {choices} dividing K·S; got "
+            f"expert {tuple(expert.shape)} {expert.dtype}, kept {tuple(kept.shape)} {kept.dtype}"
+        )
+    return expert.detach().contiguous(), kept.detach().contiguous()
+
+
 def plan_counts(expert: Tensor, kept: Tensor, choices: int, num_experts: int) -> tuple[Tensor, Tensor]:
     """Of a choice-major token-choice plan (``expert`` (G, K·S) int64, ``kept`` (G, K·S) bool, assignment
     j·S + i the j-th choice of the i-th token): the kept assignments per group and expert (G, E) and the
     tokens with no kept choice per group (G,), as int64, in one C pass (what ``scatter_add_`` and a
     per-token sum compute in several). Needs :func:`available`."""
     G, A = expert.shape
-    if kept.shape != expert.shape or kept.dtype != torch.bool or A % max(choices, 1):
-        raise ValueError(
-            f"plan_counts needs expert and kept of one shape (G, K·S), kept bool, K = {choices} dividing K·S; "
-            f"got expert {tuple(expert.shape)}, kept {tuple(kept.shape)} {kept.dtype}"
-        )
-    expert_c, kept_c = expert.detach().contiguous(), kept.detach().contiguous()
+    expert_c, kept_c = _plan_arrays(expert, kept, choices, "plan_counts")
     counts, unrouted = torch.empty(G, num_experts, dtype=torch.int64), torch.empty(G, dtype=torch.int64)
     invalid = torch.empty(G, dtype=torch.int64)
     _library().vmoe_plan_counts(
-        _ptr(expert_c), _ptr(kept_c), G, choices, A // max(choices, 1), num_experts,
+        _ptr(expert_c), _ptr(kept_c), G, choices, A // choices, num_experts,
         *(_ptr(t) for t in (counts, unrouted, invalid)), _threads(),
     )  # fmt: skip
     if bad := int(invalid.sum()):
@@ -731,14 +737,9 @@ def token_major_experts(expert: Tensor, kept: Tensor, choices: int) -> Tensor:
     plan's (G, K·S) ``expert`` and ``kept``: ``torch.where(kept, expert, -1)`` transposed to token-major, in
     one C pass. Needs :func:`available`."""
     G, A = expert.shape
-    if kept.shape != expert.shape or kept.dtype != torch.bool or A % max(choices, 1):
-        raise ValueError(
-            f"token_major_experts needs expert and kept of one shape (G, K·S), kept bool, K = {choices} dividing "
-            f"K·S; got expert {tuple(expert.shape)}, kept {tuple(kept.shape)} {kept.dtype}"
-        )
-    S = A // max(choices, 1)
+    expert_c, kept_c = _plan_arrays(expert, kept, choices, "token_major_experts")
+    S = A // choices
     out = torch.empty(G * S, choices, dtype=torch.int64)
-    expert_c, kept_c = expert.detach().contiguous(), kept.detach().contiguous()
     _library().vmoe_token_major(_ptr(expert_c), _ptr(kept_c), G, choices, S, _ptr(out), _threads())
     return out
 

@@ -1237,14 +1237,15 @@ void vmoe_linear_backward(const float *x, int64_t x_stride, const float *w, cons
  * the i-th token). Integer sums: exact in any order. */
 
 typedef struct {
-    const int64_t *expert;
-    const uint8_t *kept;
+    const int64_t *expert; /* (G, K·S), choice-major */
+    const uint8_t *kept;   /* likewise */
     int64_t K, S, E;
-    int64_t *counts, *unrouted, *invalid;
-} counts_t;
+    int64_t *counts, *unrouted, *invalid; /* plan_counts' outputs */
+    int64_t *token_major;                 /* token_major's output */
+} plan_t;
 
 static void counts_chunk(void *arg, int64_t g0, int64_t g1) {
-    const counts_t *a = (const counts_t *)arg;
+    const plan_t *a = (const plan_t *)arg;
     const int64_t K = a->K, S = a->S, E = a->E;
     for (int64_t g = g0; g < g1; g++) {
         const int64_t *expert = a->expert + g * K * S;
@@ -1272,24 +1273,18 @@ static void counts_chunk(void *arg, int64_t g0, int64_t g1) {
  * and expert; unrouted (G) tokens with no kept choice; invalid (G) expert ids outside [0, E) (not counted). */
 void vmoe_plan_counts(const int64_t *expert, const uint8_t *kept, int64_t G, int64_t K, int64_t S, int64_t E,
                       int64_t *counts, int64_t *unrouted, int64_t *invalid, int threads) {
-    counts_t a = {expert, kept, K, S, E, counts, unrouted, invalid};
+    plan_t a = {.expert = expert, .kept = kept, .K = K, .S = S, .E = E, .counts = counts, .unrouted = unrouted,
+               .invalid = invalid};
     parallel_for(G, group_grain(S * K, 1), threads, counts_chunk, &a);
 }
 
-typedef struct {
-    const int64_t *expert;
-    const uint8_t *kept;
-    int64_t K, S;
-    int64_t *out;
-} major_t;
-
 static void token_major_chunk(void *arg, int64_t g0, int64_t g1) {
-    const major_t *a = (const major_t *)arg;
+    const plan_t *a = (const plan_t *)arg;
     const int64_t K = a->K, S = a->S;
     for (int64_t g = g0; g < g1; g++) {
         const int64_t *expert = a->expert + g * K * S;
         const uint8_t *kept = a->kept + g * K * S;
-        int64_t *out = a->out + g * S * K;
+        int64_t *out = a->token_major + g * S * K;
         for (int64_t s = 0; s < S; s++)
             for (int64_t j = 0; j < K; j++) out[s * K + j] = kept[j * S + s] ? expert[j * S + s] : -1;
     }
@@ -1298,7 +1293,7 @@ static void token_major_chunk(void *arg, int64_t g0, int64_t g1) {
 /* expert (G, K·S) int64 and kept (G, K·S) bytes, choice-major. Out: (G·S, K) token-major, -1 where dropped. */
 void vmoe_token_major(const int64_t *expert, const uint8_t *kept, int64_t G, int64_t K, int64_t S, int64_t *out,
                       int threads) {
-    major_t a = {expert, kept, K, S, out};
+    plan_t a = {.expert = expert, .kept = kept, .K = K, .S = S, .token_major = out};
     parallel_for(G, group_grain(S * K, 1), threads, token_major_chunk, &a);
 }
 

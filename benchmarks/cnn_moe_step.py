@@ -54,7 +54,11 @@ in the same repeats, with its largest difference from ``auto``'s output.
 measurement behind which loop ``fused`` takes and where ``auto`` takes ``fused``.
 
 ``--profile`` instead prints the torch.profiler table of one MoE step of the first cell, its time
-broken down by operator. ``--quick`` runs one tiny cell to check the script, measuring nothing.
+broken down by operator; with ``--callers N`` also the N places in visionmoe whose ATen calls take the
+most time per step (each outermost ATen call charged to the nearest visionmoe line up its Python stack,
+or to the autograd node that ran it in the backward): where the many small operators come from. The C
+kernels called through ctypes are not ATen calls; the custom autograd Functions' own rows show them.
+``--quick`` runs one tiny cell to check the script, measuring nothing.
 """
 
 from __future__ import annotations
@@ -448,6 +452,30 @@ CATEGORIES = {  # aten operator -> what it does in a step (the rest: "other elem
 }
 
 
+def aten_callers(prof: profile) -> list[tuple[str, tuple[float, int]]]:
+    """(place, (ms, calls)) for the outermost ATen calls of a profile taken ``with_stack``, by the nearest
+    visionmoe line up their Python stack (``visionmoe/...py(line): function``; the machine's path left
+    out), or else the autograd node or range they ran under; most time first."""
+    totals: dict[str, list[float]] = {}
+    for event in prof.events():
+        parent = event.cpu_parent
+        if not event.name.startswith("aten::") or (parent is not None and parent.name.startswith("aten::")):
+            continue
+        site = "(top level)"
+        while parent is not None:
+            if ".py(" in parent.name and "visionmoe/" in parent.name:
+                site = parent.name[parent.name.rindex("visionmoe/") :]
+                break
+            if ".py(" not in parent.name and not parent.name.startswith("<built-in"):
+                site = parent.name  # an autograd node (the backward) or a profiler range
+                break
+            parent = parent.cpu_parent
+        total = totals.setdefault(site, [0.0, 0])
+        total[0] += event.cpu_time_total / 1e3
+        total[1] += 1
+    return sorted(((site, (ms, calls)) for site, (ms, calls) in totals.items()), key=lambda item: -item[1][0])
+
+
 def profile_step(backbone: str, width: int, ratio: float, args: argparse.Namespace) -> None:
     """Self CPU time per operator category of ``args.repeats`` steps, MoE model and twin."""
     moe, twin, stepper = build(backbone, width, ratio, args.batch)
@@ -459,7 +487,8 @@ def profile_step(backbone: str, width: int, ratio: float, args: argparse.Namespa
         with before_issue_22() if before else contextlib.nullcontext():
             for _ in range(2):
                 step()
-            with profile(activities=[ProfilerActivity.CPU], record_shapes=args.shapes) as prof:
+            stack = bool(args.callers) and name == "MoE"
+            with profile(activities=[ProfilerActivity.CPU], record_shapes=args.shapes, with_stack=stack) as prof:
                 for _ in range(args.repeats):
                     step()
         events = prof.key_averages()
@@ -467,6 +496,11 @@ def profile_step(backbone: str, width: int, ratio: float, args: argparse.Namespa
             print(f"\n### {name}: {backbone}, width {width}, hidden ratio {ratio}, backend {args.backends[0]}\n")
             table = prof.key_averages(group_by_input_shape=True) if args.shapes else events
             print(table.table(sort_by="self_cpu_time_total", row_limit=args.rows, max_name_column_width=40))
+        if stack:
+            print(f"\n### ATen time by caller: {name}, {backbone}, width {width}, hidden ratio {ratio}\n")
+            print("| ms per step | ATen calls per step | called from |\n|---|---|---|")
+            for site, (ms, calls) in aten_callers(prof)[: args.callers]:
+                print(f"| {ms / args.repeats:.3f} | {calls / args.repeats:.1f} | {site} |")
         by_category = dict.fromkeys([*CATEGORIES, "other elementwise and reductions"], 0.0)
         for event in events:
             category = next((c for c, ops in CATEGORIES.items() if event.key in ops), None)
@@ -513,6 +547,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--profile", action="store_true", help="profile the first cell instead of timing")
     parser.add_argument("--rows", type=int, default=0, help="--profile: also print this many operators")
     parser.add_argument("--shapes", action="store_true", help="--profile --rows: one row per operator and input shapes")
+    parser.add_argument("--callers", type=int, default=0, help="--profile: the N places calling ATen most (see above)")
     parser.add_argument("--quick", action="store_true", help="one tiny cell: checks the script only")
     parser.add_argument(
         "--keep-freed-memory", action="store_true", help="glibc keeps freed memory, as training does (header says)"

@@ -90,3 +90,33 @@ def test_a_loss_over_two_shards_joined_by_reduce_is_the_whole_batch_loss(name):
     (grad_whole,) = torch.autograd.grad(whole, logits)
     assert grad_part[:, 6:].abs().max() == 0  # the other shard's tokens are the other process's to differentiate
     torch.testing.assert_close(grad_part[:, :6], grad_whole[:, :6], rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("shape", [(1, 8), (3, 8), (2, 3, 5), (1, 1)])
+def test_small_cv_squared_is_the_aten_formula_with_its_first_and_second_derivatives(shape):
+    # CPU tensors of up to SMALL_CV_VALUES values take the Python-float path (one autograd node); its value
+    # and gradient are the ATen formula's to rounding, and its gradient of the gradient is the formula's own.
+    from visionmoe.routing import losses
+
+    torch.manual_seed(0)
+    x = (torch.rand(shape) + 0.1).requires_grad_()
+    small, aten = losses._cv_squared(x), losses._cv_squared_aten(x)
+    assert type(small.grad_fn).__name__ == "_SmallCVSquaredBackward"
+    torch.testing.assert_close(small, aten, rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(torch.autograd.grad(small, x)[0], torch.autograd.grad(aten, x)[0], rtol=1e-5, atol=1e-7)
+    x64 = x.detach().double().requires_grad_()
+    assert torch.autograd.gradcheck(losses._cv_squared, (x64,))
+    assert torch.autograd.gradgradcheck(losses._cv_squared, (x64,))
+    # by hand: [1.2, 0.8] has mean 1 and population variance 0.04; ∂/∂x = 2 (x - m) / (E m²) - 2 var / (E m³)
+    pair = T([[1.2, 0.8]], requires_grad=True)
+    loss = losses._cv_squared(pair)
+    (grad,) = torch.autograd.grad(loss, pair)
+    assert math.isclose(float(loss.detach()), 0.04, rel_tol=1e-6)
+    torch.testing.assert_close(grad, T([[0.2 - 0.04, -0.2 - 0.04]]), rtol=1e-5, atol=1e-7)
+    # zeros (every gate sum 0): the clamp keeps both at 0, as the ATen formula does
+    zeros = torch.zeros(1, 8, requires_grad=True)
+    assert float(losses._cv_squared(zeros).detach()) == 0.0
+    assert not torch.autograd.grad(losses._cv_squared(zeros), zeros)[0].any()
+    # larger tensors and other devices keep the ATen formula
+    big = torch.rand(2, losses.SMALL_CV_VALUES)
+    assert type(losses._cv_squared(big.requires_grad_()).grad_fn).__name__ != "_SmallCVSquaredBackward"

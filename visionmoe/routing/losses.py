@@ -34,9 +34,51 @@ def _token_sums(x: Tensor, reduce: Reduce | None) -> tuple[Tensor, Tensor]:
     return total, count
 
 
+def _cv_squared_aten(x: Tensor) -> Tensor:
+    return (x.var(dim=-1, unbiased=False) / x.mean(dim=-1).square().clamp_min(1e-20)).mean()
+
+
+SMALL_CV_VALUES = 1024
+"""CPU inputs of at most this many values take :class:`_SmallCVSquared` (per-expert sums: E values)."""
+
+
+class _SmallCVSquared(torch.autograd.Function):
+    """:func:`_cv_squared` of a small CPU tensor in Python floats (float64), value and gradient in one
+    pass: a few microseconds where the ATen formula's dozen calls forward and two dozen backward cost
+    tens each (every router's losses, every layer and step: BENCHMARKS.md, eleventh pass). The same
+    value to float rounding. A gradient of the gradient (the Hessian analysis) takes the ATen formula."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor) -> Tensor:
+        rows = x.detach().reshape(-1, x.shape[-1]).tolist()  # Python floats: exact for float32 and float64
+        total, grads = 0.0, []
+        for row in rows:
+            n = len(row)
+            mean = sum(row) / n
+            var = sum((v - mean) ** 2 for v in row) / n
+            square = mean * mean
+            denom = max(square, 1e-20)
+            d_denom = 2 * mean / n if square > 1e-20 else 0.0  # ∂ max(m², ε) / ∂x_e
+            total += var / denom
+            grads.append([2 * (v - mean) / n / denom - var * d_denom / (denom * denom) for v in row])
+        ctx.save_for_backward(x, torch.tensor(grads, dtype=x.dtype).reshape(x.shape) / len(rows))
+        return x.new_tensor(total / len(rows))
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> Tensor:
+        x, d_x = ctx.saved_tensors
+        if torch.is_grad_enabled():  # a graph of the gradient is wanted: the ATen formula's
+            with torch.enable_grad():
+                return torch.autograd.grad(_cv_squared_aten(x), x, grad, create_graph=True)[0]
+        return grad * d_x
+
+
 def _cv_squared(x: Tensor) -> Tensor:
     """Squared coefficient of variation over the last axis (population std), averaged over the rest."""
-    return (x.var(dim=-1, unbiased=False) / x.mean(dim=-1).square().clamp_min(1e-20)).mean()
+    small = x.device.type == "cpu" and 0 < x.numel() <= SMALL_CV_VALUES and x.dim() >= 1 and x.shape[-1] > 0
+    if small and x.is_floating_point() and not torch.compiler.is_compiling():
+        return _SmallCVSquared.apply(x)
+    return _cv_squared_aten(x)
 
 
 def importance_loss(gates: Tensor, reduce: Reduce | None = None) -> Tensor:

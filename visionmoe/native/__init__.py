@@ -54,6 +54,8 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
+from visionmoe.routing.noise import check_stream_length
+
 log = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("moe.c")
@@ -752,8 +754,6 @@ def standard_normal(shape: Sequence[int], key: Sequence[int]) -> Tensor:
     [0, 2³²)) as a float32 CPU tensor of ``shape``: the draws of
     :func:`visionmoe.routing.noise.counter_normal` (the same 32-bit words; log, sin and cos rounded by
     moe.c's polynomials instead of ATen's), at any thread count. Needs :func:`available`."""
-    from visionmoe.routing.noise import check_stream_length
-
     k0, k1 = (int(k) for k in key)
     if not (0 <= k0 < 2**32 and 0 <= k1 < 2**32):
         raise ValueError(f"key must be two integers in [0, 2**32), got key={tuple(key)}")

@@ -75,7 +75,7 @@ class _SmallCVSquared(torch.autograd.Function):
 
 def _cv_squared(x: Tensor) -> Tensor:
     """Squared coefficient of variation over the last axis (population std), averaged over the rest."""
-    small = x.device.type == "cpu" and 0 < x.numel() <= SMALL_CV_VALUES and x.dim() >= 1 and x.shape[-1] > 0
+    small = x.device.type == "cpu" and x.dim() >= 1 and 0 < x.numel() <= SMALL_CV_VALUES
     if small and x.is_floating_point() and not torch.compiler.is_compiling():
         return _SmallCVSquared.apply(x)
     return _cv_squared_aten(x)

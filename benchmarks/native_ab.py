@@ -5,11 +5,13 @@ Builds ``moe.c`` as committed at ``--base`` (a git revision) and as it is in the
 into one process and, on CNN stage shapes (``--batch`` images of 32², 16², 8² tokens, E = 8, noisy top-2,
 capacity factor 1.25, both V-MoE losses), times each library's fused router (forward; forward and backward)
 and, where both have them with the same ABI version, the fused experts (``visionmoe.native.expert_ffn``
-with the loop it takes at that shape, ReLU and GELU, forward and backward), interleaved round-robin,
-median of ``--repeats``. Each row also says whether the two give the same outputs and gradients bit for
-bit.
+with the loop it takes at that shape, or the one ``--loop`` names, ReLU and GELU, forward and backward;
+stage widths D, 2D, 4D for each first-stage width of ``--widths``, H = ratio · width for each of
+``--ratios``), interleaved round-robin, median of ``--repeats``. Each row also says whether the two give
+the same outputs and gradients bit for bit.
 
     python benchmarks/native_ab.py --base HEAD~1 --threads 2 --repeats 15
+    python benchmarks/native_ab.py --base HEAD~1 --widths 32 --ratios 1 2 --loop tiled
 """
 
 from __future__ import annotations
@@ -66,7 +68,7 @@ def router_case(tokens: int, images: int):
     return {"router forward": forward, "router forward + backward": both}
 
 
-def ffn_case(tokens: int, dim: int, hidden: int, activation):
+def ffn_case(tokens: int, dim: int, hidden: int, activation, loop: str):
     experts = Experts(8, dim, hidden, activation=activation)
     x = torch.randn(tokens, dim, requires_grad=True)
     expert = torch.randint(0, 8, (tokens, 2))
@@ -74,7 +76,7 @@ def ffn_case(tokens: int, dim: int, hidden: int, activation):
     weight = torch.rand(tokens, 2, requires_grad=True)
     grad = torch.randn(tokens, dim)
 
-    tiled = native.ffn_tiled(dim, hidden)
+    tiled = native.ffn_tiled(dim, hidden) if loop == "auto" else loop == "tiled"
 
     def both():
         y = native.expert_ffn(x, expert, weight, experts, tiled=tiled)
@@ -90,6 +92,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=15)
     parser.add_argument("--batch", type=int, default=64)
+    parser.add_argument(
+        "--widths", type=int, nargs="+", default=[8], help="first-stage widths D (the stages: D, 2D, 4D)"
+    )
+    parser.add_argument("--ratios", type=int, nargs="+", default=[1], help="the experts' hidden ratios H / D")
+    parser.add_argument(
+        "--loop", choices=("auto", "tiled", "tokenwise"), default="auto",
+        help="the experts' loop (auto: native.ffn_tiled's choice from the shapes)",
+    )  # fmt: skip
     parser.add_argument("--keep-freed-memory", action="store_true")
     args = parser.parse_args(argv)
     if not native.available():
@@ -111,11 +121,15 @@ def main(argv: list[str] | None = None) -> int:
         }
         torch.manual_seed(0)
         cases = []
-        for side, width in ((32, 8), (16, 16), (8, 32)):
-            tokens = args.batch * side * side
-            cases += [(tokens, name, fn) for name, fn in router_case(side * side, args.batch).items()]
-            for activation in (torch.nn.ReLU, torch.nn.GELU):
-                cases += [(tokens, name, fn) for name, fn in ffn_case(tokens, width, width, activation).items()]
+        for first in args.widths:
+            for side, width in ((32, first), (16, 2 * first), (8, 4 * first)):
+                tokens = args.batch * side * side
+                if first == args.widths[0]:
+                    cases += [(tokens, name, fn) for name, fn in router_case(side * side, args.batch).items()]
+                for ratio in args.ratios:
+                    for activation in (torch.nn.ReLU, torch.nn.GELU):
+                        case = ffn_case(tokens, width, ratio * width, activation, args.loop)
+                        cases += [(tokens, name, fn) for name, fn in case.items()]
         same_abi = len({lib.vmoe_abi_version() for lib in libs.values()}) == 1  # the experts' signatures changed
         for tokens, name, fn in cases:
             needs = "vmoe_tiled_forward" if name.endswith("(tiled)") else "vmoe_ffn_forward"

@@ -276,8 +276,9 @@ def ffn_inputs(tokens, k, dim, hidden, experts, activation, bias, seed=0):
 def test_fused_experts_give_the_aten_formula(tiled, activation, bias, tokens, k, dim, hidden, experts):
     # Against the ATen formula in float64 (whose float32 run is itself not deterministic: its indexing
     # backward accumulates in a varying order), to float32 rounding of sums over up to 3,000 tokens; both
-    # loops: token by token and tiled by expert (experts' row counts not multiples of the tile's 4 rows,
-    # H with and without a 16-column block, 24 = 16 + 8 with a last block of 8).
+    # loops: token by token and tiled by expert (experts' row counts not multiples of the register tile's 6
+    # rows, nor of a tile's 48; H with and without a 16-column block, 24 = 16 + 8 with a last block of 8;
+    # K = 1, 2, 3: the token of an assignment found by a multiply).
     layer, x, expert, weight = ffn_inputs(tokens, k, dim, hidden, experts, activation, bias)
     params = [x, weight, *layer.parameters()]
     exact = [p.detach().double().requires_grad_() for p in params]
@@ -292,6 +293,25 @@ def test_fused_experts_give_the_aten_formula(tiled, activation, bias, tokens, k,
     # a dropped choice contributes nothing and its gate gets no gradient
     (dweight,) = torch.autograd.grad(native.expert_ffn(x, expert, weight, layer, tiled=tiled), weight, grad)
     assert bool((dweight[expert < 0] == 0).all())
+
+
+@needs_kernel
+@pytest.mark.parametrize("tiled", [False, True], ids=["tokenwise", "tiled"])
+def test_fused_experts_with_empty_experts_between_others(tiled):
+    # Experts 1, 4 and 7 get no row, 0 and 8 many (several tiles each): the tiled loop's look-ahead to the next
+    # tile skips the empty experts; every gradient as the ATen formula's.
+    layer, x, expert, weight = ffn_inputs(700, 2, 16, 24, 9, torch.nn.GELU, True, seed=3)
+    expert[expert % 3 == 1] = -1
+    params = [x, weight, *layer.parameters()]
+    y = native.expert_ffn(x, expert, weight, layer, tiled=tiled)
+    y0 = native._ffn_reference(x, expert, weight, layer.w1, layer.b1, layer.w2, layer.b2, layer.act)
+    torch.testing.assert_close(y, y0, rtol=1e-5, atol=1e-5)
+    grad = torch.randn_like(y)
+    found = torch.autograd.grad(y, params, grad)
+    for g, g0 in zip(found, torch.autograd.grad(y0, params, grad), strict=True):
+        torch.testing.assert_close(g, g0, rtol=1e-4, atol=1e-4)
+    for g in found[2:]:  # an expert with no row gets zero gradients, and the others do not
+        assert bool((g[[1, 4, 7]] == 0).all()) and bool((g[[0, 8]] != 0).any())
 
 
 @needs_kernel

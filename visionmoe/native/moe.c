@@ -89,6 +89,16 @@ static int64_t group_grain(int64_t S, int64_t E) {
     return per_group >= MIN_VALUES_PER_THREAD ? 1 : (MIN_VALUES_PER_THREAD + per_group - 1) / per_group;
 }
 
+/* i / K for i >= 0, K >= 1 and i·K < 2^64 (any assignment index of a tensor in memory) by a multiply: the
+ * token of assignment i = t·K + j, once per row moved, where a 64-bit division takes tens of cycles. With
+ * m = ceil(2^64 / K) = (2^64 - 1) / K + 1 (K >= 2), i·m / 2^64 = i / K + i·(m·K - 2^64) / (K·2^64), whose
+ * second term is below 1/K as m·K - 2^64 < K: the floor is exact. K = 1 is i itself (m would be 2^64). */
+static inline uint64_t divisor_magic(int64_t K) { return K > 1 ? UINT64_MAX / (uint64_t)K + 1 : 0; }
+
+static inline int64_t divide(int64_t i, uint64_t magic) {
+    return magic ? (int64_t)(((unsigned __int128)(uint64_t)i * magic) >> 64) : i;
+}
+
 /* ---- exp, log and erfc on 8 lanes -------------------------------------------------------------------------
  * GCC/Clang vector extensions: one 32-byte vector (AVX2 with -march=native; two SSE halves elsewhere, or
  * NEON) holds 8 experts of a token; E must be a multiple of 8. No libm calls, no branches. */
@@ -603,7 +613,8 @@ void vmoe_gather(const float *h, int64_t h_stride, const int64_t *slot, const fl
 
 static void scatter_chunk(void *arg, int64_t r0, int64_t r1) {
     const rows_t *a = (const rows_t *)arg; /* slot: here the source of each buffer row */
-    const int64_t K = a->K, D = a->D;
+    const int64_t D = a->D;
+    const uint64_t magic = divisor_magic(a->K);
     for (int64_t r = r0; r < r1; r++) {
         float *b = a->dst + r * a->dst_stride;
         const int64_t at = a->slot[r];
@@ -611,7 +622,7 @@ static void scatter_chunk(void *arg, int64_t r0, int64_t r1) {
             memset(b, 0, (size_t)D * sizeof(float));
             continue;
         }
-        const float *x = a->src + (at / K) * a->src_stride;
+        const float *x = a->src + divide(at, magic) * a->src_stride;
         if (a->weight) {
             const float w = a->weight[at];
             for (int64_t d = 0; d < D; d++) b[d] = x[d] * w;
@@ -922,27 +933,31 @@ void vmoe_ffn_backward(const float *x, int64_t x_stride, const int64_t *expert, 
  * The same layer as vmoe_ffn_forward / vmoe_ffn_backward for experts too large for the token-by-token loop
  * (D·H above a few hundred): the kept assignments are sorted by expert (a counting sort, stable: by
  * assignment t·K + j within an expert), and each expert runs its assignments MR rows at a time through
- * register-tiled products (MR rows × 16 columns of accumulators), the rows gathered from x and the outputs
- * written per assignment (no padded capacity buffers: dropped choices cost nothing); the pre-activations
- * and outputs are kept for the backward, which adds the weights' gradients as rank-TB updates, one expert
- * per thread, tiles in order: sums in a fixed order whatever the thread count. A token's K outputs (and
- * input gradients) are then added in choice order. */
+ * register-tiled products (MR rows × 16 columns of accumulators), the rows gathered from x (the next tile's
+ * prefetched meanwhile) and the outputs written per assignment (no padded capacity buffers: dropped choices
+ * cost nothing); the pre-activations (in sorted order) and outputs are kept for the backward, which adds
+ * the weights' gradients as rank-TB updates, one expert per thread, tiles in order: sums in a fixed order
+ * whatever the thread count. A token's K outputs (and input gradients, and the gates' gradients) are then
+ * computed in token order, its choices in order: reads in the order of memory. */
 
-#define MR 4  /* rows of the register tiles */
-#define TB 32 /* rows of a tile of one expert's assignments: the weights' gradients are rank-TB updates */
+#define MR 6  /* rows of the register tiles */
+#define TB 48 /* rows of a tile of one expert's assignments (a multiple of MR): the weights' gradients are
+                 rank-TB updates */
 
 static inline void copy_row(float *dst, const float *src, int64_t N) { /* N a multiple of 8 */
     for (int64_t n = 0; n < N; n += 8) store8(dst + n, load8(src + n));
 }
 
 /* c[r, 0..N) = (bias or 0) + Σ_k a[r, k] · b[k, 0..N) for r < MR: a at row stride lda, b (Kd, N) row-major,
- * c at row stride ldc; N a multiple of 8. One accumulator per output vector, k in order. */
+ * c at row stride ldc; N a multiple of 8. One accumulator per output vector, k in order: 12 of them for
+ * 16 columns (enough in flight to cover the FMAs' latency), 3 loads per 4 FMAs. */
 static inline void gemm_rows(const float *a, int64_t lda, const float *b, const float *bias, int64_t Kd, int64_t N,
                              float *c, int64_t ldc) {
     int64_t n = 0;
     for (; n + 16 <= N; n += 16) {
         const v8f i0 = bias ? load8(bias + n) : splat8(0.0f), i1 = bias ? load8(bias + n + 8) : splat8(0.0f);
-        v8f c00 = i0, c01 = i1, c10 = i0, c11 = i1, c20 = i0, c21 = i1, c30 = i0, c31 = i1;
+        v8f c00 = i0, c01 = i1, c10 = i0, c11 = i1, c20 = i0, c21 = i1, c30 = i0, c31 = i1, c40 = i0, c41 = i1;
+        v8f c50 = i0, c51 = i1;
         for (int64_t k = 0; k < Kd; k++) {
             const v8f b0 = load8(b + k * N + n), b1 = load8(b + k * N + n + 8);
             v8f s = splat8(a[k]);
@@ -953,66 +968,82 @@ static inline void gemm_rows(const float *a, int64_t lda, const float *b, const 
             c20 = fma8(s, b0, c20), c21 = fma8(s, b1, c21);
             s = splat8(a[3 * lda + k]);
             c30 = fma8(s, b0, c30), c31 = fma8(s, b1, c31);
+            s = splat8(a[4 * lda + k]);
+            c40 = fma8(s, b0, c40), c41 = fma8(s, b1, c41);
+            s = splat8(a[5 * lda + k]);
+            c50 = fma8(s, b0, c50), c51 = fma8(s, b1, c51);
         }
         store8(c + n, c00), store8(c + n + 8, c01);
         store8(c + ldc + n, c10), store8(c + ldc + n + 8, c11);
         store8(c + 2 * ldc + n, c20), store8(c + 2 * ldc + n + 8, c21);
         store8(c + 3 * ldc + n, c30), store8(c + 3 * ldc + n + 8, c31);
+        store8(c + 4 * ldc + n, c40), store8(c + 4 * ldc + n + 8, c41);
+        store8(c + 5 * ldc + n, c50), store8(c + 5 * ldc + n + 8, c51);
     }
     if (n < N) { /* the last 8 columns */
         const v8f i0 = bias ? load8(bias + n) : splat8(0.0f);
-        v8f c0 = i0, c1 = i0, c2 = i0, c3 = i0;
+        v8f c0 = i0, c1 = i0, c2 = i0, c3 = i0, c4 = i0, c5 = i0;
         for (int64_t k = 0; k < Kd; k++) {
             const v8f b0 = load8(b + k * N + n);
             c0 = fma8(splat8(a[k]), b0, c0);
             c1 = fma8(splat8(a[lda + k]), b0, c1);
             c2 = fma8(splat8(a[2 * lda + k]), b0, c2);
             c3 = fma8(splat8(a[3 * lda + k]), b0, c3);
+            c4 = fma8(splat8(a[4 * lda + k]), b0, c4);
+            c5 = fma8(splat8(a[5 * lda + k]), b0, c5);
         }
         store8(c + n, c0), store8(c + ldc + n, c1), store8(c + 2 * ldc + n, c2), store8(c + 3 * ldc + n, c3);
+        store8(c + 4 * ldc + n, c4), store8(c + 5 * ldc + n, c5);
     }
+}
+
+/* acc[k0 + i, n .. n + 8·NV) += Σ_r a[r, k0 + i] · b[r, n ..) for i < KB, r = 0 .. R - 1 in order: a block of
+ * KB × NV accumulator vectors held in registers over the R rows (KB, NV constants once inlined) */
+static inline __attribute__((always_inline)) void gemm_tn_block(const float *a, int64_t Kd, const float *b, int64_t N,
+                                                                int64_t R, float *acc, int64_t k0, int64_t n,
+                                                                const int KB, const int NV) {
+    v8f c[6][2];
+    for (int i = 0; i < KB; i++)
+        for (int v = 0; v < NV; v++) c[i][v] = load8(acc + (k0 + i) * N + n + 8 * v);
+    for (int64_t r = 0; r < R; r++) {
+        v8f bv[2];
+        for (int v = 0; v < NV; v++) bv[v] = load8(b + r * N + n + 8 * v);
+        const float *ar = a + r * Kd + k0;
+        for (int i = 0; i < KB; i++) {
+            const v8f s = splat8(ar[i]);
+            for (int v = 0; v < NV; v++) c[i][v] = fma8(s, bv[v], c[i][v]);
+        }
+    }
+    for (int i = 0; i < KB; i++)
+        for (int v = 0; v < NV; v++) store8(acc + (k0 + i) * N + n + 8 * v, c[i][v]);
 }
 
 /* acc[k, 0..N) += Σ_r a[r, k] · b[r, 0..N), r = 0 .. R - 1 in order (a product per FMA, as a loop over r
- * would add): a (R, Kd), b (R, N) contiguous, acc (Kd, N); Kd a multiple of 4, N of 8. Blocks of 4 × 16
- * stay in registers over the R rows. */
+ * would add): a (R, Kd), b (R, N) contiguous, acc (Kd, N); Kd and N multiples of 8. Blocks of 6 × 16 (then
+ * 2 × 16, and 8 columns at the end) stay in registers over the R rows. */
 static inline void gemm_tn(const float *a, int64_t Kd, const float *b, int64_t N, int64_t R, float *acc) {
-    for (int64_t k = 0; k < Kd; k += 4) {
-        float *c = acc + k * N;
+    int64_t k = 0;
+    for (; k + 6 <= Kd; k += 6) {
         int64_t n = 0;
-        for (; n + 16 <= N; n += 16) {
-            v8f c00 = load8(c + n), c01 = load8(c + n + 8), c10 = load8(c + N + n), c11 = load8(c + N + n + 8);
-            v8f c20 = load8(c + 2 * N + n), c21 = load8(c + 2 * N + n + 8);
-            v8f c30 = load8(c + 3 * N + n), c31 = load8(c + 3 * N + n + 8);
-            for (int64_t r = 0; r < R; r++) {
-                const v8f b0 = load8(b + r * N + n), b1 = load8(b + r * N + n + 8);
-                const float *ar = a + r * Kd + k;
-                v8f s = splat8(ar[0]);
-                c00 = fma8(s, b0, c00), c01 = fma8(s, b1, c01);
-                s = splat8(ar[1]);
-                c10 = fma8(s, b0, c10), c11 = fma8(s, b1, c11);
-                s = splat8(ar[2]);
-                c20 = fma8(s, b0, c20), c21 = fma8(s, b1, c21);
-                s = splat8(ar[3]);
-                c30 = fma8(s, b0, c30), c31 = fma8(s, b1, c31);
-            }
-            store8(c + n, c00), store8(c + n + 8, c01), store8(c + N + n, c10), store8(c + N + n + 8, c11);
-            store8(c + 2 * N + n, c20), store8(c + 2 * N + n + 8, c21);
-            store8(c + 3 * N + n, c30), store8(c + 3 * N + n + 8, c31);
-        }
-        if (n < N) {
-            v8f c0 = load8(c + n), c1 = load8(c + N + n), c2 = load8(c + 2 * N + n), c3 = load8(c + 3 * N + n);
-            for (int64_t r = 0; r < R; r++) {
-                const v8f b0 = load8(b + r * N + n);
-                const float *ar = a + r * Kd + k;
-                c0 = fma8(splat8(ar[0]), b0, c0), c1 = fma8(splat8(ar[1]), b0, c1);
-                c2 = fma8(splat8(ar[2]), b0, c2), c3 = fma8(splat8(ar[3]), b0, c3);
-            }
-            store8(c + n, c0), store8(c + N + n, c1), store8(c + 2 * N + n, c2), store8(c + 3 * N + n, c3);
-        }
+        for (; n + 16 <= N; n += 16) gemm_tn_block(a, Kd, b, N, R, acc, k, n, 6, 2);
+        if (n < N) gemm_tn_block(a, Kd, b, N, R, acc, k, n, 6, 1);
+    }
+    for (; k < Kd; k += 2) {
+        int64_t n = 0;
+        for (; n + 16 <= N; n += 16) gemm_tn_block(a, Kd, b, N, R, acc, k, n, 2, 2);
+        if (n < N) gemm_tn_block(a, Kd, b, N, R, acc, k, n, 2, 1);
     }
 }
 
+
+/* acc[0..N) += rows[r, 0..N) for r = 0 .. m - 1 in order, 8 columns at a time in a register */
+static inline void add_rows(float *acc, const float *rows, int64_t m, int64_t N) {
+    for (int64_t n = 0; n < N; n += 8) {
+        v8f v = load8(acc + n);
+        for (int64_t r = 0; r < m; r++) v = v + load8(rows + r * N + n);
+        store8(acc + n, v);
+    }
+}
 
 /* order[offsets[e] .. offsets[e + 1]): expert e's kept assignments t·K + j, ascending */
 static void sort_by_expert(const int64_t *expert, int64_t N, int64_t E, int64_t *order, int64_t *offsets) {
@@ -1028,16 +1059,16 @@ static void sort_by_expert(const int64_t *expert, int64_t N, int64_t E, int64_t 
 }
 
 /* R rows of D: row r < m is src's row of assignment order[r] (its token's row, at stride; times scale[order[r]]
- * where scale is given; by_assignment: row order[r] itself), zero rows after */
-static inline void gather_tile(const float *src, int64_t stride, int by_assignment, const int64_t *order, int64_t m,
-                               int64_t R, int64_t K, int64_t D, const float *scale, float *tile) {
+ * where scale is given), zero rows after */
+static inline void gather_tile(const float *src, int64_t stride, const int64_t *order, int64_t m, int64_t R,
+                               uint64_t K, int64_t D, const float *scale, float *tile) { /* K: its magic */
     for (int64_t r = 0; r < R; r++) {
         float *row = tile + r * D;
         if (r >= m) {
             for (int64_t d = 0; d < D; d += 8) store8(row + d, splat8(0.0f));
             continue;
         }
-        const float *s = src + (by_assignment ? order[r] : order[r] / K) * stride;
+        const float *s = src + divide(order[r], K) * stride;
         if (!scale) {
             copy_row(row, s, D);
             continue;
@@ -1047,9 +1078,28 @@ static inline void gather_tile(const float *src, int64_t stride, int by_assignme
     }
 }
 
+/* the cache lines of the rows (of D floats, at stride) of the tokens of assignments order[0 .. m), on their
+ * way in: a tile's rows are scattered over the tokens, and their loads would otherwise wait on memory */
+static inline void prefetch_rows(const float *src, int64_t stride, const int64_t *order, int64_t m, uint64_t K,
+                                 int64_t D) { /* K: its magic */
+    for (int64_t r = 0; r < m; r++) {
+        const char *row = (const char *)(src + divide(order[r], K) * stride);
+        for (int64_t b = 0; b < D * (int64_t)sizeof(float); b += 64) __builtin_prefetch(row + b, 0, 3);
+    }
+}
+
+/* the next tile of an expert's assignments after the one at i (of m rows), if any: its first and its rows */
+static inline int64_t next_tile(const experts_t *p, int64_t e, int64_t i, int64_t e1, int64_t *m) {
+    int64_t n = i + TB;
+    while (n >= p->offsets[e + 1] && ++e < e1) n = p->offsets[e];
+    if (e >= e1) return *m = 0, n;
+    return *m = p->offsets[e + 1] - n < TB ? p->offsets[e + 1] - n : TB, n;
+}
+
 static void tiled_forward_chunk(void *arg, int64_t e0, int64_t e1) {
     const experts_t *p = (const experts_t *)arg;
-    const int64_t K = p->K, D = p->D, H = p->H;
+    const uint64_t k_magic = divisor_magic(p->K);
+    const int64_t D = p->D, H = p->H;
     float *xt = malloc((size_t)TB * (2 * D + 2 * H) * sizeof(float)), *a = xt + TB * D, *h = a + TB * H;
     float *o = h + TB * H;
     for (int64_t e = e0; e < e1; e++) {
@@ -1058,14 +1108,15 @@ static void tiled_forward_chunk(void *arg, int64_t e0, int64_t e1) {
         for (int64_t i = p->offsets[e]; i < p->offsets[e + 1]; i += TB) {
             const int64_t m = p->offsets[e + 1] - i < TB ? p->offsets[e + 1] - i : TB;
             const int64_t R = (m + MR - 1) / MR * MR, *at = p->order + i;
-            gather_tile(p->x, p->x_stride, 0, at, m, R, K, D, NULL, xt);
+            int64_t m_next;
+            const int64_t i_next = next_tile(p, e, i, e1, &m_next);
+            prefetch_rows(p->x, p->x_stride, p->order + i_next, m_next, k_magic, D);
+            gather_tile(p->x, p->x_stride, at, m, R, k_magic, D, NULL, xt);
             for (int64_t r = 0; r < R; r += MR) gemm_rows(xt + r * D, D, w1, b1, D, H, a + r * H, H);
             act_forward(a, h, R * H, p->act);
             for (int64_t r = 0; r < R; r += MR) gemm_rows(h + r * H, H, w2, b2, H, D, o + r * D, D);
-            for (int64_t r = 0; r < m; r++) {
-                copy_row(p->outputs + at[r] * D, o + r * D, D);
-                if (p->hidden) copy_row(p->hidden + at[r] * H, a + r * H, H);
-            }
+            for (int64_t r = 0; r < m; r++) copy_row(p->outputs + at[r] * D, o + r * D, D);
+            if (p->hidden) memcpy(p->hidden + i * H, a, (size_t)(m * H) * sizeof(float)); /* in sorted order */
         }
     }
     free(xt);
@@ -1097,14 +1148,32 @@ static void combine_outputs_chunk(void *arg, int64_t t0, int64_t t1) {
     add_choices(p, t0, t1, p->outputs, p->weight, p->y);
 }
 
-static void combine_input_grads_chunk(void *arg, int64_t t0, int64_t t1) {
+/* the backward's pass in token order: each kept choice's gate gradient <dy, o> (8 lanes of partial sums over
+ * d, then across the lanes; 0 for a dropped choice) and the token's input gradient, its choices' rows added */
+static void token_grads_chunk(void *arg, int64_t t0, int64_t t1) {
     const experts_t *p = (const experts_t *)arg;
-    add_choices(p, t0, t1, p->rows, NULL, p->dx);
+    const int64_t K = p->K, D = p->D;
+    if (p->dweight)
+        for (int64_t t = t0; t < t1; t++) {
+            const float *dy = p->dy + t * p->dy_stride;
+            for (int64_t j = 0; j < K; j++) {
+                if (p->expert[t * K + j] < 0) {
+                    p->dweight[t * K + j] = 0.0f;
+                    continue;
+                }
+                const float *o = p->outputs + (t * K + j) * D;
+                v8f dot = load8(dy) * load8(o);
+                for (int64_t d = 8; d < D; d += 8) dot = fma8(load8(dy + d), load8(o + d), dot);
+                p->dweight[t * K + j] = hsum8(dot);
+            }
+        }
+    if (p->dx) add_choices(p, t0, t1, p->rows, NULL, p->dx);
 }
 
 /* As vmoe_ffn_forward (the weighted products rounded, then summed over a token's choices in order);
  * order (T·K) and offsets (E + 1) receive the kept assignments sorted by expert, outputs (T·K, D) each
- * one's expert output and hidden (T·K, H), unless NULL, its pre-activation: the backward's inputs. */
+ * one's expert output (at its assignment's row) and hidden (T·K, H), unless NULL, its pre-activation
+ * (at its row of the sorted order, as the backward reads them): the backward's inputs. */
 void vmoe_tiled_forward(const float *x, int64_t x_stride, const int64_t *expert, const float *weight, const float *w1,
                         const float *b1, const float *w2, const float *b2, int64_t T, int64_t K, int64_t D, int64_t H,
                         int64_t E, int act, int64_t *order, int64_t *offsets, float *hidden, float *outputs, float *y,
@@ -1119,7 +1188,8 @@ void vmoe_tiled_forward(const float *x, int64_t x_stride, const int64_t *expert,
 
 static void tiled_backward_chunk(void *arg, int64_t e0, int64_t e1) {
     const experts_t *p = (const experts_t *)arg;
-    const int64_t K = p->K, D = p->D, H = p->H, E = p->E;
+    const uint64_t k_magic = divisor_magic(p->K);
+    const int64_t D = p->D, H = p->H, E = p->E;
     float *xt = malloc((size_t)TB * (3 * D + 4 * H) * sizeof(float)), *dout = xt + TB * D, *dxt = dout + TB * D;
     float *a = dxt + TB * D, *h = a + TB * H, *deriv = h + TB * H, *dh = deriv + TB * H;
     for (int64_t e = e0; e < e1; e++) {
@@ -1135,25 +1205,23 @@ static void tiled_backward_chunk(void *arg, int64_t e0, int64_t e1) {
             const int64_t m = p->offsets[e + 1] - i < TB ? p->offsets[e + 1] - i : TB;
             const int64_t R = (m + MR - 1) / MR * MR; /* rows computed: m, then zero rows up to MR's multiple */
             const int64_t *at = p->order + i;
-            gather_tile(p->x, p->x_stride, 0, at, m, R, K, D, NULL, xt);
-            gather_tile(p->dy, p->dy_stride, 0, at, m, R, K, D, p->weight, dout); /* w · dy */
-            gather_tile(p->hidden, H, 1, at, m, R, K, H, NULL, a);
+            int64_t m_next;
+            const int64_t i_next = next_tile(p, e, i, e1, &m_next);
+            prefetch_rows(p->x, p->x_stride, p->order + i_next, m_next, k_magic, D);
+            prefetch_rows(p->dy, p->dy_stride, p->order + i_next, m_next, k_magic, D);
+            gather_tile(p->x, p->x_stride, at, m, R, k_magic, D, NULL, xt);
+            gather_tile(p->dy, p->dy_stride, at, m, R, k_magic, D, p->weight, dout); /* w · dy */
+            memcpy(a, p->hidden + i * H, (size_t)(m * H) * sizeof(float)); /* the forward's, in sorted order */
+            memset(a + m * H, 0, (size_t)((R - m) * H) * sizeof(float));
             act_with_derivative(a, h, deriv, R * H, p->act);
             for (int64_t r = 0; r < R; r += MR) gemm_rows(dout + r * D, D, w2t, NULL, D, H, dh + r * H, H);
             act_backward(a, deriv, dh, R * H, p->act); /* zero rows of dout: zero rows of dh */
             if (p->rows)
                 for (int64_t r = 0; r < R; r += MR) gemm_rows(dh + r * H, H, w1t, NULL, H, D, dxt + r * D, D);
-            for (int64_t r = 0; r < m; r++) {
-                if (p->dweight) { /* <dy, o>: 8 lanes of partial sums over d, then across the lanes */
-                    const float *dy = p->dy + (at[r] / K) * p->dy_stride, *o = p->outputs + at[r] * D;
-                    v8f dot = load8(dy) * load8(o);
-                    for (int64_t d = 8; d < D; d += 8) dot = fma8(load8(dy + d), load8(o + d), dot);
-                    p->dweight[at[r]] = hsum8(dot);
-                }
-                if (p->rows) copy_row(p->rows + at[r] * D, dxt + r * D, D);
-                if (db1) add_to(db1, dh + r * H, H);
-                if (db2) add_to(db2, dout + r * D, D);
-            }
+            if (p->rows)
+                for (int64_t r = 0; r < m; r++) copy_row(p->rows + at[r] * D, dxt + r * D, D);
+            if (db1) add_rows(db1, dh, m, H);
+            if (db2) add_rows(db2, dout, m, D);
             gemm_tn(h, H, dout, D, R, dw2); /* zero rows of dout and dh add nothing */
             gemm_tn(xt, D, dh, H, R, dw1);
         }
@@ -1173,11 +1241,8 @@ void vmoe_tiled_backward(const float *x, int64_t x_stride, const int64_t *expert
                  .dy_stride = dy_stride, .K = K, .D = D, .H = H, .E = E, .T = T, .expert = expert, .order = order,
                  .offsets = offsets, .act = act, .bias1 = bias1, .bias2 = bias2, .hidden = hidden,
                  .outputs = outputs, .rows = dx ? rows : NULL, .grads = grads, .dx = dx, .dweight = dweight};
-    if (dweight)
-        for (int64_t i = 0; i < T * K; i++)
-            if (expert[i] < 0) dweight[i] = 0.0f;
     parallel_for(E, 1, threads, tiled_backward_chunk, &p);
-    if (dx) parallel_for(T, MIN_ROWS, threads, combine_input_grads_chunk, &p);
+    if (dx || dweight) parallel_for(T, MIN_ROWS, threads, token_grads_chunk, &p);
 }
 
 /* ---- the routers' logits: a bias-free linear map ----------------------------------------------------------

@@ -14,7 +14,7 @@ Sparse plans have four backends, all exact (they compute the same sums in a diff
                graphs); executes the capacity padding.
     fused    — token-choice plans on the CPU in float32, in token order, for ReLU or exact-GELU experts
                with D and H multiples of 8, in C (:func:`visionmoe.native.expert_ffn`): the smallest
-               experts (D·H ≤ 1024) token by token, each token's K experts from its row in one pass;
+               experts (D·H ≤ 256) token by token, each token's K experts from its row in one pass;
                larger ones tiled by expert, the kept assignments sorted by expert and run a few rows at
                a time through register-tiled products. No capacity padding; each choice's
                pre-activation and output are kept for backward. Elsewhere (other plans,
@@ -29,7 +29,8 @@ rows, products and sums, moved by :mod:`visionmoe.native`'s C kernels (one scatt
 The other plans (expert choice) keep the argsort and ``index_add_``.
 
 ``auto`` picks ``padded`` while compiling, ``grouped`` on CUDA when available and aligned, ``fused``
-in training for token-choice experts with D·H ≤ 1024, or D ≤ 32 with H ≥ 2·D, where the kernel can run,
+in training for token-choice experts with D·H ≤ 128·512 (every CIFAR-CNN shape measured) where the
+kernel can run,
 ``padded`` in training (grad enabled) for token choice with small experts (D·H ≤ 128·128) whose routed
 rows hold at most :func:`padded_hidden_values` hidden values (GELU experts up to 2**20 with ATen's row
 moves; with the native ones GELU up to 2**21, other activations up to 2**20), S ≥ 8·E (the CNN
@@ -105,15 +106,13 @@ be mostly padding). A static rule: every rank of an expert-parallel layer must p
 so the data-dependent capacity of a dropless plan cannot enter it."""
 
 
-FUSED_EXPERT_WEIGHTS = native.FFN_TOKENWISE_WEIGHTS
-"""``auto`` takes ``fused`` in training for token-choice experts (ReLU or exact GELU) with D·H at most this
-(the kernel's token-by-token loop, :func:`visionmoe.native.ffn_tiled`): from D = 8 to D·H = 1024 (D = 16
-with H = 64, D = 32 with H = 32) it was at or below the faster of ``padded`` and ``sorted`` at the layer
-level (BENCHMARKS.md, issue 22, tenth pass) ..."""
-
-FUSED_TILED_DIM = 32
-"""... and above it, for D at most this with H ≥ 2·D (the kernel's loop tiled by expert): D = 32 with
-H = 64-128, where the tiled loop was at or below them too; from D = 64 it was at par or slower."""
+FUSED_EXPERT_WEIGHTS = 128 * 512
+"""``auto`` takes ``fused`` in training for token-choice experts (ReLU or exact GELU) with D·H at most this:
+at every CIFAR-CNN layer shape measured (D = 8-128, H = D-4·D, both activations) its faster loop
+(:func:`visionmoe.native.ffn_tiled`) was at or below the faster of ``padded`` and ``sorted``, by 0.6-0.8
+from D = 32 up, and at par with ``sorted`` at the largest, D = 128 with H = 512 (BENCHMARKS.md, issue 22,
+twelfth pass). Larger experts (a ViT's 512 × 2048) keep ``sorted``: one expert's weights no longer stay in
+the cache while the kernel's few-row tiles stream through them, where the BLAS blocks for it."""
 
 
 def choose_backend(x: Tensor, experts: Experts, plan: Routing | None = None) -> str:
@@ -123,7 +122,7 @@ def choose_backend(x: Tensor, experts: Experts, plan: Routing | None = None) -> 
         plan is not None
         and plan.choices is not None
         and torch.is_grad_enabled()
-        and (D * H <= FUSED_EXPERT_WEIGHTS or (D <= FUSED_TILED_DIM and H >= 2 * D))
+        and D * H <= FUSED_EXPERT_WEIGHTS
         and native.usable(x, plan.weight)
         and native.ffn_supported(experts)
     ):

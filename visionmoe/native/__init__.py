@@ -472,8 +472,10 @@ def rowdot(a: Tensor, h: Tensor, rowmap: RowMap) -> Tensor:
 
 FFN_ACTIVATIONS = {"ReLU": 1, "GELU": 2}
 """The experts' activations the fused kernel computes (codes of moe.c): ``nn.ReLU`` and exact ``nn.GELU``."""
-FFN_TOKENWISE_WEIGHTS = 1024
-"""Experts of at most this many weights per layer (D·H) run token by token, larger ones tiled by expert."""
+FFN_TOKENWISE_WEIGHTS = 256
+"""Experts of at most this many weights per layer (D·H) run token by token, larger ones tiled by expert: at
+D = 8 (H = 8-32) and D = 16 with H = 16 the token-by-token loop was at par or faster, from D·H = 512 the
+tiled one (BENCHMARKS.md, issue 22, twelfth pass: ``cnn_moe_step.py --layer-grid --loops``)."""
 FFN_CHUNK = 1024
 """Tokens whose weight gradients one private buffer sums (fewer chunks for large experts, see _ffn_chunk)."""
 FFN_MAX_CHUNKS = 64

@@ -156,6 +156,52 @@ static inline v8f erfc8(v8f x) {
     return select8(x >= 0.0f, r, 2.0f - r);
 }
 
+/* exp8 and erfc8 on n vectors at once (n a constant once inlined, at most 8), in place: the same operations
+ * on each vector, so the same values, but step by step across the vectors so that their dependency chains
+ * (a polynomial's steps wait on each other) run side by side instead of one after another. */
+#define FOR_N _Pragma("GCC unroll 8") for (int i = 0; i < n; i++)
+
+static inline __attribute__((always_inline)) void exp8_n(v8f *x, const int n) {
+    v8f nf[8], r[8], p[8];
+    v8i e[8];
+    FOR_N {
+        x[i] = select8(x[i] < -87.0f, splat8(-87.0f), x[i]);
+        x[i] = select8(x[i] > 88.0f, splat8(88.0f), x[i]);
+        const v8f t = x[i] * 1.44269504088896341f + 12582912.0f;
+        e[i] = (v8i)t - (v8i)splat8(12582912.0f);
+        nf[i] = t - 12582912.0f;
+    }
+    FOR_N r[i] = (x[i] - nf[i] * 0.693359375f) - nf[i] * -2.12194440e-4f;
+    FOR_N p[i] = splat8(1.9875691500e-4f) * r[i] + 1.3981999507e-3f;
+    FOR_N p[i] = p[i] * r[i] + 8.3334519073e-3f;
+    FOR_N p[i] = p[i] * r[i] + 4.1665795894e-2f;
+    FOR_N p[i] = p[i] * r[i] + 1.6666665459e-1f;
+    FOR_N p[i] = p[i] * r[i] + 5.0000001201e-1f;
+    FOR_N x[i] = (p[i] * r[i] * r[i] + r[i] + 1.0f) * (v8f)((e[i] + 127) << 23);
+}
+
+static inline __attribute__((always_inline)) void erfc8_n(v8f *x, const int n) {
+    v8f z[8], t[8], poly[8], arg[8];
+    FOR_N {
+        z[i] = (v8f)((v8i)x[i] & 0x7fffffff);
+        t[i] = 1.0f / (1.0f + 0.5f * z[i]);
+        poly[i] = -0.82215223f + t[i] * 0.17087277f;
+    }
+    FOR_N poly[i] = 1.48851587f + t[i] * poly[i];
+    FOR_N poly[i] = -1.13520398f + t[i] * poly[i];
+    FOR_N poly[i] = 0.27886807f + t[i] * poly[i];
+    FOR_N poly[i] = -0.18628806f + t[i] * poly[i];
+    FOR_N poly[i] = 0.09678418f + t[i] * poly[i];
+    FOR_N poly[i] = 0.37409196f + t[i] * poly[i];
+    FOR_N poly[i] = 1.00002368f + t[i] * poly[i];
+    FOR_N arg[i] = -z[i] * z[i] + (-1.26551223f + t[i] * poly[i]);
+    exp8_n(arg, n);
+    FOR_N {
+        const v8f r = t[i] * arg[i];
+        x[i] = select8(x[i] >= 0.0f, r, 2.0f - r);
+    }
+}
+
 /* Cephes logf for normal x > 0: x = m 2^e with m in [√½, √2), log(1 + (m - 1)) by a degree-9 polynomial;
  * relative error ~1e-7 */
 static inline v8f log8(v8f x) {
@@ -306,12 +352,13 @@ static void forward_block8(const fwd_t *a, int64_t g, int64_t s, int64_t *expert
     }
     v8f m = splat8(-INFINITY);
     for (int e = 0; e < 8; e++) m = select8(noisy[e] > m, noisy[e], m);
-    v8f zs, ss; /* the sums over experts in hsum8's order, from expert 0 */
-    for (int e = 0; e < 8; e++) {
-        v8f shifted = noisy[e] - m;
-        ex[e] = exp8(shifted);
-        zs = e ? zs + ex[e] : ex[e];
-        ss = e ? ss + ex[e] * shifted : ex[e] * shifted;
+    v8f shifted[8];
+    for (int e = 0; e < 8; e++) shifted[e] = ex[e] = noisy[e] - m;
+    exp8_n(ex, 8);
+    v8f zs = ex[0], ss = ex[0] * shifted[0]; /* the sums over experts in hsum8's order, from expert 0 */
+    for (int e = 1; e < 8; e++) {
+        zs = zs + ex[e];
+        ss = ss + ex[e] * shifted[e];
     }
     const v8f z = 0.0f + zs, spread = 0.0f + ss; /* as 0.0f + hsum8(...): the same zero's sign */
     const v8f inv = 1.0f / z, part = spread * inv;
@@ -324,16 +371,22 @@ static void forward_block8(const fwd_t *a, int64_t g, int64_t s, int64_t *expert
     for (int64_t j = 0; j < K; j++)
         for (int r = 0; r < 8; r++) expert[j * S + s + r] = chosen[j][r];
     transpose8(rows); /* rows[r]: token r's gates */
+    v8f sum = load8(imp); /* the group's sums, token after token, in a register */
     for (int r = 0; r < 8; r++) {
         store8(a->gates + (t + r) * 8, rows[r]);
-        store8(imp, load8(imp) + rows[r]);
+        sum = sum + rows[r];
     }
+    store8(imp, sum);
     if (ld) {
         top_k8_lanes(noisy, K, chosen, &kth);
         store8(a->threshold + t, kth); /* the k-th largest noisy logit of each token */
-        for (int e = 0; e < 8; e++) rows[e] = 0.5f * erfc8(((kth - l[e]) / a->load_sigma) * 0.70710678118654752f);
+        for (int e = 0; e < 8; e++) rows[e] = ((kth - l[e]) / a->load_sigma) * 0.70710678118654752f;
+        erfc8_n(rows, 8);
+        for (int e = 0; e < 8; e++) rows[e] = 0.5f * rows[e];
         transpose8(rows);
-        for (int r = 0; r < 8; r++) store8(ld, load8(ld) + rows[r]);
+        sum = load8(ld);
+        for (int r = 0; r < 8; r++) sum = sum + rows[r];
+        store8(ld, sum);
     }
 }
 #endif
@@ -474,13 +527,16 @@ static void backward_block8(const bwd_t *a, int64_t g, int64_t s, float c) {
         transpose8(l);
         thr = load8(a->threshold + t);
     }
-    for (int e = 0; e < 8; e++) {
-        v8f d = gate[e] * (dg[e] - dot);
-        if (a->d_load) {
-            v8f q = (thr - l[e]) / a->load_sigma;
-            d = d + splat8(a->d_load[e]) * c * exp8(-0.5f * q * q);
+    if (a->d_load) {
+        v8f density[8];
+        for (int e = 0; e < 8; e++) {
+            const v8f q = (thr - l[e]) / a->load_sigma;
+            density[e] = -0.5f * q * q;
         }
-        dg[e] = d;
+        exp8_n(density, 8);
+        for (int e = 0; e < 8; e++) dg[e] = gate[e] * (dg[e] - dot) + splat8(a->d_load[e]) * c * density[e];
+    } else {
+        for (int e = 0; e < 8; e++) dg[e] = gate[e] * (dg[e] - dot);
     }
     transpose8(dg);
     for (int r = 0; r < 8; r++) store8(a->d_logits + (t + r) * 8, dg[r]);

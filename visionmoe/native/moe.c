@@ -1055,15 +1055,15 @@ static inline void gemm_rows(const float *a, int64_t lda, const float *b, const 
 
 /* acc[k0 + i, n .. n + 8·NV) += Σ_r a[r, k0 + i] · b[r, n ..) for i < KB, r = 0 .. R - 1 in order: a block of
  * KB × NV accumulator vectors held in registers over the R rows (KB, NV constants once inlined) */
-static inline __attribute__((always_inline)) void gemm_tn_block(const float *a, int64_t Kd, const float *b, int64_t N,
-                                                                int64_t R, float *acc, int64_t k0, int64_t n,
-                                                                const int KB, const int NV) {
+static inline __attribute__((always_inline)) void gemm_tn_block(const float *a, int64_t Kd, const float *b, int64_t ldb,
+                                                                int64_t N, int64_t R, float *acc, int64_t k0,
+                                                                int64_t n, const int KB, const int NV) {
     v8f c[6][2];
     for (int i = 0; i < KB; i++)
         for (int v = 0; v < NV; v++) c[i][v] = load8(acc + (k0 + i) * N + n + 8 * v);
     for (int64_t r = 0; r < R; r++) {
         v8f bv[2];
-        for (int v = 0; v < NV; v++) bv[v] = load8(b + r * N + n + 8 * v);
+        for (int v = 0; v < NV; v++) bv[v] = load8(b + r * ldb + n + 8 * v);
         const float *ar = a + r * Kd + k0;
         for (int i = 0; i < KB; i++) {
             const v8f s = splat8(ar[i]);
@@ -1075,19 +1075,19 @@ static inline __attribute__((always_inline)) void gemm_tn_block(const float *a, 
 }
 
 /* acc[k, 0..N) += Σ_r a[r, k] · b[r, 0..N), r = 0 .. R - 1 in order (a product per FMA, as a loop over r
- * would add): a (R, Kd), b (R, N) contiguous, acc (Kd, N); Kd and N multiples of 8. Blocks of 6 × 16 (then
+ * would add): a (R, Kd) contiguous, b (R, N) at row stride ldb, acc (Kd, N); Kd and N multiples of 8. Blocks of 6 × 16 (then
  * 2 × 16, and 8 columns at the end) stay in registers over the R rows. */
-static inline void gemm_tn(const float *a, int64_t Kd, const float *b, int64_t N, int64_t R, float *acc) {
+static inline void gemm_tn(const float *a, int64_t Kd, const float *b, int64_t ldb, int64_t N, int64_t R, float *acc) {
     int64_t k = 0;
     for (; k + 6 <= Kd; k += 6) {
         int64_t n = 0;
-        for (; n + 16 <= N; n += 16) gemm_tn_block(a, Kd, b, N, R, acc, k, n, 6, 2);
-        if (n < N) gemm_tn_block(a, Kd, b, N, R, acc, k, n, 6, 1);
+        for (; n + 16 <= N; n += 16) gemm_tn_block(a, Kd, b, ldb, N, R, acc, k, n, 6, 2);
+        if (n < N) gemm_tn_block(a, Kd, b, ldb, N, R, acc, k, n, 6, 1);
     }
     for (; k < Kd; k += 2) {
         int64_t n = 0;
-        for (; n + 16 <= N; n += 16) gemm_tn_block(a, Kd, b, N, R, acc, k, n, 2, 2);
-        if (n < N) gemm_tn_block(a, Kd, b, N, R, acc, k, n, 2, 1);
+        for (; n + 16 <= N; n += 16) gemm_tn_block(a, Kd, b, ldb, N, R, acc, k, n, 2, 2);
+        if (n < N) gemm_tn_block(a, Kd, b, ldb, N, R, acc, k, n, 2, 1);
     }
 }
 
@@ -1278,8 +1278,8 @@ static void tiled_backward_chunk(void *arg, int64_t e0, int64_t e1) {
                 for (int64_t r = 0; r < m; r++) copy_row(p->rows + at[r] * D, dxt + r * D, D);
             if (db1) add_rows(db1, dh, m, H);
             if (db2) add_rows(db2, dout, m, D);
-            gemm_tn(h, H, dout, D, R, dw2); /* zero rows of dout and dh add nothing */
-            gemm_tn(xt, D, dh, H, R, dw1);
+            gemm_tn(h, H, dout, D, D, R, dw2); /* zero rows of dout and dh add nothing */
+            gemm_tn(xt, D, dh, H, H, R, dw1);
         }
     }
     free(xt);
@@ -1304,9 +1304,9 @@ void vmoe_tiled_backward(const float *x, int64_t x_stride, const int64_t *expert
 /* ---- the routers' logits: a bias-free linear map ----------------------------------------------------------
  * logits[t] = W x[t] for T tokens of D channels (rows at x_stride), W (E, D) given transposed as wt (D, E):
  * one vector-matrix product per token, where a BLAS call on (T, 8) x (8, 8) mostly moves memory. Backward:
- * dx[t] = dl[t] W, and dW = Σ_t dl[t] ⊗ x[t] summed per chunk of tokens into a private buffer, then over
- * the chunks in order (the chunks depend on the shapes only: the sums do not depend on the thread count).
- * E a multiple of 8 (forward), D a multiple of 8 (backward). */
+ * dx[t] = dl[t] W, and dW = Σ_t dl[t] ⊗ x[t] (the tokens in order, by gemm_tn) summed per chunk of tokens
+ * into a private buffer, then over the chunks in order (the chunks depend on the shapes only: the sums do
+ * not depend on the thread count). E a multiple of 8 (forward), D and E multiples of 8 (backward). */
 
 typedef struct {
     const float *x, *wt, *w, *dl;
@@ -1332,11 +1332,11 @@ static void linear_backward_chunk(void *arg, int64_t c0, int64_t c1) {
         float *acc = p->partial + c * E * D;
         memset(acc, 0, (size_t)E * D * sizeof(float));
         const int64_t end = (c + 1) * p->chunk < p->T ? (c + 1) * p->chunk : p->T;
-        for (int64_t t = c * p->chunk; t < end; t++) {
-            const float *dl = p->dl + t * E;
-            if (p->dx) vecmat(dl, p->w, NULL, E, D, p->dx + t * D);
-            outer_add(dl, p->x + t * p->x_stride, E, D, acc);
-        }
+        if (p->dx)
+            for (int64_t t = c * p->chunk; t < end; t++) vecmat(p->dl + t * E, p->w, NULL, E, D, p->dx + t * D);
+        /* dW += dlᵀ x over the chunk's tokens in order, blocks of dW held in registers */
+        gemm_tn(p->dl + c * p->chunk * E, E, p->x + c * p->chunk * p->x_stride, p->x_stride, D, end - c * p->chunk,
+                acc);
     }
 }
 

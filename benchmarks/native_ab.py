@@ -3,12 +3,12 @@ does it give the same numbers?
 
 Builds ``moe.c`` as committed at ``--base`` (a git revision) and as it is in the working tree, loads both
 into one process and, on CNN stage shapes (``--batch`` images of 32², 16², 8² tokens, E = 8, noisy top-2,
-capacity factor 1.25, both V-MoE losses), times each library's fused router (forward; forward and backward)
-and, where both have them with the same ABI version, the fused experts (``visionmoe.native.expert_ffn``
-with the loop it takes at that shape, or the one ``--loop`` names, ReLU and GELU, forward and backward;
-stage widths D, 2D, 4D for each first-stage width of ``--widths``, H = ratio · width for each of
-``--ratios``), interleaved round-robin, median of ``--repeats``. Each row also says whether the two give
-the same outputs and gradients bit for bit.
+capacity factor 1.25, both V-MoE losses), times each library's fused router (forward; forward and backward),
+the routers' logits (forward and backward) and, where both have them with the same ABI version, the fused
+experts (``visionmoe.native.expert_ffn`` with the loop it takes at that shape, or the one ``--loop`` names,
+ReLU and GELU, forward and backward; stage widths D, 2D, 4D for each first-stage width of ``--widths``,
+H = ratio · width for each of ``--ratios``), interleaved round-robin, median of ``--repeats``. Each row
+also says whether the two give the same outputs and gradients bit for bit.
 
     python benchmarks/native_ab.py --base HEAD~1 --threads 2 --repeats 15
     python benchmarks/native_ab.py --base HEAD~1 --widths 32 --ratios 1 2 --loop tiled
@@ -66,6 +66,18 @@ def router_case(tokens: int, images: int):
         return (*outputs, *torch.autograd.grad(loss, logits))
 
     return {"router forward": forward, "router forward + backward": both}
+
+
+def logits_case(tokens: int, dim: int):
+    x = torch.randn(tokens, dim, requires_grad=True)
+    weight = torch.randn(8, dim, requires_grad=True)
+    grad = torch.randn(tokens, 8)
+
+    def both():
+        y = native.router_logits(x, weight)
+        return (y, *torch.autograd.grad(y, [x, weight], grad))
+
+    return {f"logits D={dim} forward + backward": both}
 
 
 def ffn_case(tokens: int, dim: int, hidden: int, activation, loop: str):
@@ -126,6 +138,7 @@ def main(argv: list[str] | None = None) -> int:
                 tokens = args.batch * side * side
                 if first == args.widths[0]:
                     cases += [(tokens, name, fn) for name, fn in router_case(side * side, args.batch).items()]
+                cases += [(tokens, name, fn) for name, fn in logits_case(tokens, width).items()]
                 for ratio in args.ratios:
                     for activation in (torch.nn.ReLU, torch.nn.GELU):
                         case = ffn_case(tokens, width, ratio * width, activation, args.loop)

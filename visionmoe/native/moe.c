@@ -1006,7 +1006,7 @@ static inline void copy_row(float *dst, const float *src, int64_t N) { /* N a mu
 
 /* c[r, 0..N) = (bias or 0) + Σ_k a[r, k] · b[k, 0..N) for r < MR: a at row stride lda, b (Kd, N) row-major,
  * c at row stride ldc; N a multiple of 8. One accumulator per output vector, k in order: 12 of them for
- * 16 columns (enough in flight to cover the FMAs' latency), 3 loads per 4 FMAs. */
+ * 16 columns (enough in flight to cover the FMAs' latency), 8 loads per 12 FMAs. */
 static inline void gemm_rows(const float *a, int64_t lda, const float *b, const float *bias, int64_t Kd, int64_t N,
                              float *c, int64_t ldc) {
     int64_t n = 0;
@@ -1055,9 +1055,9 @@ static inline void gemm_rows(const float *a, int64_t lda, const float *b, const 
 
 /* acc[k0 + i, n .. n + 8·NV) += Σ_r a[r, k0 + i] · b[r, n ..) for i < KB, r = 0 .. R - 1 in order: a block of
  * KB × NV accumulator vectors held in registers over the R rows (KB, NV constants once inlined) */
-static inline __attribute__((always_inline)) void gemm_tn_block(const float *a, int64_t Kd, const float *b, int64_t ldb,
-                                                                int64_t N, int64_t R, float *acc, int64_t k0,
-                                                                int64_t n, const int KB, const int NV) {
+static inline __attribute__((always_inline)) void gemm_tn_block(const float *a, int64_t Kd, const float *b,
+                                                                int64_t ldb, int64_t N, int64_t R, float *acc,
+                                                                int64_t k0, int64_t n, const int KB, const int NV) {
     v8f c[6][2];
     for (int i = 0; i < KB; i++)
         for (int v = 0; v < NV; v++) c[i][v] = load8(acc + (k0 + i) * N + n + 8 * v);
@@ -1075,9 +1075,10 @@ static inline __attribute__((always_inline)) void gemm_tn_block(const float *a, 
 }
 
 /* acc[k, 0..N) += Σ_r a[r, k] · b[r, 0..N), r = 0 .. R - 1 in order (a product per FMA, as a loop over r
- * would add): a (R, Kd) contiguous, b (R, N) at row stride ldb, acc (Kd, N); Kd and N multiples of 8. Blocks of 6 × 16 (then
- * 2 × 16, and 8 columns at the end) stay in registers over the R rows. */
-static inline void gemm_tn(const float *a, int64_t Kd, const float *b, int64_t ldb, int64_t N, int64_t R, float *acc) {
+ * would add): a (R, Kd) contiguous, b (R, N) at row stride ldb, acc (Kd, N); Kd and N multiples of 8.
+ * Blocks of 6 × 16 (then 2 × 16, and 8 columns at the end) stay in registers over the R rows. */
+static inline void gemm_tn(const float *a, int64_t Kd, const float *b, int64_t ldb, int64_t N, int64_t R,
+                           float *acc) {
     int64_t k = 0;
     for (; k + 6 <= Kd; k += 6) {
         int64_t n = 0;

@@ -118,47 +118,14 @@ static inline v8f select8(v8i mask, v8f a, v8f b) { return (v8f)((mask & (v8i)a)
 
 static inline v8f splat8(float x) { return (v8f){x, x, x, x, x, x, x, x}; }
 
-/* Cephes expf: x = n ln2 + r, |r| <= ln2 / 2, exp(r) by a degree-6 polynomial, 2^n by the exponent bits;
- * relative error ~2e-7 on [-87, 88] (clamped there: e^-87 ~ 1.6e-38, the smallest normal float). */
-static inline v8f exp8(v8f x) {
-    x = select8(x < -87.0f, splat8(-87.0f), x);
-    x = select8(x > 88.0f, splat8(88.0f), x);
-    const v8f magic = splat8(12582912.0f); /* 1.5 * 2^23: adding it rounds to an integer */
-    v8f t = x * 1.44269504088896341f + magic;
-    v8i n = (v8i)t - (v8i)magic;
-    v8f nf = t - magic;
-    v8f r = x - nf * 0.693359375f;
-    r = r - nf * -2.12194440e-4f;
-    v8f p = splat8(1.9875691500e-4f);
-    p = p * r + 1.3981999507e-3f;
-    p = p * r + 8.3334519073e-3f;
-    p = p * r + 4.1665795894e-2f;
-    p = p * r + 1.6666665459e-1f;
-    p = p * r + 5.0000001201e-1f;
-    p = p * r * r + r + 1.0f;
-    return p * (v8f)((n + 127) << 23);
-}
-
-/* Numerical Recipes' erfcc (Chebyshev fit), fractional error < 1.2e-7 (to float rounding here). */
-static inline v8f erfc8(v8f x) {
-    v8f z = (v8f)((v8i)x & 0x7fffffff);
-    v8f t = 1.0f / (1.0f + 0.5f * z);
-    v8f poly = -0.82215223f + t * 0.17087277f;
-    poly = 1.48851587f + t * poly;
-    poly = -1.13520398f + t * poly;
-    poly = 0.27886807f + t * poly;
-    poly = -0.18628806f + t * poly;
-    poly = 0.09678418f + t * poly;
-    poly = 0.37409196f + t * poly;
-    poly = 1.00002368f + t * poly;
-    poly = -1.26551223f + t * poly;
-    v8f r = t * exp8(-z * z + poly);
-    return select8(x >= 0.0f, r, 2.0f - r);
-}
-
-/* exp8 and erfc8 on n vectors at once (n a constant once inlined, at most 8), in place: the same operations
- * on each vector, so the same values, but step by step across the vectors so that their dependency chains
- * (a polynomial's steps wait on each other) run side by side instead of one after another. */
+/* exp and erfc on n vectors at once (n a constant once inlined, at most 8), in place: the same operations on
+ * each vector, step by step across the vectors so that their dependency chains (a polynomial's steps wait on
+ * each other) run side by side instead of one after another; exp8 and erfc8 are the one-vector case.
+ *
+ * exp: Cephes expf, x = n ln2 + r, |r| <= ln2 / 2, exp(r) by a degree-6 polynomial, 2^n by the exponent bits;
+ * relative error ~2e-7 on [-87, 88] (clamped there: e^-87 ~ 1.6e-38, the smallest normal float; adding
+ * 1.5 * 2^23 rounds to an integer). erfc: Numerical Recipes' erfcc (Chebyshev fit), fractional error
+ * < 1.2e-7 (to float rounding here). */
 #define FOR_N _Pragma("GCC unroll 8") for (int i = 0; i < n; i++)
 
 static inline __attribute__((always_inline)) void exp8_n(v8f *x, const int n) {
@@ -200,6 +167,16 @@ static inline __attribute__((always_inline)) void erfc8_n(v8f *x, const int n) {
         const v8f r = t[i] * arg[i];
         x[i] = select8(x[i] >= 0.0f, r, 2.0f - r);
     }
+}
+
+static inline v8f exp8(v8f x) {
+    exp8_n(&x, 1);
+    return x;
+}
+
+static inline v8f erfc8(v8f x) {
+    erfc8_n(&x, 1);
+    return x;
 }
 
 /* Cephes logf for normal x > 0: x = m 2^e with m in [√½, √2), log(1 + (m - 1)) by a degree-9 polynomial;
@@ -1115,17 +1092,17 @@ static void sort_by_expert(const int64_t *expert, int64_t N, int64_t E, int64_t 
     free(next);
 }
 
-/* R rows of D: row r < m is src's row of assignment order[r] (its token's row, at stride; times scale[order[r]]
- * where scale is given), zero rows after */
+/* R rows of D: row r < m is src's row of assignment order[r] (its token's row, at stride, found with K's
+ * divisor_magic; times scale[order[r]] where scale is given), zero rows after */
 static inline void gather_tile(const float *src, int64_t stride, const int64_t *order, int64_t m, int64_t R,
-                               uint64_t K, int64_t D, const float *scale, float *tile) { /* K: its magic */
+                               uint64_t k_magic, int64_t D, const float *scale, float *tile) {
     for (int64_t r = 0; r < R; r++) {
         float *row = tile + r * D;
         if (r >= m) {
             for (int64_t d = 0; d < D; d += 8) store8(row + d, splat8(0.0f));
             continue;
         }
-        const float *s = src + divide(order[r], K) * stride;
+        const float *s = src + divide(order[r], k_magic) * stride;
         if (!scale) {
             copy_row(row, s, D);
             continue;
@@ -1137,10 +1114,10 @@ static inline void gather_tile(const float *src, int64_t stride, const int64_t *
 
 /* the cache lines of the rows (of D floats, at stride) of the tokens of assignments order[0 .. m), on their
  * way in: a tile's rows are scattered over the tokens, and their loads would otherwise wait on memory */
-static inline void prefetch_rows(const float *src, int64_t stride, const int64_t *order, int64_t m, uint64_t K,
-                                 int64_t D) { /* K: its magic */
+static inline void prefetch_rows(const float *src, int64_t stride, const int64_t *order, int64_t m,
+                                 uint64_t k_magic, int64_t D) {
     for (int64_t r = 0; r < m; r++) {
-        const char *row = (const char *)(src + divide(order[r], K) * stride);
+        const char *row = (const char *)(src + divide(order[r], k_magic) * stride);
         for (int64_t b = 0; b < D * (int64_t)sizeof(float); b += 64) __builtin_prefetch(row + b, 0, 3);
     }
 }

@@ -537,7 +537,8 @@ class _ExpertFFN(torch.autograd.Function):
         expert_c, weight_c = expert.contiguous(), weight.detach().contiguous()
         params = [None if t is None else t.detach().contiguous() for t in (w1, b1, w2, b2)]
         y = torch.empty(T, D)
-        # each kept choice's pre-activation and unweighted output, for the backward to reuse
+        # each kept choice's pre-activation and unweighted output, for the backward to reuse (tiled: the
+        # pre-activations' rows in the assignments' sorted order, as the kernel's backward reads them)
         hidden = torch.empty(T * K, H) if any(ctx.needs_input_grad) else None
         outputs = torch.empty(T * K, D) if any(ctx.needs_input_grad) or tiled else None
         if tiled:  # and the assignments sorted by expert

@@ -1079,17 +1079,18 @@ static inline void add_rows(float *acc, const float *rows, int64_t m, int64_t N)
     }
 }
 
-/* order[offsets[e] .. offsets[e + 1]): expert e's kept assignments t·K + j, ascending */
-static void sort_by_expert(const int64_t *expert, int64_t N, int64_t E, int64_t *order, int64_t *offsets) {
+/* order[offsets[e] .. offsets[e + 1]): expert e's kept assignments among first .. last - 1, ascending
+ * (offsets[0] = first: order's entries from there); next: E integers of scratch */
+static void sort_by_expert(const int64_t *expert, int64_t first, int64_t last, int64_t E, int64_t *order,
+                           int64_t *offsets, int64_t *next) {
     memset(offsets, 0, (size_t)(E + 1) * sizeof(int64_t));
-    for (int64_t i = 0; i < N; i++)
+    offsets[0] = first;
+    for (int64_t i = first; i < last; i++)
         if (expert[i] >= 0) offsets[expert[i] + 1]++;
     for (int64_t e = 0; e < E; e++) offsets[e + 1] += offsets[e];
-    int64_t *next = malloc((size_t)(E > 0 ? E : 1) * sizeof(int64_t));
     memcpy(next, offsets, (size_t)E * sizeof(int64_t));
-    for (int64_t i = 0; i < N; i++)
+    for (int64_t i = first; i < last; i++)
         if (expert[i] >= 0) order[next[expert[i]]++] = i;
-    free(next);
 }
 
 /* R rows of D: row r < m is src's row of assignment order[r] (its token's row, at stride, found with K's
@@ -1130,27 +1131,38 @@ static inline int64_t next_tile(const experts_t *p, int64_t e, int64_t i, int64_
     return *m = p->offsets[e + 1] - n < TB ? p->offsets[e + 1] - n : TB, n;
 }
 
+/* Scratch floats of a tile (forward, backward) */
+#define FORWARD_SCRATCH(D, H) ((size_t)TB * (2 * (D) + 2 * (H)))
+#define BACKWARD_SCRATCH(D, H) ((size_t)TB * (3 * (D) + 4 * (H)))
+
+/* The forward of a tile: expert e's m <= TB assignments order[i .. i + m): their rows of x gathered, through
+ * the expert, each output written at its assignment's row of outputs, the pre-activations at rows i .. of
+ * hidden (in sorted order) */
+static void forward_tile(const experts_t *p, int64_t e, int64_t i, int64_t m, uint64_t k_magic, float *xt) {
+    const int64_t D = p->D, H = p->H;
+    float *a = xt + TB * D, *h = a + TB * H, *o = h + TB * H;
+    const float *w1 = p->w1 + e * D * H, *w2 = p->w2 + e * H * D;
+    const float *b1 = p->b1 ? p->b1 + e * H : NULL, *b2 = p->b2 ? p->b2 + e * D : NULL;
+    const int64_t R = (m + MR - 1) / MR * MR, *at = p->order + i;
+    gather_tile(p->x, p->x_stride, at, m, R, k_magic, D, NULL, xt);
+    for (int64_t r = 0; r < R; r += MR) gemm_rows(xt + r * D, D, w1, b1, D, H, a + r * H, H);
+    act_forward(a, h, R * H, p->act);
+    for (int64_t r = 0; r < R; r += MR) gemm_rows(h + r * H, H, w2, b2, H, D, o + r * D, D);
+    for (int64_t r = 0; r < m; r++) copy_row(p->outputs + at[r] * D, o + r * D, D);
+    if (p->hidden) memcpy(p->hidden + i * H, a, (size_t)(m * H) * sizeof(float)); /* in sorted order */
+}
+
 static void tiled_forward_chunk(void *arg, int64_t e0, int64_t e1) {
     const experts_t *p = (const experts_t *)arg;
     const uint64_t k_magic = divisor_magic(p->K);
-    const int64_t D = p->D, H = p->H;
-    float *xt = malloc((size_t)TB * (2 * D + 2 * H) * sizeof(float)), *a = xt + TB * D, *h = a + TB * H;
-    float *o = h + TB * H;
+    float *xt = malloc(FORWARD_SCRATCH(p->D, p->H) * sizeof(float));
     for (int64_t e = e0; e < e1; e++) {
-        const float *w1 = p->w1 + e * D * H, *w2 = p->w2 + e * H * D;
-        const float *b1 = p->b1 ? p->b1 + e * H : NULL, *b2 = p->b2 ? p->b2 + e * D : NULL;
         for (int64_t i = p->offsets[e]; i < p->offsets[e + 1]; i += TB) {
             const int64_t m = p->offsets[e + 1] - i < TB ? p->offsets[e + 1] - i : TB;
-            const int64_t R = (m + MR - 1) / MR * MR, *at = p->order + i;
             int64_t m_next;
             const int64_t i_next = next_tile(p, e, i, e1, &m_next);
-            prefetch_rows(p->x, p->x_stride, p->order + i_next, m_next, k_magic, D);
-            gather_tile(p->x, p->x_stride, at, m, R, k_magic, D, NULL, xt);
-            for (int64_t r = 0; r < R; r += MR) gemm_rows(xt + r * D, D, w1, b1, D, H, a + r * H, H);
-            act_forward(a, h, R * H, p->act);
-            for (int64_t r = 0; r < R; r += MR) gemm_rows(h + r * H, H, w2, b2, H, D, o + r * D, D);
-            for (int64_t r = 0; r < m; r++) copy_row(p->outputs + at[r] * D, o + r * D, D);
-            if (p->hidden) memcpy(p->hidden + i * H, a, (size_t)(m * H) * sizeof(float)); /* in sorted order */
+            prefetch_rows(p->x, p->x_stride, p->order + i_next, m_next, k_magic, p->D);
+            forward_tile(p, e, i, m, k_magic, xt);
         }
     }
     free(xt);
@@ -1212,7 +1224,9 @@ void vmoe_tiled_forward(const float *x, int64_t x_stride, const int64_t *expert,
                         const float *b1, const float *w2, const float *b2, int64_t T, int64_t K, int64_t D, int64_t H,
                         int64_t E, int act, int64_t *order, int64_t *offsets, float *hidden, float *outputs, float *y,
                         int threads) {
-    sort_by_expert(expert, T * K, E, order, offsets);
+    int64_t *next = malloc((size_t)(E > 0 ? E : 1) * sizeof(int64_t));
+    sort_by_expert(expert, 0, T * K, E, order, offsets, next);
+    free(next);
     experts_t p = {.x = x, .weight = weight, .w1 = w1, .b1 = b1, .w2 = w2, .b2 = b2, .x_stride = x_stride, .K = K,
                  .D = D, .H = H, .E = E, .T = T, .expert = expert, .order = order, .offsets = offsets, .act = act,
                  .hidden = hidden, .outputs = outputs, .y = y};
@@ -1220,44 +1234,54 @@ void vmoe_tiled_forward(const float *x, int64_t x_stride, const int64_t *expert,
     parallel_for(T, MIN_ROWS, threads, combine_outputs_chunk, &p);
 }
 
+/* The backward of forward_tile's tile: its rows' input gradients written at their assignments' rows of
+ * p->rows (if wanted), the weights' gradients added to grads (dW1 (E, D, H), dW2 (E, H, D), then db1 (E, H)
+ * and db2 (E, D) where the biases are), rows in order */
+static void backward_tile(const experts_t *p, int64_t e, int64_t i, int64_t m, uint64_t k_magic, float *grads,
+                          float *xt) {
+    const int64_t D = p->D, H = p->H, E = p->E;
+    float *dout = xt + TB * D, *dxt = dout + TB * D, *a = dxt + TB * D, *h = a + TB * H, *deriv = h + TB * H;
+    float *dh = deriv + TB * H;
+    const float *w1t = p->w1t + e * H * D, *w2t = p->w2t + e * D * H;
+    float *dw1 = grads + e * D * H, *dw2 = grads + E * D * H + e * H * D;
+    float *db1 = p->bias1 ? grads + 2 * E * D * H + e * H : NULL;
+    float *db2 = p->bias2 ? grads + 2 * E * D * H + (p->bias1 ? E * H : 0) + e * D : NULL;
+    const int64_t R = (m + MR - 1) / MR * MR; /* rows computed: m, then zero rows up to MR's multiple */
+    const int64_t *at = p->order + i;
+    gather_tile(p->x, p->x_stride, at, m, R, k_magic, D, NULL, xt);
+    gather_tile(p->dy, p->dy_stride, at, m, R, k_magic, D, p->weight, dout); /* w · dy */
+    memcpy(a, p->hidden + i * H, (size_t)(m * H) * sizeof(float));      /* the forward's, in sorted order */
+    memset(a + m * H, 0, (size_t)((R - m) * H) * sizeof(float));
+    act_with_derivative(a, h, deriv, R * H, p->act);
+    for (int64_t r = 0; r < R; r += MR) gemm_rows(dout + r * D, D, w2t, NULL, D, H, dh + r * H, H);
+    act_backward(a, deriv, dh, R * H, p->act); /* zero rows of dout: zero rows of dh */
+    if (p->rows) {
+        for (int64_t r = 0; r < R; r += MR) gemm_rows(dh + r * H, H, w1t, NULL, H, D, dxt + r * D, D);
+        for (int64_t r = 0; r < m; r++) copy_row(p->rows + at[r] * D, dxt + r * D, D);
+    }
+    if (db1) add_rows(db1, dh, m, H);
+    if (db2) add_rows(db2, dout, m, D);
+    gemm_tn(h, H, dout, D, D, R, dw2); /* zero rows of dout and dh add nothing */
+    gemm_tn(xt, D, dh, H, H, R, dw1);
+}
+
 static void tiled_backward_chunk(void *arg, int64_t e0, int64_t e1) {
     const experts_t *p = (const experts_t *)arg;
     const uint64_t k_magic = divisor_magic(p->K);
     const int64_t D = p->D, H = p->H, E = p->E;
-    float *xt = malloc((size_t)TB * (3 * D + 4 * H) * sizeof(float)), *dout = xt + TB * D, *dxt = dout + TB * D;
-    float *a = dxt + TB * D, *h = a + TB * H, *deriv = h + TB * H, *dh = deriv + TB * H;
+    float *xt = malloc(BACKWARD_SCRATCH(D, H) * sizeof(float));
     for (int64_t e = e0; e < e1; e++) {
-        const float *w1t = p->w1t + e * H * D, *w2t = p->w2t + e * D * H;
-        float *dw1 = p->grads + e * D * H, *dw2 = p->grads + E * D * H + e * H * D;
-        float *db1 = p->bias1 ? p->grads + 2 * E * D * H + e * H : NULL;
-        float *db2 = p->bias2 ? p->grads + 2 * E * D * H + (p->bias1 ? E * H : 0) + e * D : NULL;
-        memset(dw1, 0, (size_t)D * H * sizeof(float));
-        memset(dw2, 0, (size_t)H * D * sizeof(float));
-        if (db1) memset(db1, 0, (size_t)H * sizeof(float));
-        if (db2) memset(db2, 0, (size_t)D * sizeof(float));
+        memset(p->grads + e * D * H, 0, (size_t)D * H * sizeof(float));
+        memset(p->grads + E * D * H + e * H * D, 0, (size_t)H * D * sizeof(float));
+        if (p->bias1) memset(p->grads + 2 * E * D * H + e * H, 0, (size_t)H * sizeof(float));
+        if (p->bias2) memset(p->grads + 2 * E * D * H + (p->bias1 ? E * H : 0) + e * D, 0, (size_t)D * sizeof(float));
         for (int64_t i = p->offsets[e]; i < p->offsets[e + 1]; i += TB) {
             const int64_t m = p->offsets[e + 1] - i < TB ? p->offsets[e + 1] - i : TB;
-            const int64_t R = (m + MR - 1) / MR * MR; /* rows computed: m, then zero rows up to MR's multiple */
-            const int64_t *at = p->order + i;
             int64_t m_next;
             const int64_t i_next = next_tile(p, e, i, e1, &m_next);
             prefetch_rows(p->x, p->x_stride, p->order + i_next, m_next, k_magic, D);
             prefetch_rows(p->dy, p->dy_stride, p->order + i_next, m_next, k_magic, D);
-            gather_tile(p->x, p->x_stride, at, m, R, k_magic, D, NULL, xt);
-            gather_tile(p->dy, p->dy_stride, at, m, R, k_magic, D, p->weight, dout); /* w · dy */
-            memcpy(a, p->hidden + i * H, (size_t)(m * H) * sizeof(float)); /* the forward's, in sorted order */
-            memset(a + m * H, 0, (size_t)((R - m) * H) * sizeof(float));
-            act_with_derivative(a, h, deriv, R * H, p->act);
-            for (int64_t r = 0; r < R; r += MR) gemm_rows(dout + r * D, D, w2t, NULL, D, H, dh + r * H, H);
-            act_backward(a, deriv, dh, R * H, p->act); /* zero rows of dout: zero rows of dh */
-            if (p->rows)
-                for (int64_t r = 0; r < R; r += MR) gemm_rows(dh + r * H, H, w1t, NULL, H, D, dxt + r * D, D);
-            if (p->rows)
-                for (int64_t r = 0; r < m; r++) copy_row(p->rows + at[r] * D, dxt + r * D, D);
-            if (db1) add_rows(db1, dh, m, H);
-            if (db2) add_rows(db2, dout, m, D);
-            gemm_tn(h, H, dout, D, D, R, dw2); /* zero rows of dout and dh add nothing */
-            gemm_tn(xt, D, dh, H, H, R, dw1);
+            backward_tile(p, e, i, m, k_magic, p->grads, xt);
         }
     }
     free(xt);

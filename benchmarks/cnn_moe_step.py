@@ -49,8 +49,9 @@ the issue named and the layer does not take: every expert on every token, weight
 combine matrix (:func:`all_experts_masked`: two GEMMs of width E·H, no sort, gather or scatter), timed
 in the same repeats, with its largest difference from ``auto``'s output.
 
-``--layer-grid --loops`` times the ``fused`` backend's two loops, token by token and tiled by expert
-(:func:`visionmoe.native.ffn_tiled`), against ``padded`` and ``sorted`` at the same shapes: the
+``--layer-grid --loops`` times the ``fused`` backend's loops (token by token, tiled per block of tokens,
+tiled by expert: :data:`visionmoe.native.FFN_LOOPS`, :func:`visionmoe.native.ffn_loop`), against
+``padded`` and ``sorted`` at the same shapes: the
 measurement behind which loop ``fused`` takes and where ``auto`` takes ``fused``.
 
 ``--profile`` instead prints the torch.profiler table of one MoE step of the first cell, its time
@@ -272,13 +273,13 @@ def all_experts_masked(x: torch.Tensor, plan: visionmoe.routing.plan.Routing, ex
 
 @contextlib.contextmanager
 def fused_loop(loop: str) -> Iterator[None]:
-    """The ``fused`` backend with its loop forced: "tokenwise" or "tiled" (see :func:`native.ffn_tiled`)."""
-    saved = native.ffn_tiled
-    native.ffn_tiled = lambda *_: loop == "tiled"
+    """The ``fused`` backend with its loop forced: one of :data:`native.FFN_LOOPS` (see :func:`native.ffn_loop`)."""
+    saved = native.ffn_loop
+    native.ffn_loop = lambda *_: loop
     try:
         yield
     finally:
-        native.ffn_tiled = saved
+        native.ffn_loop = saved
 
 
 def layer_grid(args: argparse.Namespace) -> None:
@@ -346,9 +347,9 @@ def layer_grid(args: argparse.Namespace) -> None:
 
 
 def loop_grid(args: argparse.Namespace) -> None:
-    """The fused backend's two loops, token by token and tiled by expert, against padded and sorted, at the
-    layer grid's shapes: the measurement behind :func:`visionmoe.native.ffn_tiled` and ``auto``'s rule."""
-    names = ("padded", "sorted", "tokenwise", "tiled")
+    """The fused backend's loops (:data:`visionmoe.native.FFN_LOOPS`) against padded and sorted, at the layer
+    grid's shapes: the measurement behind :func:`visionmoe.native.ffn_loop` and ``auto``'s rule."""
+    names = ("padded", "sorted", *native.FFN_LOOPS)
     print("\n| activation | D | H | positions | " + " | ".join(f"{n} ms" for n in names) + " | best | auto |")
     print("|---|---|---|---|" + "---|" * (len(names) + 2))
     for activation in (torch.nn.GELU, torch.nn.ReLU):
@@ -362,10 +363,10 @@ def loop_grid(args: argparse.Namespace) -> None:
                     x.requires_grad_()
 
                     def step(name: str, layer: MoE = layer, x: torch.Tensor = x) -> None:
-                        layer.backend = "fused" if name in ("tokenwise", "tiled") else name
+                        layer.backend = "fused" if name in native.FFN_LOOPS else name
                         x.grad = None
                         layer.zero_grad(set_to_none=True)
-                        with fused_loop(name) if name in ("tokenwise", "tiled") else contextlib.nullcontext():
+                        with fused_loop(name) if name in native.FFN_LOOPS else contextlib.nullcontext():
                             (layer(x).square().mean() + layer.aux_loss).backward()
 
                     times = interleaved_times(
@@ -381,7 +382,7 @@ def loop_grid(args: argparse.Namespace) -> None:
                     with torch.enable_grad():
                         chosen = choose_backend(tokens, layer.experts, plan)
                     if chosen == "fused":
-                        chosen = "tiled" if native.ffn_tiled(dim, hidden) else "tokenwise"
+                        chosen = native.ffn_loop(dim, hidden)
                     cells = " | ".join(f"{ms[n]:.1f}" for n in names)
                     best = min(ms, key=ms.get)
                     row = f"| {activation.__name__} | {dim} | {hidden} | {side}² | {cells} | {best} | {chosen} |"

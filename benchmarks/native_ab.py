@@ -88,13 +88,12 @@ def ffn_case(tokens: int, dim: int, hidden: int, activation, loop: str):
     weight = torch.rand(tokens, 2, requires_grad=True)
     grad = torch.randn(tokens, dim)
 
-    tiled = native.ffn_tiled(dim, hidden) if loop == "auto" else loop == "tiled"
+    loop = native.ffn_loop(dim, hidden) if loop == "auto" else loop
 
     def both():
-        y = native.expert_ffn(x, expert, weight, experts, tiled=tiled)
+        y = native.expert_ffn(x, expert, weight, experts, loop=loop)
         return (y, *torch.autograd.grad(y, [x, weight, *experts.parameters()], grad))
 
-    loop = "tiled" if tiled else "token by token"
     return {f"experts D={dim} H={hidden} {activation.__name__} ({loop})": both}
 
 
@@ -109,8 +108,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--ratios", type=int, nargs="+", default=[1], help="the experts' hidden ratios H / D")
     parser.add_argument(
-        "--loop", choices=("auto", "tiled", "tokenwise"), default="auto",
-        help="the experts' loop (auto: native.ffn_tiled's choice from the shapes)",
+        "--loop", choices=("auto", *native.FFN_LOOPS), default="auto",
+        help="the experts' loop (auto: native.ffn_loop's choice from the shapes)",
     )  # fmt: skip
     parser.add_argument("--keep-freed-memory", action="store_true")
     args = parser.parse_args(argv)
@@ -145,7 +144,8 @@ def main(argv: list[str] | None = None) -> int:
                         cases += [(tokens, name, fn) for name, fn in case.items()]
         same_abi = len({lib.vmoe_abi_version() for lib in libs.values()}) == 1  # the experts' signatures changed
         for tokens, name, fn in cases:
-            needs = "vmoe_tiled_forward" if name.endswith("(tiled)") else "vmoe_ffn_forward"
+            loop = name[name.rfind("(") + 1 : -1]
+            needs = {"tiled": "vmoe_tiled_forward", "blocked": "vmoe_blocked_forward"}.get(loop, "vmoe_ffn_forward")
             present = not name.startswith("experts") or (same_abi and all(hasattr(lib, needs) for lib in libs.values()))
             if not present:
                 continue

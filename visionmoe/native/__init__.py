@@ -118,6 +118,20 @@ SIGNATURES = {
     "vmoe_linear_backward": [_ptr_t, _i64, _ptr_t, _ptr_t, *[_i64] * 4, *[_ptr_t] * 3, _int],
     "vmoe_tiled_forward": [_ptr_t, _i64, *[_ptr_t] * 6, *[_i64] * 5, _int, *[_ptr_t] * 5, _int],
     "vmoe_tiled_backward": [_ptr_t, _i64, *[_ptr_t] * 5, *[_i64] * 6, _int, _int, _int, *[_ptr_t] * 8, _int],
+    "vmoe_blocked_forward": [_ptr_t, _i64, *[_ptr_t] * 6, *[_i64] * 5, _int, _i64, *[_ptr_t] * 5, _int],
+    "vmoe_blocked_backward": [
+        _ptr_t,
+        _i64,
+        *[_ptr_t] * 5,
+        *[_i64] * 6,
+        _int,
+        _int,
+        _int,
+        _i64,
+        _i64,
+        *[_ptr_t] * 9,
+        _int,
+    ],
     "vmoe_normal": [_u32, _u32, _i64, _ptr_t, _int],
     "vmoe_plan_counts": [_ptr_t, _ptr_t, *[_i64] * 4, *[_ptr_t] * 3, _int],
     "vmoe_token_major": [_ptr_t, _ptr_t, *[_i64] * 3, _ptr_t, _int],
@@ -472,10 +486,15 @@ def rowdot(a: Tensor, h: Tensor, rowmap: RowMap) -> Tensor:
 
 FFN_ACTIVATIONS = {"ReLU": 1, "GELU": 2}
 """The experts' activations the fused kernel computes (codes of moe.c): ``nn.ReLU`` and exact ``nn.GELU``."""
+FFN_LOOPS = ("tokenwise", "blocked", "tiled")
+"""The fused experts' loops: token by token; tiled per block of :data:`FFN_BLOCK` tokens (each block's
+assignments sorted by expert); tiled by expert over the whole layer (one sort)."""
 FFN_TOKENWISE_WEIGHTS = 256
 """Experts of at most this many weights per layer (D·H) run token by token, larger ones tiled by expert: at
 D = 8 (H = 8-32) and D = 16 with H = 16 the token-by-token loop was at par or faster, from D·H = 512 the
 tiled one (BENCHMARKS.md, issue 22, twelfth pass: ``cnn_moe_step.py --layer-grid --loops``)."""
+FFN_BLOCK = 256
+"""Tokens per block of the ``blocked`` loop."""
 FFN_CHUNK = 1024
 """Tokens whose weight gradients one private buffer sums (fewer chunks for large experts, see _ffn_chunk)."""
 FFN_MAX_CHUNKS = 64
@@ -508,25 +527,26 @@ def ffn_supported(experts: torch.nn.Module) -> bool:
     return torch.utils._python_dispatch._get_current_dispatch_mode() is None
 
 
-def ffn_tiled(dim: int, hidden: int) -> bool:
-    """Whether :func:`expert_ffn` computes these experts tiled by expert (else token by token): the experts
-    above :data:`FFN_TOKENWISE_WEIGHTS` weights (D·H) per layer."""
-    return dim * hidden > FFN_TOKENWISE_WEIGHTS
+def ffn_loop(dim: int, hidden: int) -> str:
+    """The loop of :data:`FFN_LOOPS` that :func:`expert_ffn` takes for experts of these shapes: token by
+    token up to :data:`FFN_TOKENWISE_WEIGHTS` weights (D·H) per layer, tiled by expert above."""
+    return "tiled" if dim * hidden > FFN_TOKENWISE_WEIGHTS else "tokenwise"
 
 
-def _ffn_chunk(tokens: int, per_chunk: int) -> int:
-    """Tokens per private weight-gradient buffer: a function of the shapes only (not of the thread count),
-    so the sums are the same whatever the threads."""
+def _ffn_chunk(tokens: int, per_chunk: int, block: int = 1) -> int:
+    """Tokens (or blocks of ``block`` tokens) per private weight-gradient buffer: a function of the shapes
+    only (not of the thread count), so the sums are the same whatever the threads."""
+    units = -(-tokens // block)
     chunks = min(-(-tokens // FFN_CHUNK), FFN_MAX_CHUNKS, max(1, FFN_MAX_PARTIAL // per_chunk))
-    return max(1, -(-tokens // max(1, chunks)))
+    return max(1, -(-units // max(1, chunks)))
 
 
 class _ExpertFFN(torch.autograd.Function):
-    """y[t] = Σ_j w[t, j] · expert_{e[t, j]}(x[t]) over the kept choices (e >= 0), in one C pass: token by
-    token, or (``tiled``) by expert, a few assignments at a time."""
+    """y[t] = Σ_j w[t, j] · expert_{e[t, j]}(x[t]) over the kept choices (e >= 0), in one C pass by the
+    ``loop`` of :data:`FFN_LOOPS`."""
 
     @staticmethod
-    def forward(ctx, x, expert, weight, w1, b1, w2, b2, act, tiled):
+    def forward(ctx, x, expert, weight, w1, b1, w2, b2, act, loop):
         T, D = x.shape
         (E, _, H), K = w1.shape, expert.shape[1]
         if expert.numel():
@@ -537,31 +557,35 @@ class _ExpertFFN(torch.autograd.Function):
         expert_c, weight_c = expert.contiguous(), weight.detach().contiguous()
         params = [None if t is None else t.detach().contiguous() for t in (w1, b1, w2, b2)]
         y = torch.empty(T, D)
-        # each kept choice's pre-activation and unweighted output, for the backward to reuse (tiled: the
-        # pre-activations' rows in the assignments' sorted order, as the kernel's backward reads them)
+        # each kept choice's pre-activation and unweighted output, for the backward to reuse (tiled and
+        # blocked: the pre-activations' rows in the assignments' sorted order, as the kernel's backward reads
+        # them; those loops write the outputs there before adding them per token)
         hidden = torch.empty(T * K, H) if any(ctx.needs_input_grad) else None
-        outputs = torch.empty(T * K, D) if any(ctx.needs_input_grad) or tiled else None
-        if tiled:  # and the assignments sorted by expert
-            order, offsets = torch.empty(T * K, dtype=torch.int64), torch.empty(E + 1, dtype=torch.int64)
-            _library().vmoe_tiled_forward(
-                _ptr(xr), stride, *(_ptr(t) for t in (expert_c, weight_c, *params)), T, K, D, H, E,
-                ffn_activation(act), *(_ptr(t) for t in (order, offsets, hidden, outputs, y)), _threads(),
-            )  # fmt: skip
-            saved = (hidden, outputs, order, offsets)
-        else:
+        outputs = torch.empty(T * K, D) if any(ctx.needs_input_grad) or loop != "tokenwise" else None
+        args = (_ptr(xr), stride, *(_ptr(t) for t in (expert_c, weight_c, *params)), T, K, D, H)
+        if loop == "tokenwise":
             _library().vmoe_ffn_forward(
-                _ptr(xr), stride, *(_ptr(t) for t in (expert_c, weight_c, *params)), T, K, D, H,
-                ffn_activation(act), *(_ptr(t) for t in (hidden, outputs, y)), _threads(),
-            )  # fmt: skip
+                *args, ffn_activation(act), *(_ptr(t) for t in (hidden, outputs, y)), _threads()
+            )
             saved = (hidden, outputs)
+        else:  # and the assignments sorted by expert: over the layer (tiled) or per block of tokens
+            ctx.block = FFN_BLOCK if loop == "blocked" else T
+            blocks = -(-T // ctx.block) if T else 1
+            order, offsets = torch.empty(T * K, dtype=torch.int64), torch.empty(blocks * (E + 1), dtype=torch.int64)
+            sorted_ = (_ptr(order), _ptr(offsets), *(_ptr(t) for t in (hidden, outputs, y)), _threads())
+            if loop == "tiled":
+                _library().vmoe_tiled_forward(*args, E, ffn_activation(act), *sorted_)
+            else:
+                _library().vmoe_blocked_forward(*args, E, ffn_activation(act), ctx.block, *sorted_)
+            saved = (hidden, outputs, order, offsets)
         ctx.save_for_backward(x, expert, weight, w1, b1, w2, b2, *saved)
-        ctx.act = act
+        ctx.act, ctx.loop = act, loop
         ctx.set_materialize_grads(False)
         return y
 
     @staticmethod
     def backward(ctx, grad):
-        x, expert, weight, w1, b1, w2, b2, hidden, outputs, *tiled = ctx.saved_tensors
+        x, expert, weight, w1, b1, w2, b2, hidden, outputs, *order = ctx.saved_tensors
         if grad is None:
             return (None,) * 9
         if torch.is_grad_enabled():  # a graph of the gradient is wanted (double backward): the ATen formula's
@@ -584,21 +608,27 @@ class _ExpertFFN(torch.autograd.Function):
         grads = torch.empty(per_chunk)
         dx = torch.empty(T, D) if ctx.needs_input_grad[0] else None
         dweight = torch.empty(T, K) if ctx.needs_input_grad[2] else None
-        if tiled:
-            rows = torch.empty(T * K, D) if dx is not None else None  # each kept choice's input gradient
+        args = (_ptr(xr), x_stride, *(_ptr(t) for t in (expert_c, weight_c, w1t, w2t, dy)), dy_stride, T, K, D, H, E)
+        args = (*args, ffn_activation(ctx.act), b1 is not None, b2 is not None)
+        rows = torch.empty(T * K, D) if dx is not None and order else None  # each kept choice's input gradient
+        if ctx.loop == "tiled":
             _library().vmoe_tiled_backward(
-                _ptr(xr), x_stride, *(_ptr(t) for t in (expert_c, weight_c, w1t, w2t, dy)), dy_stride, T, K, D, H,
-                E, ffn_activation(ctx.act), b1 is not None, b2 is not None,
-                *(_ptr(t) for t in (*tiled, hidden, outputs, rows, dx, dweight, grads)), _threads(),
-            )  # fmt: skip
+                *args, *(_ptr(t) for t in (*order, hidden, outputs, rows, dx, dweight, grads)), _threads()
+            )
         else:
-            chunk = _ffn_chunk(T, per_chunk)
-            partial = torch.empty(-(-T // chunk) * per_chunk)
-            _library().vmoe_ffn_backward(
-                _ptr(xr), x_stride, *(_ptr(t) for t in (expert_c, weight_c, w1t, w2t, dy)), dy_stride, T, K, D, H,
-                E, ffn_activation(ctx.act), b1 is not None, b2 is not None, chunk,
-                *(_ptr(t) for t in (hidden, outputs, dx, dweight, grads, partial)), _threads(),
-            )  # fmt: skip
+            block = ctx.block if ctx.loop == "blocked" else 1
+            chunk = _ffn_chunk(T, per_chunk, block)  # tokens or blocks per private buffer
+            units = -(-T // block)
+            partial = torch.empty(-(-units // chunk) * per_chunk)
+            if ctx.loop == "blocked":
+                _library().vmoe_blocked_backward(
+                    *args, block, chunk,
+                    *(_ptr(t) for t in (*order, hidden, outputs, rows, dx, dweight, grads, partial)), _threads(),
+                )  # fmt: skip
+            else:
+                _library().vmoe_ffn_backward(
+                    *args, chunk, *(_ptr(t) for t in (hidden, outputs, dx, dweight, grads, partial)), _threads()
+                )
         parts = iter(grads.split(sizes))
         dw1, dw2 = next(parts).view(E, D, H), next(parts).view(E, H, D)
         db1 = next(parts).view(E, H) if b1 is not None else None
@@ -622,21 +652,20 @@ def _ffn_reference(x, expert, weight, w1, b1, w2, b2, act):
     return x.new_zeros(T, x.shape[1]).index_add(0, t, o * weight.reshape(-1)[keep, None])
 
 
-def expert_ffn(
-    x: Tensor, expert: Tensor, weight: Tensor, experts: torch.nn.Module, tiled: bool | None = None
-) -> Tensor:
+def expert_ffn(x: Tensor, expert: Tensor, weight: Tensor, experts: torch.nn.Module, loop: str | None = None) -> Tensor:
     """(T, D): ``y[t] = Σ_j weight[t, j] · expert_e(x[t])``, e = ``expert[t, j]``, over the j with e >= 0,
     the :class:`~visionmoe.layers.Experts` computed in C (the dispatch, the experts and the combine of a
-    token-choice plan in one pass; no capacity buffers): token by token, or with ``tiled`` by expert, a
-    few assignments at a time (None: :func:`ffn_tiled`'s choice from the shapes). ``x``: (T, D) float32;
-    ``expert`` (T, K) int64, -1 for a dropped choice; ``weight`` (T, K). Needs :func:`ffn_supported`.
-    In training each kept choice's pre-activation and output are kept for the backward ((T·K, H + D)
-    floats). Differentiable in ``x``, ``weight`` and the experts' parameters (double backward by the ATen
-    formula). The two loops sum in other orders: equal to float rounding, each deterministic and
-    independent of the thread count."""
-    if tiled is None:
-        tiled = ffn_tiled(experts.dim, experts.hidden_dim)
-    args = (experts.w1, experts.b1, experts.w2, experts.b2, experts.act, tiled)
+    token-choice plan in one pass; no capacity buffers) by ``loop``, one of :data:`FFN_LOOPS` (None:
+    :func:`ffn_loop`'s choice from the shapes). ``x``: (T, D) float32; ``expert`` (T, K) int64, -1 for a
+    dropped choice; ``weight`` (T, K). Needs :func:`ffn_supported`. In training each kept choice's
+    pre-activation and output are kept for the backward ((T·K, H + D) floats). Differentiable in ``x``,
+    ``weight`` and the experts' parameters (double backward by the ATen formula). The loops sum in other
+    orders: equal to float rounding, each deterministic and independent of the thread count."""
+    if loop is None:
+        loop = ffn_loop(experts.dim, experts.hidden_dim)
+    elif loop not in FFN_LOOPS:
+        raise ValueError(f"expert_ffn's loop must be one of {FFN_LOOPS}, got {loop!r}")
+    args = (experts.w1, experts.b1, experts.w2, experts.b2, experts.act, loop)
     return _ExpertFFN.apply(x, expert, weight, *args)
 
 

@@ -844,6 +844,8 @@ typedef struct {
     int64_t chunk, per_chunk; /* token by token: tokens per private weight-gradient buffer, and its floats */
     float *partial;           /* token by token: those buffers */
     const int64_t *order, *offsets; /* tiled: the kept choices sorted by expert, and each expert's first */
+    int64_t *block_order, *block_offsets; /* blocked: the same per block of tokens (the forward sorts) */
+    int64_t block;                        /* blocked: tokens per block */
     float *rows, *grads;            /* tiled backward: each kept choice's input gradient (T·K, D); the
                                      * weights' gradients */
 } experts_t;
@@ -936,7 +938,7 @@ typedef struct {
 static void sum_chunk(void *arg, int64_t i0, int64_t i1) {
     const sum_t *s = (const sum_t *)arg;
     for (int64_t i = i0; i < i1; i++) {
-        float v = s->partial[i];
+        float v = s->chunks ? s->partial[i] : 0.0f; /* no chunks (no tokens): zero gradients */
         for (int64_t c = 1; c < s->chunks; c++) v += s->partial[c * s->per_chunk + i];
         s->out[i] = v;
     }
@@ -1301,6 +1303,87 @@ void vmoe_tiled_backward(const float *x, int64_t x_stride, const int64_t *expert
                  .outputs = outputs, .rows = dx ? rows : NULL, .grads = grads, .dx = dx, .dweight = dweight};
     parallel_for(E, 1, threads, tiled_backward_chunk, &p);
     if (dx || dweight) parallel_for(T, MIN_ROWS, threads, token_grads_chunk, &p);
+}
+
+/* ---- small experts, blocked by token ---------------------------------------------------------------------
+ * The tiled loop's tiles for experts too small to gain from one sort over the whole layer (D·H of a few
+ * hundred on tens of thousands of tokens): the tokens run in blocks (of `block` tokens), each block's kept assignments
+ * sorted by expert (a counting sort, stable) and each expert's rows of the block through the same tiles,
+ * while the block's rows are in cache; a token's outputs are added (forward), its gates' and input
+ * gradients computed (backward) as soon as its block is done. The weights' gradients are summed per fixed
+ * chunk of blocks into a private buffer, then over the chunks in order: the chunks depend on the shapes
+ * only, so the sums do not depend on the thread count. */
+
+static void blocked_forward_chunk(void *arg, int64_t b0, int64_t b1) {
+    const experts_t *p = (const experts_t *)arg;
+    const uint64_t k_magic = divisor_magic(p->K);
+    const int64_t K = p->K, E = p->E;
+    float *xt = malloc(FORWARD_SCRATCH(p->D, p->H) * sizeof(float));
+    int64_t *next = malloc((size_t)(E > 0 ? E : 1) * sizeof(int64_t));
+    for (int64_t b = b0; b < b1; b++) {
+        const int64_t t0 = b * p->block, t1 = t0 + p->block < p->T ? t0 + p->block : p->T;
+        int64_t *offsets = p->block_offsets + b * (E + 1);
+        sort_by_expert(p->expert, t0 * K, t1 * K, E, p->block_order, offsets, next);
+        for (int64_t e = 0; e < E; e++)
+            for (int64_t i = offsets[e]; i < offsets[e + 1]; i += TB)
+                forward_tile(p, e, i, offsets[e + 1] - i < TB ? offsets[e + 1] - i : TB, k_magic, xt);
+        add_choices(p, t0, t1, p->outputs, p->weight, p->y);
+    }
+    free(next);
+    free(xt);
+}
+
+/* As vmoe_tiled_forward, by blocks of `block` tokens: order (T·K) receives each block's kept assignments
+ * sorted by expert (from the block's first assignment t0·K on), offsets (blocks · (E + 1)) each block's
+ * E + 1 offsets into order, hidden (T·K, H) the pre-activations at the rows of the sorted order. */
+void vmoe_blocked_forward(const float *x, int64_t x_stride, const int64_t *expert, const float *weight,
+                          const float *w1, const float *b1, const float *w2, const float *b2, int64_t T, int64_t K,
+                          int64_t D, int64_t H, int64_t E, int act, int64_t block, int64_t *order, int64_t *offsets,
+                          float *hidden, float *outputs, float *y, int threads) {
+    experts_t p = {.x = x, .weight = weight, .w1 = w1, .b1 = b1, .w2 = w2, .b2 = b2, .x_stride = x_stride, .K = K,
+                 .D = D, .H = H, .E = E, .T = T, .expert = expert, .order = order, .block_order = order,
+                 .block_offsets = offsets, .block = block, .act = act, .hidden = hidden, .outputs = outputs, .y = y};
+    parallel_for((T + block - 1) / block, 1, threads, blocked_forward_chunk, &p);
+}
+
+static void blocked_backward_chunk(void *arg, int64_t c0, int64_t c1) {
+    const experts_t *p = (const experts_t *)arg;
+    const uint64_t k_magic = divisor_magic(p->K);
+    const int64_t E = p->E, blocks = (p->T + p->block - 1) / p->block;
+    float *xt = malloc(BACKWARD_SCRATCH(p->D, p->H) * sizeof(float));
+    for (int64_t c = c0; c < c1; c++) {
+        float *grads = p->partial + c * p->per_chunk;
+        memset(grads, 0, (size_t)p->per_chunk * sizeof(float));
+        const int64_t last = (c + 1) * p->chunk < blocks ? (c + 1) * p->chunk : blocks;
+        for (int64_t b = c * p->chunk; b < last; b++) {
+            const int64_t *offsets = p->block_offsets + b * (E + 1);
+            for (int64_t e = 0; e < E; e++)
+                for (int64_t i = offsets[e]; i < offsets[e + 1]; i += TB)
+                    backward_tile(p, e, i, offsets[e + 1] - i < TB ? offsets[e + 1] - i : TB, k_magic, grads, xt);
+            token_grads_chunk((void *)p, b * p->block, (b + 1) * p->block < p->T ? (b + 1) * p->block : p->T);
+        }
+    }
+    free(xt);
+}
+
+/* As vmoe_tiled_backward, for order, offsets, hidden and outputs from vmoe_blocked_forward: the weights'
+ * gradients summed per `chunk` blocks into partial ((blocks + chunk - 1) / chunk buffers of the grads'
+ * size), then over the chunks in order into grads. */
+void vmoe_blocked_backward(const float *x, int64_t x_stride, const int64_t *expert, const float *weight,
+                           const float *w1t, const float *w2t, const float *dy, int64_t dy_stride, int64_t T,
+                           int64_t K, int64_t D, int64_t H, int64_t E, int act, int bias1, int bias2, int64_t block,
+                           int64_t chunk, int64_t *order, int64_t *offsets, float *hidden, float *outputs, float *rows, float *dx,
+                           float *dweight, float *grads, float *partial, int threads) {
+    const int64_t per_chunk = E * (2 * D * H + (bias1 ? H : 0) + (bias2 ? D : 0));
+    const int64_t chunks = ((T + block - 1) / block + chunk - 1) / chunk;
+    experts_t p = {.x = x, .weight = weight, .w1t = w1t, .w2t = w2t, .dy = dy, .x_stride = x_stride,
+                 .dy_stride = dy_stride, .K = K, .D = D, .H = H, .E = E, .T = T, .expert = expert, .order = order,
+                 .block_offsets = offsets, .block = block, .act = act, .bias1 = bias1, .bias2 = bias2, .hidden = hidden,
+                 .outputs = outputs, .rows = dx ? rows : NULL, .dx = dx, .dweight = dweight, .chunk = chunk,
+                 .per_chunk = per_chunk, .partial = partial};
+    parallel_for(chunks, 1, threads, blocked_backward_chunk, &p);
+    sum_t s = {partial, chunks, per_chunk, grads};
+    parallel_for(per_chunk, 4096, threads, sum_chunk, &s);
 }
 
 /* ---- the routers' logits: a bias-free linear map ----------------------------------------------------------

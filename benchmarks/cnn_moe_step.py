@@ -49,8 +49,8 @@ the issue named and the layer does not take: every expert on every token, weight
 combine matrix (:func:`all_experts_masked`: two GEMMs of width E·H, no sort, gather or scatter), timed
 in the same repeats, with its largest difference from ``auto``'s output.
 
-``--layer-grid --loops`` times the ``fused`` backend's loops (token by token, tiled per block of tokens,
-tiled by expert: :data:`visionmoe.native.FFN_LOOPS`, :func:`visionmoe.native.ffn_loop`), against
+``--layer-grid --loops`` times the ``fused`` backend's loops (tiled per block of tokens, tiled by expert:
+:data:`visionmoe.native.FFN_LOOPS`, :func:`visionmoe.native.ffn_loop`), against
 ``padded`` and ``sorted`` at the same shapes: the
 measurement behind which loop ``fused`` takes and where ``auto`` takes ``fused``.
 

@@ -145,7 +145,7 @@ def main(argv: list[str] | None = None) -> int:
         same_abi = len({lib.vmoe_abi_version() for lib in libs.values()}) == 1  # the experts' signatures changed
         for tokens, name, fn in cases:
             loop = name[name.rfind("(") + 1 : -1]
-            needs = {"tiled": "vmoe_tiled_forward", "blocked": "vmoe_blocked_forward"}.get(loop, "vmoe_ffn_forward")
+            needs = f"vmoe_{loop}_forward"
             present = not name.startswith("experts") or (same_abi and all(hasattr(lib, needs) for lib in libs.values()))
             if not present:
                 continue

@@ -21,7 +21,7 @@ SPARSE_CASES = [
     ("sparse_expert_choice", {"capacity_factor": 1.0}),
 ]
 # (dim, hidden): aligned for grouped_mm, and odd sizes that defeat alignment.
-SIZES = [(16, 24), (16, 48), (13, 7)]  # D·H: fused token by token at 384, tiled by expert at 768
+SIZES = [(16, 24), (64, 136), (13, 7)]  # D·H: fused blocked at 384, tiled by expert at 8704
 
 
 def run_backend(moe, x, plan, backend, deterministic=False):
@@ -64,7 +64,7 @@ def test_backends_equal_reference(name, opts, dim, hidden, experts):
                 torch.testing.assert_close(grads[key], ref_grads[key], rtol=1e-4, atol=1e-5, msg=f"{backend} {key}")
 
 
-@pytest.mark.parametrize("hidden", [8, 48])  # fused: token by token, tiled by expert
+@pytest.mark.parametrize("hidden", [8, 520])  # fused: blocked, tiled by expert
 @pytest.mark.parametrize("backend", ["sorted", "padded", "grouped", "fused"])
 def test_empty_experts_get_zero_gradients(backend, hidden):
     # Every token prefers expert 0: experts 1..3 receive nothing on every backend.
@@ -317,8 +317,8 @@ def test_auto_picks_fused_for_the_smallest_experts_in_training():
             xd = torch.randn(2, 64, dim)
             chosen = choose_backend(xd, layer.experts, layer.router(xd).plan)
             assert (chosen == "fused") == (fused and native.available()), (dim, hidden, activation, chosen)
-            if fused and native.available():  # which loop: token by token up to D·H = 256
-                assert native.ffn_tiled(dim, hidden) == (dim * hidden > 256)
+            if fused and native.available():  # which loop: per block of tokens up to D·H = 64·128
+                assert native.ffn_loop(dim, hidden) == ("tiled" if dim * hidden > 64 * 128 else "blocked")
     with torch.no_grad():
         assert choose_backend(x, relu.experts, plan) != "fused"
     with native.disabled():

@@ -237,7 +237,7 @@ def test_the_kernel_is_built_once_into_the_cache(tmp_path):
     assert built.parent == tmp_path / "native" and not [p for p in built.parent.iterdir() if p != built]
 
 
-# ---- the fused backend: small experts token by token in C ------------------------------------------------
+# ---- the fused backend: small experts in C, tiled per block of tokens or by expert -----------------------
 
 
 def assert_same_at_every_thread_count(run, counts=(1, 2, 3)):
@@ -266,24 +266,26 @@ def ffn_inputs(tokens, k, dim, hidden, experts, activation, bias, seed=0):
 
 
 @needs_kernel
-@pytest.mark.parametrize("tiled", [False, True], ids=["tokenwise", "tiled"])
+@pytest.mark.parametrize("loop", native.FFN_LOOPS)
 @pytest.mark.parametrize("activation", [torch.nn.ReLU, torch.nn.GELU])
 @pytest.mark.parametrize("bias", [True, False])
 @pytest.mark.parametrize(
     ("tokens", "k", "dim", "hidden", "experts"),
     [(37, 2, 8, 16, 8), (3000, 1, 16, 8, 3), (9, 3, 24, 40, 4), (203, 2, 32, 64, 8)],
 )
-def test_fused_experts_give_the_aten_formula(tiled, activation, bias, tokens, k, dim, hidden, experts):
+def test_fused_experts_give_the_aten_formula(loop, activation, bias, tokens, k, dim, hidden, experts, monkeypatch):
     # Against the ATen formula in float64 (whose float32 run is itself not deterministic: its indexing
     # backward accumulates in a varying order), to float32 rounding of sums over up to 3,000 tokens; both
-    # loops: token by token and tiled by expert (experts' row counts not multiples of the register tile's 6
-    # rows, nor of a tile's 48; H with and without a 16-column block, 24 = 16 + 8 with a last block of 8;
-    # K = 1, 2, 3: the token of an assignment found by a multiply).
+    # loops: tiled per block of tokens (small blocks here: several, the last one short) and tiled by expert
+    # (experts' row counts not multiples of the register tile's 6 rows, nor of a tile's 48; H with and
+    # without a 16-column block, 24 = 16 + 8 with a last block of 8; K = 1, 2, 3: the token of an
+    # assignment found by a multiply).
+    monkeypatch.setattr(native, "FFN_BLOCK_ROWS", 4)  # blocks of 16 tokens (8 experts, top-2), 12, 6 or 16
     layer, x, expert, weight = ffn_inputs(tokens, k, dim, hidden, experts, activation, bias)
     params = [x, weight, *layer.parameters()]
     exact = [p.detach().double().requires_grad_() for p in params]
     w1, w2, b1, b2 = exact[2:] if bias else (*exact[2:], None, None)
-    y = native.expert_ffn(x, expert, weight, layer, tiled=tiled)
+    y = native.expert_ffn(x, expert, weight, layer, loop=loop)
     y0 = native._ffn_reference(exact[0], expert, exact[1], w1, b1, w2, b2, layer.act)
     grad = torch.randn_like(y)
     torch.testing.assert_close(y, y0.float(), rtol=1e-5, atol=1e-5)
@@ -291,19 +293,19 @@ def test_fused_experts_give_the_aten_formula(tiled, activation, bias, tokens, k,
     for g, g0 in pairs:
         torch.testing.assert_close(g, g0.float(), rtol=1e-5, atol=1e-6 * float(g0.abs().max()) + 1e-6)
     # a dropped choice contributes nothing and its gate gets no gradient
-    (dweight,) = torch.autograd.grad(native.expert_ffn(x, expert, weight, layer, tiled=tiled), weight, grad)
+    (dweight,) = torch.autograd.grad(native.expert_ffn(x, expert, weight, layer, loop=loop), weight, grad)
     assert bool((dweight[expert < 0] == 0).all())
 
 
 @needs_kernel
-@pytest.mark.parametrize("tiled", [False, True], ids=["tokenwise", "tiled"])
-def test_fused_experts_with_empty_experts_between_others(tiled):
+@pytest.mark.parametrize("loop", native.FFN_LOOPS)
+def test_fused_experts_with_empty_experts_between_others(loop):
     # Experts 1, 4 and 7 get no row, 0 and 8 many (several tiles each): the tiled loop's look-ahead to the next
     # tile skips the empty experts; every gradient as the ATen formula's.
     layer, x, expert, weight = ffn_inputs(700, 2, 16, 24, 9, torch.nn.GELU, True, seed=3)
     expert[expert % 3 == 1] = -1
     params = [x, weight, *layer.parameters()]
-    y = native.expert_ffn(x, expert, weight, layer, tiled=tiled)
+    y = native.expert_ffn(x, expert, weight, layer, loop=loop)
     y0 = native._ffn_reference(x, expert, weight, layer.w1, layer.b1, layer.w2, layer.b2, layer.act)
     torch.testing.assert_close(y, y0, rtol=1e-5, atol=1e-5)
     grad = torch.randn_like(y)
@@ -315,8 +317,27 @@ def test_fused_experts_with_empty_experts_between_others(tiled):
 
 
 @needs_kernel
-@pytest.mark.parametrize("tiled", [False, True], ids=["tokenwise", "tiled"])
-def test_fused_gelu_is_the_exact_gelu_and_its_derivative(tiled):
+@pytest.mark.parametrize("loop", native.FFN_LOOPS)
+@pytest.mark.parametrize("tokens", [48, 45])
+def test_fused_experts_with_every_choice_kept(loop, tokens, monkeypatch):
+    # No choice dropped: every block's assignments fill its whole part of the sorted order, so a tile's
+    # spare rows (up to the register tile's 6) would run past its block, or past the last block's end (45
+    # tokens: 3 full blocks of 15; 48: and a short one of 3); the blocked loop then computes them aside.
+    monkeypatch.setattr(native, "FFN_BLOCK_ROWS", 10)  # blocks of 15 tokens (3 experts, top-2)
+    layer, x, expert, weight = ffn_inputs(tokens, 2, 8, 16, 3, torch.nn.GELU, True, seed=5)
+    expert = torch.stack([torch.randint(0, 3, (tokens,)), torch.randint(0, 3, (tokens,))], dim=1)
+    params = [x, weight, *layer.parameters()]
+    y = native.expert_ffn(x, expert, weight, layer, loop=loop)
+    y0 = native._ffn_reference(x, expert, weight, layer.w1, layer.b1, layer.w2, layer.b2, layer.act)
+    torch.testing.assert_close(y, y0, rtol=1e-5, atol=1e-5)
+    grad = torch.randn_like(y)
+    for g, g0 in zip(torch.autograd.grad(y, params, grad), torch.autograd.grad(y0, params, grad), strict=True):
+        torch.testing.assert_close(g, g0, rtol=1e-4, atol=1e-5)
+
+
+@needs_kernel
+@pytest.mark.parametrize("loop", native.FFN_LOOPS)
+def test_fused_gelu_is_the_exact_gelu_and_its_derivative(loop):
     # One expert with identity weights: y = GELU(x), over [-12, 12] (both tails; Φ by the erf formula of
     # ATen's own GELU): as close to the float64 GELU and its derivative as ATen's float32 GELU is (both
     # ~4e-7 here).
@@ -326,7 +347,7 @@ def test_fused_gelu_is_the_exact_gelu_and_its_derivative(tiled):
         layer.w2.copy_(torch.eye(8))
     x = torch.linspace(-12, 12, 8 * 1001).reshape(-1, 8).requires_grad_()
     one = torch.zeros(x.shape[0], 1, dtype=torch.int64)
-    y = native.expert_ffn(x, one, torch.ones(x.shape[0], 1), layer, tiled=tiled)
+    y = native.expert_ffn(x, one, torch.ones(x.shape[0], 1), layer, loop=loop)
     (dx,) = torch.autograd.grad(y.sum(), x)
     exact = x.detach().double().requires_grad_()
     gelu = torch.nn.functional.gelu(exact)
@@ -336,42 +357,60 @@ def test_fused_gelu_is_the_exact_gelu_and_its_derivative(tiled):
 
 
 @needs_kernel
-@pytest.mark.parametrize("tiled", [False, True], ids=["tokenwise", "tiled"])
-def test_fused_experts_without_grad_give_the_same_output(tiled):
+@pytest.mark.parametrize("loop", native.FFN_LOOPS)
+def test_fused_experts_without_grad_give_the_same_output(loop):
     # Without autograd the kernels keep nothing for a backward (no pre-activations or outputs stored):
     # the same output, bit for bit.
     layer, x, expert, weight = ffn_inputs(300, 2, 16, 48, 8, torch.nn.GELU, True)
-    y = native.expert_ffn(x, expert, weight, layer, tiled=tiled)
+    y = native.expert_ffn(x, expert, weight, layer, loop=loop)
     with torch.no_grad():
-        assert torch.equal(native.expert_ffn(x, expert, weight, layer, tiled=tiled), y)
+        assert torch.equal(native.expert_ffn(x, expert, weight, layer, loop=loop), y)
 
 
 @needs_kernel
-@pytest.mark.parametrize("tiled", [False, True], ids=["tokenwise", "tiled"])
-def test_fused_experts_with_every_choice_dropped(tiled):
+@pytest.mark.parametrize("loop", native.FFN_LOOPS)
+def test_fused_experts_with_every_choice_dropped(loop):
     # No kept choice at all (and so experts without rows): zero output, zero gradients everywhere.
     layer, x, expert, weight = ffn_inputs(10, 2, 8, 16, 4, torch.nn.GELU, True)
     expert[:] = -1
-    y = native.expert_ffn(x, expert, weight, layer, tiled=tiled)
+    y = native.expert_ffn(x, expert, weight, layer, loop=loop)
     assert not y.any()
     for g in torch.autograd.grad(y, [x, weight, *layer.parameters()], torch.randn_like(y)):
         assert not g.any()
 
 
 @needs_kernel
-def test_fused_experts_by_default_tile_the_larger_experts():
-    # expert_ffn's default: token by token up to FFN_TOKENWISE_WEIGHTS weights per layer (D·H), tiled above.
-    # The two loops sum in other orders, so a default run equals one of them bit for bit.
-    for hidden, tiled in ((native.FFN_TOKENWISE_WEIGHTS // 8, False), (native.FFN_TOKENWISE_WEIGHTS // 8 + 8, True)):
-        layer, x, expert, weight = ffn_inputs(300, 2, 8, hidden, 8, torch.nn.ReLU, True)
-        y = native.expert_ffn(x, expert, weight, layer)
-        assert torch.equal(y, native.expert_ffn(x, expert, weight, layer, tiled=tiled))
-        assert not torch.equal(y, native.expert_ffn(x, expert, weight, layer, tiled=not tiled))
+def test_fused_experts_by_default_block_the_smaller_experts():
+    # expert_ffn's default: blocked up to FFN_BLOCKED_WEIGHTS weights per layer (D·H), tiled above. The two
+    # loops give the same output (the same products, added per token in the same order) but sum the weights'
+    # gradients in other orders (per chunk of blocks, or per expert in one pass; 3000 tokens: 12 blocks), so
+    # a default run's gradient equals one of them bit for bit.
+    limit = native.FFN_BLOCKED_WEIGHTS // 8
+    for hidden, loop in ((limit, "blocked"), (limit + 8, "tiled")):
+        layer, x, expert, weight = ffn_inputs(3000, 2, 8, hidden, 8, torch.nn.ReLU, True)
+        assert native.ffn_loop(8, hidden) == loop
+
+        def w1_grad(loop=None, layer=layer, x=x, expert=expert, weight=weight):
+            return torch.autograd.grad(native.expert_ffn(x, expert, weight, layer, loop=loop).sum(), layer.w1)[0]
+
+        found = {name: w1_grad(name) for name in native.FFN_LOOPS}
+        assert torch.equal(w1_grad(), found[loop])
+        assert not torch.equal(found["blocked"], found["tiled"])
+        torch.testing.assert_close(found["blocked"], found["tiled"])
+    with pytest.raises(ValueError, match=r"loop must be one of .* got 'tokenwise'"):
+        native.expert_ffn(x, expert, weight, layer, loop="tokenwise")
+
+
+def test_fused_expert_blocks_hold_64_rows_per_expert():
+    assert native.ffn_block(8, 2) == 256
+    assert native.ffn_block(8, 1) == 512
+    assert native.ffn_block(3, 2) == 96
+    assert native.ffn_block(64, 3) == 1366  # rounded up
 
 
 @needs_kernel
-@pytest.mark.parametrize("tiled", [False, True], ids=["tokenwise", "tiled"])
-def test_fused_experts_hand_computed(tiled):
+@pytest.mark.parametrize("loop", native.FFN_LOOPS)
+def test_fused_experts_hand_computed(loop):
     # One expert, D = H = 8, identity-like weights: y = w · relu(x + b1) · 2 + w · b2.
     layer = Experts(1, 8, 8, activation=torch.nn.ReLU)
     with torch.no_grad():
@@ -380,29 +419,31 @@ def test_fused_experts_hand_computed(tiled):
         layer.b1.fill_(-1.0)
         layer.b2.fill_(0.5)
     x = torch.arange(8.0).reshape(1, 8)
-    y = native.expert_ffn(x, torch.tensor([[0, -1]]), torch.tensor([[0.25, 0.75]]), layer, tiled=tiled)
+    y = native.expert_ffn(x, torch.tensor([[0, -1]]), torch.tensor([[0.25, 0.75]]), layer, loop=loop)
     expected = 0.25 * (2 * torch.clamp(torch.arange(8.0) - 1, min=0) + 0.5)
     assert torch.equal(y[0], expected)
 
 
 @needs_kernel
-@pytest.mark.parametrize("tiled", [False, True], ids=["tokenwise", "tiled"])
-def test_fused_experts_weight_gradients_ignore_the_thread_count(tiled):
-    # Token by token, the weights' gradients are summed per fixed chunk of tokens, then over chunks in
-    # order (5000 tokens: 5 chunks); tiled, each expert's by one thread, its rows in order: bit-identical
-    # whatever the threads.
+@pytest.mark.parametrize("loop", native.FFN_LOOPS)
+def test_fused_experts_weight_gradients_ignore_the_thread_count(loop):
+    # Per block of tokens, the weights' gradients are summed per fixed chunk of blocks, then over the chunks
+    # in order (5000 tokens: 20 blocks of 256 in 5 chunks of 4); tiled, each expert's by one thread, its
+    # rows in order: bit-identical whatever the threads.
     layer, x, expert, weight = ffn_inputs(5000, 2, 8, 16, 8, torch.nn.GELU, True)
-    assert native._ffn_chunk(5000, 8 * (2 * 8 * 16 + 24)) == 1000
+    assert native.ffn_block(8, 2) == 256 and native._ffn_chunk(5000, 8 * (2 * 8 * 16 + 24), 256) == 4
 
     def run():
-        y = native.expert_ffn(x, expert, weight, layer, tiled=tiled)
+        y = native.expert_ffn(x, expert, weight, layer, loop=loop)
         return (y, *torch.autograd.grad(y.square().sum(), [x, weight, *layer.parameters()]))
 
     assert_same_at_every_thread_count(run)
 
 
 def test_fused_expert_chunks_depend_on_the_shapes_only():
-    assert native._ffn_chunk(10, 100) == 10  # one chunk
+    assert native._ffn_chunk(10, 100) == 10  # one chunk (of tokens: the routers' logits)
+    assert native._ffn_chunk(10, 100, 256) == 1  # of one block
+    assert native._ffn_chunk(1024 * 64 * 4, 100, 256) == 16  # 1024 blocks in 64 chunks
     assert native._ffn_chunk(1024 * 64 * 4, 100) == 4096  # at most FFN_MAX_CHUNKS chunks
     assert native._ffn_chunk(100_000, native.FFN_MAX_PARTIAL // 2) == 50_000  # 2 buffers fit the budget
     assert native._ffn_chunk(100_000, 2 * native.FFN_MAX_PARTIAL) == 100_000  # one buffer, even over it

@@ -13,11 +13,11 @@ Sparse plans have four backends, all exact (they compute the same sums in a diff
                gathered back. Static shapes and no host sync (``torch.compile`` full graph, CUDA
                graphs); executes the capacity padding.
     fused    — token-choice plans on the CPU in float32, in token order, for ReLU or exact-GELU experts
-               with D and H multiples of 8, in C (:func:`visionmoe.native.expert_ffn`): the smallest
-               experts (D·H ≤ 256) token by token, each token's K experts from its row in one pass;
-               larger ones tiled by expert, the kept assignments sorted by expert and run a few rows at
-               a time through register-tiled products. No capacity padding; each choice's
-               pre-activation and output are kept for backward. Elsewhere (other plans,
+               with D and H multiples of 8, in C (:func:`visionmoe.native.expert_ffn`): the kept
+               assignments sorted by expert and run a few rows at a time through register-tiled
+               products; experts up to D·H = 64·128 per block of a few hundred tokens (each block's
+               rows moved in token order and kept in the cache), larger ones over the whole layer. No
+               capacity padding; each choice's pre-activation is kept for backward. Elsewhere (other plans,
                devices, activations, no C compiler, hooks on the experts, ``FlopCounterMode``) it
                runs what ``auto`` would pick among the other three.
 
@@ -109,7 +109,7 @@ so the data-dependent capacity of a dropless plan cannot enter it."""
 FUSED_EXPERT_WEIGHTS = 128 * 512
 """``auto`` takes ``fused`` in training for token-choice experts (ReLU or exact GELU) with D·H at most this:
 at every CIFAR-CNN layer shape measured (D = 8-128, H = D-4·D, both activations) its faster loop
-(:func:`visionmoe.native.ffn_tiled`) was at or below the faster of ``padded`` and ``sorted``, by 0.6-0.8
+(:func:`visionmoe.native.ffn_loop`) was at or below the faster of ``padded`` and ``sorted``, by 0.6-0.8
 from D = 32 up, and at par with ``sorted`` at the largest, D = 128 with H = 512 (BENCHMARKS.md, issue 22,
 twelfth pass). Larger experts (a ViT's 512 × 2048) keep ``sorted``: one expert's weights no longer stay in
 the cache while the kernel's few-row tiles stream through them, where the BLAS blocks for it."""

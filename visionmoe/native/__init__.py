@@ -16,8 +16,8 @@ statistics and its token-major expert ids for the ``fused`` backend (:func:`plan
 :func:`token_major_experts`). The expert GEMMs stay in the BLAS, except
 for the ``fused`` backend (:func:`expert_ffn`): small experts computed in C, dispatch and combine
 included, for the narrow feature maps where the BLAS's GEMMs on 8-64-wide rows are slow: the smallest
-token by token, larger ones tiled by expert (the kept assignments sorted by expert, a few rows at a time
-through register-tiled products; no capacity padding).
+tiled per block of tokens, larger ones tiled by expert (the kept assignments sorted by expert, a few rows
+at a time through register-tiled products; no capacity padding).
 
 It is plain C, compiled on first use with the system's C compiler (``$CC``, else ``cc``; some seconds: 12 s
 with gcc -O3 on 2 cores) into a per-user cache (``$VISIONMOE_CACHE``, else ``$XDG_CACHE_HOME/visionmoe``, else
@@ -112,26 +112,12 @@ SIGNATURES = {
     "vmoe_gather": [_ptr_t, _i64, _ptr_t, _ptr_t, _i64, _i64, _i64, _ptr_t, _int],
     "vmoe_scatter": [_ptr_t, _i64, _ptr_t, _ptr_t, _i64, _i64, _ptr_t, _i64, _int],
     "vmoe_rowdot": [_ptr_t, _i64, _ptr_t, _i64, _ptr_t, _i64, _i64, _i64, _ptr_t, _int],
-    "vmoe_ffn_forward": [_ptr_t, _i64, *[_ptr_t] * 6, *[_i64] * 4, _int, *[_ptr_t] * 3, _int],
-    "vmoe_ffn_backward": [_ptr_t, _i64, *[_ptr_t] * 5, *[_i64] * 6, _int, _int, _int, _i64, *[_ptr_t] * 6, _int],
     "vmoe_linear_forward": [_ptr_t, _i64, _ptr_t, *[_i64] * 3, _ptr_t, _int],
     "vmoe_linear_backward": [_ptr_t, _i64, _ptr_t, _ptr_t, *[_i64] * 4, *[_ptr_t] * 3, _int],
     "vmoe_tiled_forward": [_ptr_t, _i64, *[_ptr_t] * 6, *[_i64] * 5, _int, *[_ptr_t] * 5, _int],
     "vmoe_tiled_backward": [_ptr_t, _i64, *[_ptr_t] * 5, *[_i64] * 6, _int, _int, _int, *[_ptr_t] * 8, _int],
-    "vmoe_blocked_forward": [_ptr_t, _i64, *[_ptr_t] * 6, *[_i64] * 5, _int, _i64, *[_ptr_t] * 5, _int],
-    "vmoe_blocked_backward": [
-        _ptr_t,
-        _i64,
-        *[_ptr_t] * 5,
-        *[_i64] * 6,
-        _int,
-        _int,
-        _int,
-        _i64,
-        _i64,
-        *[_ptr_t] * 9,
-        _int,
-    ],
+    "vmoe_blocked_forward": [_ptr_t, _i64, *[_ptr_t] * 6, *[_i64] * 5, _int, _i64, *[_ptr_t] * 4, _int],
+    "vmoe_blocked_backward": [_ptr_t, _i64, *[_ptr_t] * 7, *[_i64] * 6, _int, _int, _i64, _i64, *[_ptr_t] * 7, _int],
     "vmoe_normal": [_u32, _u32, _i64, _ptr_t, _int],
     "vmoe_plan_counts": [_ptr_t, _ptr_t, *[_i64] * 4, *[_ptr_t] * 3, _int],
     "vmoe_token_major": [_ptr_t, _ptr_t, *[_i64] * 3, _ptr_t, _int],
@@ -486,17 +472,22 @@ def rowdot(a: Tensor, h: Tensor, rowmap: RowMap) -> Tensor:
 
 FFN_ACTIVATIONS = {"ReLU": 1, "GELU": 2}
 """The experts' activations the fused kernel computes (codes of moe.c): ``nn.ReLU`` and exact ``nn.GELU``."""
-FFN_LOOPS = ("tokenwise", "blocked", "tiled")
-"""The fused experts' loops: token by token; tiled per block of :data:`FFN_BLOCK` tokens (each block's
-assignments sorted by expert); tiled by expert over the whole layer (one sort)."""
-FFN_TOKENWISE_WEIGHTS = 256
-"""Experts of at most this many weights per layer (D·H) run token by token, larger ones tiled by expert: at
-D = 8 (H = 8-32) and D = 16 with H = 16 the token-by-token loop was at par or faster, from D·H = 512 the
-tiled one (BENCHMARKS.md, issue 22, twelfth pass: ``cnn_moe_step.py --layer-grid --loops``)."""
-FFN_BLOCK = 256
-"""Tokens per block of the ``blocked`` loop."""
+FFN_LOOPS = ("blocked", "tiled")
+"""The fused experts' loops: tiled per block of tokens (each block's assignments sorted by expert, its rows
+moved in token order; the weights' gradients summed per chunk of blocks), and tiled by expert over the
+whole layer (one sort; each expert's weights' gradients by one thread)."""
+FFN_BLOCKED_WEIGHTS = 64 * 128
+"""Experts of at most this many weights per layer (D·H) take the ``blocked`` loop, larger ones ``tiled``: at
+the CIFAR-CNN layer shapes the blocked loop was the faster or at par up to D·H = 64·128 (0.6-0.9 of the
+tiled loop's time at D = 8-32), the tiled one from 128·128 (0.5 of the blocked loop's at D = 128, H = 512,
+where the blocked loop's per-chunk gradient buffers and its few rows per expert and block cost most)
+(BENCHMARKS.md, issue 22, thirteenth pass: ``cnn_moe_step.py --layer-grid --loops``)."""
+FFN_BLOCK_ROWS = 64
+"""The ``blocked`` loop's blocks hold this many assignments per expert on average: ceil(64·E / K) tokens,
+256 for 8 experts and top-2 (its buffers, 512 rows of D, stay in the L2 cache)."""
 FFN_CHUNK = 1024
-"""Tokens whose weight gradients one private buffer sums (fewer chunks for large experts, see _ffn_chunk)."""
+"""Tokens whose weight gradients one private buffer sums, at least (fewer chunks for large experts, see
+_ffn_chunk)."""
 FFN_MAX_CHUNKS = 64
 FFN_MAX_PARTIAL = 2**21
 """Floats of per-chunk weight gradients in all (8 MB), at most (unless one chunk needs more)."""
@@ -528,14 +519,19 @@ def ffn_supported(experts: torch.nn.Module) -> bool:
 
 
 def ffn_loop(dim: int, hidden: int) -> str:
-    """The loop of :data:`FFN_LOOPS` that :func:`expert_ffn` takes for experts of these shapes: token by
-    token up to :data:`FFN_TOKENWISE_WEIGHTS` weights (D·H) per layer, tiled by expert above."""
-    return "tiled" if dim * hidden > FFN_TOKENWISE_WEIGHTS else "tokenwise"
+    """The loop of :data:`FFN_LOOPS` that :func:`expert_ffn` takes for experts of these shapes: ``blocked``
+    up to :data:`FFN_BLOCKED_WEIGHTS` weights (D·H) per layer, ``tiled`` above."""
+    return "blocked" if dim * hidden <= FFN_BLOCKED_WEIGHTS else "tiled"
+
+
+def ffn_block(experts: int, k: int) -> int:
+    """Tokens per block of the ``blocked`` loop: :data:`FFN_BLOCK_ROWS` assignments per expert on average."""
+    return max(1, -(-FFN_BLOCK_ROWS * experts // max(1, k)))
 
 
 def _ffn_chunk(tokens: int, per_chunk: int, block: int = 1) -> int:
-    """Tokens (or blocks of ``block`` tokens) per private weight-gradient buffer: a function of the shapes
-    only (not of the thread count), so the sums are the same whatever the threads."""
+    """Blocks of ``block`` tokens per private weight-gradient buffer (of ``per_chunk`` floats): a function of
+    the shapes only (not of the thread count), so the sums are the same whatever the threads."""
     units = -(-tokens // block)
     chunks = min(-(-tokens // FFN_CHUNK), FFN_MAX_CHUNKS, max(1, FFN_MAX_PARTIAL // per_chunk))
     return max(1, -(-units // max(1, chunks)))
@@ -557,27 +553,19 @@ class _ExpertFFN(torch.autograd.Function):
         expert_c, weight_c = expert.contiguous(), weight.detach().contiguous()
         params = [None if t is None else t.detach().contiguous() for t in (w1, b1, w2, b2)]
         y = torch.empty(T, D)
-        # each kept choice's pre-activation and unweighted output, for the backward to reuse (tiled and
-        # blocked: the pre-activations' rows in the assignments' sorted order, as the kernel's backward reads
-        # them; those loops write the outputs there before adding them per token)
+        # each kept choice's pre-activation, for the backward to reuse (in the assignments' sorted order, as the
+        # kernel's backward reads them), and (tiled) its unweighted output, written there before the tokens
+        # add theirs (the blocked loop keeps a block's in a buffer of its own)
         hidden = torch.empty(T * K, H) if any(ctx.needs_input_grad) else None
-        outputs = torch.empty(T * K, D) if any(ctx.needs_input_grad) or loop != "tokenwise" else None
-        args = (_ptr(xr), stride, *(_ptr(t) for t in (expert_c, weight_c, *params)), T, K, D, H)
-        if loop == "tokenwise":
-            _library().vmoe_ffn_forward(
-                *args, ffn_activation(act), *(_ptr(t) for t in (hidden, outputs, y)), _threads()
-            )
-            saved = (hidden, outputs)
-        else:  # and the assignments sorted by expert: over the layer (tiled) or per block of tokens
-            ctx.block = FFN_BLOCK if loop == "blocked" else T
-            blocks = -(-T // ctx.block) if T else 1
-            order, offsets = torch.empty(T * K, dtype=torch.int64), torch.empty(blocks * (E + 1), dtype=torch.int64)
-            sorted_ = (_ptr(order), _ptr(offsets), *(_ptr(t) for t in (hidden, outputs, y)), _threads())
-            if loop == "tiled":
-                _library().vmoe_tiled_forward(*args, E, ffn_activation(act), *sorted_)
-            else:
-                _library().vmoe_blocked_forward(*args, E, ffn_activation(act), ctx.block, *sorted_)
-            saved = (hidden, outputs, order, offsets)
+        outputs = torch.empty(T * K, D) if loop == "tiled" else None
+        args = (_ptr(xr), stride, *(_ptr(t) for t in (expert_c, weight_c, *params)), T, K, D, H, E, ffn_activation(act))
+        ctx.block = ffn_block(E, K) if loop == "blocked" else max(T, 1)
+        order = torch.empty(T * K, dtype=torch.int64), torch.empty(-(-T // ctx.block) * (E + 1) or 1, dtype=torch.int64)
+        if loop == "tiled":
+            _library().vmoe_tiled_forward(*args, *(_ptr(t) for t in (*order, hidden, outputs, y)), _threads())
+        else:
+            _library().vmoe_blocked_forward(*args, ctx.block, *(_ptr(t) for t in (*order, hidden, y)), _threads())
+        saved = (hidden, outputs, *order)
         ctx.save_for_backward(x, expert, weight, w1, b1, w2, b2, *saved)
         ctx.act, ctx.loop = act, loop
         ctx.set_materialize_grads(False)
@@ -608,27 +596,23 @@ class _ExpertFFN(torch.autograd.Function):
         grads = torch.empty(per_chunk)
         dx = torch.empty(T, D) if ctx.needs_input_grad[0] else None
         dweight = torch.empty(T, K) if ctx.needs_input_grad[2] else None
-        args = (_ptr(xr), x_stride, *(_ptr(t) for t in (expert_c, weight_c, w1t, w2t, dy)), dy_stride, T, K, D, H, E)
-        args = (*args, ffn_activation(ctx.act), b1 is not None, b2 is not None)
-        rows = torch.empty(T * K, D) if dx is not None and order else None  # each kept choice's input gradient
-        if ctx.loop == "tiled":
-            _library().vmoe_tiled_backward(
-                *args, *(_ptr(t) for t in (*order, hidden, outputs, rows, dx, dweight, grads)), _threads()
-            )
+        if ctx.loop == "blocked":
+            blocks = -(-T // ctx.block)
+            chunk = _ffn_chunk(T, per_chunk, ctx.block)  # blocks per private buffer
+            partial = torch.empty(-(-blocks // chunk) * per_chunk)
+            w2c, b2c = w2.detach().contiguous(), None if b2 is None else b2.detach().contiguous()
+            _library().vmoe_blocked_backward(
+                _ptr(xr), x_stride, *(_ptr(t) for t in (expert_c, weight_c, w1t, w2t, w2c, b2c, dy)), dy_stride,
+                T, K, D, H, E, ffn_activation(ctx.act), b1 is not None, ctx.block, chunk,
+                *(_ptr(t) for t in (*order, hidden, dx, dweight, grads, partial)), _threads(),
+            )  # fmt: skip
         else:
-            block = ctx.block if ctx.loop == "blocked" else 1
-            chunk = _ffn_chunk(T, per_chunk, block)  # tokens or blocks per private buffer
-            units = -(-T // block)
-            partial = torch.empty(-(-units // chunk) * per_chunk)
-            if ctx.loop == "blocked":
-                _library().vmoe_blocked_backward(
-                    *args, block, chunk,
-                    *(_ptr(t) for t in (*order, hidden, outputs, rows, dx, dweight, grads, partial)), _threads(),
-                )  # fmt: skip
-            else:
-                _library().vmoe_ffn_backward(
-                    *args, chunk, *(_ptr(t) for t in (hidden, outputs, dx, dweight, grads, partial)), _threads()
-                )
+            rows = torch.empty(T * K, D) if dx is not None else None  # each kept choice's input gradient
+            _library().vmoe_tiled_backward(
+                _ptr(xr), x_stride, *(_ptr(t) for t in (expert_c, weight_c, w1t, w2t, dy)), dy_stride, T, K, D, H,
+                E, ffn_activation(ctx.act), b1 is not None, b2 is not None,
+                *(_ptr(t) for t in (*order, hidden, outputs, rows, dx, dweight, grads)), _threads(),
+            )  # fmt: skip
         parts = iter(grads.split(sizes))
         dw1, dw2 = next(parts).view(E, D, H), next(parts).view(E, H, D)
         db1 = next(parts).view(E, H) if b1 is not None else None
@@ -658,7 +642,8 @@ def expert_ffn(x: Tensor, expert: Tensor, weight: Tensor, experts: torch.nn.Modu
     token-choice plan in one pass; no capacity buffers) by ``loop``, one of :data:`FFN_LOOPS` (None:
     :func:`ffn_loop`'s choice from the shapes). ``x``: (T, D) float32; ``expert`` (T, K) int64, -1 for a
     dropped choice; ``weight`` (T, K). Needs :func:`ffn_supported`. In training each kept choice's
-    pre-activation and output are kept for the backward ((T·K, H + D) floats). Differentiable in ``x``,
+    pre-activation is kept for the backward ((T·K, H) floats; tiled also its output, (T·K, D)); the blocked
+    loop's backward computes the outputs again for the gates' gradients. Differentiable in ``x``,
     ``weight`` and the experts' parameters (double backward by the ATen formula). The loops sum in other
     orders: equal to float rounding, each deterministic and independent of the thread count."""
     if loop is None:

@@ -1,7 +1,7 @@
 /* visionmoe's native CPU kernels: the noisy top-k router (V-MoE token choice) in one pass forward and one
  * backward, the MoE layer's row moves (dispatch and combine of a token-choice plan), forward and back, small
- * experts computed with the moves fused in (the `fused` backend): token by token, or tiled by expert; the
- * routers' logits, and their noise (a counter-based normal stream, at the end).
+ * experts computed with the moves fused in (the `fused` backend): tiled per block of tokens, or by expert;
+ * the routers' logits, and their noise (a counter-based normal stream, at the end).
  *
  * Plain C without torch headers (compiled on first use, 12 s with gcc -O3 on 2 cores; called through
  * ctypes from visionmoe/native/__init__.py). Forward, for each token: the noisy logits l + sigma * noise,
@@ -820,114 +820,23 @@ static inline void vecmat(const float *s, const float *m, const float *bias, int
     }
 }
 
-/* acc[i·N ..] += s[i] · v[0..N) for i < M: a rank-one update */
-static inline void outer_add(const float *s, const float *v, int64_t M, int64_t N, float *acc) {
-    for (int64_t i = 0; i < M; i++) {
-        const v8f si = splat8(s[i]);
-        float *row = acc + i * N;
-        for (int64_t n = 0; n < N; n += 8) store8(row + n, fma8(si, load8(v + n), load8(row + n)));
-    }
-}
-
-static inline void add_to(float *acc, const float *v, int64_t N) {
-    for (int64_t n = 0; n < N; n += 8) store8(acc + n, load8(acc + n) + load8(v + n));
-}
-
-/* The arguments of both loops over the experts (token by token, and tiled by expert), forward and backward */
+/* The arguments of the loops over the experts (tiled by expert, tiled per block of tokens), forward and backward */
 typedef struct {
     const float *x, *weight, *w1, *b1, *w2, *b2, *w1t, *w2t, *dy;
     int64_t x_stride, dy_stride, K, D, H, E, T;
     const int64_t *expert;
     int act, bias1, bias2;   /* backward: whether the experts have b1, b2 (their gradients' place in grads) */
-    float *hidden, *outputs; /* each kept choice's pre-activation (T·K, H) and unweighted output (T·K, D) */
+    float *hidden, *outputs; /* each kept choice's pre-activation (T·K, H, in sorted order) and (tiled) its
+                              * unweighted output (T·K, D) */
     float *y, *dx, *dweight; /* forward's y (T, D); backward's dx (T, D) and dweight (T, K), each or NULL */
-    int64_t chunk, per_chunk; /* token by token: tokens per private weight-gradient buffer, and its floats */
-    float *partial;           /* token by token: those buffers */
+    int64_t chunk, per_chunk; /* blocked: blocks per private weight-gradient buffer, and its floats */
+    float *partial;           /* blocked: those buffers */
     const int64_t *order, *offsets; /* tiled: the kept choices sorted by expert, and each expert's first */
     int64_t *block_order, *block_offsets; /* blocked: the same per block of tokens (the forward sorts) */
     int64_t block;                        /* blocked: tokens per block */
     float *rows, *grads;            /* tiled backward: each kept choice's input gradient (T·K, D); the
                                      * weights' gradients */
 } experts_t;
-
-static void ffn_forward_chunk(void *arg, int64_t t0, int64_t t1) {
-    const experts_t *p = (const experts_t *)arg;
-    const int64_t K = p->K, D = p->D, H = p->H;
-    float *buf = malloc((size_t)(2 * H + D) * sizeof(float));
-    for (int64_t t = t0; t < t1; t++) {
-        const float *x = p->x + t * p->x_stride;
-        float *y = p->y + t * D;
-        memset(y, 0, (size_t)D * sizeof(float));
-        for (int64_t j = 0; j < K; j++) {
-            const int64_t e = p->expert[t * K + j];
-            if (e < 0) continue;
-            float *a = p->hidden ? p->hidden + (t * K + j) * H : buf, *h = buf + H;
-            float *o = p->outputs ? p->outputs + (t * K + j) * D : buf + 2 * H;
-            vecmat(x, p->w1 + e * D * H, p->b1 ? p->b1 + e * H : NULL, D, H, a);
-            act_forward(a, h, H, p->act);
-            vecmat(h, p->w2 + e * H * D, p->b2 ? p->b2 + e * D : NULL, H, D, o);
-            const v8f w = splat8(p->weight[t * K + j]);
-            for (int64_t d = 0; d < D; d += 8) store8(y + d, load8(y + d) + load8(o + d) * w);
-        }
-    }
-    free(buf);
-}
-
-/* x (T, D) rows at x_stride; expert, weight (T, K); w1 (E, D, H), b1 (E, H) or NULL, w2 (E, H, D), b2 (E, D)
- * or NULL; act 1 ReLU, 2 GELU. Out: y (T, D) contiguous; hidden (T·K, H) and outputs (T·K, D), unless NULL,
- * each kept choice's pre-activation and unweighted expert output (the backward's, then, to reuse). */
-void vmoe_ffn_forward(const float *x, int64_t x_stride, const int64_t *expert, const float *weight, const float *w1,
-                      const float *b1, const float *w2, const float *b2, int64_t T, int64_t K, int64_t D, int64_t H,
-                      int act, float *hidden, float *outputs, float *y, int threads) {
-    experts_t p = {.x = x, .x_stride = x_stride, .expert = expert, .weight = weight, .w1 = w1, .b1 = b1, .w2 = w2,
-               .b2 = b2, .K = K, .D = D, .H = H, .T = T, .act = act, .y = y, .hidden = hidden, .outputs = outputs};
-    parallel_for(T, 256, threads, ffn_forward_chunk, &p);
-}
-
-static void ffn_backward_chunk(void *arg, int64_t c0, int64_t c1) {
-    const experts_t *p = (const experts_t *)arg;
-    const int64_t K = p->K, D = p->D, H = p->H, E = p->E;
-    float *h = malloc((size_t)(3 * H + 2 * D) * sizeof(float)), *dh = h + H, *deriv = dh + H;
-    float *o = deriv + H, *dout = o + D;
-    for (int64_t c = c0; c < c1; c++) {
-        float *dw1 = p->partial + c * p->per_chunk, *dw2 = dw1 + E * D * H;
-        float *db1 = dw2 + E * H * D, *db2 = db1 + (p->bias1 ? E * H : 0); /* only where the biases are */
-        memset(dw1, 0, (size_t)p->per_chunk * sizeof(float));
-        const int64_t end = (c + 1) * p->chunk < p->T ? (c + 1) * p->chunk : p->T;
-        for (int64_t t = c * p->chunk; t < end; t++) {
-            const float *x = p->x + t * p->x_stride, *dy = p->dy + t * p->dy_stride;
-            float *dx = p->dx ? p->dx + t * D : NULL;
-            if (dx) memset(dx, 0, (size_t)D * sizeof(float));
-            for (int64_t j = 0; j < K; j++) {
-                const int64_t e = p->expert[t * K + j];
-                if (e < 0) {
-                    if (p->dweight) p->dweight[t * K + j] = 0.0f;
-                    continue;
-                }
-                const float *pre = p->hidden + (t * K + j) * H, *out = p->outputs + (t * K + j) * D;
-                act_with_derivative(pre, h, deriv, H, p->act);
-                if (p->dweight) {
-                    float dot = 0.0f;
-                    for (int64_t d = 0; d < D; d++) dot += dy[d] * out[d];
-                    p->dweight[t * K + j] = dot;
-                }
-                const v8f w = splat8(p->weight[t * K + j]);
-                for (int64_t d = 0; d < D; d += 8) store8(dout + d, load8(dy + d) * w);
-                outer_add(h, dout, H, D, dw2 + e * H * D);
-                if (p->bias2) add_to(db2 + e * D, dout, D);
-                vecmat(dout, p->w2t + e * D * H, NULL, D, H, dh); /* W2_e dout */
-                act_backward(pre, deriv, dh, H, p->act);
-                outer_add(x, dh, D, H, dw1 + e * D * H);
-                if (p->bias1) add_to(db1 + e * H, dh, H);
-                if (dx) {
-                    vecmat(dh, p->w1t + e * H * D, NULL, H, D, o); /* W1_e dh */
-                    add_to(dx, o, D);
-                }
-            }
-        }
-    }
-    free(h);
-}
 
 typedef struct {
     const float *partial;
@@ -944,36 +853,17 @@ static void sum_chunk(void *arg, int64_t i0, int64_t i1) {
     }
 }
 
-/* The backward of vmoe_ffn_forward for dy (T, D) at dy_stride; w1t (E, H, D) and w2t (E, D, H) are the
- * weights transposed, bias1 / bias2 whether the experts have b1 / b2. Out: dx (T, D) or NULL, dweight
- * (T, K) or NULL, and grads: dW1 (E, D, H), dW2 (E, H, D), then db1 (E, H) and db2 (E, D) where the biases
- * are, contiguous; the tokens' terms summed per `chunk` tokens in `partial` ((T + chunk - 1) / chunk
- * buffers of the grads' size), then over them. hidden and outputs: the forward's (read only). */
-void vmoe_ffn_backward(const float *x, int64_t x_stride, const int64_t *expert, const float *weight,
-                       const float *w1t, const float *w2t, const float *dy, int64_t dy_stride, int64_t T, int64_t K,
-                       int64_t D, int64_t H, int64_t E, int act, int bias1, int bias2, int64_t chunk, float *hidden,
-                       float *outputs, float *dx, float *dweight, float *grads, float *partial, int threads) {
-    const int64_t per_chunk = E * (2 * D * H + (bias1 ? H : 0) + (bias2 ? D : 0));
-    const int64_t chunks = (T + chunk - 1) / chunk;
-    experts_t p = {.x = x, .x_stride = x_stride, .expert = expert, .weight = weight, .w1t = w1t, .w2t = w2t, .dy = dy,
-               .dy_stride = dy_stride, .K = K, .D = D, .H = H, .E = E, .T = T, .chunk = chunk,
-               .per_chunk = per_chunk, .act = act, .bias1 = bias1, .bias2 = bias2, .dx = dx, .dweight = dweight,
-               .partial = partial, .hidden = hidden, .outputs = outputs};
-    parallel_for(chunks, 1, threads, ffn_backward_chunk, &p);
-    sum_t s = {partial, chunks, per_chunk, grads};
-    parallel_for(per_chunk, 4096, threads, sum_chunk, &s);
-}
-
 /* ---- experts tiled by expert: small GEMMs in registers ----------------------------------------------------
- * The same layer as vmoe_ffn_forward / vmoe_ffn_backward for experts too large for the token-by-token loop
- * (D·H above a few hundred): the kept assignments are sorted by expert (a counting sort, stable: by
- * assignment t·K + j within an expert), and each expert runs its assignments MR rows at a time through
- * register-tiled products (MR rows × 16 columns of accumulators), the rows gathered from x (the next tile's
- * prefetched meanwhile) and the outputs written per assignment (no padded capacity buffers: dropped choices
- * cost nothing); the pre-activations (in sorted order) and outputs are kept for the backward, which adds
- * the weights' gradients as rank-TB updates, one expert per thread, tiles in order: sums in a fixed order
- * whatever the thread count. A token's K outputs (and input gradients, and the gates' gradients) are then
- * computed in token order, its choices in order: reads in the order of memory. */
+ * The experts of a token-choice plan, dispatch and combine included: y[t] = Σ_j w[t, j] · expert_e(x[t]),
+ * e = expert[t, j], over the kept choices (e >= 0). For experts of some thousands of weights (D·H) and
+ * more (smaller ones: the blocked loop below): the kept assignments are sorted by expert (a counting sort,
+ * stable: by assignment t·K + j within an expert), and each expert runs its assignments MR rows at a time
+ * through register-tiled products (MR rows × 16 columns of accumulators), the rows gathered from x (the
+ * next tile's prefetched meanwhile) and the outputs written per assignment (no padded capacity buffers:
+ * dropped choices cost nothing); the pre-activations (in sorted order) and outputs are kept for the
+ * backward, which adds the weights' gradients as rank-TB updates, one expert per thread, tiles in order:
+ * sums in a fixed order whatever the thread count. A token's K outputs (and input gradients, and the
+ * gates' gradients) are then computed in token order, its choices in order: reads in the order of memory. */
 
 #define MR 6  /* rows of the register tiles */
 #define TB 48 /* rows of a tile of one expert's assignments (a multiple of MR): the weights' gradients are
@@ -1170,16 +1060,17 @@ static void tiled_forward_chunk(void *arg, int64_t e0, int64_t e1) {
     free(xt);
 }
 
-/* out[t] = Σ_j (weight[t·K + j] or 1) · src[t·K + j] over the kept choices, j in order (0 where none is) */
-static void add_choices(const experts_t *p, int64_t t0, int64_t t1, const float *src, const float *weight,
-                        float *dst) {
+/* out[t] = Σ_j (weight[t·K + j] or 1) · src[row of t·K + j] over the kept choices, j in order (0 where none
+ * is); the row of assignment t·K + j is pos[t·K + j - t0·K] where pos is given, else t·K + j */
+static void add_choices(const experts_t *p, int64_t t0, int64_t t1, const int64_t *pos, const float *src,
+                        const float *weight, float *dst) {
     const int64_t K = p->K, D = p->D;
     for (int64_t t = t0; t < t1; t++) {
         float *out = dst + t * D;
         int first = 1;
         for (int64_t j = 0; j < K; j++) {
             if (p->expert[t * K + j] < 0) continue;
-            const float *row = src + (t * K + j) * D;
+            const float *row = src + (pos ? pos[(t - t0) * K + j] : t * K + j) * D;
             const v8f w = splat8(weight ? weight[t * K + j] : 1.0f);
             for (int64_t d = 0; d < D; d += 8) {
                 const v8f v = weight ? load8(row + d) * w : load8(row + d);
@@ -1193,7 +1084,14 @@ static void add_choices(const experts_t *p, int64_t t0, int64_t t1, const float 
 
 static void combine_outputs_chunk(void *arg, int64_t t0, int64_t t1) {
     const experts_t *p = (const experts_t *)arg;
-    add_choices(p, t0, t1, p->outputs, p->weight, p->y);
+    add_choices(p, t0, t1, NULL, p->outputs, p->weight, p->y);
+}
+
+/* <a, b> over D floats (D a multiple of 8): 8 lanes of partial sums over d, then across the lanes */
+static inline float row_dot(const float *a, const float *b, int64_t D) {
+    v8f dot = load8(a) * load8(b);
+    for (int64_t d = 8; d < D; d += 8) dot = fma8(load8(a + d), load8(b + d), dot);
+    return hsum8(dot);
 }
 
 /* the backward's pass in token order: each kept choice's gate gradient <dy, o> (8 lanes of partial sums over
@@ -1209,17 +1107,15 @@ static void token_grads_chunk(void *arg, int64_t t0, int64_t t1) {
                     p->dweight[t * K + j] = 0.0f;
                     continue;
                 }
-                const float *o = p->outputs + (t * K + j) * D;
-                v8f dot = load8(dy) * load8(o);
-                for (int64_t d = 8; d < D; d += 8) dot = fma8(load8(dy + d), load8(o + d), dot);
-                p->dweight[t * K + j] = hsum8(dot);
+                p->dweight[t * K + j] = row_dot(dy, p->outputs + (t * K + j) * D, D);
             }
         }
-    if (p->dx) add_choices(p, t0, t1, p->rows, NULL, p->dx);
+    if (p->dx) add_choices(p, t0, t1, NULL, p->rows, NULL, p->dx);
 }
 
-/* As vmoe_ffn_forward (the weighted products rounded, then summed over a token's choices in order);
- * order (T·K) and offsets (E + 1) receive the kept assignments sorted by expert, outputs (T·K, D) each
+/* x (T, D) rows at x_stride; expert, weight (T, K); w1 (E, D, H), b1 (E, H) or NULL, w2 (E, H, D), b2 (E, D)
+ * or NULL; act 1 ReLU, 2 GELU. Out: y (T, D) contiguous (the weighted products rounded, then summed over a
+ * token's choices in order); order (T·K) and offsets (E + 1) receive the kept assignments sorted by expert, outputs (T·K, D) each
  * one's expert output (at its assignment's row) and hidden (T·K, H), unless NULL, its pre-activation
  * (at its row of the sorted order, as the backward reads them): the backward's inputs. */
 void vmoe_tiled_forward(const float *x, int64_t x_stride, const int64_t *expert, const float *weight, const float *w1,
@@ -1289,9 +1185,12 @@ static void tiled_backward_chunk(void *arg, int64_t e0, int64_t e1) {
     free(xt);
 }
 
-/* As vmoe_ffn_backward, for order, offsets, hidden and outputs from vmoe_tiled_forward (the same expert
- * ids and weights): rows (T·K, D) is scratch (may be NULL without dx); grads as there, written directly
- * (one expert per thread, its rows in order). Dropped choices get dweight 0. */
+/* The backward of vmoe_tiled_forward for dy (T, D) at dy_stride, given its order, offsets, hidden and
+ * outputs (the same expert ids and weights); w1t (E, H, D) and w2t (E, D, H) are the weights transposed,
+ * bias1 / bias2 whether the experts have b1 / b2. Out: dx (T, D) or NULL, dweight (T, K) or NULL (0 for a
+ * dropped choice), and grads: dW1 (E, D, H), dW2 (E, H, D), then db1 (E, H) and db2 (E, D) where the biases
+ * are, contiguous, written directly (one expert per thread, its rows in order). rows (T·K, D) is scratch
+ * (may be NULL without dx). */
 void vmoe_tiled_backward(const float *x, int64_t x_stride, const int64_t *expert, const float *weight,
                          const float *w1t, const float *w2t, const float *dy, int64_t dy_stride, int64_t T, int64_t K,
                          int64_t D, int64_t H, int64_t E, int act, int bias1, int bias2, const int64_t *order,
@@ -1306,80 +1205,175 @@ void vmoe_tiled_backward(const float *x, int64_t x_stride, const int64_t *expert
 }
 
 /* ---- small experts, blocked by token ---------------------------------------------------------------------
- * The tiled loop's tiles for experts too small to gain from one sort over the whole layer (D·H of a few
- * hundred on tens of thousands of tokens): the tokens run in blocks (of `block` tokens), each block's kept assignments
- * sorted by expert (a counting sort, stable) and each expert's rows of the block through the same tiles,
- * while the block's rows are in cache; a token's outputs are added (forward), its gates' and input
- * gradients computed (backward) as soon as its block is done. The weights' gradients are summed per fixed
- * chunk of blocks into a private buffer, then over the chunks in order: the chunks depend on the shapes
- * only, so the sums do not depend on the thread count. */
+ * The tiled loop's products for experts too small to gain from one sort over the whole layer (D·H of a few
+ * hundred on tens of thousands of tokens), where the tiled loop's time goes to moving rows: the tokens run
+ * in blocks (of `block` tokens), each block's kept assignments sorted by expert (a counting sort, stable),
+ * its tokens' rows copied, in token order, to their assignments' rows of the sorted order in a buffer of
+ * the block, and each expert's rows of it through the tiles straight from there; the outputs (forward) and
+ * input gradients (backward) stay in the block's buffers until its tokens add theirs, in token order. Only
+ * the pre-activations are kept for the backward (not the outputs: the gates' gradients take the outputs
+ * recomputed from them, one product more). The weights' gradients are summed per fixed chunk of blocks
+ * into a private buffer, then over the chunks in order: the chunks depend on the shapes only, so the sums
+ * do not depend on the thread count. */
+
+typedef struct {                /* a thread's buffers for one block at a time */
+    float *xs, *ys, *tile;      /* xs, ys: (block·K + MR, D), rows in the block's sorted order; tile: scratch */
+    int64_t *pos, *next;        /* pos (block·K): each assignment's row of xs (-1: dropped); next: E */
+} block_buffers_t;
+
+static block_buffers_t block_buffers(const experts_t *p, size_t tile) {
+    const size_t rows = (size_t)(p->block * p->K + MR);
+    block_buffers_t b = {.xs = calloc(2 * rows * (size_t)p->D + tile, sizeof(float)),
+                         .pos = malloc(((size_t)(p->block * p->K) + (size_t)p->E + 1) * sizeof(int64_t))};
+    b.ys = b.xs + rows * (size_t)p->D, b.tile = b.ys + rows * (size_t)p->D, b.next = b.pos + p->block * p->K;
+    return b;
+}
+
+/* Block b's tokens t0 .. t1 - 1: pos[a - t0·K] = the row of assignment a in the block's sorted order
+ * (order[offsets[0] ..]), -1 for a dropped one; rows[pos] = src's row of its token (src read in token order) */
+static void block_rows(const experts_t *p, int64_t t0, int64_t t1, const int64_t *offsets, const float *src,
+                       int64_t stride, block_buffers_t *b, float *rows) {
+    const int64_t K = p->K, D = p->D;
+    for (int64_t a = 0; a < (t1 - t0) * K; a++) b->pos[a] = -1;
+    for (int64_t i = offsets[0]; i < offsets[p->E]; i++) b->pos[p->block_order[i] - t0 * K] = i - offsets[0];
+    for (int64_t t = t0; t < t1; t++) {
+        const float *row = src + t * stride;
+        if (t + 8 < t1) __builtin_prefetch(src + (t + 8) * stride, 0, 3); /* a few rows ahead */
+        for (int64_t j = 0; j < K; j++) {
+            const int64_t q = b->pos[(t - t0) * K + j];
+            if (q >= 0) copy_row(rows + q * D, row, D);
+        }
+    }
+}
 
 static void blocked_forward_chunk(void *arg, int64_t b0, int64_t b1) {
     const experts_t *p = (const experts_t *)arg;
-    const uint64_t k_magic = divisor_magic(p->K);
-    const int64_t K = p->K, E = p->E;
-    float *xt = malloc(FORWARD_SCRATCH(p->D, p->H) * sizeof(float));
-    int64_t *next = malloc((size_t)(E > 0 ? E : 1) * sizeof(int64_t));
+    const int64_t K = p->K, D = p->D, H = p->H, E = p->E;
+    block_buffers_t buf = block_buffers(p, 2 * (size_t)TB * (size_t)H);
+    float *a = buf.tile, *h = a + TB * H;
     for (int64_t b = b0; b < b1; b++) {
         const int64_t t0 = b * p->block, t1 = t0 + p->block < p->T ? t0 + p->block : p->T;
         int64_t *offsets = p->block_offsets + b * (E + 1);
-        sort_by_expert(p->expert, t0 * K, t1 * K, E, p->block_order, offsets, next);
-        for (int64_t e = 0; e < E; e++)
-            for (int64_t i = offsets[e]; i < offsets[e + 1]; i += TB)
-                forward_tile(p, e, i, offsets[e + 1] - i < TB ? offsets[e + 1] - i : TB, k_magic, xt);
-        add_choices(p, t0, t1, p->outputs, p->weight, p->y);
+        sort_by_expert(p->expert, t0 * K, t1 * K, E, p->block_order, offsets, buf.next);
+        block_rows(p, t0, t1, offsets, p->x, p->x_stride, &buf, buf.xs);
+        for (int64_t e = 0; e < E; e++) {
+            const float *w1 = p->w1 + e * D * H, *w2 = p->w2 + e * H * D;
+            const float *b1 = p->b1 ? p->b1 + e * H : NULL, *b2 = p->b2 ? p->b2 + e * D : NULL;
+            for (int64_t i = offsets[e]; i < offsets[e + 1]; i += TB) {
+                const int64_t m = offsets[e + 1] - i < TB ? offsets[e + 1] - i : TB, R = (m + MR - 1) / MR * MR;
+                const int64_t q = i - offsets[0]; /* the tile's first row in the block's buffers */
+                /* rows m .. R - 1 run over the next expert's rows (or the buffers' spare rows): discarded */
+                /* the pre-activations straight into hidden (in sorted order) where its rows up to R are the
+                 * block's own (the spare rows the next expert's: overwritten after), else through a */
+                float *pre = p->hidden && i + R <= t1 * K ? p->hidden + i * H : a;
+                for (int64_t r = 0; r < R; r += MR) gemm_rows(buf.xs + (q + r) * D, D, w1, b1, D, H, pre + r * H, H);
+                act_forward(pre, h, R * H, p->act);
+                for (int64_t r = 0; r < R; r += MR) gemm_rows(h + r * H, H, w2, b2, H, D, buf.ys + (q + r) * D, D);
+                if (p->hidden && pre == a) memcpy(p->hidden + i * H, a, (size_t)(m * H) * sizeof(float));
+            }
+        }
+        add_choices(p, t0, t1, buf.pos, buf.ys, p->weight, p->y);
     }
-    free(next);
-    free(xt);
+    free(buf.xs);
+    free(buf.pos);
 }
 
 /* As vmoe_tiled_forward, by blocks of `block` tokens: order (T·K) receives each block's kept assignments
  * sorted by expert (from the block's first assignment t0·K on), offsets (blocks · (E + 1)) each block's
- * E + 1 offsets into order, hidden (T·K, H) the pre-activations at the rows of the sorted order. */
+ * E + 1 offsets into order, hidden (T·K, H), unless NULL, the pre-activations at the rows of the sorted
+ * order (the backward's input). */
 void vmoe_blocked_forward(const float *x, int64_t x_stride, const int64_t *expert, const float *weight,
                           const float *w1, const float *b1, const float *w2, const float *b2, int64_t T, int64_t K,
                           int64_t D, int64_t H, int64_t E, int act, int64_t block, int64_t *order, int64_t *offsets,
-                          float *hidden, float *outputs, float *y, int threads) {
+                          float *hidden, float *y, int threads) {
     experts_t p = {.x = x, .weight = weight, .w1 = w1, .b1 = b1, .w2 = w2, .b2 = b2, .x_stride = x_stride, .K = K,
-                 .D = D, .H = H, .E = E, .T = T, .expert = expert, .order = order, .block_order = order,
-                 .block_offsets = offsets, .block = block, .act = act, .hidden = hidden, .outputs = outputs, .y = y};
+                 .D = D, .H = H, .E = E, .T = T, .expert = expert, .block_order = order, .block_offsets = offsets,
+                 .block = block, .act = act, .hidden = hidden, .y = y};
     parallel_for((T + block - 1) / block, 1, threads, blocked_forward_chunk, &p);
 }
 
 static void blocked_backward_chunk(void *arg, int64_t c0, int64_t c1) {
     const experts_t *p = (const experts_t *)arg;
-    const uint64_t k_magic = divisor_magic(p->K);
-    const int64_t E = p->E, blocks = (p->T + p->block - 1) / p->block;
-    float *xt = malloc(BACKWARD_SCRATCH(p->D, p->H) * sizeof(float));
+    const int64_t K = p->K, D = p->D, H = p->H, E = p->E, blocks = (p->T + p->block - 1) / p->block;
+    block_buffers_t buf = block_buffers(p, (size_t)TB * (4 * (size_t)H + 2 * (size_t)D));
+    float *a = buf.tile, *h = a + TB * H, *deriv = h + TB * H, *dh = deriv + TB * H, *dout = dh + TB * H;
+    float *o = dout + TB * D;
     for (int64_t c = c0; c < c1; c++) {
         float *grads = p->partial + c * p->per_chunk;
         memset(grads, 0, (size_t)p->per_chunk * sizeof(float));
         const int64_t last = (c + 1) * p->chunk < blocks ? (c + 1) * p->chunk : blocks;
         for (int64_t b = c * p->chunk; b < last; b++) {
+            const int64_t t0 = b * p->block, t1 = t0 + p->block < p->T ? t0 + p->block : p->T;
             const int64_t *offsets = p->block_offsets + b * (E + 1);
-            for (int64_t e = 0; e < E; e++)
-                for (int64_t i = offsets[e]; i < offsets[e + 1]; i += TB)
-                    backward_tile(p, e, i, offsets[e + 1] - i < TB ? offsets[e + 1] - i : TB, k_magic, grads, xt);
-            token_grads_chunk((void *)p, b * p->block, (b + 1) * p->block < p->T ? (b + 1) * p->block : p->T);
+            block_rows(p, t0, t1, offsets, p->x, p->x_stride, &buf, buf.xs);
+            block_rows(p, t0, t1, offsets, p->dy, p->dy_stride, &buf, buf.ys); /* dy, then each row's dx */
+            for (int64_t e = 0; e < E; e++) {
+                const float *w1t = p->w1t + e * H * D, *w2t = p->w2t + e * D * H, *w2 = p->w2 + e * H * D;
+                const float *b2 = p->b2 ? p->b2 + e * D : NULL;
+                float *dw1 = grads + e * D * H, *dw2 = grads + E * D * H + e * H * D;
+                float *db1 = p->bias1 ? grads + 2 * E * D * H + e * H : NULL;
+                float *db2 = p->bias2 ? grads + 2 * E * D * H + (p->bias1 ? E * H : 0) + e * D : NULL;
+                for (int64_t i = offsets[e]; i < offsets[e + 1]; i += TB) {
+                    const int64_t m = offsets[e + 1] - i < TB ? offsets[e + 1] - i : TB;
+                    const int64_t R = (m + MR - 1) / MR * MR, q = i - offsets[0], *at = p->block_order + i;
+                    const float *xs = buf.xs + q * D;
+                    float *dys = buf.ys + q * D;
+                    /* the forward's pre-activations, read in place where hidden has R rows from i (the rows
+                     * after m, another expert's, go where dout's zero rows make them add nothing) */
+                    const float *pre = p->hidden + i * H;
+                    if (i + R > p->T * K) {
+                        memcpy(a, pre, (size_t)(m * H) * sizeof(float));
+                        memset(a + m * H, 0, (size_t)((R - m) * H) * sizeof(float));
+                        pre = a;
+                    }
+                    act_with_derivative(pre, h, deriv, R * H, p->act);
+                    if (p->dweight) { /* the outputs again, for the gates' gradients <dy, o> */
+                        for (int64_t r = 0; r < R; r += MR) gemm_rows(h + r * H, H, w2, b2, H, D, o + r * D, D);
+                        for (int64_t r = 0; r < m; r++) p->dweight[at[r]] = row_dot(dys + r * D, o + r * D, D);
+                    }
+                    for (int64_t r = 0; r < R; r++) { /* w · dy, zero rows after m */
+                        const v8f w = splat8(r < m ? p->weight[at[r]] : 0.0f);
+                        for (int64_t d = 0; d < D; d += 8)
+                            store8(dout + r * D + d, r < m ? load8(dys + r * D + d) * w : splat8(0.0f));
+                    }
+                    for (int64_t r = 0; r < R; r += MR) gemm_rows(dout + r * D, D, w2t, NULL, D, H, dh + r * H, H);
+                    act_backward(pre, deriv, dh, R * H, p->act);
+                    if (db1) add_rows(db1, dh, m, H);
+                    if (db2) add_rows(db2, dout, m, D);
+                    gemm_tn(h, H, dout, D, D, m, dw2);
+                    gemm_tn(xs, D, dh, H, H, m, dw1);
+                    if (p->dx) { /* each row's input gradient, in place of its dy (read above) */
+                        for (int64_t r = 0; r < R; r += MR) gemm_rows(dh + r * H, H, w1t, NULL, H, D, o + r * D, D);
+                        for (int64_t r = 0; r < m; r++) copy_row(dys + r * D, o + r * D, D);
+                    }
+                }
+            }
+            if (p->dweight)
+                for (int64_t n = t0 * K; n < t1 * K; n++)
+                    if (p->expert[n] < 0) p->dweight[n] = 0.0f;
+            if (p->dx) add_choices(p, t0, t1, buf.pos, buf.ys, NULL, p->dx);
         }
     }
-    free(xt);
+    free(buf.xs);
+    free(buf.pos);
 }
 
-/* As vmoe_tiled_backward, for order, offsets, hidden and outputs from vmoe_blocked_forward: the weights'
- * gradients summed per `chunk` blocks into partial ((blocks + chunk - 1) / chunk buffers of the grads'
- * size), then over the chunks in order into grads. */
+/* As vmoe_tiled_backward, for order, offsets and hidden from vmoe_blocked_forward (w2 and b2, or NULL, the
+ * experts' second layer, for the outputs again): the weights' gradients summed per `chunk` blocks into
+ * partial ((blocks + chunk - 1) / chunk buffers of the grads' size), then over the chunks in order into
+ * grads. */
 void vmoe_blocked_backward(const float *x, int64_t x_stride, const int64_t *expert, const float *weight,
-                           const float *w1t, const float *w2t, const float *dy, int64_t dy_stride, int64_t T,
-                           int64_t K, int64_t D, int64_t H, int64_t E, int act, int bias1, int bias2, int64_t block,
-                           int64_t chunk, int64_t *order, int64_t *offsets, float *hidden, float *outputs, float *rows, float *dx,
-                           float *dweight, float *grads, float *partial, int threads) {
+                           const float *w1t, const float *w2t, const float *w2, const float *b2, const float *dy,
+                           int64_t dy_stride, int64_t T, int64_t K, int64_t D, int64_t H, int64_t E, int act,
+                           int bias1, int64_t block, int64_t chunk, int64_t *order, int64_t *offsets, float *hidden,
+                           float *dx, float *dweight, float *grads, float *partial, int threads) {
+    const int bias2 = b2 != NULL;
     const int64_t per_chunk = E * (2 * D * H + (bias1 ? H : 0) + (bias2 ? D : 0));
     const int64_t chunks = ((T + block - 1) / block + chunk - 1) / chunk;
-    experts_t p = {.x = x, .weight = weight, .w1t = w1t, .w2t = w2t, .dy = dy, .x_stride = x_stride,
-                 .dy_stride = dy_stride, .K = K, .D = D, .H = H, .E = E, .T = T, .expert = expert, .order = order,
-                 .block_offsets = offsets, .block = block, .act = act, .bias1 = bias1, .bias2 = bias2, .hidden = hidden,
-                 .outputs = outputs, .rows = dx ? rows : NULL, .dx = dx, .dweight = dweight, .chunk = chunk,
+    experts_t p = {.x = x, .weight = weight, .w1t = w1t, .w2t = w2t, .w2 = w2, .b2 = b2, .dy = dy,
+                 .x_stride = x_stride, .dy_stride = dy_stride, .K = K, .D = D, .H = H, .E = E, .T = T,
+                 .expert = expert, .block_order = order, .block_offsets = offsets, .block = block, .act = act,
+                 .bias1 = bias1, .bias2 = bias2, .hidden = hidden, .dx = dx, .dweight = dweight, .chunk = chunk,
                  .per_chunk = per_chunk, .partial = partial};
     parallel_for(chunks, 1, threads, blocked_backward_chunk, &p);
     sum_t s = {partial, chunks, per_chunk, grads};

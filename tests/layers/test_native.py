@@ -410,6 +410,19 @@ def test_fused_expert_blocks_hold_64_rows_per_expert():
 
 @needs_kernel
 @pytest.mark.parametrize("loop", native.FFN_LOOPS)
+def test_fused_experts_with_no_tokens(loop):
+    # No token at all (no block, no chunk of blocks): an empty output and zero weight gradients.
+    layer, x, expert, weight = ffn_inputs(0, 2, 8, 16, 4, torch.nn.GELU, True)
+    y = native.expert_ffn(x, expert, weight, layer, loop=loop)
+    assert y.shape == (0, 8)
+    found = torch.autograd.grad(y.sum(), [x, weight, *layer.parameters()])
+    assert [tuple(g.shape) for g in found[:2]] == [(0, 8), (0, 2)]
+    for g, p in zip(found[2:], layer.parameters(), strict=True):
+        assert g.shape == p.shape and not g.any()
+
+
+@needs_kernel
+@pytest.mark.parametrize("loop", native.FFN_LOOPS)
 def test_fused_experts_hand_computed(loop):
     # One expert, D = H = 8, identity-like weights: y = w · relu(x + b1) · 2 + w · b2.
     layer = Experts(1, 8, 8, activation=torch.nn.ReLU)

@@ -560,7 +560,8 @@ class _ExpertFFN(torch.autograd.Function):
         outputs = torch.empty(T * K, D) if loop == "tiled" else None
         args = (_ptr(xr), stride, *(_ptr(t) for t in (expert_c, weight_c, *params)), T, K, D, H, E, ffn_activation(act))
         ctx.block = ffn_block(E, K) if loop == "blocked" else max(T, 1)
-        order = torch.empty(T * K, dtype=torch.int64), torch.empty(-(-T // ctx.block) * (E + 1) or 1, dtype=torch.int64)
+        blocks = max(1, -(-T // ctx.block))  # tiled: one, the whole layer
+        order = torch.empty(T * K, dtype=torch.int64), torch.empty(blocks * (E + 1), dtype=torch.int64)
         if loop == "tiled":
             _library().vmoe_tiled_forward(*args, *(_ptr(t) for t in (*order, hidden, outputs, y)), _threads())
         else:

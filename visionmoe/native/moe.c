@@ -1262,9 +1262,9 @@ static void blocked_forward_chunk(void *arg, int64_t b0, int64_t b1) {
             for (int64_t i = offsets[e]; i < offsets[e + 1]; i += TB) {
                 const int64_t m = offsets[e + 1] - i < TB ? offsets[e + 1] - i : TB, R = (m + MR - 1) / MR * MR;
                 const int64_t q = i - offsets[0]; /* the tile's first row in the block's buffers */
-                /* rows m .. R - 1 run over the next expert's rows (or the buffers' spare rows): discarded */
-                /* the pre-activations straight into hidden (in sorted order) where its rows up to R are the
-                 * block's own (the spare rows the next expert's: overwritten after), else through a */
+                /* rows m .. R - 1 run over the next expert's rows (or spare rows) and are discarded: the
+                 * next expert's tiles write them after; so the pre-activations go straight into hidden (in
+                 * sorted order) where its rows up to R are the block's own, else through a */
                 float *pre = p->hidden && i + R <= t1 * K ? p->hidden + i * H : a;
                 for (int64_t r = 0; r < R; r += MR) gemm_rows(buf.xs + (q + r) * D, D, w1, b1, D, H, pre + r * H, H);
                 act_forward(pre, h, R * H, p->act);

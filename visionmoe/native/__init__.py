@@ -478,9 +478,10 @@ moved in token order; the weights' gradients summed per chunk of blocks), and ti
 whole layer (one sort; each expert's weights' gradients by one thread)."""
 FFN_BLOCKED_WEIGHTS = 64 * 128
 """Experts of at most this many weights per layer (D·H) take the ``blocked`` loop, larger ones ``tiled``: at
-the CIFAR-CNN layer shapes the blocked loop was the faster or at par up to D·H = 64·128 (0.6-0.9 of the
-tiled loop's time at D = 8-32), the tiled one from 128·128 (0.5 of the blocked loop's at D = 128, H = 512,
-where the blocked loop's per-chunk gradient buffers and its few rows per expert and block cost most)
+the CIFAR-CNN layer shapes the blocked loop was the faster or at par up to D·H = 64·128 (0.8-1.0 of the
+tiled loop's time at D = 8-64), the tiled one at par or faster from 128·128 (0.5 of the blocked loop's at
+D = 128, H = 512, where the blocked loop's per-chunk gradient buffers and few rows per expert and block
+cost most)
 (BENCHMARKS.md, issue 22, thirteenth pass: ``cnn_moe_step.py --layer-grid --loops``)."""
 FFN_BLOCK_ROWS = 64
 """The ``blocked`` loop's blocks hold this many assignments per expert on average: ceil(64·E / K) tokens,
@@ -559,8 +560,8 @@ class _ExpertFFN(torch.autograd.Function):
         hidden = torch.empty(T * K, H) if any(ctx.needs_input_grad) else None
         outputs = torch.empty(T * K, D) if loop == "tiled" else None
         args = (_ptr(xr), stride, *(_ptr(t) for t in (expert_c, weight_c, *params)), T, K, D, H, E, ffn_activation(act))
-        ctx.block = ffn_block(E, K) if loop == "blocked" else max(T, 1)
-        blocks = max(1, -(-T // ctx.block))  # tiled: one, the whole layer
+        ctx.block = ffn_block(E, K)  # blocked: tokens per block
+        blocks = max(1, -(-T // ctx.block)) if loop == "blocked" else 1  # tiled: one, the whole layer
         order = torch.empty(T * K, dtype=torch.int64), torch.empty(blocks * (E + 1), dtype=torch.int64)
         if loop == "tiled":
             _library().vmoe_tiled_forward(*args, *(_ptr(t) for t in (*order, hidden, outputs, y)), _threads())

@@ -1027,19 +1027,49 @@ static inline int64_t next_tile(const experts_t *p, int64_t e, int64_t i, int64_
 #define FORWARD_SCRATCH(D, H) ((size_t)TB * (2 * (D) + 2 * (H)))
 #define BACKWARD_SCRATCH(D, H) ((size_t)TB * (3 * (D) + 4 * (H)))
 
+/* Expert e on R rows (a multiple of MR) of xs (row stride D): pre-activations into pre, activations into
+ * h (R × H each), outputs into out (row stride D) */
+static void expert_rows(const experts_t *p, int64_t e, const float *xs, int64_t R, float *pre, float *h,
+                        float *out) {
+    const int64_t D = p->D, H = p->H;
+    const float *w1 = p->w1 + e * D * H, *w2 = p->w2 + e * H * D;
+    const float *b1 = p->b1 ? p->b1 + e * H : NULL, *b2 = p->b2 ? p->b2 + e * D : NULL;
+    for (int64_t r = 0; r < R; r += MR) gemm_rows(xs + r * D, D, w1, b1, D, H, pre + r * H, H);
+    act_forward(pre, h, R * H, p->act);
+    for (int64_t r = 0; r < R; r += MR) gemm_rows(h + r * H, H, w2, b2, H, D, out + r * D, D);
+}
+
+/* The backward of expert_rows for its first m of R rows, given xs and pre as there, h and deriv from
+ * act_with_derivative(pre), and dout (R rows of w · dy, zero after m): dh (R × H) and, unless dx is NULL,
+ * the rows' input gradients into dx (R rows of D); the weights' gradients added to grads (dW1 (E, D, H),
+ * dW2 (E, H, D), then db1 (E, H) and db2 (E, D) where the biases are), rows in order */
+static void expert_rows_backward(const experts_t *p, int64_t e, const float *xs, const float *pre, const float *h,
+                                 const float *deriv, const float *dout, int64_t R, int64_t m, float *dh, float *dx,
+                                 float *grads) {
+    const int64_t D = p->D, H = p->H, E = p->E;
+    const float *w1t = p->w1t + e * H * D, *w2t = p->w2t + e * D * H;
+    float *dw1 = grads + e * D * H, *dw2 = grads + E * D * H + e * H * D;
+    float *db1 = p->bias1 ? grads + 2 * E * D * H + e * H : NULL;
+    float *db2 = p->bias2 ? grads + 2 * E * D * H + (p->bias1 ? E * H : 0) + e * D : NULL;
+    for (int64_t r = 0; r < R; r += MR) gemm_rows(dout + r * D, D, w2t, NULL, D, H, dh + r * H, H);
+    act_backward(pre, deriv, dh, R * H, p->act); /* rows after m: zero, or unused below */
+    if (dx)
+        for (int64_t r = 0; r < R; r += MR) gemm_rows(dh + r * H, H, w1t, NULL, H, D, dx + r * D, D);
+    if (db1) add_rows(db1, dh, m, H);
+    if (db2) add_rows(db2, dout, m, D);
+    gemm_tn(h, H, dout, D, D, m, dw2);
+    gemm_tn(xs, D, dh, H, H, m, dw1);
+}
+
 /* The forward of a tile: expert e's m <= TB assignments order[i .. i + m): their rows of x gathered, through
  * the expert, each output written at its assignment's row of outputs, the pre-activations at rows i .. of
  * hidden (in sorted order) */
 static void forward_tile(const experts_t *p, int64_t e, int64_t i, int64_t m, uint64_t k_magic, float *xt) {
     const int64_t D = p->D, H = p->H;
     float *a = xt + TB * D, *h = a + TB * H, *o = h + TB * H;
-    const float *w1 = p->w1 + e * D * H, *w2 = p->w2 + e * H * D;
-    const float *b1 = p->b1 ? p->b1 + e * H : NULL, *b2 = p->b2 ? p->b2 + e * D : NULL;
     const int64_t R = (m + MR - 1) / MR * MR, *at = p->order + i;
     gather_tile(p->x, p->x_stride, at, m, R, k_magic, D, NULL, xt);
-    for (int64_t r = 0; r < R; r += MR) gemm_rows(xt + r * D, D, w1, b1, D, H, a + r * H, H);
-    act_forward(a, h, R * H, p->act);
-    for (int64_t r = 0; r < R; r += MR) gemm_rows(h + r * H, H, w2, b2, H, D, o + r * D, D);
+    expert_rows(p, e, xt, R, a, h, o);
     for (int64_t r = 0; r < m; r++) copy_row(p->outputs + at[r] * D, o + r * D, D);
     if (p->hidden) memcpy(p->hidden + i * H, a, (size_t)(m * H) * sizeof(float)); /* in sorted order */
 }
@@ -1137,13 +1167,9 @@ void vmoe_tiled_forward(const float *x, int64_t x_stride, const int64_t *expert,
  * and db2 (E, D) where the biases are), rows in order */
 static void backward_tile(const experts_t *p, int64_t e, int64_t i, int64_t m, uint64_t k_magic, float *grads,
                           float *xt) {
-    const int64_t D = p->D, H = p->H, E = p->E;
+    const int64_t D = p->D, H = p->H;
     float *dout = xt + TB * D, *dxt = dout + TB * D, *a = dxt + TB * D, *h = a + TB * H, *deriv = h + TB * H;
     float *dh = deriv + TB * H;
-    const float *w1t = p->w1t + e * H * D, *w2t = p->w2t + e * D * H;
-    float *dw1 = grads + e * D * H, *dw2 = grads + E * D * H + e * H * D;
-    float *db1 = p->bias1 ? grads + 2 * E * D * H + e * H : NULL;
-    float *db2 = p->bias2 ? grads + 2 * E * D * H + (p->bias1 ? E * H : 0) + e * D : NULL;
     const int64_t R = (m + MR - 1) / MR * MR; /* rows computed: m, then zero rows up to MR's multiple */
     const int64_t *at = p->order + i;
     gather_tile(p->x, p->x_stride, at, m, R, k_magic, D, NULL, xt);
@@ -1151,16 +1177,9 @@ static void backward_tile(const experts_t *p, int64_t e, int64_t i, int64_t m, u
     memcpy(a, p->hidden + i * H, (size_t)(m * H) * sizeof(float));      /* the forward's, in sorted order */
     memset(a + m * H, 0, (size_t)((R - m) * H) * sizeof(float));
     act_with_derivative(a, h, deriv, R * H, p->act);
-    for (int64_t r = 0; r < R; r += MR) gemm_rows(dout + r * D, D, w2t, NULL, D, H, dh + r * H, H);
-    act_backward(a, deriv, dh, R * H, p->act); /* zero rows of dout: zero rows of dh */
-    if (p->rows) {
-        for (int64_t r = 0; r < R; r += MR) gemm_rows(dh + r * H, H, w1t, NULL, H, D, dxt + r * D, D);
+    expert_rows_backward(p, e, xt, a, h, deriv, dout, R, m, dh, p->rows ? dxt : NULL, grads);
+    if (p->rows)
         for (int64_t r = 0; r < m; r++) copy_row(p->rows + at[r] * D, dxt + r * D, D);
-    }
-    if (db1) add_rows(db1, dh, m, H);
-    if (db2) add_rows(db2, dout, m, D);
-    gemm_tn(h, H, dout, D, D, R, dw2); /* zero rows of dout and dh add nothing */
-    gemm_tn(xt, D, dh, H, H, R, dw1);
 }
 
 static void tiled_backward_chunk(void *arg, int64_t e0, int64_t e1) {
@@ -1257,8 +1276,6 @@ static void blocked_forward_chunk(void *arg, int64_t b0, int64_t b1) {
         sort_by_expert(p->expert, t0 * K, t1 * K, E, p->block_order, offsets, buf.next);
         block_rows(p, t0, t1, offsets, p->x, p->x_stride, &buf, buf.xs);
         for (int64_t e = 0; e < E; e++) {
-            const float *w1 = p->w1 + e * D * H, *w2 = p->w2 + e * H * D;
-            const float *b1 = p->b1 ? p->b1 + e * H : NULL, *b2 = p->b2 ? p->b2 + e * D : NULL;
             for (int64_t i = offsets[e]; i < offsets[e + 1]; i += TB) {
                 const int64_t m = offsets[e + 1] - i < TB ? offsets[e + 1] - i : TB, R = (m + MR - 1) / MR * MR;
                 const int64_t q = i - offsets[0]; /* the tile's first row in the block's buffers */
@@ -1266,9 +1283,7 @@ static void blocked_forward_chunk(void *arg, int64_t b0, int64_t b1) {
                  * next expert's tiles write them after; so the pre-activations go straight into hidden (in
                  * sorted order) where its rows up to R are the block's own, else through a */
                 float *pre = p->hidden && i + R <= t1 * K ? p->hidden + i * H : a;
-                for (int64_t r = 0; r < R; r += MR) gemm_rows(buf.xs + (q + r) * D, D, w1, b1, D, H, pre + r * H, H);
-                act_forward(pre, h, R * H, p->act);
-                for (int64_t r = 0; r < R; r += MR) gemm_rows(h + r * H, H, w2, b2, H, D, buf.ys + (q + r) * D, D);
+                expert_rows(p, e, buf.xs + q * D, R, pre, h, buf.ys + q * D);
                 if (p->hidden && pre == a) memcpy(p->hidden + i * H, a, (size_t)(m * H) * sizeof(float));
             }
         }
@@ -1308,11 +1323,7 @@ static void blocked_backward_chunk(void *arg, int64_t c0, int64_t c1) {
             block_rows(p, t0, t1, offsets, p->x, p->x_stride, &buf, buf.xs);
             block_rows(p, t0, t1, offsets, p->dy, p->dy_stride, &buf, buf.ys); /* dy, then each row's dx */
             for (int64_t e = 0; e < E; e++) {
-                const float *w1t = p->w1t + e * H * D, *w2t = p->w2t + e * D * H, *w2 = p->w2 + e * H * D;
-                const float *b2 = p->b2 ? p->b2 + e * D : NULL;
-                float *dw1 = grads + e * D * H, *dw2 = grads + E * D * H + e * H * D;
-                float *db1 = p->bias1 ? grads + 2 * E * D * H + e * H : NULL;
-                float *db2 = p->bias2 ? grads + 2 * E * D * H + (p->bias1 ? E * H : 0) + e * D : NULL;
+                const float *w2 = p->w2 + e * H * D, *b2 = p->b2 ? p->b2 + e * D : NULL;
                 for (int64_t i = offsets[e]; i < offsets[e + 1]; i += TB) {
                     const int64_t m = offsets[e + 1] - i < TB ? offsets[e + 1] - i : TB;
                     const int64_t R = (m + MR - 1) / MR * MR, q = i - offsets[0], *at = p->block_order + i;
@@ -1336,16 +1347,9 @@ static void blocked_backward_chunk(void *arg, int64_t c0, int64_t c1) {
                         for (int64_t d = 0; d < D; d += 8)
                             store8(dout + r * D + d, r < m ? load8(dys + r * D + d) * w : splat8(0.0f));
                     }
-                    for (int64_t r = 0; r < R; r += MR) gemm_rows(dout + r * D, D, w2t, NULL, D, H, dh + r * H, H);
-                    act_backward(pre, deriv, dh, R * H, p->act);
-                    if (db1) add_rows(db1, dh, m, H);
-                    if (db2) add_rows(db2, dout, m, D);
-                    gemm_tn(h, H, dout, D, D, m, dw2);
-                    gemm_tn(xs, D, dh, H, H, m, dw1);
-                    if (p->dx) { /* each row's input gradient, in place of its dy (read above) */
-                        for (int64_t r = 0; r < R; r += MR) gemm_rows(dh + r * H, H, w1t, NULL, H, D, o + r * D, D);
+                    expert_rows_backward(p, e, xs, pre, h, deriv, dout, R, m, dh, p->dx ? o : NULL, grads);
+                    if (p->dx) /* each row's input gradient, in place of its dy (read above) */
                         for (int64_t r = 0; r < m; r++) copy_row(dys + r * D, o + r * D, D);
-                    }
                 }
             }
             if (p->dweight)

@@ -169,6 +169,30 @@ def test_fused_router_eight_tokens_at_a_time_give_the_one_token_results_bit_for_
     assert runs[0][1][40:].tolist() == torch.sort(logits[40:], dim=1, stable=True, descending=True)[1][:, :2].tolist()
 
 
+@needs_kernel
+def test_fused_router_gives_no_subnormal_values():
+    # Experts far below a token's others: their exp and erfc come out as 0, not as subnormal floats (slow
+    # arithmetic); the load sums and gradients are still ATen's to rounding.
+    from visionmoe.routing.losses import stay_probability
+
+    torch.manual_seed(0)
+    logits = torch.randn(2, 16, 8)
+    logits[..., 3] -= 100.0  # e^-100 and erfc(~70) are far below the smallest normal float
+    logits[0, :, 5] -= torch.linspace(5, 15, 16)  # erfc((threshold - l) / σ√2) across its range
+    logits.requires_grad_()
+    noise = torch.randn(2, 16, 8)
+    gates, _, importance, load, *_ = native.topk_router(logits, noise, 0.125, 2, None, True)
+    (grad,) = torch.autograd.grad(importance.sum() * 0.1 + (load * torch.arange(8.0)).sum(), logits)
+    tiny = torch.finfo(torch.float32).tiny
+    for t in (gates, load, grad):
+        assert ((t == 0) | (t.abs() >= tiny)).all()
+    assert (gates[..., 3] == 0).all() and (load[0, 3] == 0)
+    noisy = (logits + 0.125 * noise).detach()
+    threshold = noisy.topk(2, dim=-1).values[..., 1:]
+    expected = stay_probability(logits.detach().double(), threshold.double(), 0.125).sum((0, 1))
+    torch.testing.assert_close(load[0].double(), expected, rtol=1e-5, atol=1e-6)
+
+
 def hessian_vector_product(layer: MoE, x: torch.Tensor) -> list[torch.Tensor]:
     """H v of the layer's loss in its parameters (as the Hessian analysis builds it), v drawn with seed 1."""
     params = list(layer.parameters())
@@ -549,6 +573,28 @@ def test_router_logits_are_the_linear_map(shape, experts):
     image = torch.randn(2, shape[-1], 4, 4).contiguous(memory_format=torch.channels_last)
     tokens = image.permute(0, 2, 3, 1).reshape(2, 16, shape[-1])  # a view, rows at a stride
     torch.testing.assert_close(native.router_logits(tokens, weight), tokens @ weight.t(), rtol=1e-5, atol=1e-5)
+
+
+@needs_kernel
+@pytest.mark.parametrize(("dim", "experts"), [(8, 8), (32, 80)])
+def test_router_logits_of_a_token_do_not_depend_on_its_place(dim, experts):
+    # Tiles of 6 tokens, the last few through a zero-padded tile: a token's logits and input gradient are the
+    # same bits alone, in a tile, or among the last rows of a batch.
+    torch.manual_seed(0)
+    x, weight = torch.randn(13, dim), torch.randn(experts, dim)
+    grad = torch.randn(13, experts)
+
+    def run(rows: slice) -> tuple[torch.Tensor, torch.Tensor]:
+        xs = x[rows].clone().requires_grad_()
+        y = native.router_logits(xs, weight)
+        return y.detach(), torch.autograd.grad(y, xs, grad[rows])[0]
+
+    whole = run(slice(0, 13))
+    for i in (0, 5, 6, 12):
+        alone = run(slice(i, i + 1))
+        assert torch.equal(alone[0][0], whole[0][i]) and torch.equal(alone[1][0], whole[1][i])
+    shifted = run(slice(1, 13))  # every token one place earlier: tile members become tail rows and back
+    assert torch.equal(shifted[0], whole[0][1:]) and torch.equal(shifted[1], whole[1][1:])
 
 
 @needs_kernel

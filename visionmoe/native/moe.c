@@ -123,16 +123,20 @@ static inline v8f splat8(float x) { return (v8f){x, x, x, x, x, x, x, x}; }
  * each other) run side by side instead of one after another; exp8 and erfc8 are the one-vector case.
  *
  * exp: Cephes expf, x = n ln2 + r, |r| <= ln2 / 2, exp(r) by a degree-6 polynomial, 2^n by the exponent bits;
- * relative error ~2e-7 on [-87, 88] (clamped there: e^-87 ~ 1.6e-38, the smallest normal float; adding
- * 1.5 * 2^23 rounds to an integer). erfc: Numerical Recipes' erfcc (Chebyshev fit), fractional error
+ * relative error ~2e-7 on [-87, 88] (adding 1.5 * 2^23 rounds to an integer); 0 below -87 (e^-87 ~ 1.6e-38,
+ * about the smallest normal float), and 88 above: no subnormal comes out, as arithmetic on subnormals runs
+ * many times slower (the load loss's erfc of experts far below the threshold, and their gradient's
+ * density: a 0 there cut the router's forward by a fifth; BENCHMARKS.md, fourteenth pass). erfc: Numerical Recipes' erfcc (Chebyshev fit), fractional error
  * < 1.2e-7 (to float rounding here). */
 #define FOR_N _Pragma("GCC unroll 8") for (int i = 0; i < n; i++)
 
 static inline __attribute__((always_inline)) void exp8_n(v8f *x, const int n) {
     v8f nf[8], r[8], p[8];
     v8i e[8];
+    v8i under[8];
     FOR_N {
-        x[i] = select8(x[i] < -87.0f, splat8(-87.0f), x[i]);
+        under[i] = (v8i)(x[i] < -87.0f);
+        x[i] = select8(under[i], splat8(-87.0f), x[i]);
         x[i] = select8(x[i] > 88.0f, splat8(88.0f), x[i]);
         const v8f t = x[i] * 1.44269504088896341f + 12582912.0f;
         e[i] = (v8i)t - (v8i)splat8(12582912.0f);
@@ -144,7 +148,7 @@ static inline __attribute__((always_inline)) void exp8_n(v8f *x, const int n) {
     FOR_N p[i] = p[i] * r[i] + 4.1665795894e-2f;
     FOR_N p[i] = p[i] * r[i] + 1.6666665459e-1f;
     FOR_N p[i] = p[i] * r[i] + 5.0000001201e-1f;
-    FOR_N x[i] = (p[i] * r[i] * r[i] + r[i] + 1.0f) * (v8f)((e[i] + 127) << 23);
+    FOR_N x[i] = select8(under[i], splat8(0.0f), (p[i] * r[i] * r[i] + r[i] + 1.0f) * (v8f)((e[i] + 127) << 23));
 }
 
 static inline __attribute__((always_inline)) void erfc8_n(v8f *x, const int n) {
@@ -310,6 +314,22 @@ static inline void top_k8_lanes(const v8f *val, int64_t K, v8i *chosen, v8f *kth
     }
 }
 
+/* the K-th largest of val[0..8) per lane (a repeated value counting each time; K <= 8): each value bubbles
+ * into the K largest so far, a few max/min steps where top_k8_lanes would also track the experts */
+static inline v8f kth_largest8(const v8f *val, int64_t K) {
+    v8f top[8];
+    for (int64_t i = 0; i < K; i++) top[i] = splat8(-INFINITY);
+    for (int e = 0; e < 8; e++) {
+        v8f x = val[e];
+        for (int64_t i = 0; i < K; i++) {
+            const v8f hi = select8(x > top[i], x, top[i]);
+            x = select8(x > top[i], top[i], x);
+            top[i] = hi;
+        }
+    }
+    return top[K - 1];
+}
+
 /* The per-token work of forward_chunk for tokens s .. s + 7 of group g, E = 8: the same operations on the
  * same values, 8 tokens to a vector (one per lane) instead of 8 experts, so the dependency chains of one
  * token's softmax, sums and top-k run side by side; the group's sums still add token by token, in order.
@@ -355,7 +375,7 @@ static void forward_block8(const fwd_t *a, int64_t g, int64_t s, int64_t *expert
     }
     store8(imp, sum);
     if (ld) {
-        top_k8_lanes(noisy, K, chosen, &kth);
+        kth = kth_largest8(noisy, K);
         store8(a->threshold + t, kth); /* the k-th largest noisy logit of each token */
         for (int e = 0; e < 8; e++) rows[e] = ((kth - l[e]) / a->load_sigma) * 0.70710678118654752f;
         erfc8_n(rows, 8);
@@ -805,21 +825,6 @@ static inline void act_backward(const float *a, const float *deriv, float *dh, i
     }
 }
 
-/* out[0..N) = (bias or 0) + Σ_i s[i] · m[i·N ..], i < M: a vector-matrix product, by blocks of 8 of N,
- * each block's sum split over two accumulators (even and odd i: half the dependency chain). */
-static inline void vecmat(const float *s, const float *m, const float *bias, int64_t M, int64_t N, float *out) {
-    for (int64_t n = 0; n < N; n += 8) {
-        v8f a0 = bias ? load8(bias + n) : splat8(0.0f), a1 = splat8(0.0f);
-        int64_t i = 0;
-        for (; i + 2 <= M; i += 2) {
-            a0 = fma8(splat8(s[i]), load8(m + i * N + n), a0);
-            a1 = fma8(splat8(s[i + 1]), load8(m + (i + 1) * N + n), a1);
-        }
-        if (i < M) a0 = fma8(splat8(s[i]), load8(m + i * N + n), a0);
-        store8(out + n, a0 + a1);
-    }
-}
-
 /* The arguments of the loops over the experts (tiled by expert, tiled per block of tokens), forward and backward */
 typedef struct {
     const float *x, *weight, *w1, *b1, *w2, *b2, *w1t, *w2t, *dy;
@@ -920,6 +925,21 @@ static inline void gemm_rows(const float *a, int64_t lda, const float *b, const 
         store8(c + n, c0), store8(c + ldc + n, c1), store8(c + 2 * ldc + n, c2), store8(c + 3 * ldc + n, c3);
         store8(c + 4 * ldc + n, c4), store8(c + 5 * ldc + n, c5);
     }
+}
+
+/* c[r, 0..N) = Σ_k a[r, k] · b[k, 0..N) for r < R: gemm_rows over MR rows at a time; the last R mod MR rows
+ * through a tile padded with zero rows, so that every row's sums are those of a full tile (the same value
+ * wherever the row falls). a at row stride lda; b (Kd, N) row-major, N a multiple of 8; c at stride ldc. */
+static inline void rows_product(const float *a, int64_t lda, const float *b, int64_t Kd, int64_t N, int64_t R,
+                                float *c, int64_t ldc) {
+    int64_t r = 0;
+    for (; r + MR <= R; r += MR) gemm_rows(a + r * lda, lda, b, NULL, Kd, N, c + r * ldc, ldc);
+    if (r == R) return;
+    float *in = calloc((size_t)MR * (Kd + N), sizeof(float)), *out = in + MR * Kd;
+    for (int64_t i = 0; r + i < R; i++) memcpy(in + i * Kd, a + (r + i) * lda, (size_t)Kd * sizeof(float));
+    gemm_rows(in, Kd, b, NULL, Kd, N, out, N);
+    for (int64_t i = 0; r + i < R; i++) memcpy(c + (r + i) * ldc, out + i * N, (size_t)N * sizeof(float));
+    free(in);
 }
 
 /* acc[k0 + i, n .. n + 8·NV) += Σ_r a[r, k0 + i] · b[r, n ..) for i < KB, r = 0 .. R - 1 in order: a block of
@@ -1386,10 +1406,10 @@ void vmoe_blocked_backward(const float *x, int64_t x_stride, const int64_t *expe
 
 /* ---- the routers' logits: a bias-free linear map ----------------------------------------------------------
  * logits[t] = W x[t] for T tokens of D channels (rows at x_stride), W (E, D) given transposed as wt (D, E):
- * one vector-matrix product per token, where a BLAS call on (T, 8) x (8, 8) mostly moves memory. Backward:
- * dx[t] = dl[t] W, and dW = Σ_t dl[t] ⊗ x[t] (the tokens in order, by gemm_tn) summed per chunk of tokens
- * into a private buffer, then over the chunks in order (the chunks depend on the shapes only: the sums do
- * not depend on the thread count). E a multiple of 8 (forward), D and E multiples of 8 (backward). */
+ * register tiles of MR tokens (rows_product), where a BLAS call on (T, 8) x (8, 8) mostly moves memory.
+ * Backward: dx[t] = dl[t] W likewise, and dW = Σ_t dl[t] ⊗ x[t] (the tokens in order, by gemm_tn) summed
+ * per chunk of tokens into a private buffer, then over the chunks in order (the chunks depend on the shapes
+ * only: the sums do not depend on the thread count). E a multiple of 8 (forward), D and E multiples of 8 (backward). */
 
 typedef struct {
     const float *x, *wt, *w, *dl;
@@ -1399,7 +1419,7 @@ typedef struct {
 
 static void linear_forward_chunk(void *arg, int64_t t0, int64_t t1) {
     const lin_t *p = (const lin_t *)arg;
-    for (int64_t t = t0; t < t1; t++) vecmat(p->x + t * p->x_stride, p->wt, NULL, p->D, p->E, p->out + t * p->E);
+    rows_product(p->x + t0 * p->x_stride, p->x_stride, p->wt, p->D, p->E, t1 - t0, p->out + t0 * p->E, p->E);
 }
 
 void vmoe_linear_forward(const float *x, int64_t x_stride, const float *wt, int64_t T, int64_t D, int64_t E,
@@ -1415,8 +1435,7 @@ static void linear_backward_chunk(void *arg, int64_t c0, int64_t c1) {
         float *acc = p->partial + c * E * D;
         memset(acc, 0, (size_t)E * D * sizeof(float));
         const int64_t end = (c + 1) * p->chunk < p->T ? (c + 1) * p->chunk : p->T;
-        if (p->dx)
-            for (int64_t t = c * p->chunk; t < end; t++) vecmat(p->dl + t * E, p->w, NULL, E, D, p->dx + t * D);
+        if (p->dx) rows_product(p->dl + c * p->chunk * E, E, p->w, E, D, end - c * p->chunk, p->dx + c * p->chunk * D, D);
         /* dW += dlᵀ x over the chunk's tokens in order, blocks of dW held in registers */
         gemm_tn(p->dl + c * p->chunk * E, E, p->x + c * p->chunk * p->x_stride, p->x_stride, D, end - c * p->chunk,
                 acc);

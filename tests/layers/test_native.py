@@ -193,6 +193,29 @@ def test_fused_router_gives_no_subnormal_values():
     torch.testing.assert_close(load[0].double(), expected, rtol=1e-5, atol=1e-6)
 
 
+@needs_kernel
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])
+@pytest.mark.parametrize(("experts", "tokens", "at"), [(8, 16, 9), (8, 13, 12), (16, 8, 3)])
+def test_fused_router_finds_non_finite_logits_as_it_reads_them(bad, experts, tokens, at):
+    # The kernel notes an inf or NaN logit in the 8-token blocks (E = 8), in the tokens after them, and
+    # with E = 16 (one token at a time); the error is check_finite's, with the router's name and counts.
+    layer = MoE(8, experts, 16, k=2)
+    x = torch.randn(2, tokens, 8)
+    assert layer.router.fused(torch.zeros(1, 1, experts))
+    layer(x)  # finite: no error
+    with torch.no_grad():
+        logits = layer.router.logits(x)
+    logits[1, at, experts - 1] = bad
+    nan, inf = (1, 0) if bad != bad else (0, 1)
+    with pytest.raises(
+        FloatingPointError, match=f"the topk router's logit tensor is not finite: {nan} NaN and {inf} inf"
+    ):
+        native.topk_router(logits, None, 0.0, 2, None, False, "the topk router's logit tensor")
+    x[1, at, 0] = bad
+    with pytest.raises(FloatingPointError, match="topk router's logit tensor is not finite"):
+        layer(x)
+
+
 def hessian_vector_product(layer: MoE, x: torch.Tensor) -> list[torch.Tensor]:
     """H v of the layer's loss in its parameters (as the Hessian analysis builds it), v drawn with seed 1."""
     params = list(layer.parameters())

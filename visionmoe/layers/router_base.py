@@ -215,7 +215,9 @@ class LinearRouter(Router):
         if self.hidden is not None:
             self.hidden.reset_parameters()
 
-    def logits(self, x: Tensor) -> Tensor:
+    def logits(self, x: Tensor, check: bool = True) -> Tensor:
+        """(G, S, D) tokens -> (G, S, E) fp32 logits, checked finite unless ``check`` is False (for a caller
+        that checks them itself: the fused router, whose kernel notes non-finite logits as it reads them)."""
         x = x.float()
         if self.hidden is not None:  # (G, S, D) -> (G, S, M)
             x = F.gelu(F.linear(x, self.hidden.weight.float(), self.hidden.bias.float()))
@@ -224,7 +226,8 @@ class LinearRouter(Router):
             logits = native.router_logits(x, weight)
         else:
             logits = F.linear(x, weight)  # (G, S, E), fp32 as V-MoE
-        check_finite(logits, self.name)
+        if check:
+            check_finite(logits, self.name)
         return logits
 
     def _aux_loss(self, name, *, reduce, logits, gates, noisy_logits=None, expert=None, k=1, noise_std=0.0):

@@ -142,9 +142,10 @@ class TopKRouter(Capacity, LinearRouter):
         )
 
     def forward(self, x: Tensor) -> RouterOutput:
-        logits = self.logits(x)  # (G, S, E)
+        logits = self.logits(x, check=False)  # (G, S, E)
         if self.fused(logits):
-            return self._forward_fused(logits)
+            return self._forward_fused(logits)  # checks the logits as it reads them
+        check_finite(logits, self.name)
         noisy = logits
         if self.training and self.noise_std > 0:
             noisy = logits + self.noise_std * router_noise(logits)
@@ -171,7 +172,7 @@ class TopKRouter(Capacity, LinearRouter):
         capacity = self.group_capacity(S)
         load = "load" in self.aux_loss_weights
         gates, weight, importance, load_sums, expert, position, kept, entropy = native.topk_router(
-            logits, noise, self.noise_std, self.k, capacity, load
+            logits, noise, self.noise_std, self.k, capacity, load, f"the {self.name} router's logit tensor"
         )
         if capacity is None:
             capacity = int(position.max()) + 1 if position.numel() else 1

@@ -54,6 +54,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
+from visionmoe.checks import check_finite
 from visionmoe.routing.noise import check_stream_length
 
 log = logging.getLogger(__name__)
@@ -64,7 +65,7 @@ FLAGS = ("-O3", "-march=native", "-ffp-contract=off", "-fPIC", "-shared", "-pthr
 OPENMP = "-fopenmp"
 """Added where PyTorch runs on OpenMP: the kernel's threads are then PyTorch's own (the process has one
 libgomp), not POSIX threads racing PyTorch's spinning OpenMP workers for the same cores."""
-ABI_VERSION = 3
+ABI_VERSION = 4
 MAX_K = 64
 LANES = 8
 """The kernel holds 8 experts of a token in one vector: E must be a multiple of it."""
@@ -106,7 +107,7 @@ def _flags() -> tuple[str, ...]:
 
 _i64, _ptr_t, _int, _f32, _u32 = ctypes.c_int64, ctypes.c_void_p, ctypes.c_int, ctypes.c_float, ctypes.c_uint32
 SIGNATURES = {
-    "vmoe_router_forward": [_ptr_t, _ptr_t, _f32, _f32, *[_i64] * 5, *[_ptr_t] * 9, _int],
+    "vmoe_router_forward": [_ptr_t, _ptr_t, _f32, _f32, *[_i64] * 5, *[_ptr_t] * 10, _int],
     "vmoe_router_backward": [*[_ptr_t] * 3, _f32, *[_ptr_t] * 6, *[_i64] * 4, _ptr_t, _int],
     "vmoe_slots": [*[_ptr_t] * 4, *[_i64] * 4, _ptr_t, _ptr_t, _i64, _int],
     "vmoe_gather": [_ptr_t, _i64, _ptr_t, _ptr_t, _i64, _i64, _i64, _ptr_t, _int],
@@ -233,6 +234,7 @@ class _TopKRouter(torch.autograd.Function):
         importance = torch.empty(G, E, dtype=torch.float64)
         load_sums = torch.empty(G, E, dtype=torch.float64) if load else None
         entropy = torch.empty(G, dtype=torch.float64)
+        nonfinite = torch.empty(G, dtype=torch.bool)
         lib.vmoe_router_forward(
             *(_ptr(t) for t in (logits_c, noise_c)),
             sigma,
@@ -244,6 +246,7 @@ class _TopKRouter(torch.autograd.Function):
             -1 if capacity is None else capacity,
             *(_ptr(t) for t in (gates, threshold, expert, position, kept, weight, importance, load_sums)),
             _ptr(entropy),
+            _ptr(nonfinite),
             _threads(),
         )
         importance = importance.sum(0, keepdim=True).float()  # (1, E): over every token of the batch
@@ -251,9 +254,9 @@ class _TopKRouter(torch.autograd.Function):
         ctx.save_for_backward(logits, noise, gates, threshold, expert, kept)
         ctx.sigma, ctx.load, ctx.k = sigma, load, k
         entropy = entropy.sum()  # Σ over every token of its gates' entropy (nats)
-        ctx.mark_non_differentiable(expert, position, kept, entropy)
+        ctx.mark_non_differentiable(expert, position, kept, entropy, nonfinite)
         ctx.set_materialize_grads(False)
-        return gates, weight, importance, load_sums, expert, position, kept, entropy
+        return gates, weight, importance, load_sums, expert, position, kept, entropy, nonfinite
 
     @staticmethod
     def backward(ctx, d_gates, d_weight, d_importance, d_load, *_):
@@ -309,7 +312,13 @@ def _aten_backward(ctx, logits, noise, threshold, expert, kept, d_gates, d_weigh
 
 
 def topk_router(
-    logits: Tensor, noise: Tensor | None, sigma: float, k: int, capacity: int | None, load: bool
+    logits: Tensor,
+    noise: Tensor | None,
+    sigma: float,
+    k: int,
+    capacity: int | None,
+    load: bool,
+    what: str = "the router's logit tensor",
 ) -> tuple[Tensor, ...]:
     """V-MoE's noisy top-``k`` token choice on (G, S, E) float32 ``logits``, fused.
 
@@ -320,6 +329,9 @@ def topk_router(
     every token (zeros unless ``load``), all differentiable in ``logits``; and ``expert``, ``position``,
     ``kept`` (G, K·S), as :func:`visionmoe.routing.token_choice` gives them, and ``entropy`` (float64
     scalar) the gates' entropy summed over the tokens, for :class:`visionmoe.layers.RoutingStats`.
+
+    Raises ``FloatingPointError`` naming ``what`` (:func:`visionmoe.checks.check_finite`) if a logit is
+    an infinity or a NaN: the kernel notes them as it reads the logits, so the check takes no pass of its own.
     """
     if not 1 <= k <= min(logits.shape[-1], MAX_K) or logits.shape[-1] % LANES:
         raise ValueError(
@@ -328,7 +340,10 @@ def topk_router(
         )
     if load and not sigma > 0:
         raise ValueError(f"the load loss needs router noise, got sigma={sigma}")
-    return _TopKRouter.apply(logits, noise, float(sigma), k, capacity, load)
+    *outputs, nonfinite = _TopKRouter.apply(logits, noise, float(sigma), k, capacity, load)
+    if nonfinite.numpy().any():
+        check_finite(logits, what)  # raises, with the counts of NaN and inf
+    return tuple(outputs)
 
 
 # ---- the layer's row moves ---------------------------------------------------------------------------

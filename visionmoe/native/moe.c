@@ -32,7 +32,7 @@
 
 #define MAX_THREADS 64
 #define MAX_K 64
-#define MIN_VALUES_PER_THREAD 32768
+#define MIN_VALUES_PER_THREAD 8192 /* (tokens, E) values per thread at least, routers: ~0.1 ms of work */
 
 typedef void (*chunk_fn)(void *ctx, int64_t begin, int64_t end);
 
@@ -271,9 +271,12 @@ typedef struct {
     int64_t S, E, K, capacity;
     float *gates, *threshold, *weight;
     int64_t *expert, *position;
-    uint8_t *kept;
+    uint8_t *kept, *nonfinite;
     double *importance, *load, *entropy;
 } fwd_t;
+
+/* lanes whose float is an infinity or a NaN (all exponent bits set): the logits' finiteness check */
+static inline v8i nonfinite8(v8f x) { return ((v8i)x & 0x7f800000) == 0x7f800000; }
 
 #ifdef HAVE_TOP_K8
 /* r[i][j] <- r[j][i]: an 8 × 8 transpose in registers (rows of 8 tokens' experts <-> 8 experts' tokens) */
@@ -335,10 +338,10 @@ static inline v8f kth_largest8(const v8f *val, int64_t K) {
  * token's softmax, sums and top-k run side by side; the group's sums still add token by token, in order.
  * The results are those of the per-token loop, bit for bit. */
 static void forward_block8(const fwd_t *a, int64_t g, int64_t s, int64_t *expert, float *imp, float *ld,
-                           double *entropy) {
+                           double *entropy, v8i *bad) {
     const int64_t S = a->S, K = a->K, t = g * S + s;
     v8f l[8], noisy[8], ex[8], rows[8];
-    for (int r = 0; r < 8; r++) l[r] = load8(a->logits + (t + r) * 8);
+    for (int r = 0; r < 8; r++) l[r] = load8(a->logits + (t + r) * 8), *bad |= nonfinite8(l[r]);
     transpose8(l); /* l[e]: expert e's logit of the 8 tokens */
     if (a->noise) {
         for (int r = 0; r < 8; r++) noisy[r] = load8(a->noise + (t + r) * 8);
@@ -400,10 +403,11 @@ static void forward_chunk(void *arg, int64_t g0, int64_t g1) {
         double *importance = a->importance + g * E, *load = a->load ? a->load + g * E : NULL;
         memset(imp, 0, (size_t)E * 2 * sizeof(float)); /* the group's sums, in float lanes */
         double entropy = 0.0;
+        v8i bad = {0, 0, 0, 0, 0, 0, 0, 0};
         int64_t s = 0;
 #ifdef HAVE_TOP_K8
         if (E == 8)
-            for (; s + 8 <= S; s += 8) forward_block8(a, g, s, expert, imp, load ? ld : NULL, &entropy);
+            for (; s + 8 <= S; s += 8) forward_block8(a, g, s, expert, imp, load ? ld : NULL, &entropy, &bad);
 #endif
         for (; s < S; s++) {
             const int64_t t = g * S + s;
@@ -412,6 +416,7 @@ static void forward_chunk(void *arg, int64_t g0, int64_t g1) {
             float m = -INFINITY;
             for (int64_t e = 0; e < E; e += 8) {
                 v8f v = load8(l + e);
+                bad |= nonfinite8(v);
                 if (a->noise) v = v + a->sigma * load8(a->noise + t * E + e); /* l + (sigma * n), as ATen */
                 store8(noisy + e, v);
                 for (int i = 0; i < 8; i++) m = v[i] > m ? v[i] : m;
@@ -449,6 +454,9 @@ static void forward_chunk(void *arg, int64_t g0, int64_t g1) {
             if (load) load[e] = ld[e];
         }
         a->entropy[g] = entropy;
+        int any = 0;
+        for (int i = 0; i < 8; i++) any |= bad[i] != 0;
+        a->nonfinite[g] = (uint8_t)any;
         /* choice-major priority: every first choice before any second choice, tokens in order */
         memset(offered, 0, (size_t)E * sizeof(int64_t));
         for (int64_t j = 0; j < K; j++)
@@ -468,15 +476,17 @@ static void forward_chunk(void *arg, int64_t g0, int64_t g1) {
 /* logits, noise (NULL: none) (G, S, E); sigma: the noise's scale; load_sigma > 0: compute the load loss's
  * threshold (T) and per-group sums load (G, E), else both untouched (may be NULL). Out: gates (G, S, E);
  * expert, position, kept, weight (G, K, S) choice-major;
- * importance (G, E) the gates summed per group; entropy (G) the gates' entropy summed per group (nats).
- * capacity < 0: every assignment kept. K <= 64, E a multiple of 8. */
+ * importance (G, E) the gates summed per group; entropy (G) the gates' entropy summed per group (nats);
+ * nonfinite (G) 1 where a group's logits hold an infinity or a NaN (the other outputs are then meaningless),
+ * else 0: the routers' finiteness check without a pass of its own. capacity < 0: every assignment kept.
+ * K <= 64, E a multiple of 8. */
 void vmoe_router_forward(const float *logits, const float *noise, float sigma, float load_sigma, int64_t G, int64_t S,
                          int64_t E, int64_t K, int64_t capacity, float *gates, float *threshold, int64_t *expert,
                          int64_t *position, uint8_t *kept, float *weight, double *importance, double *load,
-                         double *entropy, int threads) {
+                         double *entropy, uint8_t *nonfinite, int threads) {
     fwd_t a = {logits, noise,    sigma,  load_sigma, S,        E,    K,          capacity,
-               gates,  threshold, weight, expert,     position, kept, importance, load_sigma > 0 ? load : NULL,
-               entropy};
+               gates,  threshold, weight, expert,     position, kept, nonfinite, importance,
+               load_sigma > 0 ? load : NULL, entropy};
     parallel_for(G, group_grain(S, E), threads, forward_chunk, &a);
 }
 
@@ -1624,4 +1634,4 @@ void vmoe_normal(uint32_t k0, uint32_t k1, int64_t n, float *out, int threads) {
     parallel_for((n + 16 * NORMAL_BLOCKS - 1) / (16 * NORMAL_BLOCKS), 1024, threads, normal_chunk, &a);
 }
 
-int vmoe_abi_version(void) { return 3; }
+int vmoe_abi_version(void) { return 4; }

@@ -216,6 +216,32 @@ def test_fused_router_finds_non_finite_logits_as_it_reads_them(bad, experts, tok
         layer(x)
 
 
+@needs_kernel
+def test_fused_router_forms_the_weighted_losses_in_its_node():
+    # aux = Σ w · CV²(sums) and its gradient, in the router's one node: what cv_squared_loss of its sums gives.
+    from visionmoe.routing.losses import cv_squared_loss
+
+    torch.manual_seed(0)
+    logits = torch.randn(3, 24, 8, requires_grad=True)
+    noise = torch.randn(3, 24, 8)
+    weights = (("importance", 0.3), ("load", 0.7))
+    *outputs, aux, values = native.topk_router(logits, noise, 0.125, 2, 8, True, aux_weights=weights)
+    importance, load = outputs[2], outputs[3]
+    expected = [cv_squared_loss(importance), cv_squared_loss(load)]
+    torch.testing.assert_close(values, torch.stack(expected).detach(), rtol=1e-6, atol=0)
+    torch.testing.assert_close(aux, 0.3 * expected[0] + 0.7 * expected[1], rtol=1e-6, atol=0)
+    assert not values.requires_grad
+    (found,) = torch.autograd.grad(2 * aux + outputs[1].sum(), logits, retain_graph=True)
+    (wanted,) = torch.autograd.grad(2 * (0.3 * expected[0] + 0.7 * expected[1]) + outputs[1].sum(), logits)
+    torch.testing.assert_close(found, wanted, rtol=1e-5, atol=1e-7)
+    *_, aux, values = native.topk_router(logits, noise, 0.125, 2, 8, False, aux_weights=(("importance", 1.0),))
+    assert values.shape == (1,) and torch.equal(aux, values[0])
+    with pytest.raises(ValueError, match=r"importance and load \(with load=True\), got \['load'\]"):
+        native.topk_router(logits, noise, 0.125, 2, 8, False, aux_weights=(("load", 1.0),))
+    with pytest.raises(ValueError, match=r"got \['z'\]"):
+        native.topk_router(logits, noise, 0.125, 2, 8, True, aux_weights=(("z", 1.0),))
+
+
 def hessian_vector_product(layer: MoE, x: torch.Tensor) -> list[torch.Tensor]:
     """H v of the layer's loss in its parameters (as the Hessian analysis builds it), v drawn with seed 1."""
     params = list(layer.parameters())

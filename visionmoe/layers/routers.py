@@ -171,17 +171,24 @@ class TopKRouter(Capacity, LinearRouter):
         noise = router_noise(logits) if self.training and self.noise_std > 0 else None  # the same draws
         capacity = self.group_capacity(S)
         load = "load" in self.aux_loss_weights
-        gates, weight, importance, load_sums, expert, position, kept, entropy = native.topk_router(
-            logits, noise, self.noise_std, self.k, capacity, load, f"the {self.name} router's logit tensor"
-        )
+        # the losses within the router's node unless they are formed over several processes' batches
+        local = self.aux_group is None or not self.training
+        aux_weights = tuple(self.aux_loss_weights.items()) if local else None
+        what = f"the {self.name} router's logit tensor"
+        outputs = native.topk_router(logits, noise, self.noise_std, self.k, capacity, load, what, aux_weights)
+        gates, weight, importance, load_sums, expert, position, kept, entropy = outputs[:8]
         if capacity is None:
             capacity = int(position.max()) + 1 if position.numel() else 1
         token = torch.arange(S).repeat(self.k).expand(G, -1)  # (G, K·S): token s for every choice j (a view)
         if self.renormalize:
             weight = renormalized(weight, token, S)
         plan = Routing(token, expert, position, weight, kept, S, E, capacity, choices=self.k, token_order=True)
-        sums = {"importance": importance, "load": load_sums}
-        aux, logged = self._weighted_aux(logits, lambda name, reduce: cv_squared_loss(sums[name], reduce))
+        if local:
+            aux, values = outputs[8:]
+            logged = dict(zip(self.aux_loss_weights, values.unbind(), strict=True))
+        else:
+            sums = {"importance": importance, "load": load_sums}
+            aux, logged = self._weighted_aux(logits, lambda name, reduce: cv_squared_loss(sums[name], reduce))
         return RouterOutput(plan, aux, logged, gates, entropy_sum=entropy)
 
 

@@ -55,6 +55,7 @@ import torch
 from torch import Tensor
 
 from visionmoe.checks import check_finite
+from visionmoe.routing.losses import cv_squared_of_floats
 from visionmoe.routing.noise import check_stream_length
 
 log = logging.getLogger(__name__)
@@ -222,7 +223,7 @@ class _TopKRouter(torch.autograd.Function):
     """(logits, noise) -> gates, kept gate weights, importance and load sums; and the plan's integers."""
 
     @staticmethod
-    def forward(ctx, logits, noise, sigma, k, capacity, load):
+    def forward(ctx, logits, noise, sigma, k, capacity, load, aux_weights):
         G, S, E = logits.shape
         lib = _library()
         logits_c = logits.detach().contiguous()
@@ -252,19 +253,37 @@ class _TopKRouter(torch.autograd.Function):
         importance = importance.sum(0, keepdim=True).float()  # (1, E): over every token of the batch
         load_sums = load_sums.sum(0, keepdim=True).float() if load else torch.zeros(1, E)
         ctx.save_for_backward(logits, noise, gates, threshold, expert, kept)
-        ctx.sigma, ctx.load, ctx.k = sigma, load, k
+        ctx.sigma, ctx.load, ctx.k, ctx.aux_weights = sigma, load, k, aux_weights
         entropy = entropy.sum()  # Σ over every token of its gates' entropy (nats)
-        ctx.mark_non_differentiable(expert, position, kept, entropy, nonfinite)
+        aux = values = None
+        if aux_weights is not None:  # Σ w · CV²(sums) in Python floats, and its gradient in the sums
+            sums, total, values, ctx.aux_grads = {"importance": importance, "load": load_sums}, 0.0, [], {}
+            for name, w in aux_weights:
+                value, grad = cv_squared_of_floats(sums[name][0].tolist())
+                total += w * value
+                values.append(value)
+                ctx.aux_grads[name] = torch.tensor([[w * g for g in grad]])
+            aux, values = torch.tensor(total, dtype=torch.float32), torch.tensor(values, dtype=torch.float32)
+        ctx.mark_non_differentiable(expert, position, kept, entropy, nonfinite, *([] if values is None else [values]))
         ctx.set_materialize_grads(False)
-        return gates, weight, importance, load_sums, expert, position, kept, entropy, nonfinite
+        return gates, weight, importance, load_sums, expert, position, kept, entropy, nonfinite, aux, values
 
     @staticmethod
-    def backward(ctx, d_gates, d_weight, d_importance, d_load, *_):
+    def backward(ctx, d_gates, d_weight, d_importance, d_load, _expert, _position, _kept, _entropy, _bad, d_aux, _):
         logits, noise, gates, threshold, expert, kept = ctx.saved_tensors
         if not ctx.load:
             d_load = None
+        if ctx.aux_weights is None:
+            d_aux = None
         if torch.is_grad_enabled():  # a graph of the gradient is wanted (double backward): the ATen formula's
-            return _aten_backward(ctx, logits, noise, threshold, expert, kept, d_gates, d_weight, d_importance, d_load)
+            d_sums = (d_gates, d_weight, d_importance, d_load, d_aux)
+            return _aten_backward(ctx, logits, noise, threshold, expert, kept, *d_sums)
+        if d_aux is not None:  # the aux loss's share of the sums' gradients
+            extra = {name: d_aux * grad for name, grad in ctx.aux_grads.items()}
+            if "importance" in extra:
+                d_importance = extra["importance"] if d_importance is None else d_importance + extra["importance"]
+            if "load" in extra:
+                d_load = extra["load"] if d_load is None else d_load + extra["load"]
         G, S, E = gates.shape
         grads = [None if g is None else g.contiguous() for g in (d_gates, d_weight, d_importance, d_load)]
         logits = logits.detach().contiguous()  # a name: a temporary would be freed before the call
@@ -280,12 +299,12 @@ class _TopKRouter(torch.autograd.Function):
             _ptr(d_logits),
             _threads(),
         )
-        return d_logits, None, None, None, None, None
+        return d_logits, None, None, None, None, None, None
 
 
-def _aten_backward(ctx, logits, noise, threshold, expert, kept, d_gates, d_weight, d_importance, d_load):
+def _aten_backward(ctx, logits, noise, threshold, expert, kept, d_gates, d_weight, d_importance, d_load, d_aux):
     """The logits' gradient as a differentiable function: the forward's maths in ATen operators."""
-    from visionmoe.routing.losses import stay_probability
+    from visionmoe.routing.losses import _cv_squared_aten, stay_probability
     from visionmoe.routing.plan import softmax_experts
     from visionmoe.routing.token_choice import gate_weights
 
@@ -299,16 +318,22 @@ def _aten_backward(ctx, logits, noise, threshold, expert, kept, d_gates, d_weigh
     if d_weight is not None:
         outputs.append(gate_weights(gates, torch.arange(S).repeat(G, ctx.k), expert, kept))
         grads.append(d_weight)
-    if d_importance is not None:
-        outputs.append(gates.reshape(1, G * S, E).sum(1))
-        grads.append(d_importance)
-    if d_load is not None:
-        outputs.append(stay_probability(logits, threshold.reshape(G, S, 1), ctx.sigma).reshape(1, G * S, E).sum(1))
-        grads.append(d_load)
+    sums = {}
+    if d_importance is not None or d_aux is not None:
+        sums["importance"] = gates.reshape(1, G * S, E).sum(1)
+    if ctx.load and (d_load is not None or d_aux is not None):
+        sums["load"] = stay_probability(logits, threshold.reshape(G, S, 1), ctx.sigma).reshape(1, G * S, E).sum(1)
+    for name, grad in (("importance", d_importance), ("load", d_load)):
+        if grad is not None:
+            outputs.append(sums[name])
+            grads.append(grad)
+    if d_aux is not None:
+        outputs.append(sum(w * _cv_squared_aten(sums[name]) for name, w in ctx.aux_weights))
+        grads.append(d_aux)
     if not outputs:
-        return None, None, None, None, None, None
+        return None, None, None, None, None, None, None
     (d_logits,) = torch.autograd.grad(outputs, logits, grads, create_graph=True)
-    return d_logits, None, None, None, None, None
+    return d_logits, None, None, None, None, None, None
 
 
 def topk_router(
@@ -319,6 +344,7 @@ def topk_router(
     capacity: int | None,
     load: bool,
     what: str = "the router's logit tensor",
+    aux_weights: tuple[tuple[str, float], ...] | None = None,
 ) -> tuple[Tensor, ...]:
     """V-MoE's noisy top-``k`` token choice on (G, S, E) float32 ``logits``, fused.
 
@@ -332,6 +358,12 @@ def topk_router(
 
     Raises ``FloatingPointError`` naming ``what`` (:func:`visionmoe.checks.check_finite`) if a logit is
     an infinity or a NaN: the kernel notes them as it reads the logits, so the check takes no pass of its own.
+
+    ``aux_weights``: ``(name, weight)`` pairs, names among ``"importance"`` and ``"load"`` (the latter needs
+    ``load``): then two more outputs, ``aux`` = Σ weight · CV²(the batch's sums) (a float32 scalar,
+    differentiable in ``logits``: :func:`visionmoe.routing.cv_squared_loss` of ``importance`` and ``load``,
+    weighted) and the unweighted losses (float32, in the pairs' order, not differentiable), formed in
+    Python floats within the one autograd node: the V-MoE losses of a batch without a node of their own.
     """
     if not 1 <= k <= min(logits.shape[-1], MAX_K) or logits.shape[-1] % LANES:
         raise ValueError(
@@ -340,10 +372,14 @@ def topk_router(
         )
     if load and not sigma > 0:
         raise ValueError(f"the load loss needs router noise, got sigma={sigma}")
-    *outputs, nonfinite = _TopKRouter.apply(logits, noise, float(sigma), k, capacity, load)
-    if nonfinite.numpy().any():
+    if aux_weights is not None:
+        aux_weights = tuple((name, float(w)) for name, w in aux_weights)
+        if bad := [name for name, _ in aux_weights if name not in ("importance", "load") or (name == "load") > load]:
+            raise ValueError(f"the fused router's aux losses are importance and load (with load=True), got {bad}")
+    *outputs, nonfinite, aux, values = _TopKRouter.apply(logits, noise, float(sigma), k, capacity, load, aux_weights)
+    if any(nonfinite.numpy().tobytes()):
         check_finite(logits, what)  # raises, with the counts of NaN and inf
-    return tuple(outputs)
+    return tuple(outputs) if aux_weights is None else (*outputs, aux, values)
 
 
 # ---- the layer's row moves ---------------------------------------------------------------------------

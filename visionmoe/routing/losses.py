@@ -42,6 +42,18 @@ SMALL_CV_VALUES = 1024
 """CPU inputs of at most this many values take :class:`_SmallCVSquared` (per-expert sums: E values)."""
 
 
+def cv_squared_of_floats(row: list[float]) -> tuple[float, list[float]]:
+    """CV² of one row of Python floats (population variance over the squared mean, the mean's square kept
+    above 1e-20) and its gradient, in float64: :func:`_cv_squared` of a row, value and gradient in one pass."""
+    n = len(row)
+    mean = sum(row) / n
+    var = sum((v - mean) ** 2 for v in row) / n
+    square = mean * mean
+    denom = max(square, 1e-20)
+    d_denom = 2 * mean / n if square > 1e-20 else 0.0  # ∂ max(m², ε) / ∂x_e
+    return var / denom, [2 * (v - mean) / n / denom - var * d_denom / (denom * denom) for v in row]
+
+
 class _SmallCVSquared(torch.autograd.Function):
     """:func:`_cv_squared` of a small CPU tensor in Python floats (float64), value and gradient in one
     pass: a few microseconds where the ATen formula's dozen calls forward and two dozen backward cost
@@ -53,14 +65,9 @@ class _SmallCVSquared(torch.autograd.Function):
         rows = x.detach().reshape(-1, x.shape[-1]).tolist()  # Python floats: exact for float32 and float64
         total, grads = 0.0, []
         for row in rows:
-            n = len(row)
-            mean = sum(row) / n
-            var = sum((v - mean) ** 2 for v in row) / n
-            square = mean * mean
-            denom = max(square, 1e-20)
-            d_denom = 2 * mean / n if square > 1e-20 else 0.0  # ∂ max(m², ε) / ∂x_e
-            total += var / denom
-            grads.append([2 * (v - mean) / n / denom - var * d_denom / (denom * denom) for v in row])
+            value, grad = cv_squared_of_floats(row)
+            total += value
+            grads.append(grad)
         ctx.save_for_backward(x, torch.tensor(grads, dtype=x.dtype).reshape(x.shape) / len(rows))
         return x.new_tensor(total / len(rows))
 

@@ -145,11 +145,9 @@ class MoE(nn.Module):
         y = apply_plan(grouped, routed.plan, self.experts, self.backend, self.deterministic)  # (G, S, D)
         if is_exporting():  # an exported program keeps no module state: no aux loss, no stats
             return restore(y.reshape(B, N, D))
-        self.aux_loss = routed.aux_loss
-        self.last_aux_losses = routed.aux_losses
-        self.last_stats = routing_stats(
-            routed.plan, routed.gates, grouped.shape[0], grouped.shape[1], entropy_sum=routed.entropy_sum
-        )
+        stats = routing_stats(routed.plan, routed.gates, grouped.shape[0], grouped.shape[1], routed.entropy_sum)
+        # plain attributes, not parameters, buffers or modules: set without nn.Module.__setattr__'s lookups
+        self.__dict__.update(aux_loss=routed.aux_loss, last_aux_losses=routed.aux_losses, last_stats=stats)
         return restore(y.reshape(B, N, D))
 
     def to_tokens(self, x: Tensor) -> tuple[Tensor, Callable[[Tensor], Tensor]]:

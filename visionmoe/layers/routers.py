@@ -10,6 +10,7 @@ of it (:meth:`Router.experts_per_token`, :meth:`Router.group_capacity`, :attr:`R
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Mapping
 
 import torch
@@ -179,7 +180,7 @@ class TopKRouter(Capacity, LinearRouter):
         gates, weight, importance, load_sums, expert, position, kept, entropy = outputs[:8]
         if capacity is None:
             capacity = int(position.max()) + 1 if position.numel() else 1
-        token = torch.arange(S).repeat(self.k).expand(G, -1)  # (G, K·S): token s for every choice j (a view)
+        token = _choice_tokens(S, self.k).expand(G, -1)  # (G, K·S): token s for every choice j (a view)
         if self.renormalize:
             weight = renormalized(weight, token, S)
         plan = Routing(token, expert, position, weight, kept, S, E, capacity, choices=self.k, token_order=True)
@@ -190,6 +191,13 @@ class TopKRouter(Capacity, LinearRouter):
             sums = {"importance": importance, "load": load_sums}
             aux, logged = self._weighted_aux(logits, lambda name, reduce: cv_squared_loss(sums[name], reduce))
         return RouterOutput(plan, aux, logged, gates, entropy_sum=entropy)
+
+
+@functools.lru_cache(maxsize=64)
+def _choice_tokens(tokens: int, k: int) -> Tensor:
+    """(K·S,) int64: the token of each assignment of a choice-major plan in token order (0 .. S-1, K times),
+    made once per shape (the plans hold expanded views of it, which nothing writes to)."""
+    return torch.arange(tokens, device="cpu").repeat(k)
 
 
 class SinkhornTopKRouter(TopKRouter):

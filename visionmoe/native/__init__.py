@@ -203,14 +203,18 @@ def disabled() -> Iterator[None]:
         _enabled = before
 
 
+_IS_EXPORTING = getattr(torch.compiler, "is_exporting", None)  # torch < 2.5 has none: never exporting
+
+
 def usable(*tensors: Tensor) -> bool:
-    """Whether these tensors can take the native path: float32 on the CPU, outside compile and export."""
-    if not _enabled or torch.compiler.is_compiling():
+    """Whether these tensors can take the native path: float32 on the CPU, outside compile and export.
+    (Asked several times per MoE layer and step: the cheapest questions first.)"""
+    if not _enabled:
         return False
-    is_exporting = getattr(torch.compiler, "is_exporting", None)
-    if is_exporting is not None and is_exporting():
-        return False
-    if not all(t.device.type == "cpu" and t.dtype == torch.float32 for t in tensors):
+    for t in tensors:
+        if t.dtype is not torch.float32 or not t.is_cpu:
+            return False
+    if torch.compiler.is_compiling() or (_IS_EXPORTING is not None and _IS_EXPORTING()):
         return False
     return available()
 
@@ -257,12 +261,14 @@ class _TopKRouter(torch.autograd.Function):
         entropy = entropy.sum()  # Σ over every token of its gates' entropy (nats)
         aux = values = None
         if aux_weights is not None:  # Σ w · CV²(sums) in Python floats, and its gradient in the sums
-            sums, total, values, ctx.aux_grads = {"importance": importance, "load": load_sums}, 0.0, [], {}
+            sums, total, values, grads = {"importance": importance, "load": load_sums}, 0.0, [], []
             for name, w in aux_weights:
                 value, grad = cv_squared_of_floats(sums[name][0].tolist())
                 total += w * value
                 values.append(value)
-                ctx.aux_grads[name] = torch.tensor([[w * g for g in grad]])
+                grads.append([w * g for g in grad])
+            rows = torch.tensor(grads).split(1) if grads else ()  # one tensor: each row a (1, E) view
+            ctx.aux_grads = dict(zip((name for name, _ in aux_weights), rows, strict=True))
             aux, values = torch.tensor(total, dtype=torch.float32), torch.tensor(values, dtype=torch.float32)
         ctx.mark_non_differentiable(expert, position, kept, entropy, nonfinite, *([] if values is None else [values]))
         ctx.set_materialize_grads(False)

@@ -380,7 +380,7 @@ def topk_router(
         raise ValueError(f"the load loss needs router noise, got sigma={sigma}")
     if aux_weights is not None:
         aux_weights = tuple((name, float(w)) for name, w in aux_weights)
-        if bad := [name for name, _ in aux_weights if name not in ("importance", "load") or (name == "load") > load]:
+        if bad := [name for name, _ in aux_weights if name != "importance" and (name != "load" or not load)]:
             raise ValueError(f"the fused router's aux losses are importance and load (with load=True), got {bad}")
     *outputs, nonfinite, aux, values = _TopKRouter.apply(logits, noise, float(sigma), k, capacity, load, aux_weights)
     if any(nonfinite.numpy().tobytes()):

@@ -124,10 +124,10 @@ static inline v8f splat8(float x) { return (v8f){x, x, x, x, x, x, x, x}; }
  *
  * exp: Cephes expf, x = n ln2 + r, |r| <= ln2 / 2, exp(r) by a degree-6 polynomial, 2^n by the exponent bits;
  * relative error ~2e-7 on [-87, 88] (adding 1.5 * 2^23 rounds to an integer); 0 below -87 (e^-87 ~ 1.6e-38,
- * about the smallest normal float), and 88 above: no subnormal comes out, as arithmetic on subnormals runs
- * many times slower (the load loss's erfc of experts far below the threshold, and their gradient's
- * density: a 0 there cut the router's forward by a fifth; BENCHMARKS.md, fourteenth pass). erfc: Numerical Recipes' erfcc (Chebyshev fit), fractional error
- * < 1.2e-7 (to float rounding here). */
+ * about the smallest normal float), clamped to 88 above: no subnormal comes out, as arithmetic on
+ * subnormals runs many times slower (the load loss's erfc of experts far below the threshold, and their
+ * gradient's density: a 0 there cut the router's forward by a fifth; BENCHMARKS.md, fourteenth pass).
+ * erfc: Numerical Recipes' erfcc (Chebyshev fit), fractional error < 1.2e-7 (to float rounding here). */
 #define FOR_N _Pragma("GCC unroll 8") for (int i = 0; i < n; i++)
 
 static inline __attribute__((always_inline)) void exp8_n(v8f *x, const int n) {
@@ -1419,7 +1419,8 @@ void vmoe_blocked_backward(const float *x, int64_t x_stride, const int64_t *expe
  * register tiles of MR tokens (rows_product), where a BLAS call on (T, 8) x (8, 8) mostly moves memory.
  * Backward: dx[t] = dl[t] W likewise, and dW = Σ_t dl[t] ⊗ x[t] (the tokens in order, by gemm_tn) summed
  * per chunk of tokens into a private buffer, then over the chunks in order (the chunks depend on the shapes
- * only: the sums do not depend on the thread count). E a multiple of 8 (forward), D and E multiples of 8 (backward). */
+ * only: the sums do not depend on the thread count). E a multiple of 8 (forward), D and E multiples of 8
+ * (backward). */
 
 typedef struct {
     const float *x, *wt, *w, *dl;
@@ -1445,7 +1446,8 @@ static void linear_backward_chunk(void *arg, int64_t c0, int64_t c1) {
         float *acc = p->partial + c * E * D;
         memset(acc, 0, (size_t)E * D * sizeof(float));
         const int64_t end = (c + 1) * p->chunk < p->T ? (c + 1) * p->chunk : p->T;
-        if (p->dx) rows_product(p->dl + c * p->chunk * E, E, p->w, E, D, end - c * p->chunk, p->dx + c * p->chunk * D, D);
+        if (p->dx)
+            rows_product(p->dl + c * p->chunk * E, E, p->w, E, D, end - c * p->chunk, p->dx + c * p->chunk * D, D);
         /* dW += dlᵀ x over the chunk's tokens in order, blocks of dW held in registers */
         gemm_tn(p->dl + c * p->chunk * E, E, p->x + c * p->chunk * p->x_stride, p->x_stride, D, end - c * p->chunk,
                 acc);

@@ -228,9 +228,9 @@ def measure(backbone: str, width: int, ratio: float, args: argparse.Namespace) -
     return ratios | {"twin_seconds": times["twin"]}
 
 
-def routers_step(model: torch.nn.Module, batch: int):
-    """Forward and backward of every MoE layer's router alone, on the routing groups it sees in one
-    training forward of ``model`` (captured by hooks), summed into one backward as in a step."""
+def captured_groups(model: torch.nn.Module, batch: int) -> list[tuple[MoE, torch.Tensor]]:
+    """(layer, its (G, S, D) routing groups) for every MoE layer of ``model``, captured by hooks in one
+    training forward of a random ``batch``."""
     seen = []
     hooks = [
         layer.register_forward_pre_hook(lambda m, args: seen.append((m, m.group(m.to_tokens(args[0])[0]).detach())))
@@ -241,6 +241,13 @@ def routers_step(model: torch.nn.Module, batch: int):
         model(torch.randn(batch, 3, 32, 32).contiguous(memory_format=torch.channels_last))
     for hook in hooks:
         hook.remove()
+    return seen
+
+
+def routers_step(model: torch.nn.Module, batch: int):
+    """Forward and backward of every MoE layer's router alone, on the routing groups it sees in one
+    training forward of ``model`` (:func:`captured_groups`), summed into one backward as in a step."""
+    seen = captured_groups(model, batch)
 
     def step() -> None:
         loss = torch.zeros(())

@@ -34,25 +34,11 @@ from visionmoe import native
 from visionmoe.allocator import keep_freed_memory
 from visionmoe.analysis.speed import benchmark_header, interleaved_times
 from visionmoe.analysis.twin import dense_twin
-from visionmoe.layers.moe import MoE, moe_layers
+from visionmoe.layers.moe import MoE
 from visionmoe.layers.router_base import router_noise
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from cnn_moe_step import BACKBONES, build, routers_step
-
-
-def captured_groups(model: torch.nn.Module, batch: int) -> list[tuple[MoE, torch.Tensor]]:
-    """(layer, its (G, S, D) routing groups) for every MoE layer, from one training forward."""
-    seen = []
-    hooks = [
-        layer.register_forward_pre_hook(lambda m, args: seen.append((m, m.group(m.to_tokens(args[0])[0]).detach())))
-        for _, layer in moe_layers(model)
-    ]
-    with torch.no_grad():
-        model.train()(torch.randn(batch, 3, 32, 32).contiguous(memory_format=torch.channels_last))
-    for hook in hooks:
-        hook.remove()
-    return seen
+from cnn_moe_step import BACKBONES, build, captured_groups, routers_step
 
 
 def parts(args: argparse.Namespace) -> dict[str, list[float]]:

@@ -284,12 +284,11 @@ class _TopKRouter(torch.autograd.Function):
         if torch.is_grad_enabled():  # a graph of the gradient is wanted (double backward): the ATen formula's
             d_sums = (d_gates, d_weight, d_importance, d_load, d_aux)
             return _aten_backward(ctx, logits, noise, threshold, expert, kept, *d_sums)
+        d_sums = {"importance": d_importance, "load": d_load}
         if d_aux is not None:  # the aux loss's share of the sums' gradients
-            extra = {name: d_aux * grad for name, grad in ctx.aux_grads.items()}
-            if "importance" in extra:
-                d_importance = extra["importance"] if d_importance is None else d_importance + extra["importance"]
-            if "load" in extra:
-                d_load = extra["load"] if d_load is None else d_load + extra["load"]
+            for name, grad in ctx.aux_grads.items():
+                d_sums[name] = d_aux * grad if d_sums[name] is None else d_sums[name] + d_aux * grad
+        d_importance, d_load = d_sums["importance"], d_sums["load"]
         G, S, E = gates.shape
         grads = [None if g is None else g.contiguous() for g in (d_gates, d_weight, d_importance, d_load)]
         logits = logits.detach().contiguous()  # a name: a temporary would be freed before the call
@@ -538,8 +537,7 @@ FFN_BLOCKED_WEIGHTS = 64 * 128
 the CIFAR-CNN layer shapes the blocked loop was the faster or at par up to D·H = 64·128 (0.8-1.0 of the
 tiled loop's time at D = 8-64), the tiled one at par or faster from 128·128 (0.5 of the blocked loop's at
 D = 128, H = 512, where the blocked loop's per-chunk gradient buffers and few rows per expert and block
-cost most)
-(BENCHMARKS.md, issue 22, thirteenth pass: ``cnn_moe_step.py --layer-grid --loops``)."""
+cost most) (BENCHMARKS.md, issue 22, thirteenth pass: ``cnn_moe_step.py --layer-grid --loops``)."""
 FFN_BLOCK_ROWS = 64
 """The ``blocked`` loop's blocks hold this many assignments per expert on average: ceil(64·E / K) tokens,
 256 for 8 experts and top-2 (its buffers, 512 rows of D, stay in the L2 cache)."""

@@ -299,8 +299,8 @@ static inline void transpose8(v8f *r) {
 }
 
 /* top_k8 for 8 tokens at once, one per lane, on their 8 experts' values val[e]: chosen[j] the j-th index per
- * lane (ties to the lower expert, as top_k8), kth the K-th largest value per lane. */
-static inline void top_k8_lanes(const v8f *val, int64_t K, v8i *chosen, v8f *kth) {
+ * lane (ties to the lower expert, as top_k8). */
+static inline void top_k8_lanes(const v8f *val, int64_t K, v8i *chosen) {
     v8f w[8];
     for (int e = 0; e < 8; e++) w[e] = val[e];
     for (int64_t j = 0; j < K; j++) {
@@ -312,13 +312,12 @@ static inline void top_k8_lanes(const v8f *val, int64_t K, v8i *chosen, v8f *kth
             idx = (hit & e) | (~hit & idx);
         }
         chosen[j] = idx;
-        *kth = m;
         for (int e = 0; e < 8; e++) w[e] = select8(idx == e, splat8(-INFINITY), w[e]);
     }
 }
 
 /* the K-th largest of val[0..8) per lane (a repeated value counting each time; K <= 8): each value bubbles
- * into the K largest so far, a few max/min steps where top_k8_lanes would also track the experts */
+ * into the K largest so far, a few max/min steps where top_k8_lanes also tracks the experts */
 static inline v8f kth_largest8(const v8f *val, int64_t K) {
     v8f top[8];
     for (int64_t i = 0; i < K; i++) top[i] = splat8(-INFINITY);
@@ -366,8 +365,7 @@ static void forward_block8(const fwd_t *a, int64_t g, int64_t s, int64_t *expert
     for (int r = 0; r < 8; r++) *entropy += (double)(log_z[r] - part[r]);
     for (int e = 0; e < 8; e++) rows[e] = ex[e] * inv; /* the gates, by expert */
     v8i chosen[MAX_K];
-    v8f kth = splat8(-INFINITY);
-    top_k8_lanes(rows, K, chosen, &kth);
+    top_k8_lanes(rows, K, chosen);
     for (int64_t j = 0; j < K; j++)
         for (int r = 0; r < 8; r++) expert[j * S + s + r] = chosen[j][r];
     transpose8(rows); /* rows[r]: token r's gates */
@@ -378,7 +376,7 @@ static void forward_block8(const fwd_t *a, int64_t g, int64_t s, int64_t *expert
     }
     store8(imp, sum);
     if (ld) {
-        kth = kth_largest8(noisy, K);
+        const v8f kth = kth_largest8(noisy, K);
         store8(a->threshold + t, kth); /* the k-th largest noisy logit of each token */
         for (int e = 0; e < 8; e++) rows[e] = ((kth - l[e]) / a->load_sigma) * 0.70710678118654752f;
         erfc8_n(rows, 8);

@@ -214,6 +214,11 @@ def test_fused_router_finds_non_finite_logits_as_it_reads_them(bad, experts, tok
     x[1, at, 0] = bad
     with pytest.raises(FloatingPointError, match="topk router's logit tensor is not finite"):
         layer(x)
+    # before the error, the kernel itself stays within its buffers: every expert id in range
+    outputs = native._TopKRouter.apply(logits, None, 0.0, 2, 3, False, None)
+    expert, position = outputs[4], outputs[5]
+    assert int(expert.min()) >= 0 and int(expert.max()) < experts and int(position.max()) < 2 * tokens
+    assert outputs[8].tolist() == [False, True]  # the group holding the bad logit is the one noted
 
 
 @needs_kernel

@@ -278,6 +278,15 @@ typedef struct {
 /* lanes whose float is an infinity or a NaN (all exponent bits set): the logits' finiteness check */
 static inline v8i nonfinite8(v8f x) { return ((v8i)x & 0x7f800000) == 0x7f800000; }
 
+/* x with its infinities and NaNs noted in *bad and read as 0: a group holding one is reported and its results
+ * are meaningless, but every expert id stays in [0, E) (a NaN gate would match no maximum in the top-k, whose
+ * index would then run past the experts and the capacity counters) */
+static inline v8f finite8(v8f x, v8i *bad) {
+    const v8i b = nonfinite8(x);
+    *bad |= b;
+    return select8(b, splat8(0.0f), x);
+}
+
 #ifdef HAVE_TOP_K8
 /* r[i][j] <- r[j][i]: an 8 × 8 transpose in registers (rows of 8 tokens' experts <-> 8 experts' tokens) */
 static inline void transpose8(v8f *r) {
@@ -340,7 +349,7 @@ static void forward_block8(const fwd_t *a, int64_t g, int64_t s, int64_t *expert
                            double *entropy, v8i *bad) {
     const int64_t S = a->S, K = a->K, t = g * S + s;
     v8f l[8], noisy[8], ex[8], rows[8];
-    for (int r = 0; r < 8; r++) l[r] = load8(a->logits + (t + r) * 8), *bad |= nonfinite8(l[r]);
+    for (int r = 0; r < 8; r++) l[r] = finite8(load8(a->logits + (t + r) * 8), bad);
     transpose8(l); /* l[e]: expert e's logit of the 8 tokens */
     if (a->noise) {
         for (int r = 0; r < 8; r++) noisy[r] = load8(a->noise + (t + r) * 8);
@@ -413,8 +422,7 @@ static void forward_chunk(void *arg, int64_t g0, int64_t g1) {
             float *gate = a->gates + t * E;
             float m = -INFINITY;
             for (int64_t e = 0; e < E; e += 8) {
-                v8f v = load8(l + e);
-                bad |= nonfinite8(v);
+                v8f v = finite8(load8(l + e), &bad);
                 if (a->noise) v = v + a->sigma * load8(a->noise + t * E + e); /* l + (sigma * n), as ATen */
                 store8(noisy + e, v);
                 for (int i = 0; i < 8; i++) m = v[i] > m ? v[i] : m;

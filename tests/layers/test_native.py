@@ -676,3 +676,164 @@ def test_router_logits_fall_back_where_the_kernel_does_not_apply():
     with FlopCounterMode(display=False) as counter:
         router.logits(torch.randn(3, 10, 16))
     assert counter.get_total_flops() == 2 * 30 * 16 * 8
+
+
+# ---- the whole token-choice layer in one node -----------------------------------------------------------------
+
+
+def layer_runs(layer: MoE, x: torch.Tensor, hooked: bool):
+    """Forward and backward of ``layer`` on ``x`` with seed 1, its router's call watched by a hook or not."""
+    handle = layer.router.register_forward_hook(lambda *_: None) if hooked else None
+    try:
+        with torch.random.fork_rng():
+            torch.manual_seed(1)
+            x = x.detach().requires_grad_(x.requires_grad)
+            y = layer(x)
+            loss = (y * torch.linspace(-1, 1, y.numel()).reshape(y.shape)).sum() + 20 * layer.aux_loss
+            inputs = [t for t in (x, *layer.parameters()) if t.requires_grad]
+            grads = torch.autograd.grad(loss, inputs) if loss.requires_grad else ()
+    finally:
+        if handle is not None:
+            handle.remove()
+    return y, layer.aux_loss, dict(layer.last_aux_losses), layer.last_stats, grads
+
+
+def count_calls(monkeypatch, module, name):
+    calls = []
+    original = getattr(module, name)
+
+    def counted(*args, **kwargs):
+        calls.append(name)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(module, name, counted)
+    return calls
+
+
+@needs_kernel
+@pytest.mark.parametrize(
+    ("settings", "dim", "hidden", "training", "backend"),
+    [
+        ({}, 8, 8, True, "auto"),  # the CNN default: E = 8, noisy top-2, capacity factor 1.25, V-MoE losses
+        ({"k": 1, "capacity_factor": 0.5, "activation": torch.nn.ReLU}, 16, 32, True, "auto"),
+        ({"k": 3, "capacity_factor": None}, 8, 16, True, "auto"),  # dropless
+        ({"router_options": {"noise_std": 0.0}}, 8, 16, True, "auto"),  # no noise: importance loss only
+        ({"aux_loss_weights": {}}, 8, 16, True, "auto"),
+        ({"aux_loss_weights": {"load": 0.3}}, 32, 64, True, "auto"),
+        ({"num_experts": 16, "capacity_factor": 1.0}, 16, 16, True, "auto"),
+        ({"groups": 12}, 8, 16, True, "auto"),
+        ({"groups": "batch"}, 8, 16, True, "auto"),
+        ({"activation": torch.nn.ReLU}, 32, 256, True, "auto"),  # the tiled experts' loop
+        ({}, 8, 16, False, "fused"),  # eval: no noise, the eval capacity
+    ],
+)
+def test_whole_layer_node_gives_the_routers_and_fused_experts_results_bit_for_bit(
+    settings, dim, hidden, training, backend, monkeypatch
+):
+    # The layer in one autograd node (native.topk_moe) runs the kernels of the router's node and the fused
+    # experts' node in the same order: the same output, losses, statistics and gradients, bit for bit.
+    torch.manual_seed(0)
+    settings = {"num_experts": 8, "k": 2, **settings}
+    layer = MoE(dim, settings.pop("num_experts"), hidden, backend=backend, **settings).train(training)
+    x = torch.randn(3, dim, 6, 4).to(memory_format=torch.channels_last).requires_grad_()
+    calls = count_calls(monkeypatch, native, "topk_moe")
+    y, aux, losses, stats, grads = layer_runs(layer, x, hooked=False)
+    assert calls == ["topk_moe"]
+    y0, aux0, losses0, stats0, grads0 = layer_runs(layer, x, hooked=True)  # a hook: the router called
+    assert calls == ["topk_moe"]
+    assert torch.equal(y, y0) and torch.equal(aux, aux0)
+    assert losses.keys() == losses0.keys() and all(torch.equal(losses[n], losses0[n]) for n in losses)
+    assert all(torch.equal(getattr(stats, f), getattr(stats0, f)) for f in vars(stats))
+    assert len(grads) == len(grads0) == 1 + len(list(layer.parameters()))
+    assert all(torch.equal(g, g0) for g, g0 in zip(grads, grads0, strict=True))
+
+
+@needs_kernel
+def test_whole_layer_node_without_an_input_gradient():
+    # A first layer's input needs no gradient: the parameters' gradients are the three nodes'.
+    torch.manual_seed(0)
+    layer = MoE(8, 8, 16, k=2).train()
+    x = torch.randn(2, 8, 4, 4)
+    y, _, _, _, grads = layer_runs(layer, x, hooked=False)
+    y0, _, _, _, grads0 = layer_runs(layer, x, hooked=True)
+    assert torch.equal(y, y0) and len(grads) == len(list(layer.parameters()))
+    assert all(torch.equal(g, g0) for g, g0 in zip(grads, grads0, strict=True))
+    frozen = MoE(8, 8, 16, k=2).train().requires_grad_(False)
+    frozen.experts.requires_grad_(True)  # the router frozen: no router backward is needed, the experts' still
+    y, _, _, _, grads = layer_runs(frozen, x, hooked=False)
+    y0, _, _, _, grads0 = layer_runs(frozen, x, hooked=True)
+    assert all(torch.equal(g, g0) for g, g0 in zip(grads, grads0, strict=True))
+
+
+@needs_kernel
+def test_whole_layer_node_is_left_where_it_would_not_give_the_same_calls(monkeypatch):
+    # Hooks on the router (or on every module) must see its call; other routers, settings and backends, and
+    # forward passes without grad under auto, take the router and the dispatch one after the other.
+    calls = count_calls(monkeypatch, native, "topk_moe")
+    x = torch.randn(2, 8, 4, 4)
+    seen = []
+    layer = MoE(8, 8, 16, k=2)
+    layer.router.register_forward_pre_hook(lambda *_: seen.append("router"))
+    layer(x)
+    assert seen == ["router"]
+    handle = torch.nn.modules.module.register_module_forward_hook(lambda *_: None)
+    try:
+        MoE(8, 8, 16, k=2)(x)
+    finally:
+        handle.remove()
+    for layer in (
+        MoE(8, 8, 16, k=2, router_options={"renormalize": True}),
+        MoE(8, 8, 16, k=2, router_options={"mlp_hidden_dim": 5}),
+        MoE(8, 8, 16, k=2, router_options={"batch_priority": True}),
+        MoE(8, 8, 16, k=2, router="sinkhorn_topk"),
+        MoE(8, 8, 16, k=2, backend="padded"),
+        MoE(64, 8, 16, k=2),  # D > LOGITS_MAX_DIM: the router's logits by F.linear
+        MoE(8, 8, 12, k=2),  # H not a multiple of 8: no fused experts
+        MoE(8, 8, 16, k=2).double(),
+    ):
+        layer(torch.randn(2, layer.dim, 4, 4, dtype=layer.experts.w1.dtype))
+    with torch.no_grad():
+        MoE(8, 8, 16, k=2)(x)  # auto takes fused experts in training only
+    grouped = MoE(8, 8, 16, k=2)
+    grouped.router.aux_group = object()  # losses over several processes' batches: the differentiable sums
+    assert grouped.router.fused_layer(torch.randn(2, 16, 8), grouped.experts, "auto") is None
+    assert calls == []
+    MoE(8, 8, 16, k=2)(x)
+    assert calls == ["topk_moe"]
+
+
+@needs_kernel
+def test_whole_layer_node_gradients_of_gradients_are_the_three_nodes():
+    # The Hessian analysis differentiates twice: the node's backward then builds the three nodes' graph.
+    torch.manual_seed(0)
+    for training in (True, False):
+        layer = MoE(8, 8, 16, k=2).train(training)
+        x = torch.randn(2, 8, 4, 4)
+        with torch.random.fork_rng():
+            whole = hessian_vector_product(layer, x)
+        layer.router.register_forward_hook(lambda *_: None)
+        for a, b in zip(whole, hessian_vector_product(layer, x), strict=True):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+@needs_kernel
+def test_whole_layer_node_reports_non_finite_logits():
+    layer = MoE(8, 8, 16, k=2)
+    x = torch.randn(2, 8, 4, 4)
+    x[1, 3, 2, 1] = float("nan")
+    with pytest.raises(FloatingPointError, match="the topk router's logit tensor is not finite: 8 NaN and 0 inf"):
+        layer(x)
+
+
+@needs_kernel
+def test_whole_layer_node_refuses_what_it_cannot_compute():
+    experts = Experts(8, 8, 16, activation=torch.nn.ReLU)
+    x, weight = torch.randn(32, 8), torch.randn(8, 8)
+    with pytest.raises(ValueError, match=r"aux losses are importance and load, got \['z'\]"):
+        native.topk_moe(x, 16, weight, experts, None, 0.1, 2, 4, (("z", 1.0),))
+    with pytest.raises(ValueError, match=r"the load loss needs router noise, got sigma=0\.0"):
+        native.topk_moe(x, 16, weight, experts, None, 0.0, 2, 4, (("load", 1.0),))
+    with pytest.raises(ValueError, match="1 <= k <= min"):
+        native.topk_moe(x, 16, weight, experts, None, 0.1, 9, 4, ())
+    with pytest.raises(ValueError, match=r"T a multiple of group_size=5, got \(32, 8\)"):
+        native.topk_moe(x, 5, weight, experts, None, 0.1, 2, 4, ())

@@ -117,17 +117,20 @@ the cache while the kernel's few-row tiles stream through them, where the BLAS b
 
 def choose_backend(x: Tensor, experts: Experts, plan: Routing | None = None) -> str:
     """The ``auto`` choice for a sparse plan on this input (decided from shapes only: no host sync)."""
-    D, H = experts.dim, experts.hidden_dim
-    if (
-        plan is not None
-        and plan.choices is not None
-        and torch.is_grad_enabled()
-        and D * H <= FUSED_EXPERT_WEIGHTS
-        and native.usable(x, plan.weight)
-        and native.ffn_supported(experts)
-    ):
+    if plan is not None and plan.choices is not None and auto_fuses(x, experts) and native.usable(plan.weight):
         return "fused"
     return unfused_backend(x, experts, plan)
+
+
+def auto_fuses(x: Tensor, experts: Experts) -> bool:
+    """Whether ``auto`` takes ``fused`` for a token-choice plan on ``x``: in training (grad enabled), for
+    experts of D·H at most :data:`FUSED_EXPERT_WEIGHTS` that the kernel runs, on float32 CPU tokens."""
+    return (
+        torch.is_grad_enabled()
+        and native.usable(x)
+        and native.ffn_supported(experts)
+        and experts.dim * experts.hidden_dim <= FUSED_EXPERT_WEIGHTS
+    )
 
 
 def unfused_backend(x: Tensor, experts: Experts, plan: Routing | None = None) -> str:

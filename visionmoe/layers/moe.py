@@ -141,8 +141,12 @@ class MoE(nn.Module):
         tokens, restore = self.to_tokens(x)  # (B, N, D)
         B, N, D = tokens.shape
         grouped = self.group(tokens)  # (G, S, D)
-        routed: RouterOutput = self.router(grouped)
-        y = apply_plan(grouped, routed.plan, self.experts, self.backend, self.deterministic)  # (G, S, D)
+        fused = self.router.fused_layer(grouped, self.experts, self.backend)  # router and experts in one node
+        if fused is not None:
+            y, routed = fused
+        else:
+            routed: RouterOutput = self.router(grouped)
+            y = apply_plan(grouped, routed.plan, self.experts, self.backend, self.deterministic)  # (G, S, D)
         if is_exporting():  # an exported program keeps no module state: no aux loss, no stats
             return restore(y.reshape(B, N, D))
         stats = routing_stats(routed.plan, routed.gates, grouped.shape[0], grouped.shape[1], routed.entropy_sum)

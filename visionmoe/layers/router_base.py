@@ -87,6 +87,26 @@ class Router(nn.Module):
     depends_on_group_size: ClassVar[bool] = False
     """Whether :meth:`experts_per_token` depends on S, the tokens per group (then pass ``tokens``)."""
 
+    def fused_layer(self, x: Tensor, experts: nn.Module, backend: str) -> tuple[Tensor, RouterOutput] | None:
+        """The whole MoE layer on (G, S, D) tokens, this router and ``experts`` in one native pass each way,
+        where the router has one and it gives what its forward and ``backend`` give one after the other:
+        the layer's output (G, S, D) and this router's output. None (the default): no such path here."""
+        return None
+
+    def hooked(self) -> bool:
+        """Whether a hook would see this router's call (its own, or every module's): then the layer calls it."""
+        module = nn.modules.module
+        return bool(
+            self._forward_hooks
+            or self._forward_pre_hooks
+            or self._backward_hooks
+            or self._backward_pre_hooks
+            or module._global_forward_hooks
+            or module._global_forward_pre_hooks
+            or module._global_backward_hooks
+            or module._global_backward_pre_hooks
+        )
+
     def experts_per_token(self, tokens: int | None = None) -> float:
         """Experts an average token is sent through, with the training settings: the layer's active
         expert width over one expert's width, what a dense FFN of equal active FLOPs needs.

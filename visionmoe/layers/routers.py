@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from visionmoe import native
+from visionmoe.layers.dispatch import auto_fuses
 from visionmoe.layers.router_base import (
     SAME,
     Capacity,
@@ -40,6 +41,7 @@ from visionmoe.routing import (
     token_choice,
 )
 from visionmoe.routing.losses import cv_squared_loss
+from visionmoe.routing.noise import draw_key
 from visionmoe.routing.plan import Routing
 from visionmoe.routing.token_choice import renormalized
 
@@ -141,6 +143,38 @@ class TopKRouter(Capacity, LinearRouter):
             and self.k <= native.MAX_K
             and native.usable(logits)
         )
+
+    def fused_layer(self, x: Tensor, experts: nn.Module, backend: str) -> tuple[Tensor, RouterOutput] | None:
+        """The layer in one autograd node (:func:`visionmoe.native.topk_moe`: the native logits, router and
+        experts' kernels back to back) where the router takes its fused path with native logits, the local
+        losses and no renormalisation, the experts take ``fused`` (``backend``, or ``auto``'s choice:
+        :func:`~visionmoe.layers.dispatch.auto_fuses`), and no hook watches the router's call: the same
+        output, losses, plan and gradients, bit for bit, as :meth:`forward` then the ``fused`` backend."""
+        if not (backend == "fused" or (backend == "auto" and auto_fuses(x, experts))):
+            return None
+        local = self.aux_group is None or not self.training
+        if not (local and self.hidden is None and not self.renormalize and x.numel() and self.fused(x)):
+            return None
+        if not (native.logits_supported(x, self.weight) and native.ffn_supported(experts)) or self.hooked():
+            return None
+        G, S, D = x.shape
+        noise = None
+        if self.training and self.noise_std > 0:  # the draws router_noise would give the logits, from the same key
+            noise = native.standard_normal((G, S, self.num_experts), draw_key().tolist())
+        capacity = self.group_capacity(S)
+        aux_weights = tuple(self.aux_loss_weights.items())
+        what = f"the {self.name} router's logit tensor"
+        outputs = native.topk_moe(
+            x.reshape(G * S, D), S, self.weight, experts, noise, self.noise_std, self.k, capacity, aux_weights, what
+        )
+        y, aux, gates, weight, expert, position, kept, entropy, values = outputs
+        if capacity is None:
+            capacity = int(position.max()) + 1 if position.numel() else 1
+        token = _choice_tokens(S, self.k).expand(G, -1)
+        E = self.num_experts
+        plan = Routing(token, expert, position, weight, kept, S, E, capacity, choices=self.k, token_order=True)
+        logged = dict(zip(self.aux_loss_weights, values.unbind(), strict=True))
+        return y.view(G, S, D), RouterOutput(plan, aux, logged, gates, entropy_sum=entropy)
 
     def forward(self, x: Tensor) -> RouterOutput:
         logits = self.logits(x, check=False)  # (G, S, E)

@@ -223,53 +223,96 @@ def _ptr(t: Tensor | None) -> int | None:
     return None if t is None else t.data_ptr()
 
 
+def _router_forward(logits: Tensor, noise: Tensor | None, sigma: float, k: int, capacity: int | None, load: bool):
+    """The router kernel's forward on (G, S, E) logits: gates, threshold, expert, position, kept, weight, the
+    batch's importance and load sums (1, E) float32 (zeros without ``load``), the entropy sum and the groups'
+    non-finite flags."""
+    G, S, E = logits.shape
+    logits_c = logits.detach().contiguous()
+    noise_c = None if noise is None else noise.contiguous()
+    gates = torch.empty(G, S, E)
+    threshold = torch.empty(G * S) if load else None
+    expert, position = torch.empty(G, k * S, dtype=torch.int64), torch.empty(G, k * S, dtype=torch.int64)
+    kept, weight = torch.empty(G, k * S, dtype=torch.bool), torch.empty(G, k * S)
+    importance = torch.empty(G, E, dtype=torch.float64)
+    load_sums = torch.empty(G, E, dtype=torch.float64) if load else None
+    entropy = torch.empty(G, dtype=torch.float64)
+    nonfinite = torch.empty(G, dtype=torch.bool)
+    _library().vmoe_router_forward(
+        *(_ptr(t) for t in (logits_c, noise_c)),
+        sigma,
+        sigma if load else 0.0,
+        G,
+        S,
+        E,
+        k,
+        -1 if capacity is None else capacity,
+        *(_ptr(t) for t in (gates, threshold, expert, position, kept, weight, importance, load_sums)),
+        _ptr(entropy),
+        _ptr(nonfinite),
+        _threads(),
+    )
+    importance = importance.sum(0, keepdim=True).float()  # (1, E): over every token of the batch
+    load_sums = load_sums.sum(0, keepdim=True).float() if load else torch.zeros(1, E)
+    entropy = entropy.sum()  # Σ over every token of its gates' entropy (nats)
+    return gates, threshold, expert, position, kept, weight, importance, load_sums, entropy, nonfinite
+
+
+def _weighted_cv_squared(importance: Tensor, load_sums: Tensor, aux_weights: tuple[tuple[str, float], ...]):
+    """Σ w · CV²(sums) over ``aux_weights`` in Python floats: the loss (float32 scalar), the unweighted values
+    (float32) and each sum's gradient of the loss by name ((1, E) rows)."""
+    sums, total, values, grads = {"importance": importance, "load": load_sums}, 0.0, [], []
+    for name, w in aux_weights:
+        value, grad = cv_squared_of_floats(sums[name][0].tolist())
+        total += w * value
+        values.append(value)
+        grads.append([w * g for g in grad])
+    rows = torch.tensor(grads).split(1) if grads else ()  # one tensor: each row a (1, E) view
+    aux_grads = dict(zip((name for name, _ in aux_weights), rows, strict=True))
+    return torch.tensor(total, dtype=torch.float32), torch.tensor(values, dtype=torch.float32), aux_grads
+
+
+def _router_backward(saved, sigma, k, load, d_gates, d_weight, d_importance, d_load, d_aux, aux_grads):
+    """d_logits (G, S, E) from the gradients of the router's outputs; ``saved`` = (gates, logits, threshold,
+    expert, kept) of the forward; ``d_aux`` the aux loss's gradient (None: none), shared out by ``aux_grads``."""
+    gates, logits, threshold, expert, kept = saved
+    if not load:
+        d_load = None
+    d_sums = {"importance": d_importance, "load": d_load}
+    if d_aux is not None:  # the aux loss's share of the sums' gradients
+        for name, grad in aux_grads.items():
+            d_sums[name] = d_aux * grad if d_sums[name] is None else d_sums[name] + d_aux * grad
+    G, S, E = gates.shape
+    grads = [None if g is None else g.contiguous() for g in (d_gates, d_weight, d_sums["importance"], d_sums["load"])]
+    logits = logits.detach().contiguous()  # a name: a temporary would be freed before the call
+    d_logits = torch.empty(G, S, E)
+    _library().vmoe_router_backward(
+        *(_ptr(t) for t in (gates, logits, threshold)),
+        sigma,
+        *(_ptr(t) for t in (expert, kept, *grads)),
+        G,
+        S,
+        E,
+        k,
+        _ptr(d_logits),
+        _threads(),
+    )
+    return d_logits
+
+
 class _TopKRouter(torch.autograd.Function):
     """(logits, noise) -> gates, kept gate weights, importance and load sums; and the plan's integers."""
 
     @staticmethod
     def forward(ctx, logits, noise, sigma, k, capacity, load, aux_weights):
-        G, S, E = logits.shape
-        lib = _library()
-        logits_c = logits.detach().contiguous()
-        noise_c = None if noise is None else noise.contiguous()
-        gates = torch.empty(G, S, E)
-        threshold = torch.empty(G * S) if load else None
-        expert, position = torch.empty(G, k * S, dtype=torch.int64), torch.empty(G, k * S, dtype=torch.int64)
-        kept, weight = torch.empty(G, k * S, dtype=torch.bool), torch.empty(G, k * S)
-        importance = torch.empty(G, E, dtype=torch.float64)
-        load_sums = torch.empty(G, E, dtype=torch.float64) if load else None
-        entropy = torch.empty(G, dtype=torch.float64)
-        nonfinite = torch.empty(G, dtype=torch.bool)
-        lib.vmoe_router_forward(
-            *(_ptr(t) for t in (logits_c, noise_c)),
-            sigma,
-            sigma if load else 0.0,
-            G,
-            S,
-            E,
-            k,
-            -1 if capacity is None else capacity,
-            *(_ptr(t) for t in (gates, threshold, expert, position, kept, weight, importance, load_sums)),
-            _ptr(entropy),
-            _ptr(nonfinite),
-            _threads(),
+        gates, threshold, expert, position, kept, weight, importance, load_sums, entropy, nonfinite = _router_forward(
+            logits, noise, sigma, k, capacity, load
         )
-        importance = importance.sum(0, keepdim=True).float()  # (1, E): over every token of the batch
-        load_sums = load_sums.sum(0, keepdim=True).float() if load else torch.zeros(1, E)
         ctx.save_for_backward(logits, noise, gates, threshold, expert, kept)
         ctx.sigma, ctx.load, ctx.k, ctx.aux_weights = sigma, load, k, aux_weights
-        entropy = entropy.sum()  # Σ over every token of its gates' entropy (nats)
         aux = values = None
         if aux_weights is not None:  # Σ w · CV²(sums) in Python floats, and its gradient in the sums
-            sums, total, values, grads = {"importance": importance, "load": load_sums}, 0.0, [], []
-            for name, w in aux_weights:
-                value, grad = cv_squared_of_floats(sums[name][0].tolist())
-                total += w * value
-                values.append(value)
-                grads.append([w * g for g in grad])
-            rows = torch.tensor(grads).split(1) if grads else ()  # one tensor: each row a (1, E) view
-            ctx.aux_grads = dict(zip((name for name, _ in aux_weights), rows, strict=True))
-            aux, values = torch.tensor(total, dtype=torch.float32), torch.tensor(values, dtype=torch.float32)
+            aux, values, ctx.aux_grads = _weighted_cv_squared(importance, load_sums, aux_weights)
         ctx.mark_non_differentiable(expert, position, kept, entropy, nonfinite, *([] if values is None else [values]))
         ctx.set_materialize_grads(False)
         return gates, weight, importance, load_sums, expert, position, kept, entropy, nonfinite, aux, values
@@ -284,26 +327,10 @@ class _TopKRouter(torch.autograd.Function):
         if torch.is_grad_enabled():  # a graph of the gradient is wanted (double backward): the ATen formula's
             d_sums = (d_gates, d_weight, d_importance, d_load, d_aux)
             return _aten_backward(ctx, logits, noise, threshold, expert, kept, *d_sums)
-        d_sums = {"importance": d_importance, "load": d_load}
-        if d_aux is not None:  # the aux loss's share of the sums' gradients
-            for name, grad in ctx.aux_grads.items():
-                d_sums[name] = d_aux * grad if d_sums[name] is None else d_sums[name] + d_aux * grad
-        d_importance, d_load = d_sums["importance"], d_sums["load"]
-        G, S, E = gates.shape
-        grads = [None if g is None else g.contiguous() for g in (d_gates, d_weight, d_importance, d_load)]
-        logits = logits.detach().contiguous()  # a name: a temporary would be freed before the call
-        d_logits = torch.empty(G, S, E)
-        _library().vmoe_router_backward(
-            *(_ptr(t) for t in (gates, logits, threshold)),
-            ctx.sigma,
-            *(_ptr(t) for t in (expert, kept, *grads)),
-            G,
-            S,
-            E,
-            ctx.k,
-            _ptr(d_logits),
-            _threads(),
-        )
+        saved = (gates, logits, threshold, expert, kept)
+        aux_grads = getattr(ctx, "aux_grads", {})
+        d_sums = (d_gates, d_weight, d_importance, d_load, d_aux)
+        d_logits = _router_backward(saved, ctx.sigma, ctx.k, ctx.load, *d_sums, aux_grads)
         return d_logits, None, None, None, None, None, None
 
 
@@ -593,36 +620,84 @@ def _ffn_chunk(tokens: int, per_chunk: int, block: int = 1) -> int:
     return max(1, -(-units // max(1, chunks)))
 
 
+def _ffn_forward(x, expert, weight, params, act, loop, keep):
+    """The experts' kernel forward: y (T, D) and what its backward reads (``keep``: the kept choices'
+    pre-activations and, tiled, their outputs; else nothing of them), as (y, saved, block)."""
+    T, D = x.shape
+    w1, b1, w2, b2 = params
+    (E, _, H), K = w1.shape, expert.shape[1]
+    xr, stride = _rows(x.detach())
+    expert_c, weight_c = expert.contiguous(), weight.detach().contiguous()
+    params = [None if t is None else t.detach().contiguous() for t in (w1, b1, w2, b2)]
+    y = torch.empty(T, D)
+    # each kept choice's pre-activation, for the backward to reuse (in the assignments' sorted order, as the
+    # kernel's backward reads them), and (tiled) its unweighted output, written there before the tokens
+    # add theirs (the blocked loop keeps a block's in a buffer of its own)
+    hidden = torch.empty(T * K, H) if keep else None
+    outputs = torch.empty(T * K, D) if loop == "tiled" else None
+    args = (_ptr(xr), stride, *(_ptr(t) for t in (expert_c, weight_c, *params)), T, K, D, H, E, ffn_activation(act))
+    block = ffn_block(E, K)  # blocked: tokens per block
+    blocks = max(1, -(-T // block)) if loop == "blocked" else 1  # tiled: one, the whole layer
+    order = torch.empty(T * K, dtype=torch.int64), torch.empty(blocks * (E + 1), dtype=torch.int64)
+    if loop == "tiled":
+        _library().vmoe_tiled_forward(*args, *(_ptr(t) for t in (*order, hidden, outputs, y)), _threads())
+    else:
+        _library().vmoe_blocked_forward(*args, block, *(_ptr(t) for t in (*order, hidden, y)), _threads())
+    return y, (hidden, outputs, *order), block
+
+
+def _ffn_backward(x, expert, weight, params, act, loop, block, saved, grad, need_dx, need_dweight):
+    """The experts' kernel backward: (dx, dweight, dw1, db1, dw2, db2), dx and dweight None unless asked for."""
+    w1, b1, w2, b2 = params
+    hidden, outputs, *order = saved
+    T, D = x.shape
+    E, _, H = w1.shape
+    K = expert.shape[1]
+    xr, x_stride = _rows(x.detach())
+    dy, dy_stride = _rows(grad)
+    expert_c, weight_c = expert.contiguous(), weight.detach().contiguous()
+    w1t, w2t = (w.detach().transpose(1, 2).contiguous() for w in (w1, w2))
+    sizes = [E * D * H, E * H * D, *([E * H] if b1 is not None else []), *([E * D] if b2 is not None else [])]
+    per_chunk = sum(sizes)
+    grads = torch.empty(per_chunk)
+    dx = torch.empty(T, D) if need_dx else None
+    dweight = torch.empty(T, K) if need_dweight else None
+    if loop == "blocked":
+        blocks = -(-T // block)
+        chunk = _ffn_chunk(T, per_chunk, block)  # blocks per private buffer
+        partial = torch.empty(-(-blocks // chunk) * per_chunk)
+        w2c, b2c = w2.detach().contiguous(), None if b2 is None else b2.detach().contiguous()
+        _library().vmoe_blocked_backward(
+            _ptr(xr), x_stride, *(_ptr(t) for t in (expert_c, weight_c, w1t, w2t, w2c, b2c, dy)), dy_stride,
+            T, K, D, H, E, ffn_activation(act), b1 is not None, block, chunk,
+            *(_ptr(t) for t in (*order, hidden, dx, dweight, grads, partial)), _threads(),
+        )  # fmt: skip
+    else:
+        rows = torch.empty(T * K, D) if dx is not None else None  # each kept choice's input gradient
+        _library().vmoe_tiled_backward(
+            _ptr(xr), x_stride, *(_ptr(t) for t in (expert_c, weight_c, w1t, w2t, dy)), dy_stride, T, K, D, H,
+            E, ffn_activation(act), b1 is not None, b2 is not None,
+            *(_ptr(t) for t in (*order, hidden, outputs, rows, dx, dweight, grads)), _threads(),
+        )  # fmt: skip
+    parts = iter(grads.split(sizes))
+    dw1, dw2 = next(parts).view(E, D, H), next(parts).view(E, H, D)
+    db1 = next(parts).view(E, H) if b1 is not None else None
+    db2 = next(parts).view(E, D) if b2 is not None else None
+    return dx, dweight, dw1, db1, dw2, db2
+
+
 class _ExpertFFN(torch.autograd.Function):
     """y[t] = Σ_j w[t, j] · expert_{e[t, j]}(x[t]) over the kept choices (e >= 0), in one C pass by the
     ``loop`` of :data:`FFN_LOOPS`."""
 
     @staticmethod
     def forward(ctx, x, expert, weight, w1, b1, w2, b2, act, loop):
-        T, D = x.shape
-        (E, _, H), K = w1.shape, expert.shape[1]
+        E = w1.shape[0]
         if expert.numel():
             low, high = (int(v) for v in torch.aminmax(expert))  # one pass
             if not -1 <= low <= high < E:
                 raise ValueError(f"expert_ffn needs expert ids in [-1, {E}), got {low}..{high}")
-        xr, stride = _rows(x.detach())
-        expert_c, weight_c = expert.contiguous(), weight.detach().contiguous()
-        params = [None if t is None else t.detach().contiguous() for t in (w1, b1, w2, b2)]
-        y = torch.empty(T, D)
-        # each kept choice's pre-activation, for the backward to reuse (in the assignments' sorted order, as the
-        # kernel's backward reads them), and (tiled) its unweighted output, written there before the tokens
-        # add theirs (the blocked loop keeps a block's in a buffer of its own)
-        hidden = torch.empty(T * K, H) if any(ctx.needs_input_grad) else None
-        outputs = torch.empty(T * K, D) if loop == "tiled" else None
-        args = (_ptr(xr), stride, *(_ptr(t) for t in (expert_c, weight_c, *params)), T, K, D, H, E, ffn_activation(act))
-        ctx.block = ffn_block(E, K)  # blocked: tokens per block
-        blocks = max(1, -(-T // ctx.block)) if loop == "blocked" else 1  # tiled: one, the whole layer
-        order = torch.empty(T * K, dtype=torch.int64), torch.empty(blocks * (E + 1), dtype=torch.int64)
-        if loop == "tiled":
-            _library().vmoe_tiled_forward(*args, *(_ptr(t) for t in (*order, hidden, outputs, y)), _threads())
-        else:
-            _library().vmoe_blocked_forward(*args, ctx.block, *(_ptr(t) for t in (*order, hidden, y)), _threads())
-        saved = (hidden, outputs, *order)
+        y, saved, ctx.block = _ffn_forward(x, expert, weight, (w1, b1, w2, b2), act, loop, any(ctx.needs_input_grad))
         ctx.save_for_backward(x, expert, weight, w1, b1, w2, b2, *saved)
         ctx.act, ctx.loop = act, loop
         ctx.set_materialize_grads(False)
@@ -630,7 +705,7 @@ class _ExpertFFN(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad):
-        x, expert, weight, w1, b1, w2, b2, hidden, outputs, *order = ctx.saved_tensors
+        x, expert, weight, w1, b1, w2, b2, *saved = ctx.saved_tensors
         if grad is None:
             return (None,) * 9
         if torch.is_grad_enabled():  # a graph of the gradient is wanted (double backward): the ATen formula's
@@ -641,39 +716,9 @@ class _ExpertFFN(torch.autograd.Function):
             for (i, _), g in zip(inputs, found, strict=True):
                 result[i] = g
             return tuple(result)
-        T, D = x.shape
-        E, _, H = w1.shape
-        K = expert.shape[1]
-        xr, x_stride = _rows(x.detach())
-        dy, dy_stride = _rows(grad)
-        expert_c, weight_c = expert.contiguous(), weight.detach().contiguous()
-        w1t, w2t = (w.detach().transpose(1, 2).contiguous() for w in (w1, w2))
-        sizes = [E * D * H, E * H * D, *([E * H] if b1 is not None else []), *([E * D] if b2 is not None else [])]
-        per_chunk = sum(sizes)
-        grads = torch.empty(per_chunk)
-        dx = torch.empty(T, D) if ctx.needs_input_grad[0] else None
-        dweight = torch.empty(T, K) if ctx.needs_input_grad[2] else None
-        if ctx.loop == "blocked":
-            blocks = -(-T // ctx.block)
-            chunk = _ffn_chunk(T, per_chunk, ctx.block)  # blocks per private buffer
-            partial = torch.empty(-(-blocks // chunk) * per_chunk)
-            w2c, b2c = w2.detach().contiguous(), None if b2 is None else b2.detach().contiguous()
-            _library().vmoe_blocked_backward(
-                _ptr(xr), x_stride, *(_ptr(t) for t in (expert_c, weight_c, w1t, w2t, w2c, b2c, dy)), dy_stride,
-                T, K, D, H, E, ffn_activation(ctx.act), b1 is not None, ctx.block, chunk,
-                *(_ptr(t) for t in (*order, hidden, dx, dweight, grads, partial)), _threads(),
-            )  # fmt: skip
-        else:
-            rows = torch.empty(T * K, D) if dx is not None else None  # each kept choice's input gradient
-            _library().vmoe_tiled_backward(
-                _ptr(xr), x_stride, *(_ptr(t) for t in (expert_c, weight_c, w1t, w2t, dy)), dy_stride, T, K, D, H,
-                E, ffn_activation(ctx.act), b1 is not None, b2 is not None,
-                *(_ptr(t) for t in (*order, hidden, outputs, rows, dx, dweight, grads)), _threads(),
-            )  # fmt: skip
-        parts = iter(grads.split(sizes))
-        dw1, dw2 = next(parts).view(E, D, H), next(parts).view(E, H, D)
-        db1 = next(parts).view(E, H) if b1 is not None else None
-        db2 = next(parts).view(E, D) if b2 is not None else None
+        params, need = (w1, b1, w2, b2), ctx.needs_input_grad
+        grads = _ffn_backward(x, expert, weight, params, ctx.act, ctx.loop, ctx.block, saved, grad, need[0], need[2])
+        dx, dweight, dw1, db1, dw2, db2 = grads
         return dx, None, dweight, dw1, db1, dw2, db2, None, None
 
 
@@ -730,20 +775,42 @@ def logits_supported(x: Tensor, weight: Tensor) -> bool:
     return torch.utils._python_dispatch._get_current_dispatch_mode() is None
 
 
+def _logits_forward(x: Tensor, weight: Tensor) -> Tensor:
+    """(T, D) tokens (rows contiguous), (E, D) weight -> (T, E) logits by the C pass."""
+    E, D = weight.shape
+    xr, stride = _rows(x.detach())
+    T = xr.shape[0]
+    wt = weight.detach().t().contiguous()
+    out = torch.empty(T, E)
+    _library().vmoe_linear_forward(_ptr(xr), stride, _ptr(wt), T, D, E, _ptr(out), _threads())
+    return out
+
+
+def _logits_backward(x: Tensor, weight: Tensor, grad: Tensor, need_dx: bool) -> tuple[Tensor | None, Tensor]:
+    """(dx (T, D) or None, dweight (E, D)) of :func:`_logits_forward` from the logits' gradient (T, E)."""
+    E, D = weight.shape
+    xr, stride = _rows(x.detach())
+    T = xr.shape[0]
+    dl = grad.reshape(T, E).contiguous()
+    chunk = _ffn_chunk(T, E * D)
+    dx = torch.empty(T, D) if need_dx else None
+    dw, partial = torch.empty(E, D), torch.empty(-(-T // chunk) * E * D)
+    _library().vmoe_linear_backward(
+        _ptr(xr), stride, _ptr(weight.detach().contiguous()), _ptr(dl), T, D, E, chunk,
+        *(_ptr(t) for t in (dx, dw, partial)), _threads(),
+    )  # fmt: skip
+    return dx, dw
+
+
 class _Logits(torch.autograd.Function):
     """(..., D) tokens, (E, D) weight -> (..., E) logits, one C pass each way."""
 
     @staticmethod
     def forward(ctx, x, weight):
         E, D = weight.shape
-        xr, stride = _rows(x.detach().reshape(-1, D))
-        T = xr.shape[0]
-        wt = weight.detach().t().contiguous()
-        out = torch.empty(T, E)
-        _library().vmoe_linear_forward(_ptr(xr), stride, _ptr(wt), T, D, E, _ptr(out), _threads())
         ctx.save_for_backward(x, weight)
         ctx.set_materialize_grads(False)
-        return out.reshape(*x.shape[:-1], E)
+        return _logits_forward(x.reshape(-1, D), weight).reshape(*x.shape[:-1], E)
 
     @staticmethod
     def backward(ctx, grad):
@@ -755,16 +822,7 @@ class _Logits(torch.autograd.Function):
             dx = grad @ weight if ctx.needs_input_grad[0] else None
             dw = grad.reshape(-1, E).t() @ x.reshape(-1, D) if ctx.needs_input_grad[1] else None
             return dx, dw
-        xr, stride = _rows(x.detach().reshape(-1, D))
-        T = xr.shape[0]
-        dl = grad.reshape(T, E).contiguous()
-        chunk = _ffn_chunk(T, E * D)
-        dx = torch.empty(T, D) if ctx.needs_input_grad[0] else None
-        dw, partial = torch.empty(E, D), torch.empty(-(-T // chunk) * E * D)
-        _library().vmoe_linear_backward(
-            _ptr(xr), stride, _ptr(weight.detach().contiguous()), _ptr(dl), T, D, E, chunk,
-            *(_ptr(t) for t in (dx, dw, partial)), _threads(),
-        )  # fmt: skip
+        dx, dw = _logits_backward(x.reshape(-1, D), weight, grad, ctx.needs_input_grad[0])
         return (None if dx is None else dx.reshape(x.shape)), (dw if ctx.needs_input_grad[1] else None)
 
 
@@ -835,3 +893,114 @@ def standard_normal(shape: Sequence[int], key: Sequence[int]) -> Tensor:
     out = torch.empty(tuple(shape))
     _library().vmoe_normal(k0, k1, n, _ptr(out), _threads())
     return out
+
+
+# ---- the whole token-choice layer ----------------------------------------------------------------------------
+
+
+class _TopKMoE(torch.autograd.Function):
+    """tokens -> (y, aux) through the router's logits, the top-k router and the experts: one autograd node
+    whose backward runs the three kernels' backward passes back to back (the input's two gradients summed in
+    place), instead of three nodes, their Python and the tensors passed between them."""
+
+    @staticmethod
+    def forward(
+        ctx, x, router_weight, w1, b1, w2, b2, noise, sigma, k, capacity, load, aux_weights, act, loop, S, what
+    ):
+        T, E = x.shape[0], router_weight.shape[0]
+        G = T // S
+        logits = _logits_forward(x, router_weight).view(G, S, E)
+        gates, threshold, expert, position, kept, weight, importance, load_sums, entropy, nonfinite = _router_forward(
+            logits, noise, sigma, k, capacity, load
+        )
+        if any(nonfinite.numpy().tobytes()):
+            check_finite(logits, what)  # raises, with the counts of NaN and inf
+        aux, values, aux_grads = _weighted_cv_squared(importance, load_sums, aux_weights)
+        expert_t = token_major_experts(expert, kept, k)  # (T, K), -1 where dropped
+        weight_t = weight.view(G, k, S).transpose(1, 2).reshape(T, k)
+        params = (w1, b1, w2, b2)
+        y, saved, ctx.block = _ffn_forward(x, expert_t, weight_t, params, act, loop, True)
+        router_saved = (noise, logits, gates, threshold, expert, kept, expert_t)
+        ctx.save_for_backward(x, router_weight, *params, *router_saved, *saved)
+        ctx.weight_t, ctx.aux_grads = weight_t, aux_grads
+        ctx.config = sigma, k, capacity, load, aux_weights, act, loop, what
+        ctx.mark_non_differentiable(gates, weight, expert, position, kept, entropy, values)
+        ctx.set_materialize_grads(False)
+        return y, aux, gates, weight, expert, position, kept, entropy, values
+
+    @staticmethod
+    def backward(ctx, dy, d_aux, *_):
+        x, router_weight, w1, b1, w2, b2, noise, logits, gates, threshold, expert, kept, expert_t, *saved = (
+            ctx.saved_tensors
+        )
+        sigma, k, capacity, load, aux_weights, act, loop, what = ctx.config
+        params = (w1, b1, w2, b2)
+        inputs = (x, router_weight, *params)
+        needed = ctx.needs_input_grad[:6]
+        if torch.is_grad_enabled():  # a graph of the gradient is wanted (double backward): the three nodes'
+            G, S, E = logits.shape
+            redone = router_logits(x, router_weight).view(G, S, E)
+            routed = topk_router(redone, noise, sigma, k, capacity, load, what, aux_weights)
+            weight_t = routed[1].view(G, k, S).transpose(1, 2).reshape(G * S, k)
+            y = _ExpertFFN.apply(x, expert_t, weight_t, *params, act, loop)
+            outputs = [(out, g) for out, g in ((y, dy), (routed[8], d_aux)) if g is not None]
+            wrt = [t for t, need in zip(inputs, needed, strict=True) if need]
+            outs, grads = zip(*outputs, strict=True)
+            found = iter(torch.autograd.grad(outs, wrt, grads, create_graph=True, allow_unused=True))
+            return (*(next(found) if need else None for need in needed), *(None,) * 10)
+        G, S, E = logits.shape
+        dx = dweight_t = None
+        grads = [None] * 4
+        if dy is not None:
+            dx, dweight_t, *grads = _ffn_backward(
+                x, expert_t, ctx.weight_t, params, act, loop, ctx.block, saved, dy, needed[0], True
+            )
+        d_router_weight = None
+        if needed[0] or needed[1]:  # the router's and its logits' backward: the input's second gradient
+            d_weight = None if dweight_t is None else dweight_t.view(G, S, k).transpose(1, 2).reshape(G, k * S)
+            saved_router = (gates, logits, threshold, expert, kept)
+            d_logits = _router_backward(saved_router, sigma, k, load, None, d_weight, None, None, d_aux, ctx.aux_grads)
+            dx_router, d_router_weight = _logits_backward(x, router_weight, d_logits, needed[0])
+            if dx_router is not None:
+                dx = dx_router if dx is None else dx.add_(dx_router)  # as autograd sums the two nodes' gradients
+        return dx, d_router_weight if needed[1] else None, *grads, *(None,) * 10
+
+
+def topk_moe(
+    x: Tensor,
+    group_size: int,
+    router_weight: Tensor,
+    experts: torch.nn.Module,
+    noise: Tensor | None,
+    sigma: float,
+    k: int,
+    capacity: int | None,
+    aux_weights: Sequence[tuple[str, float]],
+    what: str = "the router's logit tensor",
+) -> tuple[Tensor, ...]:
+    """A token-choice MoE layer with V-MoE's noisy top-``k`` router, whole: ``x`` (T, D) float32 tokens in
+    routing groups of ``group_size``, the router's (E, D) weight (logits ``x Wᵀ``, :func:`router_logits`),
+    ``noise`` (T / group_size, group_size, E) standard normal draws or None, and the
+    :class:`~visionmoe.layers.Experts` (:func:`ffn_supported`). The same kernels, in the same order, as
+    :func:`router_logits`, :func:`topk_router` and :func:`expert_ffn` one after another, so the same
+    outputs and gradients bit for bit, in one autograd node (double backward through the three's).
+
+    Returns ``y`` (T, D); ``aux`` = Σ weight · CV² of the batch's importance and load sums
+    (``aux_weights``: pairs among ``"importance"`` and ``"load"``; the load loss needs ``sigma`` > 0);
+    and, not differentiable: ``gates`` (G, S, E), the plan's ``weight``, ``expert``, ``position`` and
+    ``kept`` (G, K·S) as :func:`topk_router` gives them, the entropy sum and the unweighted losses.
+    Raises ``FloatingPointError`` naming ``what`` if a logit is an infinity or a NaN."""
+    aux_weights = tuple((name, float(w)) for name, w in aux_weights)
+    load = any(name == "load" for name, _ in aux_weights)
+    if bad := [name for name, _ in aux_weights if name not in ("importance", "load")]:
+        raise ValueError(f"the fused layer's aux losses are importance and load, got {bad}")
+    if load and not sigma > 0:
+        raise ValueError(f"the load loss needs router noise, got sigma={sigma}")
+    E = router_weight.shape[0]
+    if not 1 <= k <= min(E, MAX_K) or E % LANES:
+        raise ValueError(f"the fused layer needs E a multiple of {LANES} and 1 <= k <= min(E, {MAX_K}), got {k=}, {E=}")
+    if x.dim() != 2 or x.shape[0] % group_size:
+        raise ValueError(f"topk_moe needs (T, D) tokens, T a multiple of group_size={group_size}, got {tuple(x.shape)}")
+    args = (experts.w1, experts.b1, experts.w2, experts.b2, noise, float(sigma), k, capacity, load, aux_weights)
+    loop = ffn_loop(experts.dim, experts.hidden_dim)
+    return _TopKMoE.apply(x, router_weight, *args, experts.act, loop, group_size, what)

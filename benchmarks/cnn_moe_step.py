@@ -25,6 +25,11 @@ with the layer as it is (``auto``) and as it was (``before``), against the dense
 ``--compile`` adds a column for the MoE model under ``torch.compile`` (inductor; ``auto`` then runs
 ``padded``, the static-shape path) over its twin, also compiled, in the same repeats.
 
+``--nodes`` adds a column for the first backend with a no-op forward hook on every router: the router and
+the experts then run as their own autograd nodes (:meth:`visionmoe.layers.Router.fused_layer` steps aside
+for a watched router), the fourteenth pass's path; otherwise the whole token-choice layer is one node
+(:func:`visionmoe.native.topk_moe`). The same results bit for bit; only the speed differs.
+
 ``--floor`` adds the column "floor": 1 + (the routers alone / twin step), where "the routers alone" is
 forward and backward of every MoE layer's router (logits, softmax, top-2, capacity positions, gate
 weights, aux losses) on the tokens that layer sees, nothing else, timed in the same repeats. It is the
@@ -165,6 +170,17 @@ def experts_only() -> Iterator[None]:
         MoE.forward = saved
 
 
+@contextlib.contextmanager
+def watched_routers(model: torch.nn.Module) -> Iterator[None]:
+    """A no-op forward hook on every MoE layer's router: each layer then calls its router, then its dispatch."""
+    handles = [layer.router.register_forward_hook(lambda *_: None) for _, layer in moe_layers(model)]
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
 def set_backend(model: torch.nn.Module, backend: str) -> None:
     for _, layer in moe_layers(model):
         layer.backend = backend
@@ -189,6 +205,14 @@ def measure(backbone: str, width: int, ratio: float, args: argparse.Namespace) -
                 moe_step()
 
         steps["aten"] = aten_step
+    if args.nodes:
+
+        def nodes_step() -> None:
+            set_backend(moe, args.backends[0])
+            with watched_routers(moe):
+                moe_step()
+
+        steps["nodes"] = nodes_step
     if args.before:
 
         def old_step() -> None:
@@ -532,6 +556,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--backends", nargs="+", choices=BACKENDS, default=["auto"])
     parser.add_argument("--before", action="store_true", help="add the code before issue 22 (see above)")
     parser.add_argument("--aten", action="store_true", help="add the first backend without the fused router")
+    parser.add_argument("--nodes", action="store_true", help="add the first backend, router and experts as two nodes")
     parser.add_argument("--batch", type=int, default=128)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=9)
@@ -588,6 +613,7 @@ def main(argv: list[str] | None = None) -> int:
     columns = [
         *args.backends,
         *(["aten"] if args.aten else []),
+        *(["nodes"] if args.nodes else []),
         *(["before"] if args.before else []),
         *(["compiled"] if args.compile else []),
         *(["floor"] if args.floor else []),

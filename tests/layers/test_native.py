@@ -758,6 +758,16 @@ def test_whole_layer_node_without_an_input_gradient():
     y0, _, _, _, grads0 = layer_runs(layer, x, hooked=True)
     assert torch.equal(y, y0) and len(grads) == len(list(layer.parameters()))
     assert all(torch.equal(g, g0) for g, g0 in zip(grads, grads0, strict=True))
+    aux_only = []  # the aux loss alone: the router's backward without the experts'
+    for hooked in (False, True):
+        with torch.random.fork_rng():
+            torch.manual_seed(1)
+            handle = layer.router.register_forward_hook(lambda *_: None) if hooked else None
+            layer(x)
+            if handle is not None:
+                handle.remove()
+        aux_only.append(torch.autograd.grad(layer.aux_loss, layer.router.weight)[0])
+    assert torch.equal(*aux_only) and aux_only[0].abs().sum() > 0
     frozen = MoE(8, 8, 16, k=2).train().requires_grad_(False)
     frozen.experts.requires_grad_(True)  # the router frozen: no router backward is needed, the experts' still
     y, _, _, _, grads = layer_runs(frozen, x, hooked=False)
@@ -837,3 +847,19 @@ def test_whole_layer_node_refuses_what_it_cannot_compute():
         native.topk_moe(x, 16, weight, experts, None, 0.1, 9, 4, ())
     with pytest.raises(ValueError, match=r"T a multiple of group_size=5, got \(32, 8\)"):
         native.topk_moe(x, 5, weight, experts, None, 0.1, 2, 4, ())
+
+
+@needs_kernel
+def test_whole_layer_node_without_grad_keeps_nothing_for_a_backward(monkeypatch):
+    # Inference with the fused backend forced: the one node, the same output, no pre-activations kept.
+    torch.manual_seed(0)
+    layer = MoE(8, 8, 16, k=2, backend="fused").eval()
+    x = torch.randn(2, 8, 4, 4)
+    kept = []
+    forward = native._ffn_forward
+    monkeypatch.setattr(native, "_ffn_forward", lambda *args: kept.append(args[-1]) or forward(*args))
+    with torch.no_grad():
+        y = layer(x)
+        layer.router.register_forward_hook(lambda *_: None)
+        assert torch.equal(y, layer(x))
+    assert kept == [False, False]  # the one node's experts, then the fused experts' node: neither keeps them

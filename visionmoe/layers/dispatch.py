@@ -19,7 +19,10 @@ Sparse plans have four backends, all exact (they compute the same sums in a diff
                rows moved in token order and kept in the cache), larger ones over the whole layer. No
                capacity padding; each choice's pre-activation is kept for backward. Elsewhere (other plans,
                devices, activations, no C compiler, hooks on the experts, ``FlopCounterMode``) it
-               runs what ``auto`` would pick among the other three.
+               runs what ``auto`` would pick among the other three. With the fused V-MoE router and its
+               native logits too, the layer is one autograd node (router and experts:
+               :func:`visionmoe.native.topk_moe`, by :meth:`visionmoe.layers.Router.fused_layer`,
+               unless a hook watches the router's call).
 
 Token-choice plans (``Routing.choices`` set: every token has exactly K assignments) take a path
 without a global sort or any scatter-add (:func:`token_choice_moe`): the sorted order comes from

@@ -64,7 +64,8 @@ class TopKRouter(Capacity, LinearRouter):
     On the CPU the routing after the logits (noise, softmax, top-k, capacity positions, gate weights,
     importance and load sums) runs as one native pass forward and one backward where it applies
     (:meth:`fused`, :mod:`visionmoe.native`): the same plan and, to float rounding, the same gates,
-    losses and gradients as the ATen operators, which run everywhere else.
+    losses and gradients as the ATen operators, which run everywhere else; with the ``fused`` experts
+    after it, the whole layer is one native node (:meth:`fused_layer`).
     """
 
     name = "topk"

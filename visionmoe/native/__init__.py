@@ -17,7 +17,9 @@ statistics and its token-major expert ids for the ``fused`` backend (:func:`plan
 for the ``fused`` backend (:func:`expert_ffn`): small experts computed in C, dispatch and combine
 included, for the narrow feature maps where the BLAS's GEMMs on 8-64-wide rows are slow: the smallest
 tiled per block of tokens, larger ones tiled by expert (the kept assignments sorted by expert, a few rows
-at a time through register-tiled products; no capacity padding).
+at a time through register-tiled products; no capacity padding). Where a layer takes all three (the logits,
+the fused router and the fused experts), :func:`topk_moe` runs them as one autograd node, their backward
+passes back to back (taken by :meth:`visionmoe.layers.TopKRouter.fused_layer`).
 
 It is plain C, compiled on first use with the system's C compiler (``$CC``, else ``cc``; some seconds: 12 s
 with gcc -O3 on 2 cores) into a per-user cache (``$VISIONMOE_CACHE``, else ``$XDG_CACHE_HOME/visionmoe``, else
@@ -686,18 +688,24 @@ def _ffn_backward(x, expert, weight, params, act, loop, block, saved, grad, need
     return dx, dweight, dw1, db1, dw2, db2
 
 
+def _keeps(*tensors: Tensor | None) -> bool:
+    """Whether a node on these inputs will be differentiated: grad enabled and one of them requiring it (its
+    forward then keeps what its backward reads; inference keeps nothing)."""
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+
 class _ExpertFFN(torch.autograd.Function):
     """y[t] = Σ_j w[t, j] · expert_{e[t, j]}(x[t]) over the kept choices (e >= 0), in one C pass by the
     ``loop`` of :data:`FFN_LOOPS`."""
 
     @staticmethod
-    def forward(ctx, x, expert, weight, w1, b1, w2, b2, act, loop):
+    def forward(ctx, x, expert, weight, w1, b1, w2, b2, act, loop, keep):
         E = w1.shape[0]
         if expert.numel():
             low, high = (int(v) for v in torch.aminmax(expert))  # one pass
             if not -1 <= low <= high < E:
                 raise ValueError(f"expert_ffn needs expert ids in [-1, {E}), got {low}..{high}")
-        y, saved, ctx.block = _ffn_forward(x, expert, weight, (w1, b1, w2, b2), act, loop, any(ctx.needs_input_grad))
+        y, saved, ctx.block = _ffn_forward(x, expert, weight, (w1, b1, w2, b2), act, loop, keep)
         ctx.save_for_backward(x, expert, weight, w1, b1, w2, b2, *saved)
         ctx.act, ctx.loop = act, loop
         ctx.set_materialize_grads(False)
@@ -707,19 +715,19 @@ class _ExpertFFN(torch.autograd.Function):
     def backward(ctx, grad):
         x, expert, weight, w1, b1, w2, b2, *saved = ctx.saved_tensors
         if grad is None:
-            return (None,) * 9
+            return (None,) * 10
         if torch.is_grad_enabled():  # a graph of the gradient is wanted (double backward): the ATen formula's
             inputs = [(i, t) for i, t in enumerate((x, None, weight, w1, b1, w2, b2)) if ctx.needs_input_grad[i]]
             out = _ffn_reference(x, expert, weight, w1, b1, w2, b2, ctx.act)
             found = torch.autograd.grad(out, [t for _, t in inputs], grad, create_graph=True, allow_unused=True)
-            result = [None] * 9
+            result = [None] * 10
             for (i, _), g in zip(inputs, found, strict=True):
                 result[i] = g
             return tuple(result)
         params, need = (w1, b1, w2, b2), ctx.needs_input_grad
         grads = _ffn_backward(x, expert, weight, params, ctx.act, ctx.loop, ctx.block, saved, grad, need[0], need[2])
         dx, dweight, dw1, db1, dw2, db2 = grads
-        return dx, None, dweight, dw1, db1, dw2, db2, None, None
+        return dx, None, dweight, dw1, db1, dw2, db2, None, None, None
 
 
 def _ffn_reference(x, expert, weight, w1, b1, w2, b2, act):
@@ -753,7 +761,7 @@ def expert_ffn(x: Tensor, expert: Tensor, weight: Tensor, experts: torch.nn.Modu
     elif loop not in FFN_LOOPS:
         raise ValueError(f"expert_ffn's loop must be one of {FFN_LOOPS}, got {loop!r}")
     args = (experts.w1, experts.b1, experts.w2, experts.b2, experts.act, loop)
-    return _ExpertFFN.apply(x, expert, weight, *args)
+    return _ExpertFFN.apply(x, expert, weight, *args, _keeps(x, weight, *args[:4]))
 
 
 # ---- the routers' logits -----------------------------------------------------------------------------------
@@ -905,7 +913,7 @@ class _TopKMoE(torch.autograd.Function):
 
     @staticmethod
     def forward(
-        ctx, x, router_weight, w1, b1, w2, b2, noise, sigma, k, capacity, load, aux_weights, act, loop, S, what
+        ctx, x, router_weight, w1, b1, w2, b2, noise, sigma, k, capacity, load, aux_weights, act, loop, S, what, keep
     ):
         T, E = x.shape[0], router_weight.shape[0]
         G = T // S
@@ -919,7 +927,7 @@ class _TopKMoE(torch.autograd.Function):
         expert_t = token_major_experts(expert, kept, k)  # (T, K), -1 where dropped
         weight_t = weight.view(G, k, S).transpose(1, 2).reshape(T, k)
         params = (w1, b1, w2, b2)
-        y, saved, ctx.block = _ffn_forward(x, expert_t, weight_t, params, act, loop, True)
+        y, saved, ctx.block = _ffn_forward(x, expert_t, weight_t, params, act, loop, keep)
         router_saved = (noise, logits, gates, threshold, expert, kept, expert_t)
         ctx.save_for_backward(x, router_weight, *params, *router_saved, *saved)
         ctx.weight_t, ctx.aux_grads = weight_t, aux_grads
@@ -942,12 +950,12 @@ class _TopKMoE(torch.autograd.Function):
             redone = router_logits(x, router_weight).view(G, S, E)
             routed = topk_router(redone, noise, sigma, k, capacity, load, what, aux_weights)
             weight_t = routed[1].view(G, k, S).transpose(1, 2).reshape(G * S, k)
-            y = _ExpertFFN.apply(x, expert_t, weight_t, *params, act, loop)
+            y = _ExpertFFN.apply(x, expert_t, weight_t, *params, act, loop, True)
             outputs = [(out, g) for out, g in ((y, dy), (routed[8], d_aux)) if g is not None]
             wrt = [t for t, need in zip(inputs, needed, strict=True) if need]
             outs, grads = zip(*outputs, strict=True)
             found = iter(torch.autograd.grad(outs, wrt, grads, create_graph=True, allow_unused=True))
-            return (*(next(found) if need else None for need in needed), *(None,) * 10)
+            return (*(next(found) if need else None for need in needed), *(None,) * 11)
         G, S, E = logits.shape
         dx = dweight_t = None
         grads = [None] * 4
@@ -963,7 +971,7 @@ class _TopKMoE(torch.autograd.Function):
             dx_router, d_router_weight = _logits_backward(x, router_weight, d_logits, needed[0])
             if dx_router is not None:
                 dx = dx_router if dx is None else dx.add_(dx_router)  # as autograd sums the two nodes' gradients
-        return dx, d_router_weight if needed[1] else None, *grads, *(None,) * 10
+        return dx, d_router_weight if needed[1] else None, *grads, *(None,) * 11
 
 
 def topk_moe(
@@ -1003,4 +1011,5 @@ def topk_moe(
         raise ValueError(f"topk_moe needs (T, D) tokens, T a multiple of group_size={group_size}, got {tuple(x.shape)}")
     args = (experts.w1, experts.b1, experts.w2, experts.b2, noise, float(sigma), k, capacity, load, aux_weights)
     loop = ffn_loop(experts.dim, experts.hidden_dim)
-    return _TopKMoE.apply(x, router_weight, *args, experts.act, loop, group_size, what)
+    keep = _keeps(x, router_weight, *args[:4])
+    return _TopKMoE.apply(x, router_weight, *args, experts.act, loop, group_size, what, keep)

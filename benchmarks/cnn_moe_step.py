@@ -64,6 +64,9 @@ broken down by operator; with ``--callers N`` also the N places in visionmoe who
 most time per step (each outermost ATen call charged to the nearest visionmoe line up its Python stack,
 or to the autograd node that ran it in the backward): where the many small operators come from. The C
 kernels called through ctypes are not ATen calls; the custom autograd Functions' own rows show them.
+``--router-noise 0`` builds the MoE models without router noise (and so with the importance loss alone,
+no load loss): the same layers with a router that does less arithmetic per token.
+
 ``--quick`` runs one tiny cell to check the script, measuring nothing.
 """
 
@@ -96,10 +99,16 @@ BACKBONES = {"standard": "cnn_resnet_cifar_moe", "depthwise": "cnn_dw_cifar_moe"
 GOAL = 1.15
 
 
+ROUTER_NOISE: float | None = None
+"""``--router-noise``: the routers' noise_std (None: the default, 1/E, with the load loss; 0: no noise, and
+the importance loss alone)."""
+
+
 def build(backbone: str, width: int, ratio: float, batch: int, seed: int = 0):
     """The MoE model, its twin and a step function for each: (moe, twin, step(model))."""
     torch.manual_seed(seed)
-    moe = create_model(BACKBONES[backbone], width=width, hidden_ratio=ratio, moe_stages="all")
+    moe_config = {} if ROUTER_NOISE is None else {"router_options": {"noise_std": ROUTER_NOISE}}
+    moe = create_model(BACKBONES[backbone], width=width, hidden_ratio=ratio, moe_stages="all", moe=moe_config)
     twin = dense_twin(moe, match="flops")
     x = torch.randn(batch, 3, 32, 32).contiguous(memory_format=torch.channels_last)
     y = torch.randint(0, 10, (batch,))
@@ -558,6 +567,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--aten", action="store_true", help="add the first backend without the fused router")
     parser.add_argument("--nodes", action="store_true", help="add the first backend, router and experts as two nodes")
     parser.add_argument("--batch", type=int, default=128)
+    parser.add_argument("--router-noise", type=float, default=None, help="the routers' noise_std (0: no noise)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=9)
     parser.add_argument("--min-run-time", type=float, default=0.0, help="seconds per measurement, at least")
@@ -588,6 +598,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.keep_freed_memory:
         keep_freed_memory()
+    global ROUTER_NOISE
+    ROUTER_NOISE = args.router_noise
     if args.quick:
         args.backbones, args.widths, args.ratios, args.batch, args.repeats = ["depthwise"], [8], [1.0], 2, 1
     torch.set_num_threads(args.threads)

@@ -12,7 +12,10 @@ interleaved round-robin with the dense twin's training step (median of ``--repea
 - router forward: each router module's forward (the three above and what is around them: the plan, the
   losses), no gradient;
 - routers step: each router's forward and backward, as in a training step (the "floor" of
-  ``cnn_moe_step.py``).
+  ``cnn_moe_step.py``);
+- MoE layers, twin layers: forward and backward of every MoE layer of the MoE model, and of every dense FFN
+  layer of its twin, on the inputs each saw in one training forward (a fixed random output gradient, the aux
+  loss added): what the MoE model's layers cost against the twin's, the rest of the two steps being equal.
 
 Then the fixed cost: forward and backward of an MoE layer (E = 8, top-2, D = H = 8, ReLU) on a map of
 2 images of 4 × 4 positions, where the work is nothing and what is left is Python, dispatch and the
@@ -34,7 +37,7 @@ from visionmoe import native
 from visionmoe.allocator import keep_freed_memory
 from visionmoe.analysis.speed import benchmark_header, interleaved_times
 from visionmoe.analysis.twin import dense_twin
-from visionmoe.layers.moe import MoE
+from visionmoe.layers.moe import MoE, moe_layers
 from visionmoe.layers.router_base import router_noise
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -70,6 +73,8 @@ def parts(args: argparse.Namespace) -> dict[str, list[float]]:
 
     steps = {
         "twin step": stepper(twin),
+        "MoE layers": layers_step(moe, args.batch),
+        "twin layers": layers_step(twin, args.batch),
         "logits": logits_only,
         "noise": noise_only,
         "kernel": kernel,
@@ -77,6 +82,30 @@ def parts(args: argparse.Namespace) -> dict[str, list[float]]:
         "routers step": routers_step(moe, args.batch),
     }
     return interleaved_times(steps, threads=args.threads, repeats=args.repeats)
+
+
+def layers_step(model: torch.nn.Module, batch: int):
+    """Forward and backward of every MoE layer of ``model`` on the input it saw in one training forward."""
+    seen = []
+    hooks = [
+        layer.register_forward_pre_hook(lambda m, a: seen.append((m, a[0].detach()))) for _, layer in moe_layers(model)
+    ]
+    model.train()
+    with torch.no_grad():
+        model(torch.randn(batch, 3, 32, 32).contiguous(memory_format=torch.channels_last))
+    for hook in hooks:
+        hook.remove()
+    grads = [torch.randn_like(x) for _, x in seen]
+
+    def step() -> None:
+        for (layer, x), grad in zip(seen, grads, strict=True):
+            x.requires_grad_()
+            loss = (layer(x) * grad).sum()
+            (loss if layer.aux_loss is None else loss + layer.aux_loss).backward()
+            x.grad = None
+            layer.zero_grad(set_to_none=True)
+
+    return step
 
 
 def fixed_cost(args: argparse.Namespace) -> dict[str, list[float]]:

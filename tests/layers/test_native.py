@@ -863,3 +863,23 @@ def test_whole_layer_node_without_grad_keeps_nothing_for_a_backward(monkeypatch)
         layer.router.register_forward_hook(lambda *_: None)
         assert torch.equal(y, layer(x))
     assert kept == [False, False]  # the one node's experts, then the fused experts' node: neither keeps them
+
+
+@needs_kernel
+@pytest.mark.parametrize(("experts", "k", "capacity"), [(8, 2, 3), (8, 1, 1), (16, 3, None), (8, 2, 0)])
+def test_router_kernel_places_each_tokens_choices_and_counts_the_plan(experts, k, capacity):
+    # The whole-layer node takes the experts' token-major input and the statistics' counts from the router
+    # kernel itself: what token_major_experts, the transposed weights and plan_counts give from its plan.
+    torch.manual_seed(0)
+    G, S = 3, 21
+    logits = torch.randn(G, S, experts)
+    routed = native._router_forward(logits, torch.randn(G, S, experts), 0.1, k, capacity, True, tokens=True)
+    expert, kept, weight = routed[2], routed[4], routed[5]
+    expert_t, weight_t, counts, unrouted = routed[10:]
+    assert torch.equal(expert_t, native.token_major_experts(expert, kept, k))
+    assert torch.equal(weight_t, weight.view(G, k, S).transpose(1, 2).reshape(G * S, k))
+    wanted = native.plan_counts(expert, kept, k, experts)
+    assert torch.equal(counts, wanted[0]) and torch.equal(unrouted, wanted[1])
+    if capacity in (0, 1):  # some tokens with no choice kept: every one with capacity 0
+        assert 0 < int(unrouted.sum()) <= G * S and (capacity or int(unrouted.sum()) == G * S)
+    assert len(native._router_forward(logits, None, 0.0, k, capacity, False)) == 10  # without: as before

@@ -149,7 +149,8 @@ class MoE(nn.Module):
             y = apply_plan(grouped, routed.plan, self.experts, self.backend, self.deterministic)  # (G, S, D)
         if is_exporting():  # an exported program keeps no module state: no aux loss, no stats
             return restore(y.reshape(B, N, D))
-        stats = routing_stats(routed.plan, routed.gates, grouped.shape[0], grouped.shape[1], routed.entropy_sum)
+        G, S = grouped.shape[:2]
+        stats = routing_stats(routed.plan, routed.gates, G, S, routed.entropy_sum, routed.counts)
         # plain attributes, not parameters, buffers or modules: set without nn.Module.__setattr__'s lookups
         self.__dict__.update(aux_loss=routed.aux_loss, last_aux_losses=routed.aux_losses, last_stats=stats)
         return restore(y.reshape(B, N, D))

@@ -52,6 +52,7 @@ class RouterOutput:
     aux_losses: dict[str, Tensor]  # each enabled loss, unweighted and detached, for logging
     gates: Tensor | None  # (G, S, E) routing distribution per token (for entropy), or None
     entropy_sum: Tensor | None = None  # Σ over tokens of the gates' entropy, where the router has it already
+    counts: tuple[Tensor, Tensor] | None = None  # the plan's (G, E) kept and (G,) unrouted counts, where it has them
 
 
 class Router(nn.Module):

@@ -168,14 +168,14 @@ class TopKRouter(Capacity, LinearRouter):
         outputs = native.topk_moe(
             x.reshape(G * S, D), S, self.weight, experts, noise, self.noise_std, self.k, capacity, aux_weights, what
         )
-        y, aux, gates, weight, expert, position, kept, entropy, values = outputs
+        y, aux, gates, weight, expert, position, kept, entropy, values, *counts = outputs
         if capacity is None:
             capacity = int(position.max()) + 1 if position.numel() else 1
         token = _choice_tokens(S, self.k).expand(G, -1)
         E = self.num_experts
         plan = Routing(token, expert, position, weight, kept, S, E, capacity, choices=self.k, token_order=True)
         logged = dict(zip(self.aux_loss_weights, values.unbind(), strict=True))
-        return y.view(G, S, D), RouterOutput(plan, aux, logged, gates, entropy_sum=entropy)
+        return y.view(G, S, D), RouterOutput(plan, aux, logged, gates, entropy_sum=entropy, counts=tuple(counts))
 
     def forward(self, x: Tensor) -> RouterOutput:
         logits = self.logits(x, check=False)  # (G, S, E)

@@ -79,16 +79,25 @@ class RoutingStats:
 
 @torch.no_grad()
 def routing_stats(
-    plan: Plan, gates: Tensor | None, num_groups: int, num_tokens: int, entropy_sum: Tensor | None = None
+    plan: Plan,
+    gates: Tensor | None,
+    num_groups: int,
+    num_tokens: int,
+    entropy_sum: Tensor | None = None,
+    counts: tuple[Tensor, Tensor] | None = None,
 ) -> RoutingStats:
     """Statistics of one forward pass. gates: (G, S, E) routing distribution, or None (dense);
     ``entropy_sum``: their entropy summed over the tokens, where the router computed it (the fused
-    top-k router), instead of computing it here from ``gates``."""
+    top-k router), instead of computing it here from ``gates``; ``counts``: a token-choice plan's (G, E)
+    kept assignments and (G,) tokens with none kept, where the router counted them (the whole-layer node),
+    as :func:`visionmoe.native.plan_counts` would."""
     if isinstance(plan, Routing):
         device = plan.kept.device
         assignments = torch.tensor(float(plan.kept.numel()), dtype=torch.float64, device=device)
-        if plan.choices and native.usable(plan.weight):  # one C pass over the choice-major plan
-            per_group, unrouted_per_group = native.plan_counts(plan.expert, plan.kept, plan.choices, plan.num_experts)
+        if counts is None and plan.choices and native.usable(plan.weight):  # one C pass over the choice-major plan
+            counts = native.plan_counts(plan.expert, plan.kept, plan.choices, plan.num_experts)
+        if counts is not None:
+            per_group, unrouted_per_group = counts
             load = per_group.sum(0).double()
             unrouted = unrouted_per_group.sum().double()
             dropped = assignments - load.sum()

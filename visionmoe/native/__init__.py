@@ -68,7 +68,7 @@ FLAGS = ("-O3", "-march=native", "-ffp-contract=off", "-fPIC", "-shared", "-pthr
 OPENMP = "-fopenmp"
 """Added where PyTorch runs on OpenMP: the kernel's threads are then PyTorch's own (the process has one
 libgomp), not POSIX threads racing PyTorch's spinning OpenMP workers for the same cores."""
-ABI_VERSION = 4
+ABI_VERSION = 5
 MAX_K = 64
 LANES = 8
 """The kernel holds 8 experts of a token in one vector: E must be a multiple of it."""
@@ -110,7 +110,7 @@ def _flags() -> tuple[str, ...]:
 
 _i64, _ptr_t, _int, _f32, _u32 = ctypes.c_int64, ctypes.c_void_p, ctypes.c_int, ctypes.c_float, ctypes.c_uint32
 SIGNATURES = {
-    "vmoe_router_forward": [_ptr_t, _ptr_t, _f32, _f32, *[_i64] * 5, *[_ptr_t] * 10, _int],
+    "vmoe_router_forward": [_ptr_t, _ptr_t, _f32, _f32, *[_i64] * 5, *[_ptr_t] * 14, _int],
     "vmoe_router_backward": [*[_ptr_t] * 3, _f32, *[_ptr_t] * 6, *[_i64] * 4, _ptr_t, _int],
     "vmoe_slots": [*[_ptr_t] * 4, *[_i64] * 4, _ptr_t, _ptr_t, _i64, _int],
     "vmoe_gather": [_ptr_t, _i64, _ptr_t, _ptr_t, _i64, _i64, _i64, _ptr_t, _int],
@@ -225,10 +225,14 @@ def _ptr(t: Tensor | None) -> int | None:
     return None if t is None else t.data_ptr()
 
 
-def _router_forward(logits: Tensor, noise: Tensor | None, sigma: float, k: int, capacity: int | None, load: bool):
+def _router_forward(
+    logits: Tensor, noise: Tensor | None, sigma: float, k: int, capacity: int | None, load: bool, tokens: bool = False
+):
     """The router kernel's forward on (G, S, E) logits: gates, threshold, expert, position, kept, weight, the
     batch's importance and load sums (1, E) float32 (zeros without ``load``), the entropy sum and the groups'
-    non-finite flags."""
+    non-finite flags; with ``tokens`` also each token's choices for the fused experts, (G·S, K) expert ids
+    (-1 where dropped) and weights, written as the kernel places them, and the routing statistics' counts
+    (:func:`plan_counts`' two tensors), counted as it goes."""
     G, S, E = logits.shape
     logits_c = logits.detach().contiguous()
     noise_c = None if noise is None else noise.contiguous()
@@ -240,6 +244,10 @@ def _router_forward(logits: Tensor, noise: Tensor | None, sigma: float, k: int, 
     load_sums = torch.empty(G, E, dtype=torch.float64) if load else None
     entropy = torch.empty(G, dtype=torch.float64)
     nonfinite = torch.empty(G, dtype=torch.bool)
+    by_token = [None] * 4  # expert_t, weight_t, counts, unrouted
+    if tokens:
+        by_token = [torch.empty(G * S, k, dtype=torch.int64), torch.empty(G * S, k)]
+        by_token += [torch.empty(G, E, dtype=torch.int64), torch.empty(G, dtype=torch.int64)]
     _library().vmoe_router_forward(
         *(_ptr(t) for t in (logits_c, noise_c)),
         sigma,
@@ -249,15 +257,15 @@ def _router_forward(logits: Tensor, noise: Tensor | None, sigma: float, k: int, 
         E,
         k,
         -1 if capacity is None else capacity,
-        *(_ptr(t) for t in (gates, threshold, expert, position, kept, weight, importance, load_sums)),
-        _ptr(entropy),
-        _ptr(nonfinite),
+        *(_ptr(t) for t in (gates, threshold, expert, position, kept, weight, *by_token)),
+        *(_ptr(t) for t in (importance, load_sums, entropy, nonfinite)),
         _threads(),
     )
     importance = importance.sum(0, keepdim=True).float()  # (1, E): over every token of the batch
     load_sums = load_sums.sum(0, keepdim=True).float() if load else torch.zeros(1, E)
     entropy = entropy.sum()  # Σ over every token of its gates' entropy (nats)
-    return gates, threshold, expert, position, kept, weight, importance, load_sums, entropy, nonfinite
+    outputs = gates, threshold, expert, position, kept, weight, importance, load_sums, entropy, nonfinite
+    return (*outputs, *by_token) if tokens else outputs
 
 
 def _weighted_cv_squared(importance: Tensor, load_sums: Tensor, aux_weights: tuple[tuple[str, float], ...]):
@@ -918,23 +926,21 @@ class _TopKMoE(torch.autograd.Function):
         T, E = x.shape[0], router_weight.shape[0]
         G = T // S
         logits = _logits_forward(x, router_weight).view(G, S, E)
-        gates, threshold, expert, position, kept, weight, importance, load_sums, entropy, nonfinite = _router_forward(
-            logits, noise, sigma, k, capacity, load
-        )
+        routed = _router_forward(logits, noise, sigma, k, capacity, load, tokens=True)
+        gates, threshold, expert, position, kept, weight, importance, load_sums, entropy, nonfinite = routed[:10]
+        expert_t, weight_t, counts, unrouted = routed[10:]  # (T, K) token-major: the experts' input
         if any(nonfinite.numpy().tobytes()):
             check_finite(logits, what)  # raises, with the counts of NaN and inf
         aux, values, aux_grads = _weighted_cv_squared(importance, load_sums, aux_weights)
-        expert_t = token_major_experts(expert, kept, k)  # (T, K), -1 where dropped
-        weight_t = weight.view(G, k, S).transpose(1, 2).reshape(T, k)
         params = (w1, b1, w2, b2)
         y, saved, ctx.block = _ffn_forward(x, expert_t, weight_t, params, act, loop, keep)
         router_saved = (noise, logits, gates, threshold, expert, kept, expert_t)
         ctx.save_for_backward(x, router_weight, *params, *router_saved, *saved)
         ctx.weight_t, ctx.aux_grads = weight_t, aux_grads
         ctx.config = sigma, k, capacity, load, aux_weights, act, loop, what
-        ctx.mark_non_differentiable(gates, weight, expert, position, kept, entropy, values)
+        ctx.mark_non_differentiable(gates, weight, expert, position, kept, entropy, values, counts, unrouted)
         ctx.set_materialize_grads(False)
-        return y, aux, gates, weight, expert, position, kept, entropy, values
+        return y, aux, gates, weight, expert, position, kept, entropy, values, counts, unrouted
 
     @staticmethod
     def backward(ctx, dy, d_aux, *_):
@@ -996,7 +1002,9 @@ def topk_moe(
     Returns ``y`` (T, D); ``aux`` = Σ weight · CV² of the batch's importance and load sums
     (``aux_weights``: pairs among ``"importance"`` and ``"load"``; the load loss needs ``sigma`` > 0);
     and, not differentiable: ``gates`` (G, S, E), the plan's ``weight``, ``expert``, ``position`` and
-    ``kept`` (G, K·S) as :func:`topk_router` gives them, the entropy sum and the unweighted losses.
+    ``kept`` (G, K·S) as :func:`topk_router` gives them, the entropy sum, the unweighted losses, and the
+    kept assignments per group and expert (G, E) and tokens with no kept choice per group (G,), as
+    :func:`plan_counts` gives them.
     Raises ``FloatingPointError`` naming ``what`` if a logit is an infinity or a NaN."""
     aux_weights = tuple((name, float(w)) for name, w in aux_weights)
     load = any(name == "load" for name, _ in aux_weights)

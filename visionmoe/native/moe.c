@@ -269,8 +269,8 @@ typedef struct {
     const float *logits, *noise;
     float sigma, load_sigma;
     int64_t S, E, K, capacity;
-    float *gates, *threshold, *weight;
-    int64_t *expert, *position;
+    float *gates, *threshold, *weight, *weight_t; /* weight_t, expert_t: token-major copies, or NULL */
+    int64_t *expert, *position, *expert_t, *counts, *unrouted; /* counts (G, E), unrouted (G): or NULL */
     uint8_t *kept, *nonfinite;
     double *importance, *load, *entropy;
 } fwd_t;
@@ -471,9 +471,26 @@ static void forward_chunk(void *arg, int64_t g0, int64_t g1) {
                 const int64_t p = offered[e]++;
                 const int keep = a->capacity < 0 || p < a->capacity;
                 position[i] = p;
+                const float w = keep ? a->gates[(g * S + s) * E + e] : 0.0f;
                 a->kept[g * K * S + i] = (uint8_t)keep;
-                a->weight[g * K * S + i] = keep ? a->gates[(g * S + s) * E + e] : 0.0f;
+                a->weight[g * K * S + i] = w;
+                if (a->expert_t) { /* token s's j-th choice, as the fused experts read them: -1 where dropped */
+                    a->expert_t[(g * S + s) * K + j] = keep ? e : -1;
+                    a->weight_t[(g * S + s) * K + j] = w;
+                }
             }
+        if (a->counts) { /* the routing statistics' counts: kept per expert (positions 0 .. offered - 1 of which
+                          * those below the capacity were kept) and the tokens none of whose choices was */
+            for (int64_t e = 0; e < E; e++)
+                a->counts[g * E + e] = a->capacity < 0 || offered[e] < a->capacity ? offered[e] : a->capacity;
+            int64_t none = 0;
+            for (int64_t s = 0; s < S; s++) {
+                int any_kept = 0;
+                for (int64_t j = 0; j < K; j++) any_kept |= a->kept[g * K * S + j * S + s];
+                none += !any_kept;
+            }
+            a->unrouted[g] = none;
+        }
     }
     free(noisy);
     free(offered);
@@ -481,18 +498,26 @@ static void forward_chunk(void *arg, int64_t g0, int64_t g1) {
 
 /* logits, noise (NULL: none) (G, S, E); sigma: the noise's scale; load_sigma > 0: compute the load loss's
  * threshold (T) and per-group sums load (G, E), else both untouched (may be NULL). Out: gates (G, S, E);
- * expert, position, kept, weight (G, K, S) choice-major;
+ * expert, position, kept, weight (G, K, S) choice-major; expert_t and weight_t (G·S, K), unless NULL, the
+ * expert and weight of each token's j-th choice token-major, expert -1 where dropped (the fused experts' input),
+ * and then counts (G, E) the kept assignments per group and expert and unrouted (G) the tokens with no kept
+ * choice per group (the routing statistics', as vmoe_plan_counts gives them);
  * importance (G, E) the gates summed per group; entropy (G) the gates' entropy summed per group (nats);
  * nonfinite (G) 1 where a group's logits hold an infinity or a NaN (the other outputs are then meaningless),
  * else 0: the routers' finiteness check without a pass of its own. capacity < 0: every assignment kept.
  * K <= 64, E a multiple of 8. */
 void vmoe_router_forward(const float *logits, const float *noise, float sigma, float load_sigma, int64_t G, int64_t S,
                          int64_t E, int64_t K, int64_t capacity, float *gates, float *threshold, int64_t *expert,
-                         int64_t *position, uint8_t *kept, float *weight, double *importance, double *load,
-                         double *entropy, uint8_t *nonfinite, int threads) {
-    fwd_t a = {logits, noise,    sigma,  load_sigma, S,        E,    K,          capacity,
-               gates,  threshold, weight, expert,     position, kept, nonfinite, importance,
-               load_sigma > 0 ? load : NULL, entropy};
+                         int64_t *position, uint8_t *kept, float *weight, int64_t *expert_t, float *weight_t,
+                         int64_t *counts, int64_t *unrouted, double *importance, double *load, double *entropy,
+                         uint8_t *nonfinite, int threads) {
+    const int tokens = expert_t && weight_t && counts && unrouted; /* the four together, or none */
+    fwd_t a = {.logits = logits, .noise = noise, .sigma = sigma, .load_sigma = load_sigma, .S = S, .E = E, .K = K,
+               .capacity = capacity, .gates = gates, .threshold = threshold, .weight = weight,
+               .weight_t = tokens ? weight_t : NULL, .expert = expert, .position = position,
+               .expert_t = tokens ? expert_t : NULL, .counts = tokens ? counts : NULL,
+               .unrouted = tokens ? unrouted : NULL, .kept = kept, .nonfinite = nonfinite,
+               .importance = importance, .load = load_sigma > 0 ? load : NULL, .entropy = entropy};
     parallel_for(G, group_grain(S, E), threads, forward_chunk, &a);
 }
 
@@ -1642,4 +1667,4 @@ void vmoe_normal(uint32_t k0, uint32_t k1, int64_t n, float *out, int threads) {
     parallel_for((n + 16 * NORMAL_BLOCKS - 1) / (16 * NORMAL_BLOCKS), 1024, threads, normal_chunk, &a);
 }
 
-int vmoe_abi_version(void) { return 4; }
+int vmoe_abi_version(void) { return 5; }

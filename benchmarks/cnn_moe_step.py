@@ -99,6 +99,16 @@ BACKBONES = {"standard": "cnn_resnet_cifar_moe", "depthwise": "cnn_dw_cifar_moe"
 GOAL = 1.15
 
 
+def add_cell_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options naming one cell of the grid and how to time it, for the scripts that study one cell."""
+    parser.add_argument("--backbone", choices=list(BACKBONES), default="standard")
+    parser.add_argument("--width", type=int, default=8)
+    parser.add_argument("--ratio", type=float, default=1.0)
+    parser.add_argument("--batch", type=int, default=64)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=15)
+
+
 ROUTER_NOISE: float | None = None
 """``--router-noise``: the routers' noise_std (None: the default, 1/E, with the load loss; 0: no noise, and
 the importance loss alone)."""

@@ -41,7 +41,7 @@ from visionmoe.layers.moe import MoE, moe_layers
 from visionmoe.layers.router_base import router_noise
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from cnn_moe_step import BACKBONES, build, captured_groups, routers_step
+from cnn_moe_step import add_cell_arguments, build, captured_groups, routers_step
 
 
 def parts(args: argparse.Namespace) -> dict[str, list[float]]:
@@ -129,12 +129,7 @@ def fixed_cost(args: argparse.Namespace) -> dict[str, list[float]]:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--backbone", choices=list(BACKBONES), default="standard")
-    parser.add_argument("--width", type=int, default=8)
-    parser.add_argument("--ratio", type=float, default=1.0)
-    parser.add_argument("--batch", type=int, default=64)
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--repeats", type=int, default=15)
+    add_cell_arguments(parser)
     args = parser.parse_args(argv)
     keep_freed_memory()
     torch.set_num_threads(args.threads)

@@ -25,7 +25,7 @@ from visionmoe.allocator import keep_freed_memory
 from visionmoe.analysis.speed import benchmark_header, interleaved_times
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from cnn_moe_step import BACKBONES, build
+from cnn_moe_step import add_cell_arguments, build
 
 
 def child(args: argparse.Namespace) -> None:
@@ -45,12 +45,7 @@ def child(args: argparse.Namespace) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--processes", type=int, default=6)
-    parser.add_argument("--backbone", choices=list(BACKBONES), default="standard")
-    parser.add_argument("--width", type=int, default=8)
-    parser.add_argument("--ratio", type=float, default=1.0)
-    parser.add_argument("--batch", type=int, default=64)
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--repeats", type=int, default=15)
+    add_cell_arguments(parser)
     parser.add_argument("--moe-steps", type=int, default=0, help="MoE steps each process takes before timing")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)

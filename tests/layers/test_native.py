@@ -883,3 +883,17 @@ def test_router_kernel_places_each_tokens_choices_and_counts_the_plan(experts, k
     if capacity in (0, 1):  # some tokens with no choice kept: every one with capacity 0
         assert 0 < int(unrouted.sum()) <= G * S and (capacity or int(unrouted.sum()) == G * S)
     assert len(native._router_forward(logits, None, 0.0, k, capacity, False)) == 10  # without: as before
+
+
+@needs_kernel
+def test_whole_layer_node_ignores_the_thread_count():
+    # Large enough for every kernel to split its work (the experts' weight gradients summed per fixed chunk).
+    torch.manual_seed(0)
+    layer = MoE(8, 8, 8, k=2, activation=torch.nn.ReLU).train()
+    x = torch.randn(8, 8, 32, 32).to(memory_format=torch.channels_last)
+
+    def run():
+        y, aux, _, stats, grads = layer_runs(layer, x.requires_grad_(), hooked=False)
+        return y, aux, stats.tokens_per_expert, *grads
+
+    assert_same_at_every_thread_count(run)

@@ -1206,9 +1206,9 @@ static void token_grads_chunk(void *arg, int64_t t0, int64_t t1) {
 
 /* x (T, D) rows at x_stride; expert, weight (T, K); w1 (E, D, H), b1 (E, H) or NULL, w2 (E, H, D), b2 (E, D)
  * or NULL; act 1 ReLU, 2 GELU. Out: y (T, D) contiguous (the weighted products rounded, then summed over a
- * token's choices in order); order (T·K) and offsets (E + 1) receive the kept assignments sorted by expert, outputs (T·K, D) each
- * one's expert output (at its assignment's row) and hidden (T·K, H), unless NULL, its pre-activation
- * (at its row of the sorted order, as the backward reads them): the backward's inputs. */
+ * token's choices in order); order (T·K) and offsets (E + 1) receive the kept assignments sorted by expert,
+ * outputs (T·K, D) each one's expert output (at its assignment's row) and hidden (T·K, H), unless NULL, its
+ * pre-activation (at its row of the sorted order, as the backward reads them): the backward's inputs. */
 void vmoe_tiled_forward(const float *x, int64_t x_stride, const int64_t *expert, const float *weight, const float *w1,
                         const float *b1, const float *w2, const float *b2, int64_t T, int64_t K, int64_t D, int64_t H,
                         int64_t E, int act, int64_t *order, int64_t *offsets, float *hidden, float *outputs, float *y,

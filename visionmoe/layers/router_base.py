@@ -5,7 +5,7 @@ capacity settings. The routers themselves and their registry are in :mod:`vision
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -32,17 +32,19 @@ SAME = "same"
 """``eval_capacity_factor=SAME`` evaluates with the training capacity factor."""
 
 
-def router_noise(like: Tensor) -> Tensor:
-    """Standard normal noise shaped like ``like`` (a router's logits). On the CPU, the counter-based stream
-    of :mod:`visionmoe.routing.noise` under a key drawn from the default generator: by the native kernel
-    where ``like`` can take it, else by torch ops (the same draws to the rounding of log, sin and cos).
-    Elsewhere ``torch.randn_like`` (one kernel on a GPU, cheaper than the torch ops' launches)."""
+def router_noise(like: Tensor, shape: Sequence[int] | None = None) -> Tensor:
+    """Standard normal noise shaped like ``like`` (a router's logits), or of ``shape`` on ``like``'s device
+    and dtype (logits not yet computed). On the CPU, the counter-based stream of :mod:`visionmoe.routing.noise`
+    under a key drawn from the default generator: by the native kernel where ``like`` can take it, else by
+    torch ops (the same draws to the rounding of log, sin and cos). Elsewhere ``torch.randn`` (one kernel on a
+    GPU, cheaper than the torch ops' launches)."""
+    shape = tuple(like.shape if shape is None else shape)
     if like.device.type != "cpu":
-        return torch.randn_like(like)
+        return torch.randn(shape, device=like.device, dtype=like.dtype)
     key = draw_key()
     if native.usable(like):
-        return native.standard_normal(like.shape, key.tolist())
-    return counter_normal(like.shape, key).to(like.dtype)
+        return native.standard_normal(shape, key.tolist())
+    return counter_normal(shape, key).to(like.dtype)
 
 
 @dataclass(frozen=True)

@@ -41,7 +41,6 @@ from visionmoe.routing import (
     token_choice,
 )
 from visionmoe.routing.losses import cv_squared_loss
-from visionmoe.routing.noise import draw_key
 from visionmoe.routing.plan import Routing
 from visionmoe.routing.token_choice import renormalized
 
@@ -151,31 +150,40 @@ class TopKRouter(Capacity, LinearRouter):
         losses and no renormalisation, the experts take ``fused`` (``backend``, or ``auto``'s choice:
         :func:`~visionmoe.layers.dispatch.auto_fuses`), and no hook watches the router's call: the same
         output, losses, plan and gradients, bit for bit, as :meth:`forward` then the ``fused`` backend."""
-        if not (backend == "fused" or (backend == "auto" and auto_fuses(x, experts))):
-            return None
+        experts_fuse = (
+            auto_fuses(x, experts) if backend == "auto" else backend == "fused" and native.ffn_supported(experts)
+        )
         local = self.aux_group is None or not self.training
-        if not (local and self.hidden is None and not self.renormalize and x.numel() and self.fused(x)):
+        if not (experts_fuse and local and self.hidden is None and not self.renormalize and x.numel()):
             return None
-        if not (native.logits_supported(x, self.weight) and native.ffn_supported(experts)) or self.hooked():
+        if not (self.fused(x) and native.logits_supported(x, self.weight)) or self.hooked():
             return None
         G, S, D = x.shape
-        noise = None
-        if self.training and self.noise_std > 0:  # the draws router_noise would give the logits, from the same key
-            noise = native.standard_normal((G, S, self.num_experts), draw_key().tolist())
+        noise = router_noise(x, (G, S, self.num_experts)) if self.training and self.noise_std > 0 else None
         capacity = self.group_capacity(S)
         aux_weights = tuple(self.aux_loss_weights.items())
-        what = f"the {self.name} router's logit tensor"
-        outputs = native.topk_moe(
-            x.reshape(G * S, D), S, self.weight, experts, noise, self.noise_std, self.k, capacity, aux_weights, what
+        args = (self.weight, experts, noise, self.noise_std, self.k, capacity, aux_weights, self._logits_name)
+        y, aux, gates, weight, expert, position, kept, entropy, values, *counts = native.topk_moe(
+            x.reshape(G * S, D), S, *args
         )
-        y, aux, gates, weight, expert, position, kept, entropy, values, *counts = outputs
-        if capacity is None:
-            capacity = int(position.max()) + 1 if position.numel() else 1
-        token = _choice_tokens(S, self.k).expand(G, -1)
-        E = self.num_experts
-        plan = Routing(token, expert, position, weight, kept, S, E, capacity, choices=self.k, token_order=True)
+        plan = self._choice_plan(expert, position, weight, kept, S, capacity)
         logged = dict(zip(self.aux_loss_weights, values.unbind(), strict=True))
         return y.view(G, S, D), RouterOutput(plan, aux, logged, gates, entropy_sum=entropy, counts=tuple(counts))
+
+    @property
+    def _logits_name(self) -> str:
+        """What the non-finite-logits error calls the tensor."""
+        return f"the {self.name} router's logit tensor"
+
+    def _choice_plan(self, expert, position, weight, kept, tokens: int, capacity: int | None) -> Routing:
+        """The plan of the fused kernel's choice-major outputs (dropless: capacity the largest position + 1)."""
+        if capacity is None:
+            capacity = int(position.max()) + 1 if position.numel() else 1
+        token = _choice_tokens(tokens, self.k).expand(expert.shape[0], -1)  # token s for every choice j (a view)
+        if self.renormalize:
+            weight = renormalized(weight, token, tokens)
+        E = self.num_experts
+        return Routing(token, expert, position, weight, kept, tokens, E, capacity, choices=self.k, token_order=True)
 
     def forward(self, x: Tensor) -> RouterOutput:
         logits = self.logits(x, check=False)  # (G, S, E)
@@ -203,22 +211,17 @@ class TopKRouter(Capacity, LinearRouter):
 
     def _forward_fused(self, logits: Tensor) -> RouterOutput:
         """:meth:`forward` in one native pass each way; the same plan, losses and gates to float rounding."""
-        G, S, E = logits.shape
+        S = logits.shape[1]
         noise = router_noise(logits) if self.training and self.noise_std > 0 else None  # the same draws
         capacity = self.group_capacity(S)
         load = "load" in self.aux_loss_weights
         # the losses within the router's node unless they are formed over several processes' batches
         local = self.aux_group is None or not self.training
         aux_weights = tuple(self.aux_loss_weights.items()) if local else None
-        what = f"the {self.name} router's logit tensor"
-        outputs = native.topk_router(logits, noise, self.noise_std, self.k, capacity, load, what, aux_weights)
+        args = (self.noise_std, self.k, capacity, load, self._logits_name, aux_weights)
+        outputs = native.topk_router(logits, noise, *args)
         gates, weight, importance, load_sums, expert, position, kept, entropy = outputs[:8]
-        if capacity is None:
-            capacity = int(position.max()) + 1 if position.numel() else 1
-        token = _choice_tokens(S, self.k).expand(G, -1)  # (G, K·S): token s for every choice j (a view)
-        if self.renormalize:
-            weight = renormalized(weight, token, S)
-        plan = Routing(token, expert, position, weight, kept, S, E, capacity, choices=self.k, token_order=True)
+        plan = self._choice_plan(expert, position, weight, kept, S, capacity)
         if local:
             aux, values = outputs[8:]
             logged = dict(zip(self.aux_loss_weights, values.unbind(), strict=True))

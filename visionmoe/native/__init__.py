@@ -407,21 +407,30 @@ def topk_router(
     weighted) and the unweighted losses (float32, in the pairs' order, not differentiable), formed in
     Python floats within the one autograd node: the V-MoE losses of a batch without a node of their own.
     """
-    if not 1 <= k <= min(logits.shape[-1], MAX_K) or logits.shape[-1] % LANES:
-        raise ValueError(
-            f"the fused router needs E a multiple of {LANES} and 1 <= k <= min(E, {MAX_K}), "
-            f"got k={k}, E={logits.shape[-1]}"
-        )
-    if load and not sigma > 0:
-        raise ValueError(f"the load loss needs router noise, got sigma={sigma}")
+    _check_router(logits.shape[-1], k, sigma, load)
     if aux_weights is not None:
         aux_weights = tuple((name, float(w)) for name, w in aux_weights)
         if bad := [name for name, _ in aux_weights if name != "importance" and (name != "load" or not load)]:
             raise ValueError(f"the fused router's aux losses are importance and load (with load=True), got {bad}")
     *outputs, nonfinite, aux, values = _TopKRouter.apply(logits, noise, float(sigma), k, capacity, load, aux_weights)
-    if any(nonfinite.numpy().tobytes()):
-        check_finite(logits, what)  # raises, with the counts of NaN and inf
+    _raise_if_nonfinite(nonfinite, logits, what)
     return tuple(outputs) if aux_weights is None else (*outputs, aux, values)
+
+
+def _check_router(experts: int, k: int, sigma: float, load: bool) -> None:
+    """The fused router's shape and noise requirements, as one-line errors."""
+    if not 1 <= k <= min(experts, MAX_K) or experts % LANES:
+        raise ValueError(
+            f"the fused router needs E a multiple of {LANES} and 1 <= k <= min(E, {MAX_K}), got k={k}, E={experts}"
+        )
+    if load and not sigma > 0:
+        raise ValueError(f"the load loss needs router noise, got sigma={sigma}")
+
+
+def _raise_if_nonfinite(nonfinite: Tensor, logits: Tensor, what: str) -> None:
+    """check_finite's error (with the counts of NaN and inf) where the kernel noted a non-finite logit."""
+    if any(nonfinite.numpy().tobytes()):
+        check_finite(logits, what)
 
 
 # ---- the layer's row moves ---------------------------------------------------------------------------
@@ -929,8 +938,7 @@ class _TopKMoE(torch.autograd.Function):
         routed = _router_forward(logits, noise, sigma, k, capacity, load, tokens=True)
         gates, threshold, expert, position, kept, weight, importance, load_sums, entropy, nonfinite = routed[:10]
         expert_t, weight_t, counts, unrouted = routed[10:]  # (T, K) token-major: the experts' input
-        if any(nonfinite.numpy().tobytes()):
-            check_finite(logits, what)  # raises, with the counts of NaN and inf
+        _raise_if_nonfinite(nonfinite, logits, what)
         aux, values, aux_grads = _weighted_cv_squared(importance, load_sums, aux_weights)
         params = (w1, b1, w2, b2)
         y, saved, ctx.block = _ffn_forward(x, expert_t, weight_t, params, act, loop, keep)
@@ -1010,11 +1018,7 @@ def topk_moe(
     load = any(name == "load" for name, _ in aux_weights)
     if bad := [name for name, _ in aux_weights if name not in ("importance", "load")]:
         raise ValueError(f"the fused layer's aux losses are importance and load, got {bad}")
-    if load and not sigma > 0:
-        raise ValueError(f"the load loss needs router noise, got sigma={sigma}")
-    E = router_weight.shape[0]
-    if not 1 <= k <= min(E, MAX_K) or E % LANES:
-        raise ValueError(f"the fused layer needs E a multiple of {LANES} and 1 <= k <= min(E, {MAX_K}), got {k=}, {E=}")
+    _check_router(router_weight.shape[0], k, sigma, load)
     if x.dim() != 2 or x.shape[0] % group_size:
         raise ValueError(f"topk_moe needs (T, D) tokens, T a multiple of group_size={group_size}, got {tuple(x.shape)}")
     args = (experts.w1, experts.b1, experts.w2, experts.b2, noise, float(sigma), k, capacity, load, aux_weights)
